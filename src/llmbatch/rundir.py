@@ -1,0 +1,120 @@
+"""The run folder on shared storage: one place per run for its spec, commands, logs and results.
+
+    <root>/<name>-<YYYYmmdd-HHMMSS>-<short id>/
+        spec.yaml          the resolved spec (absolute paths, all defaults filled in)
+        commands.jsonl     every per-node command that ran, one JSON line each
+        state.json         executor, Slurm job ids, requeue count
+        submitit/          submitit's pickles and per-task stdout/stderr
+        logs/node-N.log    what `accelerate launch` printed on node N
+        logs/node-N/       per-rank stdout/stderr (torchrun's --tee), for multi-process nodes
+        shards/            inference: one JSONL shard per rank and attempt
+        results.jsonl      inference: merged results, written once complete
+        metrics.json       both kinds: the run's numbers
+        checkpoints/       fine-tuning: accelerate states, step-NNNNNN/
+        adapter/           fine-tuning: the final peft adapter
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, data: str | bytes) -> None:
+    """Write via a temp file in the same folder, fsync, rename: readers see old or new, never half."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def read_json(path: Path, default: Any = None) -> Any:
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        return default
+
+
+@dataclass(frozen=True)
+class RunDir:
+    path: Path
+
+    @classmethod
+    def create(cls, root: str | Path, name: str) -> "RunDir":
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        path = Path(root).resolve() / f"{name}-{stamp}-{secrets.token_hex(3)}"
+        path.mkdir(parents=True)
+        return cls(path)
+
+    @classmethod
+    def open(cls, path: str | Path) -> "RunDir":
+        path = Path(path).resolve()
+        if not (path / "spec.yaml").is_file():
+            raise FileNotFoundError(f"not a run folder (no spec.yaml): {path}")
+        return cls(path)
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    spec_file = property(lambda self: self.path / "spec.yaml")
+    commands_file = property(lambda self: self.path / "commands.jsonl")
+    state_file = property(lambda self: self.path / "state.json")
+    submitit_dir = property(lambda self: self.path / "submitit")
+    logs_dir = property(lambda self: self.path / "logs")
+    shards_dir = property(lambda self: self.path / "shards")
+    results_file = property(lambda self: self.path / "results.jsonl")
+    metrics_file = property(lambda self: self.path / "metrics.json")
+    checkpoints_dir = property(lambda self: self.path / "checkpoints")
+    adapter_dir = property(lambda self: self.path / "adapter")
+
+    def node_log(self, node: int) -> Path:
+        return self.logs_dir / f"node-{node}.log"
+
+    def rank_log_dir(self, node: int) -> Path:
+        return self.logs_dir / f"node-{node}"
+
+    def read_state(self) -> dict[str, Any]:
+        return read_json(self.state_file, {})
+
+    def update_state(self, **changes: Any) -> dict[str, Any]:
+        state = self.read_state() | changes
+        atomic_write_json(self.state_file, state)
+        return state
+
+    def record_command(self, entry: dict[str, Any]) -> None:
+        # One short line per node and attempt; O_APPEND keeps lines from several nodes whole.
+        line = json.dumps(entry, sort_keys=True) + "\n"
+        fd = os.open(self.commands_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        try:
+            os.write(fd, line.encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)

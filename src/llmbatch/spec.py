@@ -1,0 +1,483 @@
+"""Job specs: YAML in, typed dataclasses out, every mistake caught before anything runs.
+
+A spec is parsed once, here. Everything downstream takes a `JobSpec`, never a raw dict.
+Relative paths in a spec file resolve against the spec file's folder; paths given on the
+command line (`--set`, `--output`) resolve against the current directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+import string
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from llmbatch.embedded import EMBEDDED_MODEL
+
+KINDS = ("infer", "finetune")
+
+
+class SpecError(Exception):
+    """A mistake in a spec, named by its key path (`generation.max_new_tokens`)."""
+
+    def __init__(self, key: str, message: str, source: str | None = None):
+        self.key, self.message, self.source = key, message, source
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        where = f"{self.source}: " if self.source else ""
+        return f"{where}{self.key}: {self.message}" if self.key else f"{where}{self.message}"
+
+
+def _check(key: str, ok: bool, message: str) -> None:
+    if not ok:
+        raise SpecError(key, message)
+
+
+def positive(key: str, value: int | float | None) -> None:
+    _check(key, value is None or value > 0, f"must be > 0, got {value!r}")
+
+
+def non_negative(key: str, value: int | float | None) -> None:
+    _check(key, value is None or value >= 0, f"must be >= 0, got {value!r}")
+
+
+# Slurm's --time formats: M, M:S, H:M:S, D-H, D-H:M, D-H:M:S.
+_SLURM_TIME = re.compile(r"^(\d+-\d{1,2}(:\d{1,2}(:\d{1,2})?)?|\d+(:\d{1,2}(:\d{1,2})?)?)$")
+_SLURM_MEM = re.compile(r"^\d+[KMGT]?$")
+
+
+def slurm_time_seconds(value: str) -> int:
+    """Seconds in a Slurm time string (already validated)."""
+    days, _, rest = value.rpartition("-") if "-" in value else ("0", "", value)
+    parts = [int(p) for p in rest.split(":")]
+    if days != "0" or "-" in value:
+        parts += [0] * (3 - len(parts))  # D-H, D-H:M, D-H:M:S
+        h, m, s = parts
+    elif len(parts) == 1:
+        h, m, s = 0, parts[0], 0  # plain minutes
+    elif len(parts) == 2:
+        h, (m, s) = 0, parts
+    else:
+        h, m, s = parts
+    return ((int(days) * 24 + h) * 60 + m) * 60 + s
+
+
+@dataclass
+class ModelSpec:
+    path: str = EMBEDDED_MODEL
+    """A local Hugging Face model folder, or `embedded:tiny-llama` for the built-in default."""
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    """`auto`: bfloat16 on GPU, float32 on CPU."""
+    adapter: str | None = None
+    """A peft LoRA adapter folder, e.g. `<finetune run>/adapter`."""
+
+    def validate(self) -> None:
+        if self.path != EMBEDDED_MODEL:
+            _check("model.path", Path(self.path).is_dir(), f"no model folder at {self.path}")
+            _check("model.path", (Path(self.path) / "config.json").is_file(),
+                   f"{self.path} has no config.json (not a Hugging Face model folder)")
+        if self.adapter is not None:
+            _check("model.adapter", (Path(self.adapter) / "adapter_config.json").is_file(),
+                   f"no peft adapter (adapter_config.json) at {self.adapter}")
+
+
+@dataclass
+class DataSpec:
+    path: str | None = None
+    """JSONL or CSV: the inputs to infer, or the training set to fine-tune on."""
+    val_path: str | None = None
+    """Fine-tuning only: the validation set."""
+    id_field: str = "id"
+    prompt_field: str | None = None
+    """Use this field as the prompt as it is ..."""
+    prompt_template: str | None = None
+    """... or build the prompt with a Python format string over the record's fields."""
+    reference_field: str | None = None
+    """The reference answer: scored after inference, the completion to learn when fine-tuning."""
+    chat_template: bool = False
+    """Wrap the prompt in the tokenizer's chat template (one user turn)."""
+    max_samples: int | None = None
+
+    def validate(self, kind: str) -> None:
+        positive("data.max_samples", self.max_samples)
+        if self.path is None:
+            what = "train data" if kind == "finetune" else "input data"
+            raise SpecError("data.path", f"missing: a {kind} spec needs {what} (JSONL or CSV)")
+        for key, path in (("data.path", self.path), ("data.val_path", self.val_path)):
+            if path is not None:
+                _check(key, Path(path).suffix in (".jsonl", ".csv"), f"must be a .jsonl or .csv file: {path}")
+                _check(key, Path(path).is_file(), f"no such file: {path}")
+        if self.prompt_field is None and self.prompt_template is None:
+            raise SpecError("data", "set one of data.prompt_field or data.prompt_template")
+        if self.prompt_field is not None and self.prompt_template is not None:
+            raise SpecError("data", "set only one of data.prompt_field and data.prompt_template")
+        if self.prompt_template is not None:
+            try:
+                names = [name for _, name, _, _ in string.Formatter().parse(self.prompt_template) if name is not None]
+            except ValueError as e:
+                raise SpecError("data.prompt_template", f"not a valid template ({e})") from None
+            _check("data.prompt_template", all(n and not n.isdigit() for n in names),
+                   "name each field, as in {question}; {} and {0} have no field to fill them")
+        if kind == "finetune":
+            _check("data.reference_field", self.reference_field is not None,
+                   "missing: fine-tuning learns the completion from this field")
+        if self.val_path is not None and kind != "finetune":
+            raise SpecError("data.val_path", "only used by finetune specs")
+
+
+@dataclass
+class GenerationSpec:
+    max_new_tokens: int = 32
+    do_sample: bool = False
+    """False: greedy. True: sampling, seeded per input id (so results don't depend on the rank count)."""
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int = 0
+    ignore_eos: bool = False
+    """Always generate max_new_tokens (benchmarks)."""
+    batch_tokens: int | None = None
+    """Token budget of one batch (prompt + new tokens, padded). Default: sized from free GPU memory."""
+
+    def validate(self) -> None:
+        positive("generation.max_new_tokens", self.max_new_tokens)
+        positive("generation.temperature", self.temperature)
+        _check("generation.top_p", 0 < self.top_p <= 1, f"must be in (0, 1], got {self.top_p}")
+        non_negative("generation.top_k", self.top_k)
+        positive("generation.batch_tokens", self.batch_tokens)
+
+
+@dataclass
+class LoraSpec:
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    target_modules: str | list[str] = "all-linear"
+    """`all-linear`: every linear layer but the output head."""
+    modules_to_save: list[str] | None = None
+
+    def validate(self) -> None:
+        positive("lora.r", self.r)
+        positive("lora.alpha", self.alpha)
+        _check("lora.dropout", 0 <= self.dropout < 1, f"must be in [0, 1), got {self.dropout}")
+
+
+@dataclass
+class TrainSpec:
+    epochs: int = 1
+    max_steps: int | None = None
+    """Optimizer steps; overrides epochs."""
+    learning_rate: float = 2e-3
+    weight_decay: float = 0.0
+    lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_steps: int = 10
+    micro_batch_size: int = 8
+    """Sequences per rank per forward pass."""
+    grad_accum_steps: int = 1
+    max_grad_norm: float | None = 1.0
+    seq_len: int = 256
+    packing: bool = True
+    """Pack several examples into each sequence; attention never crosses examples."""
+    loss_on: Literal["completion", "all"] = "completion"
+    eval_every_steps: int = 50
+    eval_accuracy: bool = True
+    """Also score val answers by greedy generation at each evaluation (needs data.reference_field)."""
+    save_every_steps: int = 100
+    save_every_minutes: float = 30.0
+    keep_last: int = 2
+    seed: int = 0
+    merge: bool = False
+    """Also write the adapter merged into the base weights (`merged/`)."""
+
+    def validate(self) -> None:
+        for name in ("epochs", "learning_rate", "micro_batch_size", "grad_accum_steps", "seq_len",
+                     "eval_every_steps", "save_every_steps", "save_every_minutes", "keep_last"):
+            positive(f"train.{name}", getattr(self, name))
+        positive("train.max_steps", self.max_steps)
+        positive("train.max_grad_norm", self.max_grad_norm)
+        non_negative("train.warmup_steps", self.warmup_steps)
+        non_negative("train.weight_decay", self.weight_decay)
+
+
+@dataclass
+class ResourcesSpec:
+    nodes: int = 1
+    gpus_per_node: int = 1
+    """Also the number of processes per node (one rank per GPU; CPU processes without GPUs)."""
+    cpus_per_gpu: int = 4
+    mem: str | None = None
+    """Memory per node in Slurm's format (64G); None: the partition's default."""
+    time: str = "01:00:00"
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    constraint: str | None = None
+    sbatch_extra: dict[str, str] = field(default_factory=dict)
+    """More sbatch options, e.g. {exclusive: "", reservation: "lab"}."""
+    max_requeues: int = 3
+    signal_delay_s: int = 120
+    """Slurm signals the job this long before the time limit, so it can checkpoint and requeue."""
+
+    def validate(self) -> None:
+        positive("resources.nodes", self.nodes)
+        positive("resources.gpus_per_node", self.gpus_per_node)
+        positive("resources.cpus_per_gpu", self.cpus_per_gpu)
+        non_negative("resources.max_requeues", self.max_requeues)
+        positive("resources.signal_delay_s", self.signal_delay_s)
+        _check("resources.time", bool(_SLURM_TIME.match(self.time)),
+               f"not a Slurm time (MM, HH:MM:SS, D-HH:MM): {self.time!r}")
+        if self.mem is not None:
+            _check("resources.mem", bool(_SLURM_MEM.match(self.mem)),
+                   f"not a Slurm memory size (e.g. 64G, 8000M): {self.mem!r}")
+
+
+@dataclass
+class ContainerSpec:
+    runtime: Literal["none", "apptainer", "docker", "podman"] = "none"
+    image: str | None = None
+    """Apptainer: a .sif file. Docker/Podman: an image name."""
+    binds: list[str] = field(default_factory=list)
+    """Extra HOST[:DEST[:ro]] mounts; the run, data, model and cache folders are bound already."""
+    env: dict[str, str] = field(default_factory=dict)
+    """Variables set inside the container (not secrets: the spec is saved in the run folder)."""
+    pass_env: list[str] = field(default_factory=list)
+    """Names of variables forwarded from the job's environment (for secrets such as HF_TOKEN)."""
+    python: str = "python3"
+    """The interpreter inside the image, with llmbatch installed."""
+    shm_size: str = "16g"
+    extra_args: list[str] = field(default_factory=list)
+
+    def validate(self) -> None:
+        if self.runtime != "none":
+            _check("container.image", self.image is not None, f"missing: runtime {self.runtime} needs an image")
+        if self.runtime == "apptainer" and self.image is not None:
+            _check("container.image", Path(self.image).is_file(), f"no such Apptainer image: {self.image}")
+        for i, bind in enumerate(self.binds):
+            _check(f"container.binds[{i}]", bind.split(":")[0].startswith("/"),
+                   f"host path must be absolute: {bind!r}")
+
+
+@dataclass
+class OutputSpec:
+    root: str = "runs"
+    """Run folders are created here; on a cluster, shared storage every node sees."""
+
+
+@dataclass
+class JobSpec:
+    kind: Literal["infer", "finetune"]
+    name: str
+    model: ModelSpec = field(default_factory=ModelSpec)
+    data: DataSpec = field(default_factory=DataSpec)
+    generation: GenerationSpec = field(default_factory=GenerationSpec)
+    lora: LoraSpec = field(default_factory=LoraSpec)
+    train: TrainSpec = field(default_factory=TrainSpec)
+    resources: ResourcesSpec = field(default_factory=ResourcesSpec)
+    container: ContainerSpec = field(default_factory=ContainerSpec)
+    output: OutputSpec = field(default_factory=OutputSpec)
+
+    @property
+    def world_size(self) -> int:
+        return self.resources.nodes * self.resources.gpus_per_node
+
+    def validate(self) -> None:
+        _check("name", bool(re.match(r"^[A-Za-z0-9][A-Za-z0-9._-]*$", self.name)),
+               f"use letters, digits, '.', '_' and '-' only: {self.name!r}")
+        self.model.validate()
+        self.data.validate(self.kind)
+        self.generation.validate()
+        self.resources.validate()
+        self.container.validate()
+        if self.kind == "finetune":
+            self.lora.validate()
+            self.train.validate()
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# --- parsing -------------------------------------------------------------------------------
+
+# Keys whose string values are paths, and so resolve against the spec file's folder.
+PATH_KEYS = {"model.path", "model.adapter", "data.path", "data.val_path", "output.root", "container.image"}
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " or ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    if origin is dict:
+        return "a mapping"
+    return {type(None): "null", bool: "true/false", int: "an integer", float: "a number", str: "a string"}.get(
+        tp, str(tp))
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Check `value` against the annotation `tp`; return it (ints widen to floats)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            try:
+                return _coerce(key, value, arg)
+            except SpecError:
+                pass
+    elif origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+    elif origin is list:
+        if isinstance(value, list):
+            (item_tp,) = typing.get_args(tp)
+            return [_coerce(f"{key}[{i}]", v, item_tp) for i, v in enumerate(value)]
+    elif origin is dict:
+        if isinstance(value, dict):
+            # Values of extra sbatch options and env vars may be written as numbers in YAML.
+            return {str(k): "" if v is None else str(v) for k, v in value.items()}
+    elif tp is type(None):
+        if value is None:
+            return None
+    elif tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    raise SpecError(key, f"must be {_type_name(tp)}, got {value!r}")
+
+
+def _suggest(key: str, options: list[str]) -> str:
+    close = difflib.get_close_matches(key, options, n=1)
+    return f" (did you mean '{close[0]}'?)" if close else f" (known keys: {', '.join(options)})"
+
+
+def _build(cls: type, raw: Any, prefix: str, base_dir: Path) -> Any:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise SpecError(prefix, f"must be a mapping of keys, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in raw.items():
+        path = f"{prefix}.{key}" if prefix else str(key)
+        if key not in fields:
+            raise SpecError(path, "unknown key" + _suggest(str(key), list(fields)))
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value, path, base_dir)
+            continue
+        value = _coerce(path, value, tp)
+        if path in PATH_KEYS and isinstance(value, str) and value != EMBEDDED_MODEL:
+            value = str((base_dir / Path(value).expanduser()).resolve())
+        kwargs[key] = value
+    try:
+        return cls(**kwargs)
+    except TypeError:  # a required field without a value
+        missing = [n for n, f in fields.items() if n not in kwargs and f.default is dataclasses.MISSING
+                   and f.default_factory is dataclasses.MISSING]
+        raise SpecError(f"{prefix}.{missing[0]}" if prefix else missing[0], "missing") from None
+
+
+def _field_type(key: str) -> Any:
+    """The annotation of a dotted key path, for typing `--set` values."""
+    cls: Any = JobSpec
+    parts = key.split(".")
+    for i, part in enumerate(parts):
+        names = [f.name for f in dataclasses.fields(cls)]
+        if part not in names:
+            raise SpecError(".".join(parts[: i + 1]), "unknown key" + _suggest(part, names))
+        cls = typing.get_type_hints(cls)[part]
+        if i < len(parts) - 1 and not dataclasses.is_dataclass(cls):
+            raise SpecError(key, f"'{'.'.join(parts[: i + 1])}' has no sub-keys")
+    return cls
+
+
+def parse_override(assignment: str) -> tuple[str, Any]:
+    """`generation.max_new_tokens=16` -> ("generation.max_new_tokens", 16), typed by the schema."""
+    key, sep, text = assignment.partition("=")
+    if not sep or not key:
+        raise SpecError("--set", f"expected key.path=value, got {assignment!r}")
+    tp = _field_type(key)
+    if tp is str or (typing.get_origin(tp) in (typing.Union, types.UnionType) and str in typing.get_args(tp)
+                     and text not in ("null", "~")):
+        return key, text  # a string field keeps the text as written ("007" stays "007")
+    try:
+        return key, yaml.safe_load(text)
+    except yaml.YAMLError:
+        raise SpecError(key, f"cannot parse value {text!r}") from None
+
+
+def load_spec(path: str | Path | None, kind: str, overrides: list[str] = (), cwd: Path | None = None) -> JobSpec:
+    """Read, override, type and validate a spec. Raises SpecError naming the key path."""
+    cwd = Path.cwd() if cwd is None else cwd
+    source = str(path) if path is not None else None
+    try:
+        if path is None:
+            raw, base_dir = {}, cwd
+        else:
+            path = Path(path)
+            if not path.is_file():
+                raise SpecError("", f"no such spec file: {path}")
+            try:
+                raw = yaml.safe_load(path.read_text()) or {}
+            except yaml.YAMLError as e:
+                mark = getattr(e, "problem_mark", None)
+                line = f" at line {mark.line + 1}" if mark else ""
+                raise SpecError("", f"invalid YAML{line}: {getattr(e, 'problem', e)}") from None
+            if not isinstance(raw, dict):
+                raise SpecError("", "a spec must be a mapping of sections (model, data, ...)")
+            base_dir = path.resolve().parent
+        raw.setdefault("name", Path(source).stem if source else kind)
+        if "kind" in raw and raw["kind"] != kind:
+            raise SpecError("kind", f"this is a {raw['kind']!r} spec, but the command is {kind!r}")
+        raw["kind"] = kind
+        spec = _build(JobSpec, raw, "", base_dir)
+        for assignment in overrides:
+            key, value = parse_override(assignment)
+            spec = apply_override(spec, key, value, cwd)
+        spec.validate()
+        return spec
+    except SpecError as e:
+        e.source = e.source or source
+        raise
+
+
+def apply_override(spec: JobSpec, key: str, value: Any, cwd: Path) -> JobSpec:
+    """A copy of `spec` with one dotted key set, typed and checked like a value from a file.
+
+    Paths already in `spec` are absolute, so rebuilding against `cwd` resolves only the new value.
+    """
+    raw = spec.to_dict()
+    *sections, leaf = key.split(".")
+    target = raw
+    for part in sections:
+        target = target[part]
+    target[leaf] = value
+    return _build(JobSpec, raw, "", cwd)
+
+
+def load_resolved(path: Path) -> JobSpec:
+    """Load the resolved spec a run folder holds (all paths absolute, already validated)."""
+    raw = yaml.safe_load(Path(path).read_text())
+    return _build(JobSpec, raw, "", Path(path).parent)
+
+
+def dump_spec(spec: JobSpec) -> str:
+    return yaml.safe_dump(spec.to_dict(), sort_keys=False)
