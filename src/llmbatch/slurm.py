@@ -1,0 +1,65 @@
+"""Turn a spec's resources into a submitit executor: Slurm on a cluster, a local process elsewhere."""
+
+from __future__ import annotations
+
+import math
+import shutil
+
+import submitit
+
+from llmbatch.launch import LaunchPlan, NodeJob
+from llmbatch.rundir import RunDir
+from llmbatch.spec import JobSpec, slurm_time_seconds
+
+
+def pick_executor(choice: str) -> str:
+    """`auto` means Slurm where `sbatch` is on PATH, else this machine."""
+    if choice != "auto":
+        return choice
+    return "slurm" if shutil.which("sbatch") else "local"
+
+
+def slurm_parameters(spec: JobSpec) -> dict:
+    """submitit SlurmExecutor parameters: one task per node, which starts all ranks of that node."""
+    res = spec.resources
+    params = {
+        "job_name": spec.name,
+        "nodes": res.nodes,
+        "ntasks_per_node": 1,
+        "gpus_per_node": res.gpus_per_node,
+        "cpus_per_task": res.cpus_per_gpu * res.gpus_per_node,
+        "time": math.ceil(slurm_time_seconds(res.time) / 60),
+        # Slurm sends submitit's preemption signal (USR2) this long before the time limit.
+        "signal_delay_s": res.signal_delay_s,
+        # One node's failure ends the step at once instead of leaving the others waiting on it.
+        "srun_args": ["--kill-on-bad-exit=1"],
+    }
+    for key in ("mem", "partition", "account", "qos", "constraint"):
+        if getattr(res, key) is not None:
+            params[key] = getattr(res, key)
+    if res.sbatch_extra:
+        # A flag without a value (`exclusive: ""`) is written as a bare `#SBATCH --exclusive`.
+        params["additional_parameters"] = {k.replace("-", "_"): v if v != "" else True
+                                           for k, v in res.sbatch_extra.items()}
+    return params
+
+
+def make_executor(executor: str, spec: JobSpec, run: RunDir) -> submitit.Executor:
+    res = spec.resources
+    if executor == "slurm":
+        ex = submitit.SlurmExecutor(folder=run.submitit_dir, max_num_timeout=res.max_requeues)
+        ex.update_parameters(**slurm_parameters(spec))
+        return ex
+    ex = submitit.LocalExecutor(folder=run.submitit_dir)
+    ex.update_parameters(timeout_min=math.ceil(slurm_time_seconds(res.time) / 60), nodes=1, tasks_per_node=1,
+                         gpus_per_node=res.gpus_per_node, signal_delay_s=res.signal_delay_s)
+    return ex
+
+
+def sbatch_script(ex: submitit.SlurmExecutor) -> str:
+    """The batch script submitit would hand to sbatch (for --dry-run)."""
+    return ex._make_submission_file_text(ex._submitit_command_str, "dry-run")
+
+
+def submit(ex: submitit.Executor, plan: LaunchPlan) -> submitit.Job:
+    return ex.submit(NodeJob(plan))
