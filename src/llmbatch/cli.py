@@ -1,0 +1,217 @@
+"""Command line: wires spec -> run folder -> launch plan -> executor, and the lifecycle commands.
+
+Exit codes: 0 done, 1 the job failed, 2 bad input (nothing was queued).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from llmbatch import embedded, slurm
+from llmbatch.container import wrap_command
+from llmbatch.data import DataError, load_examples
+from llmbatch.launch import LaunchPlan, NodePlace, build_launch_argv, launch_env
+from llmbatch.rundir import RunDir, atomic_write
+from llmbatch.summary import summarize
+from llmbatch.spec import JobSpec, SpecError, apply_override, dump_spec, load_spec
+
+REPO_JOBS = Path(__file__).resolve().parents[2] / "jobs"
+RUNNERS = {"infer": "llmbatch.runners.infer", "finetune": "llmbatch.runners.finetune"}
+
+
+class UsageError(Exception):
+    """Bad input found before anything was queued: one line, exit code 2."""
+
+
+def default_spec_path(kind: str) -> Path:
+    for folder in (Path.cwd() / "jobs", REPO_JOBS):
+        if (folder / f"{kind}.yaml").is_file():
+            return folder / f"{kind}.yaml"
+    raise UsageError(f"no spec given and no jobs/{kind}.yaml here; pass a spec path")
+
+
+def load_job_spec(kind: str, args: argparse.Namespace) -> JobSpec:
+    """The spec with the command line's overrides, validated, and its data files checked."""
+    overrides = list(args.set or [])
+    if args.gpus is not None:
+        overrides.append(f"resources.gpus_per_node={args.gpus}")
+    if args.nodes is not None:
+        overrides.append(f"resources.nodes={args.nodes}")
+    if args.output is not None:
+        overrides.append(f"output.root={args.output}")
+    spec = load_spec(args.spec or default_spec_path(kind), kind, overrides)
+    load_examples(spec.data)
+    if spec.data.val_path:
+        load_examples(spec.data, spec.data.val_path)
+    return spec
+
+
+def resolve_model(spec: JobSpec, build: bool) -> JobSpec:
+    """Point model.path at a real folder, building the embedded default on first use."""
+    if spec.model.path != embedded.EMBEDDED_MODEL:
+        return spec
+    cache = embedded.default_cache_dir()
+    path = embedded.ensure_embedded_model(cache) if build else cache / "<embedded model, built on first run>"
+    return apply_override(spec, "model.path", str(path), Path.cwd())
+
+
+def binds_for(spec: JobSpec, run_path: Path) -> tuple[str, ...]:
+    """Host folders the ranks read or write: bound into a container at the same path."""
+    paths = [run_path, Path(spec.model.path)]
+    paths += [Path(p).parent for p in (spec.data.path, spec.data.val_path) if p]
+    if spec.model.adapter:
+        paths.append(Path(spec.model.adapter))
+    return tuple(dict.fromkeys(str(p) for p in paths))
+
+
+def make_plan(spec: JobSpec, run_path: Path, attempt_base: int = 0) -> LaunchPlan:
+    res = spec.resources
+    return LaunchPlan(
+        run_dir=str(run_path), runner=RUNNERS[spec.kind], nodes=res.nodes, procs_per_node=res.gpus_per_node,
+        mixed_precision="bf16" if spec.kind == "finetune" else "no", container=spec.container,
+        binds=binds_for(spec, run_path), cpu_threads_per_proc=res.cpus_per_gpu, max_requeues=res.max_requeues,
+        signal_delay_s=res.signal_delay_s, attempt_base=attempt_base,
+        **({"python": spec.container.python} if spec.container.runtime != "none" else {}))
+
+
+def cmd_run(kind: str, args: argparse.Namespace) -> int:
+    spec = load_job_spec(kind, args)
+    executor = slurm.pick_executor(args.executor)
+    if executor == "local" and spec.resources.nodes > 1:
+        raise UsageError(f"resources.nodes: {spec.resources.nodes} nodes need Slurm; the local executor "
+                         f"runs one node (use --executor slurm on a cluster)")
+    if executor == "slurm" and not shutil.which("sbatch"):
+        raise UsageError("--executor slurm: sbatch is not on PATH")
+    spec = resolve_model(spec, build=not args.dry_run)
+
+    if args.dry_run:
+        print_dry_run(spec, executor)
+        return 0
+
+    run = RunDir.create(spec.output.root, spec.name)
+    atomic_write(run.spec_file, dump_spec(spec))
+    ex = slurm.make_executor(executor, spec, run)
+    job = slurm.submit(ex, make_plan(spec, run.path))
+    run.update_state(kind=kind, executor=executor, job_ids=[job.job_id], submitted=time.time())
+    print(f"run folder: {run.path}")
+    print(f"{executor} job: {job.job_id}")
+    if executor == "slurm" and not args.wait:
+        print(f"follow it with: python submit.py status {run.path}")
+        return 0
+    return wait_and_summarize(job, run, follow=executor == "local")
+
+
+def print_dry_run(spec: JobSpec, executor: str) -> None:
+    run = RunDir(Path(spec.output.root).resolve() / f"{spec.name}-<timestamp>-<id>")
+    plan = make_plan(spec, run.path)
+    print(f"# resolved spec ({spec.kind})\n{dump_spec(spec)}")
+    if executor == "slurm":
+        print("# sbatch script\n" + slurm.sbatch_script(slurm.make_executor(executor, spec, run)))
+    multi = spec.resources.nodes > 1
+    example = NodePlace(node_rank=0, main_host="<first host of SLURM_JOB_NODELIST>" if multi else "127.0.0.1",
+                        port=0, attempt=0, job_id="<job id>", use_cuda=True)
+    cmd = wrap_command(build_launch_argv(plan, example), spec.container, binds=plan.binds,
+                       env=launch_env(example), gpus=True, workdir=plan.run_dir)
+    print("# per-node command, node 0 on GPUs (each node passes its own --machine_rank; the port comes from "
+          "the job id; a node without CUDA drops to --mixed_precision no with ACCELERATE_USE_CPU=true)")
+    print(shlex.join(cmd.argv))
+    print("# environment passed by name: " + " ".join(sorted(cmd.env)))
+    print("# nothing was submitted (--dry-run)")
+
+
+def wait_and_summarize(job, run: RunDir, follow: bool) -> int:
+    log, offset = run.node_log(0), 0
+    try:
+        while not job.done():
+            if follow and log.exists():
+                with log.open("rb") as f:
+                    f.seek(offset)
+                    chunk = f.read()
+                offset += len(chunk)
+                sys.stdout.write(chunk.decode(errors="replace"))
+                sys.stdout.flush()
+            time.sleep(0.5)
+        job.result()
+    except KeyboardInterrupt:
+        job.cancel()
+        print(f"\ncancelled; resume later with: python submit.py resume {run.path}", file=sys.stderr)
+        return 130
+    except Exception as e:  # the job's own error, already logged in the run folder
+        print(f"run folder: {run.path}\njob failed: {e}", file=sys.stderr)
+        return 1
+    print(summarize(run))
+    return 0
+
+
+def cmd_gather(args: argparse.Namespace) -> int:
+    from llmbatch.gather import gather_run
+
+    return gather_run(open_run(args.run))
+
+
+def open_run(path: str) -> RunDir:
+    try:
+        return RunDir.open(path)
+    except FileNotFoundError as e:
+        raise UsageError(str(e)) from None
+
+
+# --- argument parsing ----------------------------------------------------------------------
+
+def add_run_options(p: argparse.ArgumentParser, kind: str) -> None:
+    p.add_argument("spec", nargs="?", help=f"YAML spec (default: jobs/{kind}.yaml)")
+    p.add_argument("--gpus", type=int, metavar="N",
+                   help="GPUs per node = processes per node (CPU processes where there is no GPU); "
+                        "sets resources.gpus_per_node")
+    p.add_argument("--nodes", type=int, metavar="N", help="number of nodes (Slurm only); sets resources.nodes")
+    p.add_argument("--set", action="append", metavar="KEY.PATH=VALUE",
+                   help="override one spec value, typed by the schema, e.g. --set generation.max_new_tokens=16 "
+                        "(repeatable; paths resolve against the current folder)")
+    p.add_argument("--executor", choices=("auto", "slurm", "local"), default="auto",
+                   help="where to run: slurm (sbatch via submitit), local (this machine, via submitit's local "
+                        "executor), auto = slurm when sbatch is on PATH, else local (default: auto)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the resolved spec, the sbatch script and the per-node command; submit nothing")
+    p.add_argument("--output", metavar="DIR", help="output root for the run folder; sets output.root")
+    p.add_argument("--wait", action="store_true",
+                   help="with Slurm, wait for the job and print the summary (local runs always wait)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="llmbatch", description="LLM batch inference and LoRA fine-tuning on Slurm or this machine, "
+                                     "from one YAML spec.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for kind, text in (("infer", "run batch inference: every input once, merged into results.jsonl"),
+                       ("finetune", "LoRA fine-tuning with checkpoints; the adapter lands in <run>/adapter")):
+        add_run_options(sub.add_parser(kind, help=text, description=text), kind)
+    p = sub.add_parser("gather", help="merge an inference run's shards into results.jsonl by hand",
+                       description="Merge the shards of an inference run into results.jsonl and metrics.json. "
+                                   "Exits 1 and names the missing ids if the run is incomplete.")
+    p.add_argument("run", help="the run folder")
+    return parser
+
+
+COMMANDS = {
+    "infer": lambda a: cmd_run("infer", a),
+    "finetune": lambda a: cmd_run("finetune", a),
+    "gather": cmd_gather,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except (SpecError, DataError, UsageError) as e:
+        print(f"llmbatch: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,13 @@
+#!/usr/bin/env python3
+"""`python submit.py infer|finetune|gather|status|logs|cancel|resume|list ...`: see README.md."""
+
+import sys
+from pathlib import Path
+
+# Run from a fresh clone without installing: the package lives in src/.
+sys.path.insert(0, str(Path(__file__).resolve().parent / "src"))
+
+from llmbatch.cli import main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(main())

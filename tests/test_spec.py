@@ -1,0 +1,195 @@
+"""Bad specs and bad data: one line naming the key path or file:line, exit code 2, nothing queued."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from llmbatch.cli import main
+from llmbatch.spec import load_spec, parse_override, slurm_time_seconds
+
+from conftest import REPO
+
+
+def write_data(path: Path, rows: list) -> Path:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture
+def good(tmp_path) -> dict:
+    """A valid infer spec as a dict, with its own small data file."""
+    data = write_data(tmp_path / "in.jsonl", [{"id": i, "question": f"q{i}", "answer": "a"} for i in range(3)])
+    return {"name": "t", "data": {"path": str(data), "prompt_template": "{question}", "reference_field": "answer"},
+            "output": {"root": str(tmp_path / "runs")}}
+
+
+def run_cli(tmp_path, spec: dict | None, *extra: str, kind: str = "infer", capsys=None):
+    args = [kind]
+    if spec is not None:
+        path = tmp_path / "spec.yaml"
+        path.write_text(yaml.safe_dump(spec))
+        args.append(str(path))
+    code = main(args + ["--executor", "local", "--dry-run", *extra])
+    err = capsys.readouterr().err
+    return code, err
+
+
+def set_key(spec: dict, key: str, value) -> dict:
+    *sections, leaf = key.split(".")
+    target = spec
+    for s in sections:
+        target = target.setdefault(s, {})
+    target[leaf] = value
+    return spec
+
+
+BAD_SPECS = [
+    ("generation.max_new_token", 5, "generation.max_new_token: unknown key (did you mean 'max_new_tokens'?)"),
+    ("modle", {"path": "x"}, "modle: unknown key (did you mean 'model'?)"),
+    ("generation.max_new_tokens", "ten", "generation.max_new_tokens: must be an integer, got 'ten'"),
+    ("generation.max_new_tokens", -4, "generation.max_new_tokens: must be > 0, got -4"),
+    ("resources.gpus_per_node", 0, "resources.gpus_per_node: must be > 0, got 0"),
+    ("resources.time", "1 hour", "resources.time: not a Slurm time (MM, HH:MM:SS, D-HH:MM): '1 hour'"),
+    ("resources.mem", "lots", "resources.mem: not a Slurm memory size"),
+    ("generation.do_sample", "yes please", "generation.do_sample: must be true/false"),
+    ("model.path", "/nonexistent/model", "model.path: no model folder at /nonexistent/model"),
+    ("model.adapter", "/nonexistent/adapter", "model.adapter: no peft adapter (adapter_config.json) at"),
+    ("data.path", "/nonexistent/data.jsonl", "data.path: no such file: /nonexistent/data.jsonl"),
+    ("data.path", "/etc/hostname", "data.path: must be a .jsonl or .csv file"),
+    ("container.runtime", "singularity", "container.runtime: must be 'none' or 'apptainer' or 'docker' or 'podman'"),
+    ("container.runtime", "docker", "container.image: missing: runtime docker needs an image"),
+    ("data.prompt_template", "{question", "data.prompt_template: not a valid template"),
+    ("data.prompt_template", "{} and {0}", "data.prompt_template: name each field"),
+]
+
+
+@pytest.mark.parametrize("key,value,message", BAD_SPECS, ids=[f"{k}={v}" for k, v, _ in BAD_SPECS])
+def test_bad_spec_is_one_line_exit_2(tmp_path, good, capsys, key, value, message):
+    code, err = run_cli(tmp_path, set_key(good, key, value), capsys=capsys)
+    assert code == 2
+    assert message in err
+    assert err.count("\n") == 1 and err.startswith("llmbatch: error: ") and "spec.yaml" in err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_invalid_yaml_names_the_line(tmp_path, capsys):
+    path = tmp_path / "spec.yaml"
+    path.write_text("name: x\ndata:\n  path: [unclosed\n")
+    assert main(["infer", str(path), "--dry-run"]) == 2
+    assert "invalid YAML at line" in capsys.readouterr().err
+
+
+BAD_DATA = [
+    ([], "the file is empty"),
+    ([{"id": 1, "question": "a"}, "{not json", {"id": 3, "question": "c"}], "in.jsonl:2: not valid JSON"),
+    ([{"id": 1, "question": "a"}, {"id": 2, "question": "b"}, {"id": 1, "question": "c"}],
+     "in.jsonl:3: duplicate id '1' (first at line 1)"),
+    ([{"id": 1, "question": "a"}, {"id": 2, "text": "b"}],
+     "in.jsonl:2: data.prompt_template names field 'question', which this record lacks"),
+    ([{"question": "a"}], "in.jsonl:1: no id field 'id'"),
+    ([[1, 2]], "in.jsonl:1: a line must be a JSON object"),
+]
+
+
+@pytest.mark.parametrize("rows,message", BAD_DATA, ids=[m.split(":")[-1].strip()[:30] for _, m in BAD_DATA])
+def test_bad_data_names_file_and_line(tmp_path, good, capsys, rows, message):
+    write_data(tmp_path / "in.jsonl", rows)
+    good["data"].pop("reference_field")
+    code, err = run_cli(tmp_path, good, capsys=capsys)
+    assert code == 2
+    assert message in err and str(tmp_path / "in.jsonl") in err
+    assert err.count("\n") == 1
+
+
+def test_bad_csv_row(tmp_path, good, capsys):
+    (tmp_path / "in.csv").write_text("id,question\n1,a\n2,b,extra\n")
+    good["data"] = {"path": str(tmp_path / "in.csv"), "prompt_field": "question"}
+    code, err = run_cli(tmp_path, good, capsys=capsys)
+    assert code == 2 and "in.csv:3: wrong number of columns" in err
+
+
+def test_missing_reference_field_in_data(tmp_path, good, capsys):
+    write_data(tmp_path / "in.jsonl", [{"id": 1, "question": "a", "answer": "x"}, {"id": 2, "question": "b"}])
+    code, err = run_cli(tmp_path, good, capsys=capsys)
+    assert code == 2 and "in.jsonl:2: no reference field 'answer'" in err
+
+
+def test_finetune_without_train_data(tmp_path, good, capsys):
+    del good["data"]["path"]
+    code, err = run_cli(tmp_path, good, kind="finetune", capsys=capsys)
+    assert code == 2 and "data.path: missing: a finetune spec needs train data" in err
+
+
+def test_finetune_without_completion_field(tmp_path, good, capsys):
+    del good["data"]["reference_field"]
+    code, err = run_cli(tmp_path, good, kind="finetune", capsys=capsys)
+    assert code == 2 and "data.reference_field: missing" in err
+
+
+def test_bad_overrides(tmp_path, good, capsys):
+    code, err = run_cli(tmp_path, good, "--set", "generation.max_new_tokns=3", capsys=capsys)
+    assert code == 2 and "generation.max_new_tokns: unknown key (did you mean 'max_new_tokens'?)" in err
+    code, err = run_cli(tmp_path, good, "--set", "generation.max_new_tokens=many", capsys=capsys)
+    assert code == 2 and "generation.max_new_tokens: must be an integer, got 'many'" in err
+    code, err = run_cli(tmp_path, good, "--gpus", "0", capsys=capsys)
+    assert code == 2 and "resources.gpus_per_node: must be > 0, got 0" in err
+    code, err = run_cli(tmp_path, good, "--nodes", "2", capsys=capsys)
+    assert code == 2 and "resources.nodes: 2 nodes need Slurm" in err
+
+
+def test_missing_spec_file(tmp_path, capsys):
+    assert main(["infer", str(tmp_path / "nope.yaml"), "--dry-run"]) == 2
+    assert "no such spec file" in capsys.readouterr().err
+
+
+def test_real_process_prints_no_traceback(tmp_path, good):
+    """The same through a real `python submit.py`: exit 2, one line on stderr, nothing on disk."""
+    set_key(good, "generation.max_new_tokens", -1)
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(good))
+    proc = subprocess.run([sys.executable, str(REPO / "submit.py"), "infer", str(tmp_path / "spec.yaml")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().endswith("generation.max_new_tokens: must be > 0, got -1")
+    assert "Traceback" not in proc.stderr and proc.stderr.count("\n") == 1
+    assert not (tmp_path / "runs").exists()
+
+
+def test_defaults_and_overrides_are_typed(tmp_path, good):
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(good))
+    spec = load_spec(path, "infer", ["generation.max_new_tokens=7", "name=007", "resources.sbatch_extra={exclusive: ''}",
+                                     "generation.temperature=1"], cwd=tmp_path)
+    assert spec.generation.max_new_tokens == 7 and spec.name == "007"
+    assert spec.generation.temperature == 1.0 and isinstance(spec.generation.temperature, float)
+    assert spec.resources.sbatch_extra == {"exclusive": ""}
+    assert spec.resources.gpus_per_node == 1 and spec.container.runtime == "none"
+    assert parse_override("output.root=out") == ("output.root", "out")
+
+
+def test_relative_paths_resolve_against_spec_folder(tmp_path, good):
+    (tmp_path / "sub").mkdir()
+    write_data(tmp_path / "sub" / "d.jsonl", [{"id": 1, "question": "a", "answer": "b"}])
+    good["data"]["path"] = "d.jsonl"
+    good["output"]["root"] = "runs"
+    (tmp_path / "sub" / "spec.yaml").write_text(yaml.safe_dump(good))
+    spec = load_spec(tmp_path / "sub" / "spec.yaml", "infer", ["output.root=elsewhere"], cwd=tmp_path)
+    assert spec.data.path == str(tmp_path / "sub" / "d.jsonl")
+    assert spec.output.root == str(tmp_path / "elsewhere")  # command-line paths: against the cwd
+
+
+@pytest.mark.parametrize("text,seconds", [("30", 1800), ("10:30", 630), ("01:00:00", 3600), ("2-00", 172800),
+                                          ("1-02:03", 93780), ("1-02:03:04", 93784)])
+def test_slurm_time(text, seconds):
+    assert slurm_time_seconds(text) == seconds
+
+
+def test_shipped_specs_are_valid():
+    for kind in ("infer", "finetune"):
+        spec = load_spec(REPO / "jobs" / f"{kind}.yaml", kind)
+        assert spec.kind == kind and Path(spec.data.path).is_file()
