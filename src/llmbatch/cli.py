@@ -12,13 +12,13 @@ import sys
 import time
 from pathlib import Path
 
-from llmbatch import embedded, slurm
+from llmbatch import embedded, lifecycle, slurm
 from llmbatch.container import wrap_command
 from llmbatch.data import DataError, load_examples
 from llmbatch.launch import LaunchPlan, NodePlace, build_launch_argv, launch_env
 from llmbatch.rundir import RunDir, atomic_write
 from llmbatch.summary import summarize
-from llmbatch.spec import JobSpec, SpecError, apply_override, dump_spec, load_spec
+from llmbatch.spec import JobSpec, SpecError, apply_override, dump_spec, load_resolved, load_spec
 
 REPO_JOBS = Path(__file__).resolve().parents[2] / "jobs"
 RUNNERS = {"infer": "llmbatch.runners.infer", "finetune": "llmbatch.runners.finetune"}
@@ -85,7 +85,7 @@ def cmd_run(kind: str, args: argparse.Namespace) -> int:
     if executor == "local" and spec.resources.nodes > 1:
         raise UsageError(f"resources.nodes: {spec.resources.nodes} nodes need Slurm; the local executor "
                          f"runs one node (use --executor slurm on a cluster)")
-    if executor == "slurm" and not shutil.which("sbatch"):
+    if executor == "slurm" and not shutil.which("sbatch") and not args.dry_run:
         raise UsageError("--executor slurm: sbatch is not on PATH")
     spec = resolve_model(spec, build=not args.dry_run)
 
@@ -154,6 +154,74 @@ def cmd_gather(args: argparse.Namespace) -> int:
     return gather_run(open_run(args.run))
 
 
+def cmd_resume(args: argparse.Namespace) -> int:
+    """Resubmit a stopped run from its folder; runners pick up shards and checkpoints there."""
+    run = open_run(args.run)
+    status = lifecycle.run_status(run)
+    if status.state in ("RUNNING", "PENDING", "REQUEUED", "CONFIGURING", "COMPLETING"):
+        raise UsageError(f"{run.path}: job {status.job_id} is {status.state}; cancel it first")
+    if run.results_file.exists() or (status.kind == "finetune" and run.adapter_dir.exists()):
+        print(f"{run.path}: already complete, nothing to resume")
+        return 0
+    spec = load_resolved(run.spec_file)
+    executor = slurm.pick_executor(args.executor) if args.executor else status.executor
+    ex = slurm.make_executor(executor, spec, run)
+    job = slurm.submit(ex, make_plan(spec, run.path, attempt_base=status.attempt + 1))
+    run.update_state(executor=executor, job_ids=run.read_state().get("job_ids", []) + [job.job_id])
+    print(f"resumed {run.path}\n{executor} job: {job.job_id} (attempt {status.attempt + 1})")
+    if executor == "slurm" and not args.wait:
+        return 0
+    return wait_and_summarize(job, run, follow=executor == "local")
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    if args.run:
+        runs = [open_run(args.run)]
+    else:
+        runs = lifecycle.find_runs(Path(args.root))[:1]
+        if not runs:
+            raise UsageError(f"no runs under {args.root}")
+    statuses = [lifecycle.run_status(r) for r in runs]
+    if args.json:
+        print(lifecycle.status_json(statuses))
+    else:
+        for s in statuses:
+            print(s.line())
+            for key, value in s.progress.items():
+                print(f"  {key}: {value}")
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    statuses = [lifecycle.run_status(r) for r in lifecycle.find_runs(Path(args.root))[: args.limit]]
+    if args.json:
+        print(lifecycle.status_json(statuses))
+    else:
+        print("\n".join(s.line() for s in statuses) or f"no runs under {args.root}")
+    return 0
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    run = open_run(args.run)
+    try:
+        path = lifecycle.log_file(run, args.node, args.rank)
+    except FileNotFoundError as e:
+        raise UsageError(str(e)) from None
+    if not args.follow:
+        if not path.exists():
+            raise UsageError(f"no log yet: {path}")
+        sys.stdout.write(path.read_text(errors="replace"))
+        return 0
+    final = lifecycle.FINAL_STATES | {"COMPLETED", "FAILED", "STOPPED", "NOT SUBMITTED"}
+    lifecycle.follow(path, lambda: lifecycle.run_status(run).state not in final)
+    return 0
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    print(lifecycle.cancel(open_run(args.run)))
+    return 0
+
+
 def open_run(path: str) -> RunDir:
     try:
         return RunDir.open(path)
@@ -194,6 +262,31 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Merge the shards of an inference run into results.jsonl and metrics.json. "
                                    "Exits 1 and names the missing ids if the run is incomplete.")
     p.add_argument("run", help="the run folder")
+
+    p = sub.add_parser("status", help="Slurm state and progress of a run (default: the newest under --root)")
+    p.add_argument("run", nargs="?", help="the run folder (default: the newest run under --root)")
+    p.add_argument("--root", default="runs", help="output root to look in (default: runs)")
+    p.add_argument("--json", action="store_true", help="print JSON for scripts")
+
+    p = sub.add_parser("list", help="recent runs under the output root, newest first")
+    p.add_argument("--root", default="runs", help="output root (default: runs)")
+    p.add_argument("--limit", type=int, default=20, help="how many runs (default: 20)")
+    p.add_argument("--json", action="store_true", help="print JSON for scripts")
+
+    p = sub.add_parser("logs", help="print a run's logs: a node's launch log, or one rank's output")
+    p.add_argument("run", help="the run folder")
+    p.add_argument("--node", type=int, default=0, help="node index (default: 0)")
+    p.add_argument("--rank", type=int, help="local rank on that node (default: the whole node log)")
+    p.add_argument("-f", "--follow", action="store_true", help="keep printing until the job ends")
+
+    p = sub.add_parser("cancel", help="cancel a run's job (scancel, or stop the local job)")
+    p.add_argument("run", help="the run folder")
+
+    p = sub.add_parser("resume", help="resubmit a stopped, failed or killed run; it continues where it stopped")
+    p.add_argument("run", help="the run folder")
+    p.add_argument("--executor", choices=("auto", "slurm", "local"),
+                   help="where to run (default: where the run ran before)")
+    p.add_argument("--wait", action="store_true", help="with Slurm, wait and print the summary")
     return parser
 
 
@@ -201,6 +294,11 @@ COMMANDS = {
     "infer": lambda a: cmd_run("infer", a),
     "finetune": lambda a: cmd_run("finetune", a),
     "gather": cmd_gather,
+    "status": cmd_status,
+    "list": cmd_list,
+    "logs": cmd_logs,
+    "cancel": cmd_cancel,
+    "resume": cmd_resume,
 }
 
 

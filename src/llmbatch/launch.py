@@ -133,7 +133,7 @@ class NodeJob(submitit.helpers.Checkpointable):
         plan, run = self.plan, RunDir(Path(self.plan.run_dir))
         place = NodePlace.from_environment(plan)
         if place.node_rank == 0:
-            run.update_state(attempt=place.attempt, job_id=place.job_id,
+            run.update_state(attempt=place.attempt, attempt_started=time.time(), job_id=place.job_id,
                              requeues=int(os.environ.get("SLURM_RESTART_COUNT", "0")))
         argv = build_launch_argv(plan, place)
         cmd = wrap_command(argv, plan.container, binds=plan.binds, env=launch_env(place),

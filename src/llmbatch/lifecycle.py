@@ -1,0 +1,184 @@
+"""Run lifecycle: status, logs, cancel, list, read from the run folder and from Slurm itself."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from llmbatch.rundir import RunDir, read_json
+
+# Slurm states after which a job will not run again by itself.
+FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "PREEMPTED",
+                "BOOT_FAIL", "DEADLINE"}
+
+
+@dataclass
+class RunStatus:
+    run: str
+    kind: str
+    executor: str
+    job_id: str | None
+    state: str
+    """Slurm's state (sacct/squeue), or for local runs RUNNING / COMPLETED / FAILED / STOPPED."""
+    requeues: int
+    attempt: int
+    progress: dict = field(default_factory=dict)
+
+    def line(self) -> str:
+        p = self.progress
+        if "done" in p:
+            what = f"{p['done']}/{p['total']} inputs"
+        elif "step" in p:
+            what = f"step {p['step']}/{p.get('total_steps', '?')}"
+            if p.get("last_loss") is not None:
+                what += f", loss {p['last_loss']:.4f}"
+        else:
+            what = "-"
+        if p.get("eta_s") is not None:
+            what += f", ETA {format_duration(p['eta_s'])}"
+        return (f"{Path(self.run).name}  {self.kind}  {self.executor}:{self.job_id}  {self.state}  "
+                f"{what}  requeues={self.requeues}")
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else \
+        f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def slurm_state(job_id: str) -> str:
+    """The job's state from sacct (accounting), falling back to squeue while sacct lags."""
+    out = _query(["sacct", "-j", job_id, "-X", "-n", "-P", "--format=State"])
+    if out:
+        return out.splitlines()[-1].split()[0]  # "CANCELLED by 0" -> CANCELLED
+    out = _query(["squeue", "-h", "-j", job_id, "-o", "%T"])
+    return out.splitlines()[0] if out else "UNKNOWN"
+
+
+def _query(argv: list[str]) -> str:
+    try:
+        return subprocess.run(argv, capture_output=True, text=True, timeout=30).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+
+
+def local_state(run: RunDir, job_id: str) -> str:
+    result = next(run.submitit_dir.glob(f"{job_id}_0_result.pkl"), None)
+    if result is not None:
+        import pickle
+
+        with result.open("rb") as f:
+            outcome, _ = pickle.load(f)
+        return "COMPLETED" if outcome == "success" else "FAILED"
+    try:
+        os.kill(int(job_id), 0)
+        return "RUNNING"
+    except (ProcessLookupError, ValueError):
+        return "STOPPED"
+
+
+def progress(run: RunDir, kind: str, started: float | None) -> dict:
+    """Done/total and ETA for inference (from the shards), step and loss for fine-tuning."""
+    if kind == "infer":
+        from llmbatch.gather import read_progress
+
+        p = read_progress(run)
+        done, total = p["done"], p["total"]
+        rate_base = p.get("done_this_attempt", done)
+    else:
+        rows = _read_jsonl(run.path / "train_metrics.jsonl")
+        steps = [r for r in rows if "loss" in r]
+        spec = read_json(run.path / "metrics.json", {})
+        last = steps[-1] if steps else {}
+        p = {"step": last.get("step", 0), "total_steps": last.get("total_steps", spec.get("steps")),
+             "last_loss": last.get("loss"),
+             "checkpoints": sorted(c.name for c in run.checkpoints_dir.glob("step-*"))}
+        done, total, rate_base = p["step"], p["total_steps"], p["step"]
+    if started and total and 0 < done < total and rate_base:
+        p["eta_s"] = (time.time() - started) / rate_base * (total - done)
+    return p
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    rows = []
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                pass  # a torn last line
+    return rows
+
+
+def run_status(run: RunDir) -> RunStatus:
+    state = run.read_state()
+    job_id = (state.get("job_ids") or [None])[-1]
+    executor = state.get("executor", "?")
+    if job_id is None:
+        job_state = "NOT SUBMITTED"
+    elif executor == "slurm":
+        job_state = slurm_state(job_id)
+    else:
+        job_state = local_state(run, job_id)
+    kind = state.get("kind", "?")
+    return RunStatus(run=str(run.path), kind=kind, executor=executor, job_id=job_id, state=job_state,
+                     requeues=state.get("requeues", 0), attempt=state.get("attempt", 0),
+                     progress=progress(run, kind, state.get("attempt_started")))
+
+
+def find_runs(root: Path) -> list[RunDir]:
+    runs = [RunDir(p.parent) for p in Path(root).glob("*/spec.yaml")]
+    return sorted(runs, key=lambda r: r.spec_file.stat().st_mtime, reverse=True)
+
+
+def log_file(run: RunDir, node: int, rank: int | None) -> Path:
+    """A node's launch log, or one rank's stdout (torchrun's --tee layout under logs/node-N/)."""
+    if rank is None:
+        return run.node_log(node)
+    candidates = sorted(run.rank_log_dir(node).glob(f"*/attempt_*/{rank}/stdout.log"),
+                        key=lambda p: p.stat().st_mtime)
+    if not candidates:
+        raise FileNotFoundError(f"no log for local rank {rank} on node {node} under {run.rank_log_dir(node)}")
+    return candidates[-1]
+
+
+def follow(path: Path, still_running, out=sys.stdout, poll_s: float = 0.5) -> None:
+    """Print `path` and keep printing what is appended while `still_running()`."""
+    offset = 0
+    while True:
+        if path.exists():
+            with path.open("rb") as f:
+                f.seek(offset)
+                chunk = f.read()
+            offset += len(chunk)
+            out.write(chunk.decode(errors="replace"))
+            out.flush()
+        if not still_running():
+            return
+        time.sleep(poll_s)
+
+
+def cancel(run: RunDir) -> str:
+    state = run.read_state()
+    job_id = (state.get("job_ids") or [None])[-1]
+    if job_id is None:
+        return "nothing to cancel"
+    if state.get("executor") == "slurm":
+        subprocess.run(["scancel", job_id], check=True, timeout=30)
+    else:
+        try:
+            os.kill(int(job_id), signal.SIGTERM)
+        except ProcessLookupError:
+            return f"local job {job_id} was not running"
+    run.update_state(cancelled=time.time())
+    return f"cancelled {state.get('executor')} job {job_id}"
+
+
+def status_json(statuses: list[RunStatus]) -> str:
+    return json.dumps([asdict(s) for s in statuses], indent=2)
