@@ -1,0 +1,74 @@
+"""--dry-run: the sbatch script and per-node command that would run, and nothing submitted."""
+
+from __future__ import annotations
+
+import shlex
+
+import pytest
+
+from llmbatch.cli import main
+
+from conftest import JOBS
+
+
+def dry_run(capsys, *args: str) -> tuple[str, list[str]]:
+    assert main([*args, "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    command = lines[next(i for i, line in enumerate(lines) if line.startswith("# per-node command")) + 1]
+    return out, shlex.split(command)
+
+
+def flag(argv: list[str], name: str) -> str:
+    return argv[argv.index(name) + 1]
+
+
+@pytest.mark.parametrize("nodes,gpus", [(1, 1), (1, 4), (2, 4)])
+def test_sbatch_lines_and_accelerate_flags(capsys, tmp_path, nodes, gpus):
+    out, argv = dry_run(capsys, "infer", "--executor", "slurm", "--nodes", str(nodes), "--gpus", str(gpus),
+                        "--output", str(tmp_path / "runs"), "--set", "resources.cpus_per_gpu=2")
+    for line in (f"#SBATCH --nodes={nodes}", "#SBATCH --ntasks-per-node=1", f"#SBATCH --gpus-per-node={gpus}",
+                 f"#SBATCH --cpus-per-task={2 * gpus}", "#SBATCH --time=30", "#SBATCH --signal=USR2@120",
+                 "#SBATCH --job-name=parity-infer"):
+        assert line in out.splitlines()
+    assert "srun --unbuffered" in out and "--kill-on-bad-exit=1" in out
+    assert argv[1:3] == ["-m", "accelerate.commands.launch"]
+    assert flag(argv, "--num_machines") == str(nodes)
+    assert flag(argv, "--num_processes") == str(nodes * gpus)
+    assert flag(argv, "--machine_rank") == "0"
+    assert ("--multi_gpu" in argv) == (nodes * gpus > 1)
+    assert flag(argv, "--main_process_ip") == ("127.0.0.1" if nodes == 1 else "<first host of SLURM_JOB_NODELIST>")
+    assert flag(argv, "--mixed_precision") == "no"  # inference loads bf16 weights itself
+    assert argv[-6:-4] == ["-m", "llmbatch.runners.infer"] and argv[-2:] == ["--attempt", "0"]
+    assert not (tmp_path / "runs").exists()
+
+
+def test_finetune_trains_in_bf16_on_gpus(capsys, tmp_path):
+    _, argv = dry_run(capsys, "finetune", "--executor", "slurm", "--output", str(tmp_path))
+    assert flag(argv, "--mixed_precision") == "bf16" and "llmbatch.runners.finetune" in argv
+
+
+def test_optional_slurm_options(capsys, tmp_path):
+    out, _ = dry_run(capsys, "infer", "--executor", "slurm", "--output", str(tmp_path),
+                     "--set", "resources.partition=gpu", "--set", "resources.account=lab",
+                     "--set", "resources.qos=high", "--set", "resources.constraint=h100",
+                     "--set", "resources.mem=64G", "--set", "resources.time=1-00:00:00",
+                     "--set", "resources.sbatch_extra={exclusive: '', mail-type: END}")
+    for line in ("#SBATCH --partition=gpu", "#SBATCH --account=lab", "#SBATCH --qos=high",
+                 "#SBATCH --constraint=h100", "#SBATCH --mem=64G", "#SBATCH --time=1440",
+                 "#SBATCH --exclusive", "#SBATCH --mail-type=END"):
+        assert line in out.splitlines()
+
+
+def test_cluster_example_runs_in_apptainer(capsys, tmp_path, model_dir):
+    image = tmp_path / "llmbatch.sif"
+    image.write_bytes(b"not a real image: apptainer cannot run here, only its argv is checked")
+    data = JOBS / "data" / "parity" / "test.jsonl"
+    out, argv = dry_run(capsys, "infer", str(JOBS / "cluster-infer.yaml"), "--executor", "slurm",
+                        "--set", f"model.path={model_dir}", "--set", f"data.path={data}",
+                        "--set", "data.prompt_field=question", "--set", f"container.image={image}",
+                        "--output", str(tmp_path / "runs"))
+    assert "#SBATCH --nodes=2" in out and "#SBATCH --gpus-per-node=4" in out and "#SBATCH --partition=gpu" in out
+    assert argv[:3] == ["apptainer", "exec", "--nv"]
+    assert str(image) in argv and flag(argv, "--num_processes") == "8"
+    assert "HF_TOKEN" not in " ".join(argv)  # forwarded by name through the environment only
