@@ -22,7 +22,6 @@ import submitit
 
 from llmbatch.container import wrap_command
 from llmbatch.rundir import RunDir
-from llmbatch.runners import PREEMPTED_EXIT
 from llmbatch.spec import ContainerSpec
 
 # Forwarded to the ranks: submitit's preemption signal, and the polite kill.
@@ -123,11 +122,18 @@ def launch_env(place: NodePlace) -> dict[str, str]:
 
 
 class NodeJob(submitit.helpers.Checkpointable):
-    """The submitit callable: one task per node, each starting that node's ranks."""
+    """The submitit callable: one task per node, each starting that node's ranks.
+
+    Preemption: Slurm sends USR2 (submitit's signal) to every task of the job, and on task 0 submitit
+    calls `checkpoint`. Every node forwards the signal to its ranks, which save their work and exit;
+    task 0 waits for that, then submitit requeues the job, and the next attempt resumes from the run
+    folder (the pickled callable carries no progress).
+    """
 
     def __init__(self, plan: LaunchPlan):
         self.plan = plan
         self._proc: subprocess.Popen | None = None
+        self._preempted = False
 
     def __call__(self) -> str:
         plan, run = self.plan, RunDir(Path(self.plan.run_dir))
@@ -138,42 +144,56 @@ class NodeJob(submitit.helpers.Checkpointable):
         argv = build_launch_argv(plan, place)
         cmd = wrap_command(argv, plan.container, binds=plan.binds, env=launch_env(place),
                            gpus=place.use_cuda, workdir=plan.run_dir)
-        run.record_command({"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "node": place.node_rank,
-                            "host": os.uname().nodename, "attempt": place.attempt, "job_id": place.job_id,
-                            "argv": cmd.argv, "shell": shlex.join(cmd.argv), "env": sorted(cmd.env)})
+        host = os.environ.get("SLURMD_NODENAME", os.uname().nodename)
+        run.record_command({"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "node": place.node_rank, "host": host,
+                            "attempt": place.attempt, "job_id": place.job_id, "argv": cmd.argv,
+                            "shell": shlex.join(cmd.argv), "env": sorted(cmd.env)})
         log_path = run.node_log(place.node_rank)
         log_path.parent.mkdir(parents=True, exist_ok=True)
         with log_path.open("ab") as log:
-            log.write(f"== attempt {place.attempt} on {os.uname().nodename}: {shlex.join(cmd.argv)}\n".encode())
+            log.write(f"== attempt {place.attempt} on {host}: {shlex.join(cmd.argv)}\n".encode())
             log.flush()
+            self._install_signal_handlers()
+            # Own session: a signal for the whole group reaches accelerate and every rank under it.
             self._proc = subprocess.Popen(cmd.argv, env=os.environ | cmd.env, stdout=log,
                                           stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                           start_new_session=True, preexec_fn=_ignore_preempt_signal)
             code = self._wait()
-        if code == PREEMPTED_EXIT:
-            return "preempted"
+        if self._preempted:
+            return "preempted"  # the ranks saved; Slurm requeues or ends the job
         if code != 0:
             raise RuntimeError(f"node {place.node_rank}: accelerate launch exited with {code}; "
                                f"see {log_path}\n--- last lines ---\n{_tail(log_path)}")
         return "done"
 
-    def _wait(self) -> int:
-        # Ctrl-C or a plain kill of this process must reach the ranks too (they run in their own session).
+    def _install_signal_handlers(self) -> None:
+        # Ctrl-C or a plain kill of this process must reach the ranks too.
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._forward)
-        while True:
-            try:
-                return self._proc.wait()
-            except InterruptedError:  # pragma: no cover - PEP 475 retries for us
-                continue
+        # Keep submitit's USR2 handler (checkpoint + requeue on task 0), but forward first, on every node.
+        submitit_handler = signal.getsignal(signal.SIGUSR2)
+
+        def on_preempt(signum, frame):
+            self._preempted = True
+            self._forward(signum)
+            if callable(submitit_handler):
+                submitit_handler(signum, frame)
+
+        signal.signal(signal.SIGUSR2, on_preempt)
+
+    def _wait(self) -> int:
+        # poll(), not wait(): wait() holds a lock while blocked, and `checkpoint` must be able to
+        # wait for the same process from inside the signal handler.
+        while (code := self._proc.poll()) is None:
+            time.sleep(0.2)
+        return code
 
     def _forward(self, signum: int, frame=None) -> None:
         if self._proc is not None and self._proc.poll() is None:
             os.killpg(self._proc.pid, signum)
 
     def checkpoint(self, *args, **kwargs) -> submitit.helpers.DelayedSubmission | None:
-        """Called by submitit on the preemption signal (task 0): ranks save, then the job requeues."""
-        self._forward(signal.SIGUSR2)
+        """On task 0, from submitit's USR2 handler: let the ranks save, then requeue (or not)."""
         if self._proc is not None:
             try:
                 self._proc.wait(timeout=max(10, self.plan.signal_delay_s - 15))
