@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -46,3 +48,40 @@ def make_run(tmp_path, model_dir):
         return run
 
     return make
+
+
+def submit_cli(*args: str, timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess:
+    """`python submit.py ARGS` as a user runs it, in a real process."""
+    proc = subprocess.run([PYTHON, str(REPO / "submit.py"), *args], capture_output=True, text=True,
+                          timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"submit.py {' '.join(args)} exited {proc.returncode}\n"
+                             f"--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def run_folder(proc: subprocess.CompletedProcess):
+    """The run folder a submit.py run printed."""
+    from llmbatch.rundir import RunDir
+
+    line = next(line for line in proc.stdout.splitlines() if line.startswith("run folder: "))
+    return RunDir(Path(line.split(": ", 1)[1]))
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    """The real local Slurm cluster from slurm/start-cluster.sh (idempotent).
+
+    If it was not up before, it is stopped again after the session. It fails, never skips.
+    """
+    was_up = subprocess.run(["sinfo", "-h"], capture_output=True).returncode == 0 if shutil.which("sinfo") \
+        else False
+    out = subprocess.run(["bash", str(REPO / "slurm" / "start-cluster.sh")], capture_output=True, text=True,
+                         timeout=900)
+    assert out.returncode == 0, f"slurm/start-cluster.sh failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
+    for line in out.stdout.splitlines():
+        if line.startswith("export SLURM_CONF="):
+            os.environ["SLURM_CONF"] = line.split("=", 1)[1].strip("'\"")
+    yield
+    if not was_up:
+        subprocess.run(["bash", str(REPO / "slurm" / "stop-cluster.sh")], timeout=300)
