@@ -21,7 +21,7 @@ from pathlib import Path
 import submitit
 
 from llmbatch.container import wrap_command
-from llmbatch.rundir import RunDir
+from llmbatch.rundir import RunDir, atomic_write
 from llmbatch.spec import ContainerSpec
 
 # Forwarded to the ranks: submitit's preemption signal, and the polite kill.
@@ -125,7 +125,8 @@ class NodeJob(submitit.helpers.Checkpointable):
     """The submitit callable: one task per node, each starting that node's ranks.
 
     Preemption: Slurm sends USR2 (submitit's signal) to every task of the job, and on task 0 submitit
-    calls `checkpoint`. Every node forwards the signal to its ranks, which save their work and exit;
+    calls `checkpoint`. Every node writes the run's preempt marker for this attempt and forwards the
+    signal to `accelerate launch`; the ranks (which also get Slurm's signal directly) save and exit;
     task 0 waits for that, then submitit requeues the job, and the next attempt resumes from the run
     folder (the pickled callable carries no progress).
     """
@@ -153,8 +154,9 @@ class NodeJob(submitit.helpers.Checkpointable):
         with log_path.open("ab") as log:
             log.write(f"== attempt {place.attempt} on {host}: {shlex.join(cmd.argv)}\n".encode())
             log.flush()
-            self._install_signal_handlers()
-            # Own session: a signal for the whole group reaches accelerate and every rank under it.
+            self._install_signal_handlers(run, place.attempt)
+            # Own session: a terminal's Ctrl-C reaches only us, and we forward it (SIGINT/SIGTERM make
+            # torch's launcher stop its ranks).
             self._proc = subprocess.Popen(cmd.argv, env=os.environ | cmd.env, stdout=log,
                                           stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                           start_new_session=True, preexec_fn=_ignore_preempt_signal)
@@ -166,7 +168,7 @@ class NodeJob(submitit.helpers.Checkpointable):
                                f"see {log_path}\n--- last lines ---\n{_tail(log_path)}")
         return "done"
 
-    def _install_signal_handlers(self) -> None:
+    def _install_signal_handlers(self, run: RunDir, attempt: int) -> None:
         # Ctrl-C or a plain kill of this process must reach the ranks too.
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._forward)
@@ -175,6 +177,7 @@ class NodeJob(submitit.helpers.Checkpointable):
 
         def on_preempt(signum, frame):
             self._preempted = True
+            atomic_write(run.preempt_marker(attempt), f"{signum}\n")
             self._forward(signum)
             if callable(submitit_handler):
                 submitit_handler(signum, frame)

@@ -101,6 +101,14 @@ class RunDir:
     def rank_log_dir(self, node: int) -> Path:
         return self.logs_dir / f"node-{node}"
 
+    def preempt_marker(self, attempt: int) -> Path:
+        """Written by the node job at the preemption signal; the ranks of that attempt stop and save.
+
+        A file, not only a signal: torch's launcher starts each rank in a session of its own, and in a
+        container, so a signal the node job sends to its child does not reach them.
+        """
+        return self.path / f"preempt-attempt-{attempt:03d}"
+
     def read_state(self) -> dict[str, Any]:
         return read_json(self.state_file, {})
 
