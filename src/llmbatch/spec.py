@@ -187,6 +187,11 @@ class TrainSpec:
     packing: bool = True
     """Pack several examples into each sequence; attention never crosses examples."""
     loss_on: Literal["completion", "all"] = "completion"
+    """`completion`: the loss covers only the reference's tokens (and EOS); `all`: the prompt's too."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass: less memory, about a third more compute."""
+    log_every_steps: int = 10
+    """A progress line on stdout every N steps; train_metrics.jsonl gets every step."""
     eval_every_steps: int = 50
     eval_accuracy: bool = True
     """Also score val answers by greedy generation at each evaluation (needs data.reference_field)."""
@@ -199,7 +204,8 @@ class TrainSpec:
 
     def validate(self) -> None:
         for name in ("epochs", "learning_rate", "micro_batch_size", "grad_accum_steps", "seq_len",
-                     "eval_every_steps", "save_every_steps", "save_every_minutes", "keep_last"):
+                     "log_every_steps", "eval_every_steps",
+                     "save_every_steps", "save_every_minutes", "keep_last"):
             positive(f"train.{name}", getattr(self, name))
         positive("train.max_steps", self.max_steps)
         positive("train.max_grad_norm", self.max_grad_norm)
@@ -384,7 +390,7 @@ def _build(cls: type, raw: Any, prefix: str, base_dir: Path) -> Any:
             kwargs[key] = _build(tp, value, path, base_dir)
             continue
         value = _coerce(path, value, tp)
-        if path in PATH_KEYS and isinstance(value, str) and value != EMBEDDED_MODEL:
+        if _is_path(path, value):
             value = str((base_dir / Path(value).expanduser()).resolve())
         kwargs[key] = value
     try:
@@ -393,6 +399,13 @@ def _build(cls: type, raw: Any, prefix: str, base_dir: Path) -> Any:
         missing = [n for n, f in fields.items() if n not in kwargs and f.default is dataclasses.MISSING
                    and f.default_factory is dataclasses.MISSING]
         raise SpecError(f"{prefix}.{missing[0]}" if prefix else missing[0], "missing") from None
+
+
+def _is_path(key: str, value: Any) -> bool:
+    if key not in PATH_KEYS or not isinstance(value, str) or value == EMBEDDED_MODEL:
+        return False
+    # A Docker/Podman image is a name (repo/name:tag); only an Apptainer image is a file.
+    return key != "container.image" or value.endswith(".sif")
 
 
 def _field_type(key: str) -> Any:
