@@ -1,0 +1,119 @@
+"""Merge an inference run's shards into results.jsonl and metrics.json: every input exactly once.
+
+The runner's main process calls `merge_shards` once every rank is done; `python submit.py gather RUN`
+runs it again by hand (`gather_run`). results.jsonl is written last, and only when every input has a
+result, so its existence means the run is complete. Scoring: see `llmbatch.scoring`.
+
+metrics.json holds:
+    examples, prompt_tokens, generated_tokens, finish_reasons   over all results
+    accuracy, correct, scored, scoring                          when the inputs have references
+    wall_s, generate_s       per attempt the slowest rank's time (all of it / generating), summed
+                             over the attempts whose ranks finished; time lost to a kill is not known
+    tokens_per_s, examples_per_s   what those ranks generated, per second of generate_s
+    world_size, ranks, load_balance   the last attempt: its per-rank stats, and min/max rank
+                             generating time (1.0: perfectly balanced)
+"""
+
+from __future__ import annotations
+
+import sys
+from collections import Counter
+from typing import Any
+
+from llmbatch import scoring
+from llmbatch.data import Example, load_examples
+from llmbatch.rundir import RunDir, atomic_write, atomic_write_json
+from llmbatch.shards import complete_lines, list_shards, read_records, read_stats, record_line
+from llmbatch.spec import load_resolved
+
+LISTED_IDS = 20
+"""Missing ids named in an error; the rest are counted."""
+
+
+class IncompleteRun(Exception):
+    """Some inputs have no result in any shard."""
+
+    def __init__(self, missing: list[str], total: int):
+        self.missing = missing
+        named = ", ".join(missing[:LISTED_IDS])
+        more = f" and {len(missing) - LISTED_IDS} more" if len(missing) > LISTED_IDS else ""
+        super().__init__(f"{len(missing)} of {total} inputs have no result: {named}{more}")
+
+
+def merge_shards(run: RunDir, examples: list[Example]) -> dict[str, Any]:
+    """Write metrics.json, then results.jsonl (the inputs' records in input order); return the metrics.
+
+    Raises IncompleteRun, writing nothing, if an input has no record.
+    """
+    records: dict[str, dict] = {}
+    for shard in list_shards(run):
+        for record in read_records(shard.path):
+            records.setdefault(record["id"], record)  # resumed attempts skip done ids: one record each
+    missing = [e.id for e in examples if e.id not in records]
+    if missing:
+        raise IncompleteRun(missing, len(examples))
+    results = [records[e.id] for e in examples]
+    metrics = result_metrics(results) | timing_metrics(run)
+    atomic_write_json(run.metrics_file, metrics)
+    atomic_write(run.results_file, "".join(map(record_line, results)))
+    return metrics
+
+
+def result_metrics(results: list[dict]) -> dict[str, Any]:
+    metrics = {"examples": len(results),
+               "prompt_tokens": sum(r["prompt_tokens"] for r in results),
+               "generated_tokens": sum(r["output_tokens"] for r in results),
+               "finish_reasons": dict(Counter(r["finish_reason"] for r in results))}
+    scored = [r for r in results if "reference" in r]
+    if scored:
+        correct = sum(r["correct"] for r in scored)
+        metrics |= {"accuracy": correct / len(scored), "correct": correct, "scored": len(scored),
+                    "scoring": scoring.RULE}
+    return metrics
+
+
+def timing_metrics(run: RunDir) -> dict[str, Any]:
+    """From the stats of ranks that finished; empty if none did (every attempt was killed)."""
+    by_attempt: dict[int, list[dict]] = {}
+    for shard in list_shards(run):
+        if (stats := read_stats(shard)) is not None:
+            by_attempt.setdefault(shard.attempt, []).append(stats)
+    if not by_attempt:
+        return {}
+    generate_s = sum(max(s["generate_s"] for s in ranks) for ranks in by_attempt.values())
+    all_stats = [s for ranks in by_attempt.values() for s in ranks]
+    last = by_attempt[max(by_attempt)]
+    times = [s["generate_s"] for s in last]
+    return {
+        "wall_s": sum(max(s["wall_s"] for s in ranks) for ranks in by_attempt.values()),
+        "generate_s": generate_s,
+        "tokens_per_s": sum(s["generated_tokens"] for s in all_stats) / generate_s if generate_s else None,
+        "examples_per_s": sum(s["examples"] for s in all_stats) / generate_s if generate_s else None,
+        "world_size": last[0]["world_size"],
+        "ranks": last,
+        "load_balance": min(times) / max(times) if max(times) else 1.0,
+    }
+
+
+def gather_run(run: RunDir) -> int:
+    """`submit.py gather RUN`: merge by hand; prints one line, returns the exit code."""
+    examples = load_examples(load_resolved(run.spec_file).data)
+    try:
+        metrics = merge_shards(run, examples)
+    except IncompleteRun as e:
+        print(f"{run.path}: not gathered: {e}", file=sys.stderr)
+        return 1
+    accuracy = f", accuracy {metrics['accuracy']:.4f}" if "accuracy" in metrics else ""
+    print(f"{run.results_file}: {metrics['examples']} results{accuracy}")
+    return 0
+
+
+def read_progress(run: RunDir) -> dict[str, Any]:
+    """Done/total over all attempts, and this (the latest) attempt's records per rank, for `status`."""
+    total = len(load_examples(load_resolved(run.spec_file).data))
+    shards = list_shards(run)
+    attempt = max((s.attempt for s in shards), default=None)
+    ranks = {s.rank: len(complete_lines(s.path)) for s in shards if s.attempt == attempt}
+    return {"done": sum(len(complete_lines(s.path)) for s in shards), "total": total, "attempt": attempt,
+            "done_this_attempt": sum(ranks.values()), "ranks": ranks,
+            "ranks_finished": sum(read_stats(s) is not None for s in shards if s.attempt == attempt)}

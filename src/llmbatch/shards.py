@@ -1,0 +1,115 @@
+"""Inference shards: what each rank has finished, on shared storage, safe against a kill at any moment.
+
+    shards/attempt-000-rank-00000.jsonl        one JSON record a line, appended and fsynced per batch
+    shards/attempt-000-rank-00000.stats.json   written (atomically) when that rank finished its share
+
+Every attempt writes fresh files, so nobody ever appends after a line another process left torn. A
+record counts once its newline is on disk: whatever follows the last newline is a write cut short by
+a kill, and is ignored, even if it happens to parse.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from llmbatch.rundir import RunDir, atomic_write_json
+
+_SHARD_NAME = re.compile(r"^attempt-(\d+)-rank-(\d+)\.jsonl$")
+
+
+@dataclass(frozen=True)
+class Shard:
+    attempt: int
+    rank: int
+    path: Path
+
+    @property
+    def stats_path(self) -> Path:
+        return self.path.with_suffix(".stats.json")
+
+
+def shard_for(run: RunDir, attempt: int, rank: int) -> Shard:
+    return Shard(attempt, rank, run.shards_dir / f"attempt-{attempt:03d}-rank-{rank:05d}.jsonl")
+
+
+def list_shards(run: RunDir) -> list[Shard]:
+    """All shards of a run, by attempt then rank."""
+    found = [Shard(int(m.group(1)), int(m.group(2)), path) for path in run.shards_dir.glob("attempt-*.jsonl")
+             if (m := _SHARD_NAME.match(path.name))]
+    return sorted(found, key=lambda s: (s.attempt, s.rank))
+
+
+def record_line(record: dict[str, Any]) -> str:
+    """A record as one JSON line, the same bytes in a shard and in results.jsonl.
+
+    ASCII only: model output may hold any character, and escaped, none of them (U+2028, U+0085) can
+    look like a line break to a reader that splits lines its own way.
+    """
+    return json.dumps(record) + "\n"
+
+
+def complete_lines(path: Path) -> list[bytes]:
+    """The lines of `path` that end in a newline; a torn last line is left out."""
+    *complete, _torn_or_empty = path.read_bytes().split(b"\n")
+    return [line for line in complete if line.strip()]
+
+
+def read_records(path: Path) -> list[dict[str, Any]]:
+    records = []
+    for number, line in enumerate(complete_lines(path), 1):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            # Only the last line can be torn by a kill; a bad complete line means something else.
+            raise ValueError(f"{path}: record {number} is not valid JSON ({e.msg})") from None
+    return records
+
+
+def done_ids(run: RunDir, before_attempt: int) -> set[str]:
+    """Ids with a record in any shard of an earlier attempt.
+
+    Earlier attempts only: their writers are gone, so every rank of this attempt reads the same set,
+    while this attempt's ranks may already be appending to theirs.
+    """
+    return {record["id"] for shard in list_shards(run) if shard.attempt < before_attempt
+            for record in read_records(shard.path)}
+
+
+class ShardWriter:
+    """Appends records to a new shard; each batch is on disk (flushed, fsynced) when append returns."""
+
+    def __init__(self, shard: Shard):
+        shard.path.parent.mkdir(parents=True, exist_ok=True)
+        # "x": an attempt's shard is never reused, so an existing one is a mistake, never to be clobbered.
+        self._file = shard.path.open("x", encoding="utf-8")
+
+    def append(self, records: list[dict[str, Any]]) -> None:
+        self._file.write("".join(map(record_line, records)))
+        self._file.flush()
+        os.fsync(self._file.fileno())
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> "ShardWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def write_stats(shard: Shard, stats: dict[str, Any]) -> None:
+    atomic_write_json(shard.stats_path, stats)
+
+
+def read_stats(shard: Shard) -> dict[str, Any] | None:
+    """The rank's stats, or None if it has not finished (or was killed)."""
+    try:
+        return json.loads(shard.stats_path.read_text())
+    except FileNotFoundError:
+        return None
