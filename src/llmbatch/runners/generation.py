@@ -1,0 +1,171 @@
+"""The model side of inference: load it, encode prompts, size batches, and complete a batch.
+
+An input's output must not depend on the batch it lands in (and so not on the rank count):
+
+- batches are left-padded, with an attention mask; transformers derives position ids from the mask,
+  so a prompt sees the same positions whatever its padding;
+- greedy decoding takes the argmax of each row's own logits;
+- sampling is greedy decoding over logits plus noise that each row draws from its own generator,
+  seeded by (seed, input id, step): see `SeededSampling`.
+
+What remains are float rounding differences between batch shapes, which can flip an argmax between
+two near-tied tokens: the embedded model's logits are peaky enough that it does not happen; a real
+model in bf16 on a GPU may, rarely, as in any batched inference.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import torch
+from transformers import (AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LogitsProcessor,
+                          LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
+
+from llmbatch.spec import GenerationSpec, ModelSpec
+
+CPU_BATCH_TOKENS = 4096
+"""Token budget of a batch on CPU, unless the spec sets generation.batch_tokens."""
+
+GPU_MEMORY_FRACTION = 0.7
+"""Share of the free GPU memory (after loading the model) that batches may fill; the rest is headroom
+for what the estimate leaves out: logits, sampling buffers, allocator fragmentation."""
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+@dataclass(frozen=True)
+class Completion:
+    text: str
+    tokens: int
+    """Generated tokens, the end-of-sequence token included."""
+    finish_reason: str
+    """"eos": the model ended it; "length": it ran to max_new_tokens."""
+
+
+def load_model(model_spec: ModelSpec, device: torch.device):
+    """(model, tokenizer) from a local folder, with the LoRA adapter merged in if the spec names one."""
+    if model_spec.dtype == "auto":
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    else:
+        dtype = DTYPES[model_spec.dtype]
+    tokenizer = AutoTokenizer.from_pretrained(model_spec.path, padding_side="left")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token  # padding is masked out: any token will do
+    model = AutoModelForCausalLM.from_pretrained(model_spec.path, dtype=dtype, attn_implementation="sdpa",
+                                                 device_map=device)
+    if model_spec.adapter is not None:
+        from peft import PeftModel  # seconds to import, so only when there is an adapter
+
+        # Merged: generation then costs what the base model costs.
+        model = PeftModel.from_pretrained(model, model_spec.adapter).merge_and_unload()
+    return model.eval(), tokenizer
+
+
+def encode_prompts(tokenizer, prompts: list[str], chat_template: bool) -> list[list[int]]:
+    """Token ids of each prompt, as written or as one user turn of the tokenizer's chat template."""
+    if not prompts:
+        return []  # a resumed run with nothing left; the tokenizer fails on an empty batch
+    if not chat_template:
+        return tokenizer(prompts)["input_ids"]
+    texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                           add_generation_prompt=True) for p in prompts]
+    # Some templates write the BOS token themselves; encoding must not add a second one.
+    has_bos = bool(tokenizer.bos_token) and texts[0].startswith(tokenizer.bos_token)
+    return tokenizer(texts, add_special_tokens=not has_bos)["input_ids"]
+
+
+def batch_token_budget(generation: GenerationSpec, model) -> int:
+    """Tokens a batch may hold (rows x padded length): the spec's, else sized to the device."""
+    if generation.batch_tokens is not None:
+        return generation.batch_tokens
+    if model.device.type != "cuda":
+        return CPU_BATCH_TOKENS
+    free_bytes, _ = torch.cuda.mem_get_info(model.device)
+    return max(1, int(free_bytes * GPU_MEMORY_FRACTION) // bytes_per_token(model))
+
+
+def bytes_per_token(model) -> int:
+    """GPU memory a token of a batch takes: its key and value in every layer, plus, while prompts are
+    prefilled, one layer's activations (MLP gate, up and output, and a few hidden-size buffers)."""
+    config = model.config.get_text_config()
+    hidden, heads = config.hidden_size, config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    intermediate = getattr(config, "intermediate_size", None) or 4 * hidden
+    kv_cache = 2 * config.num_hidden_layers * kv_heads * head_dim
+    activations = 3 * intermediate + 4 * hidden
+    return (kv_cache + activations) * model.dtype.itemsize
+
+
+class Decoder:
+    """Completes batches of encoded prompts as the spec's generation section says, and nothing else."""
+
+    def __init__(self, model, tokenizer, generation: GenerationSpec):
+        self.model, self.tokenizer, self.generation = model, tokenizer, generation
+        eos = model.generation_config.eos_token_id
+        if eos is None:
+            eos = tokenizer.eos_token_id
+        self.eos_ids = set(eos) if isinstance(eos, list) else {eos}
+        # Replaces the model folder's defaults, which often turn on sampling or a repetition penalty.
+        model.generation_config = GenerationConfig(
+            max_new_tokens=generation.max_new_tokens,
+            min_new_tokens=generation.max_new_tokens if generation.ignore_eos else None,
+            do_sample=False,  # sampling is greedy search over noised logits: see SeededSampling
+            eos_token_id=sorted(self.eos_ids), pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=tokenizer.bos_token_id)
+
+    @torch.inference_mode()
+    def complete(self, prompts: list[list[int]], ids: list[str]) -> list[Completion]:
+        width = max(len(p) for p in prompts)
+        input_ids = torch.full((len(prompts), width), self.tokenizer.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros_like(input_ids)
+        for row, prompt in enumerate(prompts):
+            input_ids[row, width - len(prompt):] = torch.tensor(prompt)
+            attention_mask[row, width - len(prompt):] = 1
+        output = self.model.generate(input_ids=input_ids.to(self.model.device),
+                                     attention_mask=attention_mask.to(self.model.device),
+                                     logits_processor=self._sampling(ids, width))
+        return [self._completion(tokens) for tokens in output[:, width:].tolist()]
+
+    def _sampling(self, ids: list[str], prompt_width: int) -> LogitsProcessorList:
+        g = self.generation
+        if not g.do_sample:
+            return LogitsProcessorList()
+        warpers = [TemperatureLogitsWarper(g.temperature)]
+        if g.top_k > 0:
+            warpers.append(TopKLogitsWarper(g.top_k))
+        if g.top_p < 1:
+            warpers.append(TopPLogitsWarper(g.top_p))
+        return LogitsProcessorList([*warpers, SeededSampling(g.seed, ids, prompt_width)])
+
+    def _completion(self, tokens: list[int]) -> Completion:
+        # After the end-of-sequence token a finished row holds padding until the batch is done.
+        end = next((i for i, token in enumerate(tokens) if token in self.eos_ids), None)
+        if end is None:
+            return Completion(self.tokenizer.decode(tokens, skip_special_tokens=True), len(tokens), "length")
+        return Completion(self.tokenizer.decode(tokens[:end], skip_special_tokens=True), end + 1, "eos")
+
+
+class SeededSampling(LogitsProcessor):
+    """Turns greedy search into sampling, reproducible per input id.
+
+    Gumbel-max trick: the argmax of (log-probabilities + independent Gumbel noise) is distributed as
+    softmax(log-probabilities). Each row draws its noise from a generator seeded by (seed, input id,
+    step), so its tokens do not depend on which inputs share its batch. Applied after the temperature,
+    top-k and top-p warpers; tokens they removed (-inf) stay removed.
+    """
+
+    def __init__(self, seed: int, ids: list[str], prompt_width: int):
+        self.seed, self.ids, self.prompt_width = seed, ids, prompt_width
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        step = input_ids.shape[1] - self.prompt_width
+        noise = torch.stack([self._gumbel(example_id, step, scores) for example_id in self.ids])
+        return scores + noise
+
+    def _gumbel(self, example_id: str, step: int, scores: torch.Tensor) -> torch.Tensor:
+        digest = hashlib.blake2b(f"{self.seed}\0{example_id}\0{step}".encode(), digest_size=8).digest()
+        generator = torch.Generator(device=scores.device).manual_seed(int.from_bytes(digest, "little") >> 1)
+        uniform = torch.rand(scores.shape[1], generator=generator, device=scores.device)
+        return -torch.log(-torch.log(uniform)).to(scores.dtype)

@@ -1,0 +1,176 @@
+"""Batch inference on every rank: `accelerate launch -m llmbatch.runners.infer --run-dir RUN --attempt A`.
+
+The recipe: load the spec, data and model; skip inputs an earlier attempt finished; split the rest
+over the ranks by tokens; generate in length-sorted batches within a token budget, appending each
+batch to this rank's shard; when every rank is done, the main process merges the shards.
+
+At a preemption signal (SIGUSR2, forwarded by the node job) or SIGTERM a rank stops after the batch in
+flight and exits with PREEMPTED_EXIT; the next attempt resumes from the shards, with any rank count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import asdict, dataclass
+from datetime import timedelta
+
+import torch.distributed as dist
+from accelerate import Accelerator
+from accelerate.utils import InitProcessGroupKwargs
+from tqdm import tqdm
+
+from llmbatch import scoring
+from llmbatch.data import Example, load_examples
+from llmbatch.gather import merge_shards
+from llmbatch.rundir import RunDir
+from llmbatch.runners import PREEMPTED_EXIT
+from llmbatch.runners.checkpoint import PreemptionFlag
+from llmbatch.runners.generation import Completion, Decoder, batch_token_budget, encode_prompts, load_model
+from llmbatch.runners.sharding import assign_to_ranks, plan_batches
+from llmbatch.shards import ShardWriter, done_ids, shard_for, write_stats
+from llmbatch.spec import JobSpec, load_resolved, slurm_time_seconds
+
+COLLECTIVE_TIMEOUT = timedelta(minutes=10)
+"""A collective that a dead peer never joins fails after this, instead of hanging the job."""
+
+
+@dataclass(frozen=True)
+class Prompt:
+    example: Example
+    token_ids: list[int]
+
+
+@dataclass
+class RankStats:
+    """What one rank did in one attempt: the sidecar beside its shard, read by the merge."""
+
+    attempt: int
+    rank: int
+    world_size: int
+    examples: int = 0
+    batches: int = 0
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    load_s: float = 0.0
+    """Start-up to the first batch: spec, data, model, tokenization."""
+    generate_s: float = 0.0
+    wall_s: float = 0.0
+
+    def add_batch(self, records: list[dict]) -> None:
+        self.examples += len(records)
+        self.batches += 1
+        self.prompt_tokens += sum(r["prompt_tokens"] for r in records)
+        self.generated_tokens += sum(r["output_tokens"] for r in records)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="llmbatch.runners.infer", description=__doc__.splitlines()[0])
+    parser.add_argument("--run-dir", required=True)
+    parser.add_argument("--attempt", type=int, required=True, help="0 for the first launch, +1 per resume")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    started = time.monotonic()
+    run = RunDir.open(args.run_dir)
+    spec = load_resolved(run.spec_file)
+    accelerator = Accelerator(kwargs_handlers=[InitProcessGroupKwargs(timeout=COLLECTIVE_TIMEOUT)])
+    finish_line = FinishLine(spec)
+    preemption = PreemptionFlag()
+    stats = RankStats(args.attempt, accelerator.process_index, accelerator.num_processes)
+
+    examples = load_examples(spec.data)
+    done = done_ids(run, before_attempt=args.attempt)
+    todo = [e for e in examples if e.id not in done]
+    model, tokenizer = load_model(spec.model, accelerator.device)
+    decoder = Decoder(model, tokenizer, spec.generation)
+    encoded = encode_prompts(tokenizer, [e.prompt for e in todo], spec.data.chat_template)
+    prompts = [Prompt(e, ids) for e, ids in zip(todo, encoded)]
+    budget = batch_token_budget(spec.generation, model)
+    batches = plan_share(prompts, stats.rank, stats.world_size, spec.generation.max_new_tokens, budget)
+    share = sum(map(len, batches))
+    print(f"rank {stats.rank} of {stats.world_size}, attempt {args.attempt}: {len(todo)} of {len(examples)} "
+          f"inputs left ({len(done)} done earlier); {share} here, in {len(batches)} batches of <= {budget} "
+          f"tokens", flush=True)
+
+    shard = shard_for(run, args.attempt, stats.rank)
+    stats.load_s = time.monotonic() - started
+    with ShardWriter(shard) as writer, progress_bar(accelerator, share) as bar:
+        for batch in batches:
+            if preemption.raised:
+                break  # what is written stays written; the next attempt does the rest
+            completions = decoder.complete([p.token_ids for p in batch], [p.example.id for p in batch])
+            records = [result_record(p, c) for p, c in zip(batch, completions)]
+            writer.append(records)
+            stats.add_batch(records)
+            bar.update(len(records))
+    if preemption.raised:
+        print(f"rank {stats.rank}: stopped at a preemption signal after {stats.examples} inputs", flush=True)
+        return PREEMPTED_EXIT
+    stats.wall_s = time.monotonic() - started
+    stats.generate_s = stats.wall_s - stats.load_s
+    write_stats(shard, asdict(stats))
+
+    finish_line.wait()
+    if accelerator.is_main_process:
+        metrics = merge_shards(run, examples)
+        print(f"gathered {metrics['examples']} results into {run.results_file}", flush=True)
+    return 0
+
+
+def plan_share(prompts: list[Prompt], rank: int, world_size: int, max_new_tokens: int,
+               budget: int) -> list[list[Prompt]]:
+    """This rank's batches. Every rank computes the same split, from token counts alone.
+
+    An input costs the tokens its row may hold: its prompt plus max_new_tokens.
+    """
+    shares = assign_to_ranks([len(p.token_ids) + max_new_tokens for p in prompts], world_size)
+    mine = [prompts[i] for i in shares[rank]]
+    return [[mine[i] for i in batch]
+            for batch in plan_batches([len(p.token_ids) for p in mine], max_new_tokens, budget)]
+
+
+def result_record(prompt: Prompt, completion: Completion) -> dict:
+    example = prompt.example
+    record = {"id": example.id, "prompt": example.prompt, "output": completion.text,
+              "prompt_tokens": len(prompt.token_ids), "output_tokens": completion.tokens,
+              "finish_reason": completion.finish_reason}
+    if example.reference is not None:
+        record |= {"reference": example.reference, "correct": scoring.is_correct(completion.text, example.reference)}
+    return record
+
+
+def progress_bar(accelerator: Accelerator, my_inputs: int) -> tqdm:
+    """The main process's own inputs; ranks carry balanced shares, so its ETA is the run's.
+
+    Rare updates when the output is a log file: every update there is another line's worth of text.
+    """
+    interactive = sys.stderr.isatty()
+    return tqdm(total=my_inputs, desc=f"rank 0 of {accelerator.num_processes}", unit="input", file=sys.stderr,
+                mininterval=1 if interactive else 30, disable=not accelerator.is_main_process)
+
+
+class FinishLine:
+    """Where ranks wait for each other before the merge, for as long as the job may run.
+
+    Ranks finish at different times (outputs stop at different lengths), possibly far apart, so the
+    wait must not share COLLECTIVE_TIMEOUT. A gloo group still fails at once when a peer dies: its
+    connection to that peer closes. Created at start-up, while every rank is at the same point.
+    """
+
+    def __init__(self, spec: JobSpec):
+        self.group = None
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            timeout = timedelta(seconds=slurm_time_seconds(spec.resources.time))
+            self.group = dist.new_group(backend="gloo", timeout=timeout)
+
+    def wait(self) -> None:
+        if self.group is not None:
+            dist.barrier(group=self.group)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

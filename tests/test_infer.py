@@ -1,0 +1,329 @@
+"""The inference runner: sharding, shards, resume and gather, and real multi-process runs on CPU.
+
+Launches go through `accelerate launch` as on a node (ACCELERATE_USE_CPU, `--multi_gpu` for more than
+one process), so ranks, the gloo process group and the final merge are the real ones.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from conftest import submit_cli
+from llmbatch.data import load_examples
+from llmbatch.gather import IncompleteRun, gather_run, merge_shards, read_progress
+from llmbatch.runners import PREEMPTED_EXIT
+from llmbatch.runners.generation import Decoder, SeededSampling, encode_prompts, load_model
+from llmbatch.runners.sharding import assign_to_ranks, plan_batches
+from llmbatch.shards import ShardWriter, done_ids, list_shards, read_records, shard_for
+from llmbatch.spec import GenerationSpec, ModelSpec, load_resolved
+
+SMALL = ["data.max_samples=40", "generation.max_new_tokens=8"]
+# Hot enough that samples differ from greedy outputs even where the model is sure.
+SAMPLING = ["generation.do_sample=true", "generation.temperature=3.0", "generation.top_p=0.95", "generation.seed=7"]
+
+
+# --- sharding and batching -----------------------------------------------------------------------
+
+def test_ranks_are_balanced_by_tokens_not_by_count():
+    costs = [400] + [40] * 10
+    shares = assign_to_ranks(costs, 2)
+    assert sorted(sum(costs[i] for i in share) for share in shares) == [400, 400]
+    assert sorted(len(share) for share in shares) == [1, 10]
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3, 7, 50])
+def test_every_input_goes_to_exactly_one_rank(world_size):
+    costs = [(i * 37) % 23 + 1 for i in range(41)]
+    shares = assign_to_ranks(costs, world_size)
+    assert len(shares) == world_size
+    assert sorted(i for share in shares for i in share) == list(range(len(costs)))
+    assert shares == assign_to_ranks(costs, world_size)
+    loads = [sum(costs[i] for i in share) for share in shares]
+    assert max(loads) - min(loads) <= max(costs)
+
+
+def test_batches_stay_within_the_token_budget():
+    lengths = [(i * 13) % 50 + 5 for i in range(60)]
+    batches = plan_batches(lengths, max_new_tokens=10, budget=300)
+    assert sorted(i for batch in batches for i in batch) == list(range(len(lengths)))
+    for batch in batches:
+        assert (max(lengths[i] for i in batch) + 10) * len(batch) <= 300
+    assert [lengths[i] for batch in batches for i in batch] == sorted(lengths, reverse=True)
+
+
+def test_a_prompt_over_the_budget_gets_a_batch_of_its_own():
+    assert plan_batches([500, 3, 3], max_new_tokens=10, budget=100) == [[0], [1, 2]]
+
+
+def test_sampling_noise_of_an_input_does_not_depend_on_its_batch():
+    scores = torch.randn(3, 50)
+    input_ids = torch.zeros(3, 7, dtype=torch.long)  # prompt width 5, step 2
+    together = SeededSampling(0, ["a", "b", "c"], prompt_width=5)(input_ids, scores.clone())
+    alone = SeededSampling(0, ["b"], prompt_width=3)(input_ids[1:2, 2:], scores[1:2].clone())
+    assert torch.equal(together[1], alone[0])
+    assert not torch.equal(together[0] - scores[0], together[1] - scores[1])
+    other_step = SeededSampling(0, ["a", "b", "c"], prompt_width=4)(input_ids, scores.clone())
+    assert not torch.equal(together, other_step)
+
+
+@pytest.fixture
+def one_torch_thread():
+    """A tiny model gains nothing from threads, and a busy machine makes them spin: one thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_a_completion_does_not_depend_on_its_batch(model_dir, one_torch_thread):
+    model, tokenizer = load_model(ModelSpec(path=str(model_dir)), torch.device("cpu"))
+    questions = [f"Is {n} even or odd?\nAnswer:" for n in (7, 1234, 99, 500001, 42, 86420)]
+    prompts, ids = encode_prompts(tokenizer, questions, chat_template=False), [f"q{i}" for i in range(6)]
+
+    def outputs(generation: GenerationSpec) -> list:
+        decoder = Decoder(model, tokenizer, generation)
+        # Prompts of different lengths: each grouping pads them differently.
+        together = decoder.complete(prompts, ids)
+        assert decoder.complete(prompts[:3], ids[:3]) + decoder.complete(prompts[3:], ids[3:]) == together
+        assert [decoder.complete([p], [i])[0] for p, i in zip(prompts, ids)] == together
+        return together
+
+    greedy = outputs(GenerationSpec(max_new_tokens=6))
+    sampled = outputs(GenerationSpec(max_new_tokens=6, do_sample=True, temperature=3.0, top_p=0.95, seed=7))
+    assert sampled != greedy
+    assert sampled != outputs(GenerationSpec(max_new_tokens=6, do_sample=True, temperature=3.0, top_p=0.95, seed=8))
+    assert all(c.finish_reason == "length" and c.tokens == 6 for c in greedy)
+
+
+def test_a_chat_prompt_has_one_bos_whether_or_not_the_template_writes_it(model_dir):
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    [ids] = encode_prompts(tokenizer, ["Is 7 even or odd?"], chat_template=True)
+    assert ids[0] == tokenizer.bos_token_id and ids.count(tokenizer.bos_token_id) == 1
+    assert tokenizer.decode(ids[1:]) == "User: Is 7 even or odd?\nAssistant:"
+    tokenizer.chat_template = "{{ bos_token }}" + tokenizer.chat_template
+    assert encode_prompts(tokenizer, ["Is 7 even or odd?"], chat_template=True) == [ids]
+
+
+def test_an_adapter_is_loaded_and_merged(model_dir, tmp_path, one_torch_thread):
+    from peft import LoraConfig, PeftModel, get_peft_model  # slow to import: only here
+
+    input_ids = torch.tensor([[1, 50, 60, 70]])
+    tuned = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir),
+                           LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    tuned.save_pretrained(tmp_path / "adapter")
+    with torch.no_grad():
+        expected = tuned(input_ids).logits
+        base = tuned.get_base_model()
+        with tuned.disable_adapter():
+            untuned = tuned(input_ids).logits
+    model, _ = load_model(ModelSpec(path=str(model_dir), adapter=str(tmp_path / "adapter")), torch.device("cpu"))
+    assert not isinstance(model, PeftModel) and type(model) is type(base)
+    with torch.no_grad():
+        logits = model(input_ids).logits
+    assert torch.allclose(logits, expected, atol=1e-4) and not torch.allclose(logits, untuned, atol=1e-2)
+
+
+# --- shards -------------------------------------------------------------------------------------
+
+def write_shard(run, attempt: int, rank: int, ids: list[str], torn: str = "") -> Path:
+    shard = shard_for(run, attempt, rank)
+    with ShardWriter(shard) as writer:
+        writer.append([record(i) for i in ids])
+    with shard.path.open("a") as f:
+        f.write(torn)
+    return shard.path
+
+
+def record(example_id: str) -> dict:
+    return {"id": example_id, "prompt": "p", "output": "o", "prompt_tokens": 3, "output_tokens": 2,
+            "finish_reason": "eos"}
+
+
+def test_a_torn_last_line_is_ignored(make_run):
+    run = make_run("infer", overrides=SMALL)
+    torn = write_shard(run, 0, 0, ["a", "b"], torn='{"id": "c", "prompt": "p", "out')
+    write_shard(run, 0, 1, ["d"], torn='{"id": "e"}')  # parses, but its newline never made it
+    assert [r["id"] for r in read_records(torn)] == ["a", "b"]
+    assert done_ids(run, before_attempt=1) == {"a", "b", "d"}
+    assert done_ids(run, before_attempt=0) == set()  # this attempt's own shards are not read
+
+
+def test_a_broken_line_before_the_end_is_an_error(make_run):
+    run = make_run("infer", overrides=SMALL)
+    path = write_shard(run, 0, 0, ["a"], torn='{"id": "b", "pro\n')
+    with pytest.raises(ValueError, match="record 2"):
+        read_records(path)
+
+
+def test_an_attempt_never_reuses_a_shard(make_run):
+    run = make_run("infer", overrides=SMALL)
+    write_shard(run, 0, 0, ["a"])
+    with pytest.raises(FileExistsError):
+        ShardWriter(shard_for(run, 0, 0))
+
+
+# --- gather -------------------------------------------------------------------------------------
+
+def examples_of(run) -> list:
+    return load_examples(load_resolved(run.spec_file).data)
+
+
+def test_gather_refuses_an_incomplete_run_and_names_what_is_missing(make_run, capsys):
+    run = make_run("infer", overrides=SMALL)
+    examples = examples_of(run)
+    write_shard(run, 0, 0, [e.id for e in examples[:-3]])
+    with pytest.raises(IncompleteRun) as error:
+        merge_shards(run, examples)
+    assert error.value.missing == [e.id for e in examples[-3:]]
+    assert gather_run(run) == 1
+    printed = capsys.readouterr().err
+    assert all(e.id in printed for e in examples[-3:])
+    assert not run.results_file.exists() and not run.metrics_file.exists()
+
+
+def test_a_long_list_of_missing_ids_is_cut_short():
+    message = str(IncompleteRun([f"id-{i}" for i in range(100)], 120))
+    assert message.startswith("100 of 120 inputs have no result: id-0, id-1")
+    assert message.endswith("and 80 more") and "id-20" not in message
+
+
+def test_gather_writes_results_in_input_order_exactly_once(make_run):
+    run = make_run("infer", overrides=SMALL)
+    ids = [e.id for e in examples_of(run)]
+    write_shard(run, 0, 0, ids[1::2], torn='{"id": "' + ids[0])
+    write_shard(run, 1, 2, ids[0::2])
+    assert gather_run(run) == 0
+    assert [json.loads(line)["id"] for line in run.results_file.read_text().splitlines()] == ids
+    progress = read_progress(run)
+    assert (progress["done"], progress["total"], progress["attempt"]) == (40, 40, 1)
+    assert progress["ranks"] == {2: 20}
+
+
+# --- real runs ----------------------------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_argv(run, processes: int, attempt: int) -> list[str]:
+    argv = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1",
+            "--num_processes", str(processes), "--main_process_port", str(free_port()),
+            "--num_cpu_threads_per_process", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    if processes > 1:
+        argv.append("--multi_gpu")  # with ACCELERATE_USE_CPU, what starts several CPU processes
+    return argv + ["-m", "llmbatch.runners.infer", "--run-dir", str(run.path), "--attempt", str(attempt)]
+
+
+LAUNCH_ENV = os.environ | {"ACCELERATE_USE_CPU": "true", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def infer(run, processes: int, attempt: int = 0) -> bytes:
+    """Run to the end; results.jsonl's bytes."""
+    proc = subprocess.run(launch_argv(run, processes, attempt), env=LAUNCH_ENV, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return run.results_file.read_bytes()
+
+
+def test_greedy_results_do_not_depend_on_rank_count_or_batches(make_run):
+    # Different budgets too: each input lands in differently composed and padded batches.
+    one = infer(make_run("infer", overrides=SMALL), 1)
+    two = infer(make_run("infer", overrides=[*SMALL, "generation.batch_tokens=70"]), 2)
+    run = make_run("infer", overrides=[*SMALL, "generation.batch_tokens=150"])
+    three = infer(run, 3)
+    assert one == two == three
+    results = [json.loads(line) for line in three.decode().splitlines()]
+    assert len(results) == 40 and len({r["id"] for r in results}) == 40
+    assert {r["finish_reason"] for r in results} <= {"eos", "length"}
+    assert all(0 < r["output_tokens"] <= 8 and "correct" in r for r in results)
+    metrics = json.loads(run.metrics_file.read_text())
+    assert metrics["world_size"] == 3 and len(metrics["ranks"]) == 3
+    assert metrics["examples"] == 40 and metrics["scored"] == 40 and 0 <= metrics["accuracy"] <= 1
+    assert metrics["generated_tokens"] == sum(r["output_tokens"] for r in results)
+    assert 0 < metrics["load_balance"] <= 1 and metrics["tokens_per_s"] > 0
+
+
+def test_sampled_results_do_not_depend_on_rank_count(make_run):
+    sampling = [*SMALL, *SAMPLING]
+    one = infer(make_run("infer", overrides=sampling), 1)
+    two = infer(make_run("infer", overrides=[*sampling, "generation.batch_tokens=70"]), 2)
+    assert one == two
+
+
+def shard_lines(run) -> int:
+    return sum(len(read_records(s.path)) for s in list_shards(run))
+
+
+def wait_for_first_record(run, proc: subprocess.Popen, log: Path) -> None:
+    deadline = time.monotonic() + 120
+    while not run.shards_dir.exists() or shard_lines(run) == 0:
+        assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+        time.sleep(0.01)
+
+
+def test_a_killed_run_resumed_with_another_rank_count_gives_the_same_results(make_run, tmp_path):
+    data = ["data.max_samples=100", "generation.max_new_tokens=8"]
+    expected = infer(make_run("infer", overrides=data), 1)
+
+    # Two rows a batch: many small batches, so the kill lands mid-run.
+    run = make_run("infer", overrides=[*data, "generation.batch_tokens=60"])
+    log = tmp_path / "killed.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(launch_argv(run, 2, attempt=0), env=LAUNCH_ENV, stdout=out, stderr=out)
+        wait_for_first_record(run, proc, log)
+        # The launcher starts each rank in a session of its own: kill them by id, writers first.
+        for process in [*psutil.Process(proc.pid).children(recursive=True), psutil.Process(proc.pid)]:
+            process.kill()
+        proc.wait()
+    assert not run.results_file.exists()
+
+    # Tear the longest shard's last record in half, as a kill during the write would.
+    longest = max(list_shards(run), key=lambda s: s.path.stat().st_size).path
+    content = longest.read_bytes()
+    last_start = content.rstrip(b"\n").rfind(b"\n") + 1
+    longest.write_bytes(content[:last_start + (len(content) - last_start) // 2])
+    done = shard_lines(run)
+    assert 0 < done < 100
+
+    progress = read_progress(run)
+    assert (progress["done"], progress["total"]) == (done, 100)
+    gather = submit_cli("gather", str(run.path), check=False)
+    assert gather.returncode != 0 and not run.results_file.exists()
+    written = {r["id"] for s in list_shards(run) for r in read_records(s.path)}
+    first_missing = next(e.id for e in examples_of(run) if e.id not in written)
+    assert f"{100 - done} of 100 inputs have no result" in gather.stderr and first_missing in gather.stderr
+
+    assert infer(run, 3, attempt=1) == expected
+    assert shard_lines(run) == 100  # nothing generated twice
+
+
+def test_a_preempted_rank_stops_after_its_batch_and_the_run_resumes(make_run, tmp_path):
+    run = make_run("infer", overrides=[*SMALL, "generation.batch_tokens=30"])  # a row a batch
+    argv = [sys.executable, "-m", "llmbatch.runners.infer", "--run-dir", str(run.path), "--attempt", "0"]
+    log = tmp_path / "preempted.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(argv, env=os.environ | {"OMP_NUM_THREADS": "1"}, stdout=out, stderr=out)
+        wait_for_first_record(run, proc, log)
+        proc.send_signal(signal.SIGUSR2)
+        assert proc.wait(timeout=60) == PREEMPTED_EXIT, log.read_text()
+    assert "stopped at a preemption signal" in log.read_text() and 0 < shard_lines(run) < 40
+    assert not run.results_file.exists()
+    results = infer(run, 1, attempt=1)
+    assert len(results.splitlines()) == 40
+    # Killed after the last record but before the merge: the next attempt has nothing left but that.
+    run.results_file.unlink()
+    assert infer(run, 1, attempt=2) == results
