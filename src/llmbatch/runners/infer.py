@@ -118,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     if accelerator.is_main_process:
         metrics = merge_shards(run, examples)
         print(f"gathered {metrics['examples']} results into {run.results_file}", flush=True)
+    accelerator.end_training()  # nothing to do with training: it releases the process groups
     return 0
 
 
