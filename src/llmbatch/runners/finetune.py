@@ -1,0 +1,400 @@
+"""LoRA fine-tuning recipe: what `accelerate launch -m llmbatch.runners.finetune` runs on every rank.
+
+    accelerate launch [--multi_gpu --num_processes N ...] -m llmbatch.runners.finetune --run-dir RUN --attempt A
+
+The same command runs on 1 process, N processes or N nodes: accelerate reads its launch environment,
+and with more than one process wraps the model in DDP. The recipe reads top to bottom: setup, data,
+model, optimizer and schedule, resume, the training loop (evaluation and checkpoints inside it), outputs.
+
+Loss. A step's loss is the mean cross-entropy over the target tokens of the whole step (the completion
+tokens, or every token with train.loss_on=all): all micro-batches of the accumulation, all ranks. Each
+micro-batch adds sum(its token losses) / (target tokens of the step on all ranks). So every token weighs
+the same wherever it lands, and packing, which only changes how sequences share rows, leaves the loss
+and gradient of a given set of examples unchanged (up to float summation order). What packing changes is
+how many examples a step holds: rows are full, so a step sees more examples and an epoch has fewer
+steps. (A per-row or per-micro-batch mean would instead weigh the tokens of short examples more.)
+
+Checkpoints (see checkpoint.py) are saved every train.save_every_steps, every train.save_every_minutes,
+and when a SIGUSR2/SIGTERM arrives; the last then exits with PREEMPTED_EXIT so the job is requeued. A new
+attempt resumes from the newest complete checkpoint: weights, optimizer, scheduler, every rank's RNG
+states, and the position in the data (the shuffle depends only on seed and epoch, and the consumed
+micro-batches are skipped), so it continues the trajectory an uninterrupted run would have followed.
+
+Writes into the run folder: train_metrics.jsonl (a row per step, one per evaluation), loss_curve.png,
+metrics.json, adapter/ (peft format: usable as model.adapter in an infer spec), merged/ with train.merge.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import io
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator, DistributedDataParallelKwargs
+from accelerate.utils import set_seed
+from peft import LoraConfig, get_peft_model
+from torch.utils.data import DataLoader
+from transformers import AutoModelForCausalLM, AutoTokenizer, get_scheduler
+
+from llmbatch import scoring
+from llmbatch.data import load_examples
+from llmbatch.rundir import RunDir, atomic_write, atomic_write_json, fsync_dir
+from llmbatch.runners import PREEMPTED_EXIT
+from llmbatch.runners.checkpoint import (PreemptionFlag, checkpoint_trainable_weights_only, resume,
+                                         save_checkpoint)
+from llmbatch.runners.generation import DTYPES, Decoder, encode_prompts
+from llmbatch.runners.packing import IGNORE, EpochShuffle, collate, pack, to_sequence
+from llmbatch.spec import JobSpec, load_resolved
+
+SCHEDULES = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m llmbatch.runners.finetune", description=__doc__.split("\n")[0])
+    parser.add_argument("--run-dir", required=True, help="the run folder (holds spec.yaml)")
+    parser.add_argument("--attempt", type=int, default=0, help="which attempt of the job this is (logged)")
+    parser.add_argument("--stop-at-step", type=int, default=None,
+                        help="testing: save a checkpoint at this step and exit as if preempted")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    run = RunDir.open(args.run_dir)
+    spec = load_resolved(run.spec_file)
+    cfg = spec.train
+    started = time.time()
+
+    # --- setup -------------------------------------------------------------------------------------
+    accelerator = Accelerator(
+        # LoRA trains every weight it adds, so no parameter goes unused: skip DDP's search for them.
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)],
+        # The schedule counts optimizer steps; by default accelerate would step it once per process.
+        step_scheduler_with_optimizer=False,
+    )
+    preemption = PreemptionFlag()
+    set_seed(cfg.seed)  # the same LoRA init on every rank and in every run
+    metrics_log = run.path / "train_metrics.jsonl"
+
+    # --- data --------------------------------------------------------------------------------------
+    tokenizer = AutoTokenizer.from_pretrained(spec.model.path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token  # padding is its own ignored sequence: any token will do
+    train_examples = load_examples(spec.data)
+    train_rows = make_rows(spec, tokenizer, train_examples)
+    val_examples = load_examples(spec.data, spec.data.val_path) if spec.data.val_path else []
+    val_rows = make_rows(spec, tokenizer, val_examples)
+    collate_fn = partial(collate, pad_id=tokenizer.pad_token_id)
+    # Its own generator: each new iterator draws a seed from it, and a resumed run starts iterators at
+    # other moments than an uninterrupted one, so that draw must not move the global RNG (dropout's).
+    train_loader = DataLoader(train_rows, batch_size=cfg.micro_batch_size, collate_fn=collate_fn,
+                              sampler=EpochShuffle(len(train_rows), cfg.seed), generator=torch.Generator())
+    # accelerate gives each rank every N-th batch; len() is then this rank's share of an epoch.
+    train_loader = accelerator.prepare(train_loader)
+    total_steps = cfg.max_steps or math.ceil(cfg.epochs * len(train_loader) / cfg.grad_accum_steps)
+
+    # --- model: a frozen base, trainable LoRA weights ----------------------------------------------
+    model = load_lora_model(spec, accelerator.device)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+
+    # --- optimizer and schedule --------------------------------------------------------------------
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    scheduler = get_scheduler(SCHEDULES[cfg.lr_schedule], optimizer, num_warmup_steps=cfg.warmup_steps,
+                              num_training_steps=total_steps)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+
+    # --- resume ------------------------------------------------------------------------------------
+    checkpoint_trainable_weights_only(accelerator)
+    state = resume(accelerator, run.checkpoints_dir)
+    if accelerator.is_main_process:
+        # Rows past the checkpoint were logged by an attempt that died: this one logs those steps again.
+        keep = [row for row in read_jsonl(metrics_log) if row["step"] <= state.step] if state.step else []
+        atomic_write(metrics_log, "".join(json.dumps(row) + "\n" for row in keep))
+    accelerator.print(f"finetune: attempt {args.attempt}, {accelerator.num_processes} process(es), "
+                      f"{len(train_rows)} train rows from {spec.data.path}, {total_steps} steps, "
+                      + (f"resuming at step {state.step}" if state.step else "starting"))
+
+    def evaluate_and_log() -> None:
+        row = {"step": state.step, "val_loss": evaluate_loss(accelerator, model, val_rows, collate_fn, cfg)}
+        row["val_ppl"] = math.exp(min(row["val_loss"], 50.0))
+        if cfg.eval_accuracy:
+            row["val_accuracy"] = evaluate_accuracy(accelerator, model, tokenizer, spec, val_examples)
+        if accelerator.is_main_process:
+            append_jsonl(metrics_log, row)
+            write_loss_curve(metrics_log, run.path / "loss_curve.png")
+        accelerator.print(f"  step {state.step}: " + ", ".join(f"{k} {v:.4g}" for k, v in row.items() if k != "step"))
+
+    # --- train -------------------------------------------------------------------------------------
+    batches = micro_batches(accelerator, train_loader, state.epoch, state.batch)
+    attempt_tokens, attempt_train_s, last_save = 0, 0.0, time.monotonic()
+    model.train()
+    if val_rows and state.step == 0:
+        evaluate_and_log()  # the curve's starting point
+    while state.step < total_steps:
+        step_started = time.monotonic()
+        step_batches = []
+        for _ in range(cfg.grad_accum_steps):
+            state.epoch, state.batch, batch = next(batches)
+            step_batches.append(batch)
+        # Normalize by the step's target tokens on all ranks (see the module docstring).
+        targets = accelerator.reduce(sum((b["targets"] != IGNORE).sum() for b in step_batches), "sum")
+        loss_sum = torch.zeros((), device=accelerator.device)
+        for i, batch in enumerate(step_batches):
+            # DDP averages gradients over ranks; scaling by the rank count turns that into the sum.
+            last = i == len(step_batches) - 1
+            with contextlib.nullcontext() if last else accelerator.no_sync(model):  # sync once per step
+                loss = token_loss_sum(model, batch)
+                accelerator.backward(loss * accelerator.num_processes / targets.clamp(min=1))
+            loss_sum += loss.detach()
+        grad_norm = accelerator.clip_grad_norm_(trainable, cfg.max_grad_norm or math.inf)
+        lr = scheduler.get_last_lr()[0]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        state.step += 1
+
+        step_tokens = sum(b["num_tokens"] for b in step_batches)
+        loss_sum, step_tokens = accelerator.reduce(torch.stack([loss_sum, step_tokens.float()]), "sum")
+        loss = (loss_sum / targets.clamp(min=1)).item()
+        state.tokens += int(step_tokens)
+        attempt_tokens += int(step_tokens)
+        step_s = time.monotonic() - step_started
+        state.train_s += step_s
+        attempt_train_s += step_s
+        if accelerator.is_main_process:
+            append_jsonl(metrics_log, {"step": state.step, "total_steps": total_steps, "epoch": state.epoch,
+                                       "loss": loss, "lr": lr,
+                                       "grad_norm": grad_norm.item(), "tokens": state.tokens,
+                                       "elapsed_s": round(state.train_s, 3), "attempt": args.attempt})
+        if state.step % cfg.log_every_steps == 0:
+            accelerator.print(f"  step {state.step}/{total_steps}: loss {loss:.4f}, lr {lr:.3g}, "
+                              f"{attempt_tokens / attempt_train_s:.0f} tokens/s")
+
+        # A signal may reach only some ranks, and clocks differ: all ranks act on the maximum.
+        preempted, save_due = accelerator.reduce(torch.tensor(
+            [preemption.raised or state.step == args.stop_at_step,
+             time.monotonic() - last_save >= cfg.save_every_minutes * 60],
+            dtype=torch.float32, device=accelerator.device), "max").tolist()
+        if preempted:
+            # An evaluation due at this step is skipped: the warning period is for saving.
+            path = save_checkpoint(accelerator, run.checkpoints_dir, state, cfg.keep_last)
+            accelerator.print(f"finetune: preempted at step {state.step}; saved {path}; exiting {PREEMPTED_EXIT}")
+            accelerator.end_training()
+            return PREEMPTED_EXIT
+        if val_rows and (state.step % cfg.eval_every_steps == 0 or state.step == total_steps):
+            evaluate_and_log()
+        if (save_due or state.step % cfg.save_every_steps == 0) and state.step < total_steps:
+            save_checkpoint(accelerator, run.checkpoints_dir, state, cfg.keep_last)
+            last_save = time.monotonic()
+
+    # --- outputs -----------------------------------------------------------------------------------
+    if accelerator.is_main_process:
+        unwrapped = accelerator.unwrap_model(model)
+        save_folder(run.adapter_dir, unwrapped.save_pretrained)
+        rows = read_jsonl(metrics_log)
+        atomic_write_json(run.metrics_file, summarize(rows, state, accelerator.num_processes, len(train_examples),
+                                                      attempt_tokens, attempt_train_s, time.time() - started))
+        write_loss_curve(metrics_log, run.path / "loss_curve.png")
+        if cfg.merge:
+            merged = unwrapped.merge_and_unload()
+            save_folder(run.path / "merged", lambda out: (merged.save_pretrained(out), tokenizer.save_pretrained(out)))
+        accelerator.print(f"finetune: done at step {state.step}; adapter in {run.adapter_dir}")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return 0
+
+
+# --- data ------------------------------------------------------------------------------------------
+
+def make_rows(spec: JobSpec, tokenizer, examples) -> list:
+    """Examples -> rows of token sequences: packed up to seq_len, or one per row (padded at batching).
+
+    Prompts are encoded as the inference runner encodes them; the completion is the reference + EOS.
+    Packing takes the examples in a seeded shuffle, so a row mixes examples from all over the file.
+    """
+    cfg = spec.train
+    prompts = encode_prompts(tokenizer, [ex.prompt for ex in examples], spec.data.chat_template)
+    completions = [tokenizer(ex.reference, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+                   for ex in examples]
+    sequences = [to_sequence(p, c, cfg.seq_len, cfg.loss_on) for p, c in zip(prompts, completions)]
+    if not cfg.packing:
+        return [[seq] for seq in sequences]
+    order = torch.randperm(len(sequences), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
+    return pack([sequences[i] for i in order], cfg.seq_len)
+
+
+def micro_batches(accelerator, loader, epoch: int, start: int):
+    """(epoch, micro-batches consumed in it, batch), from micro-batch `start` of `epoch` on, forever.
+
+    The order of an epoch depends only on (seed, epoch) (EpochShuffle), so skipping the batches a
+    previous attempt consumed puts a resumed run exactly where it stopped.
+    """
+    while True:
+        loader.set_epoch(epoch)
+        epoch_batches = accelerator.skip_first_batches(loader, start) if start else loader
+        for index, batch in enumerate(epoch_batches, start + 1):
+            yield epoch, index, batch
+        epoch, start = epoch + 1, 0
+
+
+# --- model -----------------------------------------------------------------------------------------
+
+def load_lora_model(spec: JobSpec, device: torch.device):
+    """The base model, frozen (bf16 on GPU unless model.dtype says otherwise), with LoRA adapters.
+
+    peft keeps the adapter weights in float32 whatever the base dtype, so the optimizer updates
+    full-precision weights; accelerate's bf16 autocast covers the matmuls.
+    """
+    dtype = DTYPES.get(spec.model.dtype) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(spec.model.path, dtype=dtype)
+    if spec.train.gradient_checkpointing:
+        # Non-reentrant checkpointing works with frozen inputs and with DDP.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    lora = spec.lora
+    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                        target_modules=lora.target_modules, modules_to_save=lora.modules_to_save,
+                        task_type="CAUSAL_LM")
+    return get_peft_model(model, config)  # freezes every base weight
+
+
+def token_loss_sum(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Sum of the cross-entropy over a batch's target tokens.
+
+    No attention mask, only position ids (see packing.py): that is how transformers keeps attention
+    inside each packed sequence. use_cache=False, as a cache would also turn that detection off.
+    """
+    logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+    return F.cross_entropy(logits.flatten(0, 1).float(), batch["targets"].flatten(), ignore_index=IGNORE,
+                           reduction="sum")
+
+
+# --- evaluation ------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def evaluate_loss(accelerator, model, rows, collate_fn, cfg) -> float:
+    """Mean loss per target token over the whole validation set.
+
+    Each rank takes every N-th row, unprepared: a prepared loader would repeat rows to even out the
+    ranks, counting them twice. The unwrapped model runs no DDP collectives, so uneven shares are fine.
+    """
+    model = accelerator.unwrap_model(model)
+    model.eval()
+    shard = rows[accelerator.process_index::accelerator.num_processes]
+    totals = torch.zeros(2, device=accelerator.device)
+    for start in range(0, len(shard), cfg.micro_batch_size):
+        batch = {k: v.to(accelerator.device) for k, v in collate_fn(shard[start:start + cfg.micro_batch_size]).items()}
+        totals += torch.stack([token_loss_sum(model, batch), (batch["targets"] != IGNORE).sum().float()])
+    model.train()
+    loss_sum, targets = accelerator.reduce(totals, "sum").tolist()
+    return loss_sum / max(targets, 1)
+
+
+def evaluate_accuracy(accelerator, model, tokenizer, spec: JobSpec, examples) -> float:
+    """Share of validation answers that the inference runner's greedy decoding gets right.
+
+    Each rank answers every N-th example. Generation runs on the base model with the LoRA layers in
+    it: the peft wrapper would hide the decoder's generation settings from generate().
+    """
+    base = accelerator.unwrap_model(model).get_base_model()
+    saved_config = base.generation_config  # the decoder replaces it; merged/ must keep the model's own
+    base.eval()
+    decoder = Decoder(base, tokenizer, dataclasses.replace(spec.generation, do_sample=False))
+    shard = examples[accelerator.process_index::accelerator.num_processes]
+    prompts = encode_prompts(tokenizer, [ex.prompt for ex in shard], spec.data.chat_template)
+    correct = 0
+    for start in range(0, len(shard), spec.train.micro_batch_size):
+        chunk = shard[start:start + spec.train.micro_batch_size]
+        completions = decoder.complete(prompts[start:start + len(chunk)], [ex.id for ex in chunk])
+        correct += sum(scoring.is_correct(c.text, ex.reference) for c, ex in zip(completions, chunk))
+    base.generation_config = saved_config
+    base.train()
+    totals = accelerator.reduce(torch.tensor([correct, len(shard)], device=accelerator.device), "sum")
+    return totals[0].item() / max(totals[1].item(), 1)
+
+
+# --- outputs ---------------------------------------------------------------------------------------
+
+def append_jsonl(path: Path, row: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """The rows of a JSONL file; a torn last line (an attempt killed while writing it) is dropped."""
+    rows = []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            pass
+    return rows
+
+
+def save_folder(target: Path, write) -> None:
+    """Call write(folder) on a temporary folder, then rename it to `target` (replacing an older one)."""
+    tmp = target.with_name(f".{target.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    write(tmp)
+    old = target.with_name(f".{target.name}.old")
+    if target.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(target, old)
+    os.rename(tmp, target)
+    shutil.rmtree(old, ignore_errors=True)
+    fsync_dir(target.parent)
+
+
+def write_loss_curve(metrics_log: Path, png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_jsonl(metrics_log)
+    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+    val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train:
+        ax.plot(*zip(*train), label="train", linewidth=1)
+    if val:
+        ax.plot(*zip(*val), "o-", label="validation")
+    ax.set(xlabel="optimizer step", ylabel="loss per target token", yscale="log")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    atomic_write(png, buffer.getvalue())
+
+
+def summarize(rows: list[dict], state, world_size: int, train_examples: int, attempt_tokens: int,
+              attempt_train_s: float, wall_s: float) -> dict:
+    """metrics.json: the run's numbers; tokens/s and wall time are this attempt's."""
+    steps = [r for r in rows if "loss" in r]
+    evals = [r for r in rows if "val_loss" in r]
+    metrics = {"steps": state.step, "world_size": world_size, "examples": train_examples, "tokens": state.tokens,
+               "train_s": round(state.train_s, 2), "wall_s": round(wall_s, 2),
+               "train_tokens_per_s": attempt_tokens / attempt_train_s if attempt_train_s else None}
+    if steps:
+        metrics |= {"train_loss_first": steps[0]["loss"], "train_loss_last": steps[-1]["loss"]}
+    if evals:
+        metrics |= {"val_loss_first": evals[0]["val_loss"], "val_loss_last": evals[-1]["val_loss"],
+                    "val_loss_best": min(r["val_loss"] for r in evals), "val_ppl_last": evals[-1]["val_ppl"]}
+        if "val_accuracy" in evals[-1]:
+            metrics |= {"val_accuracy_first": evals[0]["val_accuracy"], "val_accuracy_last": evals[-1]["val_accuracy"]}
+    return metrics
+
+
+if __name__ == "__main__":
+    sys.exit(main())
