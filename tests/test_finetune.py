@@ -1,0 +1,262 @@
+"""The fine-tuning runner: packing, exact resume on 1 and 2 processes, preemption, the adapter it saves.
+
+Runs go through `accelerate launch` as on a node (ACCELERATE_USE_CPU, `--multi_gpu` for more than one
+process), with small overrides so that the whole file takes a few minutes on two cores.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+
+from llmbatch.rundir import RunDir, atomic_write
+from llmbatch.runners import PREEMPTED_EXIT
+from llmbatch.runners.packing import IGNORE, Sequence, collate, pack, to_sequence
+from llmbatch.spec import apply_override, dump_spec, load_spec
+
+JOBS = Path(__file__).resolve().parent.parent / "jobs"
+
+# Short sequences and micro-batches so an epoch is a few steps: 12 steps cross several epochs, and a
+# stop mid-epoch exercises skipping the consumed batches. Accumulation 2 exercises no_sync.
+SMALL = ["data.max_samples=60", "train.max_steps=12", "train.seq_len=64", "train.micro_batch_size=4",
+         "train.grad_accum_steps=2", "train.warmup_steps=2", "train.eval_every_steps=5",
+         "train.save_every_steps=4", "train.keep_last=2", "train.eval_accuracy=false", "lora.dropout=0.1"]
+LAUNCH_ENV = os.environ | {"ACCELERATE_USE_CPU": "true", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def new_run(root: Path, model_dir: Path, overrides: list[str]) -> RunDir:
+    """What the CLI does before launching: a run folder holding the resolved spec."""
+    spec = load_spec(JOBS / "finetune.yaml", "finetune", overrides)
+    spec = apply_override(spec, "model.path", str(model_dir), root)
+    run = RunDir.create(root, spec.name)
+    atomic_write(run.spec_file, dump_spec(spec))
+    return run
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_argv(runner: str, run: RunDir, processes: int, attempt: int, *extra: str) -> list[str]:
+    argv = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1",
+            "--num_processes", str(processes), "--main_process_port", str(free_port()),
+            "--num_cpu_threads_per_process", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    if processes > 1:
+        argv.append("--multi_gpu")  # with ACCELERATE_USE_CPU, what starts several CPU processes
+    return argv + ["-m", runner, "--run-dir", str(run.path), "--attempt", str(attempt), *extra]
+
+
+def launch(runner: str, run: RunDir, processes: int = 1, attempt: int = 0, *extra: str,
+           expect_success: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run(launch_argv(runner, run, processes, attempt, *extra), env=LAUNCH_ENV,
+                          capture_output=True, text=True, timeout=300)
+    if expect_success:
+        assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc
+
+
+def finetune(run: RunDir, processes: int = 1, attempt: int = 0, *extra: str, **kwargs):
+    return launch("llmbatch.runners.finetune", run, processes, attempt, *extra, **kwargs)
+
+
+def rows(run: RunDir) -> list[dict]:
+    return [json.loads(line) for line in (run.path / "train_metrics.jsonl").read_text().splitlines()]
+
+
+def trajectory(run: RunDir) -> list[tuple]:
+    """Every logged number that depends on the training, by step (times and attempts left out)."""
+    keys = ("step", "loss", "lr", "grad_norm", "tokens", "epoch", "val_loss")
+    return [tuple(row.get(k) for k in keys) for row in rows(run)]
+
+
+def checkpoint_names(run: RunDir) -> list[str]:
+    return sorted(p.name for p in run.checkpoints_dir.iterdir())
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, model_dir):
+    """One uninterrupted 1-process run, merged weights included: the reference for resumed runs."""
+    run = new_run(tmp_path_factory.mktemp("uninterrupted"), model_dir, [*SMALL, "train.merge=true"])
+    finetune(run)
+    return run
+
+
+# --- packing --------------------------------------------------------------------------------------
+
+def test_a_sequence_learns_only_its_completion():
+    seq = to_sequence([1, 10, 11, 12], [20, 21, 2], seq_len=64, loss_on="completion")
+    assert seq.input_ids == [1, 10, 11, 12, 20, 21]
+    assert seq.targets == [IGNORE, IGNORE, IGNORE, 20, 21, 2]
+    assert to_sequence([1, 10, 11, 12], [20, 21, 2], seq_len=64, loss_on="all").targets == [10, 11, 12, 20, 21, 2]
+    assert to_sequence([1, 10, 11, 12], [20, 21, 2], seq_len=4, loss_on="completion").input_ids == [1, 10, 11, 12]
+
+
+def test_packed_rows_hold_whole_sequences_and_positions_restart():
+    seqs = [Sequence([i] * n, [i] * n) for i, n in enumerate([3, 4, 2, 5, 1], start=1)]
+    rows = pack(seqs, seq_len=7)
+    assert [[len(s.input_ids) for s in row] for row in rows] == [[3, 4], [2, 5], [1]]
+    batch = collate(rows, pad_id=0)
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1, 2, 3], [0, 1, 0, 1, 2, 3, 4], [0, 0, 1, 2, 3, 4, 5]]
+    assert batch["input_ids"][2].tolist() == [5, 0, 0, 0, 0, 0, 0]
+    assert batch["targets"][2].tolist() == [5] + [IGNORE] * 6
+    assert batch["num_tokens"].item() == 15
+
+
+def test_packed_and_padded_batches_give_the_same_loss_and_gradients(make_run):
+    """The same examples, packed 3-4 to a row or one per padded row: the loss per target token and its
+    gradient agree to float32 rounding (sums in another order), because attention stays inside each
+    sequence and positions restart (see packing.py). Tolerance: 1e-5 relative."""
+    from transformers import AutoTokenizer
+
+    from llmbatch.data import load_examples
+    from llmbatch.runners.finetune import load_lora_model, make_rows, token_loss_sum
+    from llmbatch.spec import load_resolved
+
+    torch.manual_seed(0)
+    spec = load_resolved(make_run("finetune", overrides=["data.max_samples=24", "train.seq_len=64",
+                                                         "lora.dropout=0.0"]).spec_file)
+    tokenizer = AutoTokenizer.from_pretrained(spec.model.path)
+    examples = load_examples(spec.data)
+    model = load_lora_model(spec, torch.device("cpu"))
+    with torch.no_grad():  # LoRA's B starts at zero: give the adapter a gradient-carrying effect
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.02)
+
+    def loss_and_grads(packing: bool):
+        rows = make_rows(dataclasses.replace(spec, train=dataclasses.replace(spec.train, packing=packing)),
+                         tokenizer, examples)
+        batch = collate(rows, tokenizer.pad_token_id)
+        model.zero_grad()
+        loss = token_loss_sum(model, batch) / (batch["targets"] != IGNORE).sum()
+        loss.backward()
+        return len(rows), loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    packed_rows, packed_loss, packed_grads = loss_and_grads(True)
+    padded_rows, padded_loss, padded_grads = loss_and_grads(False)
+    assert padded_rows == 24 and packed_rows <= 8
+    assert packed_loss == pytest.approx(padded_loss, rel=1e-5)
+    for name, grad in padded_grads.items():
+        assert torch.allclose(packed_grads[name], grad, rtol=1e-4, atol=1e-5 * grad.abs().max()), name
+
+
+# --- exact resume ---------------------------------------------------------------------------------
+
+def test_a_run_stopped_and_resumed_on_one_process_matches_an_uninterrupted_one(uninterrupted, make_run):
+    run = make_run("finetune", overrides=[*SMALL, "train.merge=true"])
+    stopped = finetune(run, 1, 0, "--stop-at-step", "6", expect_success=False)
+    assert stopped.returncode != 0 and f"exiting {PREEMPTED_EXIT}" in stopped.stdout
+    assert checkpoint_names(run) == ["step-000004", "step-000006"]  # no temporary folder left
+    assert not run.adapter_dir.exists()
+
+    resumed = finetune(run, 1, 1)
+    assert "resuming at step 6" in resumed.stdout
+    # Bit for bit: the same adapter file, the same loss (and lr, grad norm, ...) at every step.
+    assert (run.adapter_dir / "adapter_model.safetensors").read_bytes() == \
+           (uninterrupted.adapter_dir / "adapter_model.safetensors").read_bytes()
+    assert trajectory(run) == trajectory(uninterrupted)
+    assert checkpoint_names(run) == ["step-000006", "step-000008"]  # keep_last=2
+
+
+def test_a_run_preempted_on_one_of_two_ranks_resumes_exactly(make_run, tmp_path):
+    """SIGUSR2 to rank 1 only: both ranks agree at the next step, save and exit; the resumed run
+    (and a second, uninterrupted 2-process run) end with the same adapter and losses.
+
+    Tolerance: none. DDP sums two ranks' gradients, and a + b == b + a in floating point, so the
+    reduction order cannot differ between the runs; everything else is the same computation.
+    """
+    reference = make_run("finetune", overrides=SMALL)
+    finetune(reference, 2)
+
+    run = make_run("finetune", overrides=SMALL)
+    log = tmp_path / "preempted.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(launch_argv("llmbatch.runners.finetune", run, 2, 0), env=LAUNCH_ENV,
+                                stdout=out, stderr=subprocess.STDOUT)
+        rank1 = wait_for_rank(proc, 1)
+        while not any(row.get("step", 0) >= 2 for row in rows_if_any(run)):
+            assert proc.poll() is None, log.read_text()[-3000:]
+            time.sleep(0.1)
+        rank1.send_signal(signal.SIGUSR2)
+        proc.wait(timeout=120)
+    stopped_at = max(row["step"] for row in rows(run))
+    assert 2 <= stopped_at < 12, log.read_text()[-3000:]
+    assert f"preempted at step {stopped_at}" in log.read_text()
+    assert f"step-{stopped_at:06d}" in checkpoint_names(run)
+
+    finetune(run, 2, 1)
+    assert (run.adapter_dir / "adapter_model.safetensors").read_bytes() == \
+           (reference.adapter_dir / "adapter_model.safetensors").read_bytes()
+    assert trajectory(run) == trajectory(reference)
+    assert json.loads(run.metrics_file.read_text())["world_size"] == 2
+
+
+def rows_if_any(run: RunDir) -> list[dict]:
+    path = run.path / "train_metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.endswith("}")] if path.exists() else []
+
+
+def wait_for_rank(proc: subprocess.Popen, rank: int) -> psutil.Process:
+    """The worker process of a rank, among the launcher's children."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        for child in psutil.Process(proc.pid).children(recursive=True):
+            try:
+                if child.environ().get("RANK") == str(rank):
+                    return child
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                pass
+        time.sleep(0.1)
+    raise AssertionError(f"rank {rank} did not start")
+
+
+# --- outputs --------------------------------------------------------------------------------------
+
+def test_the_run_writes_metrics_and_a_loss_curve(uninterrupted):
+    metrics = json.loads(uninterrupted.metrics_file.read_text())
+    assert metrics["steps"] == 12 and metrics["world_size"] == 1
+    assert metrics["val_loss_last"] < metrics["val_loss_first"]
+    steps = [row for row in rows(uninterrupted) if "loss" in row]
+    assert [row["step"] for row in steps] == list(range(1, 13))
+    assert [row["step"] for row in rows(uninterrupted) if "val_loss" in row] == [0, 5, 10, 12]
+    assert (uninterrupted.path / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_adapter_loads_in_peft_and_matches_the_merged_weights(uninterrupted):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from llmbatch.spec import load_resolved
+
+    base_path = load_resolved(uninterrupted.spec_file).model.path
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= {p.name for p in uninterrupted.adapter_dir.iterdir()}
+    tuned = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_path), uninterrupted.adapter_dir)
+    merged = AutoModelForCausalLM.from_pretrained(uninterrupted.path / "merged")
+    input_ids = torch.tensor([[1, 50, 60, 70, 80]])
+    with torch.no_grad():
+        assert torch.allclose(tuned(input_ids).logits, merged(input_ids).logits, atol=1e-4)
+        with tuned.disable_adapter():
+            assert not torch.allclose(tuned(input_ids).logits, merged(input_ids).logits, atol=1e-2)
+
+
+def test_the_infer_runner_uses_the_adapter_and_scores_higher(uninterrupted, make_run):
+    """The adapter as model.adapter of an infer spec, on the test split, against the base model."""
+    accuracy = {}
+    for adapter in ("null", str(uninterrupted.adapter_dir)):
+        run = make_run("infer", overrides=["data.max_samples=40", f"model.adapter={adapter}"])
+        launch("llmbatch.runners.infer", run)
+        accuracy[adapter] = json.loads(run.metrics_file.read_text())["accuracy"]
+    assert accuracy[str(uninterrupted.adapter_dir)] > accuracy["null"], accuracy
