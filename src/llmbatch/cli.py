@@ -136,7 +136,7 @@ def wait_and_summarize(job, run: RunDir, follow: bool) -> int:
                 sys.stdout.write(chunk.decode(errors="replace"))
                 sys.stdout.flush()
             time.sleep(0.5)
-        job.result()
+        job.results()  # one result per node; any node's error is raised here
     except KeyboardInterrupt:
         job.cancel()
         print(f"\ncancelled; resume later with: python submit.py resume {run.path}", file=sys.stderr)
