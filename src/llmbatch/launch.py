@@ -161,6 +161,9 @@ class NodeJob(submitit.helpers.Checkpointable):
                                           stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                           start_new_session=True, preexec_fn=_ignore_preempt_signal)
             code = self._wait()
+            if self._preempted:
+                log.write(f"== attempt {place.attempt} stopped at the preemption signal (exit {code}); the "
+                          f"ranks saved their work; requeued if requeues are left\n".encode())
         if self._preempted:
             return "preempted"  # the ranks saved; Slurm requeues or ends the job
         if code != 0:

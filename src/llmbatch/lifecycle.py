@@ -129,7 +129,8 @@ def run_status(run: RunDir) -> RunStatus:
     kind = state.get("kind", "?")
     return RunStatus(run=str(run.path), kind=kind, executor=executor, job_id=job_id, state=job_state,
                      requeues=state.get("requeues", 0), attempt=state.get("attempt", 0),
-                     progress=progress(run, kind, state.get("attempt_started")))
+                     # An ETA only while it runs: a pending or stopped job's rate means nothing.
+                     progress=progress(run, kind, state.get("attempt_started") if job_state == "RUNNING" else None))
 
 
 def find_runs(root: Path) -> list[RunDir]:

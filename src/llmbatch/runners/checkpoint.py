@@ -48,19 +48,28 @@ class TrainState:
 
 
 class PreemptionFlag:
-    """SIGUSR2 (Slurm's warning before preemption or the time limit) and SIGTERM only set a flag.
+    """Set by SIGUSR2 (Slurm's warning before preemption or the time limit), SIGTERM, or the run's
+    preempt marker for this attempt.
 
-    The training loop looks at it between optimizer steps, where a checkpoint is consistent; saving
-    from inside a handler could interrupt a collective or a half-applied optimizer step.
+    The marker is how the node job reaches ranks that its signal cannot: torch's launcher starts each
+    rank in a session of its own. Signals only set a flag; the loop looks at it between steps, where
+    saving is consistent (a save inside a handler could interrupt a collective or an optimizer step).
     """
 
-    def __init__(self):
-        self.raised = False
+    def __init__(self, marker: Path | None = None):
+        self.marker = marker
+        self._signalled = False
         for sig in (signal.SIGUSR2, signal.SIGTERM):
             signal.signal(sig, self._raise)
 
     def _raise(self, signum, frame) -> None:
-        self.raised = True
+        self._signalled = True
+
+    @property
+    def raised(self) -> bool:
+        if not self._signalled and self.marker is not None and self.marker.exists():
+            self._signalled = True
+        return self._signalled
 
 
 def complete_checkpoints(checkpoints_dir: Path) -> list[Path]:

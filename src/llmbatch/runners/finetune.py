@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         # The schedule counts optimizer steps; by default accelerate would step it once per process.
         step_scheduler_with_optimizer=False,
     )
-    preemption = PreemptionFlag()
+    preemption = PreemptionFlag(run.preempt_marker(args.attempt))
     set_seed(cfg.seed)  # the same LoRA init on every rank and in every run
     metrics_log = run.path / "train_metrics.jsonl"
 

@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     spec = load_resolved(run.spec_file)
     accelerator = Accelerator(kwargs_handlers=[InitProcessGroupKwargs(timeout=COLLECTIVE_TIMEOUT)])
     finish_line = FinishLine(spec)
-    preemption = PreemptionFlag()
+    preemption = PreemptionFlag(run.preempt_marker(args.attempt))
     stats = RankStats(args.attempt, accelerator.process_index, accelerator.num_processes)
 
     examples = load_examples(spec.data)
