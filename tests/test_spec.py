@@ -172,6 +172,15 @@ def test_defaults_and_overrides_are_typed(tmp_path, good):
     assert parse_override("output.root=out") == ("output.root", "out")
 
 
+def test_exponent_floats_that_yaml_1_1_reads_as_strings_are_numbers(tmp_path, good):
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(good) + "generation:\n  temperature: 7e-1\n")
+    assert load_spec(path, "infer", ["generation.top_p=5E-1"], cwd=tmp_path).generation.top_p == 0.5
+    assert load_spec(path, "infer", [], cwd=tmp_path).generation.temperature == 0.7
+    with pytest.raises(Exception, match="generation.top_p: must be a number, got 'e-1'"):
+        load_spec(path, "infer", ["generation.top_p=e-1"], cwd=tmp_path)
+
+
 def test_relative_paths_resolve_against_spec_folder(tmp_path, good):
     (tmp_path / "sub").mkdir()
     write_data(tmp_path / "sub" / "d.jsonl", [{"id": 1, "question": "a", "answer": "b"}])

@@ -330,6 +330,10 @@ def _type_name(tp: Any) -> str:
         tp, str(tp))
 
 
+# PyYAML reads YAML 1.1, where `4e-3` (no dot) is a string; users mean a number.
+_YAML11_MISSED_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
 def _coerce(key: str, value: Any, tp: Any) -> Any:
     """Check `value` against the annotation `tp`; return it (ints widen to floats)."""
     origin = typing.get_origin(tp)
@@ -361,6 +365,8 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
             return value
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str) and _YAML11_MISSED_FLOAT.fullmatch(value.strip()):
             return float(value)
     elif tp is str:
         if isinstance(value, str):
