@@ -568,9 +568,9 @@ def main() -> int:
     shapes = parser.add_argument_group("batch shapes")
     shapes.add_argument("--fixed-batch", type=int, default=8, help="sequences per GPU, fixed-length data (default 8)")
     shapes.add_argument("--var-rows", type=int, default=4, help="llmbatch packed rows per GPU, variable data (default 4)")
-    shapes.add_argument("--var-hf-batch", type=int, default=8,
+    shapes.add_argument("--var-hf-batch", type=int, default=4,
                         help="Trainer examples per GPU per forward pass, variable data; gradient accumulation "
-                             "makes up the rest of llmbatch's step (default 8)")
+                             "makes up the rest of llmbatch's step (default 4: 8 ran out of memory on an 80 GB H100)")
     shapes.add_argument("--hf-find-unused", action="store_true",
                         help="give the Trainer DDP's find_unused_parameters=True (its default for PEFT models)")
     args = parser.parse_args()
