@@ -153,6 +153,23 @@ def test_packed_and_padded_batches_give_the_same_loss_and_gradients(make_run):
         assert torch.allclose(packed_grads[name], grad, rtol=1e-4, atol=1e-5 * grad.abs().max()), name
 
 
+def test_the_loss_leaves_prompt_positions_out_of_the_head_and_equals_the_full_loss(model_dir):
+    from transformers import AutoModelForCausalLM
+
+    from llmbatch.runners.finetune import token_loss_sum
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    generator = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(3, 250, (2, 16), generator=generator)
+    targets = torch.full_like(input_ids, IGNORE)
+    targets[0, 6:10], targets[1, 9:14] = input_ids[0, 7:11], input_ids[1, 10:15]
+    batch = {"input_ids": input_ids, "position_ids": torch.arange(16).repeat(2, 1), "targets": targets}
+    logits = model(input_ids=input_ids, position_ids=batch["position_ids"]).logits
+    full = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE,
+                                             reduction="sum")
+    assert token_loss_sum(model, batch).item() == pytest.approx(full.item(), rel=1e-5)
+
+
 # --- exact resume ---------------------------------------------------------------------------------
 
 def test_a_run_stopped_and_resumed_on_one_process_matches_an_uninterrupted_one(uninterrupted, make_run):

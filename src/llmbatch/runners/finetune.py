@@ -274,8 +274,13 @@ def token_loss_sum(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     No attention mask, only position ids (see packing.py): that is how transformers keeps attention
     inside each packed sequence. use_cache=False, as a cache would also turn that detection off.
     """
-    logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
-    return F.cross_entropy(logits.flatten(0, 1).float(), batch["targets"].flatten(), ignore_index=IGNORE,
+    targets = batch["targets"]
+    # The output head only at positions where some row has a target: with loss_on: completion the
+    # prompt positions never get full-vocabulary logits, the biggest activation of a step.
+    keep = (targets != IGNORE).any(dim=0).nonzero().flatten()
+    logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False,
+                   logits_to_keep=keep).logits
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets[:, keep].flatten(), ignore_index=IGNORE,
                            reduction="sum")
 
 
