@@ -42,7 +42,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator, DistributedDataParallelKwargs
-from accelerate.utils import set_seed
+from accelerate.utils import InitProcessGroupKwargs, set_seed
 from peft import LoraConfig, get_peft_model
 from torch.utils.data import DataLoader
 from transformers import AutoModelForCausalLM, AutoTokenizer, get_scheduler
@@ -50,7 +50,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, get_scheduler
 from llmbatch import scoring
 from llmbatch.data import load_examples
 from llmbatch.rundir import RunDir, atomic_write, atomic_write_json, fsync_dir
-from llmbatch.runners import PREEMPTED_EXIT
+from llmbatch.runners import COLLECTIVE_TIMEOUT, PREEMPTED_EXIT
 from llmbatch.runners.checkpoint import (PreemptionFlag, checkpoint_trainable_weights_only, resume,
                                          save_checkpoint)
 from llmbatch.runners.generation import DTYPES, Decoder, encode_prompts
@@ -79,7 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     # --- setup -------------------------------------------------------------------------------------
     accelerator = Accelerator(
         # LoRA trains every weight it adds, so no parameter goes unused: skip DDP's search for them.
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)],
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False),
+                         InitProcessGroupKwargs(timeout=COLLECTIVE_TIMEOUT)],
         # The schedule counts optimizer steps; by default accelerate would step it once per process.
         step_scheduler_with_optimizer=False,
     )
