@@ -175,3 +175,14 @@ def test_status_list_logs_cancel_and_resume_on_a_finetune_job(slurm_cluster, cac
     assert s["progress"]["step"] == 40 and s["attempt"] == 1
     # A finished run is not resubmitted.
     assert "already complete" in submit_cli("resume", str(run.path)).stdout
+
+
+def test_logs_of_a_one_process_local_run(cache_dir, tmp_path):
+    run = run_folder(submit_cli("infer", "--executor", "local", "--output", str(tmp_path),
+                                "--set", "data.max_samples=8"))
+    node_log = submit_cli("logs", str(run.path)).stdout
+    assert "rank 0 of 1, attempt 0: 8 of 8 inputs left" in node_log
+    assert submit_cli("logs", str(run.path), "--rank", "0").stdout == node_log  # the only rank's output
+    missing = submit_cli("logs", str(run.path), "--node", "1", check=False)
+    assert missing.returncode == 2 and "no log yet" in missing.stderr
+    assert status(run)["state"] == "COMPLETED" and status(run)["progress"]["done"] == 8

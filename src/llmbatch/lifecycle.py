@@ -139,9 +139,12 @@ def find_runs(root: Path) -> list[RunDir]:
 
 
 def log_file(run: RunDir, node: int, rank: int | None) -> Path:
-    """A node's launch log, or one rank's stdout (torchrun's --tee layout under logs/node-N/)."""
+    """A node's launch log, or one rank's stdout (torchrun's --tee layout under logs/node-N/, written
+    when a node runs several processes)."""
     if rank is None:
         return run.node_log(node)
+    if not run.rank_log_dir(node).exists():
+        return run.node_log(node)  # one process per node: its output is the node log itself
     candidates = sorted(run.rank_log_dir(node).glob(f"*/attempt_*/{rank}/stdout.log"),
                         key=lambda p: p.stat().st_mtime)
     if not candidates:
