@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -58,6 +59,16 @@ def submit_cli(*args: str, timeout: float = 600, check: bool = True) -> subproce
         raise AssertionError(f"submit.py {' '.join(args)} exited {proc.returncode}\n"
                              f"--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-4000:]}")
     return proc
+
+
+def wait_for(what: str, predicate, timeout: float = 240, poll_s: float = 0.5):
+    """predicate()'s first truthy value, polled; an AssertionError naming `what` after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if value := predicate():
+            return value
+        time.sleep(poll_s)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 def run_folder(proc: subprocess.CompletedProcess):

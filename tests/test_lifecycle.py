@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import json
 import subprocess
-import time
 
 import pytest
 
-from conftest import JOBS, run_folder, submit_cli
+from conftest import JOBS, run_folder, submit_cli, wait_for
+from llmbatch.lifecycle import FINAL_STATES
 
 pytestmark = pytest.mark.slurm
 
@@ -32,15 +32,6 @@ def status(run) -> dict:
     return s
 
 
-def wait_for(what: str, predicate, timeout: float = 240, poll_s: float = 0.5):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if value := predicate():
-            return value
-        time.sleep(poll_s)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-
-
 def inputs_done(run) -> int:
     return status(run)["progress"].get("done", 0)
 
@@ -56,10 +47,7 @@ def job_id(proc) -> str:
 
 
 def final_state(run) -> str:
-    return wait_for("the job to end", lambda: (s := status(run)["state"]) in FINAL and s)
-
-
-FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "PREEMPTED"}
+    return wait_for("the job to end", lambda: (s := status(run)["state"]) in FINAL_STATES and s)
 
 
 def result_ids(run) -> list[str]:
@@ -185,4 +173,5 @@ def test_logs_of_a_one_process_local_run(cache_dir, tmp_path):
     assert submit_cli("logs", str(run.path), "--rank", "0").stdout == node_log  # the only rank's output
     missing = submit_cli("logs", str(run.path), "--node", "1", check=False)
     assert missing.returncode == 2 and "no log yet" in missing.stderr
-    assert status(run)["state"] == "COMPLETED" and status(run)["progress"]["done"] == 8
+    s = status(run)
+    assert s["state"] == "COMPLETED" and s["progress"]["done"] == 8

@@ -10,12 +10,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import subprocess
 import time
 
 import pytest
 
-from conftest import REPO, submit_cli, run_folder
+from conftest import REPO, run_folder, submit_cli, wait_for
+from llmbatch.lifecycle import FINAL_STATES, slurm_state
 
 pytestmark = pytest.mark.slurm
 
@@ -52,18 +52,6 @@ def test_finetune_on_two_nodes_saves_an_adapter(slurm_cluster, cache_dir, tmp_pa
     assert json.loads(run.metrics_file.read_text())["world_size"] == 4
 
 
-def sacct_state(job_id: str, timeout: float = 30) -> str:
-    """The job's final state in the accounting database, which lags the job's end by a moment."""
-    deadline = time.monotonic() + timeout
-    while True:
-        out = subprocess.run(["sacct", "-j", job_id, "-X", "-n", "-P", "--format=State"],
-                             capture_output=True, text=True).stdout.split()
-        state = out[0] if out else ""
-        if state not in ("", "PENDING", "RUNNING", "COMPLETING", "REQUEUED") or time.monotonic() > deadline:
-            return state
-        time.sleep(1)
-
-
 def test_a_crashing_rank_fails_the_job_quickly(slurm_cluster, make_run, monkeypatch):
     """Rank 3 (on node n2) raises while ranks 0-2 wait in a collective: FAILED, with the error logged."""
     from llmbatch import slurm
@@ -80,6 +68,9 @@ def test_a_crashing_rank_fails_the_job_quickly(slurm_cluster, make_run, monkeypa
     with pytest.raises(Exception, match="crashed on purpose|failed"):
         job.results()
     elapsed = time.monotonic() - started
-    assert sacct_state(job.job_id) == "FAILED"
+    # sacct lags the job's end by a moment.
+    final = wait_for("a final state in sacct",
+                     lambda: (state := slurm_state(job.job_id)) in FINAL_STATES and state, timeout=30)
+    assert final == "FAILED"
     assert elapsed < 120, f"the job took {elapsed:.0f} s to fail"
     assert "rank 3 crashed on purpose" in run.node_log(1).read_text()

@@ -32,6 +32,7 @@ from llmbatch.runners.sharding import assign_to_ranks, plan_batches
 from llmbatch.shards import ShardWriter, done_ids, shard_for, write_stats
 from llmbatch.spec import JobSpec, load_resolved, slurm_time_seconds
 
+
 @dataclass(frozen=True)
 class Prompt:
     example: Example
