@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import shlex
+from pathlib import Path
 
 import pytest
 
 from llmbatch.cli import main
+from llmbatch.launch import rendezvous_port
 
 from conftest import JOBS
 
@@ -41,6 +43,15 @@ def test_sbatch_lines_and_accelerate_flags(capsys, tmp_path, nodes, gpus):
     assert flag(argv, "--mixed_precision") == "no"  # inference loads bf16 weights itself
     assert argv[-6:-4] == ["-m", "llmbatch.runners.infer"] and argv[-2:] == ["--attempt", "0"]
     assert not (tmp_path / "runs").exists()
+
+
+def test_rendezvous_port_is_per_job_and_outside_the_ephemeral_range():
+    # An ephemeral port may be held by any outgoing connection on the node (EADDRINUSE in CI once).
+    low, _high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    ports = {rendezvous_port(str(job_id)) for job_id in range(1, 2001)}
+    assert all(1024 < port < low for port in ports)
+    assert len(ports) > 1700  # jobs sharing a node rarely share a port (about 1,810 expected)
+    assert rendezvous_port("55") == rendezvous_port("55")
 
 
 def test_finetune_trains_in_bf16_on_gpus(capsys, tmp_path):

@@ -78,8 +78,12 @@ class NodePlace:
 
 
 def rendezvous_port(job_id: str) -> int:
-    """A port from the job id, so that jobs sharing a node don't clash (29500-39499)."""
-    return 29500 + zlib.crc32(job_id.encode()) % 10000
+    """A port from the job id, so that jobs sharing a node don't clash (15000-24999).
+
+    Below Linux's ephemeral range (32768-60999): a port there can be held by any outgoing
+    connection on the node, and the rendezvous then fails with EADDRINUSE.
+    """
+    return 15000 + zlib.crc32(job_id.encode()) % 10000
 
 
 def _cuda_available() -> bool:
