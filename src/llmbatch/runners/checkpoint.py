@@ -26,7 +26,7 @@ from pathlib import Path
 import safetensors.torch
 from accelerate.utils import broadcast_object_list
 
-from llmbatch.rundir import atomic_write_json, fsync_dir, read_json
+from llmbatch.rundir import atomic_write_json, fsync_path, read_json
 
 STATE_FILE = "trainer_state.json"
 _COMPLETE = re.compile(r"^step-(\d+)$")
@@ -123,10 +123,10 @@ def save_checkpoint(accelerator, checkpoints_dir: Path, state: TrainState, keep_
     if accelerator.is_main_process:
         atomic_write_json(tmp / STATE_FILE, dataclasses.asdict(state) | {"saved_at": time.time()})
         for path in tmp.iterdir():  # the rename must not reach the disk before the data
-            _fsync(path)
+            fsync_path(path)
         shutil.rmtree(final, ignore_errors=True)
         os.rename(tmp, final)
-        fsync_dir(final.parent)
+        fsync_path(final.parent)
         for old in complete_checkpoints(checkpoints_dir)[:-keep_last]:
             shutil.rmtree(old)
     accelerator.wait_for_everyone()
@@ -151,11 +151,3 @@ def resume(accelerator, checkpoints_dir: Path) -> TrainState:
     accelerator.load_state(latest)
     saved = read_json(Path(latest) / STATE_FILE)
     return TrainState(**{f.name: saved[f.name] for f in dataclasses.fields(TrainState)})
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -49,7 +49,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, get_scheduler
 
 from llmbatch import scoring
 from llmbatch.data import load_examples
-from llmbatch.rundir import RunDir, atomic_write, atomic_write_json, fsync_dir
+from llmbatch.rundir import RunDir, atomic_write, atomic_write_json, fsync_path
 from llmbatch.runners import COLLECTIVE_TIMEOUT, PREEMPTED_EXIT
 from llmbatch.runners.checkpoint import (PreemptionFlag, checkpoint_trainable_weights_only, resume,
                                          save_checkpoint)
@@ -358,7 +358,7 @@ def save_folder(target: Path, write) -> None:
         os.rename(target, old)
     os.rename(tmp, target)
     shutil.rmtree(old, ignore_errors=True)
-    fsync_dir(target.parent)
+    fsync_path(target.parent)
 
 
 def write_loss_curve(metrics_log: Path, png: Path) -> None:
