@@ -368,7 +368,7 @@ class Bench:
         end of the step) if the runner writes it, else `elapsed_s` (the runner's summed step times,
         which leave out work between steps); failing both, metrics.json's train_tokens_per_s (all steps).
         """
-        log = run.path / "train_metrics.jsonl"
+        log = run.train_metrics_file
         rows = [json.loads(line) for line in log.open()] if log.exists() else []
         steps = sorted((r for r in rows if "loss" in r and "tokens" in r), key=lambda r: r["step"])
         skip = self.args.ft_skip

@@ -20,7 +20,7 @@ import psutil
 import pytest
 import torch
 
-from llmbatch.rundir import RunDir, atomic_write
+from llmbatch.rundir import RunDir, atomic_write, read_jsonl
 from llmbatch.runners import PREEMPTED_EXIT
 from llmbatch.runners.packing import IGNORE, Sequence, collate, pack, to_sequence
 from llmbatch.spec import apply_override, dump_spec, load_spec
@@ -73,7 +73,7 @@ def finetune(run: RunDir, processes: int = 1, attempt: int = 0, *extra: str, **k
 
 
 def rows(run: RunDir) -> list[dict]:
-    return [json.loads(line) for line in (run.path / "train_metrics.jsonl").read_text().splitlines()]
+    return [json.loads(line) for line in run.train_metrics_file.read_text().splitlines()]
 
 
 def trajectory(run: RunDir) -> list[tuple]:
@@ -204,7 +204,7 @@ def test_a_run_preempted_on_one_of_two_ranks_resumes_exactly(make_run, tmp_path)
         proc = subprocess.Popen(launch_argv("llmbatch.runners.finetune", run, 2, 0), env=LAUNCH_ENV,
                                 stdout=out, stderr=subprocess.STDOUT)
         rank1 = wait_for_rank(proc, 1)
-        while not any(row.get("step", 0) >= 2 for row in rows_if_any(run)):
+        while not any(row.get("step", 0) >= 2 for row in read_jsonl(run.train_metrics_file)):
             assert proc.poll() is None, log.read_text()[-3000:]
             time.sleep(0.1)
         rank1.send_signal(signal.SIGUSR2)
@@ -219,11 +219,6 @@ def test_a_run_preempted_on_one_of_two_ranks_resumes_exactly(make_run, tmp_path)
            (reference.adapter_dir / "adapter_model.safetensors").read_bytes()
     assert trajectory(run) == trajectory(reference)
     assert json.loads(run.metrics_file.read_text())["world_size"] == 2
-
-
-def rows_if_any(run: RunDir) -> list[dict]:
-    path = run.path / "train_metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.endswith("}")] if path.exists() else []
 
 
 def wait_for_rank(proc: subprocess.Popen, rank: int) -> psutil.Process:

@@ -15,6 +15,7 @@ import pytest
 
 from conftest import JOBS, run_folder, submit_cli, wait_for
 from llmbatch.lifecycle import FINAL_STATES
+from llmbatch.rundir import read_jsonl
 
 pytestmark = pytest.mark.slurm
 
@@ -37,9 +38,7 @@ def inputs_done(run) -> int:
 
 
 def steps_done(run) -> int:
-    path = run.path / "train_metrics.jsonl"
-    lines = path.read_text().splitlines() if path.exists() else []
-    return max((json.loads(line).get("step", 0) for line in lines if line.endswith("}")), default=0)
+    return max((row.get("step", 0) for row in read_jsonl(run.train_metrics_file)), default=0)
 
 
 def job_id(proc) -> str:
@@ -109,7 +108,7 @@ def test_finetune_signalled_mid_epoch_resumes_from_the_signal_checkpoint(slurm_c
 
 
 def losses(run) -> dict[int, float]:
-    rows = [json.loads(line) for line in (run.path / "train_metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in run.train_metrics_file.read_text().splitlines()]
     return {r["step"]: r["loss"] for r in rows if "loss" in r}
 
 

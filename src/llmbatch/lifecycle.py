@@ -11,7 +11,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from llmbatch.rundir import RunDir, read_json
+from llmbatch.rundir import RunDir, read_json, read_jsonl
 
 # Slurm states after which a job will not run again by itself.
 FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "PREEMPTED",
@@ -92,7 +92,7 @@ def progress(run: RunDir, kind: str, started: float | None) -> dict:
         done, total = p["done"], p["total"]
         rate_base = p.get("done_this_attempt", done)
     else:
-        rows = _read_jsonl(run.path / "train_metrics.jsonl")
+        rows = read_jsonl(run.train_metrics_file)
         steps = [r for r in rows if "loss" in r]
         spec = read_json(run.path / "metrics.json", {})
         last = steps[-1] if steps else {}
@@ -103,17 +103,6 @@ def progress(run: RunDir, kind: str, started: float | None) -> dict:
     if started and total and 0 < done < total and rate_base:
         p["eta_s"] = (time.time() - started) / rate_base * (total - done)
     return p
-
-
-def _read_jsonl(path: Path) -> list[dict]:
-    rows = []
-    if path.exists():
-        for line in path.read_text().splitlines():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                pass  # a torn last line
-    return rows
 
 
 def run_status(run: RunDir) -> RunStatus:

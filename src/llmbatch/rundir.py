@@ -63,6 +63,18 @@ def read_json(path: Path, default: Any = None) -> Any:
         return default
 
 
+def read_jsonl(path: Path) -> list[dict]:
+    """The rows of a JSONL file ([] if there is none); a torn last line (an attempt killed while
+    writing it) is dropped."""
+    rows = []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            pass
+    return rows
+
+
 @dataclass(frozen=True)
 class RunDir:
     path: Path
@@ -93,6 +105,7 @@ class RunDir:
     shards_dir = property(lambda self: self.path / "shards")
     results_file = property(lambda self: self.path / "results.jsonl")
     metrics_file = property(lambda self: self.path / "metrics.json")
+    train_metrics_file = property(lambda self: self.path / "train_metrics.jsonl")
     checkpoints_dir = property(lambda self: self.path / "checkpoints")
     adapter_dir = property(lambda self: self.path / "adapter")
 

@@ -49,7 +49,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, get_scheduler
 
 from llmbatch import scoring
 from llmbatch.data import load_examples
-from llmbatch.rundir import RunDir, atomic_write, atomic_write_json, fsync_path
+from llmbatch.rundir import RunDir, atomic_write, atomic_write_json, fsync_path, read_jsonl
 from llmbatch.runners import COLLECTIVE_TIMEOUT, PREEMPTED_EXIT
 from llmbatch.runners.checkpoint import (PreemptionFlag, checkpoint_trainable_weights_only, resume,
                                          save_checkpoint)
@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     preemption = PreemptionFlag(run.preempt_marker(args.attempt))
     set_seed(cfg.seed)  # the same LoRA init on every rank and in every run
-    metrics_log = run.path / "train_metrics.jsonl"
+    metrics_log = run.train_metrics_file
 
     # --- data --------------------------------------------------------------------------------------
     tokenizer = AutoTokenizer.from_pretrained(spec.model.path)
@@ -334,17 +334,6 @@ def evaluate_accuracy(accelerator, model, tokenizer, spec: JobSpec, examples) ->
 def append_jsonl(path: Path, row: dict) -> None:
     with open(path, "a") as f:
         f.write(json.dumps(row) + "\n")
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    """The rows of a JSONL file; a torn last line (an attempt killed while writing it) is dropped."""
-    rows = []
-    for line in path.read_text().splitlines() if path.exists() else []:
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            pass
-    return rows
 
 
 def save_folder(target: Path, write) -> None:
