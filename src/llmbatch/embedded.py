@@ -244,7 +244,6 @@ def build_tokenizer():
 # --- model --------------------------------------------------------------------------------------
 
 def build_model(tokenizer):
-    import torch
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
     ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
