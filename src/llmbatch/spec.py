@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import re
 import string
 import types
@@ -22,6 +23,9 @@ import yaml
 from llmbatch.embedded import EMBEDDED_MODEL
 
 KINDS = ("infer", "finetune")
+
+ENGINE_MODEL_TYPES = ("llama", "qwen2", "mistral")
+"""Model families (config.json's model_type) the inference engine runs; others use generate."""
 
 
 class SpecError(Exception):
@@ -78,6 +82,15 @@ class ModelSpec:
     """`auto`: bfloat16 on GPU, float32 on CPU."""
     adapter: str | None = None
     """A peft LoRA adapter folder, e.g. `<finetune run>/adapter`."""
+
+    def model_type(self) -> str:
+        """config.json's model_type (the embedded model is a Llama)."""
+        if self.path == EMBEDDED_MODEL:
+            return "llama"
+        try:
+            return str(json.loads((Path(self.path) / "config.json").read_text()).get("model_type"))
+        except (OSError, ValueError) as e:
+            raise SpecError("model.path", f"cannot read {self.path}/config.json: {e}") from None
 
     def validate(self) -> None:
         if self.path != EMBEDDED_MODEL:
@@ -145,10 +158,18 @@ class GenerationSpec:
     ignore_eos: bool = False
     """Always generate max_new_tokens (benchmarks)."""
     batch_tokens: int | None = None
-    """Token budget of one batch (prompt + new tokens, padded). Default: sized from free GPU memory."""
+    """Token budget of one batch (prompt + new tokens, padded); for the engine, of all its cache
+    slots together. Default: sized from free GPU memory."""
+    engine: Literal["auto", "fast", "hf"] = "auto"
+    """`fast`: the engine (runners/engine/); `hf`: transformers' generate; `auto`: the engine wherever
+    the model and device allow it, else generate."""
+    kv_cache_gb: float | None = None
+    """Most memory the engine's KV cache may take (GiB). Default: what is free after the model and
+    the headroom (GPU), 1 GiB (CPU)."""
 
     def validate(self) -> None:
         positive("generation.max_new_tokens", self.max_new_tokens)
+        positive("generation.kv_cache_gb", self.kv_cache_gb)
         positive("generation.temperature", self.temperature)
         _check("generation.top_p", 0 < self.top_p <= 1, f"must be in (0, 1], got {self.top_p}")
         non_negative("generation.top_k", self.top_k)
@@ -305,6 +326,11 @@ class JobSpec:
         if self.kind == "finetune":
             self.lora.validate()
             self.train.validate()
+        if self.kind == "infer" and self.generation.engine == "fast":
+            model_type = self.model.model_type()
+            _check("generation.engine", model_type in ENGINE_MODEL_TYPES,
+                   f"fast: the engine runs {', '.join(ENGINE_MODEL_TYPES)} models, and {self.model.path} is "
+                   f"{model_type!r} (use auto to fall back to generate)")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
