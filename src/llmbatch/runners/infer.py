@@ -153,6 +153,7 @@ def start_completing(generation: GenerationSpec, model, tokenizer, mine: list[Pr
     use_engine, how = choose_engine(generation.engine, model, longest)
     if use_engine:
         engine = Engine(model, tokenizer, generation, [len(p.token_ids) for p in mine])
+        engine.warm_up()  # counted in the start-up time, as loading the model is
         completions = engine.run([p.token_ids for p in mine], [p.example.id for p in mine], stop)
         return completions, f"{how}, {engine.describe()}", engine
     budget = batch_token_budget(generation, model)

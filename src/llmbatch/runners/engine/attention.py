@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 try:
     import triton
@@ -21,10 +22,15 @@ except ImportError:  # CPU-only installs: the torch path runs
     triton = None
 
 
+PREFILL_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+"""Not cuDNN's: it plans anew for every shape, and prefill chunks come in many shapes."""
+
+
 def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
     """q [rows, len, q_heads, dim], k/v [rows, len, kv_heads, dim] -> [rows, len, q_heads, dim]."""
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                         is_causal=True, scale=scale, enable_gqa=True)
+    with sdpa_kernel(PREFILL_BACKENDS):
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                             is_causal=True, scale=scale, enable_gqa=True)
     return out.transpose(1, 2)
 
 
@@ -60,6 +66,8 @@ def _decode_triton(q, keys, values, slots, lengths, scale):
         q.stride(0), q.stride(1), keys.stride(0), keys.stride(1), keys.stride(2),
         out.stride(0), out.stride(1),
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), DIM=dim, BLOCK=64,
+        # fp32 models get fp32 products (Triton's default for fp32 is tf32, which rounds inputs).
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=4, num_stages=2)
     return out
 
@@ -68,7 +76,8 @@ if triton is not None:
     @triton.jit
     def _decode_kernel(Q, K, V, Out, Slots, Lengths, scale,
                        stride_qb, stride_qh, stride_ks, stride_kt, stride_kh, stride_ob, stride_oh,
-                       GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, DIM: tl.constexpr, BLOCK: tl.constexpr):
+                       GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, DIM: tl.constexpr, BLOCK: tl.constexpr,
+                       PRECISION: tl.constexpr):
         row = tl.program_id(0)
         kv_head = tl.program_id(1)
         slot = tl.load(Slots + row).to(tl.int64)
@@ -90,13 +99,13 @@ if triton is not None:
             offsets = base + positions[:, None].to(tl.int64) * stride_kt + dims[None, :]
             k = tl.load(K + offsets, mask=valid[:, None], other=0.0)
             v = tl.load(V + offsets, mask=valid[:, None], other=0.0)
-            scores = tl.dot(q, tl.trans(k)) * qk_scale  # [GROUP_PAD, BLOCK], fp32
+            scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # [GROUP_PAD, BLOCK], fp32
             scores = tl.where(valid[None, :], scores, float("-inf"))
             new_max = tl.maximum(running_max, tl.max(scores, 1))
             p = tl.exp2(scores - new_max[:, None])
             alpha = tl.exp2(running_max - new_max)
             total = total * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
             running_max = new_max
         out = acc / total[:, None]
         o_ptrs = Out + row * stride_ob + (kv_head * GROUP + heads)[:, None] * stride_oh + dims[None, :]

@@ -92,6 +92,15 @@ class Engine:
         self.graphs = DecodeGraphs(self._decode_step, slots, self.cache.dummy_slot, self.device)
         self.stats = EngineStats(slots=slots, slot_len=slot_len, cache_gb=self.cache.nbytes / 2**30)
 
+    @torch.inference_mode()
+    def warm_up(self) -> None:
+        """Start-up work out of the timed loop: a prefill of one token and the capture of the widest
+        decode graph (kernel loading, Triton compilation, cuBLAS set-up), all in the dummy slot."""
+        dummy = torch.tensor([self.cache.dummy_slot], device=self.device)
+        one = torch.ones(1, dtype=torch.int64, device=self.device)
+        self.model.prefill(one[:, None], one, dummy, self.cache)
+        self.graphs(self.graphs.padding.expand(-1, self.cache.slots))
+
     def describe(self) -> str:
         s = self.stats
         return f"{s.slots} slots of {s.slot_len} positions ({s.cache_gb:.2f} GiB KV cache)"
