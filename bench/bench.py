@@ -275,15 +275,12 @@ class Bench:
 
     @staticmethod
     def decode_steps(metrics: dict, log: Path, new_tokens: int) -> int | None:
-        """Forward passes of the run, summed over ranks: each `generate` call of a batch makes
-        new_tokens of them. From metrics.json if the runner reports them (`decode_steps`, or `batches`
-        per rank), else from the line each rank prints ("rank R of W, ...: in B batches"). None if
-        neither: the caller then takes the least possible (new_tokens per rank), a lower bound."""
+        """Forward passes of the run, summed over ranks: the engine's decode steps (metrics.json), or for
+        generate's batches new_tokens per batch, from the line each rank prints ("rank R of W, ...:
+        N batches of"). None if neither: the caller then takes the least possible (new_tokens per
+        rank), a lower bound."""
         if metrics.get("decode_steps"):
             return metrics["decode_steps"]
-        ranks = metrics.get("ranks") or []
-        if ranks and all("batches" in r for r in ranks):
-            return sum(r["batches"] for r in ranks) * new_tokens
         found = dict(re.findall(r"^rank (\d+) of \d+, .* (\d+) batches of", log.read_text(errors="replace"), re.M))
         return sum(int(b) for b in found.values()) * new_tokens if found else None
 

@@ -86,7 +86,7 @@ def timing_metrics(run: RunDir) -> dict[str, Any]:
     all_stats = [s for ranks in by_attempt.values() for s in ranks]
     last = by_attempt[max(by_attempt)]
     times = [s["generate_s"] for s in last]
-    engine = [s for s in all_stats if s.get("decode_steps") is not None]
+    engine = [s["engine"] for s in all_stats if s.get("engine")]
     engine_metrics = {"prefill_s": sum(s["prefill_s"] for s in engine), "decode_s": sum(s["decode_s"] for s in engine),
                       "decode_steps": sum(s["decode_steps"] for s in engine),
                       "occupancy": sum(s["occupancy"] for s in engine) / len(engine)} if engine else {}

@@ -31,7 +31,7 @@ from llmbatch.gather import merge_shards
 from llmbatch.rundir import RunDir
 from llmbatch.runners import COLLECTIVE_TIMEOUT, PREEMPTED_EXIT
 from llmbatch.runners.checkpoint import PreemptionFlag
-from llmbatch.runners.engine.runner import Engine, EngineStats, choose_engine
+from llmbatch.runners.engine.runner import Engine, choose_engine
 from llmbatch.runners.generation import Completion, Decoder, batch_token_budget, encode_prompts, load_model
 from llmbatch.runners.sharding import assign_to_ranks, plan_batches
 from llmbatch.shards import ShardWriter, done_ids, shard_for, write_stats
@@ -51,7 +51,6 @@ class RankStats:
     attempt: int
     rank: int
     world_size: int
-    engine: str = "generate"
     examples: int = 0
     writes: int = 0
     """Groups of records appended to the shard (a batch each with generate)."""
@@ -61,16 +60,8 @@ class RankStats:
     """Start-up to the first batch: spec, data, model, tokenization, the engine's cache."""
     generate_s: float = 0.0
     wall_s: float = 0.0
-    # The engine's: prompt and decode time, decode steps, and the mean share of slots in use.
-    prefill_s: float | None = None
-    decode_s: float | None = None
-    decode_steps: int | None = None
-    occupancy: float | None = None
-    slots: int | None = None
-
-    def add_engine(self, engine: EngineStats) -> None:
-        self.engine, self.slots, self.occupancy = "engine", engine.slots, engine.occupancy
-        self.prefill_s, self.decode_s, self.decode_steps = engine.prefill_s, engine.decode_s, engine.decode_steps
+    engine: dict | None = None
+    """The engine's `EngineStats.summary()`; None where generate ran."""
 
     def add_records(self, records: list[dict]) -> None:
         self.examples += len(records)
@@ -117,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
             stats.add_records(records)
             bar.update(len(records))
     if engine is not None:
-        stats.add_engine(engine.stats)
+        stats.engine = engine.stats.summary()
     if preemption.raised:
         print(f"rank {stats.rank}: stopped at a preemption signal after {stats.examples} inputs", flush=True)
         return PREEMPTED_EXIT

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 
@@ -64,6 +64,9 @@ class EngineStats:
     def occupancy(self) -> float:
         """Mean share of the slots busy in a decode step."""
         return self.rows_decoded / (self.decode_steps * self.slots) if self.decode_steps else 0.0
+
+    def summary(self) -> dict:
+        return asdict(self) | {"occupancy": self.occupancy}
 
 
 def peak_activation_bytes(model, rows: int, prefill_tokens: int) -> int:
