@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pytest
 
-from container_fixtures import docker_env  # noqa: F401  (the session fixture)
 from llmbatch.container import Bind, ContainerCommand, merge_binds, parse_bind, wrap_command
 from llmbatch.spec import ContainerSpec
 

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import shlex
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from llmbatch.cli import main
-from llmbatch.launch import rendezvous_port
-
-from conftest import JOBS
+from helpers import JOBS
+from llmbatch.jobstep import rendezvous_port
 
 
 def dry_run(capsys, *args: str) -> tuple[str, list[str]]:
@@ -82,3 +83,18 @@ def test_cluster_example_runs_in_apptainer(capsys, tmp_path, model_dir):
     assert argv[:3] == ["apptainer", "exec", "--nv"]
     assert str(image) in argv and flag(argv, "--num_processes") == "8"
     assert "HF_TOKEN" not in " ".join(argv)  # forwarded by name through the environment only
+
+
+def test_the_node_command_is_built_without_submitit(tmp_path):
+    """The job step (spec -> plan -> node command) is pure: the benchmark imports it from a source tree
+    where submitit is not installed. Here submitit is made unimportable in a fresh interpreter."""
+    code = ("import sys; sys.modules['submitit'] = None\n"
+            "from llmbatch.jobstep import NodePlace, make_plan, node_command\n"
+            "from llmbatch.spec import load_spec\n"
+            f"spec = load_spec({str(JOBS / 'infer.yaml')!r}, 'infer', ['resources.gpus_per_node=2'])\n"
+            "place = NodePlace(node_rank=0, main_host='127.0.0.1', port=1, attempt=0, job_id='1', use_cuda=False)\n"
+            f"print(node_command(make_plan(spec, {str(tmp_path)!r}), place).argv)\n"
+            "assert 'submitit' not in [m.split('.')[0] for m in sys.modules if sys.modules[m] is not None]\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "'--num_processes', '2'" in proc.stdout and "llmbatch.runners.infer" in proc.stdout

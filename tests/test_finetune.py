@@ -10,66 +10,36 @@ import dataclasses
 import json
 import os
 import signal
-import socket
 import subprocess
-import sys
 import time
-from pathlib import Path
 
 import psutil
 import pytest
 import torch
 
-from llmbatch.rundir import RunDir, atomic_write, read_jsonl
+from helpers import new_run, runner_command
+from llmbatch.rundir import RunDir, read_jsonl
 from llmbatch.runners import PREEMPTED_EXIT
 from llmbatch.runners.packing import IGNORE, Sequence, collate, pack, to_sequence
-from llmbatch.spec import apply_override, dump_spec, load_spec
-
-JOBS = Path(__file__).resolve().parent.parent / "jobs"
 
 # Short sequences and micro-batches so an epoch is a few steps: 12 steps cross several epochs, and a
 # stop mid-epoch exercises skipping the consumed batches. Accumulation 2 exercises no_sync.
 SMALL = ["data.max_samples=60", "train.max_steps=12", "train.seq_len=64", "train.micro_batch_size=4",
          "train.grad_accum_steps=2", "train.warmup_steps=2", "train.eval_every_steps=5",
          "train.save_every_steps=4", "train.keep_last=2", "train.eval_accuracy=false", "lora.dropout=0.1"]
-LAUNCH_ENV = os.environ | {"ACCELERATE_USE_CPU": "true", "TOKENIZERS_PARALLELISM": "false"}
-
-
-def new_run(root: Path, model_dir: Path, overrides: list[str]) -> RunDir:
-    """What the CLI does before launching: a run folder holding the resolved spec."""
-    spec = load_spec(JOBS / "finetune.yaml", "finetune", overrides)
-    spec = apply_override(spec, "model.path", str(model_dir), root)
-    run = RunDir.create(root, spec.name)
-    atomic_write(run.spec_file, dump_spec(spec))
-    return run
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def launch_argv(runner: str, run: RunDir, processes: int, attempt: int, *extra: str) -> list[str]:
-    argv = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1",
-            "--num_processes", str(processes), "--main_process_port", str(free_port()),
-            "--num_cpu_threads_per_process", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    if processes > 1:
-        argv.append("--multi_gpu")  # with ACCELERATE_USE_CPU, what starts several CPU processes
-    return argv + ["-m", runner, "--run-dir", str(run.path), "--attempt", str(attempt), *extra]
-
-
-def launch(runner: str, run: RunDir, processes: int = 1, attempt: int = 0, *extra: str,
+def launch(run: RunDir, processes: int = 1, attempt: int = 0, *extra: str,
            expect_success: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run(launch_argv(runner, run, processes, attempt, *extra), env=LAUNCH_ENV,
-                          capture_output=True, text=True, timeout=300)
+    """The run's runner (its spec's kind) on one node; `extra` goes to the runner."""
+    cmd = runner_command(run, processes, attempt)
+    proc = subprocess.run([*cmd.argv, *extra], env=os.environ | cmd.env, capture_output=True, text=True,
+                          timeout=300)
     if expect_success:
         assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return proc
 
 
 def finetune(run: RunDir, processes: int = 1, attempt: int = 0, *extra: str, **kwargs):
-    return launch("llmbatch.runners.finetune", run, processes, attempt, *extra, **kwargs)
+    return launch(run, processes, attempt, *extra, **kwargs)
 
 
 def rows(run: RunDir) -> list[dict]:
@@ -89,7 +59,7 @@ def checkpoint_names(run: RunDir) -> list[str]:
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory, model_dir):
     """One uninterrupted 1-process run, merged weights included: the reference for resumed runs."""
-    run = new_run(tmp_path_factory.mktemp("uninterrupted"), model_dir, [*SMALL, "train.merge=true"])
+    run = new_run(tmp_path_factory.mktemp("uninterrupted"), model_dir, "finetune", [*SMALL, "train.merge=true"])
     finetune(run)
     return run
 
@@ -201,8 +171,8 @@ def test_a_run_preempted_on_one_of_two_ranks_resumes_exactly(make_run, tmp_path)
     run = make_run("finetune", overrides=SMALL)
     log = tmp_path / "preempted.log"
     with log.open("w") as out:
-        proc = subprocess.Popen(launch_argv("llmbatch.runners.finetune", run, 2, 0), env=LAUNCH_ENV,
-                                stdout=out, stderr=subprocess.STDOUT)
+        cmd = runner_command(run, 2)
+        proc = subprocess.Popen(cmd.argv, env=os.environ | cmd.env, stdout=out, stderr=subprocess.STDOUT)
         rank1 = wait_for_rank(proc, 1)
         while not any(row.get("step", 0) >= 2 for row in read_jsonl(run.train_metrics_file)):
             assert proc.poll() is None, log.read_text()[-3000:]
@@ -269,6 +239,6 @@ def test_the_infer_runner_uses_the_adapter_and_scores_higher(uninterrupted, make
     accuracy = {}
     for adapter in ("null", str(uninterrupted.adapter_dir)):
         run = make_run("infer", overrides=["data.max_samples=40", f"model.adapter={adapter}"])
-        launch("llmbatch.runners.infer", run)
+        launch(run)
         accuracy[adapter] = json.loads(run.metrics_file.read_text())["accuracy"]
     assert accuracy[str(uninterrupted.adapter_dir)] > accuracy["null"], accuracy

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,7 +19,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import submit_cli
+from helpers import runner_command, submit_cli
 from llmbatch.data import load_examples
 from llmbatch.gather import IncompleteRun, gather_run, merge_shards, read_progress
 from llmbatch.runners import PREEMPTED_EXIT
@@ -213,28 +212,10 @@ def test_gather_writes_results_in_input_order_exactly_once(make_run):
 
 # --- real runs ----------------------------------------------------------------------------------
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def launch_argv(run, processes: int, attempt: int) -> list[str]:
-    argv = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1",
-            "--num_processes", str(processes), "--main_process_port", str(free_port()),
-            "--num_cpu_threads_per_process", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    if processes > 1:
-        argv.append("--multi_gpu")  # with ACCELERATE_USE_CPU, what starts several CPU processes
-    return argv + ["-m", "llmbatch.runners.infer", "--run-dir", str(run.path), "--attempt", str(attempt)]
-
-
-LAUNCH_ENV = os.environ | {"ACCELERATE_USE_CPU": "true", "TOKENIZERS_PARALLELISM": "false"}
-
-
 def infer(run, processes: int, attempt: int = 0) -> bytes:
     """Run to the end; results.jsonl's bytes."""
-    proc = subprocess.run(launch_argv(run, processes, attempt), env=LAUNCH_ENV, capture_output=True,
-                          text=True, timeout=300)
+    cmd = runner_command(run, processes, attempt)
+    proc = subprocess.run(cmd.argv, env=os.environ | cmd.env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return run.results_file.read_bytes()
 
@@ -283,7 +264,8 @@ def test_a_killed_run_resumed_with_another_rank_count_gives_the_same_results(mak
     run = make_run("infer", overrides=[*data, "generation.batch_tokens=60"])
     log = tmp_path / "killed.log"
     with log.open("w") as out:
-        proc = subprocess.Popen(launch_argv(run, 2, attempt=0), env=LAUNCH_ENV, stdout=out, stderr=out)
+        cmd = runner_command(run, 2, attempt=0)
+        proc = subprocess.Popen(cmd.argv, env=os.environ | cmd.env, stdout=out, stderr=out)
         wait_for_first_record(run, proc, log)
         # The launcher starts each rank in a session of its own: kill them by id, writers first.
         for process in [*psutil.Process(proc.pid).children(recursive=True), psutil.Process(proc.pid)]:

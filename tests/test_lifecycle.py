@@ -13,7 +13,7 @@ import subprocess
 
 import pytest
 
-from conftest import JOBS, run_folder, submit_cli, wait_for
+from helpers import JOBS, run_folder, submit_cli, wait_for
 from llmbatch.lifecycle import FINAL_STATES
 from llmbatch.rundir import read_jsonl
 

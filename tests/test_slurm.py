@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from conftest import REPO, run_folder, submit_cli, wait_for
+from helpers import REPO, run_folder, submit_cli, wait_for
 from llmbatch.lifecycle import FINAL_STATES, slurm_state
 
 pytestmark = pytest.mark.slurm
@@ -55,7 +55,7 @@ def test_finetune_on_two_nodes_saves_an_adapter(slurm_cluster, cache_dir, tmp_pa
 def test_a_crashing_rank_fails_the_job_quickly(slurm_cluster, make_run, monkeypatch):
     """Rank 3 (on node n2) raises while ranks 0-2 wait in a collective: FAILED, with the error logged."""
     from llmbatch import slurm
-    from llmbatch.cli import make_plan
+    from llmbatch.jobstep import make_plan
     from llmbatch.spec import load_resolved
 
     run = make_run("infer", overrides=["resources.nodes=2", "resources.gpus_per_node=2"])

@@ -10,10 +10,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from helpers import REPO
 from llmbatch.cli import main
 from llmbatch.spec import load_spec, parse_override, slurm_time_seconds
-
-from conftest import REPO
 
 
 def write_data(path: Path, rows: list) -> Path:

@@ -13,15 +13,15 @@ import time
 from pathlib import Path
 
 from llmbatch import embedded, lifecycle, slurm
-from llmbatch.container import wrap_command
 from llmbatch.data import DataError, load_examples
-from llmbatch.launch import LaunchPlan, NodePlace, build_launch_argv, launch_env
+from llmbatch.gather import gather_run
+from llmbatch.jobstep import NodePlace, make_plan, node_command
 from llmbatch.rundir import RunDir, atomic_write
 from llmbatch.summary import summarize
-from llmbatch.spec import JobSpec, SpecError, apply_override, dump_spec, load_resolved, load_spec
+from llmbatch.spec import (EMBEDDED_MODEL, JobSpec, SpecError, apply_override, dump_spec, load_resolved,
+                           load_spec)
 
 REPO_JOBS = Path(__file__).resolve().parents[2] / "jobs"
-RUNNERS = {"infer": "llmbatch.runners.infer", "finetune": "llmbatch.runners.finetune"}
 
 
 class UsageError(Exception):
@@ -53,30 +53,11 @@ def load_job_spec(kind: str, args: argparse.Namespace) -> JobSpec:
 
 def resolve_model(spec: JobSpec, build: bool) -> JobSpec:
     """Point model.path at a real folder, building the embedded default on first use."""
-    if spec.model.path != embedded.EMBEDDED_MODEL:
+    if spec.model.path != EMBEDDED_MODEL:
         return spec
     cache = embedded.default_cache_dir()
     path = embedded.ensure_embedded_model(cache) if build else cache / "<embedded model, built on first run>"
     return apply_override(spec, "model.path", str(path), Path.cwd())
-
-
-def binds_for(spec: JobSpec, run_path: Path) -> tuple[str, ...]:
-    """Host folders the ranks read or write: bound into a container at the same path."""
-    paths = [run_path, Path(spec.model.path)]
-    paths += [Path(p).parent for p in (spec.data.path, spec.data.val_path) if p]
-    if spec.model.adapter:
-        paths.append(Path(spec.model.adapter))
-    return tuple(dict.fromkeys(str(p) for p in paths))
-
-
-def make_plan(spec: JobSpec, run_path: Path, attempt_base: int = 0) -> LaunchPlan:
-    res = spec.resources
-    return LaunchPlan(
-        run_dir=str(run_path), runner=RUNNERS[spec.kind], nodes=res.nodes, procs_per_node=res.gpus_per_node,
-        mixed_precision="bf16" if spec.kind == "finetune" else "no", container=spec.container,
-        binds=binds_for(spec, run_path), cpu_threads_per_proc=res.cpus_per_gpu, max_requeues=res.max_requeues,
-        signal_delay_s=res.signal_delay_s, attempt_base=attempt_base,
-        **({"python": spec.container.python} if spec.container.runtime != "none" else {}))
 
 
 def cmd_run(kind: str, args: argparse.Namespace) -> int:
@@ -95,15 +76,8 @@ def cmd_run(kind: str, args: argparse.Namespace) -> int:
 
     run = RunDir.create(spec.output.root, spec.name)
     atomic_write(run.spec_file, dump_spec(spec))
-    ex = slurm.make_executor(executor, spec, run)
-    job = slurm.submit(ex, make_plan(spec, run.path))
-    run.update_state(kind=kind, executor=executor, job_ids=[job.job_id], submitted=time.time())
-    print(f"run folder: {run.path}")
-    print(f"{executor} job: {job.job_id}")
-    if executor == "slurm" and not args.wait:
-        print(f"follow it with: python submit.py status {run.path}")
-        return 0
-    return wait_and_summarize(job, run, follow=executor == "local")
+    return submit_and_wait(spec, run, executor, wait=args.wait, header=f"run folder: {run.path}",
+                           kind=kind, submitted=time.time())
 
 
 def print_dry_run(spec: JobSpec, executor: str) -> None:
@@ -115,8 +89,7 @@ def print_dry_run(spec: JobSpec, executor: str) -> None:
     multi = spec.resources.nodes > 1
     example = NodePlace(node_rank=0, main_host="<first host of SLURM_JOB_NODELIST>" if multi else "127.0.0.1",
                         port=0, attempt=0, job_id="<job id>", use_cuda=True)
-    cmd = wrap_command(build_launch_argv(plan, example), spec.container, binds=plan.binds,
-                       env=launch_env(example), gpus=True, workdir=plan.run_dir)
+    cmd = node_command(plan, example)
     print("# per-node command, node 0 on GPUs (each node passes its own --machine_rank; the port comes from "
           "the job id; a node without CUDA drops to --mixed_precision no with ACCELERATE_USE_CPU=true)")
     print(shlex.join(cmd.argv))
@@ -124,17 +97,25 @@ def print_dry_run(spec: JobSpec, executor: str) -> None:
     print("# nothing was submitted (--dry-run)")
 
 
-def wait_and_summarize(job, run: RunDir, follow: bool) -> int:
-    log, offset = run.node_log(0), 0
+def submit_and_wait(spec: JobSpec, run: RunDir, executor: str, *, wait: bool, header: str, attempt_base: int = 0,
+                    **state) -> int:
+    """Submit the run's job step and record its job id (and `state`); then, unless it went to Slurm
+    without --wait, wait for it and print the summary."""
+    job = slurm.submit(slurm.make_executor(executor, spec, run), make_plan(spec, run.path, attempt_base))
+    run.update_state(executor=executor, job_ids=run.read_state().get("job_ids", []) + [job.job_id], **state)
+    attempt = f" (attempt {attempt_base})" if attempt_base else ""
+    print(f"{header}\n{executor} job: {job.job_id}{attempt}")
+    if executor == "slurm" and not wait:
+        print(f"follow it with: python submit.py status {run.path}")
+        return 0
+    return wait_and_summarize(job, run, show_log=executor == "local")
+
+
+def wait_and_summarize(job, run: RunDir, show_log: bool) -> int:
     try:
+        if show_log:
+            lifecycle.follow(run.node_log(0), lambda: not job.done())
         while not job.done():
-            if follow and log.exists():
-                with log.open("rb") as f:
-                    f.seek(offset)
-                    chunk = f.read()
-                offset += len(chunk)
-                sys.stdout.write(chunk.decode(errors="replace"))
-                sys.stdout.flush()
             time.sleep(0.5)
         job.results()  # one result per node; any node's error is raised here
     except KeyboardInterrupt:
@@ -149,8 +130,6 @@ def wait_and_summarize(job, run: RunDir, follow: bool) -> int:
 
 
 def cmd_gather(args: argparse.Namespace) -> int:
-    from llmbatch.gather import gather_run
-
     return gather_run(open_run(args.run))
 
 
@@ -163,15 +142,9 @@ def cmd_resume(args: argparse.Namespace) -> int:
     if run.results_file.exists() or (status.kind == "finetune" and run.adapter_dir.exists()):
         print(f"{run.path}: already complete, nothing to resume")
         return 0
-    spec = load_resolved(run.spec_file)
     executor = slurm.pick_executor(args.executor) if args.executor else status.executor
-    ex = slurm.make_executor(executor, spec, run)
-    job = slurm.submit(ex, make_plan(spec, run.path, attempt_base=status.attempt + 1))
-    run.update_state(executor=executor, job_ids=run.read_state().get("job_ids", []) + [job.job_id])
-    print(f"resumed {run.path}\n{executor} job: {job.job_id} (attempt {status.attempt + 1})")
-    if executor == "slurm" and not args.wait:
-        return 0
-    return wait_and_summarize(job, run, follow=executor == "local")
+    return submit_and_wait(load_resolved(run.spec_file), run, executor, wait=args.wait, header=f"resumed {run.path}",
+                           attempt_base=status.attempt + 1)
 
 
 def cmd_status(args: argparse.Namespace) -> int:

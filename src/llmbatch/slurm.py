@@ -7,7 +7,8 @@ import shutil
 
 import submitit
 
-from llmbatch.launch import LaunchPlan, NodeJob
+from llmbatch.jobstep import LaunchPlan
+from llmbatch.node import NodeJob
 from llmbatch.rundir import RunDir
 from llmbatch.spec import JobSpec, slurm_time_seconds
 

@@ -19,9 +19,10 @@ from typing import Any, Literal
 
 import yaml
 
-from llmbatch.embedded import EMBEDDED_MODEL
-
 KINDS = ("infer", "finetune")
+
+EMBEDDED_MODEL = "embedded:tiny-llama"
+"""The value of `model.path` that means the embedded default model (`llmbatch.embedded` builds it)."""
 
 
 class SpecError(Exception):
@@ -289,10 +290,6 @@ class JobSpec:
     resources: ResourcesSpec = field(default_factory=ResourcesSpec)
     container: ContainerSpec = field(default_factory=ContainerSpec)
     output: OutputSpec = field(default_factory=OutputSpec)
-
-    @property
-    def world_size(self) -> int:
-        return self.resources.nodes * self.resources.gpus_per_node
 
     def validate(self) -> None:
         _check("name", bool(re.match(r"^[A-Za-z0-9][A-Za-z0-9._-]*$", self.name)),
