@@ -19,8 +19,8 @@ import torch
 
 from helpers import new_run, runner_command
 from llmbatch.rundir import RunDir, read_jsonl
-from llmbatch.runners import PREEMPTED_EXIT
 from llmbatch.runners.packing import IGNORE, Sequence, collate, pack, to_sequence
+from llmbatch.runners.preemption import PREEMPTED_EXIT
 
 # Short sequences and micro-batches so an epoch is a few steps: 12 steps cross several epochs, and a
 # stop mid-epoch exercises skipping the consumed batches. Accumulation 2 exercises no_sync.

@@ -15,10 +15,11 @@ how many examples a step holds: rows are full, so a step sees more examples and 
 steps. (A per-row or per-micro-batch mean would instead weigh the tokens of short examples more.)
 
 Checkpoints (see checkpoint.py) are saved every train.save_every_steps, every train.save_every_minutes,
-and when a SIGUSR2/SIGTERM arrives; the last then exits with PREEMPTED_EXIT so the job is requeued. A new
-attempt resumes from the newest complete checkpoint: weights, optimizer, scheduler, every rank's RNG
-states, and the position in the data (the shuffle depends only on seed and epoch, and the consumed
-micro-batches are skipped), so it continues the trajectory an uninterrupted run would have followed.
+and when a SIGUSR2/SIGTERM arrives; the last then exits with PREEMPTED_EXIT, and the node job, which got
+the signal too, has the job requeued. A new attempt resumes from the newest complete checkpoint:
+weights, optimizer, scheduler, every rank's RNG states, and the position in the data (the shuffle
+depends only on seed and epoch, and the consumed micro-batches are skipped), so it continues the
+trajectory an uninterrupted run would have followed.
 
 Writes into the run folder: train_metrics.jsonl (a row per step, one per evaluation), loss_curve.png,
 metrics.json, adapter/ (peft format: usable as model.adapter in an infer spec), merged/ with train.merge.
@@ -50,11 +51,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, get_scheduler
 from llmbatch import scoring
 from llmbatch.data import load_examples
 from llmbatch.rundir import RunDir, atomic_write, atomic_write_json, fsync_path, read_jsonl
-from llmbatch.runners import COLLECTIVE_TIMEOUT, PREEMPTED_EXIT
-from llmbatch.runners.checkpoint import (PreemptionFlag, checkpoint_trainable_weights_only, resume,
-                                         save_checkpoint)
+from llmbatch.runners.checkpoint import checkpoint_trainable_weights_only, resume, save_checkpoint
 from llmbatch.runners.generation import DTYPES, Decoder, encode_prompts
 from llmbatch.runners.packing import IGNORE, EpochShuffle, collate, pack, to_sequence
+from llmbatch.runners.preemption import COLLECTIVE_TIMEOUT, PREEMPTED_EXIT, PreemptionFlag
 from llmbatch.spec import JobSpec, load_resolved
 
 SCHEDULES = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
