@@ -21,11 +21,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from helpers import runner_command, submit_cli
 from llmbatch.data import load_examples
-from llmbatch.gather import IncompleteRun, gather_run, merge_shards, read_progress
+from llmbatch.gather import IncompleteRun, gather_run, merge_shards
 from llmbatch.runners.generation import Decoder, SeededSampling, encode_prompts, load_model
 from llmbatch.runners.preemption import PREEMPTED_EXIT
-from llmbatch.runners.sharding import assign_to_ranks, plan_batches
-from llmbatch.shards import ShardWriter, done_ids, list_shards, read_records, shard_for
+from llmbatch.runners.split import assign_to_ranks, plan_batches
+from llmbatch.shards import ShardWriter, done_ids, list_shards, read_progress, read_records, shard_for
 from llmbatch.spec import GenerationSpec, ModelSpec, load_resolved
 
 SMALL = ["data.max_samples=40", "generation.max_new_tokens=8"]

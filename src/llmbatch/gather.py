@@ -23,7 +23,7 @@ from typing import Any
 from llmbatch import scoring
 from llmbatch.data import Example, load_examples
 from llmbatch.rundir import RunDir, atomic_write, atomic_write_json
-from llmbatch.shards import complete_lines, list_shards, read_records, read_stats, record_line
+from llmbatch.shards import list_shards, read_records, read_stats, record_line
 from llmbatch.spec import load_resolved
 
 LISTED_IDS = 20
@@ -106,14 +106,3 @@ def gather_run(run: RunDir) -> int:
     accuracy = f", accuracy {metrics['accuracy']:.4f}" if "accuracy" in metrics else ""
     print(f"{run.results_file}: {metrics['examples']} results{accuracy}")
     return 0
-
-
-def read_progress(run: RunDir) -> dict[str, Any]:
-    """Done/total over all attempts, and this (the latest) attempt's records per rank, for `status`."""
-    total = len(load_examples(load_resolved(run.spec_file).data))
-    shards = list_shards(run)
-    attempt = max((s.attempt for s in shards), default=None)
-    ranks = {s.rank: len(complete_lines(s.path)) for s in shards if s.attempt == attempt}
-    return {"done": sum(len(complete_lines(s.path)) for s in shards), "total": total, "attempt": attempt,
-            "done_this_attempt": sum(ranks.values()), "ranks": ranks,
-            "ranks_finished": sum(read_stats(s) is not None for s in shards if s.attempt == attempt)}

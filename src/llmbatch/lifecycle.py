@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -12,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from llmbatch.rundir import RunDir, read_json, read_jsonl
+from llmbatch.shards import read_progress
 
 # Slurm states after which a job will not run again by itself.
 FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "PREEMPTED",
@@ -71,8 +73,6 @@ def _query(argv: list[str]) -> str:
 def local_state(run: RunDir, job_id: str) -> str:
     result = next(run.submitit_dir.glob(f"{job_id}_0_result.pkl"), None)
     if result is not None:
-        import pickle
-
         with result.open("rb") as f:
             outcome, _ = pickle.load(f)
         return "COMPLETED" if outcome == "success" else "FAILED"
@@ -86,8 +86,6 @@ def local_state(run: RunDir, job_id: str) -> str:
 def progress(run: RunDir, kind: str, started: float | None) -> dict:
     """Done/total and ETA for inference (from the shards), step and loss for fine-tuning."""
     if kind == "infer":
-        from llmbatch.gather import read_progress
-
         p = read_progress(run)
         done, total = p["done"], p["total"]
         rate_base = p.get("done_this_attempt", done)

@@ -1,4 +1,5 @@
-"""Inference shards: what each rank has finished, on shared storage, safe against a kill at any moment.
+"""Inference shards: what each rank has finished, on shared storage, safe against a kill at any moment;
+and how far a run has come (`read_progress`, for `status`).
 
     shards/attempt-000-rank-00000.jsonl        one JSON record a line, appended and fsynced per batch
     shards/attempt-000-rank-00000.stats.json   written (atomically) when that rank finished its share
@@ -17,7 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from llmbatch.data import load_examples
 from llmbatch.rundir import RunDir, atomic_write_json
+from llmbatch.spec import load_resolved
 
 _SHARD_NAME = re.compile(r"^attempt-(\d+)-rank-(\d+)\.jsonl$")
 
@@ -113,3 +116,14 @@ def read_stats(shard: Shard) -> dict[str, Any] | None:
         return json.loads(shard.stats_path.read_text())
     except FileNotFoundError:
         return None
+
+
+def read_progress(run: RunDir) -> dict[str, Any]:
+    """Done/total over all attempts, and this (the latest) attempt's records per rank, for `status`."""
+    total = len(load_examples(load_resolved(run.spec_file).data))
+    shards = list_shards(run)
+    attempt = max((s.attempt for s in shards), default=None)
+    ranks = {s.rank: len(complete_lines(s.path)) for s in shards if s.attempt == attempt}
+    return {"done": sum(len(complete_lines(s.path)) for s in shards), "total": total, "attempt": attempt,
+            "done_this_attempt": sum(ranks.values()), "ranks": ranks,
+            "ranks_finished": sum(read_stats(s) is not None for s in shards if s.attempt == attempt)}

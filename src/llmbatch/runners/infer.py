@@ -27,7 +27,7 @@ from llmbatch.gather import merge_shards
 from llmbatch.rundir import RunDir
 from llmbatch.runners.generation import Completion, Decoder, batch_token_budget, encode_prompts, load_model
 from llmbatch.runners.preemption import COLLECTIVE_TIMEOUT, PREEMPTED_EXIT, PreemptionFlag
-from llmbatch.runners.sharding import assign_to_ranks, plan_batches
+from llmbatch.runners.split import assign_to_ranks, plan_batches
 from llmbatch.shards import ShardWriter, done_ids, shard_for, write_stats
 from llmbatch.spec import JobSpec, load_resolved, slurm_time_seconds
 
