@@ -12,6 +12,8 @@
         metrics.json       both kinds: the run's numbers
         checkpoints/       fine-tuning: accelerate states, step-NNNNNN/
         adapter/           fine-tuning: the final peft adapter
+        merged/            fine-tuning with train.merge: the adapter merged into the base weights
+        train_metrics.jsonl, loss_curve.png   fine-tuning: per-step and eval numbers, their curves
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass
@@ -54,6 +57,26 @@ def atomic_write(path: Path, data: str | bytes) -> None:
 
 def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def save_folder(target: Path, write) -> None:
+    """Call write(folder) on a temporary folder, then rename it to `target` (replacing an older one)."""
+    tmp = target.with_name(f".{target.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    write(tmp)
+    old = target.with_name(f".{target.name}.old")
+    if target.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(target, old)
+    os.rename(tmp, target)
+    shutil.rmtree(old, ignore_errors=True)
+    fsync_path(target.parent)
+
+
+def append_jsonl(path: Path, row: dict) -> None:
+    """One more JSON line (a single writer's log: readers drop a torn last line, see read_jsonl)."""
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
 
 
 def read_json(path: Path, default: Any = None) -> Any:
@@ -108,6 +131,8 @@ class RunDir:
     train_metrics_file = property(lambda self: self.path / "train_metrics.jsonl")
     checkpoints_dir = property(lambda self: self.path / "checkpoints")
     adapter_dir = property(lambda self: self.path / "adapter")
+    merged_dir = property(lambda self: self.path / "merged")
+    loss_curve_file = property(lambda self: self.path / "loss_curve.png")
 
     def node_log(self, node: int) -> Path:
         return self.logs_dir / f"node-{node}.log"

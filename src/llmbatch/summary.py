@@ -32,7 +32,7 @@ def summarize(run: RunDir) -> str:
     lines = [f"run folder: {run.path}"]
     width = max(len(label) for _, label in LINES)
     lines += [f"  {label:<{width}}  {_fmt(metrics[key])}" for key, label in LINES if key in metrics]
-    for path in (run.results_file, run.adapter_dir, run.path / "loss_curve.png"):
+    for path in (run.results_file, run.adapter_dir, run.loss_curve_file):
         if path.exists():
             lines.append(f"  {path.name:<{width}}  {path}")
     if not metrics:

@@ -33,8 +33,6 @@ import dataclasses
 import io
 import json
 import math
-import os
-import shutil
 import sys
 import time
 from functools import partial
@@ -50,7 +48,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, get_scheduler
 
 from llmbatch import scoring
 from llmbatch.data import load_examples
-from llmbatch.rundir import RunDir, atomic_write, atomic_write_json, fsync_path, read_jsonl
+from llmbatch.rundir import RunDir, append_jsonl, atomic_write, atomic_write_json, read_jsonl, save_folder
 from llmbatch.runners.checkpoint import checkpoint_trainable_weights_only, resume, save_checkpoint
 from llmbatch.runners.generation import DTYPES, Decoder, encode_prompts
 from llmbatch.runners.packing import IGNORE, EpochShuffle, collate, pack, to_sequence
@@ -133,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
             row["val_accuracy"] = evaluate_accuracy(accelerator, model, tokenizer, spec, val_examples)
         if accelerator.is_main_process:
             append_jsonl(metrics_log, row)
-            write_loss_curve(metrics_log, run.path / "loss_curve.png")
+            write_loss_curve(metrics_log, run.loss_curve_file)
         accelerator.print(f"  step {state.step}: " + ", ".join(f"{k} {v:.4g}" for k, v in row.items() if k != "step"))
 
     # --- train -------------------------------------------------------------------------------------
@@ -204,12 +202,13 @@ def main(argv: list[str] | None = None) -> int:
         unwrapped = accelerator.unwrap_model(model)
         save_folder(run.adapter_dir, unwrapped.save_pretrained)
         rows = read_jsonl(metrics_log)
-        atomic_write_json(run.metrics_file, summarize(rows, state, accelerator.num_processes, len(train_examples),
-                                                      attempt_tokens, attempt_train_s, time.time() - started))
-        write_loss_curve(metrics_log, run.path / "loss_curve.png")
+        atomic_write_json(run.metrics_file, training_metrics(rows, state, accelerator.num_processes,
+                                                             len(train_examples), attempt_tokens, attempt_train_s,
+                                                             time.time() - started))
+        write_loss_curve(metrics_log, run.loss_curve_file)
         if cfg.merge:
             merged = unwrapped.merge_and_unload()
-            save_folder(run.path / "merged", lambda out: (merged.save_pretrained(out), tokenizer.save_pretrained(out)))
+            save_folder(run.merged_dir, lambda out: (merged.save_pretrained(out), tokenizer.save_pretrained(out)))
         accelerator.print(f"finetune: done at step {state.step}; adapter in {run.adapter_dir}")
     accelerator.wait_for_everyone()
     accelerator.end_training()
@@ -331,25 +330,6 @@ def evaluate_accuracy(accelerator, model, tokenizer, spec: JobSpec, examples) ->
 
 # --- outputs ---------------------------------------------------------------------------------------
 
-def append_jsonl(path: Path, row: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(row) + "\n")
-
-
-def save_folder(target: Path, write) -> None:
-    """Call write(folder) on a temporary folder, then rename it to `target` (replacing an older one)."""
-    tmp = target.with_name(f".{target.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    write(tmp)
-    old = target.with_name(f".{target.name}.old")
-    if target.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        os.rename(target, old)
-    os.rename(tmp, target)
-    shutil.rmtree(old, ignore_errors=True)
-    fsync_path(target.parent)
-
-
 def write_loss_curve(metrics_log: Path, png: Path) -> None:
     import matplotlib
 
@@ -373,8 +353,8 @@ def write_loss_curve(metrics_log: Path, png: Path) -> None:
     atomic_write(png, buffer.getvalue())
 
 
-def summarize(rows: list[dict], state, world_size: int, train_examples: int, attempt_tokens: int,
-              attempt_train_s: float, wall_s: float) -> dict:
+def training_metrics(rows: list[dict], state, world_size: int, train_examples: int, attempt_tokens: int,
+                     attempt_train_s: float, wall_s: float) -> dict:
     """metrics.json: the run's numbers; tokens/s and wall time are this attempt's."""
     steps = [r for r in rows if "loss" in r]
     evals = [r for r in rows if "val_loss" in r]
