@@ -42,12 +42,42 @@ def _check(key: str, ok: bool, message: str) -> None:
         raise SpecError(key, message)
 
 
-def positive(key: str, value: int | float | None) -> None:
-    _check(key, value is None or value > 0, f"must be > 0, got {value!r}")
+@dataclass(frozen=True)
+class Range:
+    """The values a number may take: above `low` (or from it, `low_closed`), and up to `high` if set
+    (or below it, not `high_closed`). Declared on a field with `ranged`; null always passes."""
+
+    low: float
+    high: float | None = None
+    low_closed: bool = False
+    high_closed: bool = True
+
+    def __contains__(self, value: float) -> bool:
+        above = value >= self.low if self.low_closed else value > self.low
+        below = self.high is None or (value <= self.high if self.high_closed else value < self.high)
+        return above and below
+
+    def __str__(self) -> str:
+        if self.high is None:
+            return f"{'>=' if self.low_closed else '>'} {self.low:g}"
+        return f"in {'[' if self.low_closed else '('}{self.low:g}, {self.high:g}{']' if self.high_closed else ')'}"
 
 
-def non_negative(key: str, value: int | float | None) -> None:
-    _check(key, value is None or value >= 0, f"must be >= 0, got {value!r}")
+POSITIVE = Range(0)
+NON_NEGATIVE = Range(0, low_closed=True)
+
+
+def ranged(default: Any, allowed: Range) -> Any:
+    """A numeric field's default and its range, checked by `check_ranges`."""
+    return field(default=default, metadata={"range": allowed})
+
+
+def check_ranges(section: Any, prefix: str) -> None:
+    """Every field of a spec section that declares a range, checked; the error names its key path."""
+    for f in dataclasses.fields(section):
+        allowed, value = f.metadata.get("range"), getattr(section, f.name)
+        if allowed is not None and value is not None:
+            _check(f"{prefix}.{f.name}", value in allowed, f"must be {allowed}, got {value!r}")
 
 
 # Slurm's --time formats: M, M:S, H:M:S, D-H, D-H:M, D-H:M:S.
@@ -105,10 +135,9 @@ class DataSpec:
     """The reference answer: scored after inference, the completion to learn when fine-tuning."""
     chat_template: bool = False
     """Wrap the prompt in the tokenizer's chat template (one user turn)."""
-    max_samples: int | None = None
+    max_samples: int | None = ranged(None, POSITIVE)
 
     def validate(self, kind: str) -> None:
-        positive("data.max_samples", self.max_samples)
         if self.path is None:
             what = "train data" if kind == "finetune" else "input data"
             raise SpecError("data.path", f"missing: a {kind} spec needs {what} (JSONL or CSV)")
@@ -136,90 +165,68 @@ class DataSpec:
 
 @dataclass
 class GenerationSpec:
-    max_new_tokens: int = 32
+    max_new_tokens: int = ranged(32, POSITIVE)
     do_sample: bool = False
     """False: greedy. True: sampling, seeded per input id (so results don't depend on the rank count)."""
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
+    temperature: float = ranged(1.0, POSITIVE)
+    top_p: float = ranged(1.0, Range(0, 1))
+    top_k: int = ranged(0, NON_NEGATIVE)
     seed: int = 0
     ignore_eos: bool = False
     """Always generate max_new_tokens (benchmarks)."""
-    batch_tokens: int | None = None
+    batch_tokens: int | None = ranged(None, POSITIVE)
     """Token budget of one batch (prompt + new tokens, padded). Default: sized from free GPU memory."""
-
-    def validate(self) -> None:
-        positive("generation.max_new_tokens", self.max_new_tokens)
-        positive("generation.temperature", self.temperature)
-        _check("generation.top_p", 0 < self.top_p <= 1, f"must be in (0, 1], got {self.top_p}")
-        non_negative("generation.top_k", self.top_k)
-        positive("generation.batch_tokens", self.batch_tokens)
 
 
 @dataclass
 class LoraSpec:
-    r: int = 8
-    alpha: int = 16
-    dropout: float = 0.0
+    r: int = ranged(8, POSITIVE)
+    alpha: int = ranged(16, POSITIVE)
+    dropout: float = ranged(0.0, Range(0, 1, low_closed=True, high_closed=False))
     target_modules: str | list[str] = "all-linear"
     """`all-linear`: every linear layer but the output head."""
     modules_to_save: list[str] | None = None
 
-    def validate(self) -> None:
-        positive("lora.r", self.r)
-        positive("lora.alpha", self.alpha)
-        _check("lora.dropout", 0 <= self.dropout < 1, f"must be in [0, 1), got {self.dropout}")
-
 
 @dataclass
 class TrainSpec:
-    epochs: int = 1
-    max_steps: int | None = None
+    epochs: int = ranged(1, POSITIVE)
+    max_steps: int | None = ranged(None, POSITIVE)
     """Optimizer steps; overrides epochs."""
-    learning_rate: float = 2e-3
-    weight_decay: float = 0.0
+    learning_rate: float = ranged(2e-3, POSITIVE)
+    weight_decay: float = ranged(0.0, NON_NEGATIVE)
     lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
-    warmup_steps: int = 10
-    micro_batch_size: int = 8
+    warmup_steps: int = ranged(10, NON_NEGATIVE)
+    micro_batch_size: int = ranged(8, POSITIVE)
     """Sequences per rank per forward pass."""
-    grad_accum_steps: int = 1
-    max_grad_norm: float | None = 1.0
-    seq_len: int = 256
+    grad_accum_steps: int = ranged(1, POSITIVE)
+    max_grad_norm: float | None = ranged(1.0, POSITIVE)
+    seq_len: int = ranged(256, POSITIVE)
     packing: bool = True
     """Pack several examples into each sequence; attention never crosses examples."""
     loss_on: Literal["completion", "all"] = "completion"
     """`completion`: the loss covers only the reference's tokens (and EOS); `all`: the prompt's too."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass: less memory, about a third more compute."""
-    log_every_steps: int = 10
+    log_every_steps: int = ranged(10, POSITIVE)
     """A progress line on stdout every N steps; train_metrics.jsonl gets every step."""
-    eval_every_steps: int = 50
+    eval_every_steps: int = ranged(50, POSITIVE)
     eval_accuracy: bool = True
     """Also score val answers by greedy generation at each evaluation (needs data.reference_field)."""
-    save_every_steps: int = 100
-    save_every_minutes: float = 30.0
-    keep_last: int = 2
+    save_every_steps: int = ranged(100, POSITIVE)
+    save_every_minutes: float = ranged(30.0, POSITIVE)
+    keep_last: int = ranged(2, POSITIVE)
     seed: int = 0
     merge: bool = False
     """Also write the adapter merged into the base weights (`merged/`)."""
 
-    def validate(self) -> None:
-        for name in ("epochs", "learning_rate", "micro_batch_size", "grad_accum_steps", "seq_len",
-                     "log_every_steps", "eval_every_steps",
-                     "save_every_steps", "save_every_minutes", "keep_last"):
-            positive(f"train.{name}", getattr(self, name))
-        positive("train.max_steps", self.max_steps)
-        positive("train.max_grad_norm", self.max_grad_norm)
-        non_negative("train.warmup_steps", self.warmup_steps)
-        non_negative("train.weight_decay", self.weight_decay)
-
 
 @dataclass
 class ResourcesSpec:
-    nodes: int = 1
-    gpus_per_node: int = 1
+    nodes: int = ranged(1, POSITIVE)
+    gpus_per_node: int = ranged(1, POSITIVE)
     """Also the number of processes per node (one rank per GPU; CPU processes without GPUs)."""
-    cpus_per_gpu: int = 4
+    cpus_per_gpu: int = ranged(4, POSITIVE)
     mem: str | None = None
     """Memory per node in Slurm's format (64G); None: the partition's default."""
     time: str = "01:00:00"
@@ -229,16 +236,11 @@ class ResourcesSpec:
     constraint: str | None = None
     sbatch_extra: dict[str, str] = field(default_factory=dict)
     """More sbatch options, e.g. {exclusive: "", reservation: "lab"}."""
-    max_requeues: int = 3
-    signal_delay_s: int = 120
+    max_requeues: int = ranged(3, NON_NEGATIVE)
+    signal_delay_s: int = ranged(120, POSITIVE)
     """Slurm signals the job this long before the time limit, so it can checkpoint and requeue."""
 
     def validate(self) -> None:
-        positive("resources.nodes", self.nodes)
-        positive("resources.gpus_per_node", self.gpus_per_node)
-        positive("resources.cpus_per_gpu", self.cpus_per_gpu)
-        non_negative("resources.max_requeues", self.max_requeues)
-        positive("resources.signal_delay_s", self.signal_delay_s)
         _check("resources.time", bool(_SLURM_TIME.match(self.time)),
                f"not a Slurm time (MM, HH:MM:SS, D-HH:MM): {self.time!r}")
         if self.mem is not None:
@@ -294,14 +296,13 @@ class JobSpec:
     def validate(self) -> None:
         _check("name", bool(re.match(r"^[A-Za-z0-9][A-Za-z0-9._-]*$", self.name)),
                f"use letters, digits, '.', '_' and '-' only: {self.name!r}")
+        # lora and train mean nothing to an inference spec: their values are checked for fine-tuning only.
+        for section in ("data", "generation", "resources") + (("lora", "train") if self.kind == "finetune" else ()):
+            check_ranges(getattr(self, section), section)
         self.model.validate()
         self.data.validate(self.kind)
-        self.generation.validate()
         self.resources.validate()
         self.container.validate()
-        if self.kind == "finetune":
-            self.lora.validate()
-            self.train.validate()
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
