@@ -12,6 +12,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from llmbatch.metrics import Metric
 from llmbatch.rundir import RunDir, read_json, read_jsonl
 from llmbatch.shards import read_progress
 
@@ -92,9 +93,9 @@ def progress(run: RunDir, kind: str, started: float | None) -> dict:
     else:
         rows = read_jsonl(run.train_metrics_file)
         steps = [r for r in rows if "loss" in r]
-        spec = read_json(run.path / "metrics.json", {})
+        metrics = read_json(run.metrics_file, {})
         last = steps[-1] if steps else {}
-        p = {"step": last.get("step", 0), "total_steps": last.get("total_steps", spec.get("steps")),
+        p = {"step": last.get("step", 0), "total_steps": last.get("total_steps", metrics.get(Metric.STEPS)),
              "last_loss": last.get("loss"),
              "checkpoints": sorted(c.name for c in run.checkpoints_dir.glob("step-*"))}
         done, total, rate_base = p["step"], p["total_steps"], p["step"]

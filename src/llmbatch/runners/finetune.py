@@ -48,6 +48,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, get_scheduler
 
 from llmbatch import scoring
 from llmbatch.data import load_examples
+from llmbatch.metrics import Metric
 from llmbatch.rundir import RunDir, append_jsonl, atomic_write, atomic_write_json, read_jsonl, save_folder
 from llmbatch.runners.checkpoint import checkpoint_trainable_weights_only, resume, save_checkpoint
 from llmbatch.runners.generation import DTYPES, Decoder, encode_prompts
@@ -358,16 +359,17 @@ def training_metrics(rows: list[dict], state, world_size: int, train_examples: i
     """metrics.json: the run's numbers; tokens/s and wall time are this attempt's."""
     steps = [r for r in rows if "loss" in r]
     evals = [r for r in rows if "val_loss" in r]
-    metrics = {"steps": state.step, "world_size": world_size, "examples": train_examples, "tokens": state.tokens,
-               "train_s": round(state.train_s, 2), "wall_s": round(wall_s, 2),
-               "train_tokens_per_s": attempt_tokens / attempt_train_s if attempt_train_s else None}
+    metrics = {Metric.STEPS: state.step, Metric.WORLD_SIZE: world_size, Metric.EXAMPLES: train_examples,
+               Metric.TOKENS: state.tokens, Metric.TRAIN_S: round(state.train_s, 2), Metric.WALL_S: round(wall_s, 2),
+               Metric.TRAIN_TOKENS_PER_S: attempt_tokens / attempt_train_s if attempt_train_s else None}
     if steps:
-        metrics |= {"train_loss_first": steps[0]["loss"], "train_loss_last": steps[-1]["loss"]}
+        metrics |= {Metric.TRAIN_LOSS_FIRST: steps[0]["loss"], Metric.TRAIN_LOSS_LAST: steps[-1]["loss"]}
     if evals:
-        metrics |= {"val_loss_first": evals[0]["val_loss"], "val_loss_last": evals[-1]["val_loss"],
-                    "val_loss_best": min(r["val_loss"] for r in evals), "val_ppl_last": evals[-1]["val_ppl"]}
+        metrics |= {Metric.VAL_LOSS_FIRST: evals[0]["val_loss"], Metric.VAL_LOSS_LAST: evals[-1]["val_loss"],
+                    Metric.VAL_LOSS_BEST: min(r["val_loss"] for r in evals), Metric.VAL_PPL_LAST: evals[-1]["val_ppl"]}
         if "val_accuracy" in evals[-1]:
-            metrics |= {"val_accuracy_first": evals[0]["val_accuracy"], "val_accuracy_last": evals[-1]["val_accuracy"]}
+            metrics |= {Metric.VAL_ACCURACY_FIRST: evals[0]["val_accuracy"],
+                        Metric.VAL_ACCURACY_LAST: evals[-1]["val_accuracy"]}
     return metrics
 
 

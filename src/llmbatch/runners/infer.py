@@ -24,6 +24,7 @@ from tqdm import tqdm
 from llmbatch import scoring
 from llmbatch.data import Example, load_examples
 from llmbatch.gather import merge_shards
+from llmbatch.metrics import Metric
 from llmbatch.rundir import RunDir
 from llmbatch.runners.generation import Completion, Decoder, batch_token_budget, encode_prompts, load_model
 from llmbatch.runners.preemption import COLLECTIVE_TIMEOUT, PREEMPTED_EXIT, PreemptionFlag
@@ -113,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     finish_line.wait()
     if accelerator.is_main_process:
         metrics = merge_shards(run, examples)
-        print(f"gathered {metrics['examples']} results into {run.results_file}", flush=True)
+        print(f"gathered {metrics[Metric.EXAMPLES]} results into {run.results_file}", flush=True)
     accelerator.end_training()  # nothing to do with training: it releases the process groups
     return 0
 
