@@ -207,6 +207,7 @@ def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 60) -> None:
 
 
 @pytest.mark.container
+@pytest.mark.slow
 def test_docker_runs_host_python(docker_env, tmp_path, monkeypatch):
     monkeypatch.setenv("LLMBATCH_TEST_SECRET", "s3cret-by-name-only")
     out_file = tmp_path / "out.json"
@@ -239,6 +240,7 @@ def test_docker_runs_host_python(docker_env, tmp_path, monkeypatch):
 
 
 @pytest.mark.container
+@pytest.mark.slow
 def test_docker_files_belong_to_the_caller(docker_env, tmp_path, monkeypatch):
     # As root here, the calling uid is 0 anyway: pretend to be 4321:4322 to see --user act.
     monkeypatch.setattr(os, "getuid", lambda: 4321)
@@ -260,6 +262,7 @@ def _ignore_usr2():  # what launch.py does before exec'ing the command
 
 
 @pytest.mark.container
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR2], ids=["SIGTERM", "SIGUSR2"])
 def test_docker_signal_reaches_the_process_inside(docker_env, tmp_path, sig):
     """The launcher sends SIGTERM/SIGUSR2 to the `docker run` client's process group (its own session,

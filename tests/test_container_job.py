@@ -9,7 +9,7 @@ import yaml
 
 from helpers import run_folder, submit_cli
 
-pytestmark = pytest.mark.container
+pytestmark = [pytest.mark.container, pytest.mark.slow]
 
 
 def test_infer_step_runs_inside_docker(docker_env, cache_dir, tmp_path):

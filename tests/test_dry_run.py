@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shlex
 import subprocess
 import sys
@@ -9,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
+import llmbatch
+from helpers import JOBS, REPO
 from llmbatch.cli import main
-from helpers import JOBS
 from llmbatch.jobstep import rendezvous_port
 
 
@@ -98,3 +100,18 @@ def test_the_node_command_is_built_without_submitit(tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert "'--num_processes', '2'" in proc.stdout and "llmbatch.runners.infer" in proc.stdout
+
+
+
+@pytest.mark.slow
+def test_an_installed_package_finds_its_default_specs(tmp_path):
+    """Installed from a wheel, away from any checkout: `finetune` without a spec finds the default spec
+    and its data, shipped as package data."""
+    site = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
+                    "--target", str(site), str(REPO)], check=True, capture_output=True)
+    proc = subprocess.run([sys.executable, "-m", "llmbatch.cli", "finetune", "--dry-run", "--executor", "local",
+                           "--output", str(tmp_path / "runs")], cwd=tmp_path, capture_output=True, text=True,
+                          env=os.environ | {"PYTHONPATH": str(site)})
+    assert proc.returncode == 0, proc.stderr
+    assert str(site / "llmbatch" / "jobs" / "data" / "parity" / "train.jsonl") in proc.stdout

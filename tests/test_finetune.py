@@ -142,6 +142,7 @@ def test_the_loss_leaves_prompt_positions_out_of_the_head_and_equals_the_full_lo
 
 # --- exact resume ---------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_a_run_stopped_and_resumed_on_one_process_matches_an_uninterrupted_one(uninterrupted, make_run):
     run = make_run("finetune", overrides=[*SMALL, "train.merge=true"])
     stopped = finetune(run, 1, 0, "--stop-at-step", "6", expect_success=False)
@@ -158,6 +159,7 @@ def test_a_run_stopped_and_resumed_on_one_process_matches_an_uninterrupted_one(u
     assert checkpoint_names(run) == ["step-000006", "step-000008"]  # keep_last=2
 
 
+@pytest.mark.slow
 def test_a_run_preempted_on_one_of_two_ranks_resumes_exactly(make_run, tmp_path):
     """SIGUSR2 to rank 1 only: both ranks agree at the next step, save and exit; the resumed run
     (and a second, uninterrupted 2-process run) end with the same adapter and losses.
@@ -207,6 +209,7 @@ def wait_for_rank(proc: subprocess.Popen, rank: int) -> psutil.Process:
 
 # --- outputs --------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_the_run_writes_metrics_and_a_loss_curve(uninterrupted):
     metrics = json.loads(uninterrupted.metrics_file.read_text())
     assert metrics["steps"] == 12 and metrics["world_size"] == 1
@@ -217,6 +220,7 @@ def test_the_run_writes_metrics_and_a_loss_curve(uninterrupted):
     assert (uninterrupted.path / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 def test_the_adapter_loads_in_peft_and_matches_the_merged_weights(uninterrupted):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -234,6 +238,7 @@ def test_the_adapter_loads_in_peft_and_matches_the_merged_weights(uninterrupted)
             assert not torch.allclose(tuned(input_ids).logits, merged(input_ids).logits, atol=1e-2)
 
 
+@pytest.mark.slow
 def test_the_infer_runner_uses_the_adapter_and_scores_higher(uninterrupted, make_run):
     """The adapter as model.adapter of an infer spec, on the test split, against the base model."""
     accuracy = {}

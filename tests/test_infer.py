@@ -220,6 +220,7 @@ def infer(run, processes: int, attempt: int = 0) -> bytes:
     return run.results_file.read_bytes()
 
 
+@pytest.mark.slow
 def test_greedy_results_do_not_depend_on_rank_count_or_batches(make_run):
     # Different budgets too: each input lands in differently composed and padded batches.
     one = infer(make_run("infer", overrides=SMALL), 1)
@@ -238,6 +239,7 @@ def test_greedy_results_do_not_depend_on_rank_count_or_batches(make_run):
     assert 0 < metrics["load_balance"] <= 1 and metrics["tokens_per_s"] > 0
 
 
+@pytest.mark.slow
 def test_sampled_results_do_not_depend_on_rank_count(make_run):
     sampling = [*SMALL, *SAMPLING]
     one = infer(make_run("infer", overrides=sampling), 1)
@@ -256,6 +258,7 @@ def wait_for_first_record(run, proc: subprocess.Popen, log: Path) -> None:
         time.sleep(0.01)
 
 
+@pytest.mark.slow
 def test_a_killed_run_resumed_with_another_rank_count_gives_the_same_results(make_run, tmp_path):
     data = ["data.max_samples=100", "generation.max_new_tokens=8"]
     expected = infer(make_run("infer", overrides=data), 1)
@@ -293,6 +296,7 @@ def test_a_killed_run_resumed_with_another_rank_count_gives_the_same_results(mak
     assert shard_lines(run) == 100  # nothing generated twice
 
 
+@pytest.mark.slow
 def test_a_preempted_rank_stops_after_its_batch_and_the_run_resumes(make_run, tmp_path):
     run = make_run("infer", overrides=[*SMALL, "generation.batch_tokens=30"])  # a row a batch
     argv = [sys.executable, "-m", "llmbatch.runners.infer", "--run-dir", str(run.path), "--attempt", "0"]

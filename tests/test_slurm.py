@@ -17,7 +17,7 @@ import pytest
 from helpers import REPO, run_folder, submit_cli, wait_for
 from llmbatch.lifecycle import FINAL_STATES, slurm_state
 
-pytestmark = pytest.mark.slurm
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
 SMALL = ["--set", "data.max_samples=48", "--set", "generation.max_new_tokens=8"]
 

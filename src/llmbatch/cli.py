@@ -21,7 +21,8 @@ from llmbatch.summary import summarize
 from llmbatch.spec import (EMBEDDED_MODEL, JobSpec, SpecError, apply_override, dump_spec, load_resolved,
                            load_spec)
 
-REPO_JOBS = Path(__file__).resolve().parents[2] / "jobs"
+DEFAULT_JOBS = Path(__file__).resolve().parent / "jobs"
+"""The default specs, shipped with the package (a checkout's jobs/ links here)."""
 
 
 class UsageError(Exception):
@@ -29,10 +30,9 @@ class UsageError(Exception):
 
 
 def default_spec_path(kind: str) -> Path:
-    for folder in (Path.cwd() / "jobs", REPO_JOBS):
-        if (folder / f"{kind}.yaml").is_file():
-            return folder / f"{kind}.yaml"
-    raise UsageError(f"no spec given and no jobs/{kind}.yaml here; pass a spec path")
+    """jobs/KIND.yaml in the current folder, else the default that ships with llmbatch."""
+    local = Path.cwd() / "jobs" / f"{kind}.yaml"
+    return local if local.is_file() else DEFAULT_JOBS / f"{kind}.yaml"
 
 
 def load_job_spec(kind: str, args: argparse.Namespace) -> JobSpec:
