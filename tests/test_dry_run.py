@@ -10,7 +10,7 @@ import pytest
 from llmbatch.cli import main
 from llmbatch.launch import rendezvous_port
 
-from conftest import JOBS
+from conftest import JOBS, PYTHON, REPO
 
 
 def dry_run(capsys, *args: str) -> tuple[str, list[str]]:
@@ -82,3 +82,39 @@ def test_cluster_example_runs_in_apptainer(capsys, tmp_path, model_dir):
     assert argv[:3] == ["apptainer", "exec", "--nv"]
     assert str(image) in argv and flag(argv, "--num_processes") == "8"
     assert "HF_TOKEN" not in " ".join(argv)  # forwarded by name through the environment only
+
+
+def without_slurm(tmp_path: Path) -> dict[str, str]:
+    """The environment of a laptop with no Slurm: a PATH on which neither sbatch nor srun exists."""
+    import os
+    import shutil
+
+    bare = tmp_path / "bin"
+    bare.mkdir()
+    env = dict(os.environ, PATH=str(bare))
+    assert shutil.which("sbatch", path=env["PATH"]) is None and shutil.which("srun", path=env["PATH"]) is None
+    return env
+
+
+def test_dry_run_needs_no_slurm_binaries(tmp_path):
+    import subprocess
+
+    proc = subprocess.run([PYTHON, str(REPO / "submit.py"), "infer", "--executor", "slurm", "--nodes", "2",
+                           "--gpus", "4", "--output", str(tmp_path / "runs"), "--dry-run"],
+                          env=without_slurm(tmp_path), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "#SBATCH --nodes=2" in proc.stdout.splitlines() and "srun --unbuffered" in proc.stdout
+    assert "nothing was submitted" in proc.stdout
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("command", [["infer", "--executor", "slurm"], ["finetune", "--executor", "slurm"]])
+def test_slurm_executor_without_slurm_is_one_line_and_exit_2(tmp_path, command):
+    import subprocess
+
+    proc = subprocess.run([PYTHON, str(REPO / "submit.py"), *command, "--output", str(tmp_path / "runs")],
+                          env=without_slurm(tmp_path), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines() == ["llmbatch: error: --executor slurm: sbatch and srun not on PATH (no Slurm "
+                                        "client on this machine); run where Slurm is, or use --executor local"]
+    assert not (tmp_path / "runs").exists()

@@ -79,14 +79,22 @@ def make_plan(spec: JobSpec, run_path: Path, attempt_base: int = 0) -> LaunchPla
         **({"python": spec.container.python} if spec.container.runtime != "none" else {}))
 
 
+def require_slurm_commands(executor: str) -> None:
+    """Submitting to Slurm needs its client commands here; a dry run does not."""
+    missing = [name for name in ("sbatch", "srun") if not shutil.which(name)]
+    if executor == "slurm" and missing:
+        raise UsageError(f"--executor slurm: {' and '.join(missing)} not on PATH (no Slurm client on this "
+                         f"machine); run where Slurm is, or use --executor local")
+
+
 def cmd_run(kind: str, args: argparse.Namespace) -> int:
     spec = load_job_spec(kind, args)
     executor = slurm.pick_executor(args.executor)
     if executor == "local" and spec.resources.nodes > 1:
         raise UsageError(f"resources.nodes: {spec.resources.nodes} nodes need Slurm; the local executor "
                          f"runs one node (use --executor slurm on a cluster)")
-    if executor == "slurm" and not shutil.which("sbatch") and not args.dry_run:
-        raise UsageError("--executor slurm: sbatch is not on PATH")
+    if not args.dry_run:
+        require_slurm_commands(executor)
     spec = resolve_model(spec, build=not args.dry_run)
 
     if args.dry_run:
@@ -111,7 +119,7 @@ def print_dry_run(spec: JobSpec, executor: str) -> None:
     plan = make_plan(spec, run.path)
     print(f"# resolved spec ({spec.kind})\n{dump_spec(spec)}")
     if executor == "slurm":
-        print("# sbatch script\n" + slurm.sbatch_script(slurm.make_executor(executor, spec, run)))
+        print("# sbatch script\n" + slurm.sbatch_script(spec, run))
     multi = spec.resources.nodes > 1
     example = NodePlace(node_rank=0, main_host="<first host of SLURM_JOB_NODELIST>" if multi else "127.0.0.1",
                         port=0, attempt=0, job_id="<job id>", use_cuda=True)
@@ -165,6 +173,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
         return 0
     spec = load_resolved(run.spec_file)
     executor = slurm.pick_executor(args.executor) if args.executor else status.executor
+    require_slurm_commands(executor)
     ex = slurm.make_executor(executor, spec, run)
     job = slurm.submit(ex, make_plan(spec, run.path, attempt_base=status.attempt + 1))
     run.update_state(executor=executor, job_ids=run.read_state().get("job_ids", []) + [job.job_id])
