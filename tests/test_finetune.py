@@ -90,7 +90,11 @@ def checkpoint_names(run: RunDir) -> list[str]:
 def uninterrupted(tmp_path_factory, model_dir):
     """One uninterrupted 1-process run, merged weights included: the reference for resumed runs."""
     run = new_run(tmp_path_factory.mktemp("uninterrupted"), model_dir, [*SMALL, "train.merge=true"])
-    finetune(run)
+    old_umask = os.umask(RUN_UMASK)  # the ranks inherit it
+    try:
+        finetune(run)
+    finally:
+        os.umask(old_umask)
     return run
 
 
@@ -236,6 +240,19 @@ def wait_for_rank(proc: subprocess.Popen, rank: int) -> psutil.Process:
 
 
 # --- outputs --------------------------------------------------------------------------------------
+
+RUN_UMASK = 0o027
+
+
+def test_every_file_of_the_run_is_readable_as_the_umask_says(uninterrupted):
+    """On shared storage colleagues read results as the umask allows: no 0600 files from temp names."""
+    modes = {str(p.relative_to(uninterrupted.path)): p.stat().st_mode & 0o777
+             for p in uninterrupted.path.rglob("*") if p != uninterrupted.spec_file}  # the test wrote that one
+    assert {"metrics.json", "adapter/adapter_model.safetensors", "loss_curve.png"} <= set(modes)
+    wrong = {name: oct(mode) for name, mode in modes.items()
+             if mode != (0o777 if Path(uninterrupted.path / name).is_dir() else 0o666) & ~RUN_UMASK}
+    assert not wrong
+
 
 def test_the_run_writes_metrics_and_a_loss_curve(uninterrupted):
     metrics = json.loads(uninterrupted.metrics_file.read_text())

@@ -35,12 +35,43 @@ def fsync_path(path: Path) -> None:
         os.close(fd)
 
 
+def current_umask() -> int:
+    # Read, not set-and-restore, where Linux allows: os.umask() would change it for every thread.
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def apply_umask(folder: Path) -> None:
+    """Give a folder made through private temp names the modes a plain open/mkdir would have given.
+
+    On a lab's shared storage colleagues read results as the umask allows; mkstemp/mkdtemp (and some
+    writers) make 0600/0700 entries.
+    """
+    mask = current_umask()
+    for root, dirs, files in os.walk(folder):
+        os.chmod(root, 0o777 & ~mask)
+        for name in files:
+            os.chmod(os.path.join(root, name), 0o666 & ~mask)
+
+
 def atomic_write(path: Path, data: str | bytes) -> None:
-    """Write via a temp file in the same folder, fsync, rename: readers see old or new, never half."""
+    """Write via a temp file in the same folder, fsync, rename: readers see old or new, never half.
+
+    The file gets the mode a plain open() would give (mkstemp's is 0600).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~current_umask())
         with os.fdopen(fd, "wb") as f:
             f.write(data.encode() if isinstance(data, str) else data)
             f.flush()

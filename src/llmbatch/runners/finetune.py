@@ -49,7 +49,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, get_scheduler
 
 from llmbatch import scoring
 from llmbatch.data import load_examples
-from llmbatch.rundir import RunDir, atomic_write, atomic_write_json, fsync_path, read_jsonl
+from llmbatch.rundir import RunDir, apply_umask, atomic_write, atomic_write_json, fsync_path, read_jsonl
 from llmbatch.runners import COLLECTIVE_TIMEOUT, PREEMPTED_EXIT
 from llmbatch.runners.checkpoint import (PreemptionFlag, checkpoint_trainable_weights_only, resume,
                                          save_checkpoint)
@@ -341,6 +341,7 @@ def save_folder(target: Path, write) -> None:
     tmp = target.with_name(f".{target.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     write(tmp)
+    apply_umask(tmp)
     old = target.with_name(f".{target.name}.old")
     if target.exists():
         shutil.rmtree(old, ignore_errors=True)
