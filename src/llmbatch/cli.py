@@ -6,6 +6,7 @@ Exit codes: 0 done, 1 the job failed, 2 bad input (nothing was queued).
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import shutil
 import sys
@@ -16,7 +17,7 @@ from llmbatch import embedded, lifecycle, slurm
 from llmbatch.container import wrap_command
 from llmbatch.data import DataError, load_examples
 from llmbatch.launch import LaunchPlan, NodePlace, build_launch_argv, launch_env
-from llmbatch.rundir import RunDir, atomic_write
+from llmbatch.rundir import DamagedRun, RunDir, atomic_write
 from llmbatch.summary import summarize
 from llmbatch.spec import JobSpec, SpecError, apply_override, dump_spec, load_resolved, load_spec
 
@@ -105,13 +106,21 @@ def cmd_run(kind: str, args: argparse.Namespace) -> int:
     atomic_write(run.spec_file, dump_spec(spec))
     ex = slurm.make_executor(executor, spec, run)
     job = slurm.submit(ex, make_plan(spec, run.path))
-    run.update_state(kind=kind, executor=executor, job_ids=[job.job_id], submitted=time.time())
+    run.update_state(kind=kind, executor=executor, job_ids=[job.job_id], submitted=time.time(),
+                     **local_identity(executor, job))
     print(f"run folder: {run.path}")
     print(f"{executor} job: {job.job_id}")
     if executor == "slurm" and not args.wait:
         print(f"follow it with: python submit.py status {run.path}")
         return 0
     return wait_and_summarize(job, run, follow=executor == "local")
+
+
+def local_identity(executor: str, job) -> dict:
+    """What tells a local job's process from a later one that reuses its pid (`status`, `cancel`)."""
+    if executor != "local":
+        return {}
+    return {"local_start_ticks": lifecycle.process_start_ticks(int(job.job_id))}
 
 
 def print_dry_run(spec: JobSpec, executor: str) -> None:
@@ -176,7 +185,8 @@ def cmd_resume(args: argparse.Namespace) -> int:
     require_slurm_commands(executor)
     ex = slurm.make_executor(executor, spec, run)
     job = slurm.submit(ex, make_plan(spec, run.path, attempt_base=status.attempt + 1))
-    run.update_state(executor=executor, job_ids=run.read_state().get("job_ids", []) + [job.job_id])
+    run.update_state(executor=executor, job_ids=run.read_state().get("job_ids", []) + [job.job_id],
+                     **local_identity(executor, job))
     print(f"resumed {run.path}\n{executor} job: {job.job_id} (attempt {status.attempt + 1})")
     if executor == "slurm" and not args.wait:
         return 0
@@ -202,11 +212,18 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    statuses = [lifecycle.run_status(r) for r in lifecycle.find_runs(Path(args.root))[: args.limit]]
+    statuses, damaged = [], []
+    for run in lifecycle.find_runs(Path(args.root))[: args.limit]:
+        try:  # one damaged run folder must not hide the others
+            statuses.append(lifecycle.run_status(run))
+        except DamagedRun as e:
+            damaged.append(f"{run.name}  damaged: {e}")
     if args.json:
         print(lifecycle.status_json(statuses))
     else:
-        print("\n".join(s.line() for s in statuses) or f"no runs under {args.root}")
+        print("\n".join([s.line() for s in statuses] + damaged) or f"no runs under {args.root}")
+    for line in damaged if args.json else ():
+        print(line, file=sys.stderr)
     return 0
 
 
@@ -221,8 +238,7 @@ def cmd_logs(args: argparse.Namespace) -> int:
             raise UsageError(f"no log yet: {path}")
         sys.stdout.write(path.read_text(errors="replace"))
         return 0
-    final = lifecycle.FINAL_STATES | {"COMPLETED", "FAILED", "STOPPED", "NOT SUBMITTED"}
-    lifecycle.follow(path, lambda: lifecycle.run_status(run).state not in final)
+    lifecycle.follow(path, lambda: lifecycle.run_status(run).state not in lifecycle.ENDED_STATES)
     return 0
 
 
@@ -315,9 +331,14 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)
-    except (SpecError, DataError, UsageError) as e:
+    except (SpecError, DataError, UsageError, DamagedRun) as e:
         print(f"llmbatch: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # The reader went away (`status | head`): stop quietly, as Unix tools do, and keep the
+        # interpreter from complaining again when it flushes stdout at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 
 
 if __name__ == "__main__":

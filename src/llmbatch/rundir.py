@@ -87,11 +87,17 @@ def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
+class DamagedRun(Exception):
+    """A run folder file that exists but cannot be read: one line naming the file."""
+
+
 def read_json(path: Path, default: Any = None) -> Any:
     try:
         return json.loads(Path(path).read_text())
     except FileNotFoundError:
         return default
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DamagedRun(f"{path}: damaged, not valid JSON ({e})") from None
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -155,7 +161,10 @@ class RunDir:
         return self.path / f"preempt-attempt-{attempt:03d}"
 
     def read_state(self) -> dict[str, Any]:
-        return read_json(self.state_file, {})
+        state = read_json(self.state_file, {})
+        if not isinstance(state, dict):
+            raise DamagedRun(f"{self.state_file}: damaged, not a JSON object")
+        return state
 
     def update_state(self, **changes: Any) -> dict[str, Any]:
         state = self.read_state() | changes
