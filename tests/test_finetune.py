@@ -119,6 +119,33 @@ def test_packed_rows_hold_whole_sequences_and_positions_restart():
     assert batch["num_tokens"].item() == 15
 
 
+def test_a_seq_len_shorter_than_the_prompts_is_an_error_not_a_zero_loss(make_run, capsys):
+    from transformers import AutoTokenizer
+
+    from llmbatch.data import load_examples
+    from llmbatch.runners.finetune import TooShortForData, make_rows
+    from llmbatch.spec import load_resolved
+
+    spec = load_resolved(make_run("finetune", overrides=["data.max_samples=20"]).spec_file)
+    tokenizer = AutoTokenizer.from_pretrained(spec.model.path)
+    examples = load_examples(spec.data)
+    prompt_lengths = sorted(len(ids) for ids in tokenizer([e.prompt for e in examples])["input_ids"])
+
+    def rows(seq_len: int):
+        return make_rows(dataclasses.replace(spec, train=dataclasses.replace(spec.train, seq_len=seq_len)),
+                         tokenizer, examples, "data.path")
+
+    with pytest.raises(TooShortForData, match=r"^train.seq_len: \d+ tokens leave no target token of any example in "
+                                              r"data.path"):
+        rows(prompt_lengths[0] - 1)
+    # Shorter than the longest prompts only: those are left out, and the log says how many.
+    seq_len = prompt_lengths[-1] - 1
+    kept = sum(len(row) for row in rows(seq_len))
+    lost = sum(length > seq_len for length in prompt_lengths)
+    assert 0 < lost < len(examples) and kept == len(examples) - lost
+    assert f"; {lost} of them keep no target token and are left out" in capsys.readouterr().out
+
+
 def test_packed_and_padded_batches_give_the_same_loss_and_gradients(make_run):
     """The same examples, packed 3-4 to a row or one per padded row: the loss per target token and its
     gradient agree to float32 rounding (sums in another order), because attention stays inside each
@@ -142,7 +169,7 @@ def test_packed_and_padded_batches_give_the_same_loss_and_gradients(make_run):
 
     def loss_and_grads(packing: bool):
         rows = make_rows(dataclasses.replace(spec, train=dataclasses.replace(spec.train, packing=packing)),
-                         tokenizer, examples)
+                         tokenizer, examples, "data.path")
         batch = collate(rows, tokenizer.pad_token_id)
         model.zero_grad()
         loss = token_loss_sum(model, batch) / (batch["targets"] != IGNORE).sum()
