@@ -81,3 +81,52 @@ def test_output_into_a_closed_pipe_ends_quietly(make_run):
     os.close(write_end)
     assert proc.returncode == 141 and proc.stderr == ""
     assert json.loads(run.state_file.read_text())["job_ids"] == ["1"]
+
+
+def gather_error(run, capsys) -> str:
+    assert main(["gather", str(run.path)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1, err
+    return err.strip()
+
+
+def test_gather_of_a_finetune_run_says_what_it_is(make_run, capsys):
+    run = make_run("finetune")
+    assert gather_error(run, capsys) == (f"llmbatch: error: {run.path}: a finetune run, not an inference run: "
+                                         f"it has no results to gather")
+
+
+def test_gather_names_a_damaged_shard(make_run, capsys):
+    from llmbatch.shards import shard_for
+
+    run = make_run("infer")
+    shard = shard_for(run, 0, 0)
+    shard.path.parent.mkdir()
+    shard.path.write_bytes(b'{"id": "1", "output": "x"}\n\x00\x00garbage\n{"id": "2"}\n')
+    assert gather_error(run, capsys) == (f"llmbatch: error: {shard.path}: damaged, record 2 is not valid JSON "
+                                         f"(Expecting value)")
+
+
+def test_gather_names_a_damaged_run_spec(make_run, capsys):
+    run = make_run("infer")
+    run.spec_file.write_text("model: [unclosed\n")
+    assert gather_error(run, capsys).startswith(f"llmbatch: error: {run.spec_file}: damaged run spec, not loadable")
+
+
+def test_gather_says_when_the_data_file_moved(make_run, tmp_path, capsys):
+    data = tmp_path / "inputs.jsonl"
+    data.write_text('{"id": "a", "question": "1 0 1"}\n')
+    run = make_run("infer", overrides=[f"data.path={data}"])
+    data.rename(tmp_path / "elsewhere.jsonl")
+    assert gather_error(run, capsys) == (f"llmbatch: error: {data}: the run's data file is gone (moved or deleted?); "
+                                         f"put it back there to gather {run.path}")
+
+
+def test_status_counts_inputs_from_the_run_folder_not_the_data_file(make_run, tmp_path, capsys):
+    data = tmp_path / "inputs.jsonl"
+    data.write_text("".join(f'{{"id": "{i}", "question": "1 0"}}\n' for i in range(7)))
+    run = make_run("infer", overrides=[f"data.path={data}"])
+    run.update_state(kind="infer", executor="local", job_ids=["1"], inputs=7)
+    data.unlink()  # status must not need it (nor read millions of lines for a count)
+    assert main(["status", str(run.path)]) == 0
+    assert "0/7 inputs" in capsys.readouterr().out

@@ -36,8 +36,9 @@ def default_spec_path(kind: str) -> Path:
     raise UsageError(f"no spec given and no jobs/{kind}.yaml here; pass a spec path")
 
 
-def load_job_spec(kind: str, args: argparse.Namespace) -> JobSpec:
-    """The spec with the command line's overrides, validated, and its data files checked."""
+def load_job_spec(kind: str, args: argparse.Namespace) -> tuple[JobSpec, int]:
+    """The spec with the command line's overrides, validated, its data files checked, and how many
+    inputs it has."""
     overrides = list(args.set or [])
     if args.gpus is not None:
         overrides.append(f"resources.gpus_per_node={args.gpus}")
@@ -46,10 +47,10 @@ def load_job_spec(kind: str, args: argparse.Namespace) -> JobSpec:
     if args.output is not None:
         overrides.append(f"output.root={args.output}")
     spec = load_spec(args.spec or default_spec_path(kind), kind, overrides)
-    load_examples(spec.data)
+    inputs = len(load_examples(spec.data))
     if spec.data.val_path:
         load_examples(spec.data, spec.data.val_path)
-    return spec
+    return spec, inputs
 
 
 def resolve_model(spec: JobSpec, build: bool) -> JobSpec:
@@ -89,7 +90,7 @@ def require_slurm_commands(executor: str) -> None:
 
 
 def cmd_run(kind: str, args: argparse.Namespace) -> int:
-    spec = load_job_spec(kind, args)
+    spec, inputs = load_job_spec(kind, args)
     executor = slurm.pick_executor(args.executor)
     if executor == "local" and spec.resources.nodes > 1:
         raise UsageError(f"resources.nodes: {spec.resources.nodes} nodes need Slurm; the local executor "
@@ -106,7 +107,7 @@ def cmd_run(kind: str, args: argparse.Namespace) -> int:
     atomic_write(run.spec_file, dump_spec(spec))
     ex = slurm.make_executor(executor, spec, run)
     job = slurm.submit(ex, make_plan(spec, run.path))
-    run.update_state(kind=kind, executor=executor, job_ids=[job.job_id], submitted=time.time(),
+    run.update_state(kind=kind, executor=executor, job_ids=[job.job_id], submitted=time.time(), inputs=inputs,
                      **local_identity(executor, job))
     print(f"run folder: {run.path}")
     print(f"{executor} job: {job.job_id}")

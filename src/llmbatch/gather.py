@@ -18,10 +18,11 @@ from __future__ import annotations
 
 import sys
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 from llmbatch import scoring
-from llmbatch.data import Example, load_examples
+from llmbatch.data import DataError, Example, load_examples
 from llmbatch.rundir import RunDir, atomic_write, atomic_write_json
 from llmbatch.shards import complete_lines, list_shards, read_records, read_stats, record_line
 from llmbatch.spec import load_resolved
@@ -95,9 +96,20 @@ def timing_metrics(run: RunDir) -> dict[str, Any]:
     }
 
 
+def run_examples(run: RunDir) -> list[Example]:
+    """The inputs of an inference run, from the data file its spec names."""
+    spec = load_resolved(run.spec_file)
+    if spec.kind != "infer":
+        raise DataError(f"{run.path}: a {spec.kind} run, not an inference run: it has no results to gather")
+    if not Path(spec.data.path).is_file():
+        raise DataError(f"{spec.data.path}: the run's data file is gone (moved or deleted?); put it back there "
+                        f"to gather {run.path}")
+    return load_examples(spec.data)
+
+
 def gather_run(run: RunDir) -> int:
     """`submit.py gather RUN`: merge by hand; prints one line, returns the exit code."""
-    examples = load_examples(load_resolved(run.spec_file).data)
+    examples = run_examples(run)
     try:
         metrics = merge_shards(run, examples)
     except IncompleteRun as e:
@@ -110,7 +122,10 @@ def gather_run(run: RunDir) -> int:
 
 def read_progress(run: RunDir) -> dict[str, Any]:
     """Done/total over all attempts, and this (the latest) attempt's records per rank, for `status`."""
-    total = len(load_examples(load_resolved(run.spec_file).data))
+    # Counted at submission: a data file of millions of lines is not read again for each status.
+    total = run.read_state().get("inputs")
+    if total is None:
+        total = len(run_examples(run))
     shards = list_shards(run)
     attempt = max((s.attempt for s in shards), default=None)
     ranks = {s.rank: len(complete_lines(s.path)) for s in shards if s.attempt == attempt}

@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import secrets
@@ -87,7 +88,7 @@ def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
-class DamagedRun(Exception):
+class DamagedRun(ValueError):
     """A run folder file that exists but cannot be read: one line naming the file."""
 
 
@@ -167,8 +168,11 @@ class RunDir:
         return state
 
     def update_state(self, **changes: Any) -> dict[str, Any]:
-        state = self.read_state() | changes
-        atomic_write_json(self.state_file, state)
+        # Read-modify-write by several processes (the CLI, node 0's job): serialized by a lock file.
+        with open(self.path / ".state.lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            state = self.read_state() | changes
+            atomic_write_json(self.state_file, state)
         return state
 
     def record_command(self, entry: dict[str, Any]) -> None:

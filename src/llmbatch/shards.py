@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from llmbatch.rundir import RunDir, atomic_write_json
+from llmbatch.rundir import DamagedRun, RunDir, atomic_write_json
 
 _SHARD_NAME = re.compile(r"^attempt-(\d+)-rank-(\d+)\.jsonl$")
 
@@ -63,10 +63,13 @@ def read_records(path: Path) -> list[dict[str, Any]]:
     records = []
     for number, line in enumerate(complete_lines(path), 1):
         try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError as e:
+            records.append(json.loads(line.decode("utf-8")))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             # Only the last line can be torn by a kill; a bad complete line means something else.
-            raise ValueError(f"{path}: record {number} is not valid JSON ({e.msg})") from None
+            why = getattr(e, "msg", e)
+            raise DamagedRun(f"{path}: damaged, record {number} is not valid JSON ({why})") from None
+        if not isinstance(records[-1], dict) or not isinstance(records[-1].get("id"), str):
+            raise DamagedRun(f"{path}: damaged, record {number} is not a result with an id")
     return records
 
 
