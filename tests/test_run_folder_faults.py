@@ -130,3 +130,32 @@ def test_status_counts_inputs_from_the_run_folder_not_the_data_file(make_run, tm
     data.unlink()  # status must not need it (nor read millions of lines for a count)
     assert main(["status", str(run.path)]) == 0
     assert "0/7 inputs" in capsys.readouterr().out
+
+
+def test_a_second_resume_of_the_same_run_is_refused(make_run, capsys):
+    run = local_run(make_run, job_ids=["1"])
+    with run.exclusive("resume"):  # as a first `resume`, still waiting for its job, holds it
+        assert main(["resume", str(run.path)]) == 2
+    assert capsys.readouterr().err.strip() == (f"llmbatch: error: {run.path}: another resume of this run is "
+                                               f"under way")
+
+
+def test_resume_refuses_while_a_rank_of_an_earlier_attempt_still_runs(make_run, sleeper, capsys, monkeypatch):
+    """After a SIGKILL of the CLI and of the job's process, an orphaned rank may still write shards."""
+    import socket
+
+    from llmbatch import cli
+
+    monkeypatch.setattr(cli, "RANK_EXIT_GRACE_S", 1.0)
+
+    from llmbatch.rundir import atomic_write_json
+
+    run = local_run(make_run, job_ids=["1"])
+    atomic_write_json(run.ranks_dir / "attempt-000-rank-00001.json",
+                      {"host": socket.gethostname(), "pid": sleeper.pid,
+                       "start_ticks": process_start_ticks(sleeper.pid)})
+    assert main(["resume", str(run.path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"llmbatch: error: {run.path}: attempt-000-rank-00001 is still running here "
+                          f"(pid {sleeper.pid})") and len(err.splitlines()) == 1
+    assert not run.submitit_dir.exists()  # nothing was submitted

@@ -17,7 +17,7 @@ from llmbatch import embedded, lifecycle, slurm
 from llmbatch.container import wrap_command
 from llmbatch.data import DataError, load_examples
 from llmbatch.launch import LaunchPlan, NodePlace, build_launch_argv, launch_env
-from llmbatch.rundir import DamagedRun, RunDir, atomic_write
+from llmbatch.rundir import DamagedRun, RunBusy, RunDir, atomic_write
 from llmbatch.summary import summarize
 from llmbatch.spec import JobSpec, SpecError, apply_override, dump_spec, load_resolved, load_spec
 
@@ -172,26 +172,43 @@ def cmd_gather(args: argparse.Namespace) -> int:
     return gather_run(open_run(args.run))
 
 
+RANK_EXIT_GRACE_S = 15.0
+"""How long `resume` lets the ranks of a job that was just killed take to exit."""
+
+
+def wait_for_ranks_to_end(run: RunDir, grace_s: float) -> list[dict]:
+    """The ranks of earlier attempts still alive here after `grace_s` seconds ([] once all ended)."""
+    deadline = time.monotonic() + grace_s
+    while (live := run.live_ranks()) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return live
+
+
 def cmd_resume(args: argparse.Namespace) -> int:
     """Resubmit a stopped run from its folder; runners pick up shards and checkpoints there."""
     run = open_run(args.run)
-    status = lifecycle.run_status(run)
-    if status.state in ("RUNNING", "PENDING", "REQUEUED", "CONFIGURING", "COMPLETING"):
-        raise UsageError(f"{run.path}: job {status.job_id} is {status.state}; cancel it first")
-    if run.results_file.exists() or (status.kind == "finetune" and run.adapter_dir.exists()):
-        print(f"{run.path}: already complete, nothing to resume")
-        return 0
-    spec = load_resolved(run.spec_file)
-    executor = slurm.pick_executor(args.executor) if args.executor else status.executor
-    require_slurm_commands(executor)
-    ex = slurm.make_executor(executor, spec, run)
-    job = slurm.submit(ex, make_plan(spec, run.path, attempt_base=status.attempt + 1))
-    run.update_state(executor=executor, job_ids=run.read_state().get("job_ids", []) + [job.job_id],
-                     **local_identity(executor, job))
-    print(f"resumed {run.path}\n{executor} job: {job.job_id} (attempt {status.attempt + 1})")
-    if executor == "slurm" and not args.wait:
-        return 0
-    return wait_and_summarize(job, run, follow=executor == "local")
+    with run.exclusive("resume"):  # held until this resume's job is submitted (and waited for)
+        status = lifecycle.run_status(run)
+        if status.state in ("RUNNING", "PENDING", "REQUEUED", "CONFIGURING", "COMPLETING"):
+            raise UsageError(f"{run.path}: job {status.job_id} is {status.state}; cancel it first")
+        if run.results_file.exists() or (status.kind == "finetune" and run.adapter_dir.exists()):
+            print(f"{run.path}: already complete, nothing to resume")
+            return 0
+        if live := wait_for_ranks_to_end(run, RANK_EXIT_GRACE_S):
+            raise UsageError(f"{run.path}: {live[0]['name']} is still running here (pid {live[0]['pid']}), "
+                             f"though its job has ended; stop it before resuming, or two attempts would "
+                             f"write the same results")
+        spec = load_resolved(run.spec_file)
+        executor = slurm.pick_executor(args.executor) if args.executor else status.executor
+        require_slurm_commands(executor)
+        ex = slurm.make_executor(executor, spec, run)
+        job = slurm.submit(ex, make_plan(spec, run.path, attempt_base=status.attempt + 1))
+        run.update_state(executor=executor, job_ids=run.read_state().get("job_ids", []) + [job.job_id],
+                         **local_identity(executor, job))
+        print(f"resumed {run.path}\n{executor} job: {job.job_id} (attempt {status.attempt + 1})")
+        if executor == "slurm" and not args.wait:
+            return 0
+        return wait_and_summarize(job, run, follow=executor == "local")
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -332,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)
-    except (SpecError, DataError, UsageError, DamagedRun) as e:
+    except (SpecError, DataError, UsageError, DamagedRun, RunBusy) as e:
         print(f"llmbatch: error: {e}", file=sys.stderr)
         return 2
     except BrokenPipeError:

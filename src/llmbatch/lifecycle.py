@@ -11,7 +11,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from llmbatch.rundir import RunDir, read_json, read_jsonl
+from llmbatch.rundir import RunDir, process_start_ticks, read_json, read_jsonl
 
 # Slurm states after which a job will not run again by itself.
 FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "PREEMPTED",
@@ -68,19 +68,6 @@ def _query(argv: list[str]) -> str:
         return subprocess.run(argv, capture_output=True, text=True, timeout=30).stdout.strip()
     except (OSError, subprocess.TimeoutExpired):
         return ""
-
-
-def process_start_ticks(pid: int) -> int | None:
-    """When process `pid` started (clock ticks since boot, from /proc), or None if there is none.
-
-    A pid alone does not name a process for long: once the job ended, the number can belong to any
-    process. The pid and its start time together do.
-    """
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except (OSError, ValueError):
-        return None
-    return int(stat.rsplit(")", 1)[1].split()[19])  # field 22; the name in parentheses may hold spaces
 
 
 def local_job_alive(state: dict, job_id: str) -> bool:

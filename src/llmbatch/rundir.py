@@ -20,8 +20,11 @@ import fcntl
 import json
 import os
 import secrets
+import socket
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -92,6 +95,23 @@ class DamagedRun(ValueError):
     """A run folder file that exists but cannot be read: one line naming the file."""
 
 
+class RunBusy(Exception):
+    """Another process holds this run's lock for the same work (a second `resume`, say)."""
+
+
+def process_start_ticks(pid: int) -> int | None:
+    """When process `pid` started (clock ticks since boot, from /proc), or None if there is none.
+
+    A pid alone does not name a process for long: once it ended, the number can belong to any other
+    process. The pid and its start time together do.
+    """
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (OSError, ValueError):
+        return None
+    return int(stat.rsplit(")", 1)[1].split()[19])  # field 22; the name in parentheses may hold spaces
+
+
 def read_json(path: Path, default: Any = None) -> Any:
     try:
         return json.loads(Path(path).read_text())
@@ -160,6 +180,41 @@ class RunDir:
         container, so a signal the node job sends to its child does not reach them.
         """
         return self.path / f"preempt-attempt-{attempt:03d}"
+
+    ranks_dir = property(lambda self: self.path / "ranks")
+
+    def record_rank(self, attempt: int, rank: int) -> None:
+        """Which process runs this rank of this attempt, so that `resume` can make sure that no rank
+        of an earlier attempt still writes into the run."""
+        atomic_write_json(self.ranks_dir / f"attempt-{attempt:03d}-rank-{rank:05d}.json",
+                          {"host": socket.gethostname(), "pid": os.getpid(),
+                           "start_ticks": process_start_ticks(os.getpid())})
+
+    def live_ranks(self) -> list[dict[str, Any]]:
+        """The recorded ranks whose process still runs on this host (same pid, same start time).
+
+        Ranks on other nodes are Slurm's to account for: they live only while their job does.
+        """
+        host, alive = socket.gethostname(), []
+        for path in sorted(self.ranks_dir.glob("attempt-*-rank-*.json")):
+            record = read_json(path)
+            if record.get("host") == host and record.get("start_ticks") is not None \
+                    and process_start_ticks(record["pid"]) == record["start_ticks"]:
+                alive.append(record | {"name": path.stem})
+        return alive
+
+    @contextmanager
+    def exclusive(self, work: str) -> Iterator[None]:
+        """Hold the run's lock for `work` while the block runs; RunBusy if another process holds it.
+
+        The kernel drops an flock when its holder dies, so a killed holder never leaves a stale lock.
+        """
+        with open(self.path / f".{work}.lock", "a") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise RunBusy(f"{self.path}: another {work} of this run is under way") from None
+            yield
 
     def read_state(self) -> dict[str, Any]:
         state = read_json(self.state_file, {})

@@ -85,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         step_scheduler_with_optimizer=False,
     )
     preemption = PreemptionFlag(run.preempt_marker(args.attempt))
+    run.record_rank(args.attempt, accelerator.process_index)
     set_seed(cfg.seed)  # the same LoRA init on every rank and in every run
     metrics_log = run.train_metrics_file
 
