@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-import llmbatch
-from helpers import JOBS, REPO
+from helpers import JOBS, PYTHON, REPO
 from llmbatch.cli import main
 from llmbatch.jobstep import rendezvous_port
 
@@ -102,7 +102,6 @@ def test_the_node_command_is_built_without_submitit(tmp_path):
     assert "'--num_processes', '2'" in proc.stdout and "llmbatch.runners.infer" in proc.stdout
 
 
-
 @pytest.mark.slow
 def test_an_installed_package_finds_its_default_specs(tmp_path):
     """Installed from a wheel, away from any checkout: `finetune` without a spec finds the default spec
@@ -115,3 +114,32 @@ def test_an_installed_package_finds_its_default_specs(tmp_path):
                           env=os.environ | {"PYTHONPATH": str(site)})
     assert proc.returncode == 0, proc.stderr
     assert str(site / "llmbatch" / "jobs" / "data" / "parity" / "train.jsonl") in proc.stdout
+
+
+def without_slurm(tmp_path: Path) -> dict[str, str]:
+    """The environment of a laptop with no Slurm: a PATH on which neither sbatch nor srun exists."""
+    bare = tmp_path / "bin"
+    bare.mkdir()
+    env = dict(os.environ, PATH=str(bare))
+    assert shutil.which("sbatch", path=env["PATH"]) is None and shutil.which("srun", path=env["PATH"]) is None
+    return env
+
+
+def test_dry_run_needs_no_slurm_binaries(tmp_path):
+    proc = subprocess.run([PYTHON, str(REPO / "submit.py"), "infer", "--executor", "slurm", "--nodes", "2",
+                           "--gpus", "4", "--output", str(tmp_path / "runs"), "--dry-run"],
+                          env=without_slurm(tmp_path), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "#SBATCH --nodes=2" in proc.stdout.splitlines() and "srun --unbuffered" in proc.stdout
+    assert "nothing was submitted" in proc.stdout
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("command", [["infer", "--executor", "slurm"], ["finetune", "--executor", "slurm"]])
+def test_slurm_executor_without_slurm_is_one_line_and_exit_2(tmp_path, command):
+    proc = subprocess.run([PYTHON, str(REPO / "submit.py"), *command, "--output", str(tmp_path / "runs")],
+                          env=without_slurm(tmp_path), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines() == ["llmbatch: error: --executor slurm: sbatch and srun not on PATH (no Slurm "
+                                        "client on this machine); run where Slurm is, or use --executor local"]
+    assert not (tmp_path / "runs").exists()

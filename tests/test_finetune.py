@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import psutil
 import pytest
@@ -59,8 +60,13 @@ def checkpoint_names(run: RunDir) -> list[str]:
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory, model_dir):
     """One uninterrupted 1-process run, merged weights included: the reference for resumed runs."""
-    run = new_run(tmp_path_factory.mktemp("uninterrupted"), model_dir, "finetune", [*SMALL, "train.merge=true"])
-    finetune(run)
+    run = new_run(tmp_path_factory.mktemp("uninterrupted"), model_dir, "finetune",
+                  [*SMALL, "train.merge=true"])
+    old_umask = os.umask(RUN_UMASK)  # the ranks inherit it
+    try:
+        finetune(run)
+    finally:
+        os.umask(old_umask)
     return run
 
 
@@ -83,6 +89,33 @@ def test_packed_rows_hold_whole_sequences_and_positions_restart():
     assert batch["input_ids"][2].tolist() == [5, 0, 0, 0, 0, 0, 0]
     assert batch["targets"][2].tolist() == [5] + [IGNORE] * 6
     assert batch["num_tokens"].item() == 15
+
+
+def test_a_seq_len_shorter_than_the_prompts_is_an_error_not_a_zero_loss(make_run, capsys):
+    from transformers import AutoTokenizer
+
+    from llmbatch.data import load_examples
+    from llmbatch.runners.finetune import TooShortForData, make_rows
+    from llmbatch.spec import load_resolved
+
+    spec = load_resolved(make_run("finetune", overrides=["data.max_samples=20"]).spec_file)
+    tokenizer = AutoTokenizer.from_pretrained(spec.model.path)
+    examples = load_examples(spec.data)
+    prompt_lengths = sorted(len(ids) for ids in tokenizer([e.prompt for e in examples])["input_ids"])
+
+    def rows(seq_len: int):
+        return make_rows(dataclasses.replace(spec, train=dataclasses.replace(spec.train, seq_len=seq_len)),
+                         tokenizer, examples, "data.path")
+
+    with pytest.raises(TooShortForData, match=r"^train.seq_len: \d+ tokens leave no target token of any example in "
+                                              r"data.path"):
+        rows(prompt_lengths[0] - 1)
+    # Shorter than the longest prompts only: those are left out, and the log says how many.
+    seq_len = prompt_lengths[-1] - 1
+    kept = sum(len(row) for row in rows(seq_len))
+    lost = sum(length > seq_len for length in prompt_lengths)
+    assert 0 < lost < len(examples) and kept == len(examples) - lost
+    assert f"; {lost} of them keep no target token and are left out" in capsys.readouterr().out
 
 
 def test_packed_and_padded_batches_give_the_same_loss_and_gradients(make_run):
@@ -108,7 +141,7 @@ def test_packed_and_padded_batches_give_the_same_loss_and_gradients(make_run):
 
     def loss_and_grads(packing: bool):
         rows = make_rows(dataclasses.replace(spec, train=dataclasses.replace(spec.train, packing=packing)),
-                         tokenizer, examples)
+                         tokenizer, examples, "data.path")
         batch = collate(rows, tokenizer.pad_token_id)
         model.zero_grad()
         loss = token_loss_sum(model, batch) / (batch["targets"] != IGNORE).sum()
@@ -208,6 +241,20 @@ def wait_for_rank(proc: subprocess.Popen, rank: int) -> psutil.Process:
 
 
 # --- outputs --------------------------------------------------------------------------------------
+
+RUN_UMASK = 0o027
+
+
+@pytest.mark.slow
+def test_every_file_of_the_run_is_readable_as_the_umask_says(uninterrupted):
+    """On shared storage colleagues read results as the umask allows: no 0600 files from temp names."""
+    modes = {str(p.relative_to(uninterrupted.path)): p.stat().st_mode & 0o777
+             for p in uninterrupted.path.rglob("*") if p != uninterrupted.spec_file}  # the test wrote that one
+    assert {"metrics.json", "adapter/adapter_model.safetensors", "loss_curve.png"} <= set(modes)
+    wrong = {name: oct(mode) for name, mode in modes.items()
+             if mode != (0o777 if Path(uninterrupted.path / name).is_dir() else 0o666) & ~RUN_UMASK}
+    assert not wrong
+
 
 @pytest.mark.slow
 def test_the_run_writes_metrics_and_a_loss_curve(uninterrupted):

@@ -40,6 +40,13 @@ def test_infer_on_two_nodes_matches_one_local_process(slurm_cluster, cache_dir, 
     assert run.results_file.read_bytes() == local.results_file.read_bytes()
     assert len(run.results_file.read_text().splitlines()) == 48
     assert "accuracy" in proc.stdout  # the summary
+    # --dry-run's preview (built without Slurm binaries) is the script that sbatch really got.
+    from llmbatch.slurm import sbatch_script
+    from llmbatch.spec import load_resolved
+
+    job_id = run.read_state()["job_ids"][0]
+    submitted = (run.submitit_dir / f"{job_id}_submission.sh").read_text()
+    assert sbatch_script(load_resolved(run.spec_file), run) == submitted
 
 
 def test_finetune_on_two_nodes_saves_an_adapter(slurm_cluster, cache_dir, tmp_path):

@@ -6,6 +6,7 @@ Exit codes: 0 done, 1 the job failed, 2 bad input (nothing was queued).
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import shutil
 import sys
@@ -16,7 +17,7 @@ from llmbatch import embedded, lifecycle, slurm
 from llmbatch.data import DataError, load_examples
 from llmbatch.gather import gather_run
 from llmbatch.jobstep import NodePlace, make_plan, node_command
-from llmbatch.rundir import RunDir, atomic_write
+from llmbatch.rundir import DamagedRun, RunBusy, RunDir, atomic_write
 from llmbatch.summary import summarize
 from llmbatch.spec import (EMBEDDED_MODEL, JobSpec, SpecError, apply_override, dump_spec, load_resolved,
                            load_spec)
@@ -35,8 +36,9 @@ def default_spec_path(kind: str) -> Path:
     return local if local.is_file() else DEFAULT_JOBS / f"{kind}.yaml"
 
 
-def load_job_spec(kind: str, args: argparse.Namespace) -> JobSpec:
-    """The spec with the command line's overrides, validated, and its data files checked."""
+def load_job_spec(kind: str, args: argparse.Namespace) -> tuple[JobSpec, int]:
+    """The spec with the command line's overrides, validated, its data files checked, and how many
+    inputs it has."""
     overrides = list(args.set or [])
     if args.gpus is not None:
         overrides.append(f"resources.gpus_per_node={args.gpus}")
@@ -45,10 +47,10 @@ def load_job_spec(kind: str, args: argparse.Namespace) -> JobSpec:
     if args.output is not None:
         overrides.append(f"output.root={args.output}")
     spec = load_spec(args.spec or default_spec_path(kind), kind, overrides)
-    load_examples(spec.data)
+    inputs = len(load_examples(spec.data))
     if spec.data.val_path:
         load_examples(spec.data, spec.data.val_path)
-    return spec
+    return spec, inputs
 
 
 def resolve_model(spec: JobSpec, build: bool) -> JobSpec:
@@ -60,14 +62,22 @@ def resolve_model(spec: JobSpec, build: bool) -> JobSpec:
     return apply_override(spec, "model.path", str(path), Path.cwd())
 
 
+def require_slurm_commands(executor: str) -> None:
+    """Submitting to Slurm needs its client commands here; a dry run does not."""
+    missing = [name for name in ("sbatch", "srun") if not shutil.which(name)]
+    if executor == "slurm" and missing:
+        raise UsageError(f"--executor slurm: {' and '.join(missing)} not on PATH (no Slurm client on this "
+                         f"machine); run where Slurm is, or use --executor local")
+
+
 def cmd_run(kind: str, args: argparse.Namespace) -> int:
-    spec = load_job_spec(kind, args)
+    spec, inputs = load_job_spec(kind, args)
     executor = slurm.pick_executor(args.executor)
     if executor == "local" and spec.resources.nodes > 1:
         raise UsageError(f"resources.nodes: {spec.resources.nodes} nodes need Slurm; the local executor "
                          f"runs one node (use --executor slurm on a cluster)")
-    if executor == "slurm" and not shutil.which("sbatch") and not args.dry_run:
-        raise UsageError("--executor slurm: sbatch is not on PATH")
+    if not args.dry_run:
+        require_slurm_commands(executor)
     spec = resolve_model(spec, build=not args.dry_run)
 
     if args.dry_run:
@@ -77,7 +87,14 @@ def cmd_run(kind: str, args: argparse.Namespace) -> int:
     run = RunDir.create(spec.output.root, spec.name)
     atomic_write(run.spec_file, dump_spec(spec))
     return submit_and_wait(spec, run, executor, wait=args.wait, header=f"run folder: {run.path}",
-                           kind=kind, submitted=time.time())
+                           kind=kind, submitted=time.time(), inputs=inputs)
+
+
+def local_identity(executor: str, job) -> dict:
+    """What tells a local job's process from a later one that reuses its pid (`status`, `cancel`)."""
+    if executor != "local":
+        return {}
+    return {"local_start_ticks": lifecycle.process_start_ticks(int(job.job_id))}
 
 
 def print_dry_run(spec: JobSpec, executor: str) -> None:
@@ -85,7 +102,7 @@ def print_dry_run(spec: JobSpec, executor: str) -> None:
     plan = make_plan(spec, run.path)
     print(f"# resolved spec ({spec.kind})\n{dump_spec(spec)}")
     if executor == "slurm":
-        print("# sbatch script\n" + slurm.sbatch_script(slurm.make_executor(executor, spec, run)))
+        print("# sbatch script\n" + slurm.sbatch_script(spec, run))
     multi = spec.resources.nodes > 1
     example = NodePlace(node_rank=0, main_host="<first host of SLURM_JOB_NODELIST>" if multi else "127.0.0.1",
                         port=0, attempt=0, job_id="<job id>", use_cuda=True)
@@ -102,7 +119,8 @@ def submit_and_wait(spec: JobSpec, run: RunDir, executor: str, *, wait: bool, he
     """Submit the run's job step and record its job id (and `state`); then, unless it went to Slurm
     without --wait, wait for it and print the summary."""
     job = slurm.submit(slurm.make_executor(executor, spec, run), make_plan(spec, run.path, attempt_base))
-    run.update_state(executor=executor, job_ids=run.read_state().get("job_ids", []) + [job.job_id], **state)
+    run.update_state(executor=executor, job_ids=run.read_state().get("job_ids", []) + [job.job_id], **state,
+                     **local_identity(executor, job))
     attempt = f" (attempt {attempt_base})" if attempt_base else ""
     print(f"{header}\n{executor} job: {job.job_id}{attempt}")
     if executor == "slurm" and not wait:
@@ -133,18 +151,36 @@ def cmd_gather(args: argparse.Namespace) -> int:
     return gather_run(open_run(args.run))
 
 
+RANK_EXIT_GRACE_S = 15.0
+"""How long `resume` lets the ranks of a job that was just killed take to exit."""
+
+
+def wait_for_ranks_to_end(run: RunDir, grace_s: float) -> list[dict]:
+    """The ranks of earlier attempts still alive here after `grace_s` seconds ([] once all ended)."""
+    deadline = time.monotonic() + grace_s
+    while (live := run.live_ranks()) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return live
+
+
 def cmd_resume(args: argparse.Namespace) -> int:
     """Resubmit a stopped run from its folder; runners pick up shards and checkpoints there."""
     run = open_run(args.run)
-    status = lifecycle.run_status(run)
-    if status.state in ("RUNNING", "PENDING", "REQUEUED", "CONFIGURING", "COMPLETING"):
-        raise UsageError(f"{run.path}: job {status.job_id} is {status.state}; cancel it first")
-    if run.results_file.exists() or (status.kind == "finetune" and run.adapter_dir.exists()):
-        print(f"{run.path}: already complete, nothing to resume")
-        return 0
-    executor = slurm.pick_executor(args.executor) if args.executor else status.executor
-    return submit_and_wait(load_resolved(run.spec_file), run, executor, wait=args.wait, header=f"resumed {run.path}",
-                           attempt_base=status.attempt + 1)
+    with run.exclusive("resume"):  # held until this resume's job is submitted (and waited for)
+        status = lifecycle.run_status(run)
+        if status.state in ("RUNNING", "PENDING", "REQUEUED", "CONFIGURING", "COMPLETING"):
+            raise UsageError(f"{run.path}: job {status.job_id} is {status.state}; cancel it first")
+        if run.results_file.exists() or (status.kind == "finetune" and run.adapter_dir.exists()):
+            print(f"{run.path}: already complete, nothing to resume")
+            return 0
+        if live := wait_for_ranks_to_end(run, RANK_EXIT_GRACE_S):
+            raise UsageError(f"{run.path}: {live[0]['name']} is still running here (pid {live[0]['pid']}), "
+                             f"though its job has ended; stop it before resuming, or two attempts would "
+                             f"write the same results")
+        executor = slurm.pick_executor(args.executor) if args.executor else status.executor
+        require_slurm_commands(executor)
+        return submit_and_wait(load_resolved(run.spec_file), run, executor, wait=args.wait,
+                               header=f"resumed {run.path}", attempt_base=status.attempt + 1)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -166,11 +202,18 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    statuses = [lifecycle.run_status(r) for r in lifecycle.find_runs(Path(args.root))[: args.limit]]
+    statuses, damaged = [], []
+    for run in lifecycle.find_runs(Path(args.root))[: args.limit]:
+        try:  # one damaged run folder must not hide the others
+            statuses.append(lifecycle.run_status(run))
+        except DamagedRun as e:
+            damaged.append(f"{run.name}  damaged: {e}")
     if args.json:
         print(lifecycle.status_json(statuses))
     else:
-        print("\n".join(s.line() for s in statuses) or f"no runs under {args.root}")
+        print("\n".join([s.line() for s in statuses] + damaged) or f"no runs under {args.root}")
+    for line in damaged if args.json else ():
+        print(line, file=sys.stderr)
     return 0
 
 
@@ -185,8 +228,7 @@ def cmd_logs(args: argparse.Namespace) -> int:
             raise UsageError(f"no log yet: {path}")
         sys.stdout.write(path.read_text(errors="replace"))
         return 0
-    final = lifecycle.FINAL_STATES | {"COMPLETED", "FAILED", "STOPPED", "NOT SUBMITTED"}
-    lifecycle.follow(path, lambda: lifecycle.run_status(run).state not in final)
+    lifecycle.follow(path, lambda: lifecycle.run_status(run).state not in lifecycle.ENDED_STATES)
     return 0
 
 
@@ -279,9 +321,14 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)
-    except (SpecError, DataError, UsageError) as e:
+    except (SpecError, DataError, UsageError, DamagedRun, RunBusy) as e:
         print(f"llmbatch: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # The reader went away (`status | head`): stop quietly, as Unix tools do, and keep the
+        # interpreter from complaining again when it flushes stdout at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 
 
 if __name__ == "__main__":

@@ -21,11 +21,10 @@ from collections import Counter
 from typing import Any
 
 from llmbatch import scoring
-from llmbatch.data import Example, load_examples
+from llmbatch.data import Example
 from llmbatch.metrics import Metric
 from llmbatch.rundir import RunDir, atomic_write, atomic_write_json
-from llmbatch.shards import list_shards, read_records, read_stats, record_line
-from llmbatch.spec import load_resolved
+from llmbatch.shards import list_shards, read_records, read_stats, record_line, run_examples
 
 LISTED_IDS = 20
 """Missing ids named in an error; the rest are counted."""
@@ -98,7 +97,7 @@ def timing_metrics(run: RunDir) -> dict[str, Any]:
 
 def gather_run(run: RunDir) -> int:
     """`submit.py gather RUN`: merge by hand; prints one line, returns the exit code."""
-    examples = load_examples(load_resolved(run.spec_file).data)
+    examples = run_examples(run)
     try:
         metrics = merge_shards(run, examples)
     except IncompleteRun as e:

@@ -491,9 +491,17 @@ def apply_override(spec: JobSpec, key: str, value: Any, cwd: Path) -> JobSpec:
 
 
 def load_resolved(path: Path) -> JobSpec:
-    """Load the resolved spec a run folder holds (all paths absolute, already validated)."""
-    raw = yaml.safe_load(Path(path).read_text())
-    return _build(JobSpec, raw, "", Path(path).parent)
+    """Load the resolved spec a run folder holds (all paths absolute, already validated).
+
+    A SpecError naming the file if it is damaged (edited by hand, torn by a full disk).
+    """
+    try:
+        raw = yaml.safe_load(Path(path).read_text())
+        if not isinstance(raw, dict):
+            raise SpecError("", "not a mapping")
+        return _build(JobSpec, raw, "", Path(path).parent)
+    except (yaml.YAMLError, UnicodeDecodeError, SpecError) as e:
+        raise SpecError("", f"damaged run spec, not loadable ({str(e).splitlines()[0]})", source=str(path)) from None
 
 
 def dump_spec(spec: JobSpec) -> str:

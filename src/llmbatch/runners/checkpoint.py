@@ -25,7 +25,7 @@ from pathlib import Path
 import safetensors.torch
 from accelerate.utils import broadcast_object_list
 
-from llmbatch.rundir import atomic_write_json, fsync_path, read_json
+from llmbatch.rundir import apply_umask, atomic_write_json, fsync_path, read_json
 
 STATE_FILE = "trainer_state.json"
 _COMPLETE = re.compile(r"^step-(\d+)$")
@@ -96,6 +96,7 @@ def save_checkpoint(accelerator, checkpoints_dir: Path, state: TrainState, keep_
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         atomic_write_json(tmp / STATE_FILE, dataclasses.asdict(state) | {"saved_at": time.time()})
+        apply_umask(tmp)  # safetensors writes 0600
         for path in tmp.iterdir():  # the rename must not reach the disk before the data
             fsync_path(path)
         shutil.rmtree(final, ignore_errors=True)

@@ -84,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         step_scheduler_with_optimizer=False,
     )
     preemption = PreemptionFlag(run.preempt_marker(args.attempt))
+    run.record_rank(args.attempt, accelerator.process_index)
     set_seed(cfg.seed)  # the same LoRA init on every rank and in every run
     metrics_log = run.train_metrics_file
 
@@ -92,9 +93,9 @@ def main(argv: list[str] | None = None) -> int:
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token  # padding is its own ignored sequence: any token will do
     train_examples = load_examples(spec.data)
-    train_rows = make_rows(spec, tokenizer, train_examples)
+    train_rows = make_rows(spec, tokenizer, train_examples, "data.path")
     val_examples = load_examples(spec.data, spec.data.val_path) if spec.data.val_path else []
-    val_rows = make_rows(spec, tokenizer, val_examples)
+    val_rows = make_rows(spec, tokenizer, val_examples, "data.val_path")
     collate_fn = partial(collate, pad_id=tokenizer.pad_token_id)
     # Its own generator: each new iterator draws a seed from it, and a resumed run starts iterators at
     # other moments than an uninterrupted one, so that draw must not move the global RNG (dropout's).
@@ -218,10 +219,16 @@ def main(argv: list[str] | None = None) -> int:
 
 # --- data ------------------------------------------------------------------------------------------
 
-def make_rows(spec: JobSpec, tokenizer, examples) -> list:
+class TooShortForData(Exception):
+    """train.seq_len leaves no target token of any example: training would learn nothing."""
+
+
+def make_rows(spec: JobSpec, tokenizer, examples, source: str) -> list:
     """Examples -> rows of token sequences: packed up to seq_len, or one per row (padded at batching).
 
     Prompts are encoded as the inference runner encodes them; the completion is the reference + EOS.
+    Sequences longer than seq_len are cut at the end, and the log counts them; one left without any
+    target token (a prompt of seq_len tokens or more) is left out, since it would only add a zero loss.
     Packing takes the examples in a seeded shuffle, so a row mixes examples from all over the file.
     """
     cfg = spec.train
@@ -229,6 +236,16 @@ def make_rows(spec: JobSpec, tokenizer, examples) -> list:
     completions = [tokenizer(ex.reference, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
                    for ex in examples]
     sequences = [to_sequence(p, c, cfg.seq_len, cfg.loss_on) for p, c in zip(prompts, completions)]
+    cut = sum(len(p) + len(c) > cfg.seq_len + 1 for p, c in zip(prompts, completions))
+    learnable = [seq for seq in sequences if any(t != IGNORE for t in seq.targets)]
+    if sequences and not learnable:
+        raise TooShortForData(f"train.seq_len: {cfg.seq_len} tokens leave no target token of any example in "
+                              f"{source} (prompts take up to {max(map(len, prompts))} tokens); raise it")
+    if cut:
+        print(f"finetune: {cut} of {len(examples)} examples of {source} are longer than train.seq_len="
+              f"{cfg.seq_len} tokens and are cut at the end; {len(sequences) - len(learnable)} of them keep no "
+              f"target token and are left out", flush=True)
+    sequences = learnable
     if not cfg.packing:
         return [[seq] for seq in sequences]
     order = torch.randperm(len(sequences), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
@@ -374,4 +391,8 @@ def training_metrics(rows: list[dict], state, world_size: int, train_examples: i
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except TooShortForData as e:  # the spec's mistake, not a crash: one line in the log
+        print(f"llmbatch: error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -78,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     finish_line = FinishLine(spec)
     preemption = PreemptionFlag(run.preempt_marker(args.attempt))
     stats = RankStats(args.attempt, accelerator.process_index, accelerator.num_processes)
+    run.record_rank(args.attempt, accelerator.process_index)
 
     examples = load_examples(spec.data)
     done = done_ids(run, before_attempt=args.attempt)
