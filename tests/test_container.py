@@ -40,11 +40,13 @@ def wrap(runtime: str, gpus: bool = False, **spec) -> ContainerCommand:
 
 # --- argv, exactly ---------------------------------------------------------------------------------
 
-def test_none_leaves_argv_and_env_alone():
+def test_none_leaves_argv_alone_and_adds_the_specs_env():
+    # container.env applies with no container too (it was once dropped silently); pass_env's variables
+    # are in the job's environment already.
     cmd = wrap_command(ARGV, ContainerSpec(env={"X": "1"}, pass_env=["HOME"]), binds=BINDS, env=ENV,
                        gpus=True, workdir="/runs/r1")
     assert cmd.argv == ARGV and cmd.argv is not ARGV
-    assert cmd.env == ENV
+    assert cmd.env == {**ENV, "X": "1"}
 
 
 @pytest.mark.parametrize("gpus", [False, True])

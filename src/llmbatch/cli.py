@@ -16,7 +16,7 @@ from pathlib import Path
 from llmbatch import embedded, lifecycle, slurm
 from llmbatch.data import DataError, load_examples
 from llmbatch.gather import gather_run
-from llmbatch.jobstep import NodePlace, make_plan, node_command
+from llmbatch.jobstep import example_place, make_plan, node_command
 from llmbatch.rundir import DamagedRun, RunBusy, RunDir, atomic_write
 from llmbatch.summary import summarize
 from llmbatch.spec import (EMBEDDED_MODEL, JobSpec, SpecError, apply_override, dump_spec, load_resolved,
@@ -39,14 +39,13 @@ def default_spec_path(kind: str) -> Path:
 def load_job_spec(kind: str, args: argparse.Namespace) -> tuple[JobSpec, int]:
     """The spec with the command line's overrides, validated, its data files checked, and how many
     inputs it has."""
-    overrides = list(args.set or [])
-    if args.gpus is not None:
-        overrides.append(f"resources.gpus_per_node={args.gpus}")
-    if args.nodes is not None:
-        overrides.append(f"resources.nodes={args.nodes}")
-    if args.output is not None:
-        overrides.append(f"output.root={args.output}")
-    spec = load_spec(args.spec or default_spec_path(kind), kind, overrides)
+    overrides, origins = list(args.set or []), {}
+    for option, key, value in (("--gpus", "resources.gpus_per_node", args.gpus),
+                               ("--nodes", "resources.nodes", args.nodes), ("--output", "output.root", args.output)):
+        if value is not None:
+            overrides.append(f"{key}={value}")
+            origins[overrides[-1]] = f"{option} {value}"
+    spec = load_spec(args.spec or default_spec_path(kind), kind, overrides, origins=origins)
     inputs = len(load_examples(spec.data))
     if spec.data.val_path:
         load_examples(spec.data, spec.data.val_path)
@@ -80,11 +79,19 @@ def cmd_run(kind: str, args: argparse.Namespace) -> int:
         require_slurm_commands(executor)
     spec = resolve_model(spec, build=not args.dry_run)
 
+    try:  # the node command, once here: its container mistakes (binds, variables) must not wait for a node
+        node_command(make_plan(spec, planned_run_path(spec)), example_place(spec.resources.nodes))
+    except ValueError as e:
+        raise UsageError(f"container: {e}") from None
     if args.dry_run:
         print_dry_run(spec, executor)
         return 0
 
-    run = RunDir.create(spec.output.root, spec.name)
+    try:
+        run = RunDir.create(spec.output.root, spec.name)
+    except OSError as e:
+        raise UsageError(f"output.root: cannot create a run folder in {spec.output.root}: "
+                         f"{e.strerror or e}") from None
     atomic_write(run.spec_file, dump_spec(spec))
     return submit_and_wait(spec, run, executor, wait=args.wait, header=f"run folder: {run.path}",
                            kind=kind, submitted=time.time(), inputs=inputs)
@@ -97,16 +104,18 @@ def local_identity(executor: str, job) -> dict:
     return {"local_start_ticks": lifecycle.process_start_ticks(int(job.job_id))}
 
 
+def planned_run_path(spec: JobSpec) -> Path:
+    """Where the run folder will be, with placeholders for what only its creation decides."""
+    return Path(spec.output.root).resolve() / f"{spec.name}-<timestamp>-<id>"
+
+
 def print_dry_run(spec: JobSpec, executor: str) -> None:
-    run = RunDir(Path(spec.output.root).resolve() / f"{spec.name}-<timestamp>-<id>")
+    run = RunDir(planned_run_path(spec))
     plan = make_plan(spec, run.path)
     print(f"# resolved spec ({spec.kind})\n{dump_spec(spec)}")
     if executor == "slurm":
         print("# sbatch script\n" + slurm.sbatch_script(spec, run))
-    multi = spec.resources.nodes > 1
-    example = NodePlace(node_rank=0, main_host="<first host of SLURM_JOB_NODELIST>" if multi else "127.0.0.1",
-                        port=0, attempt=0, job_id="<job id>", use_cuda=True)
-    cmd = node_command(plan, example)
+    cmd = node_command(plan, example_place(spec.resources.nodes))
     print("# per-node command, node 0 on GPUs (each node passes its own --machine_rank; the port comes from "
           "the job id; a node without CUDA drops to --mixed_precision no with ACCELERATE_USE_CPU=true)")
     print(shlex.join(cmd.argv))

@@ -62,6 +62,13 @@ class NodePlace:
     use_cuda: bool
 
 
+def example_place(nodes: int) -> NodePlace:
+    """Node 0 of a job not yet submitted, on GPUs: for the dry run, and for building the node command
+    once before anything is queued, so that a container mistake is found here, not on the node."""
+    return NodePlace(node_rank=0, main_host="<first host of SLURM_JOB_NODELIST>" if nodes > 1 else "127.0.0.1",
+                     port=0, attempt=0, job_id="<job id>", use_cuda=True)
+
+
 def binds_for(spec: JobSpec, run_path: Path) -> tuple[str, ...]:
     """Host folders the ranks read or write: bound into a container at the same path."""
     paths = [run_path, Path(spec.model.path)]

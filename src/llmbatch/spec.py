@@ -80,6 +80,30 @@ def check_ranges(section: Any, prefix: str) -> None:
             _check(f"{prefix}.{f.name}", value in allowed, f"must be {allowed}, got {value!r}")
 
 
+def _no_control_characters(key: str, text: str) -> None:
+    """Refuse newlines and other control characters: in a Slurm field one would end the #SBATCH line and
+    start a line of shell in the batch script (or make sbatch ignore every directive after it)."""
+    bad = next((ch for ch in text if ord(ch) < 32 or ord(ch) == 127), None)
+    _check(key, bad is None, f"contains a control character ({bad!r}): {text!r}")
+
+
+# Options the spec sets itself: through sbatch_extra they would bypass its checks (or break the job).
+SPEC_OWNED_SBATCH_OPTIONS = {
+    "time": "resources.time", "nodes": "resources.nodes", "gpus-per-node": "resources.gpus_per_node",
+    "gpus": "resources.gpus_per_node", "gres": "resources.gpus_per_node", "ntasks": "one task per node",
+    "ntasks-per-node": "one task per node", "cpus-per-task": "resources.cpus_per_gpu", "mem": "resources.mem",
+    "partition": "resources.partition", "account": "resources.account", "qos": "resources.qos",
+    "constraint": "resources.constraint", "job-name": "name", "output": "the run folder",
+    "error": "the run folder", "signal": "resources.signal_delay_s", "array": "one job per run",
+    "requeue": "resources.max_requeues", "no-requeue": "resources.max_requeues", "wrap": "the job step",
+}
+_SBATCH_OPTION = re.compile(r"^[a-z][a-z0-9]*(-[a-z0-9]+)*$")
+_SLURM_NAME = re.compile(r"^[^\s]+$")  # partition, account, qos, constraint: one word, no spaces
+
+MAX_GPUS_PER_NODE = 64
+MAX_NODES = 4096
+"""Ceilings far above any real node or job: a value past them is a typo (--gpus 10000), not a cluster."""
+
 # Slurm's --time formats: M, M:S, H:M:S, D-H, D-H:M, D-H:M:S.
 _SLURM_TIME = re.compile(r"^(\d+-\d{1,2}(:\d{1,2}(:\d{1,2})?)?|\d+(:\d{1,2}(:\d{1,2})?)?)$")
 _SLURM_MEM = re.compile(r"^\d+[KMGT]?$")
@@ -223,10 +247,10 @@ class TrainSpec:
 
 @dataclass
 class ResourcesSpec:
-    nodes: int = ranged(1, POSITIVE)
-    gpus_per_node: int = ranged(1, POSITIVE)
+    nodes: int = ranged(1, Range(0, MAX_NODES))
+    gpus_per_node: int = ranged(1, Range(0, MAX_GPUS_PER_NODE))
     """Also the number of processes per node (one rank per GPU; CPU processes without GPUs)."""
-    cpus_per_gpu: int = ranged(4, POSITIVE)
+    cpus_per_gpu: int = ranged(4, Range(0, 1024))
     mem: str | None = None
     """Memory per node in Slurm's format (64G); None: the partition's default."""
     time: str = "01:00:00"
@@ -241,11 +265,34 @@ class ResourcesSpec:
     """Slurm signals the job this long before the time limit, so it can checkpoint and requeue."""
 
     def validate(self) -> None:
+        for name in ("time", "mem", "partition", "account", "qos", "constraint"):
+            if getattr(self, name) is not None:
+                _no_control_characters(f"resources.{name}", getattr(self, name))
         _check("resources.time", bool(_SLURM_TIME.match(self.time)),
                f"not a Slurm time (MM, HH:MM:SS, D-HH:MM): {self.time!r}")
+        seconds = slurm_time_seconds(self.time)
+        _check("resources.time", seconds > 0, f"must be longer than 0: {self.time!r}")
+        _check("resources.signal_delay_s", self.signal_delay_s < seconds,
+               f"the preemption warning ({self.signal_delay_s} s) must come before the time limit "
+               f"({self.time!r} = {seconds} s)")
         if self.mem is not None:
             _check("resources.mem", bool(_SLURM_MEM.match(self.mem)),
                    f"not a Slurm memory size (e.g. 64G, 8000M): {self.mem!r}")
+        for name in ("partition", "account", "qos", "constraint"):
+            value = getattr(self, name)
+            if value is not None:
+                _check(f"resources.{name}", bool(_SLURM_NAME.match(value)), f"must be one word: {value!r}")
+        for option, value in self.sbatch_extra.items():
+            key = f"resources.sbatch_extra.{option}"
+            _no_control_characters(key, option)
+            _no_control_characters(key, value)
+            name = option.lstrip("-").replace("_", "-")
+            _check(key, bool(_SBATCH_OPTION.match(name)), f"not an sbatch option name: {option!r}")
+            _check(key, name not in SPEC_OWNED_SBATCH_OPTIONS,
+                   f"set by the spec, not through sbatch_extra: use {SPEC_OWNED_SBATCH_OPTIONS.get(name)}")
+
+
+ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
 @dataclass
@@ -270,8 +317,13 @@ class ContainerSpec:
         if self.runtime == "apptainer" and self.image is not None:
             _check("container.image", Path(self.image).is_file(), f"no such Apptainer image: {self.image}")
         for i, bind in enumerate(self.binds):
+            _no_control_characters(f"container.binds[{i}]", bind)
             _check(f"container.binds[{i}]", bind.split(":")[0].startswith("/"),
                    f"host path must be absolute: {bind!r}")
+        for name in self.env:
+            _check(f"container.env.{name}", bool(ENV_NAME.match(name)), f"not a variable name: {name!r}")
+        for i, name in enumerate(self.pass_env):
+            _check(f"container.pass_env[{i}]", bool(ENV_NAME.match(name)), f"not a variable name: {name!r}")
 
 
 @dataclass
@@ -430,7 +482,7 @@ def parse_override(assignment: str) -> tuple[str, Any]:
     """`generation.max_new_tokens=16` -> ("generation.max_new_tokens", 16), typed by the schema."""
     key, sep, text = assignment.partition("=")
     if not sep or not key:
-        raise SpecError("--set", f"expected key.path=value, got {assignment!r}")
+        raise SpecError("", f"expected key.path=value, got {assignment!r}")
     tp = _field_type(key)
     if tp is str or (typing.get_origin(tp) in (typing.Union, types.UnionType) and str in typing.get_args(tp)
                      and text not in ("null", "~")):
@@ -441,10 +493,14 @@ def parse_override(assignment: str) -> tuple[str, Any]:
         raise SpecError(key, f"cannot parse value {text!r}") from None
 
 
-def load_spec(path: str | Path | None, kind: str, overrides: list[str] = (), cwd: Path | None = None) -> JobSpec:
-    """Read, override, type and validate a spec. Raises SpecError naming the key path."""
+def load_spec(path: str | Path | None, kind: str, overrides: list[str] = (), cwd: Path | None = None,
+              origins: dict[str, str] | None = None) -> JobSpec:
+    """Read, override, type and validate a spec. Raises SpecError naming the key path, and where the
+    wrong value came from: the spec file, or the option that set it (`origins` maps an override to the
+    option's words, e.g. "--gpus 0"; default "--set KEY=VALUE")."""
     cwd = Path.cwd() if cwd is None else cwd
     source = str(path) if path is not None else None
+    set_by: dict[str, str] = {}  # key path -> the option that set it
     try:
         if path is None:
             raw, base_dir = {}, cwd
@@ -467,9 +523,19 @@ def load_spec(path: str | Path | None, kind: str, overrides: list[str] = (), cwd
         raw["kind"] = kind
         spec = _build(JobSpec, raw, "", base_dir)
         for assignment in overrides:
-            key, value = parse_override(assignment)
-            spec = apply_override(spec, key, value, cwd)
-        spec.validate()
+            option = (origins or {}).get(assignment, f"--set {assignment}")
+            try:
+                key, value = parse_override(assignment)
+                spec = apply_override(spec, key, value, cwd)
+            except SpecError as e:
+                e.source = option
+                raise
+            set_by[key] = option
+        try:
+            spec.validate()
+        except SpecError as e:
+            e.source = set_by.get(e.key)
+            raise
         return spec
     except SpecError as e:
         e.source = e.source or source
