@@ -1,7 +1,7 @@
 """GPU benchmark: the llmbatch runners against the plain Hugging Face way, same machine, model and data.
 
-    python3 bench/bench.py --out $OUT/bench               # 1 GPU and all GPUs of the machine
-    python3 bench/bench.py --gpus 1,2 --out $OUT/bench
+    python3 bench/bench.py --out bench-out                # 1 GPU and all GPUs of the machine
+    python3 bench/bench.py --gpus 1,2 --out bench-out
     python3 bench/bench.py --smoke                        # the whole pipeline on CPU, tiny model
 
 Every measurement runs in its own process (clean GPU memory and state), one after the other:
@@ -18,6 +18,7 @@ See bench/README.md for what each number means.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import random
@@ -36,21 +37,22 @@ import yaml
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
-sys.path.insert(0, str(REPO / "src"))  # llmbatch, uninstalled: spec and rundir only (no submitit)
+sys.path.insert(0, str(REPO / "src"))  # llmbatch, uninstalled: the job step, spec and rundir (no submitit)
 sys.path.insert(0, str(BENCH))
 
 import workloads  # noqa: E402
+from llmbatch.jobstep import NodePlace, make_plan, node_command  # noqa: E402
 from llmbatch.rundir import RunDir, atomic_write, read_json  # noqa: E402
-from llmbatch.spec import dump_spec, load_spec  # noqa: E402
+from llmbatch.spec import dump_spec, load_resolved, load_spec  # noqa: E402
 
-# NVLink multicast must stay off on the shared multi-GPU hosts (platform rule): set for every process.
+# NVLink multicast off for every process: shared multi-GPU hosts may forbid it.
 SAFE_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 
 # Same LoRA settings on both sides.
 LORA = {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"}
 LEARNING_RATE, LR_WARMUP_STEPS = 2e-4, 2
 
-# Rough rates on an H200 for the Qwen2.5-1.5B shape (platform notes), to plan the time of each phase.
+# Rough rates on an H200 for the Qwen2.5-1.5B shape, to plan the time of each phase.
 REF_RATES = {"loop": 27, "b64": 850, "b256": 3100, "llmbatch_infer": 10000, "train": 30000}
 STARTUP_S = 15  # python + torch + model load, per process; accelerate launch adds a few seconds
 
@@ -142,8 +144,10 @@ class Bench:
             env |= {"CUDA_DEVICE_ORDER": "PCI_BUS_ID", "CUDA_VISIBLE_DEVICES": ",".join(str(i) for i in range(gpus))}
         return env
 
-    def run(self, name: str, argv: list[str], gpus: int, estimate_s: float) -> dict:
-        """Run one measurement process; its output goes to logs/<name>.log. Never raises."""
+    def run(self, name: str, argv: list[str], gpus: int, estimate_s: float,
+            env: dict[str, str] | None = None) -> dict:
+        """Run one measurement process (`env` added to its environment, this benchmark's settings
+        winning); its output goes to logs/<name>.log. Never raises."""
         remaining = self.remaining()
         phase = {"name": name, "gpus": gpus, "estimate_s": round(estimate_s), "argv": argv}
         self.phases.append(phase)
@@ -160,8 +164,8 @@ class Bench:
             f.write(" ".join(argv) + "\n\n")
             f.flush()
             # Own session, so a time-out can stop the process and everything it started (ranks).
-            proc = subprocess.Popen(argv, env=self.env(gpus), cwd=REPO, stdout=f, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL, start_new_session=True)
+            proc = subprocess.Popen(argv, env=(env or {}) | self.env(gpus), cwd=REPO, stdout=f,
+                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
             try:
                 rc = proc.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
@@ -236,7 +240,8 @@ class Bench:
                 "resources": {"nodes": 1, "gpus_per_node": gpus}}
         run = self.make_run("infer", name, spec)
         estimate = 2 * STARTUP_S + n * new / REF_RATES["llmbatch_infer"] / gpus
-        phase = self.run(name, self.launch_argv("llmbatch.runners.infer", run, gpus, "no"), gpus, estimate)
+        cmd = self.node_command(run, gpus)
+        phase = self.run(name, cmd.argv, gpus, estimate, cmd.env)
         metrics = read_json(run.metrics_file) if phase["status"] == "ok" else None
         row = self.row("inference", "llmbatch infer", gpus, phase, metrics, f"all {n} prompts")
         row["run_dir"] = str(run.path)
@@ -365,8 +370,8 @@ class Bench:
                           "eval_accuracy": False, "save_every_steps": never, "save_every_minutes": float(never)},
                 "resources": {"nodes": 1, "gpus_per_node": gpus}}
         run = self.make_run("finetune", name, spec)
-        phase = self.run(name, self.launch_argv("llmbatch.runners.finetune", run, gpus, "bf16"), gpus,
-                         self.ft_estimate(setup, gpus) + STARTUP_S)
+        cmd = self.node_command(run, gpus)
+        phase = self.run(name, cmd.argv, gpus, self.ft_estimate(setup, gpus) + STARTUP_S, cmd.env)
         metrics = read_json(run.metrics_file) if phase["status"] == "ok" else None
         what = f"{setup['micro_batch']} packed rows of {setup['seq_len']}" if setup["packing"] else \
             f"{setup['micro_batch']} x {setup['seq_len']} tok"
@@ -423,20 +428,15 @@ class Bench:
         atomic_write(run.spec_file, dump_spec(spec))
         return run
 
-    def launch_argv(self, runner: str, run: RunDir, gpus: int, mixed_precision: str) -> list[str]:
-        """What llmbatch.launch.build_launch_argv gives on one node (not imported: it needs submitit).
-        Mixed precision as the CLI sets it: bf16 for fine-tuning, none for inference (the runner loads
-        the model in bf16 itself)."""
+    def node_command(self, run: RunDir, gpus: int):
+        """What llmbatch's node job runs for `run` on one node of `gpus` GPUs (one thread per process on
+        CPU): the runner of the spec's kind through `accelerate launch`, bf16 for fine-tuning, none for
+        inference (the runner loads the model in bf16 itself)."""
         self.port += 1
-        argv = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1",
-                "--num_processes", str(gpus), "--machine_rank", "0", "--main_process_ip", "127.0.0.1",
-                "--main_process_port", str(self.port), "--dynamo_backend", "no",
-                "--mixed_precision", "no" if self.cpu else mixed_precision]
-        if gpus > 1:
-            argv += ["--multi_gpu", "--max_restarts", "0", "--monitor_interval", "1"]
-        if self.cpu:
-            argv += ["--num_cpu_threads_per_process", "1"]
-        return argv + ["-m", runner, "--run-dir", str(run.path), "--attempt", "0"]
+        plan = dataclasses.replace(make_plan(load_resolved(run.spec_file), run.path), cpu_threads_per_proc=1)
+        place = NodePlace(node_rank=0, main_host="127.0.0.1", port=self.port, attempt=0, job_id="bench",
+                          use_cuda=not self.cpu)
+        return node_command(plan, place)
 
     @staticmethod
     def row(workload: str, method: str, gpus: int, phase: dict, raw: dict | None, sample: str) -> dict:
@@ -580,7 +580,7 @@ def main() -> int:
     budget.add_argument("--ft-steps", type=int, help="optimizer steps per fine-tuning run (default 25)")
     budget.add_argument("--ft-skip", type=int, help="warm-up steps left out of the timing (default 5)")
     budget.add_argument("--deadline-s", type=float, help="skip phases that would start after this many seconds "
-                                                         "(default 560: one 10-minute device command)")
+                                                         "(default 560: the whole run within 10 minutes)")
     budget.add_argument("--phase-timeout-s", type=float, default=300, help="stop a phase after this long")
     shapes = parser.add_argument_group("batch shapes")
     shapes.add_argument("--fixed-batch", type=int, default=8, help="sequences per GPU, fixed-length data (default 8)")

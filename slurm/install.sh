@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
-# Install the Debian packages that the local test cluster needs (root, Debian 12).
+# Install Debian packages that are missing (root, Debian 12):
+#
+#   bash slurm/install.sh               # the local Slurm cluster's packages (below)
+#   bash slurm/install.sh PACKAGE...    # those packages instead (the container tests use this)
+#
 # Idempotent and quiet: does nothing (in well under a second) when all are already there, and runs
-# `apt-get update` only when something is missing.
+# `apt-get update` only when something is missing. Never starts the packages' system services.
 set -euo pipefail
 
 PACKAGES=(
@@ -11,6 +15,7 @@ PACKAGES=(
     mariadb-server  # database behind slurmdbd
     mariadb-client  # `mariadb` client, used once to create slurmdbd's database user
 )
+[ $# -eq 0 ] || PACKAGES=("$@")
 
 missing=()
 for pkg in "${PACKAGES[@]}"; do
@@ -37,7 +42,9 @@ fi
 echo "install.sh: installing ${missing[*]}" >&2
 export DEBIAN_FRONTEND=noninteractive
 out=$(mktemp)
-if ! { apt-get update -qq && apt-get install -y -qq --no-install-recommends "${missing[@]}"; } \
+# Another script may be installing packages at the same time: wait for dpkg's lock.
+apt_get() { apt-get -o DPkg::Lock::Timeout=600 "$@"; }
+if ! { apt_get update -qq && apt_get install -y -qq --no-install-recommends "${missing[@]}"; } \
         > "$out" 2>&1; then
     tail -n 30 "$out" >&2
     rm -f "$out"

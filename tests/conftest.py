@@ -1,4 +1,5 @@
-"""Shared fixtures: the embedded model in a per-session cache, and ready-made run folders."""
+"""Shared fixtures: the embedded model in a per-session cache, run folders, the Slurm cluster and the
+Docker engine. Plain helpers are in helpers.py."""
 
 from __future__ import annotations
 
@@ -6,14 +7,15 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
-JOBS = REPO / "jobs"
-PYTHON = sys.executable
+from helpers import REPO, DockerEnv, host_python_binds, llmbatch_source, new_run
+from llmbatch.embedded import ensure_embedded_model
+
+TESTING = REPO / "containers" / "testing"
+TEST_IMAGE = "llmbatch-test:latest"
 
 
 @pytest.fixture(scope="session")
@@ -26,57 +28,13 @@ def cache_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def model_dir(cache_dir) -> Path:
-    from llmbatch.embedded import ensure_embedded_model
-
     return ensure_embedded_model(cache_dir)
 
 
 @pytest.fixture
 def make_run(tmp_path, model_dir):
-    """make_run("infer", spec_path=None, overrides=[...]) -> RunDir holding a resolved spec.
-
-    What the CLI does before launching, minus the launch: tests of a runner start from here.
-    """
-    from llmbatch.rundir import RunDir, atomic_write
-    from llmbatch.spec import apply_override, dump_spec, load_spec
-
-    def make(kind: str, spec_path: str | Path | None = None, overrides: list[str] = ()) -> RunDir:
-        spec_path = spec_path or JOBS / f"{kind}.yaml"
-        spec = load_spec(spec_path, kind, list(overrides))
-        spec = apply_override(spec, "model.path", str(model_dir), tmp_path)
-        run = RunDir.create(tmp_path / "runs", spec.name)
-        atomic_write(run.spec_file, dump_spec(spec))
-        return run
-
-    return make
-
-
-def submit_cli(*args: str, timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess:
-    """`python submit.py ARGS` as a user runs it, in a real process."""
-    proc = subprocess.run([PYTHON, str(REPO / "submit.py"), *args], capture_output=True, text=True,
-                          timeout=timeout)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"submit.py {' '.join(args)} exited {proc.returncode}\n"
-                             f"--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-4000:]}")
-    return proc
-
-
-def wait_for(what: str, predicate, timeout: float = 240, poll_s: float = 0.5):
-    """predicate()'s first truthy value, polled; an AssertionError naming `what` after `timeout`."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if value := predicate():
-            return value
-        time.sleep(poll_s)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-
-
-def run_folder(proc: subprocess.CompletedProcess):
-    """The run folder a submit.py run printed."""
-    from llmbatch.rundir import RunDir
-
-    line = next(line for line in proc.stdout.splitlines() if line.startswith("run folder: "))
-    return RunDir(Path(line.split(": ", 1)[1]))
+    """make_run("infer", overrides=[...]) -> RunDir holding a resolved spec (helpers.new_run)."""
+    return lambda kind, overrides=(): new_run(tmp_path / "runs", model_dir, kind, overrides)
 
 
 @pytest.fixture(scope="session")
@@ -96,3 +54,32 @@ def slurm_cluster():
     yield
     if not was_up:
         subprocess.run(["bash", str(REPO / "slurm" / "stop-cluster.sh")], timeout=300)
+
+
+@pytest.fixture(scope="session")
+def docker_env() -> DockerEnv:
+    """A real Docker engine and test image (containers/testing/).
+
+    Starts a private dockerd through containers/testing/dockerd.sh, builds the local image
+    llmbatch-test:latest (Debian bookworm, no registry), sets DOCKER_HOST for this process and what it
+    starts, and stops dockerd at the end of the session. Nothing is skipped: if Docker cannot start,
+    every test using it fails.
+    """
+    started = subprocess.run(["bash", str(TESTING / "dockerd.sh"), "start"], capture_output=True, text=True)
+    assert started.returncode == 0, f"dockerd.sh start failed:\n{started.stderr}"
+    line = started.stdout.strip().splitlines()[-1]
+    assert line.startswith("export DOCKER_HOST="), started.stdout
+    docker_host = line.split("=", 1)[1]
+    previous = os.environ.get("DOCKER_HOST")
+    os.environ["DOCKER_HOST"] = docker_host
+    try:
+        built = subprocess.run(["bash", str(TESTING / "build-test-image.sh")], capture_output=True, text=True)
+        assert built.returncode == 0, f"build-test-image.sh failed:\n{built.stderr}"
+        yield DockerEnv(docker_host=docker_host, image=TEST_IMAGE, python=sys.executable,
+                        binds=host_python_binds(), pythonpath=llmbatch_source())
+    finally:
+        if previous is None:
+            os.environ.pop("DOCKER_HOST", None)
+        else:
+            os.environ["DOCKER_HOST"] = previous
+        subprocess.run(["bash", str(TESTING / "dockerd.sh"), "stop"], check=True)

@@ -1,10 +1,15 @@
 #!/usr/bin/env bash
 # Install what the test suite needs and run it. The tests themselves start (and stop) a real local
 # Slurm cluster (slurm/start-cluster.sh) and a private Docker engine with a locally built image
-# (containers/testing/); both install their Debian packages on first use, so this needs root on
-# Debian. Extra arguments go to pytest.
+# (containers/testing/). Every Debian package they need is installed here, before pytest starts, so
+# that no test depends on what an earlier run left on the machine: this needs root on Debian.
+# Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+# Slurm, munge, MariaDB (slurm/install.sh's list), then the container tests' engine and image builder.
+bash slurm/install.sh
+bash slurm/install.sh docker.io debootstrap
 
 [ -x .venv/bin/python ] || python3 -m venv .venv
 # torch pinned: an open range would pull a multi-GB CUDA build onto CPU-only machines.

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pytest
 
-from container_fixtures import docker_env  # noqa: F401  (the session fixture)
 from llmbatch.container import Bind, ContainerCommand, merge_binds, parse_bind, wrap_command
 from llmbatch.spec import ContainerSpec
 
@@ -41,11 +40,13 @@ def wrap(runtime: str, gpus: bool = False, **spec) -> ContainerCommand:
 
 # --- argv, exactly ---------------------------------------------------------------------------------
 
-def test_none_leaves_argv_and_env_alone():
+def test_none_leaves_argv_alone_and_adds_the_specs_env():
+    # container.env applies with no container too (it was once dropped silently); pass_env's variables
+    # are in the job's environment already.
     cmd = wrap_command(ARGV, ContainerSpec(env={"X": "1"}, pass_env=["HOME"]), binds=BINDS, env=ENV,
                        gpus=True, workdir="/runs/r1")
     assert cmd.argv == ARGV and cmd.argv is not ARGV
-    assert cmd.env == ENV
+    assert cmd.env == {**ENV, "X": "1"}
 
 
 @pytest.mark.parametrize("gpus", [False, True])
@@ -208,6 +209,7 @@ def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 60) -> None:
 
 
 @pytest.mark.container
+@pytest.mark.slow
 def test_docker_runs_host_python(docker_env, tmp_path, monkeypatch):
     monkeypatch.setenv("LLMBATCH_TEST_SECRET", "s3cret-by-name-only")
     out_file = tmp_path / "out.json"
@@ -240,6 +242,7 @@ def test_docker_runs_host_python(docker_env, tmp_path, monkeypatch):
 
 
 @pytest.mark.container
+@pytest.mark.slow
 def test_docker_files_belong_to_the_caller(docker_env, tmp_path, monkeypatch):
     # As root here, the calling uid is 0 anyway: pretend to be 4321:4322 to see --user act.
     monkeypatch.setattr(os, "getuid", lambda: 4321)
@@ -261,6 +264,7 @@ def _ignore_usr2():  # what launch.py does before exec'ing the command
 
 
 @pytest.mark.container
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR2], ids=["SIGTERM", "SIGUSR2"])
 def test_docker_signal_reaches_the_process_inside(docker_env, tmp_path, sig):
     """The launcher sends SIGTERM/SIGUSR2 to the `docker run` client's process group (its own session,

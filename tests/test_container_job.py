@@ -7,13 +7,12 @@ import json
 import pytest
 import yaml
 
-from conftest import run_folder, submit_cli
-from container_fixtures import docker_env  # noqa: F401  (fixture)
+from helpers import run_folder, submit_cli
 
-pytestmark = pytest.mark.container
+pytestmark = [pytest.mark.container, pytest.mark.slow]
 
 
-def test_infer_step_runs_inside_docker(docker_env, cache_dir, tmp_path):  # noqa: F811
+def test_infer_step_runs_inside_docker(docker_env, cache_dir, tmp_path):
     container = {"runtime": "docker", "image": docker_env.image, "python": docker_env.python,
                  "binds": [f"{b}:{b}:ro" for b in docker_env.binds], "env": {"PYTHONPATH": docker_env.pythonpath}}
     args = ["--gpus", "2", "--set", "data.max_samples=12", "--set", "generation.max_new_tokens=4"]

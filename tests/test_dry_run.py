@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import os
 import shlex
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
+from helpers import JOBS, PYTHON, REPO
 from llmbatch.cli import main
-from llmbatch.launch import rendezvous_port
-
-from conftest import JOBS
+from llmbatch.jobstep import rendezvous_port
 
 
 def dry_run(capsys, *args: str) -> tuple[str, list[str]]:
@@ -82,3 +85,61 @@ def test_cluster_example_runs_in_apptainer(capsys, tmp_path, model_dir):
     assert argv[:3] == ["apptainer", "exec", "--nv"]
     assert str(image) in argv and flag(argv, "--num_processes") == "8"
     assert "HF_TOKEN" not in " ".join(argv)  # forwarded by name through the environment only
+
+
+def test_the_node_command_is_built_without_submitit(tmp_path):
+    """The job step (spec -> plan -> node command) is pure: the benchmark imports it from a source tree
+    where submitit is not installed. Here submitit is made unimportable in a fresh interpreter."""
+    code = ("import sys; sys.modules['submitit'] = None\n"
+            "from llmbatch.jobstep import NodePlace, make_plan, node_command\n"
+            "from llmbatch.spec import load_spec\n"
+            f"spec = load_spec({str(JOBS / 'infer.yaml')!r}, 'infer', ['resources.gpus_per_node=2'])\n"
+            "place = NodePlace(node_rank=0, main_host='127.0.0.1', port=1, attempt=0, job_id='1', use_cuda=False)\n"
+            f"print(node_command(make_plan(spec, {str(tmp_path)!r}), place).argv)\n"
+            "assert 'submitit' not in [m.split('.')[0] for m in sys.modules if sys.modules[m] is not None]\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "'--num_processes', '2'" in proc.stdout and "llmbatch.runners.infer" in proc.stdout
+
+
+@pytest.mark.slow
+def test_an_installed_package_finds_its_default_specs(tmp_path):
+    """Installed from a wheel, away from any checkout: `finetune` without a spec finds the default spec
+    and its data, shipped as package data."""
+    site = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
+                    "--target", str(site), str(REPO)], check=True, capture_output=True)
+    proc = subprocess.run([sys.executable, "-m", "llmbatch.cli", "finetune", "--dry-run", "--executor", "local",
+                           "--output", str(tmp_path / "runs")], cwd=tmp_path, capture_output=True, text=True,
+                          env=os.environ | {"PYTHONPATH": str(site)})
+    assert proc.returncode == 0, proc.stderr
+    assert str(site / "llmbatch" / "jobs" / "data" / "parity" / "train.jsonl") in proc.stdout
+
+
+def without_slurm(tmp_path: Path) -> dict[str, str]:
+    """The environment of a laptop with no Slurm: a PATH on which neither sbatch nor srun exists."""
+    bare = tmp_path / "bin"
+    bare.mkdir()
+    env = dict(os.environ, PATH=str(bare))
+    assert shutil.which("sbatch", path=env["PATH"]) is None and shutil.which("srun", path=env["PATH"]) is None
+    return env
+
+
+def test_dry_run_needs_no_slurm_binaries(tmp_path):
+    proc = subprocess.run([PYTHON, str(REPO / "submit.py"), "infer", "--executor", "slurm", "--nodes", "2",
+                           "--gpus", "4", "--output", str(tmp_path / "runs"), "--dry-run"],
+                          env=without_slurm(tmp_path), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "#SBATCH --nodes=2" in proc.stdout.splitlines() and "srun --unbuffered" in proc.stdout
+    assert "nothing was submitted" in proc.stdout
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("command", [["infer", "--executor", "slurm"], ["finetune", "--executor", "slurm"]])
+def test_slurm_executor_without_slurm_is_one_line_and_exit_2(tmp_path, command):
+    proc = subprocess.run([PYTHON, str(REPO / "submit.py"), *command, "--output", str(tmp_path / "runs")],
+                          env=without_slurm(tmp_path), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines() == ["llmbatch: error: --executor slurm: sbatch and srun not on PATH (no Slurm "
+                                        "client on this machine); run where Slurm is, or use --executor local"]
+    assert not (tmp_path / "runs").exists()

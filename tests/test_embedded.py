@@ -10,7 +10,7 @@ import pytest
 
 from llmbatch import embedded, sampledata
 
-from conftest import JOBS, REPO
+from helpers import JOBS, REPO
 
 PARITY = JOBS / "data" / "parity"
 MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
@@ -112,7 +112,7 @@ def test_greedy_outputs_do_not_depend_on_batching(model, tokenizer):
 
 
 def test_import_is_light():
-    """spec.py imports this module for a constant: that must not pull in torch."""
+    """The command line imports this module: that must not pull in torch."""
     code = "import sys, llmbatch.embedded; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO,
                    env={"PYTHONPATH": str(REPO / "src")})

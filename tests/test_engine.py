@@ -153,6 +153,7 @@ def test_first_token_logits_equal_the_models(embedded):
     assert torch.allclose(logits, expected, atol=1e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sampling", [False, True], ids=["greedy", "sampled"])
 def test_refilled_slots_give_what_one_prompt_at_a_time_gives(embedded, sampling):
     model, tokenizer, prompts, ids = embedded

@@ -10,9 +10,7 @@ import dataclasses
 import json
 import os
 import signal
-import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -20,56 +18,29 @@ import psutil
 import pytest
 import torch
 
-from llmbatch.rundir import RunDir, atomic_write, read_jsonl
-from llmbatch.runners import PREEMPTED_EXIT
+from helpers import new_run, runner_command
+from llmbatch.rundir import RunDir, read_jsonl
 from llmbatch.runners.packing import IGNORE, Sequence, collate, pack, to_sequence
-from llmbatch.spec import apply_override, dump_spec, load_spec
-
-JOBS = Path(__file__).resolve().parent.parent / "jobs"
+from llmbatch.runners.preemption import PREEMPTED_EXIT
 
 # Short sequences and micro-batches so an epoch is a few steps: 12 steps cross several epochs, and a
 # stop mid-epoch exercises skipping the consumed batches. Accumulation 2 exercises no_sync.
 SMALL = ["data.max_samples=60", "train.max_steps=12", "train.seq_len=64", "train.micro_batch_size=4",
          "train.grad_accum_steps=2", "train.warmup_steps=2", "train.eval_every_steps=5",
          "train.save_every_steps=4", "train.keep_last=2", "train.eval_accuracy=false", "lora.dropout=0.1"]
-LAUNCH_ENV = os.environ | {"ACCELERATE_USE_CPU": "true", "TOKENIZERS_PARALLELISM": "false"}
-
-
-def new_run(root: Path, model_dir: Path, overrides: list[str]) -> RunDir:
-    """What the CLI does before launching: a run folder holding the resolved spec."""
-    spec = load_spec(JOBS / "finetune.yaml", "finetune", overrides)
-    spec = apply_override(spec, "model.path", str(model_dir), root)
-    run = RunDir.create(root, spec.name)
-    atomic_write(run.spec_file, dump_spec(spec))
-    return run
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def launch_argv(runner: str, run: RunDir, processes: int, attempt: int, *extra: str) -> list[str]:
-    argv = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1",
-            "--num_processes", str(processes), "--main_process_port", str(free_port()),
-            "--num_cpu_threads_per_process", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    if processes > 1:
-        argv.append("--multi_gpu")  # with ACCELERATE_USE_CPU, what starts several CPU processes
-    return argv + ["-m", runner, "--run-dir", str(run.path), "--attempt", str(attempt), *extra]
-
-
-def launch(runner: str, run: RunDir, processes: int = 1, attempt: int = 0, *extra: str,
+def launch(run: RunDir, processes: int = 1, attempt: int = 0, *extra: str,
            expect_success: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run(launch_argv(runner, run, processes, attempt, *extra), env=LAUNCH_ENV,
-                          capture_output=True, text=True, timeout=300)
+    """The run's runner (its spec's kind) on one node; `extra` goes to the runner."""
+    cmd = runner_command(run, processes, attempt)
+    proc = subprocess.run([*cmd.argv, *extra], env=os.environ | cmd.env, capture_output=True, text=True,
+                          timeout=300)
     if expect_success:
         assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return proc
 
 
 def finetune(run: RunDir, processes: int = 1, attempt: int = 0, *extra: str, **kwargs):
-    return launch("llmbatch.runners.finetune", run, processes, attempt, *extra, **kwargs)
+    return launch(run, processes, attempt, *extra, **kwargs)
 
 
 def rows(run: RunDir) -> list[dict]:
@@ -89,8 +60,13 @@ def checkpoint_names(run: RunDir) -> list[str]:
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory, model_dir):
     """One uninterrupted 1-process run, merged weights included: the reference for resumed runs."""
-    run = new_run(tmp_path_factory.mktemp("uninterrupted"), model_dir, [*SMALL, "train.merge=true"])
-    finetune(run)
+    run = new_run(tmp_path_factory.mktemp("uninterrupted"), model_dir, "finetune",
+                  [*SMALL, "train.merge=true"])
+    old_umask = os.umask(RUN_UMASK)  # the ranks inherit it
+    try:
+        finetune(run)
+    finally:
+        os.umask(old_umask)
     return run
 
 
@@ -113,6 +89,33 @@ def test_packed_rows_hold_whole_sequences_and_positions_restart():
     assert batch["input_ids"][2].tolist() == [5, 0, 0, 0, 0, 0, 0]
     assert batch["targets"][2].tolist() == [5] + [IGNORE] * 6
     assert batch["num_tokens"].item() == 15
+
+
+def test_a_seq_len_shorter_than_the_prompts_is_an_error_not_a_zero_loss(make_run, capsys):
+    from transformers import AutoTokenizer
+
+    from llmbatch.data import load_examples
+    from llmbatch.runners.finetune import TooShortForData, make_rows
+    from llmbatch.spec import load_resolved
+
+    spec = load_resolved(make_run("finetune", overrides=["data.max_samples=20"]).spec_file)
+    tokenizer = AutoTokenizer.from_pretrained(spec.model.path)
+    examples = load_examples(spec.data)
+    prompt_lengths = sorted(len(ids) for ids in tokenizer([e.prompt for e in examples])["input_ids"])
+
+    def rows(seq_len: int):
+        return make_rows(dataclasses.replace(spec, train=dataclasses.replace(spec.train, seq_len=seq_len)),
+                         tokenizer, examples, "data.path")
+
+    with pytest.raises(TooShortForData, match=r"^train.seq_len: \d+ tokens leave no target token of any example in "
+                                              r"data.path"):
+        rows(prompt_lengths[0] - 1)
+    # Shorter than the longest prompts only: those are left out, and the log says how many.
+    seq_len = prompt_lengths[-1] - 1
+    kept = sum(len(row) for row in rows(seq_len))
+    lost = sum(length > seq_len for length in prompt_lengths)
+    assert 0 < lost < len(examples) and kept == len(examples) - lost
+    assert f"; {lost} of them keep no target token and are left out" in capsys.readouterr().out
 
 
 def test_packed_and_padded_batches_give_the_same_loss_and_gradients(make_run):
@@ -138,7 +141,7 @@ def test_packed_and_padded_batches_give_the_same_loss_and_gradients(make_run):
 
     def loss_and_grads(packing: bool):
         rows = make_rows(dataclasses.replace(spec, train=dataclasses.replace(spec.train, packing=packing)),
-                         tokenizer, examples)
+                         tokenizer, examples, "data.path")
         batch = collate(rows, tokenizer.pad_token_id)
         model.zero_grad()
         loss = token_loss_sum(model, batch) / (batch["targets"] != IGNORE).sum()
@@ -172,6 +175,7 @@ def test_the_loss_leaves_prompt_positions_out_of_the_head_and_equals_the_full_lo
 
 # --- exact resume ---------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_a_run_stopped_and_resumed_on_one_process_matches_an_uninterrupted_one(uninterrupted, make_run):
     run = make_run("finetune", overrides=[*SMALL, "train.merge=true"])
     stopped = finetune(run, 1, 0, "--stop-at-step", "6", expect_success=False)
@@ -188,6 +192,7 @@ def test_a_run_stopped_and_resumed_on_one_process_matches_an_uninterrupted_one(u
     assert checkpoint_names(run) == ["step-000006", "step-000008"]  # keep_last=2
 
 
+@pytest.mark.slow
 def test_a_run_preempted_on_one_of_two_ranks_resumes_exactly(make_run, tmp_path):
     """SIGUSR2 to rank 1 only: both ranks agree at the next step, save and exit; the resumed run
     (and a second, uninterrupted 2-process run) end with the same adapter and losses.
@@ -201,8 +206,8 @@ def test_a_run_preempted_on_one_of_two_ranks_resumes_exactly(make_run, tmp_path)
     run = make_run("finetune", overrides=SMALL)
     log = tmp_path / "preempted.log"
     with log.open("w") as out:
-        proc = subprocess.Popen(launch_argv("llmbatch.runners.finetune", run, 2, 0), env=LAUNCH_ENV,
-                                stdout=out, stderr=subprocess.STDOUT)
+        cmd = runner_command(run, 2)
+        proc = subprocess.Popen(cmd.argv, env=os.environ | cmd.env, stdout=out, stderr=subprocess.STDOUT)
         rank1 = wait_for_rank(proc, 1)
         while not any(row.get("step", 0) >= 2 for row in read_jsonl(run.train_metrics_file)):
             assert proc.poll() is None, log.read_text()[-3000:]
@@ -237,6 +242,21 @@ def wait_for_rank(proc: subprocess.Popen, rank: int) -> psutil.Process:
 
 # --- outputs --------------------------------------------------------------------------------------
 
+RUN_UMASK = 0o027
+
+
+@pytest.mark.slow
+def test_every_file_of_the_run_is_readable_as_the_umask_says(uninterrupted):
+    """On shared storage colleagues read results as the umask allows: no 0600 files from temp names."""
+    modes = {str(p.relative_to(uninterrupted.path)): p.stat().st_mode & 0o777
+             for p in uninterrupted.path.rglob("*") if p != uninterrupted.spec_file}  # the test wrote that one
+    assert {"metrics.json", "adapter/adapter_model.safetensors", "loss_curve.png"} <= set(modes)
+    wrong = {name: oct(mode) for name, mode in modes.items()
+             if mode != (0o777 if Path(uninterrupted.path / name).is_dir() else 0o666) & ~RUN_UMASK}
+    assert not wrong
+
+
+@pytest.mark.slow
 def test_the_run_writes_metrics_and_a_loss_curve(uninterrupted):
     metrics = json.loads(uninterrupted.metrics_file.read_text())
     assert metrics["steps"] == 12 and metrics["world_size"] == 1
@@ -247,6 +267,7 @@ def test_the_run_writes_metrics_and_a_loss_curve(uninterrupted):
     assert (uninterrupted.path / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 def test_the_adapter_loads_in_peft_and_matches_the_merged_weights(uninterrupted):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -264,11 +285,12 @@ def test_the_adapter_loads_in_peft_and_matches_the_merged_weights(uninterrupted)
             assert not torch.allclose(tuned(input_ids).logits, merged(input_ids).logits, atol=1e-2)
 
 
+@pytest.mark.slow
 def test_the_infer_runner_uses_the_adapter_and_scores_higher(uninterrupted, make_run):
     """The adapter as model.adapter of an infer spec, on the test split, against the base model."""
     accuracy = {}
     for adapter in ("null", str(uninterrupted.adapter_dir)):
         run = make_run("infer", overrides=["data.max_samples=40", f"model.adapter={adapter}"])
-        launch("llmbatch.runners.infer", run)
+        launch(run)
         accuracy[adapter] = json.loads(run.metrics_file.read_text())["accuracy"]
     assert accuracy[str(uninterrupted.adapter_dir)] > accuracy["null"], accuracy

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,13 +19,13 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import submit_cli
+from helpers import runner_command, submit_cli
 from llmbatch.data import load_examples
-from llmbatch.gather import IncompleteRun, gather_run, merge_shards, read_progress
-from llmbatch.runners import PREEMPTED_EXIT
+from llmbatch.gather import IncompleteRun, gather_run, merge_shards
 from llmbatch.runners.generation import Decoder, SeededSampling, encode_prompts, load_model
-from llmbatch.runners.sharding import assign_to_ranks, plan_batches
-from llmbatch.shards import ShardWriter, done_ids, list_shards, read_records, shard_for
+from llmbatch.runners.preemption import PREEMPTED_EXIT
+from llmbatch.runners.split import assign_to_ranks, plan_batches
+from llmbatch.shards import ShardWriter, done_ids, list_shards, read_progress, read_records, shard_for
 from llmbatch.spec import GenerationSpec, ModelSpec, load_resolved
 
 SMALL = ["data.max_samples=40", "generation.max_new_tokens=8"]
@@ -213,32 +212,15 @@ def test_gather_writes_results_in_input_order_exactly_once(make_run):
 
 # --- real runs ----------------------------------------------------------------------------------
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def launch_argv(run, processes: int, attempt: int) -> list[str]:
-    argv = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1",
-            "--num_processes", str(processes), "--main_process_port", str(free_port()),
-            "--num_cpu_threads_per_process", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    if processes > 1:
-        argv.append("--multi_gpu")  # with ACCELERATE_USE_CPU, what starts several CPU processes
-    return argv + ["-m", "llmbatch.runners.infer", "--run-dir", str(run.path), "--attempt", str(attempt)]
-
-
-LAUNCH_ENV = os.environ | {"ACCELERATE_USE_CPU": "true", "TOKENIZERS_PARALLELISM": "false"}
-
-
 def infer(run, processes: int, attempt: int = 0) -> bytes:
     """Run to the end; results.jsonl's bytes."""
-    proc = subprocess.run(launch_argv(run, processes, attempt), env=LAUNCH_ENV, capture_output=True,
-                          text=True, timeout=300)
+    cmd = runner_command(run, processes, attempt)
+    proc = subprocess.run(cmd.argv, env=os.environ | cmd.env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return run.results_file.read_bytes()
 
 
+@pytest.mark.slow
 def test_greedy_results_do_not_depend_on_rank_count_batches_or_engine(make_run):
     # generate's results, then the engine's on 1, 2 and 3 ranks, with budgets that give each rank a
     # few slots (refilled many times) or none to spare.
@@ -261,6 +243,7 @@ def test_greedy_results_do_not_depend_on_rank_count_batches_or_engine(make_run):
     assert metrics["decode_steps"] > 0 and metrics["prefill_s"] > 0 and metrics["decode_s"] > 0
 
 
+@pytest.mark.slow
 def test_sampled_results_do_not_depend_on_rank_count_or_engine(make_run):
     sampling = [*SMALL, *SAMPLING]
     one = infer(make_run("infer", overrides=sampling), 1)
@@ -280,6 +263,7 @@ def wait_for_first_record(run, proc: subprocess.Popen, log: Path) -> None:
         time.sleep(0.01)
 
 
+@pytest.mark.slow
 def test_a_killed_run_resumed_with_another_rank_count_gives_the_same_results(make_run, tmp_path):
     data = ["data.max_samples=100", "generation.max_new_tokens=8"]
     expected = infer(make_run("infer", overrides=data), 1)
@@ -288,7 +272,8 @@ def test_a_killed_run_resumed_with_another_rank_count_gives_the_same_results(mak
     run = make_run("infer", overrides=[*data, "generation.batch_tokens=60"])
     log = tmp_path / "killed.log"
     with log.open("w") as out:
-        proc = subprocess.Popen(launch_argv(run, 2, attempt=0), env=LAUNCH_ENV, stdout=out, stderr=out)
+        cmd = runner_command(run, 2, attempt=0)
+        proc = subprocess.Popen(cmd.argv, env=os.environ | cmd.env, stdout=out, stderr=out)
         wait_for_first_record(run, proc, log)
         # The launcher starts each rank in a session of its own: kill them by id, writers first.
         for process in [*psutil.Process(proc.pid).children(recursive=True), psutil.Process(proc.pid)]:
@@ -316,6 +301,7 @@ def test_a_killed_run_resumed_with_another_rank_count_gives_the_same_results(mak
     assert shard_lines(run) == 100  # nothing generated twice
 
 
+@pytest.mark.slow
 def test_a_preempted_rank_stops_after_its_batch_and_the_run_resumes(make_run, tmp_path):
     run = make_run("infer", overrides=[*SMALL, "generation.batch_tokens=30"])  # one cache slot
     argv = [sys.executable, "-m", "llmbatch.runners.infer", "--run-dir", str(run.path), "--attempt", "0"]

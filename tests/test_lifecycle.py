@@ -13,11 +13,11 @@ import subprocess
 
 import pytest
 
-from conftest import JOBS, run_folder, submit_cli, wait_for
+from helpers import JOBS, run_folder, submit_cli, wait_for
 from llmbatch.lifecycle import FINAL_STATES
 from llmbatch.rundir import read_jsonl
 
-pytestmark = pytest.mark.slurm
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
 # 1,000 inputs, one per batch: about 10 s on two ranks, so a signal lands mid-run.
 INFER = ["--set", f"data.path={JOBS / 'data/parity/train.jsonl'}", "--set", "data.max_samples=1000",

@@ -14,10 +14,10 @@ import time
 
 import pytest
 
-from conftest import REPO, run_folder, submit_cli, wait_for
+from helpers import REPO, run_folder, submit_cli, wait_for
 from llmbatch.lifecycle import FINAL_STATES, slurm_state
 
-pytestmark = pytest.mark.slurm
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
 SMALL = ["--set", "data.max_samples=48", "--set", "generation.max_new_tokens=8"]
 
@@ -40,6 +40,13 @@ def test_infer_on_two_nodes_matches_one_local_process(slurm_cluster, cache_dir, 
     assert run.results_file.read_bytes() == local.results_file.read_bytes()
     assert len(run.results_file.read_text().splitlines()) == 48
     assert "accuracy" in proc.stdout  # the summary
+    # --dry-run's preview (built without Slurm binaries) is the script that sbatch really got.
+    from llmbatch.slurm import sbatch_script
+    from llmbatch.spec import load_resolved
+
+    job_id = run.read_state()["job_ids"][0]
+    submitted = (run.submitit_dir / f"{job_id}_submission.sh").read_text()
+    assert sbatch_script(load_resolved(run.spec_file), run) == submitted
 
 
 def test_finetune_on_two_nodes_saves_an_adapter(slurm_cluster, cache_dir, tmp_path):
@@ -55,7 +62,7 @@ def test_finetune_on_two_nodes_saves_an_adapter(slurm_cluster, cache_dir, tmp_pa
 def test_a_crashing_rank_fails_the_job_quickly(slurm_cluster, make_run, monkeypatch):
     """Rank 3 (on node n2) raises while ranks 0-2 wait in a collective: FAILED, with the error logged."""
     from llmbatch import slurm
-    from llmbatch.cli import make_plan
+    from llmbatch.jobstep import make_plan
     from llmbatch.spec import load_resolved
 
     run = make_run("infer", overrides=["resources.nodes=2", "resources.gpus_per_node=2"])

@@ -10,10 +10,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from helpers import REPO
 from llmbatch.cli import main
 from llmbatch.spec import load_spec, parse_override, slurm_time_seconds
-
-from conftest import REPO
 
 
 def write_data(path: Path, rows: list) -> Path:
@@ -54,7 +53,26 @@ BAD_SPECS = [
     ("modle", {"path": "x"}, "modle: unknown key (did you mean 'model'?)"),
     ("generation.max_new_tokens", "ten", "generation.max_new_tokens: must be an integer, got 'ten'"),
     ("generation.max_new_tokens", -4, "generation.max_new_tokens: must be > 0, got -4"),
-    ("resources.gpus_per_node", 0, "resources.gpus_per_node: must be > 0, got 0"),
+    ("resources.gpus_per_node", 0, "resources.gpus_per_node: must be in (0, 64], got 0"),
+    ("resources.gpus_per_node", 10000, "resources.gpus_per_node: must be in (0, 64], got 10000"),
+    ("resources.time", "0", "resources.time: must be longer than 0: '0'"),
+    ("resources.time", "2", "resources.signal_delay_s: the preemption warning (120 s) must come before the "
+                            "time limit ('2' = 120 s)"),
+    ("resources.partition", "gpu\n#SBATCH --qos=high", "resources.partition: contains a control character ('\\n')"),
+    ("resources.account", "lab\rx", "resources.account: contains a control character ('\\r')"),
+    ("resources.qos", "two words", "resources.qos: must be one word: 'two words'"),
+    ("resources.sbatch_extra", {"mail-user": "me\nrm -rf ~"},
+     "resources.sbatch_extra.mail-user: contains a control character ('\\n')"),
+    ("resources.sbatch_extra", {"exclusive; rm": ""}, "resources.sbatch_extra.exclusive; rm: not an sbatch option name"),
+    ("resources.sbatch_extra", {"time": "99:00:00"},
+     "resources.sbatch_extra.time: set by the spec, not through sbatch_extra: use resources.time"),
+    ("resources.sbatch_extra", {"gres": "gpu:8"},
+     "resources.sbatch_extra.gres: set by the spec, not through sbatch_extra: use resources.gpus_per_node"),
+    ("resources.sbatch_extra", {"output": "/tmp/x"},
+     "resources.sbatch_extra.output: set by the spec, not through sbatch_extra: use the run folder"),
+    ("container.env", {"BAD NAME": "1"}, "container.env.BAD NAME: not a variable name: 'BAD NAME'"),
+    ("container.pass_env", ["HF_TOKEN", "1X"], "container.pass_env[1]: not a variable name: '1X'"),
+    ("container.binds", ["/data\n"], "container.binds[0]: contains a control character"),
     ("resources.time", "1 hour", "resources.time: not a Slurm time (MM, HH:MM:SS, D-HH:MM): '1 hour'"),
     ("resources.mem", "lots", "resources.mem: not a Slurm memory size"),
     ("generation.do_sample", "yes please", "generation.do_sample: must be true/false"),
@@ -90,6 +108,53 @@ def test_the_fast_engine_on_a_model_it_cannot_run_is_a_spec_error(tmp_path, good
     assert f"generation.engine: fast: the engine runs llama, qwen2, mistral models, and {model} is 'gpt2'" in err
     code, _ = run_cli(tmp_path, set_key(good, "generation.engine", "auto"), capsys=capsys)
     assert code == 0  # auto falls back to generate
+
+
+def test_a_bad_value_from_the_command_line_is_blamed_on_its_option(tmp_path, good, capsys):
+    code, err = run_cli(tmp_path, good, "--gpus", "10000", capsys=capsys)
+    assert code == 2 and err == "llmbatch: error: --gpus 10000: resources.gpus_per_node: must be in (0, 64], got 10000\n"
+    code, err = run_cli(tmp_path, good, "--set", "generation.top_p=2", capsys=capsys)
+    assert code == 2 and err == "llmbatch: error: --set generation.top_p=2: generation.top_p: must be in (0, 1], got 2.0\n"
+    code, err = run_cli(tmp_path, good, "--set", "generation.top_k", capsys=capsys)
+    assert code == 2 and err == ("llmbatch: error: --set generation.top_k: expected key.path=value, "
+                                 "got 'generation.top_k'\n")
+
+
+@pytest.mark.parametrize("bind,message", [
+    ("/data:/in:/x:ro", "container: container bind '/data:/in:/x:ro': expected HOST[:DEST[:ro]]"),
+    ("/data:in", "container: container bind '/data:in': paths must be absolute"),
+])
+def test_container_binds_are_checked_before_anything_is_queued(tmp_path, good, capsys, bind, message):
+    set_key(good, "container", {"runtime": "docker", "image": "llmbatch:latest", "binds": [bind]})
+    code, err = run_cli(tmp_path, good, capsys=capsys)
+    assert code == 2 and err == f"llmbatch: error: {message}\n"
+
+
+def test_docker_client_variables_in_container_env_are_refused_before_queueing(tmp_path, good, capsys):
+    set_key(good, "container", {"runtime": "docker", "image": "llmbatch:latest", "env": {"DOCKER_HOST": "tcp://x"}})
+    code, err = run_cli(tmp_path, good, capsys=capsys)
+    assert code == 2 and err.startswith("llmbatch: error: container: docker reads these from its own environment")
+
+
+def test_container_env_reaches_the_job_without_a_container():
+    from llmbatch.jobstep import LaunchPlan, example_place, node_command
+    from llmbatch.spec import ContainerSpec
+
+    plan = LaunchPlan(run_dir="/runs/r", runner="llmbatch.runners.infer", nodes=1, gpus_per_node=1,
+                      mixed_precision="no", container=ContainerSpec(env={"HF_DATASETS_CACHE": "/scratch/hf"}),
+                      binds=())
+    assert node_command(plan, example_place(1)).env["HF_DATASETS_CACHE"] == "/scratch/hf"
+
+
+def test_an_output_root_that_cannot_be_created_is_one_line(tmp_path, good, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("a file where the output root's parent should be")
+    set_key(good, "output.root", str(blocker / "runs"))
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(good))
+    assert main(["infer", str(path), "--executor", "local"]) == 2
+    assert capsys.readouterr().err == (f"llmbatch: error: output.root: cannot create a run folder in "
+                                       f"{blocker / 'runs'}: Not a directory\n")
 
 
 def test_invalid_yaml_names_the_line(tmp_path, capsys):
@@ -152,7 +217,7 @@ def test_bad_overrides(tmp_path, good, capsys):
     code, err = run_cli(tmp_path, good, "--set", "generation.max_new_tokens=many", capsys=capsys)
     assert code == 2 and "generation.max_new_tokens: must be an integer, got 'many'" in err
     code, err = run_cli(tmp_path, good, "--gpus", "0", capsys=capsys)
-    assert code == 2 and "resources.gpus_per_node: must be > 0, got 0" in err
+    assert code == 2 and "--gpus 0: resources.gpus_per_node: must be in (0, 64], got 0" in err
     code, err = run_cli(tmp_path, good, "--nodes", "2", capsys=capsys)
     assert code == 2 and "resources.nodes: 2 nodes need Slurm" in err
 

@@ -12,6 +12,7 @@
 # under ${LLMBATCH_DOCKER_DIR:-/tmp/llmbatch-docker}/cache, so a rebuild is only `docker import`.
 # The Debian mirror is the one this machine's apt uses (override: LLMBATCH_DEBIAN_MIRROR).
 set -euo pipefail
+INSTALL=$(cd "$(dirname "$0")/../../slurm" && pwd)/install.sh
 
 IMAGE=${LLMBATCH_TEST_IMAGE:-llmbatch-test:latest}
 SUITE=bookworm
@@ -32,12 +33,7 @@ if docker image inspect "$IMAGE" >/dev/null 2>&1; then
 fi
 
 if [ ! -s "$TARBALL" ]; then
-    if ! command -v debootstrap >/dev/null; then
-        log "installing debootstrap"
-        export DEBIAN_FRONTEND=noninteractive
-        apt-get -o DPkg::Lock::Timeout=600 update -qq
-        apt-get -o DPkg::Lock::Timeout=600 install -y -qq --no-install-recommends debootstrap >/dev/null
-    fi
+    command -v debootstrap >/dev/null || bash "$INSTALL" debootstrap
     # The mirror apt already uses for $SUITE: one that answers, whatever the sources file format.
     mirror=${LLMBATCH_DEBIAN_MIRROR:-$(apt-get indextargets --format '$(RELEASE) $(REPO_URI)' \
         | awk -v s="$SUITE" '$1 == s {print $2; exit}')}

@@ -9,6 +9,7 @@
 # it answers. `stop` stops it through its pid file and leaves nothing running. Both are idempotent.
 # Log: $DIR/dockerd.log.
 set -euo pipefail
+INSTALL=$(cd "$(dirname "$0")/../../slurm" && pwd)/install.sh
 
 DIR=${LLMBATCH_DOCKER_DIR:-/tmp/llmbatch-docker}
 case $DIR in /*) ;; *) DIR=$PWD/$DIR ;; esac
@@ -34,21 +35,8 @@ answers() { docker -H "unix://$SOCK" version --format '{{.Server.Version}}' >/de
 
 install() {
     command -v dockerd >/dev/null && return 0
-    if [ "$(id -u)" -ne 0 ]; then
-        log "dockerd is missing; run as root to install Debian's docker.io"
-        exit 1
-    fi
     log "installing docker.io"
-    # Keep the package from starting the system's docker service: we run our own.
-    local policy=/usr/sbin/policy-rc.d created=
-    if [ ! -e "$policy" ]; then
-        printf '#!/bin/sh\nexit 101\n' > "$policy" && chmod 755 "$policy" && created=1
-    fi
-    export DEBIAN_FRONTEND=noninteractive
-    # Another script may be installing packages at the same time: wait for dpkg's lock.
-    apt-get -o DPkg::Lock::Timeout=600 update -qq
-    apt-get -o DPkg::Lock::Timeout=600 install -y -qq --no-install-recommends docker.io >/dev/null
-    [ -z "$created" ] || rm -f "$policy"
+    bash "$INSTALL" docker.io
 }
 
 start() {

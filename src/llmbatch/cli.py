@@ -6,6 +6,7 @@ Exit codes: 0 done, 1 the job failed, 2 bad input (nothing was queued).
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import shutil
 import sys
@@ -13,15 +14,16 @@ import time
 from pathlib import Path
 
 from llmbatch import embedded, lifecycle, slurm
-from llmbatch.container import wrap_command
 from llmbatch.data import DataError, load_examples
-from llmbatch.launch import LaunchPlan, NodePlace, build_launch_argv, launch_env
-from llmbatch.rundir import RunDir, atomic_write
+from llmbatch.gather import gather_run
+from llmbatch.jobstep import example_place, make_plan, node_command
+from llmbatch.rundir import DamagedRun, RunBusy, RunDir, atomic_write
 from llmbatch.summary import summarize
-from llmbatch.spec import JobSpec, SpecError, apply_override, dump_spec, load_resolved, load_spec
+from llmbatch.spec import (EMBEDDED_MODEL, JobSpec, SpecError, apply_override, dump_spec, load_resolved,
+                           load_spec)
 
-REPO_JOBS = Path(__file__).resolve().parents[2] / "jobs"
-RUNNERS = {"infer": "llmbatch.runners.infer", "finetune": "llmbatch.runners.finetune"}
+DEFAULT_JOBS = Path(__file__).resolve().parent / "jobs"
+"""The default specs, shipped with the package (a checkout's jobs/ links here)."""
 
 
 class UsageError(Exception):
@@ -29,94 +31,91 @@ class UsageError(Exception):
 
 
 def default_spec_path(kind: str) -> Path:
-    for folder in (Path.cwd() / "jobs", REPO_JOBS):
-        if (folder / f"{kind}.yaml").is_file():
-            return folder / f"{kind}.yaml"
-    raise UsageError(f"no spec given and no jobs/{kind}.yaml here; pass a spec path")
+    """jobs/KIND.yaml in the current folder, else the default that ships with llmbatch."""
+    local = Path.cwd() / "jobs" / f"{kind}.yaml"
+    return local if local.is_file() else DEFAULT_JOBS / f"{kind}.yaml"
 
 
-def load_job_spec(kind: str, args: argparse.Namespace) -> JobSpec:
-    """The spec with the command line's overrides, validated, and its data files checked."""
-    overrides = list(args.set or [])
-    if args.gpus is not None:
-        overrides.append(f"resources.gpus_per_node={args.gpus}")
-    if args.nodes is not None:
-        overrides.append(f"resources.nodes={args.nodes}")
-    if args.output is not None:
-        overrides.append(f"output.root={args.output}")
-    spec = load_spec(args.spec or default_spec_path(kind), kind, overrides)
-    load_examples(spec.data)
+def load_job_spec(kind: str, args: argparse.Namespace) -> tuple[JobSpec, int]:
+    """The spec with the command line's overrides, validated, its data files checked, and how many
+    inputs it has."""
+    overrides, origins = list(args.set or []), {}
+    for option, key, value in (("--gpus", "resources.gpus_per_node", args.gpus),
+                               ("--nodes", "resources.nodes", args.nodes), ("--output", "output.root", args.output)):
+        if value is not None:
+            overrides.append(f"{key}={value}")
+            origins[overrides[-1]] = f"{option} {value}"
+    spec = load_spec(args.spec or default_spec_path(kind), kind, overrides, origins=origins)
+    inputs = len(load_examples(spec.data))
     if spec.data.val_path:
         load_examples(spec.data, spec.data.val_path)
-    return spec
+    return spec, inputs
 
 
 def resolve_model(spec: JobSpec, build: bool) -> JobSpec:
     """Point model.path at a real folder, building the embedded default on first use."""
-    if spec.model.path != embedded.EMBEDDED_MODEL:
+    if spec.model.path != EMBEDDED_MODEL:
         return spec
     cache = embedded.default_cache_dir()
     path = embedded.ensure_embedded_model(cache) if build else cache / "<embedded model, built on first run>"
     return apply_override(spec, "model.path", str(path), Path.cwd())
 
 
-def binds_for(spec: JobSpec, run_path: Path) -> tuple[str, ...]:
-    """Host folders the ranks read or write: bound into a container at the same path."""
-    paths = [run_path, Path(spec.model.path)]
-    paths += [Path(p).parent for p in (spec.data.path, spec.data.val_path) if p]
-    if spec.model.adapter:
-        paths.append(Path(spec.model.adapter))
-    return tuple(dict.fromkeys(str(p) for p in paths))
-
-
-def make_plan(spec: JobSpec, run_path: Path, attempt_base: int = 0) -> LaunchPlan:
-    res = spec.resources
-    return LaunchPlan(
-        run_dir=str(run_path), runner=RUNNERS[spec.kind], nodes=res.nodes, procs_per_node=res.gpus_per_node,
-        mixed_precision="bf16" if spec.kind == "finetune" else "no", container=spec.container,
-        binds=binds_for(spec, run_path), cpu_threads_per_proc=res.cpus_per_gpu, max_requeues=res.max_requeues,
-        signal_delay_s=res.signal_delay_s, attempt_base=attempt_base,
-        **({"python": spec.container.python} if spec.container.runtime != "none" else {}))
+def require_slurm_commands(executor: str) -> None:
+    """Submitting to Slurm needs its client commands here; a dry run does not."""
+    missing = [name for name in ("sbatch", "srun") if not shutil.which(name)]
+    if executor == "slurm" and missing:
+        raise UsageError(f"--executor slurm: {' and '.join(missing)} not on PATH (no Slurm client on this "
+                         f"machine); run where Slurm is, or use --executor local")
 
 
 def cmd_run(kind: str, args: argparse.Namespace) -> int:
-    spec = load_job_spec(kind, args)
+    spec, inputs = load_job_spec(kind, args)
     executor = slurm.pick_executor(args.executor)
     if executor == "local" and spec.resources.nodes > 1:
         raise UsageError(f"resources.nodes: {spec.resources.nodes} nodes need Slurm; the local executor "
                          f"runs one node (use --executor slurm on a cluster)")
-    if executor == "slurm" and not shutil.which("sbatch") and not args.dry_run:
-        raise UsageError("--executor slurm: sbatch is not on PATH")
+    if not args.dry_run:
+        require_slurm_commands(executor)
     spec = resolve_model(spec, build=not args.dry_run)
 
+    try:  # the node command, once here: its container mistakes (binds, variables) must not wait for a node
+        node_command(make_plan(spec, planned_run_path(spec)), example_place(spec.resources.nodes))
+    except ValueError as e:
+        raise UsageError(f"container: {e}") from None
     if args.dry_run:
         print_dry_run(spec, executor)
         return 0
 
-    run = RunDir.create(spec.output.root, spec.name)
+    try:
+        run = RunDir.create(spec.output.root, spec.name)
+    except OSError as e:
+        raise UsageError(f"output.root: cannot create a run folder in {spec.output.root}: "
+                         f"{e.strerror or e}") from None
     atomic_write(run.spec_file, dump_spec(spec))
-    ex = slurm.make_executor(executor, spec, run)
-    job = slurm.submit(ex, make_plan(spec, run.path))
-    run.update_state(kind=kind, executor=executor, job_ids=[job.job_id], submitted=time.time())
-    print(f"run folder: {run.path}")
-    print(f"{executor} job: {job.job_id}")
-    if executor == "slurm" and not args.wait:
-        print(f"follow it with: python submit.py status {run.path}")
-        return 0
-    return wait_and_summarize(job, run, follow=executor == "local")
+    return submit_and_wait(spec, run, executor, wait=args.wait, header=f"run folder: {run.path}",
+                           kind=kind, submitted=time.time(), inputs=inputs)
+
+
+def local_identity(executor: str, job) -> dict:
+    """What tells a local job's process from a later one that reuses its pid (`status`, `cancel`)."""
+    if executor != "local":
+        return {}
+    return {"local_start_ticks": lifecycle.process_start_ticks(int(job.job_id))}
+
+
+def planned_run_path(spec: JobSpec) -> Path:
+    """Where the run folder will be, with placeholders for what only its creation decides."""
+    return Path(spec.output.root).resolve() / f"{spec.name}-<timestamp>-<id>"
 
 
 def print_dry_run(spec: JobSpec, executor: str) -> None:
-    run = RunDir(Path(spec.output.root).resolve() / f"{spec.name}-<timestamp>-<id>")
+    run = RunDir(planned_run_path(spec))
     plan = make_plan(spec, run.path)
     print(f"# resolved spec ({spec.kind})\n{dump_spec(spec)}")
     if executor == "slurm":
-        print("# sbatch script\n" + slurm.sbatch_script(slurm.make_executor(executor, spec, run)))
-    multi = spec.resources.nodes > 1
-    example = NodePlace(node_rank=0, main_host="<first host of SLURM_JOB_NODELIST>" if multi else "127.0.0.1",
-                        port=0, attempt=0, job_id="<job id>", use_cuda=True)
-    cmd = wrap_command(build_launch_argv(plan, example), spec.container, binds=plan.binds,
-                       env=launch_env(example), gpus=True, workdir=plan.run_dir)
+        print("# sbatch script\n" + slurm.sbatch_script(spec, run))
+    cmd = node_command(plan, example_place(spec.resources.nodes))
     print("# per-node command, node 0 on GPUs (each node passes its own --machine_rank; the port comes from "
           "the job id; a node without CUDA drops to --mixed_precision no with ACCELERATE_USE_CPU=true)")
     print(shlex.join(cmd.argv))
@@ -124,17 +123,26 @@ def print_dry_run(spec: JobSpec, executor: str) -> None:
     print("# nothing was submitted (--dry-run)")
 
 
-def wait_and_summarize(job, run: RunDir, follow: bool) -> int:
-    log, offset = run.node_log(0), 0
+def submit_and_wait(spec: JobSpec, run: RunDir, executor: str, *, wait: bool, header: str, attempt_base: int = 0,
+                    **state) -> int:
+    """Submit the run's job step and record its job id (and `state`); then, unless it went to Slurm
+    without --wait, wait for it and print the summary."""
+    job = slurm.submit(slurm.make_executor(executor, spec, run), make_plan(spec, run.path, attempt_base))
+    run.update_state(executor=executor, job_ids=run.read_state().get("job_ids", []) + [job.job_id], **state,
+                     **local_identity(executor, job))
+    attempt = f" (attempt {attempt_base})" if attempt_base else ""
+    print(f"{header}\n{executor} job: {job.job_id}{attempt}")
+    if executor == "slurm" and not wait:
+        print(f"follow it with: python submit.py status {run.path}")
+        return 0
+    return wait_and_summarize(job, run, show_log=executor == "local")
+
+
+def wait_and_summarize(job, run: RunDir, show_log: bool) -> int:
     try:
+        if show_log:
+            lifecycle.follow(run.node_log(0), lambda: not job.done())
         while not job.done():
-            if follow and log.exists():
-                with log.open("rb") as f:
-                    f.seek(offset)
-                    chunk = f.read()
-                offset += len(chunk)
-                sys.stdout.write(chunk.decode(errors="replace"))
-                sys.stdout.flush()
             time.sleep(0.5)
         job.results()  # one result per node; any node's error is raised here
     except KeyboardInterrupt:
@@ -149,29 +157,39 @@ def wait_and_summarize(job, run: RunDir, follow: bool) -> int:
 
 
 def cmd_gather(args: argparse.Namespace) -> int:
-    from llmbatch.gather import gather_run
-
     return gather_run(open_run(args.run))
+
+
+RANK_EXIT_GRACE_S = 15.0
+"""How long `resume` lets the ranks of a job that was just killed take to exit."""
+
+
+def wait_for_ranks_to_end(run: RunDir, grace_s: float) -> list[dict]:
+    """The ranks of earlier attempts still alive here after `grace_s` seconds ([] once all ended)."""
+    deadline = time.monotonic() + grace_s
+    while (live := run.live_ranks()) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return live
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
     """Resubmit a stopped run from its folder; runners pick up shards and checkpoints there."""
     run = open_run(args.run)
-    status = lifecycle.run_status(run)
-    if status.state in ("RUNNING", "PENDING", "REQUEUED", "CONFIGURING", "COMPLETING"):
-        raise UsageError(f"{run.path}: job {status.job_id} is {status.state}; cancel it first")
-    if run.results_file.exists() or (status.kind == "finetune" and run.adapter_dir.exists()):
-        print(f"{run.path}: already complete, nothing to resume")
-        return 0
-    spec = load_resolved(run.spec_file)
-    executor = slurm.pick_executor(args.executor) if args.executor else status.executor
-    ex = slurm.make_executor(executor, spec, run)
-    job = slurm.submit(ex, make_plan(spec, run.path, attempt_base=status.attempt + 1))
-    run.update_state(executor=executor, job_ids=run.read_state().get("job_ids", []) + [job.job_id])
-    print(f"resumed {run.path}\n{executor} job: {job.job_id} (attempt {status.attempt + 1})")
-    if executor == "slurm" and not args.wait:
-        return 0
-    return wait_and_summarize(job, run, follow=executor == "local")
+    with run.exclusive("resume"):  # held until this resume's job is submitted (and waited for)
+        status = lifecycle.run_status(run)
+        if status.state in ("RUNNING", "PENDING", "REQUEUED", "CONFIGURING", "COMPLETING"):
+            raise UsageError(f"{run.path}: job {status.job_id} is {status.state}; cancel it first")
+        if run.results_file.exists() or (status.kind == "finetune" and run.adapter_dir.exists()):
+            print(f"{run.path}: already complete, nothing to resume")
+            return 0
+        if live := wait_for_ranks_to_end(run, RANK_EXIT_GRACE_S):
+            raise UsageError(f"{run.path}: {live[0]['name']} is still running here (pid {live[0]['pid']}), "
+                             f"though its job has ended; stop it before resuming, or two attempts would "
+                             f"write the same results")
+        executor = slurm.pick_executor(args.executor) if args.executor else status.executor
+        require_slurm_commands(executor)
+        return submit_and_wait(load_resolved(run.spec_file), run, executor, wait=args.wait,
+                               header=f"resumed {run.path}", attempt_base=status.attempt + 1)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -193,11 +211,18 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    statuses = [lifecycle.run_status(r) for r in lifecycle.find_runs(Path(args.root))[: args.limit]]
+    statuses, damaged = [], []
+    for run in lifecycle.find_runs(Path(args.root))[: args.limit]:
+        try:  # one damaged run folder must not hide the others
+            statuses.append(lifecycle.run_status(run))
+        except DamagedRun as e:
+            damaged.append(f"{run.name}  damaged: {e}")
     if args.json:
         print(lifecycle.status_json(statuses))
     else:
-        print("\n".join(s.line() for s in statuses) or f"no runs under {args.root}")
+        print("\n".join([s.line() for s in statuses] + damaged) or f"no runs under {args.root}")
+    for line in damaged if args.json else ():
+        print(line, file=sys.stderr)
     return 0
 
 
@@ -212,8 +237,7 @@ def cmd_logs(args: argparse.Namespace) -> int:
             raise UsageError(f"no log yet: {path}")
         sys.stdout.write(path.read_text(errors="replace"))
         return 0
-    final = lifecycle.FINAL_STATES | {"COMPLETED", "FAILED", "STOPPED", "NOT SUBMITTED"}
-    lifecycle.follow(path, lambda: lifecycle.run_status(run).state not in final)
+    lifecycle.follow(path, lambda: lifecycle.run_status(run).state not in lifecycle.ENDED_STATES)
     return 0
 
 
@@ -306,9 +330,14 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)
-    except (SpecError, DataError, UsageError) as e:
+    except (SpecError, DataError, UsageError, DamagedRun, RunBusy) as e:
         print(f"llmbatch: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # The reader went away (`status | head`): stop quietly, as Unix tools do, and keep the
+        # interpreter from complaining again when it flushes stdout at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 
 
 if __name__ == "__main__":

@@ -10,14 +10,12 @@ from __future__ import annotations
 
 import os
 import posixpath
-import re
 import secrets
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
-from llmbatch.spec import ContainerSpec
+from llmbatch.spec import ENV_NAME, ContainerSpec
 
-_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 # Docker and Podman read `-e NAME` values from their own environment, so those variables also reach the
 # client itself. A value for one of these would reconfigure the client (or hide it from PATH) instead.
@@ -90,7 +88,7 @@ def container_env(env: Mapping[str, str], container: ContainerSpec) -> dict[str,
     `pass_env` names with their values from this environment now (a missing one is skipped)."""
     merged = {**env, **container.env}
     merged.update({name: os.environ[name] for name in container.pass_env if name in os.environ})
-    bad = [name for name in merged if not _NAME.match(name)]
+    bad = [name for name in merged if not ENV_NAME.match(name)]
     if bad:
         raise ValueError(f"not valid environment variable names: {bad}")
     return merged
@@ -105,7 +103,9 @@ def wrap_command(argv: list[str], container: ContainerSpec, *, binds: Sequence[s
     workdir: the working directory inside. name: Docker/Podman container name (default: a random one).
     """
     if container.runtime == "none":
-        return ContainerCommand(list(argv), dict(env))
+        # No container: the spec's variables go straight into the job's environment (pass_env's are
+        # there already).
+        return ContainerCommand(list(argv), {**env, **container.env})
     if container.image is None:
         raise ValueError(f"container runtime {container.runtime} needs an image")
     variables = container_env(env, container)

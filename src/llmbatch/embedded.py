@@ -18,7 +18,7 @@ the sample task). Two properties matter for the rest of the project:
 - Its next-token distributions are peaky, see `_init_weights`, so greedy outputs do not depend on how
   prompts were batched or padded.
 
-Only the standard library is imported at module level: `spec.py` imports this module for the name.
+Only the standard library is imported at module level: the command line imports this module.
 """
 
 from __future__ import annotations
@@ -30,8 +30,6 @@ import tempfile
 import zlib
 from pathlib import Path
 
-EMBEDDED_MODEL = "embedded:tiny-llama"
-"""The value of a spec's `model.path` that means the embedded default."""
 
 VERSION = 1
 NAME = f"tiny-llama-v{VERSION}"

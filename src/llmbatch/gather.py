@@ -4,7 +4,7 @@ The runner's main process calls `merge_shards` once every rank is done; `python 
 runs it again by hand (`gather_run`). results.jsonl is written last, and only when every input has a
 result, so its existence means the run is complete. Scoring: see `llmbatch.scoring`.
 
-metrics.json holds:
+metrics.json (keys: `llmbatch.metrics`) holds:
     examples, prompt_tokens, generated_tokens, finish_reasons   over all results
     accuracy, correct, scored, scoring                          when the inputs have references
     wall_s, generate_s       per attempt the slowest rank's time (all of it / generating), summed
@@ -23,10 +23,10 @@ from collections import Counter
 from typing import Any
 
 from llmbatch import scoring
-from llmbatch.data import Example, load_examples
+from llmbatch.data import Example
+from llmbatch.metrics import Metric
 from llmbatch.rundir import RunDir, atomic_write, atomic_write_json
-from llmbatch.shards import complete_lines, list_shards, read_records, read_stats, record_line
-from llmbatch.spec import load_resolved
+from llmbatch.shards import list_shards, read_records, read_stats, record_line, run_examples
 
 LISTED_IDS = 20
 """Missing ids named in an error; the rest are counted."""
@@ -62,15 +62,15 @@ def merge_shards(run: RunDir, examples: list[Example]) -> dict[str, Any]:
 
 
 def result_metrics(results: list[dict]) -> dict[str, Any]:
-    metrics = {"examples": len(results),
-               "prompt_tokens": sum(r["prompt_tokens"] for r in results),
-               "generated_tokens": sum(r["output_tokens"] for r in results),
-               "finish_reasons": dict(Counter(r["finish_reason"] for r in results))}
+    metrics = {Metric.EXAMPLES: len(results),
+               Metric.PROMPT_TOKENS: sum(r["prompt_tokens"] for r in results),
+               Metric.GENERATED_TOKENS: sum(r["output_tokens"] for r in results),
+               Metric.FINISH_REASONS: dict(Counter(r["finish_reason"] for r in results))}
     scored = [r for r in results if "reference" in r]
     if scored:
         correct = sum(r["correct"] for r in scored)
-        metrics |= {"accuracy": correct / len(scored), "correct": correct, "scored": len(scored),
-                    "scoring": scoring.RULE}
+        metrics |= {Metric.ACCURACY: correct / len(scored), Metric.CORRECT: correct, Metric.SCORED: len(scored),
+                    Metric.SCORING: scoring.RULE}
     return metrics
 
 
@@ -87,39 +87,29 @@ def timing_metrics(run: RunDir) -> dict[str, Any]:
     last = by_attempt[max(by_attempt)]
     times = [s["generate_s"] for s in last]
     engine = [s["engine"] for s in all_stats if s.get("engine")]
-    engine_metrics = {"prefill_s": sum(s["prefill_s"] for s in engine), "decode_s": sum(s["decode_s"] for s in engine),
-                      "decode_steps": sum(s["decode_steps"] for s in engine),
-                      "occupancy": sum(s["occupancy"] for s in engine) / len(engine)} if engine else {}
+    engine_metrics = {Metric.PREFILL_S: sum(s["prefill_s"] for s in engine),
+                      Metric.DECODE_S: sum(s["decode_s"] for s in engine),
+                      Metric.DECODE_STEPS: sum(s["decode_steps"] for s in engine),
+                      Metric.OCCUPANCY: sum(s["occupancy"] for s in engine) / len(engine)} if engine else {}
     return engine_metrics | {
-        "wall_s": sum(max(s["wall_s"] for s in ranks) for ranks in by_attempt.values()),
-        "generate_s": generate_s,
-        "tokens_per_s": sum(s["generated_tokens"] for s in all_stats) / generate_s if generate_s else None,
-        "examples_per_s": sum(s["examples"] for s in all_stats) / generate_s if generate_s else None,
-        "world_size": last[0]["world_size"],
-        "ranks": last,
-        "load_balance": min(times) / max(times) if max(times) else 1.0,
+        Metric.WALL_S: sum(max(s["wall_s"] for s in ranks) for ranks in by_attempt.values()),
+        Metric.GENERATE_S: generate_s,
+        Metric.TOKENS_PER_S: sum(s["generated_tokens"] for s in all_stats) / generate_s if generate_s else None,
+        Metric.EXAMPLES_PER_S: sum(s["examples"] for s in all_stats) / generate_s if generate_s else None,
+        Metric.WORLD_SIZE: last[0]["world_size"],
+        Metric.RANKS: last,
+        Metric.LOAD_BALANCE: min(times) / max(times) if max(times) else 1.0,
     }
 
 
 def gather_run(run: RunDir) -> int:
     """`submit.py gather RUN`: merge by hand; prints one line, returns the exit code."""
-    examples = load_examples(load_resolved(run.spec_file).data)
+    examples = run_examples(run)
     try:
         metrics = merge_shards(run, examples)
     except IncompleteRun as e:
         print(f"{run.path}: not gathered: {e}", file=sys.stderr)
         return 1
-    accuracy = f", accuracy {metrics['accuracy']:.4f}" if "accuracy" in metrics else ""
-    print(f"{run.results_file}: {metrics['examples']} results{accuracy}")
+    accuracy = f", accuracy {metrics[Metric.ACCURACY]:.4f}" if Metric.ACCURACY in metrics else ""
+    print(f"{run.results_file}: {metrics[Metric.EXAMPLES]} results{accuracy}")
     return 0
-
-
-def read_progress(run: RunDir) -> dict[str, Any]:
-    """Done/total over all attempts, and this (the latest) attempt's records per rank, for `status`."""
-    total = len(load_examples(load_resolved(run.spec_file).data))
-    shards = list_shards(run)
-    attempt = max((s.attempt for s in shards), default=None)
-    ranks = {s.rank: len(complete_lines(s.path)) for s in shards if s.attempt == attempt}
-    return {"done": sum(len(complete_lines(s.path)) for s in shards), "total": total, "attempt": attempt,
-            "done_this_attempt": sum(ranks.values()), "ranks": ranks,
-            "ranks_finished": sum(read_stats(s) is not None for s in shards if s.attempt == attempt)}

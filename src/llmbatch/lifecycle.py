@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -11,11 +12,15 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from llmbatch.rundir import RunDir, read_json, read_jsonl
+from llmbatch.metrics import Metric
+from llmbatch.rundir import RunDir, process_start_ticks, read_json, read_jsonl
+from llmbatch.shards import read_progress
 
 # Slurm states after which a job will not run again by itself.
 FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "PREEMPTED",
                 "BOOT_FAIL", "DEADLINE"}
+# ... and with the local executor's and the run folder's own: nothing of the run is running.
+ENDED_STATES = FINAL_STATES | {"STOPPED", "NOT SUBMITTED"}
 
 
 @dataclass
@@ -68,35 +73,38 @@ def _query(argv: list[str]) -> str:
         return ""
 
 
+def local_job_alive(state: dict, job_id: str) -> bool:
+    """Whether the local job `job_id` of this run still runs: its pid alive, with the start time
+    recorded at submission."""
+    try:
+        pid = int(job_id)
+    except ValueError:
+        return False
+    started = process_start_ticks(pid)
+    return started is not None and started == state.get("local_start_ticks")
+
+
 def local_state(run: RunDir, job_id: str) -> str:
     result = next(run.submitit_dir.glob(f"{job_id}_0_result.pkl"), None)
     if result is not None:
-        import pickle
-
         with result.open("rb") as f:
             outcome, _ = pickle.load(f)
         return "COMPLETED" if outcome == "success" else "FAILED"
-    try:
-        os.kill(int(job_id), 0)
-        return "RUNNING"
-    except (ProcessLookupError, ValueError):
-        return "STOPPED"
+    return "RUNNING" if local_job_alive(run.read_state(), job_id) else "STOPPED"
 
 
 def progress(run: RunDir, kind: str, started: float | None) -> dict:
     """Done/total and ETA for inference (from the shards), step and loss for fine-tuning."""
     if kind == "infer":
-        from llmbatch.gather import read_progress
-
         p = read_progress(run)
         done, total = p["done"], p["total"]
         rate_base = p.get("done_this_attempt", done)
     else:
         rows = read_jsonl(run.train_metrics_file)
         steps = [r for r in rows if "loss" in r]
-        spec = read_json(run.path / "metrics.json", {})
+        metrics = read_json(run.metrics_file, {})
         last = steps[-1] if steps else {}
-        p = {"step": last.get("step", 0), "total_steps": last.get("total_steps", spec.get("steps")),
+        p = {"step": last.get("step", 0), "total_steps": last.get("total_steps", metrics.get(Metric.STEPS)),
              "last_loss": last.get("loss"),
              "checkpoints": sorted(c.name for c in run.checkpoints_dir.glob("step-*"))}
         done, total, rate_base = p["step"], p["total_steps"], p["step"]
@@ -158,19 +166,18 @@ def follow(path: Path, still_running, out=sys.stdout, poll_s: float = 0.5) -> No
 
 
 def cancel(run: RunDir) -> str:
-    state = run.read_state()
-    job_id = (state.get("job_ids") or [None])[-1]
-    if job_id is None:
+    status = run_status(run)
+    if status.job_id is None:
         return "nothing to cancel"
-    if state.get("executor") == "slurm":
-        subprocess.run(["scancel", job_id], check=True, timeout=30)
+    if status.state in ENDED_STATES:
+        return f"{status.executor} job {status.job_id} already finished ({status.state}); nothing to cancel"
+    if status.executor == "slurm":
+        subprocess.run(["scancel", status.job_id], check=True, timeout=30)
     else:
-        try:
-            os.kill(int(job_id), signal.SIGTERM)
-        except ProcessLookupError:
-            return f"local job {job_id} was not running"
+        # local_state said RUNNING: the pid is still the job's own (start time checked), not a reused one.
+        os.kill(int(status.job_id), signal.SIGTERM)
     run.update_state(cancelled=time.time())
-    return f"cancelled {state.get('executor')} job {job_id}"
+    return f"cancelled {status.executor} job {status.job_id}"
 
 
 def status_json(statuses: list[RunStatus]) -> str:

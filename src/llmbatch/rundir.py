@@ -12,15 +12,22 @@
         metrics.json       both kinds: the run's numbers
         checkpoints/       fine-tuning: accelerate states, step-NNNNNN/
         adapter/           fine-tuning: the final peft adapter
+        merged/            fine-tuning with train.merge: the adapter merged into the base weights
+        train_metrics.jsonl, loss_curve.png   fine-tuning: per-step and eval numbers, their curves
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import secrets
+import shutil
+import socket
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,12 +42,43 @@ def fsync_path(path: Path) -> None:
         os.close(fd)
 
 
+def current_umask() -> int:
+    # Read, not set-and-restore, where Linux allows: os.umask() would change it for every thread.
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def apply_umask(folder: Path) -> None:
+    """Give a folder made through private temp names the modes a plain open/mkdir would have given.
+
+    On a lab's shared storage colleagues read results as the umask allows; mkstemp/mkdtemp (and some
+    writers) make 0600/0700 entries.
+    """
+    mask = current_umask()
+    for root, dirs, files in os.walk(folder):
+        os.chmod(root, 0o777 & ~mask)
+        for name in files:
+            os.chmod(os.path.join(root, name), 0o666 & ~mask)
+
+
 def atomic_write(path: Path, data: str | bytes) -> None:
-    """Write via a temp file in the same folder, fsync, rename: readers see old or new, never half."""
+    """Write via a temp file in the same folder, fsync, rename: readers see old or new, never half.
+
+    The file gets the mode a plain open() would give (mkstemp's is 0600).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~current_umask())
         with os.fdopen(fd, "wb") as f:
             f.write(data.encode() if isinstance(data, str) else data)
             f.flush()
@@ -56,11 +94,55 @@ def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
+class DamagedRun(ValueError):
+    """A run folder file that exists but cannot be read: one line naming the file."""
+
+
+class RunBusy(Exception):
+    """Another process holds this run's lock for the same work (a second `resume`, say)."""
+
+
+def process_start_ticks(pid: int) -> int | None:
+    """When process `pid` started (clock ticks since boot, from /proc), or None if there is none.
+
+    A pid alone does not name a process for long: once it ended, the number can belong to any other
+    process. The pid and its start time together do.
+    """
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (OSError, ValueError):
+        return None
+    return int(stat.rsplit(")", 1)[1].split()[19])  # field 22; the name in parentheses may hold spaces
+
+
+def save_folder(target: Path, write) -> None:
+    """Call write(folder) on a temporary folder, then rename it to `target` (replacing an older one)."""
+    tmp = target.with_name(f".{target.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    write(tmp)
+    apply_umask(tmp)
+    old = target.with_name(f".{target.name}.old")
+    if target.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(target, old)
+    os.rename(tmp, target)
+    shutil.rmtree(old, ignore_errors=True)
+    fsync_path(target.parent)
+
+
+def append_jsonl(path: Path, row: dict) -> None:
+    """One more JSON line (a single writer's log: readers drop a torn last line, see read_jsonl)."""
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
 def read_json(path: Path, default: Any = None) -> Any:
     try:
         return json.loads(Path(path).read_text())
     except FileNotFoundError:
         return default
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DamagedRun(f"{path}: damaged, not valid JSON ({e})") from None
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -108,6 +190,8 @@ class RunDir:
     train_metrics_file = property(lambda self: self.path / "train_metrics.jsonl")
     checkpoints_dir = property(lambda self: self.path / "checkpoints")
     adapter_dir = property(lambda self: self.path / "adapter")
+    merged_dir = property(lambda self: self.path / "merged")
+    loss_curve_file = property(lambda self: self.path / "loss_curve.png")
 
     def node_log(self, node: int) -> Path:
         return self.logs_dir / f"node-{node}.log"
@@ -123,12 +207,53 @@ class RunDir:
         """
         return self.path / f"preempt-attempt-{attempt:03d}"
 
+    ranks_dir = property(lambda self: self.path / "ranks")
+
+    def record_rank(self, attempt: int, rank: int) -> None:
+        """Which process runs this rank of this attempt, so that `resume` can make sure that no rank
+        of an earlier attempt still writes into the run."""
+        atomic_write_json(self.ranks_dir / f"attempt-{attempt:03d}-rank-{rank:05d}.json",
+                          {"host": socket.gethostname(), "pid": os.getpid(),
+                           "start_ticks": process_start_ticks(os.getpid())})
+
+    def live_ranks(self) -> list[dict[str, Any]]:
+        """The recorded ranks whose process still runs on this host (same pid, same start time).
+
+        Ranks on other nodes are Slurm's to account for: they live only while their job does.
+        """
+        host, alive = socket.gethostname(), []
+        for path in sorted(self.ranks_dir.glob("attempt-*-rank-*.json")):
+            record = read_json(path)
+            if record.get("host") == host and record.get("start_ticks") is not None \
+                    and process_start_ticks(record["pid"]) == record["start_ticks"]:
+                alive.append(record | {"name": path.stem})
+        return alive
+
+    @contextmanager
+    def exclusive(self, work: str) -> Iterator[None]:
+        """Hold the run's lock for `work` while the block runs; RunBusy if another process holds it.
+
+        The kernel drops an flock when its holder dies, so a killed holder never leaves a stale lock.
+        """
+        with open(self.path / f".{work}.lock", "a") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise RunBusy(f"{self.path}: another {work} of this run is under way") from None
+            yield
+
     def read_state(self) -> dict[str, Any]:
-        return read_json(self.state_file, {})
+        state = read_json(self.state_file, {})
+        if not isinstance(state, dict):
+            raise DamagedRun(f"{self.state_file}: damaged, not a JSON object")
+        return state
 
     def update_state(self, **changes: Any) -> dict[str, Any]:
-        state = self.read_state() | changes
-        atomic_write_json(self.state_file, state)
+        # Read-modify-write by several processes (the CLI, node 0's job): serialized by a lock file.
+        with open(self.path / ".state.lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            state = self.read_state() | changes
+            atomic_write_json(self.state_file, state)
         return state
 
     def record_command(self, entry: dict[str, Any]) -> None:

@@ -1,4 +1,5 @@
-"""Inference shards: what each rank has finished, on shared storage, safe against a kill at any moment.
+"""Inference shards: what each rank has finished, on shared storage, safe against a kill at any moment;
+the run's inputs (`run_examples`) and how far it has come (`read_progress`, for `status`).
 
     shards/attempt-000-rank-00000.jsonl        one JSON record a line, appended and fsynced per group
     shards/attempt-000-rank-00000.stats.json   written (atomically) when that rank finished its share
@@ -17,7 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from llmbatch.rundir import RunDir, atomic_write_json
+from llmbatch.data import DataError, Example, load_examples
+from llmbatch.rundir import DamagedRun, RunDir, atomic_write_json
+from llmbatch.spec import load_resolved
 
 _SHARD_NAME = re.compile(r"^attempt-(\d+)-rank-(\d+)\.jsonl$")
 
@@ -63,10 +66,13 @@ def read_records(path: Path) -> list[dict[str, Any]]:
     records = []
     for number, line in enumerate(complete_lines(path), 1):
         try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError as e:
+            records.append(json.loads(line.decode("utf-8")))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             # Only the last line can be torn by a kill; a bad complete line means something else.
-            raise ValueError(f"{path}: record {number} is not valid JSON ({e.msg})") from None
+            why = getattr(e, "msg", e)
+            raise DamagedRun(f"{path}: damaged, record {number} is not valid JSON ({why})") from None
+        if not isinstance(records[-1], dict) or not isinstance(records[-1].get("id"), str):
+            raise DamagedRun(f"{path}: damaged, record {number} is not a result with an id")
     return records
 
 
@@ -114,3 +120,28 @@ def read_stats(shard: Shard) -> dict[str, Any] | None:
         return json.loads(shard.stats_path.read_text())
     except FileNotFoundError:
         return None
+
+
+def run_examples(run: RunDir) -> list[Example]:
+    """The inputs of an inference run, from the data file its spec names."""
+    spec = load_resolved(run.spec_file)
+    if spec.kind != "infer":
+        raise DataError(f"{run.path}: a {spec.kind} run, not an inference run: it has no results to gather")
+    if not Path(spec.data.path).is_file():
+        raise DataError(f"{spec.data.path}: the run's data file is gone (moved or deleted?); put it back there "
+                        f"to gather {run.path}")
+    return load_examples(spec.data)
+
+
+def read_progress(run: RunDir) -> dict[str, Any]:
+    """Done/total over all attempts, and this (the latest) attempt's records per rank, for `status`."""
+    # Counted at submission: a data file of millions of lines is not read again for each status.
+    total = run.read_state().get("inputs")
+    if total is None:
+        total = len(run_examples(run))
+    shards = list_shards(run)
+    attempt = max((s.attempt for s in shards), default=None)
+    ranks = {s.rank: len(complete_lines(s.path)) for s in shards if s.attempt == attempt}
+    return {"done": sum(len(complete_lines(s.path)) for s in shards), "total": total, "attempt": attempt,
+            "done_this_attempt": sum(ranks.values()), "ranks": ranks,
+            "ranks_finished": sum(read_stats(s) is not None for s in shards if s.attempt == attempt)}

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import math
+import shlex
 import shutil
+import sys
 
 import submitit
+from submitit.slurm.slurm import _make_sbatch_string
 
-from llmbatch.launch import LaunchPlan, NodeJob
+from llmbatch.jobstep import LaunchPlan
+from llmbatch.node import NodeJob
 from llmbatch.rundir import RunDir
 from llmbatch.spec import JobSpec, slurm_time_seconds
 
@@ -56,9 +60,15 @@ def make_executor(executor: str, spec: JobSpec, run: RunDir) -> submitit.Executo
     return ex
 
 
-def sbatch_script(ex: submitit.SlurmExecutor) -> str:
-    """The batch script submitit would hand to sbatch (for --dry-run)."""
-    return ex._make_submission_file_text(ex._submitit_command_str, "dry-run")
+def sbatch_script(spec: JobSpec, run: RunDir) -> str:
+    """The batch script that `submit` hands to sbatch for this spec (for --dry-run).
+
+    Needs no Slurm binaries: submitit's SlurmExecutor refuses to exist where `srun` is missing, so
+    this renders submitit's own template with the executor's parameters and command line.
+    """
+    folder = run.submitit_dir
+    command = " ".join([shlex.quote(sys.executable), "-u -m submitit.core._submit", shlex.quote(str(folder))])
+    return _make_sbatch_string(command=command, folder=folder, **slurm_parameters(spec))
 
 
 def submit(ex: submitit.Executor, plan: LaunchPlan) -> submitit.Job:

@@ -20,9 +20,10 @@ from typing import Any, Literal
 
 import yaml
 
-from llmbatch.embedded import EMBEDDED_MODEL
-
 KINDS = ("infer", "finetune")
+
+EMBEDDED_MODEL = "embedded:tiny-llama"
+"""The value of `model.path` that means the embedded default model (`llmbatch.embedded` builds it)."""
 
 ENGINE_MODEL_TYPES = ("llama", "qwen2", "mistral")
 """Model families (config.json's model_type) the inference engine runs; others use generate."""
@@ -45,13 +46,67 @@ def _check(key: str, ok: bool, message: str) -> None:
         raise SpecError(key, message)
 
 
-def positive(key: str, value: int | float | None) -> None:
-    _check(key, value is None or value > 0, f"must be > 0, got {value!r}")
+@dataclass(frozen=True)
+class Range:
+    """The values a number may take: above `low` (or from it, `low_closed`), and up to `high` if set
+    (or below it, not `high_closed`). Declared on a field with `ranged`; null always passes."""
+
+    low: float
+    high: float | None = None
+    low_closed: bool = False
+    high_closed: bool = True
+
+    def __contains__(self, value: float) -> bool:
+        above = value >= self.low if self.low_closed else value > self.low
+        below = self.high is None or (value <= self.high if self.high_closed else value < self.high)
+        return above and below
+
+    def __str__(self) -> str:
+        if self.high is None:
+            return f"{'>=' if self.low_closed else '>'} {self.low:g}"
+        return f"in {'[' if self.low_closed else '('}{self.low:g}, {self.high:g}{']' if self.high_closed else ')'}"
 
 
-def non_negative(key: str, value: int | float | None) -> None:
-    _check(key, value is None or value >= 0, f"must be >= 0, got {value!r}")
+POSITIVE = Range(0)
+NON_NEGATIVE = Range(0, low_closed=True)
 
+
+def ranged(default: Any, allowed: Range) -> Any:
+    """A numeric field's default and its range, checked by `check_ranges`."""
+    return field(default=default, metadata={"range": allowed})
+
+
+def check_ranges(section: Any, prefix: str) -> None:
+    """Every field of a spec section that declares a range, checked; the error names its key path."""
+    for f in dataclasses.fields(section):
+        allowed, value = f.metadata.get("range"), getattr(section, f.name)
+        if allowed is not None and value is not None:
+            _check(f"{prefix}.{f.name}", value in allowed, f"must be {allowed}, got {value!r}")
+
+
+def _no_control_characters(key: str, text: str) -> None:
+    """Refuse newlines and other control characters: in a Slurm field one would end the #SBATCH line and
+    start a line of shell in the batch script (or make sbatch ignore every directive after it)."""
+    bad = next((ch for ch in text if ord(ch) < 32 or ord(ch) == 127), None)
+    _check(key, bad is None, f"contains a control character ({bad!r}): {text!r}")
+
+
+# Options the spec sets itself: through sbatch_extra they would bypass its checks (or break the job).
+SPEC_OWNED_SBATCH_OPTIONS = {
+    "time": "resources.time", "nodes": "resources.nodes", "gpus-per-node": "resources.gpus_per_node",
+    "gpus": "resources.gpus_per_node", "gres": "resources.gpus_per_node", "ntasks": "one task per node",
+    "ntasks-per-node": "one task per node", "cpus-per-task": "resources.cpus_per_gpu", "mem": "resources.mem",
+    "partition": "resources.partition", "account": "resources.account", "qos": "resources.qos",
+    "constraint": "resources.constraint", "job-name": "name", "output": "the run folder",
+    "error": "the run folder", "signal": "resources.signal_delay_s", "array": "one job per run",
+    "requeue": "resources.max_requeues", "no-requeue": "resources.max_requeues", "wrap": "the job step",
+}
+_SBATCH_OPTION = re.compile(r"^[a-z][a-z0-9]*(-[a-z0-9]+)*$")
+_SLURM_NAME = re.compile(r"^[^\s]+$")  # partition, account, qos, constraint: one word, no spaces
+
+MAX_GPUS_PER_NODE = 64
+MAX_NODES = 4096
+"""Ceilings far above any real node or job: a value past them is a typo (--gpus 10000), not a cluster."""
 
 # Slurm's --time formats: M, M:S, H:M:S, D-H, D-H:M, D-H:M:S.
 _SLURM_TIME = re.compile(r"^(\d+-\d{1,2}(:\d{1,2}(:\d{1,2})?)?|\d+(:\d{1,2}(:\d{1,2})?)?)$")
@@ -117,10 +172,9 @@ class DataSpec:
     """The reference answer: scored after inference, the completion to learn when fine-tuning."""
     chat_template: bool = False
     """Wrap the prompt in the tokenizer's chat template (one user turn)."""
-    max_samples: int | None = None
+    max_samples: int | None = ranged(None, POSITIVE)
 
     def validate(self, kind: str) -> None:
-        positive("data.max_samples", self.max_samples)
         if self.path is None:
             what = "train data" if kind == "finetune" else "input data"
             raise SpecError("data.path", f"missing: a {kind} spec needs {what} (JSONL or CSV)")
@@ -148,98 +202,75 @@ class DataSpec:
 
 @dataclass
 class GenerationSpec:
-    max_new_tokens: int = 32
+    max_new_tokens: int = ranged(32, POSITIVE)
     do_sample: bool = False
     """False: greedy. True: sampling, seeded per input id (so results don't depend on the rank count)."""
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
+    temperature: float = ranged(1.0, POSITIVE)
+    top_p: float = ranged(1.0, Range(0, 1))
+    top_k: int = ranged(0, NON_NEGATIVE)
     seed: int = 0
     ignore_eos: bool = False
     """Always generate max_new_tokens (benchmarks)."""
-    batch_tokens: int | None = None
+    batch_tokens: int | None = ranged(None, POSITIVE)
     """Token budget of one batch (prompt + new tokens, padded); for the engine, of all its cache
     slots together. Default: sized from free GPU memory."""
     engine: Literal["auto", "fast", "hf"] = "auto"
     """`fast`: the engine (runners/engine/); `hf`: transformers' generate; `auto`: the engine wherever
     the model and device allow it, else generate."""
-    kv_cache_gb: float | None = None
+    kv_cache_gb: float | None = ranged(None, POSITIVE)
     """Most memory the engine's KV cache may take (GiB). Default: what is free after the model and
     the headroom (GPU), 1 GiB (CPU)."""
-
-    def validate(self) -> None:
-        positive("generation.max_new_tokens", self.max_new_tokens)
-        positive("generation.kv_cache_gb", self.kv_cache_gb)
-        positive("generation.temperature", self.temperature)
-        _check("generation.top_p", 0 < self.top_p <= 1, f"must be in (0, 1], got {self.top_p}")
-        non_negative("generation.top_k", self.top_k)
-        positive("generation.batch_tokens", self.batch_tokens)
 
 
 @dataclass
 class LoraSpec:
-    r: int = 8
-    alpha: int = 16
-    dropout: float = 0.0
+    r: int = ranged(8, POSITIVE)
+    alpha: int = ranged(16, POSITIVE)
+    dropout: float = ranged(0.0, Range(0, 1, low_closed=True, high_closed=False))
     target_modules: str | list[str] = "all-linear"
     """`all-linear`: every linear layer but the output head."""
     modules_to_save: list[str] | None = None
 
-    def validate(self) -> None:
-        positive("lora.r", self.r)
-        positive("lora.alpha", self.alpha)
-        _check("lora.dropout", 0 <= self.dropout < 1, f"must be in [0, 1), got {self.dropout}")
-
 
 @dataclass
 class TrainSpec:
-    epochs: int = 1
-    max_steps: int | None = None
+    epochs: int = ranged(1, POSITIVE)
+    max_steps: int | None = ranged(None, POSITIVE)
     """Optimizer steps; overrides epochs."""
-    learning_rate: float = 2e-3
-    weight_decay: float = 0.0
+    learning_rate: float = ranged(2e-3, POSITIVE)
+    weight_decay: float = ranged(0.0, NON_NEGATIVE)
     lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
-    warmup_steps: int = 10
-    micro_batch_size: int = 8
+    warmup_steps: int = ranged(10, NON_NEGATIVE)
+    micro_batch_size: int = ranged(8, POSITIVE)
     """Sequences per rank per forward pass."""
-    grad_accum_steps: int = 1
-    max_grad_norm: float | None = 1.0
-    seq_len: int = 256
+    grad_accum_steps: int = ranged(1, POSITIVE)
+    max_grad_norm: float | None = ranged(1.0, POSITIVE)
+    seq_len: int = ranged(256, POSITIVE)
     packing: bool = True
     """Pack several examples into each sequence; attention never crosses examples."""
     loss_on: Literal["completion", "all"] = "completion"
     """`completion`: the loss covers only the reference's tokens (and EOS); `all`: the prompt's too."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass: less memory, about a third more compute."""
-    log_every_steps: int = 10
+    log_every_steps: int = ranged(10, POSITIVE)
     """A progress line on stdout every N steps; train_metrics.jsonl gets every step."""
-    eval_every_steps: int = 50
+    eval_every_steps: int = ranged(50, POSITIVE)
     eval_accuracy: bool = True
     """Also score val answers by greedy generation at each evaluation (needs data.reference_field)."""
-    save_every_steps: int = 100
-    save_every_minutes: float = 30.0
-    keep_last: int = 2
+    save_every_steps: int = ranged(100, POSITIVE)
+    save_every_minutes: float = ranged(30.0, POSITIVE)
+    keep_last: int = ranged(2, POSITIVE)
     seed: int = 0
     merge: bool = False
     """Also write the adapter merged into the base weights (`merged/`)."""
 
-    def validate(self) -> None:
-        for name in ("epochs", "learning_rate", "micro_batch_size", "grad_accum_steps", "seq_len",
-                     "log_every_steps", "eval_every_steps",
-                     "save_every_steps", "save_every_minutes", "keep_last"):
-            positive(f"train.{name}", getattr(self, name))
-        positive("train.max_steps", self.max_steps)
-        positive("train.max_grad_norm", self.max_grad_norm)
-        non_negative("train.warmup_steps", self.warmup_steps)
-        non_negative("train.weight_decay", self.weight_decay)
-
 
 @dataclass
 class ResourcesSpec:
-    nodes: int = 1
-    gpus_per_node: int = 1
+    nodes: int = ranged(1, Range(0, MAX_NODES))
+    gpus_per_node: int = ranged(1, Range(0, MAX_GPUS_PER_NODE))
     """Also the number of processes per node (one rank per GPU; CPU processes without GPUs)."""
-    cpus_per_gpu: int = 4
+    cpus_per_gpu: int = ranged(4, Range(0, 1024))
     mem: str | None = None
     """Memory per node in Slurm's format (64G); None: the partition's default."""
     time: str = "01:00:00"
@@ -249,21 +280,39 @@ class ResourcesSpec:
     constraint: str | None = None
     sbatch_extra: dict[str, str] = field(default_factory=dict)
     """More sbatch options, e.g. {exclusive: "", reservation: "lab"}."""
-    max_requeues: int = 3
-    signal_delay_s: int = 120
+    max_requeues: int = ranged(3, NON_NEGATIVE)
+    signal_delay_s: int = ranged(120, POSITIVE)
     """Slurm signals the job this long before the time limit, so it can checkpoint and requeue."""
 
     def validate(self) -> None:
-        positive("resources.nodes", self.nodes)
-        positive("resources.gpus_per_node", self.gpus_per_node)
-        positive("resources.cpus_per_gpu", self.cpus_per_gpu)
-        non_negative("resources.max_requeues", self.max_requeues)
-        positive("resources.signal_delay_s", self.signal_delay_s)
+        for name in ("time", "mem", "partition", "account", "qos", "constraint"):
+            if getattr(self, name) is not None:
+                _no_control_characters(f"resources.{name}", getattr(self, name))
         _check("resources.time", bool(_SLURM_TIME.match(self.time)),
                f"not a Slurm time (MM, HH:MM:SS, D-HH:MM): {self.time!r}")
+        seconds = slurm_time_seconds(self.time)
+        _check("resources.time", seconds > 0, f"must be longer than 0: {self.time!r}")
+        _check("resources.signal_delay_s", self.signal_delay_s < seconds,
+               f"the preemption warning ({self.signal_delay_s} s) must come before the time limit "
+               f"({self.time!r} = {seconds} s)")
         if self.mem is not None:
             _check("resources.mem", bool(_SLURM_MEM.match(self.mem)),
                    f"not a Slurm memory size (e.g. 64G, 8000M): {self.mem!r}")
+        for name in ("partition", "account", "qos", "constraint"):
+            value = getattr(self, name)
+            if value is not None:
+                _check(f"resources.{name}", bool(_SLURM_NAME.match(value)), f"must be one word: {value!r}")
+        for option, value in self.sbatch_extra.items():
+            key = f"resources.sbatch_extra.{option}"
+            _no_control_characters(key, option)
+            _no_control_characters(key, value)
+            name = option.lstrip("-").replace("_", "-")
+            _check(key, bool(_SBATCH_OPTION.match(name)), f"not an sbatch option name: {option!r}")
+            _check(key, name not in SPEC_OWNED_SBATCH_OPTIONS,
+                   f"set by the spec, not through sbatch_extra: use {SPEC_OWNED_SBATCH_OPTIONS.get(name)}")
+
+
+ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
 @dataclass
@@ -288,8 +337,13 @@ class ContainerSpec:
         if self.runtime == "apptainer" and self.image is not None:
             _check("container.image", Path(self.image).is_file(), f"no such Apptainer image: {self.image}")
         for i, bind in enumerate(self.binds):
+            _no_control_characters(f"container.binds[{i}]", bind)
             _check(f"container.binds[{i}]", bind.split(":")[0].startswith("/"),
                    f"host path must be absolute: {bind!r}")
+        for name in self.env:
+            _check(f"container.env.{name}", bool(ENV_NAME.match(name)), f"not a variable name: {name!r}")
+        for i, name in enumerate(self.pass_env):
+            _check(f"container.pass_env[{i}]", bool(ENV_NAME.match(name)), f"not a variable name: {name!r}")
 
 
 @dataclass
@@ -311,21 +365,16 @@ class JobSpec:
     container: ContainerSpec = field(default_factory=ContainerSpec)
     output: OutputSpec = field(default_factory=OutputSpec)
 
-    @property
-    def world_size(self) -> int:
-        return self.resources.nodes * self.resources.gpus_per_node
-
     def validate(self) -> None:
         _check("name", bool(re.match(r"^[A-Za-z0-9][A-Za-z0-9._-]*$", self.name)),
                f"use letters, digits, '.', '_' and '-' only: {self.name!r}")
+        # lora and train mean nothing to an inference spec: their values are checked for fine-tuning only.
+        for section in ("data", "generation", "resources") + (("lora", "train") if self.kind == "finetune" else ()):
+            check_ranges(getattr(self, section), section)
         self.model.validate()
         self.data.validate(self.kind)
-        self.generation.validate()
         self.resources.validate()
         self.container.validate()
-        if self.kind == "finetune":
-            self.lora.validate()
-            self.train.validate()
         if self.kind == "infer" and self.generation.engine == "fast":
             model_type = self.model.model_type()
             _check("generation.engine", model_type in ENGINE_MODEL_TYPES,
@@ -458,7 +507,7 @@ def parse_override(assignment: str) -> tuple[str, Any]:
     """`generation.max_new_tokens=16` -> ("generation.max_new_tokens", 16), typed by the schema."""
     key, sep, text = assignment.partition("=")
     if not sep or not key:
-        raise SpecError("--set", f"expected key.path=value, got {assignment!r}")
+        raise SpecError("", f"expected key.path=value, got {assignment!r}")
     tp = _field_type(key)
     if tp is str or (typing.get_origin(tp) in (typing.Union, types.UnionType) and str in typing.get_args(tp)
                      and text not in ("null", "~")):
@@ -469,10 +518,14 @@ def parse_override(assignment: str) -> tuple[str, Any]:
         raise SpecError(key, f"cannot parse value {text!r}") from None
 
 
-def load_spec(path: str | Path | None, kind: str, overrides: list[str] = (), cwd: Path | None = None) -> JobSpec:
-    """Read, override, type and validate a spec. Raises SpecError naming the key path."""
+def load_spec(path: str | Path | None, kind: str, overrides: list[str] = (), cwd: Path | None = None,
+              origins: dict[str, str] | None = None) -> JobSpec:
+    """Read, override, type and validate a spec. Raises SpecError naming the key path, and where the
+    wrong value came from: the spec file, or the option that set it (`origins` maps an override to the
+    option's words, e.g. "--gpus 0"; default "--set KEY=VALUE")."""
     cwd = Path.cwd() if cwd is None else cwd
     source = str(path) if path is not None else None
+    set_by: dict[str, str] = {}  # key path -> the option that set it
     try:
         if path is None:
             raw, base_dir = {}, cwd
@@ -495,9 +548,19 @@ def load_spec(path: str | Path | None, kind: str, overrides: list[str] = (), cwd
         raw["kind"] = kind
         spec = _build(JobSpec, raw, "", base_dir)
         for assignment in overrides:
-            key, value = parse_override(assignment)
-            spec = apply_override(spec, key, value, cwd)
-        spec.validate()
+            option = (origins or {}).get(assignment, f"--set {assignment}")
+            try:
+                key, value = parse_override(assignment)
+                spec = apply_override(spec, key, value, cwd)
+            except SpecError as e:
+                e.source = option
+                raise
+            set_by[key] = option
+        try:
+            spec.validate()
+        except SpecError as e:
+            e.source = set_by.get(e.key)
+            raise
         return spec
     except SpecError as e:
         e.source = e.source or source
@@ -519,9 +582,17 @@ def apply_override(spec: JobSpec, key: str, value: Any, cwd: Path) -> JobSpec:
 
 
 def load_resolved(path: Path) -> JobSpec:
-    """Load the resolved spec a run folder holds (all paths absolute, already validated)."""
-    raw = yaml.safe_load(Path(path).read_text())
-    return _build(JobSpec, raw, "", Path(path).parent)
+    """Load the resolved spec a run folder holds (all paths absolute, already validated).
+
+    A SpecError naming the file if it is damaged (edited by hand, torn by a full disk).
+    """
+    try:
+        raw = yaml.safe_load(Path(path).read_text())
+        if not isinstance(raw, dict):
+            raise SpecError("", "not a mapping")
+        return _build(JobSpec, raw, "", Path(path).parent)
+    except (yaml.YAMLError, UnicodeDecodeError, SpecError) as e:
+        raise SpecError("", f"damaged run spec, not loadable ({str(e).splitlines()[0]})", source=str(path)) from None
 
 
 def dump_spec(spec: JobSpec) -> str:

@@ -2,24 +2,25 @@
 
 from __future__ import annotations
 
+from llmbatch.metrics import Metric
 from llmbatch.rundir import RunDir, read_json
 
 # metrics.json keys worth a line, in order, with their labels; a run shows the ones it has.
 LINES = (
-    ("examples", "examples"),
-    ("accuracy", "accuracy (exact match)"),
-    ("prompt_tokens", "prompt tokens"),
-    ("generated_tokens", "generated tokens"),
-    ("tokens_per_s", "generated tokens/s"),
-    ("wall_s", "wall time (s)"),
-    ("load_balance", "load balance (min/max rank time)"),
-    ("steps", "optimizer steps"),
-    ("train_loss_first", "train loss, first step"),
-    ("train_loss_last", "train loss, last step"),
-    ("val_loss_first", "val loss, first eval"),
-    ("val_loss_last", "val loss, last eval"),
-    ("val_accuracy_last", "val accuracy, last eval"),
-    ("train_tokens_per_s", "train tokens/s"),
+    (Metric.EXAMPLES, "examples"),
+    (Metric.ACCURACY, "accuracy (exact match)"),
+    (Metric.PROMPT_TOKENS, "prompt tokens"),
+    (Metric.GENERATED_TOKENS, "generated tokens"),
+    (Metric.TOKENS_PER_S, "generated tokens/s"),
+    (Metric.WALL_S, "wall time (s)"),
+    (Metric.LOAD_BALANCE, "load balance (min/max rank time)"),
+    (Metric.STEPS, "optimizer steps"),
+    (Metric.TRAIN_LOSS_FIRST, "train loss, first step"),
+    (Metric.TRAIN_LOSS_LAST, "train loss, last step"),
+    (Metric.VAL_LOSS_FIRST, "val loss, first eval"),
+    (Metric.VAL_LOSS_LAST, "val loss, last eval"),
+    (Metric.VAL_ACCURACY_LAST, "val accuracy, last eval"),
+    (Metric.TRAIN_TOKENS_PER_S, "train tokens/s"),
 )
 
 
@@ -32,7 +33,7 @@ def summarize(run: RunDir) -> str:
     lines = [f"run folder: {run.path}"]
     width = max(len(label) for _, label in LINES)
     lines += [f"  {label:<{width}}  {_fmt(metrics[key])}" for key, label in LINES if key in metrics]
-    for path in (run.results_file, run.adapter_dir, run.path / "loss_curve.png"):
+    for path in (run.results_file, run.adapter_dir, run.loss_curve_file):
         if path.exists():
             lines.append(f"  {path.name:<{width}}  {path}")
     if not metrics:

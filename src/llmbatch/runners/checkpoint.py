@@ -1,4 +1,4 @@
-"""Checkpoints of a fine-tuning run on shared storage, and the preemption flag that triggers one.
+"""Checkpoints of a fine-tuning run on shared storage.
 
     checkpoints/step-000123/      complete: renamed into place after every rank finished writing
         model.safetensors         the trainable weights only (LoRA, modules_to_save), from rank 0
@@ -18,7 +18,6 @@ import dataclasses
 import os
 import re
 import shutil
-import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +25,7 @@ from pathlib import Path
 import safetensors.torch
 from accelerate.utils import broadcast_object_list
 
-from llmbatch.rundir import atomic_write_json, fsync_path, read_json
+from llmbatch.rundir import apply_umask, atomic_write_json, fsync_path, read_json
 
 STATE_FILE = "trainer_state.json"
 _COMPLETE = re.compile(r"^step-(\d+)$")
@@ -45,31 +44,6 @@ class TrainState:
     """Tokens trained on, all ranks, padding excluded."""
     train_s: float = 0.0
     """Time spent in training steps, over all attempts."""
-
-
-class PreemptionFlag:
-    """Set by SIGUSR2 (Slurm's warning before preemption or the time limit), SIGTERM, or the run's
-    preempt marker for this attempt.
-
-    The marker is how the node job reaches ranks that its signal cannot: torch's launcher starts each
-    rank in a session of its own. Signals only set a flag; the loop looks at it between steps, where
-    saving is consistent (a save inside a handler could interrupt a collective or an optimizer step).
-    """
-
-    def __init__(self, marker: Path | None = None):
-        self.marker = marker
-        self._signalled = False
-        for sig in (signal.SIGUSR2, signal.SIGTERM):
-            signal.signal(sig, self._raise)
-
-    def _raise(self, signum, frame) -> None:
-        self._signalled = True
-
-    @property
-    def raised(self) -> bool:
-        if not self._signalled and self.marker is not None and self.marker.exists():
-            self._signalled = True
-        return self._signalled
 
 
 def complete_checkpoints(checkpoints_dir: Path) -> list[Path]:
@@ -122,6 +96,7 @@ def save_checkpoint(accelerator, checkpoints_dir: Path, state: TrainState, keep_
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         atomic_write_json(tmp / STATE_FILE, dataclasses.asdict(state) | {"saved_at": time.time()})
+        apply_umask(tmp)  # safetensors writes 0600
         for path in tmp.iterdir():  # the rename must not reach the disk before the data
             fsync_path(path)
         shutil.rmtree(final, ignore_errors=True)

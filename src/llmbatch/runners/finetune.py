@@ -15,10 +15,11 @@ how many examples a step holds: rows are full, so a step sees more examples and 
 steps. (A per-row or per-micro-batch mean would instead weigh the tokens of short examples more.)
 
 Checkpoints (see checkpoint.py) are saved every train.save_every_steps, every train.save_every_minutes,
-and when a SIGUSR2/SIGTERM arrives; the last then exits with PREEMPTED_EXIT so the job is requeued. A new
-attempt resumes from the newest complete checkpoint: weights, optimizer, scheduler, every rank's RNG
-states, and the position in the data (the shuffle depends only on seed and epoch, and the consumed
-micro-batches are skipped), so it continues the trajectory an uninterrupted run would have followed.
+and when a SIGUSR2/SIGTERM arrives; the last then exits with PREEMPTED_EXIT, and the node job, which got
+the signal too, has the job requeued. A new attempt resumes from the newest complete checkpoint:
+weights, optimizer, scheduler, every rank's RNG states, and the position in the data (the shuffle
+depends only on seed and epoch, and the consumed micro-batches are skipped), so it continues the
+trajectory an uninterrupted run would have followed.
 
 Writes into the run folder: train_metrics.jsonl (a row per step, one per evaluation), loss_curve.png,
 metrics.json, adapter/ (peft format: usable as model.adapter in an infer spec), merged/ with train.merge.
@@ -32,8 +33,6 @@ import dataclasses
 import io
 import json
 import math
-import os
-import shutil
 import sys
 import time
 from functools import partial
@@ -49,12 +48,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, get_scheduler
 
 from llmbatch import scoring
 from llmbatch.data import load_examples
-from llmbatch.rundir import RunDir, atomic_write, atomic_write_json, fsync_path, read_jsonl
-from llmbatch.runners import COLLECTIVE_TIMEOUT, PREEMPTED_EXIT
-from llmbatch.runners.checkpoint import (PreemptionFlag, checkpoint_trainable_weights_only, resume,
-                                         save_checkpoint)
+from llmbatch.metrics import Metric
+from llmbatch.rundir import RunDir, append_jsonl, atomic_write, atomic_write_json, read_jsonl, save_folder
+from llmbatch.runners.checkpoint import checkpoint_trainable_weights_only, resume, save_checkpoint
 from llmbatch.runners.generation import DTYPES, Decoder, encode_prompts
 from llmbatch.runners.packing import IGNORE, EpochShuffle, collate, pack, to_sequence
+from llmbatch.runners.preemption import COLLECTIVE_TIMEOUT, PREEMPTED_EXIT, PreemptionFlag
 from llmbatch.spec import JobSpec, load_resolved
 
 SCHEDULES = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
@@ -85,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         step_scheduler_with_optimizer=False,
     )
     preemption = PreemptionFlag(run.preempt_marker(args.attempt))
+    run.record_rank(args.attempt, accelerator.process_index)
     set_seed(cfg.seed)  # the same LoRA init on every rank and in every run
     metrics_log = run.train_metrics_file
 
@@ -93,9 +93,9 @@ def main(argv: list[str] | None = None) -> int:
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token  # padding is its own ignored sequence: any token will do
     train_examples = load_examples(spec.data)
-    train_rows = make_rows(spec, tokenizer, train_examples)
+    train_rows = make_rows(spec, tokenizer, train_examples, "data.path")
     val_examples = load_examples(spec.data, spec.data.val_path) if spec.data.val_path else []
-    val_rows = make_rows(spec, tokenizer, val_examples)
+    val_rows = make_rows(spec, tokenizer, val_examples, "data.val_path")
     collate_fn = partial(collate, pad_id=tokenizer.pad_token_id)
     # Its own generator: each new iterator draws a seed from it, and a resumed run starts iterators at
     # other moments than an uninterrupted one, so that draw must not move the global RNG (dropout's).
@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
             row["val_accuracy"] = evaluate_accuracy(accelerator, model, tokenizer, spec, val_examples)
         if accelerator.is_main_process:
             append_jsonl(metrics_log, row)
-            write_loss_curve(metrics_log, run.path / "loss_curve.png")
+            write_loss_curve(metrics_log, run.loss_curve_file)
         accelerator.print(f"  step {state.step}: " + ", ".join(f"{k} {v:.4g}" for k, v in row.items() if k != "step"))
 
     # --- train -------------------------------------------------------------------------------------
@@ -204,12 +204,13 @@ def main(argv: list[str] | None = None) -> int:
         unwrapped = accelerator.unwrap_model(model)
         save_folder(run.adapter_dir, unwrapped.save_pretrained)
         rows = read_jsonl(metrics_log)
-        atomic_write_json(run.metrics_file, summarize(rows, state, accelerator.num_processes, len(train_examples),
-                                                      attempt_tokens, attempt_train_s, time.time() - started))
-        write_loss_curve(metrics_log, run.path / "loss_curve.png")
+        atomic_write_json(run.metrics_file, training_metrics(rows, state, accelerator.num_processes,
+                                                             len(train_examples), attempt_tokens, attempt_train_s,
+                                                             time.time() - started))
+        write_loss_curve(metrics_log, run.loss_curve_file)
         if cfg.merge:
             merged = unwrapped.merge_and_unload()
-            save_folder(run.path / "merged", lambda out: (merged.save_pretrained(out), tokenizer.save_pretrained(out)))
+            save_folder(run.merged_dir, lambda out: (merged.save_pretrained(out), tokenizer.save_pretrained(out)))
         accelerator.print(f"finetune: done at step {state.step}; adapter in {run.adapter_dir}")
     accelerator.wait_for_everyone()
     accelerator.end_training()
@@ -218,10 +219,16 @@ def main(argv: list[str] | None = None) -> int:
 
 # --- data ------------------------------------------------------------------------------------------
 
-def make_rows(spec: JobSpec, tokenizer, examples) -> list:
+class TooShortForData(Exception):
+    """train.seq_len leaves no target token of any example: training would learn nothing."""
+
+
+def make_rows(spec: JobSpec, tokenizer, examples, source: str) -> list:
     """Examples -> rows of token sequences: packed up to seq_len, or one per row (padded at batching).
 
     Prompts are encoded as the inference runner encodes them; the completion is the reference + EOS.
+    Sequences longer than seq_len are cut at the end, and the log counts them; one left without any
+    target token (a prompt of seq_len tokens or more) is left out, since it would only add a zero loss.
     Packing takes the examples in a seeded shuffle, so a row mixes examples from all over the file.
     """
     cfg = spec.train
@@ -229,6 +236,16 @@ def make_rows(spec: JobSpec, tokenizer, examples) -> list:
     completions = [tokenizer(ex.reference, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
                    for ex in examples]
     sequences = [to_sequence(p, c, cfg.seq_len, cfg.loss_on) for p, c in zip(prompts, completions)]
+    cut = sum(len(p) + len(c) > cfg.seq_len + 1 for p, c in zip(prompts, completions))
+    learnable = [seq for seq in sequences if any(t != IGNORE for t in seq.targets)]
+    if sequences and not learnable:
+        raise TooShortForData(f"train.seq_len: {cfg.seq_len} tokens leave no target token of any example in "
+                              f"{source} (prompts take up to {max(map(len, prompts))} tokens); raise it")
+    if cut:
+        print(f"finetune: {cut} of {len(examples)} examples of {source} are longer than train.seq_len="
+              f"{cfg.seq_len} tokens and are cut at the end; {len(sequences) - len(learnable)} of them keep no "
+              f"target token and are left out", flush=True)
+    sequences = learnable
     if not cfg.packing:
         return [[seq] for seq in sequences]
     order = torch.randperm(len(sequences), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
@@ -331,25 +348,6 @@ def evaluate_accuracy(accelerator, model, tokenizer, spec: JobSpec, examples) ->
 
 # --- outputs ---------------------------------------------------------------------------------------
 
-def append_jsonl(path: Path, row: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(row) + "\n")
-
-
-def save_folder(target: Path, write) -> None:
-    """Call write(folder) on a temporary folder, then rename it to `target` (replacing an older one)."""
-    tmp = target.with_name(f".{target.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    write(tmp)
-    old = target.with_name(f".{target.name}.old")
-    if target.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        os.rename(target, old)
-    os.rename(tmp, target)
-    shutil.rmtree(old, ignore_errors=True)
-    fsync_path(target.parent)
-
-
 def write_loss_curve(metrics_log: Path, png: Path) -> None:
     import matplotlib
 
@@ -373,23 +371,28 @@ def write_loss_curve(metrics_log: Path, png: Path) -> None:
     atomic_write(png, buffer.getvalue())
 
 
-def summarize(rows: list[dict], state, world_size: int, train_examples: int, attempt_tokens: int,
-              attempt_train_s: float, wall_s: float) -> dict:
+def training_metrics(rows: list[dict], state, world_size: int, train_examples: int, attempt_tokens: int,
+                     attempt_train_s: float, wall_s: float) -> dict:
     """metrics.json: the run's numbers; tokens/s and wall time are this attempt's."""
     steps = [r for r in rows if "loss" in r]
     evals = [r for r in rows if "val_loss" in r]
-    metrics = {"steps": state.step, "world_size": world_size, "examples": train_examples, "tokens": state.tokens,
-               "train_s": round(state.train_s, 2), "wall_s": round(wall_s, 2),
-               "train_tokens_per_s": attempt_tokens / attempt_train_s if attempt_train_s else None}
+    metrics = {Metric.STEPS: state.step, Metric.WORLD_SIZE: world_size, Metric.EXAMPLES: train_examples,
+               Metric.TOKENS: state.tokens, Metric.TRAIN_S: round(state.train_s, 2), Metric.WALL_S: round(wall_s, 2),
+               Metric.TRAIN_TOKENS_PER_S: attempt_tokens / attempt_train_s if attempt_train_s else None}
     if steps:
-        metrics |= {"train_loss_first": steps[0]["loss"], "train_loss_last": steps[-1]["loss"]}
+        metrics |= {Metric.TRAIN_LOSS_FIRST: steps[0]["loss"], Metric.TRAIN_LOSS_LAST: steps[-1]["loss"]}
     if evals:
-        metrics |= {"val_loss_first": evals[0]["val_loss"], "val_loss_last": evals[-1]["val_loss"],
-                    "val_loss_best": min(r["val_loss"] for r in evals), "val_ppl_last": evals[-1]["val_ppl"]}
+        metrics |= {Metric.VAL_LOSS_FIRST: evals[0]["val_loss"], Metric.VAL_LOSS_LAST: evals[-1]["val_loss"],
+                    Metric.VAL_LOSS_BEST: min(r["val_loss"] for r in evals), Metric.VAL_PPL_LAST: evals[-1]["val_ppl"]}
         if "val_accuracy" in evals[-1]:
-            metrics |= {"val_accuracy_first": evals[0]["val_accuracy"], "val_accuracy_last": evals[-1]["val_accuracy"]}
+            metrics |= {Metric.VAL_ACCURACY_FIRST: evals[0]["val_accuracy"],
+                        Metric.VAL_ACCURACY_LAST: evals[-1]["val_accuracy"]}
     return metrics
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except TooShortForData as e:  # the spec's mistake, not a crash: one line in the log
+        print(f"llmbatch: error: {e}", file=sys.stderr)
+        sys.exit(2)

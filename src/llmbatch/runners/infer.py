@@ -28,12 +28,12 @@ from tqdm import tqdm
 from llmbatch import scoring
 from llmbatch.data import Example, load_examples
 from llmbatch.gather import merge_shards
+from llmbatch.metrics import Metric
 from llmbatch.rundir import RunDir
-from llmbatch.runners import COLLECTIVE_TIMEOUT, PREEMPTED_EXIT
-from llmbatch.runners.checkpoint import PreemptionFlag
 from llmbatch.runners.engine.runner import Engine, choose_engine
 from llmbatch.runners.generation import Completion, Decoder, batch_token_budget, encode_prompts, load_model
-from llmbatch.runners.sharding import assign_to_ranks, plan_batches
+from llmbatch.runners.preemption import COLLECTIVE_TIMEOUT, PREEMPTED_EXIT, PreemptionFlag
+from llmbatch.runners.split import assign_to_ranks, plan_batches
 from llmbatch.shards import ShardWriter, done_ids, shard_for, write_stats
 from llmbatch.spec import GenerationSpec, JobSpec, load_resolved, slurm_time_seconds
 
@@ -86,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     finish_line = FinishLine(spec)
     preemption = PreemptionFlag(run.preempt_marker(args.attempt))
     stats = RankStats(args.attempt, accelerator.process_index, accelerator.num_processes)
+    run.record_rank(args.attempt, accelerator.process_index)
 
     examples = load_examples(spec.data)
     done = done_ids(run, before_attempt=args.attempt)
@@ -119,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     finish_line.wait()
     if accelerator.is_main_process:
         metrics = merge_shards(run, examples)
-        print(f"gathered {metrics['examples']} results into {run.results_file}", flush=True)
+        print(f"gathered {metrics[Metric.EXAMPLES]} results into {run.results_file}", flush=True)
     accelerator.end_training()  # nothing to do with training: it releases the process groups
     return 0
 

@@ -1,5 +1,5 @@
-"""Which rank generates what, and in which batches: pure functions of token counts, so every rank
-computes the same plan on its own and no rank ever has to tell another.
+"""How inference inputs split over the ranks, and each rank's share into batches: pure functions of
+token counts, so every rank computes the same plan on its own and no rank ever has to tell another.
 """
 
 from __future__ import annotations

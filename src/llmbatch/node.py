@@ -1,9 +1,8 @@
-"""Per-node launch: what every node of a job runs, under Slurm or on this machine.
+"""The node supervisor: what every node of a job runs, under Slurm or on this machine.
 
-`LaunchPlan` is fixed at submission and pickled into the job. `NodeJob` is the submitit callable: on
-each node it reads that node's place in the job from the Slurm environment (rendezvous host and
-port, machine rank, restart count), builds the `accelerate launch` argv, wraps it in the container
-runtime, runs it with its output in `logs/node-N.log`, and fails with the log's tail if a rank fails.
+`NodeJob` is the submitit callable: on each node it reads that node's place in the job from the Slurm
+environment (rendezvous host and port, machine rank, restart count), runs `jobstep.node_command` with
+its output in `logs/node-N.log`, forwards signals to it, and fails with the log's tail if a rank fails.
 """
 
 from __future__ import annotations
@@ -12,117 +11,31 @@ import os
 import shlex
 import signal
 import subprocess
-import sys
 import time
-import zlib
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import submitit
 
-from llmbatch.container import wrap_command
+from llmbatch.jobstep import LaunchPlan, NodePlace, node_command, rendezvous_port
 from llmbatch.rundir import RunDir, atomic_write
-from llmbatch.spec import ContainerSpec
 
-# Forwarded to the ranks: submitit's preemption signal, and the polite kill.
-FORWARDED_SIGNALS = (signal.SIGUSR2, signal.SIGTERM, signal.SIGINT)
-
-
-@dataclass(frozen=True)
-class LaunchPlan:
-    """Everything the nodes need, decided once at submission."""
-
-    run_dir: str
-    runner: str
-    """The runner module every rank executes: llmbatch.runners.infer or llmbatch.runners.finetune."""
-    nodes: int
-    procs_per_node: int
-    mixed_precision: str
-    """For the GPU path (bf16 for training); CPU always runs without."""
-    container: ContainerSpec
-    binds: tuple[str, ...]
-    """Host folders the ranks need inside a container: run folder, data, model, cache."""
-    cpu_threads_per_proc: int = 1
-    max_requeues: int = 3
-    signal_delay_s: int = 120
-    """Slurm's warning before the kill: the ranks have most of it to save."""
-    attempt_base: int = 0
-    """`resume` resubmits with this past the attempts already made; Slurm's restart count adds to it."""
-    python: str = field(default_factory=lambda: sys.executable)
-
-    @property
-    def num_processes(self) -> int:
-        return self.nodes * self.procs_per_node
-
-
-@dataclass(frozen=True)
-class NodePlace:
-    """Where this node stands in the job: read from the environment on the node itself."""
-
-    node_rank: int
-    main_host: str
-    port: int
-    attempt: int
-    job_id: str
-    use_cuda: bool
-
-    @classmethod
-    def from_environment(cls, plan: LaunchPlan) -> "NodePlace":
-        # On the node, never in the batch script: each node must see its own SLURM_NODEID.
-        env = submitit.JobEnvironment()
-        restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
-        # One node needs no network: loopback works whatever the hostname resolves to.
-        main_host = env.hostnames[0] if plan.nodes > 1 else "127.0.0.1"
-        return cls(node_rank=env.node, main_host=main_host, port=rendezvous_port(env.job_id),
-                   attempt=plan.attempt_base + restarts, job_id=env.job_id, use_cuda=_cuda_available())
-
-
-def rendezvous_port(job_id: str) -> int:
-    """A port from the job id, so that jobs sharing a node don't clash (15000-24999).
-
-    Below Linux's ephemeral range (32768-60999): a port there can be held by any outgoing
-    connection on the node, and the rendezvous then fails with EADDRINUSE.
-    """
-    return 15000 + zlib.crc32(job_id.encode()) % 10000
+def place_from_environment(plan: LaunchPlan) -> NodePlace:
+    """This node's place in the job, from submitit's view of the Slurm environment."""
+    # On the node, never in the batch script: each node must see its own SLURM_NODEID.
+    env = submitit.JobEnvironment()
+    restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
+    # One node needs no network: loopback works whatever the hostname resolves to.
+    main_host = env.hostnames[0] if plan.nodes > 1 else "127.0.0.1"
+    return NodePlace(node_rank=env.node, main_host=main_host, port=rendezvous_port(env.job_id),
+                     attempt=plan.attempt_base + restarts, job_id=env.job_id, use_cuda=_cuda_available())
 
 
 def _cuda_available() -> bool:
-    # Slurm sets CUDA_VISIBLE_DEVICES for its (possibly fake) gres; ask the driver instead.
+    # Slurm sets CUDA_VISIBLE_DEVICES for its (possibly fake) gres; ask the driver instead. Imported
+    # here, on the node: the command line imports this module and must start without torch.
     import torch
 
     return torch.cuda.is_available()
-
-
-def build_launch_argv(plan: LaunchPlan, place: NodePlace) -> list[str]:
-    """The `accelerate launch` argv for one node."""
-    argv = [plan.python, "-m", "accelerate.commands.launch",
-            "--num_machines", str(plan.nodes),
-            "--num_processes", str(plan.num_processes),
-            "--machine_rank", str(place.node_rank),
-            "--main_process_ip", place.main_host,
-            "--main_process_port", str(place.port),
-            "--mixed_precision", plan.mixed_precision if place.use_cuda else "no",
-            "--dynamo_backend", "no"]
-    if plan.num_processes > 1:
-        # --multi_gpu is also what starts several processes on CPU (with ACCELERATE_USE_CPU).
-        argv += ["--multi_gpu", "--max_restarts", "0", "--monitor_interval", "1",
-                 "--tee", "3", "--log_dir", str(RunDir(Path(plan.run_dir)).rank_log_dir(place.node_rank))]
-    if not place.use_cuda:
-        argv += ["--num_cpu_threads_per_process", str(plan.cpu_threads_per_proc)]
-    return argv + ["-m", plan.runner, "--run-dir", plan.run_dir, "--attempt", str(place.attempt)]
-
-
-def launch_env(place: NodePlace) -> dict[str, str]:
-    """Variables the ranks need, passed by name into a container."""
-    env = {"PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-           # A dead NCCL peer raises instead of hanging until the distributed timeout.
-           "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1"}
-    if place.use_cuda:
-        if "CUDA_VISIBLE_DEVICES" in os.environ:
-            env["CUDA_VISIBLE_DEVICES"] = os.environ["CUDA_VISIBLE_DEVICES"]
-    else:
-        env["ACCELERATE_USE_CPU"] = "true"
-    return env
 
 
 class NodeJob(submitit.helpers.Checkpointable):
@@ -142,13 +55,11 @@ class NodeJob(submitit.helpers.Checkpointable):
 
     def __call__(self) -> str:
         plan, run = self.plan, RunDir(Path(self.plan.run_dir))
-        place = NodePlace.from_environment(plan)
+        place = place_from_environment(plan)
         if place.node_rank == 0:
             run.update_state(attempt=place.attempt, attempt_started=time.time(), job_id=place.job_id,
                              requeues=int(os.environ.get("SLURM_RESTART_COUNT", "0")))
-        argv = build_launch_argv(plan, place)
-        cmd = wrap_command(argv, plan.container, binds=plan.binds, env=launch_env(place),
-                           gpus=place.use_cuda, workdir=plan.run_dir)
+        cmd = node_command(plan, place)
         host = os.environ.get("SLURMD_NODENAME", os.uname().nodename)
         run.record_command({"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "node": place.node_rank, "host": host,
                             "attempt": place.attempt, "job_id": place.job_id, "argv": cmd.argv,
