@@ -57,7 +57,7 @@ class RankStats:
     prompt_tokens: int = 0
     generated_tokens: int = 0
     load_s: float = 0.0
-    """Start-up to the first batch: spec, data, model, tokenization, the engine's cache."""
+    """Start-up to the first batch: spec, data, model, tokenization, the engine's cache and warm-up."""
     generate_s: float = 0.0
     wall_s: float = 0.0
     engine: dict | None = None
