@@ -12,6 +12,8 @@ metrics.json (keys: `llmbatch.metrics`) holds:
     tokens_per_s, examples_per_s   what those ranks generated, per second of generate_s
     world_size, ranks, load_balance   the last attempt: its per-rank stats, and min/max rank
                              generating time (1.0: perfectly balanced)
+    prefill_s, decode_s, decode_steps, occupancy   where the engine ran: summed over the finished
+                             ranks (occupancy: their mean share of cache slots in use per step)
 """
 
 from __future__ import annotations
@@ -84,7 +86,12 @@ def timing_metrics(run: RunDir) -> dict[str, Any]:
     all_stats = [s for ranks in by_attempt.values() for s in ranks]
     last = by_attempt[max(by_attempt)]
     times = [s["generate_s"] for s in last]
-    return {
+    engine = [s["engine"] for s in all_stats if s.get("engine")]
+    engine_metrics = {Metric.PREFILL_S: sum(s["prefill_s"] for s in engine),
+                      Metric.DECODE_S: sum(s["decode_s"] for s in engine),
+                      Metric.DECODE_STEPS: sum(s["decode_steps"] for s in engine),
+                      Metric.OCCUPANCY: sum(s["occupancy"] for s in engine) / len(engine)} if engine else {}
+    return engine_metrics | {
         Metric.WALL_S: sum(max(s["wall_s"] for s in ranks) for ranks in by_attempt.values()),
         Metric.GENERATE_S: generate_s,
         Metric.TOKENS_PER_S: sum(s["generated_tokens"] for s in all_stats) / generate_s if generate_s else None,

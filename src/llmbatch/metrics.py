@@ -31,6 +31,12 @@ class Metric:
     EXAMPLES_PER_S = "examples_per_s"
     RANKS = "ranks"
     LOAD_BALANCE = "load_balance"
+    # Inference, where the engine ran: summed over the finished ranks (occupancy: their mean share
+    # of cache slots in use per decode step).
+    PREFILL_S = "prefill_s"
+    DECODE_S = "decode_s"
+    DECODE_STEPS = "decode_steps"
+    OCCUPANCY = "occupancy"
 
     # Fine-tuning.
     STEPS = "steps"

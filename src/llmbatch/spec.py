@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import re
 import string
 import types
@@ -23,6 +24,9 @@ KINDS = ("infer", "finetune")
 
 EMBEDDED_MODEL = "embedded:tiny-llama"
 """The value of `model.path` that means the embedded default model (`llmbatch.embedded` builds it)."""
+
+ENGINE_MODEL_TYPES = ("llama", "qwen2", "mistral")
+"""Model families (config.json's model_type) the inference engine runs; others use generate."""
 
 
 class SpecError(Exception):
@@ -134,6 +138,15 @@ class ModelSpec:
     adapter: str | None = None
     """A peft LoRA adapter folder, e.g. `<finetune run>/adapter`."""
 
+    def model_type(self) -> str:
+        """config.json's model_type (the embedded model is a Llama)."""
+        if self.path == EMBEDDED_MODEL:
+            return "llama"
+        try:
+            return str(json.loads((Path(self.path) / "config.json").read_text()).get("model_type"))
+        except (OSError, ValueError) as e:
+            raise SpecError("model.path", f"cannot read {self.path}/config.json: {e}") from None
+
     def validate(self) -> None:
         if self.path != EMBEDDED_MODEL:
             _check("model.path", Path(self.path).is_dir(), f"no model folder at {self.path}")
@@ -199,7 +212,14 @@ class GenerationSpec:
     ignore_eos: bool = False
     """Always generate max_new_tokens (benchmarks)."""
     batch_tokens: int | None = ranged(None, POSITIVE)
-    """Token budget of one batch (prompt + new tokens, padded). Default: sized from free GPU memory."""
+    """Token budget of one batch (prompt + new tokens, padded); for the engine, of all its cache
+    slots together. Default: sized from free GPU memory."""
+    engine: Literal["auto", "fast", "hf"] = "auto"
+    """`fast`: the engine (runners/engine/); `hf`: transformers' generate; `auto`: the engine wherever
+    the model and device allow it, else generate."""
+    kv_cache_gb: float | None = ranged(None, POSITIVE)
+    """Most memory the engine's KV cache may take (GiB). Default: what is free after the model and
+    the headroom (GPU), 1 GiB (CPU)."""
 
 
 @dataclass
@@ -355,6 +375,11 @@ class JobSpec:
         self.data.validate(self.kind)
         self.resources.validate()
         self.container.validate()
+        if self.kind == "infer" and self.generation.engine == "fast":
+            model_type = self.model.model_type()
+            _check("generation.engine", model_type in ENGINE_MODEL_TYPES,
+                   f"fast: the engine runs {', '.join(ENGINE_MODEL_TYPES)} models, and {self.model.path} is "
+                   f"{model_type!r} (use auto to fall back to generate)")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
