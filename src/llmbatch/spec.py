@@ -128,11 +128,11 @@ def slurm_time_seconds(value: str) -> int:
 @dataclass
 class ModelSpec:
     path: str = EMBEDDED_MODEL
-    """A local Hugging Face model folder, or `embedded:tiny-llama` for the built-in default."""
+    """A local Hugging Face model folder, a hub id in the local Hugging Face cache, or `embedded:tiny-llama`."""
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
     """`auto`: bfloat16 on GPU, float32 on CPU."""
     adapter: str | None = None
-    """A peft LoRA adapter folder, e.g. `<finetune run>/adapter`."""
+    """A peft LoRA adapter folder, e.g. `<finetune run>/adapter`, or a hub id in the local cache."""
 
     def validate(self) -> None:
         if self.path != EMBEDDED_MODEL:
@@ -491,7 +491,7 @@ def _build(cls: type, raw: Any, prefix: str, base_dir: Path) -> Any:
             continue
         value = _coerce(path, value, tp)
         if _is_path(path, value):
-            value = str((base_dir / Path(value).expanduser()).resolve())
+            value = _resolve_path(path, value, base_dir)
         kwargs[key] = value
     try:
         return cls(**kwargs)
@@ -506,6 +506,15 @@ def _is_path(key: str, value: Any) -> bool:
         return False
     # A Docker/Podman image is a name (repo/name:tag); only an Apptainer image is a file.
     return key != "container.image" or value.endswith(".sif")
+
+
+def _resolve_path(key: str, value: str, base_dir: Path) -> str:
+    local = (base_dir / Path(value).expanduser()).resolve()
+    if key in ("model.path", "model.adapter"):
+        from llmbatch.models import resolve_reference  # models imports this module
+
+        return str(resolve_reference(key, value, local))  # a local folder, or a hub id in the HF cache
+    return str(local)
 
 
 def _field_type(key: str) -> Any:
