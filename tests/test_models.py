@@ -1,18 +1,22 @@
-"""Model references before queueing: hub ids from the local cache."""
+"""Model references and model checks before queueing: hub ids from the local cache, damaged configs,
+missing chat templates, adapters of another base, prompts longer than the context."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import re
 import shlex
 import shutil
 from pathlib import Path
 
+import pytest
 import yaml
 
 from conftest import run_folder, submit_cli
-from test_spec import good  # noqa: F401 (good is a fixture)
+from llmbatch import embedded
+from test_spec import good, run_cli  # noqa: F401 (good is a fixture)
 
 REPO_ID = "llmbatch/tiny-llama"
 
@@ -87,3 +91,85 @@ def test_a_container_sees_the_blobs_a_snapshot_links_to(tmp_path, tmp_path_facto
     command = shlex.split(out.split("# per-node command")[1].splitlines()[1])
     repo = snapshot.parent.parent
     assert f"{repo}:{repo}" in command and f"{snapshot}:{snapshot}" not in command
+
+
+# --- model files ---------------------------------------------------------------------------------
+
+@pytest.fixture
+def model_copy(model_dir, tmp_path) -> Path:
+    return Path(shutil.copytree(model_dir, tmp_path / "model"))
+
+
+def test_a_corrupt_config_is_one_line(tmp_path, good, capsys, model_copy):
+    good["model"] = {"path": str(model_copy)}
+    (model_copy / "config.json").write_text('{"hidden_size": 256,')
+    code, err = run_cli(tmp_path, good, capsys=capsys)
+    assert code == 2 and f"model.path: {model_copy / 'config.json'} is not valid JSON (" in err
+    (model_copy / "config.json").write_text("[1, 2]")
+    code, err = run_cli(tmp_path, good, capsys=capsys)
+    assert code == 2 and f"model.path: {model_copy / 'config.json'} must hold a JSON object" in err
+    assert err.count("\n") == 1 and not (tmp_path / "runs").exists()
+
+
+def test_chat_template_needs_a_tokenizer_that_has_one(tmp_path, good, capsys, model_copy):
+    good["model"] = {"path": str(model_copy)}
+    good["data"]["chat_template"] = True
+    assert run_cli(tmp_path, good, capsys=capsys)[0] == 0
+    (model_copy / "chat_template.jinja").unlink()
+    code, err = run_cli(tmp_path, good, capsys=capsys)
+    assert code == 2 and f"data.chat_template: the tokenizer in {model_copy} has no chat template" in err
+
+
+@pytest.fixture(scope="module")
+def adapters(model_dir, tmp_path_factory) -> dict[str, Path]:
+    """A LoRA adapter of the embedded model, and another, smaller base it does not fit."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    root = tmp_path_factory.mktemp("adapters")
+    tuned = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir), LoraConfig(r=4, target_modules="all-linear"))
+    tuned.save_pretrained(root / "adapter")
+    other = LlamaForCausalLM(LlamaConfig(vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256))
+    other.save_pretrained(root / "other")
+    shallow = LlamaForCausalLM(LlamaConfig(vocab_size=1024, **embedded.ARCH | {"num_hidden_layers": 2}))
+    shallow.save_pretrained(root / "shallow")
+    return {"adapter": root / "adapter", "other": root / "other", "shallow": root / "shallow"}
+
+
+def test_an_adapter_of_another_base_is_refused(tmp_path, good, capsys, model_dir, adapters):
+    adapter = Path(shutil.copytree(adapters["adapter"], tmp_path / "adapter"))
+    good["model"] = {"path": str(model_dir), "adapter": str(adapter)}
+    assert run_cli(tmp_path, good, capsys=capsys)[0] == 0
+
+    good["model"]["path"] = str(adapters["other"])
+    code, err = run_cli(tmp_path, good, capsys=capsys)
+    assert code == 2 and err.count("\n") == 1
+    assert f"model.adapter: {adapter} was trained on {model_dir} (hidden_size 256), not on a model like " \
+           f"{adapters['other']} (hidden_size 64)" in err
+
+    # Without a base folder to compare with, the tensor shapes still tell (read from the headers only).
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps(config | {"base_model_name_or_path": None}))
+    code, err = run_cli(tmp_path, good, capsys=capsys)
+    assert code == 2 and err.count("\n") == 1
+    assert re.search(r"model\.adapter: \S+adapter_model\.safetensors: base_model\.model\.model\.layers\.0\.\S+\.lora_A"
+                     r"\.weight has shape \[4, \d+\], which does not fit .* an adapter trained on another base\?", err)
+
+    good["model"]["path"] = str(adapters["shallow"])  # the same layers, but fewer of them
+    code, err = run_cli(tmp_path, good, capsys=capsys)
+    assert code == 2 and err.count("\n") == 1
+    assert re.search(r"lora_A\.weight adapts model\.layers\.[23]\.\S+, which \S+shallow does not have", err)
+
+    (adapter / "adapter_config.json").write_text("{")
+    code, err = run_cli(tmp_path, good, capsys=capsys)
+    assert code == 2 and f"model.adapter: {adapter / 'adapter_config.json'} is not valid JSON" in err
+
+
+def test_an_adapter_with_a_damaged_header_is_refused(tmp_path, good, capsys, model_dir, adapters):
+    adapter = Path(shutil.copytree(adapters["adapter"], tmp_path / "adapter"))
+    (adapter / "adapter_model.safetensors").write_bytes(b"\xff" * 64)
+    good["model"] = {"path": str(model_dir), "adapter": str(adapter)}
+    code, err = run_cli(tmp_path, good, capsys=capsys)
+    assert code == 2 and err.count("\n") == 1
+    assert f"model.adapter: {adapter / 'adapter_model.safetensors'} is not a safetensors file" in err

@@ -1,20 +1,30 @@
-"""Model references, resolved before anything is queued.
+"""Model references and cheap checks of a model's files, before anything is queued.
 
 - `resolve_reference`: `model.path` and `model.adapter` name a local folder, or a Hugging Face hub id
   (`Qwen/Qwen2.5-1.5B-Instruct`) already in the local cache (`HF_HOME`, `HF_HUB_CACHE`). A hub id
   becomes its snapshot folder in the resolved spec, so jobs never ask the hub (they also run with
   `HF_HUB_OFFLINE=1`, see `jobstep.launch_env`). Nothing is downloaded: a missing id is an error that
   says how to fetch it.
+- `check_model`: reads only small JSON files and safetensors headers (never weights): the configs
+  parse, a chat template exists when the spec asks for one, an adapter fits the base model's layers.
 """
 
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
 
-from llmbatch.spec import SpecError
+from llmbatch import embedded
+from llmbatch.spec import JobSpec, SpecError
 
+# An adapter trained on a base whose config differs in one of these cannot fit model.path.
+ARCH_KEYS = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+             "num_key_value_heads", "vocab_size")
 # What must be in a snapshot for the id to count as cached.
 MARKER_FILES = {"model.path": "config.json", "model.adapter": "adapter_config.json"}
+LORA_AXES = {"lora_A": (1, 1), "lora_B": (0, 0), "lora_embedding_A": (1, 0), "lora_embedding_B": (0, 1)}
+SAFETENSORS_HEADER_LIMIT = 100 << 20  # the format's own limit; a larger length means a damaged file
 
 
 # --- references ----------------------------------------------------------------------------------
@@ -50,3 +60,125 @@ def host_folder(model_folder: str) -> Path:
     into the repository's `blobs/`, so for a snapshot that is the repository folder."""
     path = Path(model_folder)
     return path.parent.parent if path.parent.name == "snapshots" else path
+
+
+# --- checks --------------------------------------------------------------------------------------
+
+def check_model(spec: JobSpec) -> None:
+    """Raise SpecError (one line) for what would make the job fail."""
+    folder = model_folder(spec.model.path)
+    if folder is None:
+        return  # the embedded model before its first build: this project's own files
+    config = read_json_object(folder / "config.json", "model.path")
+    for name in ("generation_config.json", "tokenizer_config.json"):
+        if (folder / name).is_file():
+            read_json_object(folder / name, "model.path")
+    if spec.data.chat_template and not has_chat_template(folder):
+        raise SpecError("data.chat_template", f"the tokenizer in {folder} has no chat template (none in "
+                                              f"tokenizer_config.json, no chat_template.jinja)")
+    if spec.model.adapter is not None:
+        check_adapter(Path(spec.model.adapter), folder, config)
+
+
+def model_folder(path: str) -> Path | None:
+    if path != embedded.EMBEDDED_MODEL:
+        return Path(path)
+    folder = embedded.default_cache_dir() / embedded.NAME
+    return folder if embedded.is_complete(folder) else None
+
+
+def read_json_object(path: Path, key: str) -> dict:
+    try:
+        value = json.loads(path.read_bytes())
+    except OSError as e:
+        raise SpecError(key, f"cannot read {path}: {e.strerror}") from None
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+        raise SpecError(key, f"{path} is not valid JSON ({str(e).splitlines()[0]})") from None
+    if not isinstance(value, dict):
+        raise SpecError(key, f"{path} must hold a JSON object")
+    return value
+
+
+def has_chat_template(folder: Path) -> bool:
+    """Where transformers finds a template: chat_template.jinja/.json, or tokenizer_config.json."""
+    if (folder / "chat_template.jinja").is_file() or (folder / "chat_template.json").is_file():
+        return True
+    tokenizer_config = folder / "tokenizer_config.json"
+    return tokenizer_config.is_file() and bool(read_json_object(tokenizer_config, "model.path").get("chat_template"))
+
+
+def text_config(config: dict) -> dict:
+    """The language model's part of a config (multimodal models nest it)."""
+    nested = config.get("text_config")
+    return nested if isinstance(nested, dict) else config
+
+
+def check_adapter(adapter: Path, model: Path, config: dict) -> None:
+    """The adapter's base (when it is a folder here) and its LoRA shapes must fit model.path."""
+    adapter_config = read_json_object(adapter / "adapter_config.json", "model.adapter")
+    base = adapter_config.get("base_model_name_or_path")
+    if isinstance(base, str) and Path(base).is_absolute() and (Path(base) / "config.json").is_file() \
+            and Path(base).resolve() != model.resolve():
+        mine, theirs = text_config(config), text_config(read_json_object(Path(base) / "config.json", "model.adapter"))
+        for key in ARCH_KEYS:
+            if mine.get(key) != theirs.get(key):
+                raise SpecError("model.adapter", f"{adapter} was trained on {base} ({key} {theirs.get(key)}), "
+                                                 f"not on a model like {model} ({key} {mine.get(key)})")
+    weights = adapter / "adapter_model.safetensors"
+    if not weights.is_file() or "quantization_config" in config:
+        return  # .bin files need torch to read, quantized weights are packed: the job will tell
+    base_shapes = model_shapes(model)
+    lora = {}  # adapter tensor -> (adapted module, part, shape)
+    for name, shape in safetensors_shapes(weights, "model.adapter").items():
+        match = re.fullmatch(r"(?:base_model\.model\.)?(.+)\.(lora_A|lora_B|lora_embedding_A|lora_embedding_B)"
+                             r"(?:\.weight)?", name)
+        if match and len(shape) == 2:
+            lora[name] = (*match.groups(), shape)
+    if not any(f"{module}.weight" in base_shapes for module, _, _ in lora.values()):
+        return  # no module name in common: the checkpoint names its tensors otherwise; the job will tell
+    for name, (module, part, shape) in lora.items():
+        base_shape = base_shapes.get(f"{module}.weight")
+        if base_shape is None and re.search(r"\.\d+\.", module):
+            raise SpecError("model.adapter", f"{weights}: {name} adapts {module}, which {model} does not have "
+                                             f"(an adapter trained on another base?)")
+        if base_shape is None:
+            continue  # not in a numbered layer: perhaps a tied output head, absent from the checkpoint
+        # A linear layer's weight is (out, in), adapted as A: (r, in), B: (out, r); an embedding's is
+        # (num, dim), adapted as A: (r, num), B: (dim, r). Here: (axis of the LoRA tensor, axis of the base).
+        axis, base_axis = LORA_AXES[part]
+        if len(base_shape) == 2 and shape[axis] != base_shape[base_axis]:
+            raise SpecError("model.adapter", f"{weights}: {name} has shape {shape}, which does not fit "
+                                             f"{module} of {model} (shape {base_shape}): an adapter trained on "
+                                             f"another base?")
+
+
+def model_shapes(model: Path) -> dict[str, list[int]]:
+    """Tensor shapes of a model's safetensors weights, one file or shards; {} if it has none."""
+    index = model / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = read_json_object(index, "model.path").get("weight_map", {})
+        files = sorted(set(weight_map.values())) if isinstance(weight_map, dict) else []
+    else:
+        files = ["model.safetensors"] if (model / "model.safetensors").is_file() else []
+    shapes = {}
+    for name in files:
+        shapes |= safetensors_shapes(model / name, "model.path")
+    return shapes
+
+
+def safetensors_shapes(path: Path, key: str) -> dict[str, list[int]]:
+    """Tensor name -> shape from a safetensors header: 8 bytes of header length, then JSON."""
+    try:
+        with path.open("rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            if not 0 < size <= SAFETENSORS_HEADER_LIMIT:
+                raise ValueError(f"header length {size}")
+            header = json.loads(f.read(size))
+        shapes = {name: info["shape"] for name, info in header.items() if name != "__metadata__"}
+        if not all(isinstance(s, list) for s in shapes.values()):
+            raise ValueError("shapes must be lists")
+    except OSError as e:
+        raise SpecError(key, f"cannot read {path}: {e.strerror}") from None
+    except (ValueError, TypeError, KeyError, AttributeError) as e:
+        raise SpecError(key, f"{path} is not a safetensors file (its header does not parse: {e})") from None
+    return shapes
