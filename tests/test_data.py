@@ -150,11 +150,11 @@ def test_a_template_that_a_record_cannot_fill_names_the_line(tmp_path, good, cap
 def test_max_samples_stops_reading_the_file(tmp_path, good, capsys, suffix):
     """A 50 MB file with a broken last line: with max_samples=10, validation never gets that far."""
     path = tmp_path / f"big{suffix}"
-    padding = "x" * 1000
+    padding = "x" * 250  # short enough for any model's context: the embedded model may check prompt lengths
     if suffix == ".csv":
-        rows = ["id,question"] + [f"{i},{padding}" for i in range(50_000)] + ["broken"]
+        rows = ["id,question"] + [f"{i},{padding}" for i in range(200_000)] + ["broken"]
     else:
-        rows = [f'{{"id": {i}, "question": "{padding}"}}' for i in range(50_000)] + ["{broken"]
+        rows = [f'{{"id": {i}, "question": "{padding}"}}' for i in range(200_000)] + ["{broken"]
     path.write_text("\n".join(rows) + "\n")
     assert path.stat().st_size > 50_000_000
     good["data"] = {"path": str(path), "prompt_field": "question", "max_samples": 10}

@@ -16,7 +16,9 @@ import yaml
 
 from conftest import run_folder, submit_cli
 from llmbatch import embedded
-from test_spec import good, run_cli  # noqa: F401 (good is a fixture)
+from llmbatch.runners.generation import fit_to_context
+from test_infer import infer
+from test_spec import good, run_cli, write_data  # noqa: F401 (good is a fixture)
 
 REPO_ID = "llmbatch/tiny-llama"
 
@@ -173,3 +175,43 @@ def test_an_adapter_with_a_damaged_header_is_refused(tmp_path, good, capsys, mod
     code, err = run_cli(tmp_path, good, capsys=capsys)
     assert code == 2 and err.count("\n") == 1
     assert f"model.adapter: {adapter / 'adapter_model.safetensors'} is not a safetensors file" in err
+
+
+# --- context -------------------------------------------------------------------------------------
+
+def test_max_new_tokens_must_leave_room_in_the_context(tmp_path, good, capsys, model_dir):
+    good["model"] = {"path": str(model_dir)}
+    code, err = run_cli(tmp_path, good, "--set", "generation.max_new_tokens=1000000000", capsys=capsys)
+    assert code == 2 and "generation.max_new_tokens: 1000000000 leaves no room for a prompt in the model's " \
+                         "context of 1024 tokens" in err
+
+
+def long_prompts(tmp_path) -> Path:
+    rows = [{"id": i, "question": "Is 7 even or odd? " * (300 if i in (2, 4) else 1), "answer": "odd"}
+            for i in range(6)]
+    return write_data(tmp_path / "in.jsonl", rows)
+
+
+def test_a_prompt_longer_than_the_context_is_refused_by_default(tmp_path, good, capsys, model_dir):
+    good["model"] = {"path": str(model_dir)}
+    good["data"]["path"] = str(long_prompts(tmp_path))
+    proc = submit_cli("infer", spec_file(tmp_path, good), "--dry-run", check=False)  # no tokenizer warning
+    assert "in.jsonl:3: the prompt is 2401 tokens; with generation.max_new_tokens 32 it exceeds the model's " \
+           "context of 1024 (generation.long_prompts: truncate cuts it)" in one_error_line(proc)
+    assert run_cli(tmp_path, good, "--set", "generation.long_prompts=truncate", capsys=capsys)[0] == 0
+
+
+def test_fit_to_context_keeps_the_bos_and_the_end():
+    assert fit_to_context([1, 10, 11, 12, 13], 3, bos_token_id=1) == [1, 12, 13]
+    assert fit_to_context([10, 11, 12, 13], 3, bos_token_id=1) == [11, 12, 13]
+    assert fit_to_context([1, 10, 11], 3, bos_token_id=1) == [1, 10, 11]
+
+
+def test_truncated_prompts_are_cut_and_counted(make_run, tmp_path):
+    run = make_run("infer", overrides=[f"data.path={long_prompts(tmp_path)}", "generation.long_prompts=truncate",
+                                       "generation.max_new_tokens=8"])
+    infer(run, 1)
+    results = [json.loads(line) for line in run.results_file.read_text().splitlines()]
+    assert [r["truncated"] for r in results] == [False, False, True, False, True, False]
+    assert all(r["prompt_tokens"] == 1024 - 8 for r in results if r["truncated"])
+    assert json.loads(run.metrics_file.read_text())["truncated_prompts"] == 2

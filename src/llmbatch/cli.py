@@ -47,11 +47,11 @@ def load_job_spec(kind: str, args: argparse.Namespace) -> tuple[JobSpec, int]:
             overrides.append(f"{key}={value}")
             origins[overrides[-1]] = f"{option} {value}"
     spec = load_spec(args.spec or default_spec_path(kind), kind, overrides, origins=origins)
-    inputs = len(load_examples(spec.data))
+    examples = load_examples(spec.data)
     if spec.data.val_path:
         load_examples(spec.data, spec.data.val_path)
-    check_model(spec)
-    return spec, inputs
+    check_model(spec, examples)
+    return spec, len(examples)
 
 
 def resolve_model(spec: JobSpec, build: bool) -> JobSpec:

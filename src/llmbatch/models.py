@@ -6,7 +6,8 @@
   `HF_HUB_OFFLINE=1`, see `jobstep.launch_env`). Nothing is downloaded: a missing id is an error that
   says how to fetch it.
 - `check_model`: reads only small JSON files and safetensors headers (never weights): the configs
-  parse, a chat template exists when the spec asks for one, an adapter fits the base model's layers.
+  parse, a chat template exists when the spec asks for one, an adapter fits the base model's layers,
+  and prompts plus `generation.max_new_tokens` fit the model's context.
 """
 
 from __future__ import annotations
@@ -16,8 +17,11 @@ import re
 from pathlib import Path
 
 from llmbatch import embedded
+from llmbatch.data import DataError, Example
 from llmbatch.spec import JobSpec, SpecError
 
+# The first of these in a model's (text) config is its context length.
+CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx")
 # An adapter trained on a base whose config differs in one of these cannot fit model.path.
 ARCH_KEYS = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
              "num_key_value_heads", "vocab_size")
@@ -64,8 +68,9 @@ def host_folder(model_folder: str) -> Path:
 
 # --- checks --------------------------------------------------------------------------------------
 
-def check_model(spec: JobSpec) -> None:
-    """Raise SpecError (one line) for what would make the job fail."""
+def check_model(spec: JobSpec, examples: list[Example]) -> None:
+    """Raise SpecError or DataError (one line) for what would make the job fail or run past the
+    model's context. `examples`: the inputs generation will see (infer: data.path)."""
     folder = model_folder(spec.model.path)
     if folder is None:
         return  # the embedded model before its first build: this project's own files
@@ -76,8 +81,15 @@ def check_model(spec: JobSpec) -> None:
     if spec.data.chat_template and not has_chat_template(folder):
         raise SpecError("data.chat_template", f"the tokenizer in {folder} has no chat template (none in "
                                               f"tokenizer_config.json, no chat_template.jinja)")
+    context = context_length(config)
+    limit = prompt_token_limit(config, spec.generation.max_new_tokens)
+    if limit is not None and limit < 1:
+        raise SpecError("generation.max_new_tokens", f"{spec.generation.max_new_tokens} leaves no room for a "
+                                                     f"prompt in the model's context of {context} tokens")
     if spec.model.adapter is not None:
         check_adapter(Path(spec.model.adapter), folder, config)
+    if spec.kind == "infer" and spec.generation.long_prompts == "error" and limit is not None:
+        check_prompt_lengths(spec, examples, folder, limit, context)
 
 
 def model_folder(path: str) -> Path | None:
@@ -111,6 +123,45 @@ def text_config(config: dict) -> dict:
     """The language model's part of a config (multimodal models nest it)."""
     nested = config.get("text_config")
     return nested if isinstance(nested, dict) else config
+
+
+def context_length(config: dict) -> int | None:
+    text = text_config(config)
+    return next((text[k] for k in CONTEXT_KEYS if isinstance(text.get(k), int)), None)
+
+
+def prompt_token_limit(config: dict, max_new_tokens: int) -> int | None:
+    """Tokens a prompt may have so that it and max_new_tokens fit the context; None: unknown."""
+    context = context_length(config)
+    return None if context is None else context - max_new_tokens
+
+
+def check_prompt_lengths(spec: JobSpec, examples: list[Example], folder: Path, limit: int, context: int) -> None:
+    """Encode the prompts as the runner does (batched, fast tokenizer); name the first too long."""
+    from transformers import AutoTokenizer  # seconds to import: only here
+    from transformers.utils import logging
+
+    from llmbatch.runners.generation import encode_prompts
+
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity_error()  # its "longer than the maximum" warning would come before our one line
+    try:
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(folder)
+        except Exception as e:  # transformers raises many types for a broken tokenizer: one line for all
+            raise SpecError("model.path", f"cannot load the tokenizer in {folder} ({str(e).splitlines()[0]})") \
+                from None
+        chunk = 1024
+        for start in range(0, len(examples), chunk):
+            batch = examples[start:start + chunk]
+            encoded = encode_prompts(tokenizer, [e.prompt for e in batch], spec.data.chat_template)
+            for example, ids in zip(batch, encoded):
+                if len(ids) > limit:
+                    raise DataError(f"{spec.data.path}:{example.line}: the prompt is {len(ids)} tokens; with "
+                                    f"generation.max_new_tokens {spec.generation.max_new_tokens} it exceeds the "
+                                    f"model's context of {context} (generation.long_prompts: truncate cuts it)")
+    finally:
+        logging.set_verbosity(verbosity)
 
 
 def check_adapter(adapter: Path, model: Path, config: dict) -> None:

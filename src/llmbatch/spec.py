@@ -244,6 +244,9 @@ class GenerationSpec:
     """Always generate max_new_tokens (benchmarks)."""
     batch_tokens: int | None = ranged(None, POSITIVE)
     """Token budget of one batch (prompt + new tokens, padded). Default: sized from free GPU memory."""
+    long_prompts: Literal["error", "truncate"] = "error"
+    """A prompt that with max_new_tokens exceeds the model's context: refused before queueing (`error`),
+    or cut to its last tokens, keeping its BOS (`truncate`; counted in metrics.json)."""
 
 
 @dataclass
