@@ -146,6 +146,7 @@ def test_a_template_that_a_record_cannot_fill_names_the_line(tmp_path, good, cap
 
 # --- cost ----------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("suffix", [".jsonl", ".csv"])
 def test_max_samples_stops_reading_the_file(tmp_path, good, capsys, suffix):
     """A 50 MB file with a broken last line: with max_samples=10, validation never gets that far."""

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import run_folder, submit_cli
+from helpers import run_folder, submit_cli
 from llmbatch import embedded
 from llmbatch.runners.generation import fit_to_context
 from test_infer import infer
@@ -52,6 +52,7 @@ def one_error_line(proc) -> str:
 
 # --- hub ids -------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_a_hub_id_resolves_from_the_local_cache_only(tmp_path, good, model_dir, monkeypatch):
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     snapshot = save_in_hub_cache(model_dir, tmp_path / "hf" / "hub")
@@ -71,6 +72,7 @@ def test_a_hub_id_resolves_from_the_local_cache_only(tmp_path, good, model_dir, 
     assert f"is not in the Hugging Face cache {tmp_path / 'elsewhere'} " in one_error_line(proc)
 
 
+@pytest.mark.slow
 def test_a_job_runs_offline_from_the_snapshot(tmp_path, good, model_dir, monkeypatch):
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     snapshot = save_in_hub_cache(model_dir, tmp_path / "hf" / "hub")
@@ -83,6 +85,7 @@ def test_a_job_runs_offline_from_the_snapshot(tmp_path, good, model_dir, monkeyp
     assert "HF_HUB_OFFLINE" in command["env"]
 
 
+@pytest.mark.slow
 def test_a_container_sees_the_blobs_a_snapshot_links_to(tmp_path, tmp_path_factory, good, model_dir, monkeypatch):
     hf_home = tmp_path_factory.mktemp("hf")  # not under the data's folder, which is bound as a whole
     monkeypatch.setenv("HF_HOME", str(hf_home))
@@ -139,6 +142,7 @@ def adapters(model_dir, tmp_path_factory) -> dict[str, Path]:
     return {"adapter": root / "adapter", "other": root / "other", "shallow": root / "shallow"}
 
 
+@pytest.mark.slow
 def test_an_adapter_of_another_base_is_refused(tmp_path, good, capsys, model_dir, adapters):
     adapter = Path(shutil.copytree(adapters["adapter"], tmp_path / "adapter"))
     good["model"] = {"path": str(model_dir), "adapter": str(adapter)}
@@ -168,6 +172,7 @@ def test_an_adapter_of_another_base_is_refused(tmp_path, good, capsys, model_dir
     assert code == 2 and f"model.adapter: {adapter / 'adapter_config.json'} is not valid JSON" in err
 
 
+@pytest.mark.slow
 def test_an_adapter_with_a_damaged_header_is_refused(tmp_path, good, capsys, model_dir, adapters):
     adapter = Path(shutil.copytree(adapters["adapter"], tmp_path / "adapter"))
     (adapter / "adapter_model.safetensors").write_bytes(b"\xff" * 64)
@@ -192,6 +197,7 @@ def long_prompts(tmp_path) -> Path:
     return write_data(tmp_path / "in.jsonl", rows)
 
 
+@pytest.mark.slow
 def test_a_prompt_longer_than_the_context_is_refused_by_default(tmp_path, good, capsys, model_dir):
     good["model"] = {"path": str(model_dir)}
     good["data"]["path"] = str(long_prompts(tmp_path))
@@ -207,6 +213,7 @@ def test_fit_to_context_keeps_the_bos_and_the_end():
     assert fit_to_context([1, 10, 11], 3, bos_token_id=1) == [1, 10, 11]
 
 
+@pytest.mark.slow
 def test_truncated_prompts_are_cut_and_counted(make_run, tmp_path):
     run = make_run("infer", overrides=[f"data.path={long_prompts(tmp_path)}", "generation.long_prompts=truncate",
                                        "generation.max_new_tokens=8"])

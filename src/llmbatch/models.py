@@ -18,7 +18,7 @@ from pathlib import Path
 
 from llmbatch import embedded
 from llmbatch.data import DataError, Example
-from llmbatch.spec import JobSpec, SpecError
+from llmbatch.spec import EMBEDDED_MODEL, JobSpec, SpecError
 
 # The first of these in a model's (text) config is its context length.
 CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx")
@@ -93,7 +93,7 @@ def check_model(spec: JobSpec, examples: list[Example]) -> None:
 
 
 def model_folder(path: str) -> Path | None:
-    if path != embedded.EMBEDDED_MODEL:
+    if path != EMBEDDED_MODEL:
         return Path(path)
     folder = embedded.default_cache_dir() / embedded.NAME
     return folder if embedded.is_complete(folder) else None
