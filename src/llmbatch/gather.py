@@ -6,6 +6,7 @@ result, so its existence means the run is complete. Scoring: see `llmbatch.scori
 
 metrics.json (keys: `llmbatch.metrics`) holds:
     examples, prompt_tokens, generated_tokens, finish_reasons   over all results
+    truncated_prompts        results whose prompt generation.long_prompts: truncate cut
     accuracy, correct, scored, scoring                          when the inputs have references
     wall_s, generate_s       per attempt the slowest rank's time (all of it / generating), summed
                              over the attempts whose ranks finished; time lost to a kill is not known
@@ -65,7 +66,9 @@ def result_metrics(results: list[dict]) -> dict[str, Any]:
     metrics = {Metric.EXAMPLES: len(results),
                Metric.PROMPT_TOKENS: sum(r["prompt_tokens"] for r in results),
                Metric.GENERATED_TOKENS: sum(r["output_tokens"] for r in results),
-               Metric.FINISH_REASONS: dict(Counter(r["finish_reason"] for r in results))}
+               Metric.FINISH_REASONS: dict(Counter(r["finish_reason"] for r in results)),
+               # generation.long_prompts: truncate; shards written before this key count none
+               Metric.TRUNCATED_PROMPTS: sum(r.get("truncated", False) for r in results)}
     scored = [r for r in results if "reference" in r]
     if scored:
         correct = sum(r["correct"] for r in scored)

@@ -20,6 +20,8 @@ class Metric:
     PROMPT_TOKENS = "prompt_tokens"
     GENERATED_TOKENS = "generated_tokens"
     FINISH_REASONS = "finish_reasons"
+    TRUNCATED_PROMPTS = "truncated_prompts"
+    """Results whose prompt `generation.long_prompts: truncate` cut to fit the model's context."""
     # Inference, when the inputs have references: see `llmbatch.scoring`.
     ACCURACY = "accuracy"
     CORRECT = "correct"

@@ -74,6 +74,16 @@ def encode_prompts(tokenizer, prompts: list[str], chat_template: bool) -> list[l
     return tokenizer(texts, add_special_tokens=not has_bos)["input_ids"]
 
 
+def fit_to_context(prompt: list[int], max_tokens: int, bos_token_id: int | None) -> list[int]:
+    """The prompt cut to its last `max_tokens` tokens, keeping a leading BOS (`generation.long_prompts:
+    truncate`). The end is what matters most: the question and the answer cue (a chat template's
+    assistant turn) are there."""
+    if len(prompt) <= max_tokens:
+        return prompt
+    keep = 1 if bos_token_id is not None and prompt[0] == bos_token_id else 0
+    return prompt[:keep] + prompt[len(prompt) - max_tokens + keep:]
+
+
 def batch_token_budget(generation: GenerationSpec, model) -> int:
     """Tokens a batch may hold (rows x padded length): the spec's, else sized to the device."""
     if generation.batch_tokens is not None:

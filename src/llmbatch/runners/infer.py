@@ -29,9 +29,11 @@ from llmbatch import scoring
 from llmbatch.data import Example, load_examples
 from llmbatch.gather import merge_shards
 from llmbatch.metrics import Metric
+from llmbatch.models import prompt_token_limit
 from llmbatch.rundir import RunDir
 from llmbatch.runners.engine.runner import Engine, choose_engine
-from llmbatch.runners.generation import Completion, Decoder, batch_token_budget, encode_prompts, load_model
+from llmbatch.runners.generation import (Completion, Decoder, batch_token_budget, encode_prompts, fit_to_context,
+                                         load_model)
 from llmbatch.runners.preemption import COLLECTIVE_TIMEOUT, PREEMPTED_EXIT, PreemptionFlag
 from llmbatch.runners.split import assign_to_ranks, plan_batches
 from llmbatch.shards import ShardWriter, done_ids, shard_for, write_stats
@@ -42,6 +44,7 @@ from llmbatch.spec import GenerationSpec, JobSpec, load_resolved, slurm_time_sec
 class Prompt:
     example: Example
     token_ids: list[int]
+    truncated: bool = False
 
 
 @dataclass
@@ -93,7 +96,12 @@ def main(argv: list[str] | None = None) -> int:
     todo = [e for e in examples if e.id not in done]
     model, tokenizer = load_model(spec.model, accelerator.device)
     encoded = encode_prompts(tokenizer, [e.prompt for e in todo], spec.data.chat_template)
-    prompts = [Prompt(e, ids) for e, ids in zip(todo, encoded)]
+    limit = prompt_token_limit(model.config.to_dict(), spec.generation.max_new_tokens)
+    if spec.generation.long_prompts == "truncate" and limit is not None:
+        prompts = [Prompt(e, fit_to_context(ids, limit, tokenizer.bos_token_id), truncated=len(ids) > limit)
+                   for e, ids in zip(todo, encoded)]
+    else:  # "error": the command line refused prompts that do not fit
+        prompts = [Prompt(e, ids) for e, ids in zip(todo, encoded)]
     mine = my_share(prompts, stats.rank, stats.world_size, spec.generation.max_new_tokens)
     completions, how, engine = start_completing(spec.generation, model, tokenizer, mine, prompts,
                                                 stop=lambda: preemption.raised)
@@ -168,7 +176,7 @@ def result_record(prompt: Prompt, completion: Completion) -> dict:
     example = prompt.example
     record = {"id": example.id, "prompt": example.prompt, "output": completion.text,
               "prompt_tokens": len(prompt.token_ids), "output_tokens": completion.tokens,
-              "finish_reason": completion.finish_reason}
+              "finish_reason": completion.finish_reason, "truncated": prompt.truncated}
     if example.reference is not None:
         record |= {"reference": example.reference, "correct": scoring.is_correct(completion.text, example.reference)}
     return record
