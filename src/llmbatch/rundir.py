@@ -3,7 +3,8 @@
     <root>/<name>-<YYYYmmdd-HHMMSS>-<short id>/
         spec.yaml          the resolved spec (absolute paths, all defaults filled in)
         commands.jsonl     every per-node command that ran, one JSON line each
-        state.json         executor, Slurm job ids, requeue count
+        state.json         executor, Slurm job ids, requeue count, input count
+        ranks/             which process (host, pid, start time) ran each rank of each attempt
         submitit/          submitit's pickles and per-task stdout/stderr
         logs/node-N.log    what `accelerate launch` printed on node N
         logs/node-N/       per-rank stdout/stderr (torchrun's --tee), for multi-process nodes
