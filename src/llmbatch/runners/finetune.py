@@ -44,6 +44,7 @@ import dataclasses
 import io
 import json
 import math
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -423,7 +424,11 @@ def start_tracker(accelerator, spec: JobSpec, run: RunDir, resumed_step: int, at
         if accelerator.is_main_process:
             import mlflow
 
-            mlflow.set_tracking_uri(run.mlflow_dir.as_uri())  # a file store in the run folder, no server
+            # A file store in the run folder, no server. MLflow 3 keeps that store in maintenance mode and
+            # refuses it unless this opt-out is set (a database store would need SQLAlchemy and a lock-safe
+            # file system); it still reads and writes it as before.
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+            mlflow.set_tracking_uri(run.mlflow_dir.as_uri())
     else:
         project, options = spec.name, {"mode": "offline", "dir": str(run.path), "name": f"{run.name}-attempt-{attempt}"}
     # Trackers take numbers, strings and booleans: lists and null as their text.
