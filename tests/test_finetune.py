@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -320,7 +321,8 @@ def best_reference(tmp_path_factory, model_dir):
 def best_resumed(tmp_path_factory, model_dir):
     """BEST with TensorBoard, stopped at step 5; its step-5 checkpoint is then deleted, as if the attempt
     had died after logging step 5 but before saving it, so the resumed attempt logs step 5 again."""
-    run = new_run(tmp_path_factory.mktemp("best-resumed"), model_dir, "finetune", [*BEST, "train.report_to=tensorboard"])
+    run = new_run(tmp_path_factory.mktemp("best-resumed"), model_dir, "finetune",
+                  [*BEST, "train.report_to=tensorboard"])
     stopped = finetune(run, 1, 0, "--stop-at-step", "5", expect_success=False)
     assert stopped.returncode != 0 and f"exiting {PREEMPTED_EXIT}" in stopped.stdout, stopped.stdout[-3000:]
     assert checkpoint_names(run) == ["step-000004", "step-000005"]
@@ -336,6 +338,7 @@ def test_the_best_adapter_is_kept_and_early_stopping_ends_the_run(best_reference
     from transformers import AutoModelForCausalLM
 
     from llmbatch.spec import load_resolved
+    from llmbatch.summary import summarize
 
     evals = {row["step"]: row["val_loss"] for row in rows(best_reference) if "val_loss" in row}
     best_step = min(evals, key=evals.get)
@@ -344,10 +347,12 @@ def test_the_best_adapter_is_kept_and_early_stopping_ends_the_run(best_reference
     # Three evaluations without improvement after the best, then the run ends early.
     assert list(evals) == [0, 2, 4, 6, 8] and best_step == 2
     assert metrics["steps"] == 8 and metrics["stopped_early"] is True
-    best = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(load_resolved(best_reference.spec_file).model.path),
-                                     best_reference.adapter_best_dir)
-    last = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(load_resolved(best_reference.spec_file).model.path),
-                                     best_reference.adapter_dir)
+    summary = summarize(best_reference)
+    assert "best eval's step" in summary
+    assert re.search(rf"^  adapter-best +{re.escape(str(best_reference.adapter_best_dir))}$", summary, re.M)
+    base_path = load_resolved(best_reference.spec_file).model.path
+    best = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_path), best_reference.adapter_best_dir)
+    last = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_path), best_reference.adapter_dir)
     input_ids = torch.tensor([[1, 50, 60, 70, 80]])
     with torch.no_grad():
         assert not torch.allclose(best(input_ids).logits, last(input_ids).logits, atol=1e-3)
@@ -381,7 +386,8 @@ def test_tensorboard_holds_the_logged_metrics_once_per_step_across_a_resume(best
     assert [e.step for e in events.Scalars("loss")] == list(range(1, 9))
 
 
-def test_early_stopping_needs_validation_data_and_a_tracker_its_package(monkeypatch):
+def test_early_stopping_needs_validation_data_and_a_tracker_its_package(monkeypatch, tmp_path, capsys):
+    from llmbatch.cli import main
     from llmbatch.spec import SpecError, load_spec
 
     with pytest.raises(SpecError, match=r"^--set train.early_stopping_patience=2: train.early_stopping_patience: "
@@ -392,10 +398,18 @@ def test_early_stopping_needs_validation_data_and_a_tracker_its_package(monkeypa
     with pytest.raises(SpecError, match=r"train.report_to: tensorboard needs the tensorboard package, which is "
                                         r"not installed here \(pip install tensorboard, or llmbatch\[tensorboard\]\)$"):
         load_spec(JOBS / "finetune.yaml", "finetune", ["train.report_to=tensorboard"])
+    # The command: one line, exit 2, no run folder.
+    assert main(["finetune", "--set", "train.report_to=tensorboard", "--output", str(tmp_path / "runs"),
+                 "--executor", "local"]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "llmbatch: error: --set train.report_to=tensorboard: train.report_to: tensorboard needs the tensorboard "
+        "package, which is not installed here (pip install tensorboard, or llmbatch[tensorboard])"]
+    assert not (tmp_path / "runs").exists()
     # In a container the image must have it; nothing to check on the submitting machine.
     load_spec(JOBS / "finetune.yaml", "finetune", ["train.report_to=tensorboard", "container.runtime=docker",
                                                     "container.image=llmbatch:latest"])
-    with pytest.raises(SpecError, match=r"train.report_to: must be 'none' or 'tensorboard' or 'mlflow' or 'wandb', got 'comet'"):
+    with pytest.raises(SpecError, match=r"train.report_to: must be 'none' or 'tensorboard' or 'mlflow' or 'wandb', "
+                                        r"got 'comet'"):
         load_spec(JOBS / "finetune.yaml", "finetune", ["train.report_to=comet"])
 
 

@@ -335,7 +335,7 @@ def fused_head_loss(cfg: TrainSpec, model) -> HeadLoss | None:
     if cfg.fused_loss == "off" or head.weight.device.type != "cuda" or type(head) is not torch.nn.Linear:
         return None
     try:
-        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+        from liger_kernel.transformers.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss
     except ImportError:
         return None
     fused = LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE, reduction="sum")
