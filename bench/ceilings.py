@@ -59,8 +59,10 @@ def main() -> None:
     if torch.cuda.is_available() and not args.smoke:
         per_device = []
         for i in range(torch.cuda.device_count()):
-            per_device.append(measure(torch.device("cuda", i), 2 << 30, 8192, torch.bfloat16))
-            torch.cuda.empty_cache()
+            # The events record on the current device: make it the one measured.
+            with torch.cuda.device(i):
+                per_device.append(measure(torch.device("cuda", i), 2 << 30, 8192, torch.bfloat16))
+                torch.cuda.empty_cache()
     else:
         per_device = [measure(torch.device("cpu"), 64 << 20, 512, torch.float32)]
     result = {"per_device": per_device,

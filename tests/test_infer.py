@@ -221,13 +221,15 @@ def infer(run, processes: int, attempt: int = 0) -> bytes:
 
 
 @pytest.mark.slow
-def test_greedy_results_do_not_depend_on_rank_count_or_batches(make_run):
-    # Different budgets too: each input lands in differently composed and padded batches.
-    one = infer(make_run("infer", overrides=SMALL), 1)
+def test_greedy_results_do_not_depend_on_rank_count_batches_or_engine(make_run):
+    # generate's results, then the engine's on 1, 2 and 3 ranks, with budgets that give each rank a
+    # few slots (refilled many times) or none to spare.
+    generate = infer(make_run("infer", overrides=[*SMALL, "generation.engine=hf", "generation.batch_tokens=70"]), 1)
+    one = infer(make_run("infer", overrides=[*SMALL, "generation.engine=fast"]), 1)
     two = infer(make_run("infer", overrides=[*SMALL, "generation.batch_tokens=70"]), 2)
     run = make_run("infer", overrides=[*SMALL, "generation.batch_tokens=150"])
     three = infer(run, 3)
-    assert one == two == three
+    assert generate == one == two == three
     results = [json.loads(line) for line in three.decode().splitlines()]
     assert len(results) == 40 and len({r["id"] for r in results}) == 40
     assert {r["finish_reason"] for r in results} <= {"eos", "length"}
@@ -237,14 +239,17 @@ def test_greedy_results_do_not_depend_on_rank_count_or_batches(make_run):
     assert metrics["examples"] == 40 and metrics["scored"] == 40 and 0 <= metrics["accuracy"] <= 1
     assert metrics["generated_tokens"] == sum(r["output_tokens"] for r in results)
     assert 0 < metrics["load_balance"] <= 1 and metrics["tokens_per_s"] > 0
+    assert all(r["engine"]["slots"] > 0 for r in metrics["ranks"]) and 0 < metrics["occupancy"] <= 1
+    assert metrics["decode_steps"] > 0 and metrics["prefill_s"] > 0 and metrics["decode_s"] > 0
 
 
 @pytest.mark.slow
-def test_sampled_results_do_not_depend_on_rank_count(make_run):
+def test_sampled_results_do_not_depend_on_rank_count_or_engine(make_run):
     sampling = [*SMALL, *SAMPLING]
     one = infer(make_run("infer", overrides=sampling), 1)
     two = infer(make_run("infer", overrides=[*sampling, "generation.batch_tokens=70"]), 2)
-    assert one == two
+    generate = infer(make_run("infer", overrides=[*sampling, "generation.engine=hf"]), 1)
+    assert one == two == generate
 
 
 def shard_lines(run) -> int:
@@ -298,7 +303,7 @@ def test_a_killed_run_resumed_with_another_rank_count_gives_the_same_results(mak
 
 @pytest.mark.slow
 def test_a_preempted_rank_stops_after_its_batch_and_the_run_resumes(make_run, tmp_path):
-    run = make_run("infer", overrides=[*SMALL, "generation.batch_tokens=30"])  # a row a batch
+    run = make_run("infer", overrides=[*SMALL, "generation.batch_tokens=30"])  # one cache slot
     argv = [sys.executable, "-m", "llmbatch.runners.infer", "--run-dir", str(run.path), "--attempt", "0"]
     log = tmp_path / "preempted.log"
     with log.open("w") as out:
@@ -306,7 +311,8 @@ def test_a_preempted_rank_stops_after_its_batch_and_the_run_resumes(make_run, tm
         wait_for_first_record(run, proc, log)
         proc.send_signal(signal.SIGUSR2)
         assert proc.wait(timeout=60) == PREEMPTED_EXIT, log.read_text()
-    assert "stopped at a preemption signal" in log.read_text() and 0 < shard_lines(run) < 40
+    assert "with the engine" in log.read_text() and "stopped at a preemption signal" in log.read_text()
+    assert 0 < shard_lines(run) < 40
     assert not run.results_file.exists()
     results = infer(run, 1, attempt=1)
     assert len(results.splitlines()) == 40

@@ -84,6 +84,8 @@ BAD_SPECS = [
     ("container.runtime", "docker", "container.image: missing: runtime docker needs an image"),
     ("data.prompt_template", "{question", "data.prompt_template: not a valid template"),
     ("data.prompt_template", "{} and {0}", "data.prompt_template: name each field"),
+    ("generation.engine", "vllm", "generation.engine: must be 'auto' or 'fast' or 'hf', got 'vllm'"),
+    ("generation.kv_cache_gb", 0, "generation.kv_cache_gb: must be > 0, got 0.0"),
 ]
 
 
@@ -94,6 +96,18 @@ def test_bad_spec_is_one_line_exit_2(tmp_path, good, capsys, key, value, message
     assert message in err
     assert err.count("\n") == 1 and err.startswith("llmbatch: error: ") and "spec.yaml" in err
     assert not (tmp_path / "runs").exists()
+
+
+def test_the_fast_engine_on_a_model_it_cannot_run_is_a_spec_error(tmp_path, good, capsys):
+    model = tmp_path / "gpt2-model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    set_key(good, "model.path", str(model))
+    code, err = run_cli(tmp_path, set_key(good, "generation.engine", "fast"), capsys=capsys)
+    assert code == 2 and err.count("\n") == 1
+    assert f"generation.engine: fast: the engine runs llama, qwen2, mistral models, and {model} is 'gpt2'" in err
+    code, _ = run_cli(tmp_path, set_key(good, "generation.engine", "auto"), capsys=capsys)
+    assert code == 0  # auto falls back to generate
 
 
 def test_a_bad_value_from_the_command_line_is_blamed_on_its_option(tmp_path, good, capsys):

@@ -17,6 +17,7 @@ from llmbatch import embedded, lifecycle, slurm
 from llmbatch.data import DataError, load_examples
 from llmbatch.gather import gather_run
 from llmbatch.jobstep import example_place, make_plan, node_command
+from llmbatch.models import check_model
 from llmbatch.rundir import DamagedRun, RunBusy, RunDir, atomic_write
 from llmbatch.summary import summarize
 from llmbatch.spec import (EMBEDDED_MODEL, JobSpec, SpecError, apply_override, dump_spec, load_resolved,
@@ -46,10 +47,11 @@ def load_job_spec(kind: str, args: argparse.Namespace) -> tuple[JobSpec, int]:
             overrides.append(f"{key}={value}")
             origins[overrides[-1]] = f"{option} {value}"
     spec = load_spec(args.spec or default_spec_path(kind), kind, overrides, origins=origins)
-    inputs = len(load_examples(spec.data))
+    examples = load_examples(spec.data)
     if spec.data.val_path:
         load_examples(spec.data, spec.data.val_path)
-    return spec, inputs
+    check_model(spec, examples)
+    return spec, len(examples)
 
 
 def resolve_model(spec: JobSpec, build: bool) -> JobSpec:

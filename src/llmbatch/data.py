@@ -1,14 +1,21 @@
-"""Datasets: JSONL or CSV records turned into prompts, with every mistake named by file:line."""
+"""Datasets: JSONL or CSV records turned into prompts, with every mistake named by file:line.
+
+Files are read as UTF-8 (a leading BOM is dropped) and streamed: with data.max_samples, reading stops
+after that many records. Ids must be non-empty single-line text (a string or a number) without
+control characters, since they appear in logs, shard files and error lines.
+"""
 
 from __future__ import annotations
 
+import codecs
 import csv
 import json
-import string
+import unicodedata
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from llmbatch.spec import DataSpec
+from llmbatch.spec import DataSpec, not_utf8, template_fields
 
 
 class DataError(Exception):
@@ -23,37 +30,115 @@ class Example:
     line: int
 
 
-def template_fields(template: str) -> list[str]:
-    return [name for _, name, _, _ in string.Formatter().parse(template) if name]
+def _lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(line number, text) of each line of a UTF-8 file; a BOM at its start is dropped."""
+    offset = 0
+    with path.open("rb") as f:
+        for number, raw in enumerate(f, 1):
+            if number == 1 and raw.startswith(codecs.BOM_UTF8):
+                raw, offset = raw[len(codecs.BOM_UTF8):], len(codecs.BOM_UTF8)
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}:{number}: {not_utf8(e, offset)}") from None
+            offset += len(raw)
+            yield number, text
 
 
-def _read_records(path: Path) -> list[tuple[int, dict]]:
-    """(line number, record) pairs; CSV line numbers count the header as line 1."""
+def _jsonl_records(path: Path) -> Iterator[tuple[int, dict]]:
+    for number, line in _lines(path):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{number}: not valid JSON ({e.msg})") from None
+        if not isinstance(record, dict):
+            raise DataError(f"{path}:{number}: a line must be a JSON object")
+        yield number, record
+
+
+def _csv_records(path: Path) -> Iterator[tuple[int, dict]]:
+    """Records numbered by their first line: a quoted field may span several lines."""
+    lines = _lines(path)
+    last_line = 0  # the number of the last line the CSV reader took
+
+    def texts() -> Iterator[str]:
+        nonlocal last_line
+        for last_line, text in lines:
+            yield text
+
+    reader, header = csv.reader(texts()), None
+    while True:
+        first_line = last_line + 1
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as e:
+            raise DataError(f"{path}:{first_line}: not valid CSV ({e})") from None
+        if not row:
+            continue  # a blank line
+        if header is None:
+            duplicates = sorted({name for name in row if row.count(name) > 1})
+            if duplicates:
+                raise DataError(f"{path}:{first_line}: duplicate column name {duplicates[0]!r}")
+            header = row
+        elif len(row) != len(header):
+            raise DataError(f"{path}:{first_line}: wrong number of columns ({len(row)}; the header has "
+                            f"{len(header)})")
+        else:
+            yield first_line, dict(zip(header, row))
+
+
+def _read_records(path: Path) -> Iterator[tuple[int, dict]]:
+    """(line number, record) pairs, read as they are asked for; CSV line numbers count the header."""
     if not path.stat().st_size:
         raise DataError(f"{path}: the file is empty")
-    records = []
-    if path.suffix == ".csv":
-        with path.open(newline="") as f:
-            reader = csv.DictReader(f)
-            for record in reader:
-                if None in record or None in record.values():
-                    raise DataError(f"{path}:{reader.line_num}: wrong number of columns")
-                records.append((reader.line_num, record))
-    else:
-        with path.open() as f:
-            for number, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path}:{number}: not valid JSON ({e.msg})") from None
-                if not isinstance(record, dict):
-                    raise DataError(f"{path}:{number}: a line must be a JSON object")
-                records.append((number, record))
-    if not records:
-        raise DataError(f"{path}: the file has no records")
-    return records
+    return _csv_records(path) if path.suffix == ".csv" else _jsonl_records(path)
+
+
+def _example_id(where: str, record: dict, field: str) -> str:
+    if field not in record:
+        raise DataError(f"{where}: no id field '{field}' (set data.id_field)")
+    value = record[field]
+    if value is None or isinstance(value, (dict, list)):
+        raise DataError(f"{where}: id field '{field}' must be a string or a number, got {_json_kind(value)}")
+    example_id = str(value)
+    if not example_id.strip():
+        raise DataError(f"{where}: id field '{field}' is empty")
+    if any(unicodedata.category(c) in ("Cc", "Zl", "Zp") for c in example_id):
+        raise DataError(f"{where}: id {example_id!r} holds a control character or line break; ids appear in "
+                        f"logs and error lines, so they must be printable single-line text")
+    return example_id
+
+
+def _text(where: str, record: dict, field: str, key: str) -> str:
+    """A prompt or reference field as text: a string or a number, never null or a structure."""
+    if field not in record:
+        what = key.removeprefix("data.").removesuffix("_field")
+        raise DataError(f"{where}: no {what} field '{field}' ({key})")
+    value = record[field]
+    if value is None or isinstance(value, (dict, list)):
+        raise DataError(f"{where}: field '{field}' ({key}) must be text or a number, got {_json_kind(value)}")
+    return str(value)
+
+
+def _json_kind(value) -> str:
+    return "null" if value is None else "a JSON object" if isinstance(value, dict) else "a JSON array"
+
+
+def _render(where: str, template: str, record: dict) -> str:
+    for name in template_fields(template):
+        if name not in record:
+            raise DataError(f"{where}: data.prompt_template names field '{name}', which this record lacks")
+        if record[name] is None:
+            raise DataError(f"{where}: field '{name}' of data.prompt_template is null")
+    try:
+        return template.format_map(record)
+    except (ValueError, TypeError, LookupError, AttributeError) as e:  # e.g. {n:d} on a string, {q[9]}
+        raise DataError(f"{where}: data.prompt_template cannot be filled from this record "
+                        f"({type(e).__name__}: {e})") from None
 
 
 def load_examples(data: DataSpec, path: str | None = None) -> list[Example]:
@@ -62,29 +147,20 @@ def load_examples(data: DataSpec, path: str | None = None) -> list[Example]:
     examples, seen = [], {}
     for number, record in _read_records(path):
         where = f"{path}:{number}"
-        if data.id_field not in record:
-            raise DataError(f"{where}: no id field '{data.id_field}' (set data.id_field)")
-        example_id = str(record[data.id_field])
+        example_id = _example_id(where, record, data.id_field)
         if example_id in seen:
             raise DataError(f"{where}: duplicate id {example_id!r} (first at line {seen[example_id]})")
         seen[example_id] = number
         if data.prompt_template is not None:
-            missing = [name for name in template_fields(data.prompt_template) if name not in record]
-            if missing:
-                raise DataError(f"{where}: data.prompt_template names field '{missing[0]}', "
-                                f"which this record lacks")
-            prompt = data.prompt_template.format_map(record)
+            prompt = _render(where, data.prompt_template, record)
         else:
-            if data.prompt_field not in record:
-                raise DataError(f"{where}: no prompt field '{data.prompt_field}' (data.prompt_field)")
-            prompt = str(record[data.prompt_field])
+            prompt = _text(where, record, data.prompt_field, "data.prompt_field")
         reference = None
         if data.reference_field is not None:
-            if data.reference_field not in record:
-                raise DataError(f"{where}: no reference field '{data.reference_field}' "
-                                f"(data.reference_field)")
-            reference = str(record[data.reference_field])
+            reference = _text(where, record, data.reference_field, "data.reference_field")
         examples.append(Example(example_id, prompt, reference, number))
         if data.max_samples is not None and len(examples) == data.max_samples:
-            break
+            break  # the rest of the file is not read
+    if not examples:
+        raise DataError(f"{path}: the file has no records")
     return examples

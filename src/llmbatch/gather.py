@@ -6,12 +6,15 @@ result, so its existence means the run is complete. Scoring: see `llmbatch.scori
 
 metrics.json (keys: `llmbatch.metrics`) holds:
     examples, prompt_tokens, generated_tokens, finish_reasons   over all results
+    truncated_prompts        results whose prompt generation.long_prompts: truncate cut
     accuracy, correct, scored, scoring                          when the inputs have references
     wall_s, generate_s       per attempt the slowest rank's time (all of it / generating), summed
                              over the attempts whose ranks finished; time lost to a kill is not known
     tokens_per_s, examples_per_s   what those ranks generated, per second of generate_s
     world_size, ranks, load_balance   the last attempt: its per-rank stats, and min/max rank
                              generating time (1.0: perfectly balanced)
+    prefill_s, decode_s, decode_steps, occupancy   where the engine ran: summed over the finished
+                             ranks (occupancy: their mean share of cache slots in use per step)
 """
 
 from __future__ import annotations
@@ -63,7 +66,9 @@ def result_metrics(results: list[dict]) -> dict[str, Any]:
     metrics = {Metric.EXAMPLES: len(results),
                Metric.PROMPT_TOKENS: sum(r["prompt_tokens"] for r in results),
                Metric.GENERATED_TOKENS: sum(r["output_tokens"] for r in results),
-               Metric.FINISH_REASONS: dict(Counter(r["finish_reason"] for r in results))}
+               Metric.FINISH_REASONS: dict(Counter(r["finish_reason"] for r in results)),
+               # generation.long_prompts: truncate; shards written before this key count none
+               Metric.TRUNCATED_PROMPTS: sum(r.get("truncated", False) for r in results)}
     scored = [r for r in results if "reference" in r]
     if scored:
         correct = sum(r["correct"] for r in scored)
@@ -84,7 +89,12 @@ def timing_metrics(run: RunDir) -> dict[str, Any]:
     all_stats = [s for ranks in by_attempt.values() for s in ranks]
     last = by_attempt[max(by_attempt)]
     times = [s["generate_s"] for s in last]
-    return {
+    engine = [s["engine"] for s in all_stats if s.get("engine")]
+    engine_metrics = {Metric.PREFILL_S: sum(s["prefill_s"] for s in engine),
+                      Metric.DECODE_S: sum(s["decode_s"] for s in engine),
+                      Metric.DECODE_STEPS: sum(s["decode_steps"] for s in engine),
+                      Metric.OCCUPANCY: sum(s["occupancy"] for s in engine) / len(engine)} if engine else {}
+    return engine_metrics | {
         Metric.WALL_S: sum(max(s["wall_s"] for s in ranks) for ranks in by_attempt.values()),
         Metric.GENERATE_S: generate_s,
         Metric.TOKENS_PER_S: sum(s["generated_tokens"] for s in all_stats) / generate_s if generate_s else None,

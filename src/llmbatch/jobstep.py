@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from llmbatch.container import ContainerCommand, wrap_command
+from llmbatch.models import host_folder
 from llmbatch.rundir import RunDir
 from llmbatch.spec import ContainerSpec, JobSpec
 
@@ -71,10 +72,10 @@ def example_place(nodes: int) -> NodePlace:
 
 def binds_for(spec: JobSpec, run_path: Path) -> tuple[str, ...]:
     """Host folders the ranks read or write: bound into a container at the same path."""
-    paths = [run_path, Path(spec.model.path)]
+    paths = [run_path, host_folder(spec.model.path)]
     paths += [Path(p).parent for p in (spec.data.path, spec.data.val_path) if p]
     if spec.model.adapter:
-        paths.append(Path(spec.model.adapter))
+        paths.append(host_folder(spec.model.adapter))
     return tuple(dict.fromkeys(str(p) for p in paths))
 
 

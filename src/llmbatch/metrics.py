@@ -20,6 +20,8 @@ class Metric:
     PROMPT_TOKENS = "prompt_tokens"
     GENERATED_TOKENS = "generated_tokens"
     FINISH_REASONS = "finish_reasons"
+    TRUNCATED_PROMPTS = "truncated_prompts"
+    """Results whose prompt `generation.long_prompts: truncate` cut to fit the model's context."""
     # Inference, when the inputs have references: see `llmbatch.scoring`.
     ACCURACY = "accuracy"
     CORRECT = "correct"
@@ -31,6 +33,12 @@ class Metric:
     EXAMPLES_PER_S = "examples_per_s"
     RANKS = "ranks"
     LOAD_BALANCE = "load_balance"
+    # Inference, where the engine ran: summed over the finished ranks (occupancy: their mean share
+    # of cache slots in use per decode step).
+    PREFILL_S = "prefill_s"
+    DECODE_S = "decode_s"
+    DECODE_STEPS = "decode_steps"
+    OCCUPANCY = "occupancy"
 
     # Fine-tuning.
     STEPS = "steps"

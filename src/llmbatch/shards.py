@@ -1,7 +1,7 @@
 """Inference shards: what each rank has finished, on shared storage, safe against a kill at any moment;
 the run's inputs (`run_examples`) and how far it has come (`read_progress`, for `status`).
 
-    shards/attempt-000-rank-00000.jsonl        one JSON record a line, appended and fsynced per batch
+    shards/attempt-000-rank-00000.jsonl        one JSON record a line, appended and fsynced per group
     shards/attempt-000-rank-00000.stats.json   written (atomically) when that rank finished its share
 
 Every attempt writes fresh files, so nobody ever appends after a line another process left torn. A
@@ -87,7 +87,8 @@ def done_ids(run: RunDir, before_attempt: int) -> set[str]:
 
 
 class ShardWriter:
-    """Appends records to a new shard; each batch is on disk (flushed, fsynced) when append returns."""
+    """Appends records to a new shard; each group (a batch of generate's, or the sequences the engine
+    just finished) is on disk (flushed, fsynced) when append returns."""
 
     def __init__(self, shard: Shard):
         shard.path.parent.mkdir(parents=True, exist_ok=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import importlib.util
+import json
 import re
 import string
 import types
@@ -24,6 +25,9 @@ KINDS = ("infer", "finetune")
 
 EMBEDDED_MODEL = "embedded:tiny-llama"
 """The value of `model.path` that means the embedded default model (`llmbatch.embedded` builds it)."""
+
+ENGINE_MODEL_TYPES = ("llama", "qwen2", "mistral")
+"""Model families (config.json's model_type) the inference engine runs; others use generate."""
 
 
 class SpecError(Exception):
@@ -129,11 +133,20 @@ def slurm_time_seconds(value: str) -> int:
 @dataclass
 class ModelSpec:
     path: str = EMBEDDED_MODEL
-    """A local Hugging Face model folder, or `embedded:tiny-llama` for the built-in default."""
+    """A local Hugging Face model folder, a hub id in the local Hugging Face cache, or `embedded:tiny-llama`."""
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
     """`auto`: bfloat16 on GPU, float32 on CPU."""
     adapter: str | None = None
-    """A peft LoRA adapter folder, e.g. `<finetune run>/adapter`."""
+    """A peft LoRA adapter folder, e.g. `<finetune run>/adapter`, or a hub id in the local cache."""
+
+    def model_type(self) -> str:
+        """config.json's model_type (the embedded model is a Llama)."""
+        if self.path == EMBEDDED_MODEL:
+            return "llama"
+        try:
+            return str(json.loads((Path(self.path) / "config.json").read_text()).get("model_type"))
+        except (OSError, ValueError) as e:
+            raise SpecError("model.path", f"cannot read {self.path}/config.json: {e}") from None
 
     def validate(self) -> None:
         if self.path != EMBEDDED_MODEL:
@@ -143,6 +156,52 @@ class ModelSpec:
         if self.adapter is not None:
             _check("model.adapter", (Path(self.adapter) / "adapter_config.json").is_file(),
                    f"no peft adapter (adapter_config.json) at {self.adapter}")
+
+
+def template_fields(template: str) -> list[str]:
+    """The record fields a prompt template reads: `{question}` and `{choices[0]}` read `question` and `choices`.
+
+    Raises ValueError, saying what is wrong, for what str.format would refuse whatever the record holds.
+    Attribute access (`{q.real}`) is refused too: record values are plain JSON, with nothing to read there.
+    """
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as e:
+        raise ValueError(f"not a valid template ({e})") from None
+    fields = []
+    for _, name, format_spec, conversion in parsed:
+        if name is None:
+            continue
+        field = re.match(r"[^.\[]*", name).group()
+        if not field or field.isdigit():
+            raise ValueError("name each field, as in {question}; {} and {0} have no field to fill them")
+        if "." in re.sub(r"\[[^\]]*\]", "", name[len(field):]):
+            raise ValueError(f"{{{name}}}: attribute access is not supported; name a field, or index it: {{{field}[key]}}")
+        if conversion not in (None, "r", "s", "a"):
+            raise ValueError(f"{{{name}!{conversion}}}: unknown conversion '!{conversion}' (use !r, !s or !a)")
+        if "{" in format_spec:
+            raise ValueError(f"{{{name}:{format_spec}}}: a format spec cannot hold fields")
+        if format_spec and not _valid_format_spec(format_spec):
+            raise ValueError(f"{{{name}:{format_spec}}}: not a valid format spec")
+        fields.append(field)
+    return list(dict.fromkeys(fields))
+
+
+def _valid_format_spec(format_spec: str) -> bool:
+    """Whether some value takes it: `{n:d}` fits a number (a string value fails later, naming its line)."""
+    for sample in ("", 0, 0.0):
+        try:
+            format(sample, format_spec)
+            return True
+        except ValueError:
+            pass
+    return False
+
+
+def not_utf8(error: UnicodeDecodeError, offset: int = 0) -> str:
+    """What a decode error found, for an error line: the byte and its offset in the file."""
+    return (f"not UTF-8 text: byte 0x{error.object[error.start]:02x} at byte offset {offset + error.start} "
+            f"(save the file as UTF-8)")
 
 
 @dataclass
@@ -176,11 +235,9 @@ class DataSpec:
             raise SpecError("data", "set only one of data.prompt_field and data.prompt_template")
         if self.prompt_template is not None:
             try:
-                names = [name for _, name, _, _ in string.Formatter().parse(self.prompt_template) if name is not None]
+                template_fields(self.prompt_template)
             except ValueError as e:
-                raise SpecError("data.prompt_template", f"not a valid template ({e})") from None
-            _check("data.prompt_template", all(n and not n.isdigit() for n in names),
-                   "name each field, as in {question}; {} and {0} have no field to fill them")
+                raise SpecError("data.prompt_template", str(e)) from None
         if kind == "finetune":
             _check("data.reference_field", self.reference_field is not None,
                    "missing: fine-tuning learns the completion from this field")
@@ -200,7 +257,17 @@ class GenerationSpec:
     ignore_eos: bool = False
     """Always generate max_new_tokens (benchmarks)."""
     batch_tokens: int | None = ranged(None, POSITIVE)
-    """Token budget of one batch (prompt + new tokens, padded). Default: sized from free GPU memory."""
+    """Token budget of one batch (prompt + new tokens, padded); for the engine, of all its cache
+    slots together. Default: sized from free GPU memory."""
+    engine: Literal["auto", "fast", "hf"] = "auto"
+    """`fast`: the engine (runners/engine/); `hf`: transformers' generate; `auto`: the engine wherever
+    the model and device allow it, else generate."""
+    kv_cache_gb: float | None = ranged(None, POSITIVE)
+    """Most memory the engine's KV cache may take (GiB). Default: what is free after the model and
+    the headroom (GPU), 1 GiB (CPU)."""
+    long_prompts: Literal["error", "truncate"] = "error"
+    """A prompt that with max_new_tokens exceeds the model's context: refused before queueing (`error`),
+    or cut to its last tokens, keeping its BOS (`truncate`; counted in metrics.json)."""
 
 
 @dataclass
@@ -383,6 +450,11 @@ class JobSpec:
         self.data.validate(self.kind)
         self.resources.validate()
         self.container.validate()
+        if self.kind == "infer" and self.generation.engine == "fast":
+            model_type = self.model.model_type()
+            _check("generation.engine", model_type in ENGINE_MODEL_TYPES,
+                   f"fast: the engine runs {', '.join(ENGINE_MODEL_TYPES)} models, and {self.model.path} is "
+                   f"{model_type!r} (use auto to fall back to generate)")
         if self.kind == "finetune":
             self.train.validate(self.data, self.container)
 
@@ -477,7 +549,7 @@ def _build(cls: type, raw: Any, prefix: str, base_dir: Path) -> Any:
             continue
         value = _coerce(path, value, tp)
         if _is_path(path, value):
-            value = str((base_dir / Path(value).expanduser()).resolve())
+            value = _resolve_path(path, value, base_dir)
         kwargs[key] = value
     try:
         return cls(**kwargs)
@@ -492,6 +564,15 @@ def _is_path(key: str, value: Any) -> bool:
         return False
     # A Docker/Podman image is a name (repo/name:tag); only an Apptainer image is a file.
     return key != "container.image" or value.endswith(".sif")
+
+
+def _resolve_path(key: str, value: str, base_dir: Path) -> str:
+    local = (base_dir / Path(value).expanduser()).resolve()
+    if key in ("model.path", "model.adapter"):
+        from llmbatch.models import resolve_reference  # models imports this module
+
+        return str(resolve_reference(key, value, local))  # a local folder, or a hub id in the HF cache
+    return str(local)
 
 
 def _field_type(key: str) -> Any:
@@ -539,11 +620,23 @@ def load_spec(path: str | Path | None, kind: str, overrides: list[str] = (), cwd
             if not path.is_file():
                 raise SpecError("", f"no such spec file: {path}")
             try:
-                raw = yaml.safe_load(path.read_text()) or {}
+                data = path.read_bytes()
+                text = data.decode("utf-8-sig")
+            except OSError as e:
+                raise SpecError("", f"cannot read the spec file: {e.strerror}") from None
+            except UnicodeDecodeError as e:
+                line = e.object.count(b"\n", 0, e.start) + 1  # e.object: the bytes after a BOM
+                raise SpecError("", f"line {line}: {not_utf8(e, len(data) - len(e.object))}") from None
+            try:
+                raw = yaml.safe_load(text) or {}
             except yaml.YAMLError as e:
                 mark = getattr(e, "problem_mark", None)
-                line = f" at line {mark.line + 1}" if mark else ""
-                raise SpecError("", f"invalid YAML{line}: {getattr(e, 'problem', e)}") from None
+                if mark is not None:
+                    line = mark.line + 1
+                else:  # a ReaderError (a control character) knows only its position
+                    line = text.count("\n", 0, getattr(e, "position", 0)) + 1
+                problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+                raise SpecError("", f"invalid YAML at line {line}: {problem}") from None
             if not isinstance(raw, dict):
                 raise SpecError("", "a spec must be a mapping of sections (model, data, ...)")
             base_dir = path.resolve().parent

@@ -5,8 +5,8 @@ An input's output must not depend on the batch it lands in (and so not on the ra
 - batches are left-padded, with an attention mask; transformers derives position ids from the mask,
   so a prompt sees the same positions whatever its padding;
 - greedy decoding takes the argmax of each row's own logits;
-- sampling is greedy decoding over logits plus noise that each row draws from its own generator,
-  seeded by (seed, input id, step): see `SeededSampling`.
+- sampling is greedy decoding over logits plus noise that depends only on (seed, input id, step):
+  see `SeededSampling`; the engine (runners/engine/) draws the same noise.
 
 What remains are float rounding differences between batch shapes, which can flip an argmax between
 two near-tied tokens: the embedded model's logits are peaky enough that it does not happen; a real
@@ -15,13 +15,12 @@ model in bf16 on a GPU may, rarely, as in any batched inference.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 
 import torch
-from transformers import (AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LogitsProcessor,
-                          LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LogitsProcessor, LogitsProcessorList
 
+from llmbatch.runners.engine.sampler import gumbel_noise, input_key, warpers
 from llmbatch.spec import GenerationSpec, ModelSpec
 
 CPU_BATCH_TOKENS = 4096
@@ -75,6 +74,16 @@ def encode_prompts(tokenizer, prompts: list[str], chat_template: bool) -> list[l
     return tokenizer(texts, add_special_tokens=not has_bos)["input_ids"]
 
 
+def fit_to_context(prompt: list[int], max_tokens: int, bos_token_id: int | None) -> list[int]:
+    """The prompt cut to its last `max_tokens` tokens, keeping a leading BOS (`generation.long_prompts:
+    truncate`). The end is what matters most: the question and the answer cue (a chat template's
+    assistant turn) are there."""
+    if len(prompt) <= max_tokens:
+        return prompt
+    keep = 1 if bos_token_id is not None and prompt[0] == bos_token_id else 0
+    return prompt[:keep] + prompt[len(prompt) - max_tokens + keep:]
+
+
 def batch_token_budget(generation: GenerationSpec, model) -> int:
     """Tokens a batch may hold (rows x padded length): the spec's, else sized to the device."""
     if generation.batch_tokens is not None:
@@ -98,15 +107,28 @@ def bytes_per_token(model) -> int:
     return (kv_cache + activations) * model.dtype.itemsize
 
 
+def eos_token_ids(model, tokenizer) -> set[int]:
+    """The tokens that end a sequence: the model's generation config's, else the tokenizer's."""
+    eos = model.generation_config.eos_token_id
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    return set(eos) if isinstance(eos, list) else {eos}
+
+
+def make_completion(tokenizer, eos_ids: set[int], tokens: list[int]) -> Completion:
+    """The text and finish reason of generated tokens; anything after the first EOS is padding."""
+    end = next((i for i, token in enumerate(tokens) if token in eos_ids), None)
+    if end is None:
+        return Completion(tokenizer.decode(tokens, skip_special_tokens=True), len(tokens), "length")
+    return Completion(tokenizer.decode(tokens[:end], skip_special_tokens=True), end + 1, "eos")
+
+
 class Decoder:
-    """Completes batches of encoded prompts as the spec's generation section says, and nothing else."""
+    """Completes batches of encoded prompts with `generate`, as the spec's generation section says."""
 
     def __init__(self, model, tokenizer, generation: GenerationSpec):
         self.model, self.tokenizer, self.generation = model, tokenizer, generation
-        eos = model.generation_config.eos_token_id
-        if eos is None:
-            eos = tokenizer.eos_token_id
-        self.eos_ids = set(eos) if isinstance(eos, list) else {eos}
+        self.eos_ids = eos_token_ids(model, tokenizer)
         # Replaces the model folder's defaults, which often turn on sampling or a repetition penalty.
         model.generation_config = GenerationConfig(
             max_new_tokens=generation.max_new_tokens,
@@ -126,46 +148,31 @@ class Decoder:
         output = self.model.generate(input_ids=input_ids.to(self.model.device),
                                      attention_mask=attention_mask.to(self.model.device),
                                      logits_processor=self._sampling(ids, width))
-        return [self._completion(tokens) for tokens in output[:, width:].tolist()]
+        return [make_completion(self.tokenizer, self.eos_ids, tokens) for tokens in output[:, width:].tolist()]
 
     def _sampling(self, ids: list[str], prompt_width: int) -> LogitsProcessorList:
         g = self.generation
         if not g.do_sample:
             return LogitsProcessorList()
-        warpers = [TemperatureLogitsWarper(g.temperature)]
-        if g.top_k > 0:
-            warpers.append(TopKLogitsWarper(g.top_k))
-        if g.top_p < 1:
-            warpers.append(TopPLogitsWarper(g.top_p))
-        return LogitsProcessorList([*warpers, SeededSampling(g.seed, ids, prompt_width)])
-
-    def _completion(self, tokens: list[int]) -> Completion:
-        # After the end-of-sequence token a finished row holds padding until the batch is done.
-        end = next((i for i, token in enumerate(tokens) if token in self.eos_ids), None)
-        if end is None:
-            return Completion(self.tokenizer.decode(tokens, skip_special_tokens=True), len(tokens), "length")
-        return Completion(self.tokenizer.decode(tokens[:end], skip_special_tokens=True), end + 1, "eos")
+        return LogitsProcessorList([*warpers(g), SeededSampling(g.seed, ids, prompt_width)])
 
 
 class SeededSampling(LogitsProcessor):
     """Turns greedy search into sampling, reproducible per input id.
 
     Gumbel-max trick: the argmax of (log-probabilities + independent Gumbel noise) is distributed as
-    softmax(log-probabilities). Each row draws its noise from a generator seeded by (seed, input id,
-    step), so its tokens do not depend on which inputs share its batch. Applied after the temperature,
-    top-k and top-p warpers; tokens they removed (-inf) stay removed.
+    softmax(log-probabilities). A row's noise is a function of (seed, input id, step) alone
+    (`engine.sampler.gumbel_noise`), so its tokens do not depend on which inputs share its batch, nor
+    on the engine. Applied after the temperature, top-k and top-p warpers; tokens they removed (-inf)
+    stay removed.
     """
 
     def __init__(self, seed: int, ids: list[str], prompt_width: int):
-        self.seed, self.ids, self.prompt_width = seed, ids, prompt_width
+        self.keys = torch.tensor([input_key(seed, example_id) for example_id in ids])
+        self.prompt_width = prompt_width
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         step = input_ids.shape[1] - self.prompt_width
-        noise = torch.stack([self._gumbel(example_id, step, scores) for example_id in self.ids])
-        return scores + noise
-
-    def _gumbel(self, example_id: str, step: int, scores: torch.Tensor) -> torch.Tensor:
-        digest = hashlib.blake2b(f"{self.seed}\0{example_id}\0{step}".encode(), digest_size=8).digest()
-        generator = torch.Generator(device=scores.device).manual_seed(int.from_bytes(digest, "little") >> 1)
-        uniform = torch.rand(scores.shape[1], generator=generator, device=scores.device)
-        return -torch.log(-torch.log(uniform)).to(scores.dtype)
+        keys = self.keys.to(scores.device)
+        noise = gumbel_noise(keys, torch.full_like(keys, step), scores.shape[1])
+        return scores + noise.to(scores.dtype)

@@ -1,11 +1,14 @@
 """Batch inference on every rank: `accelerate launch -m llmbatch.runners.infer --run-dir RUN --attempt A`.
 
 The recipe: load the spec, data and model; skip inputs an earlier attempt finished; split the rest
-over the ranks by tokens; generate in length-sorted batches within a token budget, appending each
-batch to this rank's shard; when every rank is done, the main process merges the shards.
+over the ranks by tokens; complete them with the engine (continuous batching, runners/engine/) or,
+where it cannot run the model, with `generate` in length-sorted batches within a token budget;
+append finished inputs to this rank's shard in small groups; when every rank is done, the main
+process merges the shards.
 
-At a preemption signal (SIGUSR2, forwarded by the node job) or SIGTERM a rank stops after the batch in
-flight and exits with PREEMPTED_EXIT; the next attempt resumes from the shards, with any rank count.
+At a preemption signal (SIGUSR2, forwarded by the node job) or SIGTERM a rank admits no more inputs,
+writes what has finished, and exits with PREEMPTED_EXIT within a decode step (the engine) or a batch
+(generate); the next attempt redoes the unfinished ones, with any rank count.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from datetime import timedelta
 
@@ -25,18 +29,22 @@ from llmbatch import scoring
 from llmbatch.data import Example, load_examples
 from llmbatch.gather import merge_shards
 from llmbatch.metrics import Metric
+from llmbatch.models import prompt_token_limit
 from llmbatch.rundir import RunDir
-from llmbatch.runners.generation import Completion, Decoder, batch_token_budget, encode_prompts, load_model
+from llmbatch.runners.engine.runner import Engine, choose_engine
+from llmbatch.runners.generation import (Completion, Decoder, batch_token_budget, encode_prompts, fit_to_context,
+                                         load_model)
 from llmbatch.runners.preemption import COLLECTIVE_TIMEOUT, PREEMPTED_EXIT, PreemptionFlag
 from llmbatch.runners.split import assign_to_ranks, plan_batches
 from llmbatch.shards import ShardWriter, done_ids, shard_for, write_stats
-from llmbatch.spec import JobSpec, load_resolved, slurm_time_seconds
+from llmbatch.spec import GenerationSpec, JobSpec, load_resolved, slurm_time_seconds
 
 
 @dataclass(frozen=True)
 class Prompt:
     example: Example
     token_ids: list[int]
+    truncated: bool = False
 
 
 @dataclass
@@ -47,17 +55,20 @@ class RankStats:
     rank: int
     world_size: int
     examples: int = 0
-    batches: int = 0
+    writes: int = 0
+    """Groups of records appended to the shard (a batch each with generate)."""
     prompt_tokens: int = 0
     generated_tokens: int = 0
     load_s: float = 0.0
-    """Start-up to the first batch: spec, data, model, tokenization."""
+    """Start-up to the first batch: spec, data, model, tokenization, the engine's cache and warm-up."""
     generate_s: float = 0.0
     wall_s: float = 0.0
+    engine: dict | None = None
+    """The engine's `EngineStats.summary()`; None where generate ran."""
 
-    def add_batch(self, records: list[dict]) -> None:
+    def add_records(self, records: list[dict]) -> None:
         self.examples += len(records)
-        self.batches += 1
+        self.writes += 1
         self.prompt_tokens += sum(r["prompt_tokens"] for r in records)
         self.generated_tokens += sum(r["output_tokens"] for r in records)
 
@@ -84,27 +95,29 @@ def main(argv: list[str] | None = None) -> int:
     done = done_ids(run, before_attempt=args.attempt)
     todo = [e for e in examples if e.id not in done]
     model, tokenizer = load_model(spec.model, accelerator.device)
-    decoder = Decoder(model, tokenizer, spec.generation)
     encoded = encode_prompts(tokenizer, [e.prompt for e in todo], spec.data.chat_template)
-    prompts = [Prompt(e, ids) for e, ids in zip(todo, encoded)]
-    budget = batch_token_budget(spec.generation, model)
-    batches = plan_share(prompts, stats.rank, stats.world_size, spec.generation.max_new_tokens, budget)
-    share = sum(map(len, batches))
+    limit = prompt_token_limit(model.config.to_dict(), spec.generation.max_new_tokens)
+    if spec.generation.long_prompts == "truncate" and limit is not None:
+        prompts = [Prompt(e, fit_to_context(ids, limit, tokenizer.bos_token_id), truncated=len(ids) > limit)
+                   for e, ids in zip(todo, encoded)]
+    else:  # "error": the command line refused prompts that do not fit
+        prompts = [Prompt(e, ids) for e, ids in zip(todo, encoded)]
+    mine = my_share(prompts, stats.rank, stats.world_size, spec.generation.max_new_tokens)
+    completions, how, engine = start_completing(spec.generation, model, tokenizer, mine, prompts,
+                                                stop=lambda: preemption.raised)
     print(f"rank {stats.rank} of {stats.world_size}, attempt {args.attempt}: {len(todo)} of {len(examples)} "
-          f"inputs left ({len(done)} done earlier); {share} here, in {len(batches)} batches of <= {budget} "
-          f"tokens", flush=True)
+          f"inputs left ({len(done)} done earlier); {len(mine)} here, with {how}", flush=True)
 
     shard = shard_for(run, args.attempt, stats.rank)
     stats.load_s = time.monotonic() - started
-    with ShardWriter(shard) as writer, progress_bar(accelerator, share) as bar:
-        for batch in batches:
-            if preemption.raised:
-                break  # what is written stays written; the next attempt does the rest
-            completions = decoder.complete([p.token_ids for p in batch], [p.example.id for p in batch])
-            records = [result_record(p, c) for p, c in zip(batch, completions)]
+    with ShardWriter(shard) as writer, progress_bar(accelerator, len(mine)) as bar:
+        for group in completions:
+            records = [result_record(mine[i], c) for i, c in group]
             writer.append(records)
-            stats.add_batch(records)
+            stats.add_records(records)
             bar.update(len(records))
+    if engine is not None:
+        stats.engine = engine.stats.summary()
     if preemption.raised:
         print(f"rank {stats.rank}: stopped at a preemption signal after {stats.examples} inputs", flush=True)
         return PREEMPTED_EXIT
@@ -120,23 +133,50 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def plan_share(prompts: list[Prompt], rank: int, world_size: int, max_new_tokens: int,
-               budget: int) -> list[list[Prompt]]:
-    """This rank's batches. Every rank computes the same split, from token counts alone.
+def my_share(prompts: list[Prompt], rank: int, world_size: int, max_new_tokens: int) -> list[Prompt]:
+    """This rank's inputs. Every rank computes the same split, from token counts alone.
 
-    An input costs the tokens its row may hold: its prompt plus max_new_tokens.
+    An input costs the tokens its sequence may hold: its prompt plus max_new_tokens.
     """
     shares = assign_to_ranks([len(p.token_ids) + max_new_tokens for p in prompts], world_size)
-    mine = [prompts[i] for i in shares[rank]]
-    return [[mine[i] for i in batch]
-            for batch in plan_batches([len(p.token_ids) for p in mine], max_new_tokens, budget)]
+    return [prompts[i] for i in shares[rank]]
+
+
+def start_completing(generation: GenerationSpec, model, tokenizer, mine: list[Prompt], everyone: list[Prompt],
+                     stop: Callable[[], bool]):
+    """(groups of (index into mine, completion) as they finish, how, the engine or None).
+
+    The engine where it can run the model (decided from every rank's inputs, so all ranks agree),
+    else generate in batches.
+    """
+    longest = max((len(p.token_ids) for p in everyone), default=0) + generation.max_new_tokens
+    use_engine, how = choose_engine(generation.engine, model, longest)
+    if use_engine:
+        engine = Engine(model, tokenizer, generation, [len(p.token_ids) for p in mine])
+        engine.warm_up()  # counted in the start-up time, as loading the model is
+        completions = engine.run([p.token_ids for p in mine], [p.example.id for p in mine], stop)
+        return completions, f"{how}, {engine.describe()}", engine
+    budget = batch_token_budget(generation, model)
+    batches = plan_batches([len(p.token_ids) for p in mine], generation.max_new_tokens, budget)
+    completions = complete_in_batches(Decoder(model, tokenizer, generation), mine, batches, stop)
+    return completions, f"{how}, {len(batches)} batches of <= {budget} tokens", None
+
+
+def complete_in_batches(decoder: Decoder, prompts: list[Prompt], batches: list[list[int]],
+                        stop: Callable[[], bool]) -> Iterator[list[tuple[int, Completion]]]:
+    """generate's way: (index into prompts, completion) a batch at a time, until stop() says so."""
+    for batch in batches:
+        if stop():
+            return
+        completions = decoder.complete([prompts[i].token_ids for i in batch], [prompts[i].example.id for i in batch])
+        yield list(zip(batch, completions))
 
 
 def result_record(prompt: Prompt, completion: Completion) -> dict:
     example = prompt.example
     record = {"id": example.id, "prompt": example.prompt, "output": completion.text,
               "prompt_tokens": len(prompt.token_ids), "output_tokens": completion.tokens,
-              "finish_reason": completion.finish_reason}
+              "finish_reason": completion.finish_reason, "truncated": prompt.truncated}
     if example.reference is not None:
         record |= {"reference": example.reference, "correct": scoring.is_correct(completion.text, example.reference)}
     return record

@@ -1,0 +1,235 @@
+"""Model references and cheap checks of a model's files, before anything is queued.
+
+- `resolve_reference`: `model.path` and `model.adapter` name a local folder, or a Hugging Face hub id
+  (`Qwen/Qwen2.5-1.5B-Instruct`) already in the local cache (`HF_HOME`, `HF_HUB_CACHE`). A hub id
+  becomes its snapshot folder in the resolved spec, so jobs never ask the hub (they also run with
+  `HF_HUB_OFFLINE=1`, see `jobstep.launch_env`). Nothing is downloaded: a missing id is an error that
+  says how to fetch it.
+- `check_model`: reads only small JSON files and safetensors headers (never weights): the configs
+  parse, a chat template exists when the spec asks for one, an adapter fits the base model's layers,
+  and prompts plus `generation.max_new_tokens` fit the model's context.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from llmbatch import embedded
+from llmbatch.data import DataError, Example
+from llmbatch.spec import EMBEDDED_MODEL, JobSpec, SpecError
+
+# The first of these in a model's (text) config is its context length.
+CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx")
+# An adapter trained on a base whose config differs in one of these cannot fit model.path.
+ARCH_KEYS = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+             "num_key_value_heads", "vocab_size")
+# What must be in a snapshot for the id to count as cached.
+MARKER_FILES = {"model.path": "config.json", "model.adapter": "adapter_config.json"}
+LORA_AXES = {"lora_A": (1, 1), "lora_B": (0, 0), "lora_embedding_A": (1, 0), "lora_embedding_B": (0, 1)}
+SAFETENSORS_HEADER_LIMIT = 100 << 20  # the format's own limit; a larger length means a damaged file
+
+
+# --- references ----------------------------------------------------------------------------------
+
+def resolve_reference(key: str, value: str, local: Path) -> Path:
+    """The folder a `model.path` or `model.adapter` value names: `local` (the value as a path) if it
+    exists or the value is no hub id, else the id's snapshot in the Hugging Face cache."""
+    if local.exists() or not _is_repo_id(value):
+        return local
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    found = try_to_load_from_cache(value, MARKER_FILES[key])
+    if isinstance(found, str):
+        return Path(found).parent
+    raise SpecError(key, f"no folder at {local}, and {value!r} is not in the Hugging Face cache "
+                         f"{constants.HF_HUB_CACHE} (HF_HOME, HF_HUB_CACHE); fetch it with: hf download {value}")
+
+
+def _is_repo_id(value: str) -> bool:
+    if value.startswith(("/", ".", "~")):
+        return False
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(value)
+    except HFValidationError:
+        return False
+    return True
+
+
+def host_folder(model_folder: str) -> Path:
+    """The folder a container must see for `model_folder` to load: a hub snapshot's files are links
+    into the repository's `blobs/`, so for a snapshot that is the repository folder."""
+    path = Path(model_folder)
+    return path.parent.parent if path.parent.name == "snapshots" else path
+
+
+# --- checks --------------------------------------------------------------------------------------
+
+def check_model(spec: JobSpec, examples: list[Example]) -> None:
+    """Raise SpecError or DataError (one line) for what would make the job fail or run past the
+    model's context. `examples`: the inputs generation will see (infer: data.path)."""
+    folder = model_folder(spec.model.path)
+    if folder is None:
+        return  # the embedded model before its first build: this project's own files
+    config = read_json_object(folder / "config.json", "model.path")
+    for name in ("generation_config.json", "tokenizer_config.json"):
+        if (folder / name).is_file():
+            read_json_object(folder / name, "model.path")
+    if spec.data.chat_template and not has_chat_template(folder):
+        raise SpecError("data.chat_template", f"the tokenizer in {folder} has no chat template (none in "
+                                              f"tokenizer_config.json, no chat_template.jinja)")
+    context = context_length(config)
+    limit = prompt_token_limit(config, spec.generation.max_new_tokens)
+    if limit is not None and limit < 1:
+        raise SpecError("generation.max_new_tokens", f"{spec.generation.max_new_tokens} leaves no room for a "
+                                                     f"prompt in the model's context of {context} tokens")
+    if spec.model.adapter is not None:
+        check_adapter(Path(spec.model.adapter), folder, config)
+    if spec.kind == "infer" and spec.generation.long_prompts == "error" and limit is not None:
+        check_prompt_lengths(spec, examples, folder, limit, context)
+
+
+def model_folder(path: str) -> Path | None:
+    if path != EMBEDDED_MODEL:
+        return Path(path)
+    folder = embedded.default_cache_dir() / embedded.NAME
+    return folder if embedded.is_complete(folder) else None
+
+
+def read_json_object(path: Path, key: str) -> dict:
+    try:
+        value = json.loads(path.read_bytes())
+    except OSError as e:
+        raise SpecError(key, f"cannot read {path}: {e.strerror}") from None
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+        raise SpecError(key, f"{path} is not valid JSON ({str(e).splitlines()[0]})") from None
+    if not isinstance(value, dict):
+        raise SpecError(key, f"{path} must hold a JSON object")
+    return value
+
+
+def has_chat_template(folder: Path) -> bool:
+    """Where transformers finds a template: chat_template.jinja/.json, or tokenizer_config.json."""
+    if (folder / "chat_template.jinja").is_file() or (folder / "chat_template.json").is_file():
+        return True
+    tokenizer_config = folder / "tokenizer_config.json"
+    return tokenizer_config.is_file() and bool(read_json_object(tokenizer_config, "model.path").get("chat_template"))
+
+
+def text_config(config: dict) -> dict:
+    """The language model's part of a config (multimodal models nest it)."""
+    nested = config.get("text_config")
+    return nested if isinstance(nested, dict) else config
+
+
+def context_length(config: dict) -> int | None:
+    text = text_config(config)
+    return next((text[k] for k in CONTEXT_KEYS if isinstance(text.get(k), int)), None)
+
+
+def prompt_token_limit(config: dict, max_new_tokens: int) -> int | None:
+    """Tokens a prompt may have so that it and max_new_tokens fit the context; None: unknown."""
+    context = context_length(config)
+    return None if context is None else context - max_new_tokens
+
+
+def check_prompt_lengths(spec: JobSpec, examples: list[Example], folder: Path, limit: int, context: int) -> None:
+    """Encode the prompts as the runner does (batched, fast tokenizer); name the first too long."""
+    from transformers import AutoTokenizer  # seconds to import: only here
+    from transformers.utils import logging
+
+    from llmbatch.runners.generation import encode_prompts
+
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity_error()  # its "longer than the maximum" warning would come before our one line
+    try:
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(folder)
+        except Exception as e:  # transformers raises many types for a broken tokenizer: one line for all
+            raise SpecError("model.path", f"cannot load the tokenizer in {folder} ({str(e).splitlines()[0]})") \
+                from None
+        chunk = 1024
+        for start in range(0, len(examples), chunk):
+            batch = examples[start:start + chunk]
+            encoded = encode_prompts(tokenizer, [e.prompt for e in batch], spec.data.chat_template)
+            for example, ids in zip(batch, encoded):
+                if len(ids) > limit:
+                    raise DataError(f"{spec.data.path}:{example.line}: the prompt is {len(ids)} tokens; with "
+                                    f"generation.max_new_tokens {spec.generation.max_new_tokens} it exceeds the "
+                                    f"model's context of {context} (generation.long_prompts: truncate cuts it)")
+    finally:
+        logging.set_verbosity(verbosity)
+
+
+def check_adapter(adapter: Path, model: Path, config: dict) -> None:
+    """The adapter's base (when it is a folder here) and its LoRA shapes must fit model.path."""
+    adapter_config = read_json_object(adapter / "adapter_config.json", "model.adapter")
+    base = adapter_config.get("base_model_name_or_path")
+    if isinstance(base, str) and Path(base).is_absolute() and (Path(base) / "config.json").is_file() \
+            and Path(base).resolve() != model.resolve():
+        mine, theirs = text_config(config), text_config(read_json_object(Path(base) / "config.json", "model.adapter"))
+        for key in ARCH_KEYS:
+            if mine.get(key) != theirs.get(key):
+                raise SpecError("model.adapter", f"{adapter} was trained on {base} ({key} {theirs.get(key)}), "
+                                                 f"not on a model like {model} ({key} {mine.get(key)})")
+    weights = adapter / "adapter_model.safetensors"
+    if not weights.is_file() or "quantization_config" in config:
+        return  # .bin files need torch to read, quantized weights are packed: the job will tell
+    base_shapes = model_shapes(model)
+    lora = {}  # adapter tensor -> (adapted module, part, shape)
+    for name, shape in safetensors_shapes(weights, "model.adapter").items():
+        match = re.fullmatch(r"(?:base_model\.model\.)?(.+)\.(lora_A|lora_B|lora_embedding_A|lora_embedding_B)"
+                             r"(?:\.weight)?", name)
+        if match and len(shape) == 2:
+            lora[name] = (*match.groups(), shape)
+    if not any(f"{module}.weight" in base_shapes for module, _, _ in lora.values()):
+        return  # no module name in common: the checkpoint names its tensors otherwise; the job will tell
+    for name, (module, part, shape) in lora.items():
+        base_shape = base_shapes.get(f"{module}.weight")
+        if base_shape is None and re.search(r"\.\d+\.", module):
+            raise SpecError("model.adapter", f"{weights}: {name} adapts {module}, which {model} does not have "
+                                             f"(an adapter trained on another base?)")
+        if base_shape is None:
+            continue  # not in a numbered layer: perhaps a tied output head, absent from the checkpoint
+        # A linear layer's weight is (out, in), adapted as A: (r, in), B: (out, r); an embedding's is
+        # (num, dim), adapted as A: (r, num), B: (dim, r). Here: (axis of the LoRA tensor, axis of the base).
+        axis, base_axis = LORA_AXES[part]
+        if len(base_shape) == 2 and shape[axis] != base_shape[base_axis]:
+            raise SpecError("model.adapter", f"{weights}: {name} has shape {shape}, which does not fit "
+                                             f"{module} of {model} (shape {base_shape}): an adapter trained on "
+                                             f"another base?")
+
+
+def model_shapes(model: Path) -> dict[str, list[int]]:
+    """Tensor shapes of a model's safetensors weights, one file or shards; {} if it has none."""
+    index = model / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = read_json_object(index, "model.path").get("weight_map", {})
+        files = sorted(set(weight_map.values())) if isinstance(weight_map, dict) else []
+    else:
+        files = ["model.safetensors"] if (model / "model.safetensors").is_file() else []
+    shapes = {}
+    for name in files:
+        shapes |= safetensors_shapes(model / name, "model.path")
+    return shapes
+
+
+def safetensors_shapes(path: Path, key: str) -> dict[str, list[int]]:
+    """Tensor name -> shape from a safetensors header: 8 bytes of header length, then JSON."""
+    try:
+        with path.open("rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            if not 0 < size <= SAFETENSORS_HEADER_LIMIT:
+                raise ValueError(f"header length {size}")
+            header = json.loads(f.read(size))
+        shapes = {name: info["shape"] for name, info in header.items() if name != "__metadata__"}
+        if not all(isinstance(s, list) for s in shapes.values()):
+            raise ValueError("shapes must be lists")
+    except OSError as e:
+        raise SpecError(key, f"cannot read {path}: {e.strerror}") from None
+    except (ValueError, TypeError, KeyError, AttributeError) as e:
+        raise SpecError(key, f"{path} is not a safetensors file (its header does not parse: {e})") from None
+    return shapes

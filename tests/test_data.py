@@ -1,0 +1,168 @@
+"""Hostile data and spec files: one line naming file:line, exit code 2, nothing queued; and streaming."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from llmbatch.cli import main
+from llmbatch.data import load_examples
+from llmbatch.spec import DataSpec
+
+from test_spec import good, run_cli, write_data  # noqa: F401 (good is a fixture)
+
+
+def bad_data(tmp_path, good, capsys, name: str, content: bytes | str, **data) -> str:
+    """Write a data file, point the spec at it, and return the single error line of a dry run."""
+    path = tmp_path / name
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    good["data"] = {"path": str(path), "prompt_field": "question"} | data
+    code, err = run_cli(tmp_path, good, capsys=capsys)
+    assert code == 2 and err.count("\n") == 1 and err.startswith("llmbatch: error: "), err
+    assert "Traceback" not in err and not (tmp_path / "runs").exists()
+    return err
+
+
+# --- encodings -----------------------------------------------------------------------------------
+
+def test_a_non_utf8_byte_names_the_line_and_the_offset(tmp_path, good, capsys):
+    lines = b'{"id": 1, "question": "a"}\n{"id": 2, "question": "caf\xe9"}\n'
+    offset = lines.index(b"\xe9")
+    err = bad_data(tmp_path, good, capsys, "in.jsonl", lines)
+    assert f"in.jsonl:2: not UTF-8 text: byte 0xe9 at byte offset {offset}" in err
+    err = bad_data(tmp_path, good, capsys, "in.csv", b"id,question\n1,a\n2,\xff\n")
+    assert "in.csv:3: not UTF-8 text: byte 0xff at byte offset 18" in err
+
+
+def test_a_non_utf8_byte_or_a_control_character_in_the_spec_names_the_line(tmp_path, good, capsys):
+    path = tmp_path / "spec.yaml"
+    path.write_bytes(yaml.safe_dump(good).encode() + b"# caf\xe9\n")
+    lines = path.read_bytes().count(b"\n")
+    assert main(["infer", str(path), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert f"spec.yaml: line {lines}: not UTF-8 text: byte 0xe9" in err and err.count("\n") == 1
+    path.write_text("name: x\ndata: \x07\n")
+    assert main(["infer", str(path), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "spec.yaml: invalid YAML at line 2: " in err and err.count("\n") == 1
+
+
+def test_a_csv_with_a_bom_keeps_its_first_column(tmp_path):
+    (tmp_path / "in.csv").write_bytes("id,question\n1,a\n".encode("utf-8-sig"))
+    (tmp_path / "in.jsonl").write_bytes('{"id": 1, "question": "a"}\n'.encode("utf-8-sig"))
+    for name in ("in.csv", "in.jsonl"):
+        [example] = load_examples(DataSpec(path=str(tmp_path / name), prompt_field="question"))
+        assert (example.id, example.prompt, example.line) == ("1", "a", 1 if name == "in.jsonl" else 2)
+
+
+# --- CSV structure -------------------------------------------------------------------------------
+
+def test_a_multi_line_csv_record_is_named_by_its_first_line(tmp_path, good, capsys):
+    rows = 'id,question\n1,"two\nlines"\n\n2,"three\nmore\nlines"\n1,again\n'
+    examples = load_examples(DataSpec(path=str(write_text(tmp_path / "ok.csv", rows.rsplit("1,again", 1)[0])),
+                                      prompt_field="question"))
+    assert [(e.id, e.line) for e in examples] == [("1", 2), ("2", 5)]
+    err = bad_data(tmp_path, good, capsys, "in.csv", rows)
+    assert "in.csv:8: duplicate id '1' (first at line 2)" in err
+
+
+def test_csv_errors_name_the_line(tmp_path, good, capsys):
+    err = bad_data(tmp_path, good, capsys, "in.csv", f'id,question\n1,a\n2,"{"x" * 200_000}"\n')
+    assert "in.csv:3: not valid CSV (field larger than field limit" in err
+    err = bad_data(tmp_path, good, capsys, "in.csv", "id,question,id\n1,a,2\n")
+    assert "in.csv:1: duplicate column name 'id'" in err
+    err = bad_data(tmp_path, good, capsys, "in.csv", "id,question\n1,a\n2\n")
+    assert "in.csv:3: wrong number of columns (1; the header has 2)" in err
+
+
+def write_text(path, text: str):
+    path.write_text(text)
+    return path
+
+
+# --- values --------------------------------------------------------------------------------------
+
+BAD_VALUES = [
+    ({"id": None, "question": "a"}, "in.jsonl:2: id field 'id' must be a string or a number, got null"),
+    ({"id": [1], "question": "a"}, "in.jsonl:2: id field 'id' must be a string or a number, got a JSON array"),
+    ({"id": {"a": 1}, "question": "a"}, "in.jsonl:2: id field 'id' must be a string or a number, got a JSON object"),
+    ({"id": " ", "question": "a"}, "in.jsonl:2: id field 'id' is empty"),
+    ({"id": "a\nb", "question": "a"}, "in.jsonl:2: id 'a\\nb' holds a control character or line break"),
+    ({"id": "\x1b[31mred", "question": "a"}, "in.jsonl:2: id '\\x1b[31mred' holds a control character"),
+    ({"id": 2, "question": None}, "in.jsonl:2: field 'question' (data.prompt_field) must be text or a number, "
+                                  "got null"),
+    ({"id": 2, "question": ["a"]}, "in.jsonl:2: field 'question' (data.prompt_field) must be text or a number"),
+    ({"id": 2, "question": "a", "answer": None},
+     "in.jsonl:2: field 'answer' (data.reference_field) must be text or a number, got null"),
+]
+
+
+@pytest.mark.parametrize("row,message", BAD_VALUES, ids=[m.split(": ", 1)[1][:40] for _, m in BAD_VALUES])
+def test_null_and_structured_values_are_errors_never_the_text_none(tmp_path, good, capsys, row, message):
+    rows = "\n".join(json.dumps(r) for r in ({"id": 1, "question": "q", "answer": "a"}, row))
+    err = bad_data(tmp_path, good, capsys, "in.jsonl", rows + "\n", reference_field="answer")
+    assert message in err
+
+
+def test_an_empty_csv_id_is_an_error(tmp_path, good, capsys):
+    err = bad_data(tmp_path, good, capsys, "in.csv", "id,question\n1,a\n,b\n")
+    assert "in.csv:3: id field 'id' is empty" in err
+
+
+# --- prompt templates ----------------------------------------------------------------------------
+
+BAD_TEMPLATES = [
+    ("{question!x}", "data.prompt_template: {question!x}: unknown conversion '!x' (use !r, !s or !a)"),
+    ("{question:>>>}", "data.prompt_template: {question:>>>}: not a valid format spec"),
+    ("{question:{width}}", "data.prompt_template: {question:{width}}: a format spec cannot hold fields"),
+    ("{question.__class__}", "data.prompt_template: {question.__class__}: attribute access is not supported"),
+]
+
+
+@pytest.mark.parametrize("template,message", BAD_TEMPLATES, ids=[t for t, _ in BAD_TEMPLATES])
+def test_a_bad_template_is_a_spec_error(tmp_path, good, capsys, template, message):
+    good["data"]["prompt_template"] = template
+    code, err = run_cli(tmp_path, good, capsys=capsys)
+    assert code == 2 and message in err and err.count("\n") == 1
+
+
+def test_a_template_that_a_record_cannot_fill_names_the_line(tmp_path, good, capsys):
+    rows = '{"id": 1, "n": 5, "c": ["x"]}\n{"id": 2, "n": "five", "c": ["x"]}\n'
+    err = bad_data(tmp_path, good, capsys, "in.jsonl", rows, prompt_field=None, prompt_template="{n:03d} {c[0]}")
+    assert ("in.jsonl:2: data.prompt_template cannot be filled from this record (ValueError: Unknown format code "
+            "'d' for object of type 'str')") in err
+    err = bad_data(tmp_path, good, capsys, "in.jsonl", rows.replace('["x"]}\n{', '[]}\n{'),
+                   prompt_field=None, prompt_template="{n:03d} {c[0]}")
+    assert "in.jsonl:1: data.prompt_template cannot be filled from this record (IndexError" in err
+    err = bad_data(tmp_path, good, capsys, "in.jsonl", '{"id": 1, "n": null}\n', prompt_field=None,
+                   prompt_template="{n}")
+    assert "in.jsonl:1: field 'n' of data.prompt_template is null" in err
+    [example] = load_examples(DataSpec(path=str(write_text(tmp_path / "ok.jsonl", rows.splitlines()[0])),
+                                       prompt_template="{n:03d} {c[0]}"))
+    assert example.prompt == "005 x"
+
+
+# --- cost ----------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+@pytest.mark.parametrize("suffix", [".jsonl", ".csv"])
+def test_max_samples_stops_reading_the_file(tmp_path, good, capsys, suffix):
+    """A 50 MB file with a broken last line: with max_samples=10, validation never gets that far."""
+    path = tmp_path / f"big{suffix}"
+    padding = "x" * 250  # short enough for any model's context: the embedded model may check prompt lengths
+    if suffix == ".csv":
+        rows = ["id,question"] + [f"{i},{padding}" for i in range(200_000)] + ["broken"]
+    else:
+        rows = [f'{{"id": {i}, "question": "{padding}"}}' for i in range(200_000)] + ["{broken"]
+    path.write_text("\n".join(rows) + "\n")
+    assert path.stat().st_size > 50_000_000
+    good["data"] = {"path": str(path), "prompt_field": "question", "max_samples": 10}
+    code, err = run_cli(tmp_path, good, capsys=capsys)
+    assert code == 0, err
+    examples = load_examples(DataSpec(path=str(path), prompt_field="question", max_samples=10))
+    assert [e.id for e in examples] == [str(i) for i in range(10)]
+    good["data"].pop("max_samples")
+    code, err = run_cli(tmp_path, good, capsys=capsys)
+    assert code == 2 and f"big{suffix}:{len(rows)}: " in err  # without max_samples the broken line is found

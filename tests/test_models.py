@@ -1,0 +1,224 @@
+"""Model references and model checks before queueing: hub ids from the local cache, damaged configs,
+missing chat templates, adapters of another base, prompts longer than the context."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shlex
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from helpers import run_folder, submit_cli
+from llmbatch import embedded
+from llmbatch.runners.generation import fit_to_context
+from test_infer import infer
+from test_spec import good, run_cli, write_data  # noqa: F401 (good is a fixture)
+
+REPO_ID = "llmbatch/tiny-llama"
+
+
+def save_in_hub_cache(model_dir: Path, hub_cache: Path, repo_id: str = REPO_ID) -> Path:
+    """The model in the Hugging Face cache layout (as `hf download` leaves it); its snapshot folder."""
+    repo = hub_cache / f"models--{repo_id.replace('/', '--')}"
+    revision = hashlib.sha1(repo_id.encode()).hexdigest()
+    snapshot = repo / "snapshots" / revision
+    snapshot.mkdir(parents=True)
+    (repo / "blobs").mkdir()
+    for file in model_dir.iterdir():
+        blob = repo / "blobs" / hashlib.sha256(file.read_bytes()).hexdigest()
+        shutil.copyfile(file, blob)
+        (snapshot / file.name).symlink_to(os.path.relpath(blob, snapshot))  # relative, as the hub writes them
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+    return snapshot
+
+
+def spec_file(tmp_path: Path, spec: dict) -> str:
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return str(path)
+
+
+def one_error_line(proc) -> str:
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
+    return proc.stderr
+
+
+# --- hub ids -------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_a_hub_id_resolves_from_the_local_cache_only(tmp_path, good, model_dir, monkeypatch):
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    snapshot = save_in_hub_cache(model_dir, tmp_path / "hf" / "hub")
+    good["model"] = {"path": REPO_ID}
+    out = submit_cli("infer", spec_file(tmp_path, good), "--dry-run", "--executor", "local").stdout
+    assert f"path: {snapshot}\n" in out
+
+    proc = submit_cli("infer", spec_file(tmp_path, good), "--dry-run", "--set", "model.path=llmbatch/other",
+                      check=False)
+    assert (f"model.path: no folder at {Path.cwd() / 'llmbatch/other'}, and 'llmbatch/other' is not in the "
+            f"Hugging Face cache {tmp_path / 'hf' / 'hub'} (HF_HOME, HF_HUB_CACHE); fetch it with: hf download "
+            f"llmbatch/other") in one_error_line(proc)
+
+    # HF_HUB_CACHE wins over HF_HOME, as in huggingface_hub.
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "elsewhere"))
+    proc = submit_cli("infer", spec_file(tmp_path, good), "--dry-run", check=False)
+    assert f"is not in the Hugging Face cache {tmp_path / 'elsewhere'} " in one_error_line(proc)
+
+
+@pytest.mark.slow
+def test_a_job_runs_offline_from_the_snapshot(tmp_path, good, model_dir, monkeypatch):
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    snapshot = save_in_hub_cache(model_dir, tmp_path / "hf" / "hub")
+    good["model"] = {"path": REPO_ID}
+    good["resources"] = {"cpus_per_gpu": 1}
+    run = run_folder(submit_cli("infer", spec_file(tmp_path, good), "--executor", "local"))
+    assert yaml.safe_load(run.spec_file.read_text())["model"]["path"] == str(snapshot)
+    assert len(run.results_file.read_text().splitlines()) == 3
+    [command] = [json.loads(line) for line in run.path.joinpath("commands.jsonl").read_text().splitlines()]
+    assert "HF_HUB_OFFLINE" in command["env"]
+
+
+@pytest.mark.slow
+def test_a_container_sees_the_blobs_a_snapshot_links_to(tmp_path, tmp_path_factory, good, model_dir, monkeypatch):
+    hf_home = tmp_path_factory.mktemp("hf")  # not under the data's folder, which is bound as a whole
+    monkeypatch.setenv("HF_HOME", str(hf_home))
+    snapshot = save_in_hub_cache(model_dir, hf_home / "hub")
+    good["model"] = {"path": REPO_ID}
+    good["container"] = {"runtime": "docker", "image": "llmbatch:latest"}
+    out = submit_cli("infer", spec_file(tmp_path, good), "--dry-run", "--executor", "local").stdout
+    command = shlex.split(out.split("# per-node command")[1].splitlines()[1])
+    repo = snapshot.parent.parent
+    assert f"{repo}:{repo}" in command and f"{snapshot}:{snapshot}" not in command
+
+
+# --- model files ---------------------------------------------------------------------------------
+
+@pytest.fixture
+def model_copy(model_dir, tmp_path) -> Path:
+    return Path(shutil.copytree(model_dir, tmp_path / "model"))
+
+
+def test_a_corrupt_config_is_one_line(tmp_path, good, capsys, model_copy):
+    good["model"] = {"path": str(model_copy)}
+    (model_copy / "config.json").write_text('{"hidden_size": 256,')
+    code, err = run_cli(tmp_path, good, capsys=capsys)
+    assert code == 2 and f"model.path: {model_copy / 'config.json'} is not valid JSON (" in err
+    (model_copy / "config.json").write_text("[1, 2]")
+    code, err = run_cli(tmp_path, good, capsys=capsys)
+    assert code == 2 and f"model.path: {model_copy / 'config.json'} must hold a JSON object" in err
+    assert err.count("\n") == 1 and not (tmp_path / "runs").exists()
+
+
+def test_chat_template_needs_a_tokenizer_that_has_one(tmp_path, good, capsys, model_copy):
+    good["model"] = {"path": str(model_copy)}
+    good["data"]["chat_template"] = True
+    assert run_cli(tmp_path, good, capsys=capsys)[0] == 0
+    (model_copy / "chat_template.jinja").unlink()
+    code, err = run_cli(tmp_path, good, capsys=capsys)
+    assert code == 2 and f"data.chat_template: the tokenizer in {model_copy} has no chat template" in err
+
+
+@pytest.fixture(scope="module")
+def adapters(model_dir, tmp_path_factory) -> dict[str, Path]:
+    """A LoRA adapter of the embedded model, and another, smaller base it does not fit."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    root = tmp_path_factory.mktemp("adapters")
+    tuned = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir), LoraConfig(r=4, target_modules="all-linear"))
+    tuned.save_pretrained(root / "adapter")
+    other = LlamaForCausalLM(LlamaConfig(vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256))
+    other.save_pretrained(root / "other")
+    shallow = LlamaForCausalLM(LlamaConfig(vocab_size=1024, **embedded.ARCH | {"num_hidden_layers": 2}))
+    shallow.save_pretrained(root / "shallow")
+    return {"adapter": root / "adapter", "other": root / "other", "shallow": root / "shallow"}
+
+
+@pytest.mark.slow
+def test_an_adapter_of_another_base_is_refused(tmp_path, good, capsys, model_dir, adapters):
+    adapter = Path(shutil.copytree(adapters["adapter"], tmp_path / "adapter"))
+    good["model"] = {"path": str(model_dir), "adapter": str(adapter)}
+    assert run_cli(tmp_path, good, capsys=capsys)[0] == 0
+
+    good["model"]["path"] = str(adapters["other"])
+    code, err = run_cli(tmp_path, good, capsys=capsys)
+    assert code == 2 and err.count("\n") == 1
+    assert f"model.adapter: {adapter} was trained on {model_dir} (hidden_size 256), not on a model like " \
+           f"{adapters['other']} (hidden_size 64)" in err
+
+    # Without a base folder to compare with, the tensor shapes still tell (read from the headers only).
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps(config | {"base_model_name_or_path": None}))
+    code, err = run_cli(tmp_path, good, capsys=capsys)
+    assert code == 2 and err.count("\n") == 1
+    assert re.search(r"model\.adapter: \S+adapter_model\.safetensors: base_model\.model\.model\.layers\.0\.\S+\.lora_A"
+                     r"\.weight has shape \[4, \d+\], which does not fit .* an adapter trained on another base\?", err)
+
+    good["model"]["path"] = str(adapters["shallow"])  # the same layers, but fewer of them
+    code, err = run_cli(tmp_path, good, capsys=capsys)
+    assert code == 2 and err.count("\n") == 1
+    assert re.search(r"lora_A\.weight adapts model\.layers\.[23]\.\S+, which \S+shallow does not have", err)
+
+    (adapter / "adapter_config.json").write_text("{")
+    code, err = run_cli(tmp_path, good, capsys=capsys)
+    assert code == 2 and f"model.adapter: {adapter / 'adapter_config.json'} is not valid JSON" in err
+
+
+@pytest.mark.slow
+def test_an_adapter_with_a_damaged_header_is_refused(tmp_path, good, capsys, model_dir, adapters):
+    adapter = Path(shutil.copytree(adapters["adapter"], tmp_path / "adapter"))
+    (adapter / "adapter_model.safetensors").write_bytes(b"\xff" * 64)
+    good["model"] = {"path": str(model_dir), "adapter": str(adapter)}
+    code, err = run_cli(tmp_path, good, capsys=capsys)
+    assert code == 2 and err.count("\n") == 1
+    assert f"model.adapter: {adapter / 'adapter_model.safetensors'} is not a safetensors file" in err
+
+
+# --- context -------------------------------------------------------------------------------------
+
+def test_max_new_tokens_must_leave_room_in_the_context(tmp_path, good, capsys, model_dir):
+    good["model"] = {"path": str(model_dir)}
+    code, err = run_cli(tmp_path, good, "--set", "generation.max_new_tokens=1000000000", capsys=capsys)
+    assert code == 2 and "generation.max_new_tokens: 1000000000 leaves no room for a prompt in the model's " \
+                         "context of 1024 tokens" in err
+
+
+def long_prompts(tmp_path) -> Path:
+    rows = [{"id": i, "question": "Is 7 even or odd? " * (300 if i in (2, 4) else 1), "answer": "odd"}
+            for i in range(6)]
+    return write_data(tmp_path / "in.jsonl", rows)
+
+
+@pytest.mark.slow
+def test_a_prompt_longer_than_the_context_is_refused_by_default(tmp_path, good, capsys, model_dir):
+    good["model"] = {"path": str(model_dir)}
+    good["data"]["path"] = str(long_prompts(tmp_path))
+    proc = submit_cli("infer", spec_file(tmp_path, good), "--dry-run", check=False)  # no tokenizer warning
+    assert "in.jsonl:3: the prompt is 2401 tokens; with generation.max_new_tokens 32 it exceeds the model's " \
+           "context of 1024 (generation.long_prompts: truncate cuts it)" in one_error_line(proc)
+    assert run_cli(tmp_path, good, "--set", "generation.long_prompts=truncate", capsys=capsys)[0] == 0
+
+
+def test_fit_to_context_keeps_the_bos_and_the_end():
+    assert fit_to_context([1, 10, 11, 12, 13], 3, bos_token_id=1) == [1, 12, 13]
+    assert fit_to_context([10, 11, 12, 13], 3, bos_token_id=1) == [11, 12, 13]
+    assert fit_to_context([1, 10, 11], 3, bos_token_id=1) == [1, 10, 11]
+
+
+@pytest.mark.slow
+def test_truncated_prompts_are_cut_and_counted(make_run, tmp_path):
+    run = make_run("infer", overrides=[f"data.path={long_prompts(tmp_path)}", "generation.long_prompts=truncate",
+                                       "generation.max_new_tokens=8"])
+    infer(run, 1)
+    results = [json.loads(line) for line in run.results_file.read_text().splitlines()]
+    assert [r["truncated"] for r in results] == [False, False, True, False, True, False]
+    assert all(r["prompt_tokens"] == 1024 - 8 for r in results if r["truncated"])
+    assert json.loads(run.metrics_file.read_text())["truncated_prompts"] == 2
