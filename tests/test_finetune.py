@@ -9,16 +9,20 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import psutil
 import pytest
 import torch
 
-from helpers import new_run, runner_command
+from helpers import JOBS, new_run, runner_command
 from llmbatch.rundir import RunDir, read_jsonl
 from llmbatch.runners.packing import IGNORE, Sequence, collate, pack, to_sequence
 from llmbatch.runners.preemption import PREEMPTED_EXIT
@@ -294,3 +298,141 @@ def test_the_infer_runner_uses_the_adapter_and_scores_higher(uninterrupted, make
         launch(run)
         accuracy[adapter] = json.loads(run.metrics_file.read_text())["accuracy"]
     assert accuracy[str(uninterrupted.adapter_dir)] > accuracy["null"], accuracy
+
+
+# --- best adapter, early stopping, trackers -------------------------------------------------------
+
+# A constant, large learning rate makes the validation loss jump around on the embedded model: its best
+# evaluation (step 2) comes before the stop at step 5, and three worse ones end the run at step 8. So a
+# resumed run that forgot the best loss, or the evaluations since, would pick another adapter-best or
+# stop at another step.
+BEST = [*SMALL, "train.eval_every_steps=2", "train.learning_rate=0.02", "train.lr_schedule=constant",
+        "train.early_stopping_patience=3"]
+
+
+@pytest.fixture(scope="module")
+def best_reference(tmp_path_factory, model_dir):
+    run = new_run(tmp_path_factory.mktemp("best-reference"), model_dir, "finetune", BEST)
+    finetune(run)
+    return run
+
+
+@pytest.fixture(scope="module")
+def best_resumed(tmp_path_factory, model_dir):
+    """BEST with TensorBoard, stopped at step 5; its step-5 checkpoint is then deleted, as if the attempt
+    had died after logging step 5 but before saving it, so the resumed attempt logs step 5 again."""
+    run = new_run(tmp_path_factory.mktemp("best-resumed"), model_dir, "finetune",
+                  [*BEST, "train.report_to=tensorboard"])
+    stopped = finetune(run, 1, 0, "--stop-at-step", "5", expect_success=False)
+    assert stopped.returncode != 0 and f"exiting {PREEMPTED_EXIT}" in stopped.stdout, stopped.stdout[-3000:]
+    assert checkpoint_names(run) == ["step-000004", "step-000005"]
+    assert (run.adapter_best_dir / "adapter_model.safetensors").exists()  # from the evaluation at step 2
+    shutil.rmtree(run.checkpoints_dir / "step-000005")
+    assert "resuming at step 4" in finetune(run, 1, 1).stdout
+    return run
+
+
+@pytest.mark.slow
+def test_the_best_adapter_is_kept_and_early_stopping_ends_the_run(best_reference):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from llmbatch.spec import load_resolved
+    from llmbatch.summary import summarize
+
+    evals = {row["step"]: row["val_loss"] for row in rows(best_reference) if "val_loss" in row}
+    best_step = min(evals, key=evals.get)
+    metrics = json.loads(best_reference.metrics_file.read_text())
+    assert (metrics["best_step"], metrics["val_loss_best"]) == (best_step, evals[best_step])
+    # Three evaluations without improvement after the best, then the run ends early.
+    assert list(evals) == [0, 2, 4, 6, 8] and best_step == 2
+    assert metrics["steps"] == 8 and metrics["stopped_early"] is True
+    summary = summarize(best_reference)
+    assert "best eval's step" in summary
+    assert re.search(rf"^  adapter-best +{re.escape(str(best_reference.adapter_best_dir))}$", summary, re.M)
+    base_path = load_resolved(best_reference.spec_file).model.path
+    best = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_path), best_reference.adapter_best_dir)
+    last = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_path), best_reference.adapter_dir)
+    input_ids = torch.tensor([[1, 50, 60, 70, 80]])
+    with torch.no_grad():
+        assert not torch.allclose(best(input_ids).logits, last(input_ids).logits, atol=1e-3)
+
+
+@pytest.mark.slow
+def test_a_resumed_run_keeps_the_same_best_adapter_and_stops_at_the_same_step(best_reference, best_resumed):
+    assert (best_resumed.adapter_best_dir / "adapter_model.safetensors").read_bytes() == \
+           (best_reference.adapter_best_dir / "adapter_model.safetensors").read_bytes()
+    assert (best_resumed.adapter_dir / "adapter_model.safetensors").read_bytes() == \
+           (best_reference.adapter_dir / "adapter_model.safetensors").read_bytes()
+    assert trajectory(best_resumed) == trajectory(best_reference)
+    keys = ("steps", "best_step", "val_loss_best", "stopped_early")
+    resumed, reference = (json.loads(run.metrics_file.read_text()) for run in (best_resumed, best_reference))
+    assert [resumed[k] for k in keys] == [reference[k] for k in keys]
+
+
+@pytest.mark.slow
+def test_tensorboard_holds_the_logged_metrics_once_per_step_across_a_resume(best_resumed):
+    """The event files read back hold train_metrics.jsonl's numbers (as float32, TensorBoard's scalar
+    type) at the same steps, each step once although two attempts logged step 5."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(best_resumed.tensorboard_dir))
+    events.Reload()
+    assert len(list(best_resumed.tensorboard_dir.glob("events.out.tfevents.*"))) == 2  # one per attempt
+    for key in ("loss", "lr", "grad_norm", "val_loss"):
+        logged = [(row["step"], row[key]) for row in rows(best_resumed) if key in row]
+        scalars = [(e.step, e.value) for e in events.Scalars(key)]
+        assert scalars == [(step, float(np.float32(value))) for step, value in logged], key
+    assert [e.step for e in events.Scalars("loss")] == list(range(1, 9))
+
+
+def test_early_stopping_needs_validation_data_and_a_tracker_its_package(monkeypatch, tmp_path, capsys):
+    from llmbatch.cli import main
+    from llmbatch.spec import SpecError, load_spec
+
+    with pytest.raises(SpecError, match=r"^--set train.early_stopping_patience=2: train.early_stopping_patience: "
+                                        r"needs data.val_path"):
+        load_spec(JOBS / "finetune.yaml", "finetune", ["data.val_path=null", "train.early_stopping_patience=2"])
+    load_spec(JOBS / "finetune.yaml", "finetune", ["train.report_to=tensorboard"])  # installed for the tests
+    monkeypatch.setitem(sys.modules, "tensorboard", None)  # as if it were not installed
+    with pytest.raises(SpecError, match=r"train.report_to: tensorboard needs the tensorboard package, which is "
+                                        r"not installed here \(pip install tensorboard, or llmbatch\[tensorboard\]\)$"):
+        load_spec(JOBS / "finetune.yaml", "finetune", ["train.report_to=tensorboard"])
+    # The command: one line, exit 2, no run folder.
+    assert main(["finetune", "--set", "train.report_to=tensorboard", "--output", str(tmp_path / "runs"),
+                 "--executor", "local"]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "llmbatch: error: --set train.report_to=tensorboard: train.report_to: tensorboard needs the tensorboard "
+        "package, which is not installed here (pip install tensorboard, or llmbatch[tensorboard])"]
+    assert not (tmp_path / "runs").exists()
+    # In a container the image must have it; nothing to check on the submitting machine.
+    load_spec(JOBS / "finetune.yaml", "finetune", ["train.report_to=tensorboard", "container.runtime=docker",
+                                                    "container.image=llmbatch:latest"])
+    with pytest.raises(SpecError, match=r"train.report_to: must be 'none' or 'tensorboard' or 'mlflow' or 'wandb', "
+                                        r"got 'comet'"):
+        load_spec(JOBS / "finetune.yaml", "finetune", ["train.report_to=comet"])
+
+
+def test_the_fused_head_loss_stays_off_on_cpu_and_its_path_equals_the_plain_loss(model_dir):
+    """Liger-Kernel's kernel needs CUDA, so on CPU the plain path is chosen. The fused path's part that
+    is ours (the last hidden state at the target positions, the head's weight) is checked here with a
+    plain linear cross-entropy in the kernel's place; the kernel itself runs only on a GPU."""
+    from transformers import AutoModelForCausalLM
+
+    from llmbatch.runners.finetune import fused_head_loss, token_loss_sum
+    from llmbatch.spec import TrainSpec
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    assert fused_head_loss(TrainSpec(fused_loss="auto"), model) is None
+    head = model.get_output_embeddings()
+
+    def plain_linear_cross_entropy(hidden, targets):
+        return torch.nn.functional.cross_entropy(hidden @ head.weight.T, targets, ignore_index=IGNORE, reduction="sum")
+
+    generator = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(3, 250, (2, 16), generator=generator)
+    targets = torch.full_like(input_ids, IGNORE)
+    targets[0, 6:10], targets[1, 9:14] = input_ids[0, 7:11], input_ids[1, 10:15]
+    batch = {"input_ids": input_ids, "position_ids": torch.arange(16).repeat(2, 1), "targets": targets}
+    assert token_loss_sum(model, batch, plain_linear_cross_entropy).item() == \
+           pytest.approx(token_loss_sum(model, batch).item(), rel=1e-6)

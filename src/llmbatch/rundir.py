@@ -13,6 +13,8 @@
         metrics.json       both kinds: the run's numbers
         checkpoints/       fine-tuning: accelerate states, step-NNNNNN/
         adapter/           fine-tuning: the final peft adapter
+        adapter-best/      fine-tuning with validation data: the adapter of the best validation loss
+        tensorboard/, mlruns/, wandb/   fine-tuning with train.report_to: the tracker's offline logs
         merged/            fine-tuning with train.merge: the adapter merged into the base weights
         train_metrics.jsonl, loss_curve.png   fine-tuning: per-step and eval numbers, their curves
 """
@@ -191,6 +193,9 @@ class RunDir:
     train_metrics_file = property(lambda self: self.path / "train_metrics.jsonl")
     checkpoints_dir = property(lambda self: self.path / "checkpoints")
     adapter_dir = property(lambda self: self.path / "adapter")
+    adapter_best_dir = property(lambda self: self.path / "adapter-best")
+    tensorboard_dir = property(lambda self: self.path / "tensorboard")
+    mlflow_dir = property(lambda self: self.path / "mlruns")
     merged_dir = property(lambda self: self.path / "merged")
     loss_curve_file = property(lambda self: self.path / "loss_curve.png")
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
 import json
 import re
 import string
@@ -310,6 +311,33 @@ class TrainSpec:
     seed: int = 0
     merge: bool = False
     """Also write the adapter merged into the base weights (`merged/`)."""
+    early_stopping_patience: int | None = ranged(None, POSITIVE)
+    """Stop after this many evaluations in a row without a better validation loss; null: never."""
+    report_to: Literal["none", "tensorboard", "mlflow", "wandb"] = "none"
+    """Also log the metrics of train_metrics.jsonl to a tracker (accelerate's), offline, in the run folder."""
+    fused_loss: Literal["auto", "off"] = "auto"
+    """`auto`: the output head and the loss in Liger-Kernel's fused linear cross-entropy on CUDA when
+    `liger_kernel` is installed (the logits never exist in full); the plain head and loss otherwise."""
+
+    def validate(self, data: DataSpec, container: ContainerSpec) -> None:
+        _check("train.early_stopping_patience", self.early_stopping_patience is None or data.val_path is not None,
+               "needs data.val_path: early stopping compares validation losses")
+        # In a container the image must hold the package: it cannot be checked from here.
+        package = TRACKER_PACKAGES.get(self.report_to)
+        _check("train.report_to", package is None or container.runtime != "none" or _importable(package),
+               f"{self.report_to} needs the {package} package, which is not installed here "
+               f"(pip install {package}, or llmbatch[{package}])")
+
+
+TRACKER_PACKAGES = {"tensorboard": "tensorboard", "mlflow": "mlflow", "wandb": "wandb"}
+"""train.report_to -> the package its accelerate tracker imports."""
+
+
+def _importable(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # ValueError: None in sys.modules, Python's way to block an import
+        return False
 
 
 @dataclass
@@ -427,6 +455,8 @@ class JobSpec:
             _check("generation.engine", model_type in ENGINE_MODEL_TYPES,
                    f"fast: the engine runs {', '.join(ENGINE_MODEL_TYPES)} models, and {self.model.path} is "
                    f"{model_type!r} (use auto to fall back to generate)")
+        if self.kind == "finetune":
+            self.train.validate(self.data, self.container)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -19,6 +19,9 @@ LINES = (
     (Metric.TRAIN_LOSS_LAST, "train loss, last step"),
     (Metric.VAL_LOSS_FIRST, "val loss, first eval"),
     (Metric.VAL_LOSS_LAST, "val loss, last eval"),
+    (Metric.VAL_LOSS_BEST, "val loss, best eval"),
+    (Metric.BEST_STEP, "best eval's step"),
+    (Metric.STOPPED_EARLY, "stopped early"),
     (Metric.VAL_ACCURACY_LAST, "val accuracy, last eval"),
     (Metric.TRAIN_TOKENS_PER_S, "train tokens/s"),
 )
@@ -33,7 +36,7 @@ def summarize(run: RunDir) -> str:
     lines = [f"run folder: {run.path}"]
     width = max(len(label) for _, label in LINES)
     lines += [f"  {label:<{width}}  {_fmt(metrics[key])}" for key, label in LINES if key in metrics]
-    for path in (run.results_file, run.adapter_dir, run.loss_curve_file):
+    for path in (run.results_file, run.adapter_dir, run.adapter_best_dir, run.loss_curve_file):
         if path.exists():
             lines.append(f"  {path.name:<{width}}  {path}")
     if not metrics:

@@ -5,7 +5,7 @@
         optimizer.bin             \
         scheduler.bin             /  accelerate's save_state, from rank 0
         random_states_<rank>.pkl  one per rank: python, numpy, torch (and CUDA) generators
-        trainer_state.json        step, epoch, batch position, tokens, training time
+        trainer_state.json        step, epoch, batch position, tokens, training time, best validation loss
     checkpoints/.step-000123.tmp/ a save in progress, or one an attempt died in; never loaded
 
 Every rank writes into the same temporary folder (a name derived from the step, so ranks on other
@@ -44,6 +44,11 @@ class TrainState:
     """Tokens trained on, all ranks, padding excluded."""
     train_s: float = 0.0
     """Time spent in training steps, over all attempts."""
+    best_val_loss: float | None = None
+    best_step: int | None = None
+    """The evaluation adapter-best/ is from."""
+    evals_since_best: int = 0
+    """Evaluations in a row without a better validation loss (for early stopping)."""
 
 
 def complete_checkpoints(checkpoints_dir: Path) -> list[Path]:
@@ -125,4 +130,5 @@ def resume(accelerator, checkpoints_dir: Path) -> TrainState:
         return TrainState()
     accelerator.load_state(latest)
     saved = read_json(Path(latest) / STATE_FILE)
-    return TrainState(**{f.name: saved[f.name] for f in dataclasses.fields(TrainState)})
+    # A checkpoint from before a field existed lacks it: the default then.
+    return TrainState(**{f.name: saved[f.name] for f in dataclasses.fields(TrainState) if f.name in saved})

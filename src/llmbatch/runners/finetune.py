@@ -21,8 +21,19 @@ weights, optimizer, scheduler, every rank's RNG states, and the position in the 
 depends only on seed and epoch, and the consumed micro-batches are skipped), so it continues the
 trajectory an uninterrupted run would have followed.
 
+Best adapter and early stopping. Each evaluation with a lower validation loss than all before it writes
+adapter-best/; the best loss, its step and the evaluations since are in the checkpoint's train state, so a
+resumed run keeps the same best adapter and stops early at the same step as an uninterrupted one.
+
+Trackers (train.report_to) get the numbers of train_metrics.jsonl under the same names, through
+accelerate's trackers, offline, in the run folder: tensorboard/ (event files), mlruns/ (MLflow's file
+store, no server), wandb/ (offline runs, `wandb sync` uploads them). A resumed attempt opens a new
+TensorBoard event file that purges the steps after the checkpoint, which a dead attempt may have
+logged, so TensorBoard shows each step once; MLflow and wandb get one run per attempt.
+
 Writes into the run folder: train_metrics.jsonl (a row per step, one per evaluation), loss_curve.png,
-metrics.json, adapter/ (peft format: usable as model.adapter in an infer spec), merged/ with train.merge.
+metrics.json, adapter/ (peft format: usable as model.adapter in an infer spec), adapter-best/ with
+validation data, merged/ with train.merge.
 """
 
 from __future__ import annotations
@@ -33,8 +44,10 @@ import dataclasses
 import io
 import json
 import math
+import os
 import sys
 import time
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
@@ -54,7 +67,7 @@ from llmbatch.runners.checkpoint import checkpoint_trainable_weights_only, resum
 from llmbatch.runners.generation import DTYPES, Decoder, encode_prompts
 from llmbatch.runners.packing import IGNORE, EpochShuffle, collate, pack, to_sequence
 from llmbatch.runners.preemption import COLLECTIVE_TIMEOUT, PREEMPTED_EXIT, PreemptionFlag
-from llmbatch.spec import JobSpec, load_resolved
+from llmbatch.spec import JobSpec, TrainSpec, load_resolved
 
 SCHEDULES = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
 
@@ -82,6 +95,8 @@ def main(argv: list[str] | None = None) -> int:
                          InitProcessGroupKwargs(timeout=COLLECTIVE_TIMEOUT)],
         # The schedule counts optimizer steps; by default accelerate would step it once per process.
         step_scheduler_with_optimizer=False,
+        log_with=None if cfg.report_to == "none" else cfg.report_to,
+        project_dir=run.path,  # the trackers' log folder
     )
     preemption = PreemptionFlag(run.preempt_marker(args.attempt))
     run.record_rank(args.attempt, accelerator.process_index)
@@ -114,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     scheduler = get_scheduler(SCHEDULES[cfg.lr_schedule], optimizer, num_warmup_steps=cfg.warmup_steps,
                               num_training_steps=total_steps)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    head_loss = fused_head_loss(cfg, accelerator.unwrap_model(model))  # after prepare: on its device
 
     # --- resume ------------------------------------------------------------------------------------
     checkpoint_trainable_weights_only(accelerator)
@@ -122,19 +138,34 @@ def main(argv: list[str] | None = None) -> int:
         # Rows past the checkpoint were logged by an attempt that died: this one logs those steps again.
         keep = [row for row in read_jsonl(metrics_log) if row["step"] <= state.step] if state.step else []
         atomic_write(metrics_log, "".join(json.dumps(row) + "\n" for row in keep))
+    start_tracker(accelerator, spec, run, state.step, args.attempt)
     accelerator.print(f"finetune: attempt {args.attempt}, {accelerator.num_processes} process(es), "
                       f"{len(train_rows)} train rows from {spec.data.path}, {total_steps} steps, "
-                      + (f"resuming at step {state.step}" if state.step else "starting"))
+                      + (f"resuming at step {state.step}" if state.step else "starting")
+                      + (", fused head and loss (Liger-Kernel)" if head_loss else ""))
+
+    def log(row: dict) -> None:
+        if accelerator.is_main_process:
+            append_jsonl(metrics_log, row)
+        accelerator.log({k: v for k, v in row.items() if k not in ("step", "total_steps", "attempt")},
+                        step=row["step"])
 
     def evaluate_and_log() -> None:
-        row = {"step": state.step, "val_loss": evaluate_loss(accelerator, model, val_rows, collate_fn, cfg)}
+        row = {"step": state.step, "val_loss": evaluate_loss(accelerator, model, val_rows, collate_fn, cfg, head_loss)}
         row["val_ppl"] = math.exp(min(row["val_loss"], 50.0))
         if cfg.eval_accuracy:
             row["val_accuracy"] = evaluate_accuracy(accelerator, model, tokenizer, spec, val_examples)
+        log(row)
         if accelerator.is_main_process:
-            append_jsonl(metrics_log, row)
             write_loss_curve(metrics_log, run.loss_curve_file)
         accelerator.print(f"  step {state.step}: " + ", ".join(f"{k} {v:.4g}" for k, v in row.items() if k != "step"))
+        # Every rank has the same (reduced) loss, so every rank takes the same branch.
+        if state.best_val_loss is None or row["val_loss"] < state.best_val_loss:
+            state.best_val_loss, state.best_step, state.evals_since_best = row["val_loss"], state.step, 0
+            if accelerator.is_main_process:
+                save_folder(run.adapter_best_dir, accelerator.unwrap_model(model).save_pretrained)
+        else:
+            state.evals_since_best += 1
 
     # --- train -------------------------------------------------------------------------------------
     batches = micro_batches(accelerator, train_loader, state.epoch, state.batch)
@@ -155,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
             # DDP averages gradients over ranks; scaling by the rank count turns that into the sum.
             last = i == len(step_batches) - 1
             with contextlib.nullcontext() if last else accelerator.no_sync(model):  # sync once per step
-                loss = token_loss_sum(model, batch)
+                loss = token_loss_sum(model, batch, head_loss)
                 accelerator.backward(loss * accelerator.num_processes / targets.clamp(min=1))
             loss_sum += loss.detach()
         grad_norm = accelerator.clip_grad_norm_(trainable, cfg.max_grad_norm or math.inf)
@@ -173,11 +204,9 @@ def main(argv: list[str] | None = None) -> int:
         step_s = time.monotonic() - step_started
         state.train_s += step_s
         attempt_train_s += step_s
-        if accelerator.is_main_process:
-            append_jsonl(metrics_log, {"step": state.step, "total_steps": total_steps, "epoch": state.epoch,
-                                       "loss": loss, "lr": lr,
-                                       "grad_norm": grad_norm.item(), "tokens": state.tokens,
-                                       "elapsed_s": round(state.train_s, 3), "attempt": args.attempt})
+        log({"step": state.step, "total_steps": total_steps, "epoch": state.epoch, "loss": loss, "lr": lr,
+             "grad_norm": grad_norm.item(), "tokens": state.tokens, "elapsed_s": round(state.train_s, 3),
+             "attempt": args.attempt})
         if state.step % cfg.log_every_steps == 0:
             accelerator.print(f"  step {state.step}/{total_steps}: loss {loss:.4f}, lr {lr:.3g}, "
                               f"{attempt_tokens / attempt_train_s:.0f} tokens/s")
@@ -195,6 +224,10 @@ def main(argv: list[str] | None = None) -> int:
             return PREEMPTED_EXIT
         if val_rows and (state.step % cfg.eval_every_steps == 0 or state.step == total_steps):
             evaluate_and_log()
+            if cfg.early_stopping_patience and state.evals_since_best >= cfg.early_stopping_patience:
+                accelerator.print(f"finetune: no better validation loss in {state.evals_since_best} evaluations; "
+                                  f"stopping early at step {state.step} (best: step {state.best_step})")
+                break
         if (save_due or state.step % cfg.save_every_steps == 0) and state.step < total_steps:
             save_checkpoint(accelerator, run.checkpoints_dir, state, cfg.keep_last)
             last_save = time.monotonic()
@@ -204,9 +237,9 @@ def main(argv: list[str] | None = None) -> int:
         unwrapped = accelerator.unwrap_model(model)
         save_folder(run.adapter_dir, unwrapped.save_pretrained)
         rows = read_jsonl(metrics_log)
-        atomic_write_json(run.metrics_file, training_metrics(rows, state, accelerator.num_processes,
-                                                             len(train_examples), attempt_tokens, attempt_train_s,
-                                                             time.time() - started))
+        metrics = training_metrics(rows, state, accelerator.num_processes, len(train_examples), attempt_tokens,
+                                   attempt_train_s, time.time() - started)
+        atomic_write_json(run.metrics_file, metrics | {Metric.STOPPED_EARLY: state.step < total_steps})
         write_loss_curve(metrics_log, run.loss_curve_file)
         if cfg.merge:
             merged = unwrapped.merge_and_unload()
@@ -286,26 +319,55 @@ def load_lora_model(spec: JobSpec, device: torch.device):
     return get_peft_model(model, config)  # freezes every base weight
 
 
-def token_loss_sum(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+HeadLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+"""(final hidden states [N, hidden], targets [N]) -> the summed cross-entropy of the output head's logits."""
+
+
+def fused_head_loss(cfg: TrainSpec, model) -> HeadLoss | None:
+    """Liger-Kernel's fused linear cross-entropy for the output head and the loss, where it applies.
+
+    It computes the head's matmul and the cross-entropy in chunks, so the full [tokens, vocabulary]
+    logits (and their float32 copy) never exist: the biggest activation of a LoRA step. It applies with
+    train.fused_loss: auto, on CUDA (a Triton kernel), with `liger_kernel` installed, and with a plain
+    linear output head (not trained by LoRA or modules_to_save). Otherwise None: the plain path.
+    """
+    head = model.get_output_embeddings()
+    if cfg.fused_loss == "off" or head.weight.device.type != "cuda" or type(head) is not torch.nn.Linear:
+        return None
+    try:
+        from liger_kernel.transformers.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss
+    except ImportError:
+        return None
+    fused = LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE, reduction="sum")
+    return lambda hidden, targets: fused(head.weight, hidden, targets, head.bias)
+
+
+def token_loss_sum(model, batch: dict[str, torch.Tensor], head_loss: HeadLoss | None = None) -> torch.Tensor:
     """Sum of the cross-entropy over a batch's target tokens.
 
     No attention mask, only position ids (see packing.py): that is how transformers keeps attention
     inside each packed sequence. use_cache=False, as a cache would also turn that detection off.
+    With `head_loss` (fused_head_loss) the model stops before its head and `head_loss` does head and loss.
     """
     targets = batch["targets"]
     # The output head only at positions where some row has a target: with loss_on: completion the
     # prompt positions never get full-vocabulary logits, the biggest activation of a step.
     keep = (targets != IGNORE).any(dim=0).nonzero().flatten()
-    logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False,
-                   logits_to_keep=keep).logits
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets[:, keep].flatten(), ignore_index=IGNORE,
-                           reduction="sum")
+    inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
+    if head_loss is None:
+        logits = model(**inputs, logits_to_keep=keep).logits
+        return F.cross_entropy(logits.flatten(0, 1).float(), targets[:, keep].flatten(), ignore_index=IGNORE,
+                               reduction="sum")
+    # The forward still goes through the (DDP-wrapped) model; no position keeps a logit. The last hidden
+    # state is the final norm's output, the head's input.
+    hidden = model(**inputs, logits_to_keep=keep[:0], output_hidden_states=True).hidden_states[-1]
+    return head_loss(hidden[:, keep].flatten(0, 1), targets[:, keep].flatten())
 
 
 # --- evaluation ------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def evaluate_loss(accelerator, model, rows, collate_fn, cfg) -> float:
+def evaluate_loss(accelerator, model, rows, collate_fn, cfg, head_loss: HeadLoss | None) -> float:
     """Mean loss per target token over the whole validation set.
 
     Each rank takes every N-th row, unprepared: a prepared loader would repeat rows to even out the
@@ -317,7 +379,7 @@ def evaluate_loss(accelerator, model, rows, collate_fn, cfg) -> float:
     totals = torch.zeros(2, device=accelerator.device)
     for start in range(0, len(shard), cfg.micro_batch_size):
         batch = {k: v.to(accelerator.device) for k, v in collate_fn(shard[start:start + cfg.micro_batch_size]).items()}
-        totals += torch.stack([token_loss_sum(model, batch), (batch["targets"] != IGNORE).sum().float()])
+        totals += torch.stack([token_loss_sum(model, batch, head_loss), (batch["targets"] != IGNORE).sum().float()])
     model.train()
     loss_sum, targets = accelerator.reduce(totals, "sum").tolist()
     return loss_sum / max(targets, 1)
@@ -347,6 +409,33 @@ def evaluate_accuracy(accelerator, model, tokenizer, spec: JobSpec, examples) ->
 
 
 # --- outputs ---------------------------------------------------------------------------------------
+
+def start_tracker(accelerator, spec: JobSpec, run: RunDir, resumed_step: int, attempt: int) -> None:
+    """accelerate's tracker for train.report_to, offline, logging into the run folder; the spec's
+    train and lora values as its hyperparameters."""
+    tracker = spec.train.report_to
+    if tracker == "none":
+        return
+    if tracker == "tensorboard":
+        # A resumed attempt hides what a dead attempt logged after the checkpoint: it logs those steps again.
+        project, options = run.tensorboard_dir.name, {"purge_step": resumed_step + 1} if resumed_step else {}
+    elif tracker == "mlflow":
+        project, options = spec.name, {"run_name": f"{run.name}-attempt-{attempt}"}
+        if accelerator.is_main_process:
+            import mlflow
+
+            # A file store in the run folder, no server. MLflow 3 keeps that store in maintenance mode and
+            # refuses it unless this opt-out is set (a database store would need SQLAlchemy and a lock-safe
+            # file system); it still reads and writes it as before.
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+            mlflow.set_tracking_uri(run.mlflow_dir.as_uri())
+    else:
+        project, options = spec.name, {"mode": "offline", "dir": str(run.path), "name": f"{run.name}-attempt-{attempt}"}
+    # Trackers take numbers, strings and booleans: lists and null as their text.
+    config = {f"{section}.{key}": value if isinstance(value, (int, float, str, bool)) else str(value)
+              for section in ("train", "lora") for key, value in dataclasses.asdict(getattr(spec, section)).items()}
+    accelerator.init_trackers(project, config=config, init_kwargs={tracker: options})
+
 
 def write_loss_curve(metrics_log: Path, png: Path) -> None:
     import matplotlib
@@ -383,7 +472,8 @@ def training_metrics(rows: list[dict], state, world_size: int, train_examples: i
         metrics |= {Metric.TRAIN_LOSS_FIRST: steps[0]["loss"], Metric.TRAIN_LOSS_LAST: steps[-1]["loss"]}
     if evals:
         metrics |= {Metric.VAL_LOSS_FIRST: evals[0]["val_loss"], Metric.VAL_LOSS_LAST: evals[-1]["val_loss"],
-                    Metric.VAL_LOSS_BEST: min(r["val_loss"] for r in evals), Metric.VAL_PPL_LAST: evals[-1]["val_ppl"]}
+                    Metric.VAL_LOSS_BEST: state.best_val_loss, Metric.BEST_STEP: state.best_step,
+                    Metric.VAL_PPL_LAST: evals[-1]["val_ppl"]}
         if "val_accuracy" in evals[-1]:
             metrics |= {Metric.VAL_ACCURACY_FIRST: evals[0]["val_accuracy"],
                         Metric.VAL_ACCURACY_LAST: evals[-1]["val_accuracy"]}
