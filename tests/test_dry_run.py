@@ -143,3 +143,12 @@ def test_slurm_executor_without_slurm_is_one_line_and_exit_2(tmp_path, command):
     assert proc.stderr.splitlines() == ["llmbatch: error: --executor slurm: sbatch and srun not on PATH (no Slurm "
                                         "client on this machine); run where Slurm is, or use --executor local"]
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("where", ["checkout", "elsewhere"])
+def test_the_default_spec_puts_runs_under_the_current_folder(capsys, monkeypatch, tmp_path, where):
+    """Not next to the packaged default spec (inside the source tree, or site-packages once installed)."""
+    cwd = REPO if where == "checkout" else tmp_path
+    monkeypatch.chdir(cwd)
+    _, argv = dry_run(capsys, "infer", "--executor", "local")
+    assert flag(argv, "--run-dir").startswith(f"{cwd}/runs/parity-infer-")
