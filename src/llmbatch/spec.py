@@ -315,10 +315,10 @@ class TrainSpec:
     """Stop after this many evaluations in a row without a better validation loss; null: never."""
     report_to: Literal["none", "tensorboard", "mlflow", "wandb"] = "none"
     """Also log the metrics of train_metrics.jsonl to a tracker (accelerate's), offline, in the run folder."""
-    fused_loss: Literal["auto", "off"] = "off"
-    """`auto`: the output head and the loss in Liger-Kernel's fused linear cross-entropy on CUDA when
-    `liger_kernel` is installed (the logits never exist in full); the plain head and loss otherwise.
-    Off by default until the fused path has been checked and measured on a GPU."""
+    liger: Literal["auto", "off"] = "auto"
+    """`auto`: Liger-Kernel's Triton kernels on CUDA when `liger_kernel` is installed and knows the
+    architecture: the output head and the loss in its fused linear cross-entropy (the logits never exist
+    in full), and its RMSNorm, SwiGLU and RoPE; `off`, on CPU or without the package: plain PyTorch."""
 
     def validate(self, data: DataSpec, container: ContainerSpec) -> None:
         _check("train.early_stopping_patience", self.early_stopping_patience is None or data.val_path is not None,
