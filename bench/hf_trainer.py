@@ -42,7 +42,8 @@ def load_examples(path: str, tokenizer, seq_len: int, attention_mask: bool) -> l
         completion = tokenizer(record["completion"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         ids = (prompt + completion)[: seq_len + 1][:-1]
         labels = [-100] * min(len(prompt), len(ids)) + ids[len(prompt):]
-        examples.append({"input_ids": ids, "labels": labels} | ({"attention_mask": [1] * len(ids)} if attention_mask else {}))
+        example = {"input_ids": ids, "labels": labels}
+        examples.append(example | {"attention_mask": [1] * len(ids)} if attention_mask else example)
     return examples
 
 

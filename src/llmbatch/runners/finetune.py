@@ -141,7 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     accelerator.print(f"finetune: attempt {args.attempt}, {accelerator.num_processes} process(es), "
                       f"{len(train_rows)} train rows from {spec.data.path}, {total_steps} steps, "
                       + (f"resuming at step {state.step}" if state.step else "starting")
-                      + (", Liger-Kernel's kernels" + (" and fused head and loss" if head_loss else "") if liger else ""))
+                      + (", Liger-Kernel's kernels" if liger else "")
+                      + (" with the fused head and loss" if head_loss else ""))
 
     def log(row: dict) -> None:
         if accelerator.is_main_process:
