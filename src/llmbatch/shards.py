@@ -145,3 +145,21 @@ def read_progress(run: RunDir) -> dict[str, Any]:
     return {"done": sum(len(complete_lines(s.path)) for s in shards), "total": total, "attempt": attempt,
             "done_this_attempt": sum(ranks.values()), "ranks": ranks,
             "ranks_finished": sum(read_stats(s) is not None for s in shards if s.attempt == attempt)}
+
+
+def task_progress(run: RunDir, ranks_per_task: int) -> dict[int, int]:
+    """Records per array task, over all attempts (task t wrote the shards of ranks t*G .. t*G+G-1)."""
+    done: dict[int, int] = {}
+    for shard in list_shards(run):
+        done[shard.rank // ranks_per_task] = done.get(shard.rank // ranks_per_task, 0) + len(complete_lines(shard.path))
+    return done
+
+
+def finished_tasks(run: RunDir, ranks_per_task: int) -> set[int]:
+    """The array tasks that did their whole share: every rank of one of their attempts finished it."""
+    finished: dict[tuple[int, int], int] = {}
+    for shard in list_shards(run):
+        if read_stats(shard) is not None:
+            key = (shard.attempt, shard.rank // ranks_per_task)
+            finished[key] = finished.get(key, 0) + 1
+    return {task for (_, task), ranks in finished.items() if ranks == ranks_per_task}
