@@ -160,9 +160,9 @@ def submit_and_wait(spec: JobSpec, run: RunDir, executor: str, *, wait: bool, he
     run.update_state(executor=executor, job_ids=run.read_state().get("job_ids", []) + [job_id], **state,
                      **local_identity(executor, jobs[0]))
     attempt = f" (attempt {attempt_base})" if attempt_base else ""
-    what = f"array job: {job_id} ({len(jobs)} tasks: {', '.join(map(str, tasks))})" if tasks is not None \
-        else f"job: {job_id}"
-    print(f"{header}\n{executor} {what}{attempt}")
+    print(f"{header}\n{executor} job: {job_id}{attempt}")
+    if tasks is not None:
+        print(f"array tasks: {' '.join(map(str, tasks))}")
     if executor == "slurm" and not wait:
         print(f"follow it with: python submit.py status {run.path}")
         return 0
