@@ -153,10 +153,10 @@ def submit_and_wait(spec: JobSpec, run: RunDir, executor: str, *, wait: bool, he
         job_id = jobs[0].job_id
     else:
         tasks = list(range(spec.resources.array)) if tasks is None else tasks
+        run.update_state(ranks_per_task=spec.resources.gpus_per_node)  # before any task records itself
         jobs = slurm.submit_array(ex, plan, tasks)
         job_id = jobs[0].job_id.split("_")[0]  # the array's; its tasks are <id>_<index>
         run.update_tasks({task: {"job_id": job.job_id} for task, job in zip(tasks, jobs)})
-        state["ranks_per_task"] = spec.resources.gpus_per_node
     run.update_state(executor=executor, job_ids=run.read_state().get("job_ids", []) + [job_id], **state,
                      **local_identity(executor, jobs[0]))
     attempt = f" (attempt {attempt_base})" if attempt_base else ""
