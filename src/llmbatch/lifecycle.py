@@ -192,7 +192,8 @@ def array_status(run: RunDir, state: dict) -> RunStatus:
     overall = array_state([row["state"] for row in rows])
     started = min((info["attempt_started"] for info in tasks.values() if "attempt_started" in info), default=None)
     return RunStatus(run=str(run.path), kind=state.get("kind", "?"), executor=state.get("executor", "?"),
-                     job_id=(state.get("job_ids") or [None])[-1], state=overall, requeues=sum(row["requeues"] for row in rows),
+                     job_id=(state.get("job_ids") or [None])[-1], state=overall,
+                     requeues=sum(row["requeues"] for row in rows),
                      attempt=max(row["attempt"] for row in rows),
                      progress=progress(run, "infer", started if overall == "RUNNING" else None), tasks=rows)
 
