@@ -222,3 +222,16 @@ def test_one_task_killed_is_redone_alone_by_resume(infer_reference, tmp_path):
     assert s["state"] == "COMPLETED" or final_state(run) == "COMPLETED"  # sacct may lag a moment
     assert s["progress"]["done"] == 1000
     assert "already complete" in submit_cli("resume", str(run.path)).stdout
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_cancel_cancels_every_task_running_or_pending(slurm_cluster, cache_dir, tmp_path):
+    # At most two at once: two tasks wait in the queue when cancel comes (the last --array counts).
+    proc = submit_cli("infer", *ARRAY, "--array", "4%2", "--output", str(tmp_path), *INFER)
+    run = run_folder(proc)
+    assert "#SBATCH --array=0-3%2" in (run.submitit_dir / f"{job_id(proc)}_submission.sh").read_text()
+    wait_for("a task running", lambda: any(t["state"] == "RUNNING" for t in status(run)["tasks"]))
+    assert submit_cli("cancel", str(run.path)).stdout.strip() == f"cancelled slurm job {job_id(proc)}"
+    assert final_state(run) == "CANCELLED"
+    assert [t["state"] for t in status(run)["tasks"]] == ["CANCELLED"] * 4
