@@ -4,7 +4,9 @@ The recipe: load the spec, data and model; skip inputs an earlier attempt finish
 over the ranks by tokens; complete them with the engine (continuous batching, runners/engine/) or,
 where it cannot run the model, with `generate` in length-sorted batches within a token budget;
 append finished inputs to this rank's shard in small groups; when every rank is done, the main
-process merges the shards.
+process merges the shards. An array task (`--task T`, resources.array) first takes its own share of
+the inputs, split over the tasks by tokens, and its main process merges only if it is the last task
+to finish.
 
 At a preemption signal (SIGUSR2, forwarded by the node job) or SIGTERM a rank admits no more inputs,
 writes what has finished, and exits with PREEMPTED_EXIT within a decode step (the engine) or a batch
