@@ -142,12 +142,14 @@ def local_state(run: RunDir, job_id: str) -> str:
     return "RUNNING" if local_job_alive(run.read_state(), job_id) else "STOPPED"
 
 
-def progress(run: RunDir, kind: str, started: float | None) -> dict:
-    """Done/total and ETA for inference (from the shards), step and loss for fine-tuning."""
+def progress(run: RunDir, kind: str, started: float | None, done_since_started: int | None = None) -> dict:
+    """Done/total and ETA for inference (from the shards), step and loss for fine-tuning.
+
+    The rate is of what was done since `started`: by default the latest attempt's records."""
     if kind == "infer":
         p = read_progress(run)
         done, total = p["done"], p["total"]
-        rate_base = p.get("done_this_attempt", done)
+        rate_base = p.get("done_this_attempt", done) if done_since_started is None else done_since_started
     else:
         rows = read_jsonl(run.train_metrics_file)
         steps = [r for r in rows if "loss" in r]
@@ -185,17 +187,21 @@ def array_status(run: RunDir, state: dict) -> RunStatus:
     """A job array's status: each task's Slurm state and progress, and the array's as a whole."""
     tasks = {int(task): info for task, info in state["tasks"].items()}
     job_states = slurm_states([info["job_id"] for info in tasks.values()])
-    done = task_progress(run, state["ranks_per_task"])
+    counts = task_progress(run, state["ranks_per_task"], {task: info.get("attempt") for task, info in tasks.items()})
+    done = {task: counts.get(task, {}).get("done", 0) for task in tasks}
     rows = [{"task": task, "job_id": info["job_id"], "state": job_states[info["job_id"]],
-             "attempt": info.get("attempt", 0), "requeues": info.get("requeues", 0), "done": done.get(task, 0),
+             "attempt": info.get("attempt", 0), "requeues": info.get("requeues", 0), "done": done[task],
              **({"inputs": info["inputs"]} if "inputs" in info else {})} for task, info in sorted(tasks.items())]
     overall = array_state([row["state"] for row in rows])
+    # The rate: what the tasks' current attempts did since the first of them started.
     started = min((info["attempt_started"] for info in tasks.values() if "attempt_started" in info), default=None)
+    done_since_started = sum(c["done_this_attempt"] for c in counts.values())
     return RunStatus(run=str(run.path), kind=state.get("kind", "?"), executor=state.get("executor", "?"),
                      job_id=(state.get("job_ids") or [None])[-1], state=overall,
                      requeues=sum(row["requeues"] for row in rows),
                      attempt=max(row["attempt"] for row in rows),
-                     progress=progress(run, "infer", started if overall == "RUNNING" else None), tasks=rows)
+                     progress=progress(run, "infer", started if overall == "RUNNING" else None, done_since_started),
+                     tasks=rows)
 
 
 def unfinished_tasks(run: RunDir) -> list[int]:

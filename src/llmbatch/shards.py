@@ -147,12 +147,16 @@ def read_progress(run: RunDir) -> dict[str, Any]:
             "ranks_finished": sum(read_stats(s) is not None for s in shards if s.attempt == attempt)}
 
 
-def task_progress(run: RunDir, ranks_per_task: int) -> dict[int, int]:
-    """Records per array task, over all attempts (task t wrote the shards of ranks t*G .. t*G+G-1)."""
-    done: dict[int, int] = {}
+def task_progress(run: RunDir, ranks_per_task: int, attempts: dict[int, int]) -> dict[int, dict[str, int]]:
+    """Records per array task over all its attempts (`done`) and in its attempt `attempts[task]`
+    (`done_this_attempt`); task t writes the shards of ranks t*G .. t*G+G-1."""
+    progress: dict[int, dict[str, int]] = {}
     for shard in list_shards(run):
-        done[shard.rank // ranks_per_task] = done.get(shard.rank // ranks_per_task, 0) + len(complete_lines(shard.path))
-    return done
+        task, records = shard.rank // ranks_per_task, len(complete_lines(shard.path))
+        counts = progress.setdefault(task, {"done": 0, "done_this_attempt": 0})
+        counts["done"] += records
+        counts["done_this_attempt"] += records if shard.attempt == attempts.get(task) else 0
+    return progress
 
 
 def finished_tasks(run: RunDir, ranks_per_task: int) -> set[int]:
