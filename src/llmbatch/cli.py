@@ -19,6 +19,7 @@ from llmbatch.gather import gather_run
 from llmbatch.jobstep import example_place, make_plan, node_command
 from llmbatch.models import check_model
 from llmbatch.rundir import DamagedRun, RunBusy, RunDir, atomic_write
+from llmbatch.runners.checkpoint import CheckpointMismatch, check_resumable
 from llmbatch.summary import summarize
 from llmbatch.spec import (EMBEDDED_MODEL, JobSpec, SpecError, apply_override, dump_spec, load_resolved,
                            load_spec)
@@ -184,13 +185,19 @@ def cmd_resume(args: argparse.Namespace) -> int:
         if run.results_file.exists() or (status.kind == "finetune" and run.adapter_dir.exists()):
             print(f"{run.path}: already complete, nothing to resume")
             return 0
+        spec = load_resolved(run.spec_file)
+        if spec.kind == "finetune":
+            try:
+                check_resumable(run.checkpoints_dir, spec)
+            except CheckpointMismatch as e:
+                raise UsageError(str(e)) from None
         if live := wait_for_ranks_to_end(run, RANK_EXIT_GRACE_S):
             raise UsageError(f"{run.path}: {live[0]['name']} is still running here (pid {live[0]['pid']}), "
                              f"though its job has ended; stop it before resuming, or two attempts would "
                              f"write the same results")
         executor = slurm.pick_executor(args.executor) if args.executor else status.executor
         require_slurm_commands(executor)
-        return submit_and_wait(load_resolved(run.spec_file), run, executor, wait=args.wait,
+        return submit_and_wait(spec, run, executor, wait=args.wait,
                                header=f"resumed {run.path}", attempt_base=status.attempt + 1)
 
 

@@ -63,7 +63,8 @@ from llmbatch import scoring
 from llmbatch.data import load_examples
 from llmbatch.metrics import Metric
 from llmbatch.rundir import RunDir, append_jsonl, atomic_write, atomic_write_json, read_jsonl, save_folder
-from llmbatch.runners.checkpoint import checkpoint_trainable_weights_only, resume, save_checkpoint
+from llmbatch.runners.checkpoint import (CheckpointMismatch, checkpoint_trainable_weights_only, resume,
+                                         save_checkpoint, spec_fingerprint)
 from llmbatch.runners.generation import DTYPES, Decoder, encode_prompts
 from llmbatch.runners.packing import IGNORE, EpochShuffle, collate, pack, to_sequence
 from llmbatch.runners.preemption import COLLECTIVE_TIMEOUT, PREEMPTED_EXIT, PreemptionFlag
@@ -133,7 +134,8 @@ def main(argv: list[str] | None = None) -> int:
 
     # --- resume ------------------------------------------------------------------------------------
     checkpoint_trainable_weights_only(accelerator)
-    state = resume(accelerator, run.checkpoints_dir)
+    fingerprint = spec_fingerprint(spec)  # what this run's checkpoints are valid for
+    state = resume(accelerator, run.checkpoints_dir, fingerprint)
     if accelerator.is_main_process:
         # Rows past the checkpoint were logged by an attempt that died: this one logs those steps again.
         keep = [row for row in read_jsonl(metrics_log) if row["step"] <= state.step] if state.step else []
@@ -218,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
             dtype=torch.float32, device=accelerator.device), "max").tolist()
         if preempted:
             # An evaluation due at this step is skipped: the warning period is for saving.
-            path = save_checkpoint(accelerator, run.checkpoints_dir, state, cfg.keep_last)
+            path = save_checkpoint(accelerator, run.checkpoints_dir, state, cfg.keep_last, fingerprint)
             accelerator.print(f"finetune: preempted at step {state.step}; saved {path}; exiting {PREEMPTED_EXIT}")
             accelerator.end_training()
             return PREEMPTED_EXIT
@@ -229,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
                                   f"stopping early at step {state.step} (best: step {state.best_step})")
                 break
         if (save_due or state.step % cfg.save_every_steps == 0) and state.step < total_steps:
-            save_checkpoint(accelerator, run.checkpoints_dir, state, cfg.keep_last)
+            save_checkpoint(accelerator, run.checkpoints_dir, state, cfg.keep_last, fingerprint)
             last_save = time.monotonic()
 
     # --- outputs -----------------------------------------------------------------------------------
@@ -483,6 +485,6 @@ def training_metrics(rows: list[dict], state, world_size: int, train_examples: i
 if __name__ == "__main__":
     try:
         sys.exit(main())
-    except TooShortForData as e:  # the spec's mistake, not a crash: one line in the log
+    except (TooShortForData, CheckpointMismatch) as e:  # the spec's mistake, not a crash: one line in the log
         print(f"llmbatch: error: {e}", file=sys.stderr)
         sys.exit(2)
