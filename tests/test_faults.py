@@ -4,11 +4,15 @@ duplicated. (A damaged checkpoint: test_finetune.py.)"""
 
 from __future__ import annotations
 
+import errno
 import subprocess
+from pathlib import Path
 
 import pytest
 
-from helpers import PYTHON, REPO, submit_cli, wait_for
+from helpers import PYTHON, REPO, run_folder, submit_cli, wait_for
+from llmbatch.rundir import RunDir
+from llmbatch.shards import read_records
 
 pytestmark = pytest.mark.slow
 
@@ -40,3 +44,58 @@ def test_two_resumes_at_once_one_wins_the_other_gets_one_line(make_run):
     assert first.returncode == 0, err[-3000:]
     assert len(run.results_file.read_text().splitlines()) == 40
     assert len(run.read_state()["job_ids"]) == 2  # the second submitted nothing
+
+
+# --- a full file system ----------------------------------------------------------------------------
+
+@pytest.fixture
+def small_fs(tmp_path):
+    """A 16 MiB tmpfs as the output root: shared storage that the test fills up (mounting needs root)."""
+    mount = tmp_path / "small-fs"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "llmbatch-test", str(mount)], check=True)
+    yield mount
+    subprocess.run(["umount", str(mount)], check=True)
+
+
+def fill(folder: Path) -> Path:
+    """A file that takes all the free space of `folder`'s file system (it is deleted to free it)."""
+    ballast = folder / "ballast"
+    with open(ballast, "wb", buffering=0) as f:
+        for chunk in (1 << 16, 1 << 12, 1):
+            try:
+                while True:
+                    f.write(b"\xff" * chunk)
+            except OSError as e:
+                assert e.errno == errno.ENOSPC
+    return ballast
+
+
+INFER_MANY_BATCHES = ["--set", "data.max_samples=120", "--set", "generation.max_new_tokens=16",
+                      "--set", "generation.engine=hf", "--set", "generation.batch_tokens=160"]
+
+
+def test_inference_on_a_full_disk_fails_in_one_line_and_resume_completes_it(small_fs, tmp_path, cache_dir):
+    reference = run_folder(submit_cli("infer", "--executor", "local", "--output", str(tmp_path / "ref"),
+                                      *INFER_MANY_BATCHES))
+    proc = subprocess.Popen([PYTHON, str(REPO / "submit.py"), "infer", "--executor", "local", "--output",
+                             str(small_fs), *INFER_MANY_BATCHES], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    shard = wait_for("the first results in a shard", lambda: next(
+        (p for p in small_fs.glob("*/shards/attempt-000-rank-00000.jsonl") if p.read_bytes().count(b"\n")), None))
+    run = RunDir(shard.parent.parent)
+    ballast = fill(small_fs)
+    out, err = proc.communicate(timeout=300)
+
+    assert proc.returncode == 1, out[-3000:] + err[-3000:]
+    failed = err.splitlines()[-1]
+    assert failed.startswith("job failed: node 0: ") and failed.endswith(
+        f": no space left on device; free space there, then: python submit.py resume {run.path}"), err[-3000:]
+    assert str(run.path) in failed.split(": no space left")[0]
+    assert not run.results_file.exists() and not run.metrics_file.exists()
+    done = read_records(shard)  # a torn last line is no record; every complete one is
+    assert 0 < len(done) < 120
+
+    ballast.unlink()
+    submit_cli("resume", str(run.path))
+    assert run.results_file.read_bytes() == reference.results_file.read_bytes()

@@ -130,6 +130,10 @@ def submit_and_wait(spec: JobSpec, run: RunDir, executor: str, *, wait: bool, he
                     **state) -> int:
     """Submit the run's job step and record its job id (and `state`); then, unless it went to Slurm
     without --wait, wait for it and print the summary."""
+    try:  # so that a job that fills the file system can still say so (runners/faults.py)
+        run.reserve_space()
+    except OSError as e:
+        raise UsageError(f"{run.path}: cannot write there: {e.strerror}") from None
     job = slurm.submit(slurm.make_executor(executor, spec, run), make_plan(spec, run.path, attempt_base))
     run.update_state(executor=executor, job_ids=run.read_state().get("job_ids", []) + [job.job_id], **state,
                      **local_identity(executor, job))
@@ -153,7 +157,8 @@ def wait_and_summarize(job, run: RunDir, show_log: bool) -> int:
         print(f"\ncancelled; resume later with: python submit.py resume {run.path}", file=sys.stderr)
         return 130
     except Exception as e:  # the job's own error, already logged in the run folder
-        print(f"run folder: {run.path}\njob failed: {e}", file=sys.stderr)
+        # A rank's own line says it all (a full disk, a silent rank); else the job's error and log tail.
+        print(f"run folder: {run.path}\njob failed: {lifecycle.rank_error(run) or e}", file=sys.stderr)
         return 1
     print(summarize(run))
     return 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 import signal
 import subprocess
 import sys
@@ -128,6 +129,22 @@ def run_status(run: RunDir) -> RunStatus:
                      requeues=state.get("requeues", 0), attempt=state.get("attempt", 0),
                      # An ETA only while it runs: a pending or stopped job's rate means nothing.
                      progress=progress(run, kind, state.get("attempt_started") if job_state == "RUNNING" else None))
+
+
+_RANK_ERROR = re.compile(r"^(?:\[(?:default|rank)(\d+)\]:)?llmbatch: error: (.*)$")
+
+
+def rank_error(run: RunDir) -> str | None:
+    """The one line a rank of the latest attempt ended with (runners/faults.py), naming its node and
+    rank, or None if no rank left one."""
+    for log in sorted(run.logs_dir.glob("node-*.log")):
+        text = log.read_text(errors="replace")
+        latest = text[text.rfind("\n== attempt ") + 1:]  # node logs hold every attempt, each after its header
+        for line in latest.splitlines():
+            if m := _RANK_ERROR.match(line):
+                rank = f", rank {m.group(1)}" if m.group(1) else ""
+                return f"{log.stem.replace('-', ' ')}{rank}: {m.group(2)}"
+    return None
 
 
 def find_runs(root: Path) -> list[RunDir]:

@@ -97,6 +97,11 @@ def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
+SPACE_RESERVE_BYTES = 1 << 20
+"""Held in every run folder while its job runs (`RunDir.reserve_space`), given back by a process that
+finds the file system full, so that its error line, the node's log and submitit's result still fit."""
+
+
 class DamagedRun(ValueError):
     """A run folder file that exists but cannot be read: one line naming the file."""
 
@@ -198,6 +203,22 @@ class RunDir:
     mlflow_dir = property(lambda self: self.path / "mlruns")
     merged_dir = property(lambda self: self.path / "merged")
     loss_curve_file = property(lambda self: self.path / "loss_curve.png")
+
+    space_reserve = property(lambda self: self.path / ".space-reserve")
+
+    def reserve_space(self) -> None:
+        # Random bytes: a compressing file system (ZFS, btrfs) would store zeros in almost no space.
+        try:
+            with open(self.space_reserve, "wb") as f:
+                f.write(os.urandom(SPACE_RESERVE_BYTES))
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError:
+            self.release_space()
+            raise
+
+    def release_space(self) -> None:
+        self.space_reserve.unlink(missing_ok=True)
 
     def node_log(self, node: int) -> Path:
         return self.logs_dir / f"node-{node}.log"

@@ -65,6 +65,7 @@ from llmbatch.metrics import Metric
 from llmbatch.rundir import RunDir, append_jsonl, atomic_write, atomic_write_json, read_jsonl, save_folder
 from llmbatch.runners.checkpoint import (CheckpointMismatch, checkpoint_trainable_weights_only, resume,
                                          save_checkpoint, spec_fingerprint)
+from llmbatch.runners.faults import run_rank
 from llmbatch.runners.generation import DTYPES, Decoder, encode_prompts
 from llmbatch.runners.packing import IGNORE, EpochShuffle, collate, pack, to_sequence
 from llmbatch.runners.preemption import COLLECTIVE_TIMEOUT, PREEMPTED_EXIT, PreemptionFlag
@@ -247,6 +248,7 @@ def main(argv: list[str] | None = None) -> int:
             merged = unwrapped.merge_and_unload()
             save_folder(run.merged_dir, lambda out: (merged.save_pretrained(out), tokenizer.save_pretrained(out)))
         accelerator.print(f"finetune: done at step {state.step}; adapter in {run.adapter_dir}")
+        run.release_space()  # the run is complete: nothing more to report a full disk for
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return 0
@@ -483,8 +485,4 @@ def training_metrics(rows: list[dict], state, world_size: int, train_examples: i
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except (TooShortForData, CheckpointMismatch) as e:  # the spec's mistake, not a crash: one line in the log
-        print(f"llmbatch: error: {e}", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(run_rank(main, parse_args(sys.argv[1:]).run_dir, spec_errors=(TooShortForData, CheckpointMismatch)))

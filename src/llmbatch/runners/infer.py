@@ -32,6 +32,7 @@ from llmbatch.metrics import Metric
 from llmbatch.models import prompt_token_limit
 from llmbatch.rundir import RunDir
 from llmbatch.runners.engine.runner import Engine, choose_engine
+from llmbatch.runners.faults import run_rank
 from llmbatch.runners.generation import (Completion, Decoder, batch_token_budget, encode_prompts, fit_to_context,
                                          load_model)
 from llmbatch.runners.preemption import COLLECTIVE_TIMEOUT, PREEMPTED_EXIT, PreemptionFlag
@@ -129,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     if accelerator.is_main_process:
         metrics = merge_shards(run, examples)
         print(f"gathered {metrics[Metric.EXAMPLES]} results into {run.results_file}", flush=True)
+        run.release_space()  # the run is complete: nothing more to report a full disk for
     accelerator.end_training()  # nothing to do with training: it releases the process groups
     return 0
 
@@ -212,4 +214,4 @@ class FinishLine:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_rank(main, parse_args(sys.argv[1:]).run_dir))
