@@ -5,13 +5,14 @@ duplicated. (A damaged checkpoint: test_finetune.py.)"""
 from __future__ import annotations
 
 import errno
+import os
 import subprocess
 from pathlib import Path
 
 import pytest
 
 from helpers import PYTHON, REPO, run_folder, submit_cli, wait_for
-from llmbatch.rundir import RunDir
+from llmbatch.rundir import RunDir, read_jsonl
 from llmbatch.shards import read_records
 
 pytestmark = pytest.mark.slow
@@ -99,3 +100,45 @@ def test_inference_on_a_full_disk_fails_in_one_line_and_resume_completes_it(smal
     ballast.unlink()
     submit_cli("resume", str(run.path))
     assert run.results_file.read_bytes() == reference.results_file.read_bytes()
+
+
+FINETUNE_SMALL = [arg for setting in ("data.max_samples=60", "train.max_steps=12", "train.seq_len=64",
+                                      "train.micro_batch_size=4", "train.grad_accum_steps=2", "train.warmup_steps=2",
+                                      "train.eval_every_steps=100", "train.save_every_steps=4", "train.keep_last=2",
+                                      "train.eval_accuracy=false", "lora.dropout=0.1")
+                  for arg in ("--set", setting)]
+
+
+def trajectory(run: RunDir) -> list[tuple]:
+    keys = ("step", "loss", "lr", "grad_norm", "tokens", "epoch", "val_loss")
+    return [tuple(row.get(k) for k in keys) for row in read_jsonl(run.train_metrics_file)]
+
+
+def test_a_checkpoint_save_on_a_full_disk_fails_in_one_line_and_resume_continues_exactly(small_fs, tmp_path,
+                                                                                          cache_dir):
+    reference = run_folder(submit_cli("finetune", "--executor", "local", "--output", str(tmp_path / "ref"),
+                                      *FINETUNE_SMALL))
+    proc = subprocess.Popen([PYTHON, str(REPO / "submit.py"), "finetune", "--executor", "local", "--output",
+                             str(small_fs), *FINETUNE_SMALL], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    first = wait_for("the first checkpoint", lambda: next(small_fs.glob("*/checkpoints/step-000004/manifest.json"),
+                                                          None))
+    run = RunDir(first.parent.parent.parent)
+    ballast = fill(small_fs)
+    # Room for the steps' log lines, not for the next checkpoint (about 1.8 MB).
+    os.truncate(ballast, ballast.stat().st_size - (1 << 20))
+    out, err = proc.communicate(timeout=300)
+
+    assert proc.returncode == 1, out[-3000:] + err[-3000:]
+    failed = err.splitlines()[-1]
+    assert failed.startswith("job failed: node 0: ") and failed.endswith(
+        f": no space left on device; free space there, then: python submit.py resume {run.path}"), err[-3000:]
+    assert sorted(p.name for p in run.checkpoints_dir.glob("step-*")) == ["step-000004"]
+    assert not run.adapter_dir.exists() and not run.metrics_file.exists()
+
+    ballast.unlink()
+    resumed = submit_cli("resume", str(run.path))
+    assert "resuming at step 4" in resumed.stdout
+    assert (run.adapter_dir / "adapter_model.safetensors").read_bytes() == \
+           (reference.adapter_dir / "adapter_model.safetensors").read_bytes()
+    assert trajectory(run) == trajectory(reference)
