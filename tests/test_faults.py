@@ -1,14 +1,17 @@
 """Faults a cluster really has, end to end on this machine, where Slurm plays no part: two `resume`s of
-one run at once, and a full output file system. What the user sees, and that nothing is lost or
-duplicated. (A damaged checkpoint: test_finetune.py.)"""
+one run at once, a full output file system, a rank that stops. What the user sees, and that nothing is
+lost or duplicated. (A damaged checkpoint: test_finetune.py.)"""
 
 from __future__ import annotations
 
 import errno
 import os
+import socket
 import subprocess
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from helpers import PYTHON, REPO, run_folder, submit_cli, wait_for
@@ -76,9 +79,15 @@ INFER_MANY_BATCHES = ["--set", "data.max_samples=120", "--set", "generation.max_
                       "--set", "generation.engine=hf", "--set", "generation.batch_tokens=160"]
 
 
-def test_inference_on_a_full_disk_fails_in_one_line_and_resume_completes_it(small_fs, tmp_path, cache_dir):
-    reference = run_folder(submit_cli("infer", "--executor", "local", "--output", str(tmp_path / "ref"),
-                                      *INFER_MANY_BATCHES))
+@pytest.fixture(scope="module")
+def infer_reference(tmp_path_factory, cache_dir) -> RunDir:
+    """An uninterrupted run of INFER_MANY_BATCHES on one process."""
+    return run_folder(submit_cli("infer", "--executor", "local", "--output", str(tmp_path_factory.mktemp("ref")),
+                                 *INFER_MANY_BATCHES))
+
+
+def test_inference_on_a_full_disk_fails_in_one_line_and_resume_completes_it(small_fs, infer_reference):
+    reference = infer_reference
     proc = subprocess.Popen([PYTHON, str(REPO / "submit.py"), "infer", "--executor", "local", "--output",
                              str(small_fs), *INFER_MANY_BATCHES], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
@@ -142,3 +151,46 @@ def test_a_checkpoint_save_on_a_full_disk_fails_in_one_line_and_resume_continues
     assert (run.adapter_dir / "adapter_model.safetensors").read_bytes() == \
            (reference.adapter_dir / "adapter_model.safetensors").read_bytes()
     assert trajectory(run) == trajectory(reference)
+
+
+# --- a rank that stops -----------------------------------------------------------------------------
+
+def rank_process(run: RunDir, rank: int) -> psutil.Process:
+    """The process of one rank of the run (the launcher passes the rank in RANK)."""
+    def find():
+        for proc in psutil.process_iter(["cmdline"]):
+            try:
+                if str(run.path) in (proc.info["cmdline"] or []) and "llmbatch.runners.infer" in proc.info["cmdline"] \
+                        and proc.environ().get("RANK") == str(rank):
+                    return proc
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                pass
+        return None
+    return wait_for(f"rank {rank}", find, timeout=60)
+
+
+def test_a_stopped_rank_fails_the_job_in_one_line_naming_it_and_resume_finishes(tmp_path, infer_reference):
+    root = tmp_path / "runs"
+    proc = subprocess.Popen([PYTHON, str(REPO / "submit.py"), "infer", "--executor", "local", "--gpus", "2",
+                             "--output", str(root), "--set", "resources.collective_timeout_s=5", *INFER_MANY_BATCHES],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    shard = wait_for("rank 1's first results", lambda: next(
+        (p for p in root.glob("*/shards/attempt-000-rank-00001.jsonl") if p.read_bytes().count(b"\n")), None))
+    run = RunDir(shard.parent.parent)
+    rank1 = rank_process(run, 1)
+    rank1.suspend()  # SIGSTOP: alive, silent, holding its peers and the allocation
+    stopped = time.monotonic()
+    out, err = proc.communicate(timeout=300)
+    took = time.monotonic() - stopped
+
+    assert proc.returncode == 1, out[-3000:] + err[-3000:]
+    assert err.splitlines()[-1].startswith(
+        f"job failed: node 0: rank 1 on {socket.gethostname()} (pid {rank1.pid}) sent no heartbeat for ")
+    assert err.splitlines()[-1].endswith(
+        f" s (resources.collective_timeout_s=5): stopped or hung; killed it; finish the run with: python submit.py "
+        f"resume {run.path}")
+    assert took < 60, f"the job took {took:.0f} s to notice"
+    assert not rank1.is_running() or rank1.status() == psutil.STATUS_ZOMBIE
+
+    submit_cli("resume", str(run.path))
+    assert run.results_file.read_bytes() == infer_reference.results_file.read_bytes()

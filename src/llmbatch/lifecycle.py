@@ -131,7 +131,9 @@ def run_status(run: RunDir) -> RunStatus:
                      progress=progress(run, kind, state.get("attempt_started") if job_state == "RUNNING" else None))
 
 
-_RANK_ERROR = re.compile(r"^(?:\[(?:default|rank)(\d+)\]:)?llmbatch: error: (.*)$")
+# Anywhere in a line: a progress bar's unfinished line may come first. torchrun's --tee prefixes a
+# rank's lines with [defaultN]: (N: the local rank).
+_RANK_ERROR = re.compile(r"(?:\[(?:default|rank)(\d+)\]:)?llmbatch: error: (.*)$")
 
 
 def rank_error(run: RunDir) -> str | None:
@@ -141,8 +143,8 @@ def rank_error(run: RunDir) -> str | None:
         text = log.read_text(errors="replace")
         latest = text[text.rfind("\n== attempt ") + 1:]  # node logs hold every attempt, each after its header
         for line in latest.splitlines():
-            if m := _RANK_ERROR.match(line):
-                rank = f", rank {m.group(1)}" if m.group(1) else ""
+            if m := _RANK_ERROR.search(line):
+                rank = f", local rank {m.group(1)}" if m.group(1) else ""
                 return f"{log.stem.replace('-', ' ')}{rank}: {m.group(2)}"
     return None
 

@@ -236,10 +236,14 @@ class RunDir:
 
     ranks_dir = property(lambda self: self.path / "ranks")
 
+    def rank_record(self, attempt: int, rank: int) -> Path:
+        """Which process runs this rank of this attempt; its mtime is the rank's heartbeat."""
+        return self.ranks_dir / f"attempt-{attempt:03d}-rank-{rank:05d}.json"
+
     def record_rank(self, attempt: int, rank: int) -> None:
         """Which process runs this rank of this attempt, so that `resume` can make sure that no rank
         of an earlier attempt still writes into the run."""
-        atomic_write_json(self.ranks_dir / f"attempt-{attempt:03d}-rank-{rank:05d}.json",
+        atomic_write_json(self.rank_record(attempt, rank),
                           {"host": socket.gethostname(), "pid": os.getpid(),
                            "start_ticks": process_start_ticks(os.getpid())})
 

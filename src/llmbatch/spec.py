@@ -359,6 +359,10 @@ class ResourcesSpec:
     max_requeues: int = ranged(3, NON_NEGATIVE)
     signal_delay_s: int = ranged(120, POSITIVE)
     """Slurm signals the job this long before the time limit, so it can checkpoint and requeue."""
+    collective_timeout_s: int = ranged(600, POSITIVE)
+    """A collective that a peer never joins fails after this long, and a rank whose heartbeat stops
+    (stopped, or frozen outside Python's reach) fails the job after it, instead of holding the
+    allocation until the time limit."""
 
     def validate(self) -> None:
         for name in ("time", "mem", "partition", "account", "qos", "constraint"):

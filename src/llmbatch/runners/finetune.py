@@ -48,6 +48,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
+from datetime import timedelta
 from functools import partial
 from pathlib import Path
 
@@ -65,10 +66,10 @@ from llmbatch.metrics import Metric
 from llmbatch.rundir import RunDir, append_jsonl, atomic_write, atomic_write_json, read_jsonl, save_folder
 from llmbatch.runners.checkpoint import (CheckpointMismatch, checkpoint_trainable_weights_only, resume,
                                          save_checkpoint, spec_fingerprint)
-from llmbatch.runners.faults import run_rank
+from llmbatch.runners.faults import run_rank, start_heartbeat
 from llmbatch.runners.generation import DTYPES, Decoder, encode_prompts
 from llmbatch.runners.packing import IGNORE, EpochShuffle, collate, pack, to_sequence
-from llmbatch.runners.preemption import COLLECTIVE_TIMEOUT, PREEMPTED_EXIT, PreemptionFlag
+from llmbatch.runners.preemption import PREEMPTED_EXIT, PreemptionFlag
 from llmbatch.spec import JobSpec, TrainSpec, load_resolved
 
 SCHEDULES = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
@@ -94,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     accelerator = Accelerator(
         # LoRA trains every weight it adds, so no parameter goes unused: skip DDP's search for them.
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False),
-                         InitProcessGroupKwargs(timeout=COLLECTIVE_TIMEOUT)],
+                         InitProcessGroupKwargs(timeout=timedelta(seconds=spec.resources.collective_timeout_s))],
         # The schedule counts optimizer steps; by default accelerate would step it once per process.
         step_scheduler_with_optimizer=False,
         log_with=None if cfg.report_to == "none" else cfg.report_to,
@@ -102,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     preemption = PreemptionFlag(run.preempt_marker(args.attempt))
     run.record_rank(args.attempt, accelerator.process_index)
+    start_heartbeat(run.rank_record(args.attempt, accelerator.process_index), spec.resources.collective_timeout_s)
     set_seed(cfg.seed)  # the same LoRA init on every rank and in every run
     metrics_log = run.train_metrics_file
 

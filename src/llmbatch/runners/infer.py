@@ -32,10 +32,10 @@ from llmbatch.metrics import Metric
 from llmbatch.models import prompt_token_limit
 from llmbatch.rundir import RunDir
 from llmbatch.runners.engine.runner import Engine, choose_engine
-from llmbatch.runners.faults import run_rank
+from llmbatch.runners.faults import run_rank, start_heartbeat
 from llmbatch.runners.generation import (Completion, Decoder, batch_token_budget, encode_prompts, fit_to_context,
                                          load_model)
-from llmbatch.runners.preemption import COLLECTIVE_TIMEOUT, PREEMPTED_EXIT, PreemptionFlag
+from llmbatch.runners.preemption import PREEMPTED_EXIT, PreemptionFlag
 from llmbatch.runners.split import assign_to_ranks, plan_batches
 from llmbatch.shards import ShardWriter, done_ids, shard_for, write_stats
 from llmbatch.spec import GenerationSpec, JobSpec, load_resolved, slurm_time_seconds
@@ -86,11 +86,13 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     run = RunDir.open(args.run_dir)
     spec = load_resolved(run.spec_file)
-    accelerator = Accelerator(kwargs_handlers=[InitProcessGroupKwargs(timeout=COLLECTIVE_TIMEOUT)])
+    collective_timeout = timedelta(seconds=spec.resources.collective_timeout_s)
+    accelerator = Accelerator(kwargs_handlers=[InitProcessGroupKwargs(timeout=collective_timeout)])
     finish_line = FinishLine(spec)
     preemption = PreemptionFlag(run.preempt_marker(args.attempt))
     stats = RankStats(args.attempt, accelerator.process_index, accelerator.num_processes)
     run.record_rank(args.attempt, accelerator.process_index)
+    start_heartbeat(run.rank_record(args.attempt, accelerator.process_index), spec.resources.collective_timeout_s)
 
     examples = load_examples(spec.data)
     done = done_ids(run, before_attempt=args.attempt)
@@ -198,7 +200,7 @@ class FinishLine:
     """Where ranks wait for each other before the merge, for as long as the job may run.
 
     Ranks finish at different times (outputs stop at different lengths), possibly far apart, so the
-    wait must not share COLLECTIVE_TIMEOUT. A gloo group still fails at once when a peer dies: its
+    wait must not share resources.collective_timeout_s. A gloo group still fails at once when a peer dies: its
     connection to that peer closes. Created at start-up, while every rank is at the same point.
     """
 
