@@ -67,6 +67,24 @@ def slurm_state(job_id: str) -> str:
     return out.splitlines()[0] if out else "UNKNOWN"
 
 
+def slurm_history(job_id: str) -> dict[str, str]:
+    """What Slurm saw happen to the job, for `status`: every run of it (a requeued job has several),
+    and the nodes it last ran on that are down now (a lost node: NODE_FAIL)."""
+    out = _query(["sacct", "-j", job_id, "-X", "-D", "-n", "-P", "--format=State,NodeList"])
+    records = [line.split("|", 1) for line in out.splitlines() if "|" in line]
+    history = {}
+    if len(records) > 1 or records and records[-1][0].split()[0] in FINAL_STATES - {"COMPLETED"}:
+        history["slurm history"] = ", then ".join(f"{state.split()[0]} on {nodes}" for state, nodes in records)
+    ran_on = [nodes for _, nodes in records if nodes not in ("", "None assigned")]
+    if ran_on:
+        down = _query(["sinfo", "-h", "-N", "-n", ran_on[-1], "-t", "down,drain,fail,no_respond",
+                       "-o", "%N|%T|%E"])
+        if down:
+            history["nodes down"] = "; ".join(f"{node} is down ({state}: {reason})" for node, state, reason
+                                              in (line.split("|", 2) for line in sorted(set(down.splitlines()))))
+    return history
+
+
 def _query(argv: list[str]) -> str:
     try:
         return subprocess.run(argv, capture_output=True, text=True, timeout=30).stdout.strip()
@@ -125,10 +143,12 @@ def run_status(run: RunDir) -> RunStatus:
     else:
         job_state = local_state(run, job_id)
     kind = state.get("kind", "?")
+    history = slurm_history(job_id) if executor == "slurm" and job_id is not None else {}
     return RunStatus(run=str(run.path), kind=kind, executor=executor, job_id=job_id, state=job_state,
                      requeues=state.get("requeues", 0), attempt=state.get("attempt", 0),
                      # An ETA only while it runs: a pending or stopped job's rate means nothing.
-                     progress=progress(run, kind, state.get("attempt_started") if job_state == "RUNNING" else None))
+                     progress=progress(run, kind, state.get("attempt_started") if job_state == "RUNNING" else None)
+                     | history)
 
 
 # Anywhere in a line: a progress bar's unfinished line may come first. torchrun's --tee prefixes a
