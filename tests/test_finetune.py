@@ -231,6 +231,69 @@ def test_a_run_preempted_on_one_of_two_ranks_resumes_exactly(make_run, tmp_path)
     assert json.loads(run.metrics_file.read_text())["world_size"] == 2
 
 
+@pytest.mark.slow
+def test_a_torn_newest_checkpoint_is_set_aside_and_the_previous_one_resumes_exactly(uninterrupted, make_run):
+    """A file system that put the rename on disk before the data: the newest step-* folder holds a
+    truncated file. The resumed run says so, loads the checkpoint before it, and still ends on the
+    uninterrupted run's trajectory."""
+    run = make_run("finetune", overrides=SMALL)
+    finetune(run, 1, 0, "--stop-at-step", "6", expect_success=False)
+    torn = run.checkpoints_dir / "step-000006" / "optimizer.bin"
+    size = torn.stat().st_size
+    torn.write_bytes(torn.read_bytes()[: size // 2])
+
+    resumed = finetune(run, 1, 1)
+    assert (f"finetune: checkpoint step-000006 is damaged (optimizer.bin has {size // 2} bytes, its manifest "
+            f"says {size}); moved it to .step-000006.damaged and falling back to the previous complete "
+            f"checkpoint") in resumed.stdout
+    assert "resuming at step 4" in resumed.stdout
+    assert (run.adapter_dir / "adapter_model.safetensors").read_bytes() == \
+           (uninterrupted.adapter_dir / "adapter_model.safetensors").read_bytes()
+    assert trajectory(run) == trajectory(uninterrupted)
+    assert checkpoint_names(run) == [".step-000006.damaged", "step-000004", "step-000008"]
+
+
+@pytest.mark.slow
+def test_a_checkpoint_of_another_spec_is_refused_before_anything_is_queued(make_run, tmp_path, capsys):
+    from llmbatch.cli import main
+    from llmbatch.runners.checkpoint import check_resumable
+    from llmbatch.spec import load_resolved
+
+    data = tmp_path / "train.jsonl"
+    shutil.copy(JOBS / "data" / "parity" / "train.jsonl", data)
+    run = make_run("finetune", overrides=[*SMALL, f"data.path={data}"])
+    finetune(run, 1, 0, "--stop-at-step", "4", expect_success=False)
+    run.update_state(kind="finetune", executor="local", job_ids=["1"])  # as the stopped local job left it
+    checkpoint = run.checkpoints_dir / "step-000004"
+    spec_text, data_text = run.spec_file.read_text(), data.read_text()
+
+    def refused(key: str, saved, now) -> str:
+        return (f"llmbatch: error: {checkpoint}: saved with {key}={saved!r}, but the run's spec now gives "
+                f"{now!r}; a checkpoint of another spec cannot be resumed (put the value back, or start a "
+                f"new run)\n")
+
+    run.spec_file.write_text(spec_text.replace("\n  r: 8\n", "\n  r: 4\n"))  # another LoRA rank
+    assert main(["resume", str(run.path)]) == 2
+    assert capsys.readouterr().err == refused("lora.r", 8, 4)
+    assert not run.submitit_dir.exists()  # nothing was queued
+    # The runner refuses it too, in one line, should it be started on such a spec anyway.
+    started = finetune(run, 1, 1, expect_success=False)
+    assert started.returncode != 0
+    assert refused("lora.r", 8, 4).removeprefix("llmbatch: error: ") in started.stderr
+    assert "Traceback" not in started.stderr.split("llmbatch: error:")[0]
+
+    run.spec_file.write_text(spec_text)
+    data.write_text(data_text.split("\n", 1)[1])  # other data: the first record gone
+    assert main(["resume", str(run.path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"llmbatch: error: {checkpoint}: saved with data.path contents (sha256)=") \
+        and len(err.splitlines()) == 1
+    assert not run.submitit_dir.exists()
+
+    data.write_text(data_text)
+    check_resumable(run.checkpoints_dir, load_resolved(run.spec_file))  # the same spec again: resumable
+
+
 def wait_for_rank(proc: subprocess.Popen, rank: int) -> psutil.Process:
     """The worker process of a rank, among the launcher's children."""
     deadline = time.monotonic() + 60

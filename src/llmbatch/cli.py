@@ -22,6 +22,7 @@ from llmbatch.jobstep import example_place, make_plan, node_command
 from llmbatch.models import check_model
 from llmbatch.rundir import DamagedRun, RunBusy, RunDir, atomic_write
 from llmbatch.shards import list_shards
+from llmbatch.runners.checkpoint import CheckpointMismatch, check_resumable
 from llmbatch.summary import summarize
 from llmbatch.spec import (EMBEDDED_MODEL, JobSpec, SpecError, apply_override, dump_spec, load_resolved,
                            load_spec)
@@ -147,6 +148,10 @@ def submit_and_wait(spec: JobSpec, run: RunDir, executor: str, *, wait: bool, he
                     tasks: list[int] | None = None, **state) -> int:
     """Submit the run's job step (of a job array, `tasks`: all of them by default) and record its job
     id (and `state`); then, unless it went to Slurm without --wait, wait for it and print the summary."""
+    try:  # so that a job that fills the file system can still say so (runners/faults.py)
+        run.reserve_space()
+    except OSError as e:
+        raise UsageError(f"{run.path}: cannot write there: {e.strerror}") from None
     ex, plan = slurm.make_executor(executor, spec, run), make_plan(spec, run.path, attempt_base)
     if spec.resources.array is None:
         jobs = [slurm.submit(ex, plan)]
@@ -183,7 +188,8 @@ def wait_and_summarize(jobs: list, run: RunDir, show_log: bool) -> int:
         print(f"\ncancelled; resume later with: python submit.py resume {run.path}", file=sys.stderr)
         return 130
     except Exception as e:  # the job's own error, already logged in the run folder
-        print(f"run folder: {run.path}\njob failed: {e}", file=sys.stderr)
+        # A rank's own line says it all (a full disk, a silent rank); else the job's error and log tail.
+        print(f"run folder: {run.path}\njob failed: {lifecycle.rank_error(run) or e}", file=sys.stderr)
         return 1
     print(summarize(run))
     return 0
@@ -215,6 +221,12 @@ def cmd_resume(args: argparse.Namespace) -> int:
         if run.results_file.exists() or (status.kind == "finetune" and run.adapter_dir.exists()):
             print(f"{run.path}: already complete, nothing to resume")
             return 0
+        spec = load_resolved(run.spec_file)
+        if spec.kind == "finetune":
+            try:
+                check_resumable(run.checkpoints_dir, spec)
+            except CheckpointMismatch as e:
+                raise UsageError(str(e)) from None
         if live := wait_for_ranks_to_end(run, RANK_EXIT_GRACE_S):
             raise UsageError(f"{run.path}: {live[0]['name']} is still running here (pid {live[0]['pid']}), "
                              f"though its job has ended; stop it before resuming, or two attempts would "
@@ -222,7 +234,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
         executor = slurm.pick_executor(args.executor) if args.executor else status.executor
         require_slurm_commands(executor)
         if not status.tasks:
-            return submit_and_wait(load_resolved(run.spec_file), run, executor, wait=args.wait,
+            return submit_and_wait(spec, run, executor, wait=args.wait,
                                    header=f"resumed {run.path}", attempt_base=status.attempt + 1)
         if executor != "slurm":
             raise UsageError(f"{run.path}: a job array resumes on Slurm only (--executor slurm)")
@@ -231,7 +243,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
             return gather_run(run)
         # Past every attempt of every task: a task's shards of earlier attempts are what it skips.
         attempt_base = max([status.attempt, *(s.attempt for s in list_shards(run))]) + 1
-        return submit_and_wait(load_resolved(run.spec_file), run, executor, wait=args.wait,
+        return submit_and_wait(spec, run, executor, wait=args.wait,
                                header=f"resumed {run.path}", attempt_base=attempt_base, tasks=tasks)
 
 

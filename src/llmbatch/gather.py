@@ -59,7 +59,11 @@ def merge_shards(run: RunDir, examples: list[Example]) -> dict[str, Any]:
     results = [records[e.id] for e in examples]
     metrics = result_metrics(results) | timing_metrics(run)
     atomic_write_json(run.metrics_file, metrics)
-    atomic_write(run.results_file, "".join(map(record_line, results)))
+    try:
+        atomic_write(run.results_file, "".join(map(record_line, results)))
+    except OSError:  # a full disk, say: no metrics.json of a run that has no results
+        run.metrics_file.unlink(missing_ok=True)
+        raise
     return metrics
 
 

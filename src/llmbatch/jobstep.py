@@ -42,6 +42,8 @@ class LaunchPlan:
     max_requeues: int = 3
     signal_delay_s: int = 120
     """Slurm's warning before the kill: the ranks have most of it to save."""
+    collective_timeout_s: int = 600
+    """A rank whose heartbeat is older than this fails the job (`llmbatch.node`)."""
     attempt_base: int = 0
     """`resume` resubmits with this past the attempts already made; Slurm's restart count adds to it."""
     task: int | None = None
@@ -87,7 +89,7 @@ def make_plan(spec: JobSpec, run_path: Path, attempt_base: int = 0) -> LaunchPla
         run_dir=str(run_path), runner=RUNNERS[spec.kind], nodes=res.nodes, gpus_per_node=res.gpus_per_node,
         mixed_precision="bf16" if spec.kind == "finetune" else "no", container=spec.container,
         binds=binds_for(spec, run_path), cpu_threads_per_proc=res.cpus_per_gpu, max_requeues=res.max_requeues,
-        signal_delay_s=res.signal_delay_s, attempt_base=attempt_base,
+        signal_delay_s=res.signal_delay_s, collective_timeout_s=res.collective_timeout_s, attempt_base=attempt_base,
         **({"python": spec.container.python} if spec.container.runtime != "none" else {}))
 
 

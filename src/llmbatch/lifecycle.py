@@ -113,6 +113,22 @@ def array_state(states: list[str]) -> str:
     if active := [state for state in states if state not in FINAL_STATES]:
         return "RUNNING" if "RUNNING" in active else active[0]
     return next(state for state in states if state != "COMPLETED")
+def slurm_history(job_id: str) -> dict[str, str]:
+    """What Slurm saw happen to the job, for `status`: every run of it (a requeued job has several),
+    and the nodes it last ran on that are down now (a lost node: NODE_FAIL)."""
+    out = _query(["sacct", "-j", job_id, "-X", "-D", "-n", "-P", "--format=State,NodeList"])
+    records = [line.split("|", 1) for line in out.splitlines() if "|" in line]
+    history = {}
+    if len(records) > 1 or records and records[-1][0].split()[0] in FINAL_STATES - {"COMPLETED"}:
+        history["slurm history"] = ", then ".join(f"{state.split()[0]} on {nodes}" for state, nodes in records)
+    ran_on = [nodes for _, nodes in records if nodes not in ("", "None assigned")]
+    if ran_on:
+        down = _query(["sinfo", "-h", "-N", "-n", ran_on[-1], "-t", "down,drain,fail,no_respond",
+                       "-o", "%N|%T|%E"])
+        if down:
+            history["nodes down"] = "; ".join(f"{node} is down ({state}: {reason})" for node, state, reason
+                                              in (line.split("|", 2) for line in sorted(set(down.splitlines()))))
+    return history
 
 
 def _query(argv: list[str]) -> str:
@@ -177,10 +193,30 @@ def run_status(run: RunDir) -> RunStatus:
     else:
         job_state = local_state(run, job_id)
     kind = state.get("kind", "?")
+    history = slurm_history(job_id) if executor == "slurm" and job_id is not None else {}
     return RunStatus(run=str(run.path), kind=kind, executor=executor, job_id=job_id, state=job_state,
                      requeues=state.get("requeues", 0), attempt=state.get("attempt", 0),
                      # An ETA only while it runs: a pending or stopped job's rate means nothing.
-                     progress=progress(run, kind, state.get("attempt_started") if job_state == "RUNNING" else None))
+                     progress=progress(run, kind, state.get("attempt_started") if job_state == "RUNNING" else None)
+                     | history)
+
+
+# Anywhere in a line: a progress bar's unfinished line may come first. torchrun's --tee prefixes a
+# rank's lines with [defaultN]: (N: the local rank).
+_RANK_ERROR = re.compile(r"(?:\[(?:default|rank)(\d+)\]:)?llmbatch: error: (.*)$")
+
+
+def rank_error(run: RunDir) -> str | None:
+    """The one line a rank of the latest attempt ended with (runners/faults.py), naming its node and
+    rank, or None if no rank left one."""
+    for log in sorted(run.logs_dir.glob("node-*.log")):
+        text = log.read_text(errors="replace")
+        latest = text[text.rfind("\n== attempt ") + 1:]  # node logs hold every attempt, each after its header
+        for line in latest.splitlines():
+            if m := _RANK_ERROR.search(line):
+                rank = f", local rank {m.group(1)}" if m.group(1) else ""
+                return f"{log.stem.replace('-', ' ')}{rank}: {m.group(2)}"
+    return None
 
 
 def array_status(run: RunDir, state: dict) -> RunStatus:

@@ -17,7 +17,8 @@ from pathlib import Path
 import submitit
 
 from llmbatch.jobstep import LaunchPlan, NodePlace, node_command, rendezvous_port
-from llmbatch.rundir import RunDir, atomic_write
+from llmbatch.rundir import RunDir, atomic_write, process_start_ticks, read_json
+from llmbatch.runners.faults import ERROR_PREFIX, silent_for
 
 def place_from_environment(plan: LaunchPlan) -> NodePlace:
     """This node's place in the job, from submitit's view of the Slurm environment."""
@@ -52,6 +53,7 @@ class NodeJob(submitit.helpers.Checkpointable):
         self.plan = plan
         self._proc: subprocess.Popen | None = None
         self._preempted = False
+        self._silent_rank: str | None = None
 
     def __call__(self) -> str:
         plan, run = self.plan, RunDir(Path(self.plan.run_dir))
@@ -79,12 +81,14 @@ class NodeJob(submitit.helpers.Checkpointable):
             self._proc = subprocess.Popen(cmd.argv, env=os.environ | cmd.env, stdout=log,
                                           stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                           start_new_session=True, preexec_fn=_ignore_preempt_signal)
-            code = self._wait()
+            code = self._wait(lambda: self._watch_heartbeats(run, place, host, log))
             if self._preempted:
                 log.write(f"== attempt {place.attempt} stopped at the preemption signal (exit {code}); the "
                           f"ranks saved their work; requeued if requeues are left\n".encode())
         if self._preempted:
             return "preempted"  # the ranks saved; Slurm requeues or ends the job
+        if self._silent_rank is not None:
+            raise RuntimeError(self._silent_rank)
         if code != 0:
             raise RuntimeError(f"node {place.node_rank}: accelerate launch exited with {code}; "
                                f"see {log_path}\n--- last lines ---\n{_tail(log_path)}")
@@ -106,12 +110,41 @@ class NodeJob(submitit.helpers.Checkpointable):
 
         signal.signal(signal.SIGUSR2, on_preempt)
 
-    def _wait(self) -> int:
+    def _wait(self, watch) -> int:
         # poll(), not wait(): wait() holds a lock while blocked, and `checkpoint` must be able to
         # wait for the same process from inside the signal handler.
         while (code := self._proc.poll()) is None:
+            watch()
             time.sleep(0.2)
         return code
+
+    def _watch_heartbeats(self, run: RunDir, place, host: str, log) -> None:
+        """Fail the job when a rank of this node has sent no heartbeat for collective_timeout_s.
+
+        A stopped rank holds its peers in their next collective and the allocation until the time
+        limit; its launcher sees nothing wrong. It is killed (SIGKILL: a stopped process handles no
+        other signal), the launcher then stops the others, and the job fails with one line.
+        """
+        plan = self.plan
+        if self._silent_rank is not None or self._preempted:
+            return
+        # An array task's ranks follow those of the tasks before it (runners/infer.py).
+        first = ((plan.task or 0) * plan.nodes + place.node_rank) * plan.gpus_per_node
+        for rank in range(first, first + plan.gpus_per_node):
+            record = run.rank_record(place.attempt, rank)
+            silent = silent_for(record)
+            if silent is None or silent < plan.collective_timeout_s:
+                continue
+            owner = read_json(record, {})
+            if owner.get("start_ticks") is not None and process_start_ticks(owner["pid"]) == owner["start_ticks"]:
+                os.kill(owner["pid"], signal.SIGKILL)
+            why = (f"rank {rank} on {host} (pid {owner.get('pid')}) sent no heartbeat for {silent:.0f} s "
+                   f"(resources.collective_timeout_s={plan.collective_timeout_s}): stopped or hung; killed it; "
+                   f"finish the run with: python submit.py resume {run.path}")
+            log.write(f"\n{ERROR_PREFIX}{why}\n".encode())  # after a progress bar's unfinished line
+            log.flush()
+            self._silent_rank = f"node {place.node_rank}: {why}"
+            return
 
     def _forward(self, signum: int, frame=None) -> None:
         if self._proc is not None and self._proc.poll() is None:

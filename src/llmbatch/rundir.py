@@ -98,6 +98,11 @@ def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
+SPACE_RESERVE_BYTES = 1 << 20
+"""Held in every run folder while its job runs (`RunDir.reserve_space`), given back by a process that
+finds the file system full, so that its error line, the node's log and submitit's result still fit."""
+
+
 class DamagedRun(ValueError):
     """A run folder file that exists but cannot be read: one line naming the file."""
 
@@ -200,6 +205,22 @@ class RunDir:
     merged_dir = property(lambda self: self.path / "merged")
     loss_curve_file = property(lambda self: self.path / "loss_curve.png")
 
+    space_reserve = property(lambda self: self.path / ".space-reserve")
+
+    def reserve_space(self) -> None:
+        # Random bytes: a compressing file system (ZFS, btrfs) would store zeros in almost no space.
+        try:
+            with open(self.space_reserve, "wb") as f:
+                f.write(os.urandom(SPACE_RESERVE_BYTES))
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError:
+            self.release_space()
+            raise
+
+    def release_space(self) -> None:
+        self.space_reserve.unlink(missing_ok=True)
+
     def node_log(self, node: int, task: int | None = None) -> Path:
         return self._task_logs_dir(task) / f"node-{node}.log"
 
@@ -222,10 +243,14 @@ class RunDir:
 
     ranks_dir = property(lambda self: self.path / "ranks")
 
+    def rank_record(self, attempt: int, rank: int) -> Path:
+        """Which process runs this rank of this attempt; its mtime is the rank's heartbeat."""
+        return self.ranks_dir / f"attempt-{attempt:03d}-rank-{rank:05d}.json"
+
     def record_rank(self, attempt: int, rank: int) -> None:
         """Which process runs this rank of this attempt, so that `resume` can make sure that no rank
         of an earlier attempt still writes into the run."""
-        atomic_write_json(self.ranks_dir / f"attempt-{attempt:03d}-rank-{rank:05d}.json",
+        atomic_write_json(self.rank_record(attempt, rank),
                           {"host": socket.gethostname(), "pid": os.getpid(),
                            "start_ticks": process_start_ticks(os.getpid())})
 

@@ -365,6 +365,10 @@ class ResourcesSpec:
     (null: one job)."""
     array_max_running: int | None = ranged(None, POSITIVE)
     """At most this many array tasks run at once (sbatch --array=0-(N-1)%M; null: all of them)."""
+    collective_timeout_s: int = ranged(600, POSITIVE)
+    """A collective that a peer never joins fails after this long, and a rank whose heartbeat stops
+    (stopped, or frozen outside Python's reach) fails the job after it, instead of holding the
+    allocation until the time limit."""
 
     def validate(self) -> None:
         for name in ("time", "mem", "partition", "account", "qos", "constraint"):

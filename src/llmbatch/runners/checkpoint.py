@@ -6,29 +6,47 @@
         scheduler.bin             /  accelerate's save_state, from rank 0
         random_states_<rank>.pkl  one per rank: python, numpy, torch (and CUDA) generators
         trainer_state.json        step, epoch, batch position, tokens, training time, best validation loss
+        manifest.json             written last: every other file's size and SHA-256, and what the
+                                  checkpoint is valid for (spec_fingerprint)
     checkpoints/.step-000123.tmp/ a save in progress, or one an attempt died in; never loaded
+    checkpoints/.step-000123.damaged/  a step-* folder that failed its manifest at resume, kept for a look
 
 Every rank writes into the same temporary folder (a name derived from the step, so ranks on other
-nodes find it on the shared file system), then rank 0 renames it: a folder named step-* is complete.
+nodes find it on the shared file system), then rank 0 writes the manifest and renames the folder.
+The rename alone is not proof: a file system may put a rename on disk before the data (a node that
+dies then leaves a step-* folder with a torn file). So `resume` checks every file against the
+manifest, newest checkpoint first, and falls back to the previous one that passes, saying so.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import os
 import re
 import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-
-import safetensors.torch
-from accelerate.utils import broadcast_object_list
+from typing import Any
 
 from llmbatch.rundir import apply_umask, atomic_write_json, fsync_path, read_json
+from llmbatch.spec import JobSpec
+
+# torch, accelerate and safetensors are imported where they are used: `resume` on the command line
+# checks checkpoints through this module and must start without them.
 
 STATE_FILE = "trainer_state.json"
-_COMPLETE = re.compile(r"^step-(\d+)$")
+MANIFEST_FILE = "manifest.json"
+_STEP_FOLDER = re.compile(r"^step-(\d+)$")
+
+FINGERPRINT_TRAIN_KEYS = ("seed", "seq_len", "packing", "loss_on", "micro_batch_size", "grad_accum_steps")
+"""train.* values that decide which rows a step holds: a checkpoint's data position means nothing under others."""
+
+
+class CheckpointMismatch(ValueError):
+    """The run's checkpoint was saved under another spec (LoRA shape, model or data): one line."""
 
 
 @dataclass
@@ -51,10 +69,80 @@ class TrainState:
     """Evaluations in a row without a better validation loss (for early stopping)."""
 
 
-def complete_checkpoints(checkpoints_dir: Path) -> list[Path]:
-    """Complete checkpoints, oldest first."""
-    found = [(int(m.group(1)), p) for p in Path(checkpoints_dir).glob("step-*") if (m := _COMPLETE.match(p.name))]
+def step_folders(checkpoints_dir: Path) -> list[Path]:
+    """The step-* folders, oldest first: complete ones, and any a lying rename left torn."""
+    found = [(int(m.group(1)), p) for p in Path(checkpoints_dir).glob("step-*") if (m := _STEP_FOLDER.match(p.name))]
     return [p for _, p in sorted(found)]
+
+
+def complete_checkpoints(checkpoints_dir: Path) -> list[Path]:
+    """Checkpoints whose save finished (it wrote the manifest), oldest first; their files unchecked."""
+    return [p for p in step_folders(checkpoints_dir) if (p / MANIFEST_FILE).is_file()]
+
+
+def file_sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def spec_fingerprint(spec: JobSpec) -> dict[str, Any]:
+    """What a checkpoint is valid for, by key path: the model, the LoRA shape, the data (the files'
+    contents too) and how it is cut into steps. Under other values a checkpoint would load into
+    other shapes, or continue from a place in other data."""
+    model_config = Path(spec.model.path) / "config.json"
+    fingerprint = {"model.path": spec.model.path,
+                   "model config.json (sha256)": file_sha256(model_config) if model_config.is_file() else None}
+    fingerprint |= {f"lora.{key}": value for key, value in dataclasses.asdict(spec.lora).items()}
+    fingerprint |= {f"data.{key}": value for key, value in dataclasses.asdict(spec.data).items()}
+    for key in ("path", "val_path"):
+        path = getattr(spec.data, key)
+        fingerprint[f"data.{key} contents (sha256)"] = file_sha256(Path(path)) if path else None
+    fingerprint |= {f"train.{key}": getattr(spec.train, key) for key in FINGERPRINT_TRAIN_KEYS}
+    return json.loads(json.dumps(fingerprint))  # as the manifest gives it back (lists, not tuples)
+
+
+def write_manifest(folder: Path, fingerprint: dict[str, Any]) -> None:
+    files = {path.name: {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
+             for path in sorted(folder.iterdir()) if path.is_file()}
+    atomic_write_json(folder / MANIFEST_FILE, {"files": files, "spec": fingerprint})
+
+
+def damage(folder: Path) -> str | None:
+    """Why `folder` is not a checkpoint to load, or None when every file matches its manifest."""
+    try:
+        manifest = json.loads((folder / MANIFEST_FILE).read_text())
+        files = manifest["files"]
+    except FileNotFoundError:
+        return f"it has no {MANIFEST_FILE} (its save never finished)"
+    except (ValueError, UnicodeDecodeError, KeyError, TypeError):
+        return f"its {MANIFEST_FILE} is damaged"
+    for name, recorded in files.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if (size := path.stat().st_size) != recorded["bytes"]:
+            return f"{name} has {size} bytes, its manifest says {recorded['bytes']}"
+        if file_sha256(path) != recorded["sha256"]:
+            return f"{name} does not match its SHA-256 in the manifest"
+    return None
+
+
+def check_fingerprint(folder: Path, fingerprint: dict[str, Any]) -> None:
+    """CheckpointMismatch naming the first key whose value differs from when `folder` was saved."""
+    saved = read_json(folder / MANIFEST_FILE, {}).get("spec", {})
+    for key in sorted(saved.keys() | fingerprint.keys()):
+        if saved.get(key) != fingerprint.get(key):
+            raise CheckpointMismatch(
+                f"{folder}: saved with {key}={saved.get(key)!r}, but the run's spec now gives "
+                f"{fingerprint.get(key)!r}; a checkpoint of another spec cannot be resumed (put the value "
+                f"back, or start a new run)")
+
+
+def check_resumable(checkpoints_dir: Path, spec: JobSpec) -> None:
+    """Before a resume is queued: the newest complete checkpoint must belong to this spec."""
+    found = complete_checkpoints(checkpoints_dir)
+    if found:
+        check_fingerprint(found[-1], spec_fingerprint(spec))
 
 
 def trainable_state_dict(model) -> dict:
@@ -73,6 +161,8 @@ def checkpoint_trainable_weights_only(accelerator) -> None:
             weights[i] = trainable_state_dict(accelerator.unwrap_model(model))
 
     def load_hook(models, input_dir):
+        import safetensors.torch
+
         for i, model in enumerate(models):
             name = "model.safetensors" if i == 0 else f"model_{i}.safetensors"
             state = safetensors.torch.load_file(Path(input_dir) / name)  # load_state_dict copies to the device
@@ -89,7 +179,8 @@ def checkpoint_trainable_weights_only(accelerator) -> None:
     accelerator.register_load_state_pre_hook(load_hook)
 
 
-def save_checkpoint(accelerator, checkpoints_dir: Path, state: TrainState, keep_last: int) -> Path:
+def save_checkpoint(accelerator, checkpoints_dir: Path, state: TrainState, keep_last: int,
+                    fingerprint: dict[str, Any]) -> Path:
     """Every rank calls this at the same step; returns the complete checkpoint folder."""
     final = Path(checkpoints_dir) / f"step-{state.step:06d}"
     tmp = final.with_name(f".{final.name}.tmp")
@@ -104,6 +195,7 @@ def save_checkpoint(accelerator, checkpoints_dir: Path, state: TrainState, keep_
         apply_umask(tmp)  # safetensors writes 0600
         for path in tmp.iterdir():  # the rename must not reach the disk before the data
             fsync_path(path)
+        write_manifest(tmp, fingerprint)  # last: without it the folder is not a checkpoint
         shutil.rmtree(final, ignore_errors=True)
         os.rename(tmp, final)
         fsync_path(final.parent)
@@ -113,22 +205,40 @@ def save_checkpoint(accelerator, checkpoints_dir: Path, state: TrainState, keep_
     return final
 
 
-def resume(accelerator, checkpoints_dir: Path) -> TrainState:
-    """Load the newest complete checkpoint into the prepared objects; a fresh TrainState if none.
+def resume(accelerator, checkpoints_dir: Path, fingerprint: dict[str, Any]) -> TrainState:
+    """Load the newest intact checkpoint into the prepared objects; a fresh TrainState if none.
 
-    Rank 0 picks the checkpoint and tells the others, so every rank loads the same one even if a
-    shared file system shows them different listings for a moment.
+    Rank 0 checks the checkpoints against their manifests, newest first, moves a damaged one aside
+    (saying so) and tells the others which one to load, so every rank loads the same one even if a
+    shared file system shows them different listings for a moment. A checkpoint of another spec is
+    CheckpointMismatch on every rank.
     """
-    latest = None
+    from accelerate.utils import broadcast_object_list
+
+    chosen = mismatch = None
     if accelerator.is_main_process:
         for tmp in Path(checkpoints_dir).glob(".step-*.tmp"):
             shutil.rmtree(tmp, ignore_errors=True)
-        found = complete_checkpoints(checkpoints_dir)
-        latest = str(found[-1]) if found else None
-    latest = broadcast_object_list([latest])[0]
-    if latest is None:
+        for folder in reversed(step_folders(checkpoints_dir)):
+            if (why := damage(folder)) is None:
+                chosen = str(folder)
+                break
+            aside = folder.with_name(f".{folder.name}.damaged")
+            shutil.rmtree(aside, ignore_errors=True)
+            os.rename(folder, aside)
+            print(f"finetune: checkpoint {folder.name} is damaged ({why}); moved it to {aside.name} and "
+                  f"falling back to the previous complete checkpoint", flush=True)
+        if chosen is not None:
+            try:
+                check_fingerprint(Path(chosen), fingerprint)
+            except CheckpointMismatch as e:
+                mismatch = str(e)
+    chosen, mismatch = broadcast_object_list([chosen, mismatch])
+    if mismatch is not None:
+        raise CheckpointMismatch(mismatch)
+    if chosen is None:
         return TrainState()
-    accelerator.load_state(latest)
-    saved = read_json(Path(latest) / STATE_FILE)
+    accelerator.load_state(chosen)
+    saved = read_json(Path(chosen) / STATE_FILE)
     # A checkpoint from before a field existed lacks it: the default then.
     return TrainState(**{f.name: saved[f.name] for f in dataclasses.fields(TrainState) if f.name in saved})

@@ -47,6 +47,7 @@ import math
 import os
 import sys
 import time
+from datetime import timedelta
 from functools import partial
 from pathlib import Path
 
@@ -62,10 +63,12 @@ from llmbatch import scoring
 from llmbatch.data import load_examples
 from llmbatch.metrics import Metric
 from llmbatch.rundir import RunDir, append_jsonl, atomic_write, atomic_write_json, read_jsonl, save_folder
-from llmbatch.runners.checkpoint import checkpoint_trainable_weights_only, resume, save_checkpoint
+from llmbatch.runners.checkpoint import (CheckpointMismatch, checkpoint_trainable_weights_only, resume,
+                                         save_checkpoint, spec_fingerprint)
+from llmbatch.runners.faults import run_rank, start_heartbeat
 from llmbatch.runners.generation import DTYPES, Decoder, encode_prompts
 from llmbatch.runners.packing import IGNORE, EpochShuffle, collate, pack, to_sequence
-from llmbatch.runners.preemption import COLLECTIVE_TIMEOUT, PREEMPTED_EXIT, PreemptionFlag
+from llmbatch.runners.preemption import PREEMPTED_EXIT, PreemptionFlag
 from llmbatch.spec import JobSpec, TrainSpec, load_resolved
 
 SCHEDULES = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
@@ -91,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     accelerator = Accelerator(
         # LoRA trains every weight it adds, so no parameter goes unused: skip DDP's search for them.
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False),
-                         InitProcessGroupKwargs(timeout=COLLECTIVE_TIMEOUT)],
+                         InitProcessGroupKwargs(timeout=timedelta(seconds=spec.resources.collective_timeout_s))],
         # The schedule counts optimizer steps; by default accelerate would step it once per process.
         step_scheduler_with_optimizer=False,
         log_with=None if cfg.report_to == "none" else cfg.report_to,
@@ -99,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     preemption = PreemptionFlag(run.preempt_marker(args.attempt))
     run.record_rank(args.attempt, accelerator.process_index)
+    start_heartbeat(run.rank_record(args.attempt, accelerator.process_index), spec.resources.collective_timeout_s)
     set_seed(cfg.seed)  # the same LoRA init on every rank and in every run
     metrics_log = run.train_metrics_file
 
@@ -132,7 +136,8 @@ def main(argv: list[str] | None = None) -> int:
 
     # --- resume ------------------------------------------------------------------------------------
     checkpoint_trainable_weights_only(accelerator)
-    state = resume(accelerator, run.checkpoints_dir)
+    fingerprint = spec_fingerprint(spec)  # what this run's checkpoints are valid for
+    state = resume(accelerator, run.checkpoints_dir, fingerprint)
     if accelerator.is_main_process:
         # Rows past the checkpoint were logged by an attempt that died: this one logs those steps again.
         keep = [row for row in read_jsonl(metrics_log) if row["step"] <= state.step] if state.step else []
@@ -218,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
             dtype=torch.float32, device=accelerator.device), "max").tolist()
         if preempted:
             # An evaluation due at this step is skipped: the warning period is for saving.
-            path = save_checkpoint(accelerator, run.checkpoints_dir, state, cfg.keep_last)
+            path = save_checkpoint(accelerator, run.checkpoints_dir, state, cfg.keep_last, fingerprint)
             accelerator.print(f"finetune: preempted at step {state.step}; saved {path}; exiting {PREEMPTED_EXIT}")
             accelerator.end_training()
             return PREEMPTED_EXIT
@@ -229,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
                                   f"stopping early at step {state.step} (best: step {state.best_step})")
                 break
         if (save_due or state.step % cfg.save_every_steps == 0) and state.step < total_steps:
-            save_checkpoint(accelerator, run.checkpoints_dir, state, cfg.keep_last)
+            save_checkpoint(accelerator, run.checkpoints_dir, state, cfg.keep_last, fingerprint)
             last_save = time.monotonic()
 
     # --- outputs -----------------------------------------------------------------------------------
@@ -245,6 +250,7 @@ def main(argv: list[str] | None = None) -> int:
             merged = unwrapped.merge_and_unload()
             save_folder(run.merged_dir, lambda out: (merged.save_pretrained(out), tokenizer.save_pretrained(out)))
         accelerator.print(f"finetune: done at step {state.step}; adapter in {run.adapter_dir}")
+        run.release_space()  # the run is complete: nothing more to report a full disk for
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return 0
@@ -526,8 +532,4 @@ def training_metrics(rows: list[dict], state, world_size: int, train_examples: i
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except TooShortForData as e:  # the spec's mistake, not a crash: one line in the log
-        print(f"llmbatch: error: {e}", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(run_rank(main, parse_args(sys.argv[1:]).run_dir, spec_errors=(TooShortForData, CheckpointMismatch)))

@@ -34,9 +34,10 @@ from llmbatch.metrics import Metric
 from llmbatch.models import prompt_token_limit
 from llmbatch.rundir import RunDir
 from llmbatch.runners.engine.runner import Engine, choose_engine
+from llmbatch.runners.faults import run_rank, start_heartbeat
 from llmbatch.runners.generation import (Completion, Decoder, batch_token_budget, encode_prompts, fit_to_context,
                                          load_model)
-from llmbatch.runners.preemption import COLLECTIVE_TIMEOUT, PREEMPTED_EXIT, PreemptionFlag
+from llmbatch.runners.preemption import PREEMPTED_EXIT, PreemptionFlag
 from llmbatch.runners.split import assign_to_ranks, plan_batches
 from llmbatch.shards import ShardWriter, done_ids, shard_for, write_stats
 from llmbatch.spec import GenerationSpec, JobSpec, load_resolved, slurm_time_seconds
@@ -91,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     run = RunDir.open(args.run_dir)
     spec = load_resolved(run.spec_file)
-    accelerator = Accelerator(kwargs_handlers=[InitProcessGroupKwargs(timeout=COLLECTIVE_TIMEOUT)])
+    collective_timeout = timedelta(seconds=spec.resources.collective_timeout_s)
+    accelerator = Accelerator(kwargs_handlers=[InitProcessGroupKwargs(timeout=collective_timeout)])
     finish_line = FinishLine(spec)
     preemption = PreemptionFlag(run.preempt_marker(args.attempt, args.task))
     # An array task's ranks follow those of the tasks before it: shard names never collide.
@@ -99,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     stats = RankStats(args.attempt, task * accelerator.num_processes + accelerator.process_index,
                       tasks * accelerator.num_processes, task=task)
     run.record_rank(args.attempt, stats.rank)
+    start_heartbeat(run.rank_record(args.attempt, stats.rank), spec.resources.collective_timeout_s)
 
     examples = load_examples(spec.data)
     model, tokenizer = load_model(spec.model, accelerator.device)
@@ -155,6 +158,7 @@ def gather(run: RunDir, examples: list[Example], task: int | None) -> None:
         print(f"task {task} done; the last task to finish gathers the results", flush=True)
         return
     print(f"gathered {metrics[Metric.EXAMPLES]} results into {run.results_file}", flush=True)
+    run.release_space()  # the run is complete: nothing more to report a full disk for
 
 
 def token_balanced_share(prompts: list[Prompt], part: int, parts: int, max_new_tokens: int) -> list[Prompt]:
@@ -221,7 +225,7 @@ class FinishLine:
     """Where ranks wait for each other before the merge, for as long as the job may run.
 
     Ranks finish at different times (outputs stop at different lengths), possibly far apart, so the
-    wait must not share COLLECTIVE_TIMEOUT. A gloo group still fails at once when a peer dies: its
+    wait must not share resources.collective_timeout_s. A gloo group still fails at once when a peer dies: its
     connection to that peer closes. Created at start-up, while every rank is at the same point.
     """
 
@@ -237,4 +241,4 @@ class FinishLine:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_rank(main, parse_args(sys.argv[1:]).run_dir))

@@ -1,21 +1,16 @@
-"""Preemption, as every rank sees it: the flag a signal or the run's marker raises, the exit code of a
-rank that stopped at it, and how long a collective may wait for a peer.
+"""Preemption, as every rank sees it: the flag a signal or the run's marker raises, and the exit code of
+a rank that stopped at it.
 """
 
 from __future__ import annotations
 
 import signal
-from datetime import timedelta
 from pathlib import Path
 
 PREEMPTED_EXIT = 75
 """A rank that stopped at a preemption signal after saving its work exits with this (EX_TEMPFAIL), so
 its log and status say so. The node job does not act on it: it got the signal too, and requeues or
 not from its own flag."""
-
-COLLECTIVE_TIMEOUT = timedelta(minutes=10)
-"""A collective that a dead or stuck peer never joins fails after this, instead of hanging the job."""
-
 
 class PreemptionFlag:
     """Set by SIGUSR2 (Slurm's warning before preemption or the time limit), SIGTERM, or the run's

@@ -1,0 +1,93 @@
+"""How a rank ends on a failure the user must act on: one line on stderr, which lands in its node's log
+and which the command line shows (`lifecycle.rank_error`), instead of a traceback. And the heartbeat by
+which its node job tells a silent rank from a busy one.
+
+    llmbatch: error: <what>          a mistake in the spec found on the node (exit 2), or
+    llmbatch: error: <path>: no space left on device; ...   the run's file system is full (exit 1)
+
+A full file system shows up as an OSError (ENOSPC) from Python's own writes, but as a RuntimeError
+from torch.save ("file write failed") or a SafetensorError from safetensors, so the run folder's
+free space decides too. The rank first gives back the run's space reserve, so the line fits in the log.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from llmbatch.rundir import RunDir
+
+FULL_BELOW_BYTES = 64 << 10
+"""A file system with less free space than this counts as full."""
+
+ERROR_PREFIX = "llmbatch: error: "
+
+
+def out_of_space(error: BaseException, folder: Path) -> bool:
+    seen = error
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno == errno.ENOSPC or "No space left on device" in str(seen):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    try:
+        return shutil.disk_usage(folder).free < FULL_BELOW_BYTES
+    except OSError:
+        return False
+
+
+def run_rank(main: Callable[[], int], run_dir: str, spec_errors: tuple[type[Exception], ...] = ()) -> int:
+    """main()'s exit code; `spec_errors` and a full file system as one line on stderr."""
+    try:
+        return main()
+    except spec_errors as e:  # the spec's mistake, not a crash
+        print(f"{ERROR_PREFIX}{e}", file=sys.stderr, flush=True)
+        return 2
+    except Exception as e:
+        run = RunDir(Path(run_dir))
+        if not out_of_space(e, run.path):
+            raise
+        run.release_space()
+        where = getattr(e, "filename", None) or run.path
+        print(f"{ERROR_PREFIX}{where}: no space left on device; free space there, then: python submit.py resume "
+              f"{run.path}", file=sys.stderr, flush=True)
+        return 1
+
+
+def heartbeat_interval(collective_timeout_s: float) -> float:
+    """Several beats per timeout, so one late beat (a slow shared file system) is no alarm."""
+    return min(30.0, max(0.5, collective_timeout_s / 5))
+
+
+def start_heartbeat(record: Path, collective_timeout_s: float) -> None:
+    """Touch the rank's record (`RunDir.rank_record`) every little while, from a thread of its own.
+
+    The thread runs between everything the rank does (torch releases Python's lock in its kernels and
+    collectives), so the beat stops only when the whole process does: SIGSTOP, a frozen file system,
+    a machine that went away. A rank waiting in a collective still beats; the collective's own
+    timeout covers that case.
+    """
+    interval = heartbeat_interval(collective_timeout_s)
+
+    def beat() -> None:
+        while True:
+            try:
+                os.utime(record)
+            except OSError:
+                pass  # a missed beat; the next one may land
+            time.sleep(interval)
+
+    threading.Thread(target=beat, name="llmbatch-heartbeat", daemon=True).start()
+
+
+def silent_for(record: Path) -> float | None:
+    """Seconds since the rank's last heartbeat, or None before it first recorded itself."""
+    try:
+        return time.time() - record.stat().st_mtime
+    except FileNotFoundError:
+        return None
