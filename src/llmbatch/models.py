@@ -17,7 +17,7 @@ import re
 from pathlib import Path
 
 from llmbatch import embedded
-from llmbatch.data import DataError, Example
+from llmbatch.data import DataError, Example, location
 from llmbatch.spec import EMBEDDED_MODEL, JobSpec, SpecError
 
 # The first of these in a model's (text) config is its context length.
@@ -78,9 +78,10 @@ def check_model(spec: JobSpec, examples: list[Example]) -> None:
     for name in ("generation_config.json", "tokenizer_config.json"):
         if (folder / name).is_file():
             read_json_object(folder / name, "model.path")
-    if spec.data.chat_template and not has_chat_template(folder):
-        raise SpecError("data.chat_template", f"the tokenizer in {folder} has no chat template (none in "
-                                              f"tokenizer_config.json, no chat_template.jinja)")
+    if spec.data.through_chat_template and not has_chat_template(folder):
+        key = "data.messages_field" if spec.data.messages_field else "data.chat_template"
+        raise SpecError(key, f"the tokenizer in {folder} has no chat template (none in tokenizer_config.json, "
+                             f"no chat_template.jinja)")
     context = context_length(config)
     limit = prompt_token_limit(config, spec.generation.max_new_tokens)
     if limit is not None and limit < 1:
@@ -154,12 +155,12 @@ def check_prompt_lengths(spec: JobSpec, examples: list[Example], folder: Path, l
         chunk = 1024
         for start in range(0, len(examples), chunk):
             batch = examples[start:start + chunk]
-            encoded = encode_prompts(tokenizer, [e.prompt for e in batch], spec.data.chat_template)
+            encoded = encode_prompts(tokenizer, batch, spec.data)
             for example, ids in zip(batch, encoded):
                 if len(ids) > limit:
-                    raise DataError(f"{spec.data.path}:{example.line}: the prompt is {len(ids)} tokens; with "
-                                    f"generation.max_new_tokens {spec.generation.max_new_tokens} it exceeds the "
-                                    f"model's context of {context} (generation.long_prompts: truncate cuts it)")
+                    raise DataError(f"{location(spec.data.path, example.line)}: the prompt is {len(ids)} tokens; "
+                                    f"with generation.max_new_tokens {spec.generation.max_new_tokens} it exceeds "
+                                    f"the model's context of {context} (generation.long_prompts: truncate cuts it)")
     finally:
         logging.set_verbosity(verbosity)
 

@@ -20,8 +20,9 @@ from dataclasses import dataclass
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LogitsProcessor, LogitsProcessorList
 
+from llmbatch.data import Example, chat
 from llmbatch.runners.engine.sampler import gumbel_noise, input_key, warpers
-from llmbatch.spec import GenerationSpec, ModelSpec
+from llmbatch.spec import DataSpec, GenerationSpec, ModelSpec
 
 CPU_BATCH_TOKENS = 4096
 """Token budget of a batch on CPU, unless the spec sets generation.batch_tokens."""
@@ -61,14 +62,23 @@ def load_model(model_spec: ModelSpec, device: torch.device):
     return model.eval(), tokenizer
 
 
-def encode_prompts(tokenizer, prompts: list[str], chat_template: bool) -> list[list[int]]:
-    """Token ids of each prompt, as written or as one user turn of the tokenizer's chat template."""
-    if not prompts:
+def prompt_text(tokenizer, example: Example, data: DataSpec) -> str:
+    """What the model reads for an example: its prompt as written, or its chat (`llmbatch.data.chat`) rendered
+    through the tokenizer's chat template with the generation prompt. The one rendering: the runners
+    and the command line's context check both encode this text."""
+    messages = chat(example, data)
+    if messages is None:
+        return example.prompt
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def encode_prompts(tokenizer, examples: list[Example], data: DataSpec) -> list[list[int]]:
+    """Token ids of each example's `prompt_text`."""
+    if not examples:
         return []  # a resumed run with nothing left; the tokenizer fails on an empty batch
-    if not chat_template:
-        return tokenizer(prompts)["input_ids"]
-    texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
-                                           add_generation_prompt=True) for p in prompts]
+    texts = [prompt_text(tokenizer, example, data) for example in examples]
+    if not data.through_chat_template:
+        return tokenizer(texts)["input_ids"]
     # Some templates write the BOS token themselves; encoding must not add a second one.
     has_bos = bool(tokenizer.bos_token) and texts[0].startswith(tokenizer.bos_token)
     return tokenizer(texts, add_special_tokens=not has_bos)["input_ids"]

@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     done = done_ids(run, before_attempt=args.attempt)
     todo = [e for e in examples if e.id not in done]
     model, tokenizer = load_model(spec.model, accelerator.device)
-    encoded = encode_prompts(tokenizer, [e.prompt for e in todo], spec.data.chat_template)
+    encoded = encode_prompts(tokenizer, todo, spec.data)
     limit = prompt_token_limit(model.config.to_dict(), spec.generation.max_new_tokens)
     if spec.generation.long_prompts == "truncate" and limit is not None:
         prompts = [Prompt(e, fit_to_context(ids, limit, tokenizer.bos_token_id), truncated=len(ids) > limit)
@@ -174,7 +174,8 @@ def complete_in_batches(decoder: Decoder, prompts: list[Prompt], batches: list[l
 
 def result_record(prompt: Prompt, completion: Completion) -> dict:
     example = prompt.example
-    record = {"id": example.id, "prompt": example.prompt, "output": completion.text,
+    given = {"prompt": example.prompt} if example.messages is None else {"messages": example.messages}
+    record = {"id": example.id, **given, "output": completion.text,
               "prompt_tokens": len(prompt.token_ids), "output_tokens": completion.tokens,
               "finish_reason": completion.finish_reason, "truncated": prompt.truncated}
     if example.reference is not None:
