@@ -1,4 +1,4 @@
-"""Data formats: chats (data.messages_field, data.system_prompt) and Parquet inputs.
+"""Data formats: chats (data.messages_field, data.system_prompt), Parquet inputs, output.format: parquet.
 
 Errors are one line naming `file:line` (`file row N` for Parquet), exit code 2, nothing queued; runs go
 through `submit.py infer` on the embedded model, whose tokenizer has a chat template.
@@ -7,6 +7,7 @@ through `submit.py infer` on the embedded model, whose tokenizer has a chat temp
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pyarrow as pa
@@ -16,9 +17,13 @@ from transformers import AutoTokenizer
 
 from helpers import run_folder, submit_cli
 from llmbatch.data import Example, load_examples
-from llmbatch.runners.generation import prompt_text
+from llmbatch.gather import gather_run, merge_shards
+from llmbatch.rundir import current_umask
+from llmbatch.runners.generation import encode_prompts, prompt_text
 from llmbatch.spec import DataSpec
+from llmbatch.summary import summarize
 from test_data import bad_data
+from test_infer import examples_of, write_shard
 from test_spec import good, run_cli, write_data  # noqa: F401 (good is a fixture)
 
 CHATS = [
@@ -56,6 +61,12 @@ def test_messages_need_jsonl_or_parquet(tmp_path, good, capsys):
     good["data"] = {"path": str(path), "messages_field": "messages"}
     code, err = run_cli(tmp_path, good, capsys=capsys)
     assert code == 2 and "data.path: data.messages_field needs JSONL or Parquet" in err, err
+
+
+def test_output_format_is_jsonl_or_parquet(tmp_path, good, capsys):
+    good["output"]["format"] = "csv"
+    code, err = run_cli(tmp_path, good, capsys=capsys)
+    assert code == 2 and "output.format: must be 'jsonl' or 'parquet', got 'csv'" in err, err
 
 
 # --- malformed chats -----------------------------------------------------------------------------
@@ -189,18 +200,22 @@ def test_parquet_is_read_in_batches_and_only_as_far_as_max_samples(tmp_path, mon
 
 # --- runs ----------------------------------------------------------------------------------------
 
-def infer_results(tmp_path: Path, name: str, data: dict) -> list[dict]:
-    spec = {"name": name, "data": data, "generation": {"max_new_tokens": 6}, "output": {"root": str(tmp_path / "runs")}}
+def infer_results(tmp_path: Path, name: str, data: dict, output_format: str = "jsonl") -> list[dict]:
+    spec = {"name": name, "data": data, "generation": {"max_new_tokens": 6},
+            "output": {"root": str(tmp_path / "runs"), "format": output_format}}
     spec_path = tmp_path / f"{name}.yaml"
     spec_path.write_text(json.dumps(spec))
     run = run_folder(submit_cli("infer", str(spec_path), "--executor", "local"))
+    assert run.merged_results() == run.results_for(output_format)
+    if output_format == "parquet":
+        return pq.read_table(run.results_for("parquet")).to_pylist()
     return [json.loads(line) for line in run.results_file.read_text().splitlines()]
 
 
 @pytest.mark.slow
 def test_chats_run_like_the_same_prompts_rendered_by_hand(tmp_path, model_dir, tokenizer):
     """A chat run with a system prompt answers as a plain run of the text the template makes of it; the
-    same plain data as Parquet gives the same records."""
+    same plain data as Parquet, merged into results.parquet, gives the same records."""
     system = "Answer in one word."
     chats = write_data(tmp_path / "chats.jsonl", [{"id": f"c{i}", "messages": chat} for i, chat in enumerate(CHATS)])
     rendered = [{"id": f"c{i}", "text": tokenizer.apply_chat_template(
@@ -211,10 +226,47 @@ def test_chats_run_like_the_same_prompts_rendered_by_hand(tmp_path, model_dir, t
     plain = {"prompt_field": "text"}
     as_text = infer_results(tmp_path, "text", {"path": str(write_data(tmp_path / "text.jsonl", rendered))} | plain)
     as_parquet = infer_results(tmp_path, "parquet", {"path": str(write_parquet(tmp_path / "text.parquet", rendered))}
-                               | plain)
+                               | plain, output_format="parquet")
 
     assert [r["messages"] for r in as_chats] == CHATS  # as given: the system prompt is the spec's
     same = ("id", "output", "prompt_tokens", "output_tokens", "finish_reason")
     assert [{k: r[k] for k in same} for r in as_chats] == [{k: r[k] for k in same} for r in as_text]
     assert len({r["output"] for r in as_text}) > 1  # the prompts make a difference
     assert as_parquet == as_text
+
+
+# --- output.format: parquet ----------------------------------------------------------------------
+
+def test_parquet_results_hold_the_jsonl_records(make_run):
+    run = make_run("infer", overrides=["data.max_samples=40", "output.format=parquet"])
+    examples = examples_of(run)
+    ids = [e.id for e in examples]
+    write_shard(run, 0, 0, ids[1::2])
+    write_shard(run, 0, 1, ids[0::2])
+    assert gather_run(run) == 0 and not run.results_file.exists()
+    parquet = run.results_for("parquet")
+    assert oct(parquet.stat().st_mode & 0o777) == oct(0o666 & ~current_umask())
+    assert "results.parquet" in summarize(run)
+    merge_shards(run, examples, "jsonl")
+    assert pq.read_table(parquet).to_pylist() == [json.loads(line) for line in run.results_file.read_text().splitlines()]
+
+
+def test_parquet_results_appear_only_when_complete(make_run, monkeypatch):
+    """A merge that dies while writing leaves no results.parquet (a complete-looking run) and no temp file."""
+    run = make_run("infer", overrides=["data.max_samples=40", "output.format=parquet"])
+    write_shard(run, 0, 0, [e.id for e in examples_of(run)])
+    real_write_table = pq.write_table
+    seen = []
+
+    def write_then_die(table, where, **kwargs):
+        real_write_table(table.slice(0, 5), where, **kwargs)  # bytes on disk, then the process dies
+        seen.append(run.results_for("parquet").exists())
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pq, "write_table", write_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        gather_run(run)
+    assert seen == [False] and run.merged_results() is None
+    assert not [p for p in os.listdir(run.path) if p.startswith(".results")]
+    monkeypatch.setattr(pq, "write_table", real_write_table)
+    assert gather_run(run) == 0 and pq.read_table(run.results_for("parquet")).num_rows == 40

@@ -189,7 +189,7 @@ def test_gather_refuses_an_incomplete_run_and_names_what_is_missing(make_run, ca
     examples = examples_of(run)
     write_shard(run, 0, 0, [e.id for e in examples[:-3]])
     with pytest.raises(IncompleteRun) as error:
-        merge_shards(run, examples)
+        merge_shards(run, examples, "jsonl")
     assert error.value.missing == [e.id for e in examples[-3:]]
     assert gather_run(run) == 1
     printed = capsys.readouterr().err

@@ -127,8 +127,9 @@ def main(argv: list[str] | None = None) -> int:
 
     finish_line.wait()
     if accelerator.is_main_process:
-        metrics = merge_shards(run, examples)
-        print(f"gathered {metrics[Metric.EXAMPLES]} results into {run.results_file}", flush=True)
+        metrics = merge_shards(run, examples, spec.output.format)
+        print(f"gathered {metrics[Metric.EXAMPLES]} results into {run.results_for(spec.output.format)}",
+              flush=True)
     accelerator.end_training()  # nothing to do with training: it releases the process groups
     return 0
 
