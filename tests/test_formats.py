@@ -19,7 +19,7 @@ from helpers import run_folder, submit_cli
 from llmbatch.data import Example, load_examples
 from llmbatch.gather import gather_run, merge_shards
 from llmbatch.rundir import current_umask
-from llmbatch.runners.generation import encode_prompts, prompt_text
+from llmbatch.runners.generation import prompt_texts
 from llmbatch.spec import DataSpec
 from llmbatch.summary import summarize
 from test_data import bad_data
@@ -113,6 +113,11 @@ def test_a_malformed_chat_in_parquet_names_its_row(tmp_path, good, capsys):
 @pytest.fixture(scope="module")
 def tokenizer(model_dir):
     return AutoTokenizer.from_pretrained(model_dir)
+
+
+def prompt_text(tokenizer, example: Example, data: DataSpec) -> str:
+    [text] = prompt_texts(tokenizer, [example], data)
+    return text
 
 
 def test_system_prompt_opens_every_chat_without_one(tokenizer):
