@@ -12,7 +12,7 @@ from __future__ import annotations
 import codecs
 import csv
 import json
-import unicodedata
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +21,9 @@ from llmbatch.spec import DataSpec, not_utf8, template_fields
 
 ROLES = ("system", "user", "assistant")
 """Roles a message of data.messages_field may have."""
+
+CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+"""Unicode's control characters (category Cc) and line and paragraph separators (Zl, Zp)."""
 
 PARQUET_BATCH_ROWS = 65536
 """Rows of a Parquet file in memory at once, as Arrow columns (then as Python values)."""
@@ -44,7 +47,11 @@ class Example:
 
 def location(path: str | Path, number: int) -> str:
     """How an error names a record: `file:line`, or `file row N` for Parquet (which has no lines)."""
-    return f"{path} row {number}" if _is_parquet(path) else f"{path}:{number}"
+    return f"{_location_prefix(path)}{number}"
+
+
+def _location_prefix(path: str | Path) -> str:
+    return f"{path} row " if _is_parquet(path) else f"{path}:"
 
 
 def _is_parquet(path: str | Path) -> bool:
@@ -151,7 +158,7 @@ def _example_id(where: str, record: dict, field: str) -> str:
     example_id = str(value)
     if not example_id.strip():
         raise DataError(f"{where}: id field '{field}' is empty")
-    if any(unicodedata.category(c) in ("Cc", "Zl", "Zp") for c in example_id):
+    if CONTROL.search(example_id):
         raise DataError(f"{where}: id {example_id!r} holds a control character or line break; ids appear in "
                         f"logs and error lines, so they must be printable single-line text")
     return example_id
@@ -232,9 +239,9 @@ def load_examples(data: DataSpec, path: str | None = None) -> list[Example]:
     """The examples of `path` (default: data.path), in file order, at most data.max_samples."""
     path = Path(path or data.path)
     examples, seen = [], {}
-    unit = "row" if _is_parquet(path) else "line"
+    unit, prefix = "row" if _is_parquet(path) else "line", _location_prefix(path)
     for number, record in _read_records(path, used_fields(data)):
-        where = location(path, number)
+        where = f"{prefix}{number}"  # location(path, number), for a million records
         example_id = _example_id(where, record, data.id_field)
         if example_id in seen:
             raise DataError(f"{where}: duplicate id {example_id!r} (first at {unit} {seen[example_id]})")
