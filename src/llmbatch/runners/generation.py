@@ -24,6 +24,9 @@ from llmbatch.data import Example, chat
 from llmbatch.runners.engine.sampler import gumbel_noise, input_key, warpers
 from llmbatch.spec import DataSpec, GenerationSpec, ModelSpec
 
+ENCODE_CHUNK = 4096
+"""Prompts encoded in one call of the tokenizer."""
+
 CPU_BATCH_TOKENS = 4096
 """Token budget of a batch on CPU, unless the spec sets generation.batch_tokens."""
 
@@ -79,11 +82,13 @@ def encode_texts(tokenizer, texts: list[str], data: DataSpec) -> list[list[int]]
     """Token ids of `prompt_texts`."""
     if not texts:
         return []  # a resumed run with nothing left; the tokenizer fails on an empty batch
-    if not data.through_chat_template:
-        return tokenizer(texts)["input_ids"]
     # Some templates write the BOS token themselves; encoding must not add a second one.
-    has_bos = bool(tokenizer.bos_token) and texts[0].startswith(tokenizer.bos_token)
-    return tokenizer(texts, add_special_tokens=not has_bos)["input_ids"]
+    has_bos = data.through_chat_template and bool(tokenizer.bos_token) and texts[0].startswith(tokenizer.bos_token)
+    # In chunks: the tokenizer's encodings (tokens, offsets, masks) of a whole data file at once would
+    # take many times the memory of the ids kept.
+    return [ids for start in range(0, len(texts), ENCODE_CHUNK)
+            for ids in tokenizer(texts[start:start + ENCODE_CHUNK], add_special_tokens=not has_bos,
+                                 return_attention_mask=False)["input_ids"]]
 
 
 def encode_prompts(tokenizer, examples: list[Example], data: DataSpec) -> list[list[int]]:
