@@ -1,7 +1,14 @@
-"""The plain Hugging Face fine-tuning peer: Trainer + PEFT LoRA, the usual padding collator.
+"""The Hugging Face fine-tuning peers: Trainer + PEFT LoRA, padded or flattened, with or without Liger-Kernel.
 
     [torchrun --nproc_per_node N] python bench/hf_trainer.py --model DIR --data ft.jsonl \
-        --seq-len 1024 --batch-size 8 --max-steps 25 --skip-steps 5 --out result.json
+        --seq-len 1024 --batch-size 8 --max-steps 25 --skip-steps 5 --out result.json \
+        [--collator flatten] [--liger] [--gradient-checkpointing]
+
+--collator padded (the default) is the plain way: DataCollatorForSeq2Seq pads each batch to its longest
+example. --collator flatten is Hugging Face's padding-free packing: DataCollatorWithFlattening puts a
+batch's examples end to end in one row with restarting position ids. --liger patches Liger-Kernel's
+kernels into the model (RMSNorm, SwiGLU, RoPE, and the fused linear cross-entropy in its forward), as
+TrainingArguments(use_liger_kernel=True) does.
 
 One GPU: run it as a single process with CUDA_VISIBLE_DEVICES pinned to one GPU (with several visible,
 Trainer silently wraps the model in nn.DataParallel). Several GPUs: torchrun, one process per GPU (DDP).
@@ -23,11 +30,11 @@ import time
 
 import torch
 from peft import LoraConfig, get_peft_model
-from transformers import (AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, Trainer, TrainerCallback,
-                          TrainingArguments)
+from transformers import (AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, DataCollatorWithFlattening,
+                          Trainer, TrainerCallback, TrainingArguments)
 
 
-def load_examples(path: str, tokenizer, seq_len: int) -> list[dict]:
+def load_examples(path: str, tokenizer, seq_len: int, attention_mask: bool) -> list[dict]:
     examples = []
     for line in open(path):
         record = json.loads(line)
@@ -35,20 +42,20 @@ def load_examples(path: str, tokenizer, seq_len: int) -> list[dict]:
         completion = tokenizer(record["completion"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         ids = (prompt + completion)[: seq_len + 1][:-1]
         labels = [-100] * min(len(prompt), len(ids)) + ids[len(prompt):]
-        examples.append({"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels})
+        example = {"input_ids": ids, "labels": labels}
+        examples.append(example | {"attention_mask": [1] * len(ids)} if attention_mask else example)
     return examples
 
 
 class CountingCollator:
-    """The usual collator, recording the real tokens of every batch it builds, in order."""
+    """A collator recording the real tokens of every batch it builds, in order."""
 
     def __init__(self, inner):
         self.inner, self.tokens = inner, []
 
     def __call__(self, features):
-        batch = self.inner(features)
-        self.tokens.append(int(batch["attention_mask"].sum()))
-        return batch
+        self.tokens.append(sum(len(f["input_ids"]) for f in features))
+        return self.inner(features)
 
 
 class StepClock(TrainerCallback):
@@ -77,6 +84,9 @@ def main() -> None:
     parser.add_argument("--lora-dropout", type=float, default=0.0)
     parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--warmup-steps", type=int, default=2)
+    parser.add_argument("--collator", choices=("padded", "flatten"), default="padded")
+    parser.add_argument("--liger", action="store_true", help="Liger-Kernel's kernels (needs liger-kernel, CUDA)")
+    parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--find-unused-parameters", action="store_true",
                         help="DDP's search for unused parameters: Trainer's default for a PeftModel, which it "
                              "cannot see is a PreTrainedModel. Off by default: LoRA uses every parameter, and "
@@ -89,14 +99,21 @@ def main() -> None:
     cuda = torch.cuda.is_available()
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     tokenizer.padding_side = "right"
-    examples = load_examples(args.data, tokenizer, args.seq_len)
+    examples = load_examples(args.data, tokenizer, args.seq_len, attention_mask=args.collator == "padded")
 
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.bfloat16 if cuda else torch.float32)
+    if args.liger:
+        from liger_kernel.transformers import _apply_liger_kernel_to_instance
+        _apply_liger_kernel_to_instance(model=model)  # what Trainer's use_liger_kernel=True does
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     lora = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
                       target_modules="all-linear", task_type="CAUSAL_LM")
     model = get_peft_model(model, lora)
 
-    collator = CountingCollator(DataCollatorForSeq2Seq(tokenizer, padding="longest", label_pad_token_id=-100))
+    inner = DataCollatorWithFlattening(return_position_ids=True) if args.collator == "flatten" else \
+        DataCollatorForSeq2Seq(tokenizer, padding="longest", label_pad_token_id=-100)
+    collator = CountingCollator(inner)
     clock = StepClock()
     training_args = TrainingArguments(
         output_dir=tempfile.mkdtemp(prefix="hf-trainer-"), per_device_train_batch_size=args.batch_size,
@@ -130,7 +147,8 @@ def main() -> None:
     else:
         all_tokens = sum(collator.tokens[:steps * accum])
     if int(os.environ.get("RANK", "0")) == 0:
-        result = {"method": "HF Trainer + PEFT LoRA", "world_size": world, "per_device_batch": args.batch_size,
+        result = {"method": "HF Trainer + PEFT LoRA", "collator": args.collator, "liger": args.liger,
+                  "gradient_checkpointing": args.gradient_checkpointing, "world_size": world, "per_device_batch": args.batch_size,
                   "grad_accum": accum,
                   "seq_len": args.seq_len, "steps": steps, "timed_steps": steps - skip, "tokens_timed": tokens,
                   "tokens_all_steps": all_tokens, "elapsed_s": round(elapsed, 3), "tokens_per_s": tokens / elapsed,

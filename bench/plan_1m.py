@@ -6,7 +6,7 @@ measures in a fresh process (wall time, peak RSS from wait4):
 - `dry-run`: `submit.py infer SPEC --dry-run --executor local`: the spec, every record, the context check
   of every prompt against the embedded model (built first, so the check runs), the plan;
 - `split`: what each rank does before its first batch, minus the model: read the records, encode every
-  prompt (`encode_prompts`, as the runner does) and take its share of --ranks (`my_share`).
+  prompt (`encode_prompts`, as the runner does) and take its share of --ranks (`token_balanced_share`).
 
     python bench/plan_1m.py --dir /tmp/plan-1m --no-split   # 1,000,000 rows; ~2 GB of files
     python bench/plan_1m.py --dir /tmp/plan-1m --rows 10000 # a quick look
@@ -91,14 +91,14 @@ def split_only(spec_path: str, ranks: int) -> None:
     from llmbatch import embedded
     from llmbatch.data import load_examples
     from llmbatch.runners.generation import encode_prompts
-    from llmbatch.runners.infer import Prompt, my_share
+    from llmbatch.runners.infer import Prompt, token_balanced_share
     from llmbatch.spec import load_spec
 
     spec = load_spec(spec_path, "infer", [])
     tokenizer = AutoTokenizer.from_pretrained(embedded.ensure_embedded_model(embedded.default_cache_dir()))
     examples = load_examples(spec.data)
     prompts = [Prompt(e, ids) for e, ids in zip(examples, encode_prompts(tokenizer, examples, spec.data))]
-    shares = [len(my_share(prompts, rank, ranks, spec.generation.max_new_tokens)) for rank in range(ranks)]
+    shares = [len(token_balanced_share(prompts, rank, ranks, spec.generation.max_new_tokens)) for rank in range(ranks)]
     assert sum(shares) == len(examples)
 
 

@@ -137,7 +137,8 @@ def test_packed_and_padded_batches_give_the_same_loss_and_gradients(make_run):
                                                          "lora.dropout=0.0"]).spec_file)
     tokenizer = AutoTokenizer.from_pretrained(spec.model.path)
     examples = load_examples(spec.data)
-    model = load_lora_model(spec, torch.device("cpu"))
+    model, liger = load_lora_model(spec, torch.device("cpu"))
+    assert not liger  # Liger-Kernel's kernels are Triton: CUDA only
     with torch.no_grad():  # LoRA's B starts at zero: give the adapter a gradient-carrying effect
         for name, p in model.named_parameters():
             if "lora_B" in name:
@@ -413,26 +414,31 @@ def test_early_stopping_needs_validation_data_and_a_tracker_its_package(monkeypa
         load_spec(JOBS / "finetune.yaml", "finetune", ["train.report_to=comet"])
 
 
-def test_the_fused_head_loss_stays_off_on_cpu_and_its_path_equals_the_plain_loss(model_dir):
-    """Liger-Kernel's kernel needs CUDA, so on CPU the plain path is chosen. The fused path's part that
+def test_liger_stays_off_on_cpu_and_the_fused_path_equals_the_plain_loss(model_dir):
+    """Liger-Kernel's kernels need CUDA, so on CPU the plain path is chosen. The fused path's part that
     is ours (the last hidden state at the target positions, the head's weight) is checked here with a
-    plain linear cross-entropy in the kernel's place; the kernel itself runs only on a GPU."""
+    plain linear cross-entropy in the kernel's place. The kernels themselves run only on a GPU:
+    bench/check_finetune_gpu.py compares them with this plain path there (a GPU stands in for nothing
+    here, so that check is not a CPU test)."""
     from transformers import AutoModelForCausalLM
 
-    from llmbatch.runners.finetune import fused_head_loss, token_loss_sum
+    from llmbatch.runners.finetune import HeadLoss, token_loss_sum, use_liger_kernels
     from llmbatch.spec import TrainSpec
 
     model = AutoModelForCausalLM.from_pretrained(model_dir)
-    assert fused_head_loss(TrainSpec(fused_loss="auto"), model) is None
-    head = model.get_output_embeddings()
+    assert use_liger_kernels(TrainSpec(liger="auto"), model, torch.device("cpu")) is False
 
-    def plain_linear_cross_entropy(hidden, targets):
-        return torch.nn.functional.cross_entropy(hidden @ head.weight.T, targets, ignore_index=IGNORE, reduction="sum")
+    def plain_linear_cross_entropy(weight, hidden, targets, bias):
+        return torch.nn.functional.cross_entropy(hidden @ weight.T, targets, ignore_index=IGNORE, reduction="sum")
 
     generator = torch.Generator().manual_seed(0)
     input_ids = torch.randint(3, 250, (2, 16), generator=generator)
     targets = torch.full_like(input_ids, IGNORE)
     targets[0, 6:10], targets[1, 9:14] = input_ids[0, 7:11], input_ids[1, 10:15]
     batch = {"input_ids": input_ids, "position_ids": torch.arange(16).repeat(2, 1), "targets": targets}
-    assert token_loss_sum(model, batch, plain_linear_cross_entropy).item() == \
+    head_loss = HeadLoss(model, plain_linear_cross_entropy)
+    assert token_loss_sum(model, batch, head_loss).item() == \
            pytest.approx(token_loss_sum(model, batch).item(), rel=1e-6)
+    assert head_loss.hidden is None  # nothing held between calls
+    model.generate(input_ids[:, :4], max_new_tokens=2, do_sample=False)
+    assert head_loss.hidden is None  # and nothing from generation

@@ -6,7 +6,9 @@ Exit codes: 0 done, 1 the job failed, 2 bad input (nothing was queued).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
+import re
 import shlex
 import shutil
 import sys
@@ -19,6 +21,7 @@ from llmbatch.gather import gather_run
 from llmbatch.jobstep import example_place, make_plan, node_command
 from llmbatch.models import check_model
 from llmbatch.rundir import DamagedRun, RunBusy, RunDir, atomic_write
+from llmbatch.shards import list_shards
 from llmbatch.summary import summarize
 from llmbatch.spec import (EMBEDDED_MODEL, JobSpec, SpecError, apply_override, dump_spec, load_resolved,
                            load_spec)
@@ -46,6 +49,13 @@ def load_job_spec(kind: str, args: argparse.Namespace) -> tuple[JobSpec, int]:
         if value is not None:
             overrides.append(f"{key}={value}")
             origins[overrides[-1]] = f"{option} {value}"
+    if args.array is not None:
+        if not (m := re.fullmatch(r"(\d+)(?:%(\d+))?", args.array)):
+            raise UsageError(f"--array {args.array}: expected N or N%M (N tasks, at most M running at once)")
+        for key, value in (("resources.array", m.group(1)), ("resources.array_max_running", m.group(2))):
+            if value is not None:
+                overrides.append(f"{key}={value}")
+                origins[overrides[-1]] = f"--array {args.array}"
     spec = load_spec(args.spec or default_spec_path(kind), kind, overrides, origins=origins)
     examples = load_examples(spec.data)
     if spec.data.val_path:
@@ -77,6 +87,9 @@ def cmd_run(kind: str, args: argparse.Namespace) -> int:
     if executor == "local" and spec.resources.nodes > 1:
         raise UsageError(f"resources.nodes: {spec.resources.nodes} nodes need Slurm; the local executor "
                          f"runs one node (use --executor slurm on a cluster)")
+    if executor == "local" and spec.resources.array is not None:
+        raise UsageError(f"resources.array: a job array ({spec.resources.array} tasks) needs Slurm; the local "
+                         f"executor runs one job (drop the array, or use --executor slurm on a cluster)")
     if not args.dry_run:
         require_slurm_commands(executor)
     spec = resolve_model(spec, build=not args.dry_run)
@@ -117,38 +130,56 @@ def print_dry_run(spec: JobSpec, executor: str) -> None:
     print(f"# resolved spec ({spec.kind})\n{dump_spec(spec)}")
     if executor == "slurm":
         print("# sbatch script\n" + slurm.sbatch_script(spec, run))
+    which = "node 0"
+    if spec.resources.array is not None:
+        plan = dataclasses.replace(plan, task=0)
+        which = (f"array task 0 of {spec.resources.array} (each task passes its own --task and runs its share of "
+                 f"the inputs on one node)")
     cmd = node_command(plan, example_place(spec.resources.nodes))
-    print("# per-node command, node 0 on GPUs (each node passes its own --machine_rank; the port comes from "
-          "the job id; a node without CUDA drops to --mixed_precision no with ACCELERATE_USE_CPU=true)")
+    print(f"# per-node command, {which} on GPUs (each node passes its own --machine_rank; the port comes from "
+          f"the job id; a node without CUDA drops to --mixed_precision no with ACCELERATE_USE_CPU=true)")
     print(shlex.join(cmd.argv))
     print("# environment passed by name: " + " ".join(sorted(cmd.env)))
     print("# nothing was submitted (--dry-run)")
 
 
 def submit_and_wait(spec: JobSpec, run: RunDir, executor: str, *, wait: bool, header: str, attempt_base: int = 0,
-                    **state) -> int:
-    """Submit the run's job step and record its job id (and `state`); then, unless it went to Slurm
-    without --wait, wait for it and print the summary."""
-    job = slurm.submit(slurm.make_executor(executor, spec, run), make_plan(spec, run.path, attempt_base))
-    run.update_state(executor=executor, job_ids=run.read_state().get("job_ids", []) + [job.job_id], **state,
-                     **local_identity(executor, job))
+                    tasks: list[int] | None = None, **state) -> int:
+    """Submit the run's job step (of a job array, `tasks`: all of them by default) and record its job
+    id (and `state`); then, unless it went to Slurm without --wait, wait for it and print the summary."""
+    ex, plan = slurm.make_executor(executor, spec, run), make_plan(spec, run.path, attempt_base)
+    if spec.resources.array is None:
+        jobs = [slurm.submit(ex, plan)]
+        job_id = jobs[0].job_id
+    else:
+        tasks = list(range(spec.resources.array)) if tasks is None else tasks
+        run.update_state(ranks_per_task=spec.resources.gpus_per_node)  # before any task records itself
+        jobs = slurm.submit_array(ex, plan, tasks)
+        job_id = jobs[0].job_id.split("_")[0]  # the array's; its tasks are <id>_<index>
+        run.update_tasks({task: {"job_id": job.job_id} for task, job in zip(tasks, jobs)})
+    run.update_state(executor=executor, job_ids=run.read_state().get("job_ids", []) + [job_id], **state,
+                     **local_identity(executor, jobs[0]))
     attempt = f" (attempt {attempt_base})" if attempt_base else ""
-    print(f"{header}\n{executor} job: {job.job_id}{attempt}")
+    print(f"{header}\n{executor} job: {job_id}{attempt}")
+    if tasks is not None:
+        print(f"array tasks: {' '.join(map(str, tasks))}")
     if executor == "slurm" and not wait:
         print(f"follow it with: python submit.py status {run.path}")
         return 0
-    return wait_and_summarize(job, run, show_log=executor == "local")
+    return wait_and_summarize(jobs, run, show_log=executor == "local")
 
 
-def wait_and_summarize(job, run: RunDir, show_log: bool) -> int:
+def wait_and_summarize(jobs: list, run: RunDir, show_log: bool) -> int:
     try:
         if show_log:
-            lifecycle.follow(run.node_log(0), lambda: not job.done())
-        while not job.done():
+            lifecycle.follow(run.node_log(0), lambda: not jobs[0].done())
+        while not all(job.done() for job in jobs):
             time.sleep(0.5)
-        job.results()  # one result per node; any node's error is raised here
+        for job in jobs:
+            job.results()  # one result per node; any node's error is raised here
     except KeyboardInterrupt:
-        job.cancel()
+        for job in jobs:
+            job.cancel()
         print(f"\ncancelled; resume later with: python submit.py resume {run.path}", file=sys.stderr)
         return 130
     except Exception as e:  # the job's own error, already logged in the run folder
@@ -190,8 +221,18 @@ def cmd_resume(args: argparse.Namespace) -> int:
                              f"write the same results")
         executor = slurm.pick_executor(args.executor) if args.executor else status.executor
         require_slurm_commands(executor)
+        if not status.tasks:
+            return submit_and_wait(load_resolved(run.spec_file), run, executor, wait=args.wait,
+                                   header=f"resumed {run.path}", attempt_base=status.attempt + 1)
+        if executor != "slurm":
+            raise UsageError(f"{run.path}: a job array resumes on Slurm only (--executor slurm)")
+        if not (tasks := lifecycle.unfinished_tasks(run)):
+            print(f"{run.path}: every array task finished its share; gathering here")
+            return gather_run(run)
+        # Past every attempt of every task: a task's shards of earlier attempts are what it skips.
+        attempt_base = max([status.attempt, *(s.attempt for s in list_shards(run))]) + 1
         return submit_and_wait(load_resolved(run.spec_file), run, executor, wait=args.wait,
-                               header=f"resumed {run.path}", attempt_base=status.attempt + 1)
+                               header=f"resumed {run.path}", attempt_base=attempt_base, tasks=tasks)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -209,6 +250,8 @@ def cmd_status(args: argparse.Namespace) -> int:
             print(s.line())
             for key, value in s.progress.items():
                 print(f"  {key}: {value}")
+            for line in s.task_lines():
+                print(f"  {line}")
     return 0
 
 
@@ -231,7 +274,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 def cmd_logs(args: argparse.Namespace) -> int:
     run = open_run(args.run)
     try:
-        path = lifecycle.log_file(run, args.node, args.rank)
+        path = lifecycle.log_file(run, args.node, args.rank, args.task)
     except FileNotFoundError as e:
         raise UsageError(str(e)) from None
     if not args.follow:
@@ -263,6 +306,9 @@ def add_run_options(p: argparse.ArgumentParser, kind: str) -> None:
                    help="GPUs per node = processes per node (CPU processes where there is no GPU); "
                         "sets resources.gpus_per_node")
     p.add_argument("--nodes", type=int, metavar="N", help="number of nodes (Slurm only); sets resources.nodes")
+    p.add_argument("--array", metavar="N[%M]",
+                   help="inference as a Slurm job array of N one-node tasks, each on its share of the inputs, "
+                        "at most M running at once; sets resources.array (and resources.array_max_running)")
     p.add_argument("--set", action="append", metavar="KEY.PATH=VALUE",
                    help="override one spec value, typed by the schema, e.g. --set generation.max_new_tokens=16 "
                         "(repeatable; paths resolve against the current folder)")
@@ -304,6 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", help="the run folder")
     p.add_argument("--node", type=int, default=0, help="node index (default: 0)")
     p.add_argument("--rank", type=int, help="local rank on that node (default: the whole node log)")
+    p.add_argument("--task", type=int, help="of a job array: that task's logs")
     p.add_argument("-f", "--follow", action="store_true", help="keep printing until the job ends")
 
     p = sub.add_parser("cancel", help="cancel a run's job (scancel, or stop the local job)")

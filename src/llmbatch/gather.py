@@ -11,9 +11,10 @@ metrics.json (keys: `llmbatch.metrics`) holds:
     truncated_prompts        results whose prompt generation.long_prompts: truncate cut
     accuracy, correct, scored, scoring                          when the inputs have references
     wall_s, generate_s       per attempt the slowest rank's time (all of it / generating), summed
-                             over the attempts whose ranks finished; time lost to a kill is not known
+                             over the attempts whose ranks finished (and over an array's tasks);
+                             time lost to a kill is not known
     tokens_per_s, examples_per_s   what those ranks generated, per second of generate_s
-    world_size, ranks, load_balance   the last attempt: its per-rank stats, and min/max rank
+    world_size, ranks, load_balance   the last attempt (of each array task): per-rank stats, min/max rank
                              generating time (1.0: perfectly balanced)
     prefill_s, decode_s, decode_steps, occupancy   where the engine ran: summed over the finished
                              ranks (occupancy: their mean share of cache slots in use per step)
@@ -81,6 +82,22 @@ def write_results(path: Path, results: list[dict], output_format: str) -> None:
         pq.write_table(table, f)
 
 
+def merge_when_complete(run: RunDir, examples: list[Example], output_format: str) -> dict[str, Any] | None:
+    """For the tasks of a job array: merge if every input has a record and no task merged yet; return
+    the metrics, or None if another task merged or some inputs are still to come.
+
+    Each task calls this once its shards are on disk, so the last task to finish finds them complete.
+    Two tasks finishing together take turns (the lock waits): exactly one of them merges.
+    """
+    with run.locked("gather"):
+        if run.merged_results() is not None:
+            return None
+        try:
+            return merge_shards(run, examples, output_format)
+        except IncompleteRun:
+            return None
+
+
 def result_metrics(results: list[dict]) -> dict[str, Any]:
     metrics = {Metric.EXAMPLES: len(results),
                Metric.PROMPT_TOKENS: sum(r["prompt_tokens"] for r in results),
@@ -97,16 +114,21 @@ def result_metrics(results: list[dict]) -> dict[str, Any]:
 
 
 def timing_metrics(run: RunDir) -> dict[str, Any]:
-    """From the stats of ranks that finished; empty if none did (every attempt was killed)."""
-    by_attempt: dict[int, list[dict]] = {}
+    """From the stats of ranks that finished; empty if none did (every attempt was killed).
+
+    A job's attempts ran one after another: their times add up. So do an array's tasks' (the time
+    its jobs held, not how long the array took); `ranks` holds each task's last attempt.
+    """
+    by_attempt: dict[tuple[int, int], list[dict]] = {}
     for shard in list_shards(run):
         if (stats := read_stats(shard)) is not None:
-            by_attempt.setdefault(shard.attempt, []).append(stats)
+            by_attempt.setdefault((stats.get("task", 0), shard.attempt), []).append(stats)
     if not by_attempt:
         return {}
     generate_s = sum(max(s["generate_s"] for s in ranks) for ranks in by_attempt.values())
     all_stats = [s for ranks in by_attempt.values() for s in ranks]
-    last = by_attempt[max(by_attempt)]
+    last_attempt = {task: attempt for task, attempt in sorted(by_attempt)}
+    last = sorted((s for key in last_attempt.items() for s in by_attempt[key]), key=lambda s: s["rank"])
     times = [s["generate_s"] for s in last]
     engine = [s["engine"] for s in all_stats if s.get("engine")]
     engine_metrics = {Metric.PREFILL_S: sum(s["prefill_s"] for s in engine),

@@ -44,6 +44,8 @@ class LaunchPlan:
     """Slurm's warning before the kill: the ranks have most of it to save."""
     attempt_base: int = 0
     """`resume` resubmits with this past the attempts already made; Slurm's restart count adds to it."""
+    task: int | None = None
+    """The array task this job runs (`resources.array`): its share of the inputs; None: not an array."""
     python: str = field(default_factory=lambda: sys.executable)
 
     @property
@@ -111,10 +113,11 @@ def build_launch_argv(plan: LaunchPlan, place: NodePlace) -> list[str]:
     if plan.num_processes > 1:
         # --multi_gpu is also what starts several processes on CPU (with ACCELERATE_USE_CPU).
         argv += ["--multi_gpu", "--max_restarts", "0", "--monitor_interval", "1",
-                 "--tee", "3", "--log_dir", str(RunDir(Path(plan.run_dir)).rank_log_dir(place.node_rank))]
+                 "--tee", "3", "--log_dir", str(RunDir(Path(plan.run_dir)).rank_log_dir(place.node_rank, plan.task))]
     if not place.use_cuda:
         argv += ["--num_cpu_threads_per_process", str(plan.cpu_threads_per_proc)]
-    return argv + ["-m", plan.runner, "--run-dir", plan.run_dir, "--attempt", str(place.attempt)]
+    argv += ["-m", plan.runner, "--run-dir", plan.run_dir, "--attempt", str(place.attempt)]
+    return argv + (["--task", str(plan.task)] if plan.task is not None else [])
 
 
 def launch_env(place: NodePlace) -> dict[str, str]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 import signal
 import subprocess
 import sys
@@ -14,7 +15,7 @@ from pathlib import Path
 
 from llmbatch.metrics import Metric
 from llmbatch.rundir import RunDir, process_start_ticks, read_json, read_jsonl
-from llmbatch.shards import read_progress
+from llmbatch.shards import finished_tasks, read_progress, task_progress
 
 # Slurm states after which a job will not run again by itself.
 FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "PREEMPTED",
@@ -34,6 +35,8 @@ class RunStatus:
     requeues: int
     attempt: int
     progress: dict = field(default_factory=dict)
+    tasks: list[dict] = field(default_factory=list)
+    """A job array's tasks: task, job_id, state, attempt, requeues, done, inputs (empty for one job)."""
 
     def line(self) -> str:
         p = self.progress
@@ -47,8 +50,15 @@ class RunStatus:
             what = "-"
         if p.get("eta_s") is not None:
             what += f", ETA {format_duration(p['eta_s'])}"
+        if self.tasks:
+            finished = sum(t["state"] == "COMPLETED" for t in self.tasks)
+            what += f", {finished}/{len(self.tasks)} array tasks completed"
         return (f"{Path(self.run).name}  {self.kind}  {self.executor}:{self.job_id}  {self.state}  "
                 f"{what}  requeues={self.requeues}")
+
+    def task_lines(self) -> list[str]:
+        return [f"task {t['task']}  {t['job_id']}  {t['state']}  {t['done']}/{t.get('inputs', '?')} inputs  "
+                f"attempt {t['attempt']}  requeues={t['requeues']}" for t in self.tasks]
 
 
 def format_duration(seconds: float) -> str:
@@ -64,6 +74,45 @@ def slurm_state(job_id: str) -> str:
         return out.splitlines()[-1].split()[0]  # "CANCELLED by 0" -> CANCELLED
     out = _query(["squeue", "-h", "-j", job_id, "-o", "%T"])
     return out.splitlines()[0] if out else "UNKNOWN"
+
+
+def slurm_states(job_ids: list[str]) -> dict[str, str]:
+    """The states of many jobs and array tasks (`123`, `123_4`) in one sacct call (squeue for those
+    sacct does not show yet); UNKNOWN for a job neither knows."""
+    arrays = sorted({job_id.split("_")[0] for job_id in job_ids})
+    states: dict[str, str] = {}
+    for line in _query(["sacct", "-j", ",".join(arrays), "-X", "-n", "-P", "--format=JobID,State"]).splitlines():
+        job, state = line.split("|", 1)
+        for one in expand_array_ids(job):
+            states[one] = state.split()[0]  # "CANCELLED by 0" -> CANCELLED
+    if missing := [job_id for job_id in job_ids if job_id not in states]:
+        arrays = sorted({job_id.split("_")[0] for job_id in missing})
+        for line in _query(["squeue", "-h", "-r", "-j", ",".join(arrays), "-o", "%i|%T"]).splitlines():
+            job, state = line.split("|", 1)
+            states.setdefault(job, state)
+    return {job_id: states.get(job_id, "UNKNOWN") for job_id in job_ids}
+
+
+def expand_array_ids(job: str) -> list[str]:
+    """sacct's `123_[2-4,7%2]` (array tasks not started yet) -> 123_2, 123_3, 123_4, 123_7."""
+    m = re.fullmatch(r"(\d+)_\[([\d,-]+)(%\d+)?\]", job)
+    if m is None:
+        return [job]
+    ids = []
+    for part in m.group(2).split(","):
+        low, _, high = part.partition("-")
+        ids += [f"{m.group(1)}_{i}" for i in range(int(low), int(high or low) + 1)]
+    return ids
+
+
+def array_state(states: list[str]) -> str:
+    """One state for a job array: COMPLETED when every task is; while any runs, RUNNING (or another
+    task's active state); once all ended, the first task's that did not complete."""
+    if all(state == "COMPLETED" for state in states):
+        return "COMPLETED"
+    if active := [state for state in states if state not in FINAL_STATES]:
+        return "RUNNING" if "RUNNING" in active else active[0]
+    return next(state for state in states if state != "COMPLETED")
 
 
 def _query(argv: list[str]) -> str:
@@ -93,12 +142,14 @@ def local_state(run: RunDir, job_id: str) -> str:
     return "RUNNING" if local_job_alive(run.read_state(), job_id) else "STOPPED"
 
 
-def progress(run: RunDir, kind: str, started: float | None) -> dict:
-    """Done/total and ETA for inference (from the shards), step and loss for fine-tuning."""
+def progress(run: RunDir, kind: str, started: float | None, done_since_started: int | None = None) -> dict:
+    """Done/total and ETA for inference (from the shards), step and loss for fine-tuning.
+
+    The rate is of what was done since `started`: by default the latest attempt's records."""
     if kind == "infer":
         p = read_progress(run)
         done, total = p["done"], p["total"]
-        rate_base = p.get("done_this_attempt", done)
+        rate_base = p.get("done_this_attempt", done) if done_since_started is None else done_since_started
     else:
         rows = read_jsonl(run.train_metrics_file)
         steps = [r for r in rows if "loss" in r]
@@ -115,6 +166,8 @@ def progress(run: RunDir, kind: str, started: float | None) -> dict:
 
 def run_status(run: RunDir) -> RunStatus:
     state = run.read_state()
+    if "tasks" in state:
+        return array_status(run, state)
     job_id = (state.get("job_ids") or [None])[-1]
     executor = state.get("executor", "?")
     if job_id is None:
@@ -130,22 +183,51 @@ def run_status(run: RunDir) -> RunStatus:
                      progress=progress(run, kind, state.get("attempt_started") if job_state == "RUNNING" else None))
 
 
+def array_status(run: RunDir, state: dict) -> RunStatus:
+    """A job array's status: each task's Slurm state and progress, and the array's as a whole."""
+    tasks = {int(task): info for task, info in state["tasks"].items()}
+    job_states = slurm_states([info["job_id"] for info in tasks.values()])
+    counts = task_progress(run, state["ranks_per_task"], {task: info.get("attempt") for task, info in tasks.items()})
+    done = {task: counts.get(task, {}).get("done", 0) for task in tasks}
+    rows = [{"task": task, "job_id": info["job_id"], "state": job_states[info["job_id"]],
+             "attempt": info.get("attempt", 0), "requeues": info.get("requeues", 0), "done": done[task],
+             **({"inputs": info["inputs"]} if "inputs" in info else {})} for task, info in sorted(tasks.items())]
+    overall = array_state([row["state"] for row in rows])
+    # The rate: what the tasks' current attempts did since the first of them started.
+    started = min((info["attempt_started"] for info in tasks.values() if "attempt_started" in info), default=None)
+    done_since_started = sum(c["done_this_attempt"] for c in counts.values())
+    return RunStatus(run=str(run.path), kind=state.get("kind", "?"), executor=state.get("executor", "?"),
+                     job_id=(state.get("job_ids") or [None])[-1], state=overall,
+                     requeues=sum(row["requeues"] for row in rows),
+                     attempt=max(row["attempt"] for row in rows),
+                     progress=progress(run, "infer", started if overall == "RUNNING" else None, done_since_started),
+                     tasks=rows)
+
+
+def unfinished_tasks(run: RunDir) -> list[int]:
+    """The array tasks whose share is not done: `resume` submits these again."""
+    state = run.read_state()
+    finished = finished_tasks(run, state["ranks_per_task"])
+    return [task for task in sorted(map(int, state["tasks"])) if task not in finished]
+
+
 def find_runs(root: Path) -> list[RunDir]:
     runs = [RunDir(p.parent) for p in Path(root).glob("*/spec.yaml")]
     return sorted(runs, key=lambda r: r.spec_file.stat().st_mtime, reverse=True)
 
 
-def log_file(run: RunDir, node: int, rank: int | None) -> Path:
+def log_file(run: RunDir, node: int, rank: int | None, task: int | None = None) -> Path:
     """A node's launch log, or one rank's stdout (torchrun's --tee layout under logs/node-N/, written
-    when a node runs several processes)."""
+    when a node runs several processes); of an array task, under logs/task-NNNNN/."""
     if rank is None:
-        return run.node_log(node)
-    if not run.rank_log_dir(node).exists():
-        return run.node_log(node)  # one process per node: its output is the node log itself
-    candidates = sorted(run.rank_log_dir(node).glob(f"*/attempt_*/{rank}/stdout.log"),
+        return run.node_log(node, task)
+    if not run.rank_log_dir(node, task).exists():
+        return run.node_log(node, task)  # one process per node: its output is the node log itself
+    candidates = sorted(run.rank_log_dir(node, task).glob(f"*/attempt_*/{rank}/stdout.log"),
                         key=lambda p: p.stat().st_mtime)
     if not candidates:
-        raise FileNotFoundError(f"no log for local rank {rank} on node {node} under {run.rank_log_dir(node)}")
+        raise FileNotFoundError(f"no log for local rank {rank} on node {node} under "
+                                f"{run.rank_log_dir(node, task)}")
     return candidates[-1]
 
 
@@ -171,7 +253,10 @@ def cancel(run: RunDir) -> str:
         return "nothing to cancel"
     if status.state in ENDED_STATES:
         return f"{status.executor} job {status.job_id} already finished ({status.state}); nothing to cancel"
-    if status.executor == "slurm":
+    if status.tasks:  # the whole array: every array job that still has a task queued or running
+        arrays = sorted({t["job_id"].split("_")[0] for t in status.tasks if t["state"] not in FINAL_STATES})
+        subprocess.run(["scancel", *arrays], check=True, timeout=30)
+    elif status.executor == "slurm":
         subprocess.run(["scancel", status.job_id], check=True, timeout=30)
     else:
         # local_state said RUNNING: the pid is still the job's own (start time checked), not a reused one.

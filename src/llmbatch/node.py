@@ -57,19 +57,23 @@ class NodeJob(submitit.helpers.Checkpointable):
         plan, run = self.plan, RunDir(Path(self.plan.run_dir))
         place = place_from_environment(plan)
         if place.node_rank == 0:
-            run.update_state(attempt=place.attempt, attempt_started=time.time(), job_id=place.job_id,
-                             requeues=int(os.environ.get("SLURM_RESTART_COUNT", "0")))
+            started = dict(attempt=place.attempt, attempt_started=time.time(), job_id=place.job_id,
+                           requeues=int(os.environ.get("SLURM_RESTART_COUNT", "0")))
+            if plan.task is None:
+                run.update_state(**started)
+            else:  # an array task: requeued and resumed on its own
+                run.update_tasks({plan.task: started})
         cmd = node_command(plan, place)
         host = os.environ.get("SLURMD_NODENAME", os.uname().nodename)
         run.record_command({"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "node": place.node_rank, "host": host,
-                            "attempt": place.attempt, "job_id": place.job_id, "argv": cmd.argv,
+                            "attempt": place.attempt, "job_id": place.job_id, "task": plan.task, "argv": cmd.argv,
                             "shell": shlex.join(cmd.argv), "env": sorted(cmd.env)})
-        log_path = run.node_log(place.node_rank)
+        log_path = run.node_log(place.node_rank, plan.task)
         log_path.parent.mkdir(parents=True, exist_ok=True)
         with log_path.open("ab") as log:
             log.write(f"== attempt {place.attempt} on {host}: {shlex.join(cmd.argv)}\n".encode())
             log.flush()
-            self._install_signal_handlers(run, place.attempt)
+            self._install_signal_handlers(run.preempt_marker(place.attempt, plan.task))
             # Own session: a terminal's Ctrl-C reaches only us, and we forward it (SIGINT/SIGTERM make
             # torch's launcher stop its ranks).
             self._proc = subprocess.Popen(cmd.argv, env=os.environ | cmd.env, stdout=log,
@@ -86,7 +90,7 @@ class NodeJob(submitit.helpers.Checkpointable):
                                f"see {log_path}\n--- last lines ---\n{_tail(log_path)}")
         return "done"
 
-    def _install_signal_handlers(self, run: RunDir, attempt: int) -> None:
+    def _install_signal_handlers(self, preempt_marker: Path) -> None:
         # Ctrl-C or a plain kill of this process must reach the ranks too.
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._forward)
@@ -95,7 +99,7 @@ class NodeJob(submitit.helpers.Checkpointable):
 
         def on_preempt(signum, frame):
             self._preempted = True
-            atomic_write(run.preempt_marker(attempt), f"{signum}\n")
+            atomic_write(preempt_marker, f"{signum}\n")
             self._forward(signum)
             if callable(submitit_handler):
                 submitit_handler(signum, frame)

@@ -3,11 +3,12 @@
     <root>/<name>-<YYYYmmdd-HHMMSS>-<short id>/
         spec.yaml          the resolved spec (absolute paths, all defaults filled in)
         commands.jsonl     every per-node command that ran, one JSON line each
-        state.json         executor, Slurm job ids, requeue count, input count
+        state.json         executor, Slurm job ids, requeue count, input count; an array's tasks
         ranks/             which process (host, pid, start time) ran each rank of each attempt
         submitit/          submitit's pickles and per-task stdout/stderr
         logs/node-N.log    what `accelerate launch` printed on node N
         logs/node-N/       per-rank stdout/stderr (torchrun's --tee), for multi-process nodes
+        logs/task-NNNNN/   an array task's node-0.log and node-0/
         shards/            inference: one JSONL shard per rank and attempt
         results.jsonl      inference: merged results, written once complete (or results.parquet)
         metrics.json       both kinds: the run's numbers
@@ -220,19 +221,25 @@ class RunDir:
         """The merged results, whichever format they were written in; None before the run is complete."""
         return next((p for p in map(self.results_for, RESULT_FORMATS) if p.exists()), None)
 
-    def node_log(self, node: int) -> Path:
-        return self.logs_dir / f"node-{node}.log"
+    def node_log(self, node: int, task: int | None = None) -> Path:
+        return self._task_logs_dir(task) / f"node-{node}.log"
 
-    def rank_log_dir(self, node: int) -> Path:
-        return self.logs_dir / f"node-{node}"
+    def rank_log_dir(self, node: int, task: int | None = None) -> Path:
+        return self._task_logs_dir(task) / f"node-{node}"
 
-    def preempt_marker(self, attempt: int) -> Path:
-        """Written by the node job at the preemption signal; the ranks of that attempt stop and save.
+    def _task_logs_dir(self, task: int | None) -> Path:
+        """logs/ of a job; logs/task-NNNNN/ of an array task (all tasks run a node 0)."""
+        return self.logs_dir if task is None else self.logs_dir / f"task-{task:05d}"
+
+    def preempt_marker(self, attempt: int, task: int | None = None) -> Path:
+        """Written by the node job at the preemption signal; the ranks of that attempt (of that array
+        task: each is preempted on its own) stop and save.
 
         A file, not only a signal: torch's launcher starts each rank in a session of its own, and in a
         container, so a signal the node job sends to its child does not reach them.
         """
-        return self.path / f"preempt-attempt-{attempt:03d}"
+        return self.path / (f"preempt-task-{task:05d}-attempt-{attempt:03d}" if task is not None
+                            else f"preempt-attempt-{attempt:03d}")
 
     ranks_dir = property(lambda self: self.path / "ranks")
 
@@ -269,6 +276,13 @@ class RunDir:
                 raise RunBusy(f"{self.path}: another {work} of this run is under way") from None
             yield
 
+    @contextmanager
+    def locked(self, work: str) -> Iterator[None]:
+        """Hold the run's lock for `work` while the block runs, waiting for another holder to finish."""
+        with open(self.path / f".{work}.lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            yield
+
     def read_state(self) -> dict[str, Any]:
         state = read_json(self.state_file, {})
         if not isinstance(state, dict):
@@ -276,10 +290,22 @@ class RunDir:
         return state
 
     def update_state(self, **changes: Any) -> dict[str, Any]:
-        # Read-modify-write by several processes (the CLI, node 0's job): serialized by a lock file.
+        return self._rewrite_state(lambda state: state | changes)
+
+    def update_tasks(self, changes: dict[int, dict[str, Any]]) -> dict[str, Any]:
+        """Update what state.json records of array tasks (under `tasks`, by task number)."""
+        def change(state: dict[str, Any]) -> dict[str, Any]:
+            tasks = dict(state.get("tasks", {}))
+            for task, task_changes in changes.items():
+                tasks[str(task)] = tasks.get(str(task), {}) | task_changes
+            return state | {"tasks": tasks}
+        return self._rewrite_state(change)
+
+    def _rewrite_state(self, change) -> dict[str, Any]:
+        # Read-modify-write by several processes (the CLI, node 0's job, array tasks): serialized by a lock file.
         with open(self.path / ".state.lock", "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
-            state = self.read_state() | changes
+            state = change(self.read_state())
             atomic_write_json(self.state_file, state)
         return state
 

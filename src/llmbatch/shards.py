@@ -145,3 +145,25 @@ def read_progress(run: RunDir) -> dict[str, Any]:
     return {"done": sum(len(complete_lines(s.path)) for s in shards), "total": total, "attempt": attempt,
             "done_this_attempt": sum(ranks.values()), "ranks": ranks,
             "ranks_finished": sum(read_stats(s) is not None for s in shards if s.attempt == attempt)}
+
+
+def task_progress(run: RunDir, ranks_per_task: int, attempts: dict[int, int]) -> dict[int, dict[str, int]]:
+    """Records per array task over all its attempts (`done`) and in its attempt `attempts[task]`
+    (`done_this_attempt`); task t writes the shards of ranks t*G .. t*G+G-1."""
+    progress: dict[int, dict[str, int]] = {}
+    for shard in list_shards(run):
+        task, records = shard.rank // ranks_per_task, len(complete_lines(shard.path))
+        counts = progress.setdefault(task, {"done": 0, "done_this_attempt": 0})
+        counts["done"] += records
+        counts["done_this_attempt"] += records if shard.attempt == attempts.get(task) else 0
+    return progress
+
+
+def finished_tasks(run: RunDir, ranks_per_task: int) -> set[int]:
+    """The array tasks that did their whole share: every rank of one of their attempts finished it."""
+    finished: dict[tuple[int, int], int] = {}
+    for shard in list_shards(run):
+        if read_stats(shard) is not None:
+            key = (shard.attempt, shard.rank // ranks_per_task)
+            finished[key] = finished.get(key, 0) + 1
+    return {task for (_, task), ranks in finished.items() if ranks == ranks_per_task}

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import shlex
 import shutil
 import sys
+from collections.abc import Sequence
 
 import submitit
 from submitit.slurm.slurm import _make_sbatch_string
@@ -38,6 +40,8 @@ def slurm_parameters(spec: JobSpec) -> dict:
         # One node's failure ends the step at once instead of leaving the others waiting on it.
         "srun_args": ["--kill-on-bad-exit=1"],
     }
+    if res.array is not None:  # used by array submissions only: #SBATCH --array=0-(N-1)%M
+        params["array_parallelism"] = res.array_max_running or res.array
     for key in ("mem", "partition", "account", "qos", "constraint"):
         if getattr(res, key) is not None:
             params[key] = getattr(res, key)
@@ -68,8 +72,18 @@ def sbatch_script(spec: JobSpec, run: RunDir) -> str:
     """
     folder = run.submitit_dir
     command = " ".join([shlex.quote(sys.executable), "-u -m submitit.core._submit", shlex.quote(str(folder))])
-    return _make_sbatch_string(command=command, folder=folder, **slurm_parameters(spec))
+    return _make_sbatch_string(command=command, folder=folder, map_count=spec.resources.array,
+                               **slurm_parameters(spec))
 
 
 def submit(ex: submitit.Executor, plan: LaunchPlan) -> submitit.Job:
     return ex.submit(NodeJob(plan))
+
+
+def submit_array(ex: submitit.Executor, plan: LaunchPlan, tasks: Sequence[int]) -> list[submitit.Job]:
+    """One Slurm job array (submitit's batch) whose i-th job runs array task tasks[i]: all tasks at
+    first, the unfinished ones on `resume`. The task is in each job's pickle, not read from
+    SLURM_ARRAY_TASK_ID, which counts the jobs of this submission. (One task is a plain job.)"""
+    with ex.batch():
+        jobs = [ex.submit(NodeJob(dataclasses.replace(plan, task=task))) for task in tasks]
+    return jobs

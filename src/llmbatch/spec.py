@@ -99,7 +99,7 @@ SPEC_OWNED_SBATCH_OPTIONS = {
     "ntasks-per-node": "one task per node", "cpus-per-task": "resources.cpus_per_gpu", "mem": "resources.mem",
     "partition": "resources.partition", "account": "resources.account", "qos": "resources.qos",
     "constraint": "resources.constraint", "job-name": "name", "output": "the run folder",
-    "error": "the run folder", "signal": "resources.signal_delay_s", "array": "one job per run",
+    "error": "the run folder", "signal": "resources.signal_delay_s", "array": "resources.array",
     "requeue": "resources.max_requeues", "no-requeue": "resources.max_requeues", "wrap": "the job step",
 }
 _SBATCH_OPTION = re.compile(r"^[a-z][a-z0-9]*(-[a-z0-9]+)*$")
@@ -107,6 +107,7 @@ _SLURM_NAME = re.compile(r"^[^\s]+$")  # partition, account, qos, constraint: on
 
 MAX_GPUS_PER_NODE = 64
 MAX_NODES = 4096
+MAX_ARRAY_TASKS = 100_000
 """Ceilings far above any real node or job: a value past them is a typo (--gpus 10000), not a cluster."""
 
 # Slurm's --time formats: M, M:S, H:M:S, D-H, D-H:M, D-H:M:S.
@@ -331,10 +332,10 @@ class TrainSpec:
     """Stop after this many evaluations in a row without a better validation loss; null: never."""
     report_to: Literal["none", "tensorboard", "mlflow", "wandb"] = "none"
     """Also log the metrics of train_metrics.jsonl to a tracker (accelerate's), offline, in the run folder."""
-    fused_loss: Literal["auto", "off"] = "off"
-    """`auto`: the output head and the loss in Liger-Kernel's fused linear cross-entropy on CUDA when
-    `liger_kernel` is installed (the logits never exist in full); the plain head and loss otherwise.
-    Off by default until the fused path has been checked and measured on a GPU."""
+    liger: Literal["auto", "off"] = "auto"
+    """`auto`: Liger-Kernel's Triton kernels on CUDA when `liger_kernel` is installed and knows the
+    architecture: the output head and the loss in its fused linear cross-entropy (the logits never exist
+    in full), and its RMSNorm, SwiGLU and RoPE; `off`, on CPU or without the package: plain PyTorch."""
 
     def validate(self, data: DataSpec, container: ContainerSpec) -> None:
         _check("train.early_stopping_patience", self.early_stopping_patience is None or data.val_path is not None,
@@ -375,6 +376,11 @@ class ResourcesSpec:
     max_requeues: int = ranged(3, NON_NEGATIVE)
     signal_delay_s: int = ranged(120, POSITIVE)
     """Slurm signals the job this long before the time limit, so it can checkpoint and requeue."""
+    array: int | None = ranged(None, Range(2, MAX_ARRAY_TASKS, low_closed=True))
+    """Inference as a Slurm job array of this many one-node tasks, each on its own share of the inputs
+    (null: one job)."""
+    array_max_running: int | None = ranged(None, POSITIVE)
+    """At most this many array tasks run at once (sbatch --array=0-(N-1)%M; null: all of them)."""
 
     def validate(self) -> None:
         for name in ("time", "mem", "partition", "account", "qos", "constraint"):
@@ -402,6 +408,13 @@ class ResourcesSpec:
             _check(key, bool(_SBATCH_OPTION.match(name)), f"not an sbatch option name: {option!r}")
             _check(key, name not in SPEC_OWNED_SBATCH_OPTIONS,
                    f"set by the spec, not through sbatch_extra: use {SPEC_OWNED_SBATCH_OPTIONS.get(name)}")
+        if self.array is None:
+            _check("resources.array_max_running", self.array_max_running is None,
+                   "needs resources.array (the number of array tasks)")
+        else:
+            _check("resources.nodes", self.nodes == 1,
+                   f"an array task runs on one node, got {self.nodes} with resources.array: {self.array} "
+                   f"(use more tasks, or more GPUs per task)")
 
 
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -475,6 +488,8 @@ class JobSpec:
                    f"fast: the engine runs {', '.join(ENGINE_MODEL_TYPES)} models, and {self.model.path} is "
                    f"{model_type!r} (use auto to fall back to generate)")
         if self.kind == "finetune":
+            _check("resources.array", self.resources.array is None,
+                   "job arrays are for inference (data-parallel); fine-tuning runs as one job")
             self.train.validate(self.data, self.container)
 
     def to_dict(self) -> dict[str, Any]:

@@ -4,7 +4,9 @@ The recipe: load the spec, data and model; skip inputs an earlier attempt finish
 over the ranks by tokens; complete them with the engine (continuous batching, runners/engine/) or,
 where it cannot run the model, with `generate` in length-sorted batches within a token budget;
 append finished inputs to this rank's shard in small groups; when every rank is done, the main
-process merges the shards.
+process merges the shards. An array task (`--task T`, resources.array) first takes its own share of
+the inputs, split over the tasks by tokens, and its main process merges only if it is the last task
+to finish.
 
 At a preemption signal (SIGUSR2, forwarded by the node job) or SIGTERM a rank admits no more inputs,
 writes what has finished, and exits with PREEMPTED_EXIT within a decode step (the engine) or a batch
@@ -27,7 +29,7 @@ from tqdm import tqdm
 
 from llmbatch import scoring
 from llmbatch.data import Example, load_examples
-from llmbatch.gather import merge_shards
+from llmbatch.gather import merge_shards, merge_when_complete
 from llmbatch.metrics import Metric
 from llmbatch.models import prompt_token_limit
 from llmbatch.rundir import RunDir
@@ -53,7 +55,10 @@ class RankStats:
 
     attempt: int
     rank: int
+    """Over the whole run: an array task's ranks follow those of the tasks before it."""
     world_size: int
+    task: int = 0
+    """The array task (0 for a job that is not an array)."""
     examples: int = 0
     writes: int = 0
     """Groups of records appended to the shard (a batch each with generate)."""
@@ -77,6 +82,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="llmbatch.runners.infer", description=__doc__.splitlines()[0])
     parser.add_argument("--run-dir", required=True)
     parser.add_argument("--attempt", type=int, required=True, help="0 for the first launch, +1 per resume")
+    parser.add_argument("--task", type=int, help="the array task (resources.array) whose share this job runs")
     return parser.parse_args(argv)
 
 
@@ -87,26 +93,35 @@ def main(argv: list[str] | None = None) -> int:
     spec = load_resolved(run.spec_file)
     accelerator = Accelerator(kwargs_handlers=[InitProcessGroupKwargs(timeout=COLLECTIVE_TIMEOUT)])
     finish_line = FinishLine(spec)
-    preemption = PreemptionFlag(run.preempt_marker(args.attempt))
-    stats = RankStats(args.attempt, accelerator.process_index, accelerator.num_processes)
-    run.record_rank(args.attempt, accelerator.process_index)
+    preemption = PreemptionFlag(run.preempt_marker(args.attempt, args.task))
+    # An array task's ranks follow those of the tasks before it: shard names never collide.
+    task, tasks = args.task or 0, spec.resources.array or 1
+    stats = RankStats(args.attempt, task * accelerator.num_processes + accelerator.process_index,
+                      tasks * accelerator.num_processes, task=task)
+    run.record_rank(args.attempt, stats.rank)
 
     examples = load_examples(spec.data)
-    done = done_ids(run, before_attempt=args.attempt)
-    todo = [e for e in examples if e.id not in done]
     model, tokenizer = load_model(spec.model, accelerator.device)
-    encoded = encode_prompts(tokenizer, todo, spec.data)
+    encoded = encode_prompts(tokenizer, examples, spec.data)
     limit = prompt_token_limit(model.config.to_dict(), spec.generation.max_new_tokens)
     if spec.generation.long_prompts == "truncate" and limit is not None:
         prompts = [Prompt(e, fit_to_context(ids, limit, tokenizer.bos_token_id), truncated=len(ids) > limit)
-                   for e, ids in zip(todo, encoded)]
+                   for e, ids in zip(examples, encoded)]
     else:  # "error": the command line refused prompts that do not fit
-        prompts = [Prompt(e, ids) for e, ids in zip(todo, encoded)]
-    mine = my_share(prompts, stats.rank, stats.world_size, spec.generation.max_new_tokens)
+        prompts = [Prompt(e, ids) for e, ids in zip(examples, encoded)]
+    # The task's share is fixed (from every input), so a requeued or resumed task redoes only its own.
+    share = token_balanced_share(prompts, task, tasks, spec.generation.max_new_tokens)
+    done = done_ids(run, before_attempt=args.attempt)
+    todo = [p for p in share if p.example.id not in done]
+    mine = token_balanced_share(todo, accelerator.process_index, accelerator.num_processes,
+                                spec.generation.max_new_tokens)
     completions, how, engine = start_completing(spec.generation, model, tokenizer, mine, prompts,
                                                 stop=lambda: preemption.raised)
-    print(f"rank {stats.rank} of {stats.world_size}, attempt {args.attempt}: {len(todo)} of {len(examples)} "
-          f"inputs left ({len(done)} done earlier); {len(mine)} here, with {how}", flush=True)
+    where = f"task {task} of {tasks}, " if args.task is not None else ""
+    print(f"{where}rank {stats.rank} of {stats.world_size}, attempt {args.attempt}: {len(todo)} of {len(share)} "
+          f"inputs left ({len(share) - len(todo)} done earlier); {len(mine)} here, with {how}", flush=True)
+    if args.task is not None and accelerator.is_main_process:
+        run.update_tasks({task: {"inputs": len(share)}})
 
     shard = shard_for(run, args.attempt, stats.rank)
     stats.load_s = time.monotonic() - started
@@ -127,20 +142,29 @@ def main(argv: list[str] | None = None) -> int:
 
     finish_line.wait()
     if accelerator.is_main_process:
-        metrics = merge_shards(run, examples, spec.output.format)
-        print(f"gathered {metrics[Metric.EXAMPLES]} results into {run.results_for(spec.output.format)}",
-              flush=True)
+        gather(run, examples, args.task, spec.output.format)
     accelerator.end_training()  # nothing to do with training: it releases the process groups
     return 0
 
 
-def my_share(prompts: list[Prompt], rank: int, world_size: int, max_new_tokens: int) -> list[Prompt]:
-    """This rank's inputs. Every rank computes the same split, from token counts alone.
+def gather(run: RunDir, examples: list[Example], task: int | None, output_format: str) -> None:
+    """A job merges its shards; of an array's tasks, the last to finish does (see `merge_when_complete`)."""
+    if task is None:
+        metrics = merge_shards(run, examples, output_format)
+    elif (metrics := merge_when_complete(run, examples, output_format)) is None:
+        print(f"task {task} done; the last task to finish gathers the results", flush=True)
+        return
+    print(f"gathered {metrics[Metric.EXAMPLES]} results into {run.results_for(output_format)}", flush=True)
+
+
+def token_balanced_share(prompts: list[Prompt], part: int, parts: int, max_new_tokens: int) -> list[Prompt]:
+    """Part `part` of `parts` (an array task's share of the inputs, a rank's of its task's): every
+    process computes the same split, from token counts alone.
 
     An input costs the tokens its sequence may hold: its prompt plus max_new_tokens.
     """
-    shares = assign_to_ranks([len(p.token_ids) + max_new_tokens for p in prompts], world_size)
-    return [prompts[i] for i in shares[rank]]
+    shares = assign_to_ranks([len(p.token_ids) + max_new_tokens for p in prompts], parts)
+    return [prompts[i] for i in shares[part]]
 
 
 def start_completing(generation: GenerationSpec, model, tokenizer, mine: list[Prompt], everyone: list[Prompt],
