@@ -26,8 +26,8 @@ sys.path.insert(0, str(REPO / "src"))
 from llmbatch.embedded import ensure_embedded_model  # noqa: E402
 from llmbatch.runners.engine.attention import _decode_torch, decode_attention  # noqa: E402
 from llmbatch.runners.engine.runner import Engine  # noqa: E402
-from llmbatch.runners.generation import Decoder, encode_prompts, load_model  # noqa: E402
-from llmbatch.spec import GenerationSpec, ModelSpec  # noqa: E402
+from llmbatch.runners.generation import Decoder, encode_texts, load_model  # noqa: E402
+from llmbatch.spec import DataSpec, GenerationSpec, ModelSpec  # noqa: E402
 
 
 def check_attention(device: torch.device) -> bool:
@@ -57,7 +57,7 @@ def check_outputs(device: torch.device, dtype: str) -> bool:
     model, tokenizer = load_model(ModelSpec(path=str(model_dir), dtype=dtype), device)
     records = [json.loads(line) for line in (REPO / "jobs/data/parity/test.jsonl").open()]
     texts = [f"{r['question']}\nAnswer:" + " and more" * (i % 5) for i, r in enumerate(records[:96])]
-    prompts, ids = encode_prompts(tokenizer, texts, chat_template=False), [r["id"] for r in records[:96]]
+    prompts, ids = encode_texts(tokenizer, texts, DataSpec()), [r["id"] for r in records[:96]]
     ok = True
     for generation in (GenerationSpec(max_new_tokens=24), GenerationSpec(max_new_tokens=24, ignore_eos=True)):
         decoder = Decoder(model, tokenizer, generation)

@@ -86,8 +86,8 @@ def write_text(path, text: str):
 
 BAD_VALUES = [
     ({"id": None, "question": "a"}, "in.jsonl:2: id field 'id' must be a string or a number, got null"),
-    ({"id": [1], "question": "a"}, "in.jsonl:2: id field 'id' must be a string or a number, got a JSON array"),
-    ({"id": {"a": 1}, "question": "a"}, "in.jsonl:2: id field 'id' must be a string or a number, got a JSON object"),
+    ({"id": [1], "question": "a"}, "in.jsonl:2: id field 'id' must be a string or a number, got a list"),
+    ({"id": {"a": 1}, "question": "a"}, "in.jsonl:2: id field 'id' must be a string or a number, got an object"),
     ({"id": " ", "question": "a"}, "in.jsonl:2: id field 'id' is empty"),
     ({"id": "a\nb", "question": "a"}, "in.jsonl:2: id 'a\\nb' holds a control character or line break"),
     ({"id": "\x1b[31mred", "question": "a"}, "in.jsonl:2: id '\\x1b[31mred' holds a control character"),

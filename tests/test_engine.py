@@ -20,8 +20,8 @@ from llmbatch.runners.engine.model import EngineModel, cache_shape
 from llmbatch.runners.engine.runner import Engine, choose_engine
 from llmbatch.runners.engine.sampler import _mul32, gumbel_noise, input_key
 from llmbatch.runners.engine.scheduler import Scheduler
-from llmbatch.runners.generation import Decoder, encode_prompts, load_model
-from llmbatch.spec import GenerationSpec, ModelSpec
+from llmbatch.runners.generation import Decoder, encode_texts, load_model
+from llmbatch.spec import DataSpec, GenerationSpec, ModelSpec
 
 # --- bookkeeping ---------------------------------------------------------------------------------
 
@@ -127,7 +127,7 @@ def embedded(model_dir):
     torch.set_num_threads(1)  # a tiny model gains nothing from threads on a busy machine
     model, tokenizer = load_model(ModelSpec(path=str(model_dir)), torch.device("cpu"))
     questions = [f"Is {n} even or odd?" + " Think." * (n % 6) + "\nAnswer:" for n in range(24)]
-    yield model, tokenizer, encode_prompts(tokenizer, questions, chat_template=False), [f"q{n}" for n in range(24)]
+    yield model, tokenizer, encode_texts(tokenizer, questions, DataSpec()), [f"q{n}" for n in range(24)]
     torch.set_num_threads(threads)
 
 

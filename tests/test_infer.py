@@ -20,13 +20,13 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from helpers import runner_command, submit_cli
-from llmbatch.data import load_examples
+from llmbatch.data import Example, load_examples
 from llmbatch.gather import IncompleteRun, gather_run, merge_shards
 from llmbatch.runners.generation import Decoder, SeededSampling, encode_prompts, load_model
 from llmbatch.runners.preemption import PREEMPTED_EXIT
 from llmbatch.runners.split import assign_to_ranks, plan_batches
 from llmbatch.shards import ShardWriter, done_ids, list_shards, read_progress, read_records, shard_for
-from llmbatch.spec import GenerationSpec, ModelSpec, load_resolved
+from llmbatch.spec import DataSpec, GenerationSpec, ModelSpec, load_resolved
 
 SMALL = ["data.max_samples=40", "generation.max_new_tokens=8"]
 # Hot enough that samples differ from greedy outputs even where the model is sure.
@@ -89,7 +89,7 @@ def one_torch_thread():
 def test_a_completion_does_not_depend_on_its_batch(model_dir, one_torch_thread):
     model, tokenizer = load_model(ModelSpec(path=str(model_dir)), torch.device("cpu"))
     questions = [f"Is {n} even or odd?\nAnswer:" for n in (7, 1234, 99, 500001, 42, 86420)]
-    prompts, ids = encode_prompts(tokenizer, questions, chat_template=False), [f"q{i}" for i in range(6)]
+    prompts, ids = encode_prompts(tokenizer, as_examples(questions), DataSpec()), [f"q{i}" for i in range(6)]
 
     def outputs(generation: GenerationSpec) -> list:
         decoder = Decoder(model, tokenizer, generation)
@@ -106,13 +106,18 @@ def test_a_completion_does_not_depend_on_its_batch(model_dir, one_torch_thread):
     assert all(c.finish_reason == "length" and c.tokens == 6 for c in greedy)
 
 
+def as_examples(prompts: list[str]) -> list[Example]:
+    return [Example(f"q{i}", prompt, None, i + 1) for i, prompt in enumerate(prompts)]
+
+
 def test_a_chat_prompt_has_one_bos_whether_or_not_the_template_writes_it(model_dir):
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    [ids] = encode_prompts(tokenizer, ["Is 7 even or odd?"], chat_template=True)
+    chat = DataSpec(chat_template=True)
+    [ids] = encode_prompts(tokenizer, as_examples(["Is 7 even or odd?"]), chat)
     assert ids[0] == tokenizer.bos_token_id and ids.count(tokenizer.bos_token_id) == 1
     assert tokenizer.decode(ids[1:]) == "User: Is 7 even or odd?\nAssistant:"
     tokenizer.chat_template = "{{ bos_token }}" + tokenizer.chat_template
-    assert encode_prompts(tokenizer, ["Is 7 even or odd?"], chat_template=True) == [ids]
+    assert encode_prompts(tokenizer, as_examples(["Is 7 even or odd?"]), chat) == [ids]
 
 
 def test_an_adapter_is_loaded_and_merged(model_dir, tmp_path, one_torch_thread):
@@ -184,7 +189,7 @@ def test_gather_refuses_an_incomplete_run_and_names_what_is_missing(make_run, ca
     examples = examples_of(run)
     write_shard(run, 0, 0, [e.id for e in examples[:-3]])
     with pytest.raises(IncompleteRun) as error:
-        merge_shards(run, examples)
+        merge_shards(run, examples, "jsonl")
     assert error.value.missing == [e.id for e in examples[-3:]]
     assert gather_run(run) == 1
     printed = capsys.readouterr().err

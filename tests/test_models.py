@@ -16,6 +16,8 @@ import yaml
 
 from helpers import run_folder, submit_cli
 from llmbatch import embedded
+from llmbatch.models import tokens_over_bytes
+from llmbatch.runners import generation
 from llmbatch.runners.generation import fit_to_context
 from test_infer import infer
 from test_spec import good, run_cli, write_data  # noqa: F401 (good is a fixture)
@@ -205,6 +207,33 @@ def test_a_prompt_longer_than_the_context_is_refused_by_default(tmp_path, good, 
     assert "in.jsonl:3: the prompt is 2401 tokens; with generation.max_new_tokens 32 it exceeds the model's " \
            "context of 1024 (generation.long_prompts: truncate cuts it)" in one_error_line(proc)
     assert run_cli(tmp_path, good, "--set", "generation.long_prompts=truncate", capsys=capsys)[0] == 0
+
+
+def test_only_prompts_that_could_be_too_long_are_encoded(tmp_path, good, capsys, model_dir, monkeypatch):
+    """Encoding a million prompts takes minutes: the check encodes only those long enough in bytes."""
+    encoded = []
+    encode_texts = generation.encode_texts
+    monkeypatch.setattr(generation, "encode_texts",
+                        lambda tokenizer, texts, data: encoded.extend(texts) or encode_texts(tokenizer, texts, data))
+    good["model"] = {"path": str(model_dir)}
+    good["data"]["path"] = str(long_prompts(tmp_path))
+    code, err = run_cli(tmp_path, good, capsys=capsys)
+    assert code == 2 and "in.jsonl:3: the prompt is 2401 tokens" in err, err
+    assert len(encoded) == 2 and all(len(text) > 1000 for text in encoded)
+
+
+def test_a_text_has_no_more_tokens_than_bytes_unless_the_normalizer_decomposes(model_dir):
+    from tokenizers import normalizers
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    extra = tokens_over_bytes(tokenizer)
+    texts = ["", "a", " ", "1234567890", "Is 7 even or odd?", "ﷺ ﬁ é", "日本語のテキスト", "🙂🙃" * 5, "\x00\n\t",
+             "<s></s><s>", "x" * 3000]
+    assert all(len(tokenizer(text)["input_ids"]) <= len(text.encode()) + extra for text in texts)
+    tokenizer.backend_tokenizer.normalizer = normalizers.NFKC()  # U+FDFA becomes 18 characters
+    assert tokens_over_bytes(tokenizer) is None
+    assert len(tokenizer("ﷺ")["input_ids"]) > len("ﷺ".encode()) + extra
 
 
 def test_fit_to_context_keeps_the_bos_and_the_end():

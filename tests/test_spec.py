@@ -79,7 +79,7 @@ BAD_SPECS = [
     ("model.path", "/nonexistent/model", "model.path: no model folder at /nonexistent/model"),
     ("model.adapter", "/nonexistent/adapter", "model.adapter: no peft adapter (adapter_config.json) at"),
     ("data.path", "/nonexistent/data.jsonl", "data.path: no such file: /nonexistent/data.jsonl"),
-    ("data.path", "/etc/hostname", "data.path: must be a .jsonl or .csv file"),
+    ("data.path", "/etc/hostname", "data.path: must be a .jsonl, .csv or .parquet file"),
     ("container.runtime", "singularity", "container.runtime: must be 'none' or 'apptainer' or 'docker' or 'podman'"),
     ("container.runtime", "docker", "container.image: missing: runtime docker needs an image"),
     ("data.prompt_template", "{question", "data.prompt_template: not a valid template"),

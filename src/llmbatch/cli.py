@@ -218,7 +218,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
         status = lifecycle.run_status(run)
         if status.state in ("RUNNING", "PENDING", "REQUEUED", "CONFIGURING", "COMPLETING"):
             raise UsageError(f"{run.path}: job {status.job_id} is {status.state}; cancel it first")
-        if run.results_file.exists() or (status.kind == "finetune" and run.adapter_dir.exists()):
+        if run.merged_results() is not None or (status.kind == "finetune" and run.adapter_dir.exists()):
             print(f"{run.path}: already complete, nothing to resume")
             return 0
         spec = load_resolved(run.spec_file)
@@ -343,7 +343,8 @@ def build_parser() -> argparse.ArgumentParser:
                        ("finetune", "LoRA fine-tuning with checkpoints; the adapter lands in <run>/adapter")):
         add_run_options(sub.add_parser(kind, help=text, description=text), kind)
     p = sub.add_parser("gather", help="merge an inference run's shards into results.jsonl by hand",
-                       description="Merge the shards of an inference run into results.jsonl and metrics.json. "
+                       description="Merge the shards of an inference run into results.jsonl (results.parquet with "
+                                   "output.format: parquet) and metrics.json. "
                                    "Exits 1 and names the missing ids if the run is incomplete.")
     p.add_argument("run", help="the run folder")
 

@@ -1,8 +1,10 @@
-"""Datasets: JSONL or CSV records turned into prompts, with every mistake named by file:line.
+"""Datasets: JSONL, CSV or Parquet records turned into prompts or chats, every mistake named by
+`file:line` (`file row N` for Parquet).
 
-Files are read as UTF-8 (a leading BOM is dropped) and streamed: with data.max_samples, reading stops
-after that many records. Ids must be non-empty single-line text (a string or a number) without
-control characters, since they appear in logs, shard files and error lines.
+Files are streamed: with data.max_samples, reading stops after that many records. JSONL and CSV are
+read as UTF-8 (a leading BOM is dropped); Parquet in record batches of its needed columns (pyarrow).
+Ids must be non-empty single-line text (a string or a number) without control characters, since they
+appear in logs, shard files and error lines.
 """
 
 from __future__ import annotations
@@ -10,24 +12,50 @@ from __future__ import annotations
 import codecs
 import csv
 import json
-import unicodedata
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from llmbatch.spec import DataSpec, not_utf8, template_fields
 
+ROLES = ("system", "user", "assistant")
+"""Roles a message of data.messages_field may have."""
+
+CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+"""Unicode's control characters (category Cc) and line and paragraph separators (Zl, Zp)."""
+
+PARQUET_BATCH_ROWS = 65536
+"""Rows of a Parquet file in memory at once, as Arrow columns (then as Python values)."""
+
 
 class DataError(Exception):
-    """A mistake in a data file, named by `file:line`."""
+    """A mistake in a data file, named by `file:line` (`file row N` for Parquet)."""
 
 
 @dataclass(frozen=True)
 class Example:
     id: str
-    prompt: str
+    prompt: str | None
+    """The prompt text; None for a chat (messages)."""
     reference: str | None
     line: int
+    """Where the record starts: its line (JSONL, CSV), or its row (Parquet); see `location`."""
+    messages: list[dict[str, str]] | None = None
+    """A chat of {role, content} messages (data.messages_field), as given; None for a prompt."""
+
+
+def location(path: str | Path, number: int) -> str:
+    """How an error names a record: `file:line`, or `file row N` for Parquet (which has no lines)."""
+    return f"{_location_prefix(path)}{number}"
+
+
+def _location_prefix(path: str | Path) -> str:
+    return f"{path} row " if _is_parquet(path) else f"{path}:"
+
+
+def _is_parquet(path: str | Path) -> bool:
+    return Path(path).suffix == ".parquet"
 
 
 def _lines(path: Path) -> Iterator[tuple[int, str]]:
@@ -91,10 +119,33 @@ def _csv_records(path: Path) -> Iterator[tuple[int, dict]]:
             yield first_line, dict(zip(header, row))
 
 
-def _read_records(path: Path) -> Iterator[tuple[int, dict]]:
-    """(line number, record) pairs, read as they are asked for; CSV line numbers count the header."""
+def _parquet_records(path: Path, columns: set[str]) -> Iterator[tuple[int, dict]]:
+    """(row number from 1, record) pairs, a record batch at a time; only `columns` are read (a record
+    lacks those the file does not have, and is named for it like a JSONL line)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        parquet = pq.ParquetFile(path)
+        # At least one column, or batches have no rows: a file with none of the fields then fails
+        # at its first row, naming the id field, as a JSONL file would.
+        present = [name for name in parquet.schema_arrow.names if name in columns] or parquet.schema_arrow.names[:1]
+        number = 0
+        for batch in parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=present):
+            for record in batch.to_pylist():
+                number += 1
+                yield number, record
+    except (pa.ArrowException, OSError) as e:  # not Parquet, damaged pages, an unreadable file
+        raise DataError(f"{path}: not a readable Parquet file ({str(e).splitlines()[0]})") from None
+
+
+def _read_records(path: Path, columns: set[str]) -> Iterator[tuple[int, dict]]:
+    """(line or row number, record) pairs, read as they are asked for; CSV line numbers count the
+    header. `columns`: the fields the spec uses (a Parquet file is read only for those)."""
     if not path.stat().st_size:
         raise DataError(f"{path}: the file is empty")
+    if _is_parquet(path):
+        return _parquet_records(path, columns)
     return _csv_records(path) if path.suffix == ".csv" else _jsonl_records(path)
 
 
@@ -102,12 +153,12 @@ def _example_id(where: str, record: dict, field: str) -> str:
     if field not in record:
         raise DataError(f"{where}: no id field '{field}' (set data.id_field)")
     value = record[field]
-    if value is None or isinstance(value, (dict, list)):
-        raise DataError(f"{where}: id field '{field}' must be a string or a number, got {_json_kind(value)}")
+    if not _is_scalar(value):
+        raise DataError(f"{where}: id field '{field}' must be a string or a number, got {_kind(value)}")
     example_id = str(value)
     if not example_id.strip():
         raise DataError(f"{where}: id field '{field}' is empty")
-    if any(unicodedata.category(c) in ("Cc", "Zl", "Zp") for c in example_id):
+    if CONTROL.search(example_id):
         raise DataError(f"{where}: id {example_id!r} holds a control character or line break; ids appear in "
                         f"logs and error lines, so they must be printable single-line text")
     return example_id
@@ -119,13 +170,48 @@ def _text(where: str, record: dict, field: str, key: str) -> str:
         what = key.removeprefix("data.").removesuffix("_field")
         raise DataError(f"{where}: no {what} field '{field}' ({key})")
     value = record[field]
-    if value is None or isinstance(value, (dict, list)):
-        raise DataError(f"{where}: field '{field}' ({key}) must be text or a number, got {_json_kind(value)}")
+    if not _is_scalar(value):
+        raise DataError(f"{where}: field '{field}' ({key}) must be text or a number, got {_kind(value)}")
     return str(value)
 
 
-def _json_kind(value) -> str:
-    return "null" if value is None else "a JSON object" if isinstance(value, dict) else "a JSON array"
+def _messages(where: str, record: dict, field: str) -> list[dict[str, str]]:
+    """A chat: a non-empty list of {role, content} messages, roles from ROLES, content text."""
+    if field not in record:
+        raise DataError(f"{where}: no messages field '{field}' (data.messages_field)")
+    messages = record[field]
+    if not isinstance(messages, list) or not messages:
+        got = "an empty list" if isinstance(messages, list) else _kind(messages)
+        raise DataError(f"{where}: field '{field}' (data.messages_field) must be a non-empty list of "
+                        f"{{role, content}} messages, got {got}")
+    for number, message in enumerate(messages, 1):
+        what = f"{where}: message {number} of '{field}'"
+        if not isinstance(message, dict):
+            raise DataError(f"{what} must be an object with a role and a content, got {_kind(message)}")
+        if unknown := sorted(set(message) - {"role", "content"}):
+            raise DataError(f"{what} has an unknown key {unknown[0]!r} (a message holds role and content)")
+        if message.get("role") not in ROLES:
+            got = repr(message["role"]) if "role" in message else "none"
+            raise DataError(f"{what}: role must be one of {', '.join(ROLES)}, got {got}")
+        if not isinstance(message.get("content"), str):
+            got = _kind(message["content"]) if "content" in message else "none"
+            raise DataError(f"{what}: content must be text, got {got}")
+    return messages
+
+
+def _is_scalar(value) -> bool:
+    """Text, a number or a boolean: a value with one obvious text form."""
+    return isinstance(value, (str, int, float))
+
+
+def _kind(value) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, dict):
+        return "an object"  # a JSON object, a Parquet struct
+    if isinstance(value, list):
+        return "a list"  # a JSON array, a Parquet list
+    return "text" if isinstance(value, str) else f"a value of type {type(value).__name__}"
 
 
 def _render(where: str, template: str, record: dict) -> str:
@@ -141,26 +227,52 @@ def _render(where: str, template: str, record: dict) -> str:
                         f"({type(e).__name__}: {e})") from None
 
 
+def used_fields(data: DataSpec) -> set[str]:
+    """The record fields the spec reads."""
+    fields = {data.id_field, data.prompt_field, data.messages_field, data.reference_field}
+    if data.prompt_template is not None:
+        fields |= set(template_fields(data.prompt_template))
+    return fields - {None}
+
+
 def load_examples(data: DataSpec, path: str | None = None) -> list[Example]:
     """The examples of `path` (default: data.path), in file order, at most data.max_samples."""
     path = Path(path or data.path)
     examples, seen = [], {}
-    for number, record in _read_records(path):
-        where = f"{path}:{number}"
+    unit, prefix = "row" if _is_parquet(path) else "line", _location_prefix(path)
+    for number, record in _read_records(path, used_fields(data)):
+        where = f"{prefix}{number}"  # location(path, number), for a million records
         example_id = _example_id(where, record, data.id_field)
         if example_id in seen:
-            raise DataError(f"{where}: duplicate id {example_id!r} (first at line {seen[example_id]})")
+            raise DataError(f"{where}: duplicate id {example_id!r} (first at {unit} {seen[example_id]})")
         seen[example_id] = number
-        if data.prompt_template is not None:
+        prompt = messages = None
+        if data.messages_field is not None:
+            messages = _messages(where, record, data.messages_field)
+        elif data.prompt_template is not None:
             prompt = _render(where, data.prompt_template, record)
         else:
             prompt = _text(where, record, data.prompt_field, "data.prompt_field")
         reference = None
         if data.reference_field is not None:
             reference = _text(where, record, data.reference_field, "data.reference_field")
-        examples.append(Example(example_id, prompt, reference, number))
+        examples.append(Example(example_id, prompt, reference, number, messages))
         if data.max_samples is not None and len(examples) == data.max_samples:
             break  # the rest of the file is not read
     if not examples:
         raise DataError(f"{path}: the file has no records")
     return examples
+
+
+def chat(example: Example, data: DataSpec) -> list[dict[str, str]] | None:
+    """The messages an example is to the chat template, or None for a prompt used as written.
+
+    data.system_prompt opens every chat with a system message, unless its messages begin with one
+    of their own (theirs is the more specific).
+    """
+    if not data.through_chat_template:
+        return None
+    messages = example.messages or [{"role": "user", "content": example.prompt}]
+    if data.system_prompt is not None and messages[0]["role"] != "system":
+        messages = [{"role": "system", "content": data.system_prompt}, *messages]
+    return messages

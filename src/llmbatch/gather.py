@@ -1,8 +1,10 @@
-"""Merge an inference run's shards into results.jsonl and metrics.json: every input exactly once.
+"""Merge an inference run's shards into results.jsonl (or results.parquet, output.format) and
+metrics.json: every input exactly once.
 
 The runner's main process calls `merge_shards` once every rank is done; `python submit.py gather RUN`
-runs it again by hand (`gather_run`). results.jsonl is written last, and only when every input has a
-result, so its existence means the run is complete. Scoring: see `llmbatch.scoring`.
+runs it again by hand (`gather_run`). The results are written last, atomically, and only when every
+input has a result, so their existence means the run is complete. Both formats hold the same columns,
+the keys of a shard record. Scoring: see `llmbatch.scoring`.
 
 metrics.json (keys: `llmbatch.metrics`) holds:
     examples, prompt_tokens, generated_tokens, finish_reasons   over all results
@@ -22,13 +24,15 @@ from __future__ import annotations
 
 import sys
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 from llmbatch import scoring
 from llmbatch.data import Example
 from llmbatch.metrics import Metric
-from llmbatch.rundir import RunDir, atomic_write, atomic_write_json
+from llmbatch.rundir import RunDir, atomic_file, atomic_write, atomic_write_json
 from llmbatch.shards import list_shards, read_records, read_stats, record_line, run_examples
+from llmbatch.spec import load_resolved
 
 LISTED_IDS = 20
 """Missing ids named in an error; the rest are counted."""
@@ -44,8 +48,9 @@ class IncompleteRun(Exception):
         super().__init__(f"{len(missing)} of {total} inputs have no result: {named}{more}")
 
 
-def merge_shards(run: RunDir, examples: list[Example]) -> dict[str, Any]:
-    """Write metrics.json, then results.jsonl (the inputs' records in input order); return the metrics.
+def merge_shards(run: RunDir, examples: list[Example], output_format: str) -> dict[str, Any]:
+    """Write metrics.json, then the results (the inputs' records in input order, as output.format
+    says); return the metrics.
 
     Raises IncompleteRun, writing nothing, if an input has no record.
     """
@@ -60,14 +65,28 @@ def merge_shards(run: RunDir, examples: list[Example]) -> dict[str, Any]:
     metrics = result_metrics(results) | timing_metrics(run)
     atomic_write_json(run.metrics_file, metrics)
     try:
-        atomic_write(run.results_file, "".join(map(record_line, results)))
+        write_results(run.results_for(output_format), results, output_format)
     except OSError:  # a full disk, say: no metrics.json of a run that has no results
         run.metrics_file.unlink(missing_ok=True)
         raise
     return metrics
 
 
-def merge_when_complete(run: RunDir, examples: list[Example]) -> dict[str, Any] | None:
+def write_results(path: Path, results: list[dict], output_format: str) -> None:
+    if output_format == "jsonl":
+        atomic_write(path, "".join(map(record_line, results)))
+        return
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    # Columns from every record, not the first one's keys only (shards of older attempts may lack one).
+    names = list(dict.fromkeys(key for record in results for key in record))
+    table = pa.table({name: [record.get(name) for record in results] for name in names})
+    with atomic_file(path) as f:
+        pq.write_table(table, f)
+
+
+def merge_when_complete(run: RunDir, examples: list[Example], output_format: str) -> dict[str, Any] | None:
     """For the tasks of a job array: merge if every input has a record and no task merged yet; return
     the metrics, or None if another task merged or some inputs are still to come.
 
@@ -75,10 +94,10 @@ def merge_when_complete(run: RunDir, examples: list[Example]) -> dict[str, Any] 
     Two tasks finishing together take turns (the lock waits): exactly one of them merges.
     """
     with run.locked("gather"):
-        if run.results_file.exists():
+        if run.merged_results() is not None:
             return None
         try:
-            return merge_shards(run, examples)
+            return merge_shards(run, examples, output_format)
         except IncompleteRun:
             return None
 
@@ -134,11 +153,12 @@ def timing_metrics(run: RunDir) -> dict[str, Any]:
 def gather_run(run: RunDir) -> int:
     """`submit.py gather RUN`: merge by hand; prints one line, returns the exit code."""
     examples = run_examples(run)
+    output_format = load_resolved(run.spec_file).output.format
     try:
-        metrics = merge_shards(run, examples)
+        metrics = merge_shards(run, examples, output_format)
     except IncompleteRun as e:
         print(f"{run.path}: not gathered: {e}", file=sys.stderr)
         return 1
     accuracy = f", accuracy {metrics[Metric.ACCURACY]:.4f}" if Metric.ACCURACY in metrics else ""
-    print(f"{run.results_file}: {metrics[Metric.EXAMPLES]} results{accuracy}")
+    print(f"{run.results_for(output_format)}: {metrics[Metric.EXAMPLES]} results{accuracy}")
     return 0

@@ -17,7 +17,7 @@ import re
 from pathlib import Path
 
 from llmbatch import embedded
-from llmbatch.data import DataError, Example
+from llmbatch.data import DataError, Example, location
 from llmbatch.spec import EMBEDDED_MODEL, JobSpec, SpecError
 
 # The first of these in a model's (text) config is its context length.
@@ -78,9 +78,10 @@ def check_model(spec: JobSpec, examples: list[Example]) -> None:
     for name in ("generation_config.json", "tokenizer_config.json"):
         if (folder / name).is_file():
             read_json_object(folder / name, "model.path")
-    if spec.data.chat_template and not has_chat_template(folder):
-        raise SpecError("data.chat_template", f"the tokenizer in {folder} has no chat template (none in "
-                                              f"tokenizer_config.json, no chat_template.jinja)")
+    if spec.data.through_chat_template and not has_chat_template(folder):
+        key = "data.messages_field" if spec.data.messages_field else "data.chat_template"
+        raise SpecError(key, f"the tokenizer in {folder} has no chat template (none in tokenizer_config.json, "
+                             f"no chat_template.jinja)")
     context = context_length(config)
     limit = prompt_token_limit(config, spec.generation.max_new_tokens)
     if limit is not None and limit < 1:
@@ -137,11 +138,12 @@ def prompt_token_limit(config: dict, max_new_tokens: int) -> int | None:
 
 
 def check_prompt_lengths(spec: JobSpec, examples: list[Example], folder: Path, limit: int, context: int) -> None:
-    """Encode the prompts as the runner does (batched, fast tokenizer); name the first too long."""
+    """Render the prompts as the runner does, encode those that could be too long (batched, fast
+    tokenizer), and name the first that is."""
     from transformers import AutoTokenizer  # seconds to import: only here
     from transformers.utils import logging
 
-    from llmbatch.runners.generation import encode_prompts
+    from llmbatch.runners.generation import encode_texts, prompt_texts
 
     verbosity = logging.get_verbosity()
     logging.set_verbosity_error()  # its "longer than the maximum" warning would come before our one line
@@ -151,17 +153,35 @@ def check_prompt_lengths(spec: JobSpec, examples: list[Example], folder: Path, l
         except Exception as e:  # transformers raises many types for a broken tokenizer: one line for all
             raise SpecError("model.path", f"cannot load the tokenizer in {folder} ({str(e).splitlines()[0]})") \
                 from None
-        chunk = 1024
+        extra = tokens_over_bytes(tokenizer)
+        chunk = 4096
         for start in range(0, len(examples), chunk):
             batch = examples[start:start + chunk]
-            encoded = encode_prompts(tokenizer, [e.prompt for e in batch], spec.data.chat_template)
-            for example, ids in zip(batch, encoded):
+            texts = prompt_texts(tokenizer, batch, spec.data)
+            # Encoding a million prompts takes minutes; a text this short in bytes cannot be too long.
+            maybe = [i for i, text in enumerate(texts) if extra is None or len(text.encode()) + extra > limit]
+            for i, ids in zip(maybe, encode_texts(tokenizer, [texts[i] for i in maybe], spec.data)):
                 if len(ids) > limit:
-                    raise DataError(f"{spec.data.path}:{example.line}: the prompt is {len(ids)} tokens; with "
-                                    f"generation.max_new_tokens {spec.generation.max_new_tokens} it exceeds the "
-                                    f"model's context of {context} (generation.long_prompts: truncate cuts it)")
+                    raise DataError(f"{location(spec.data.path, batch[i].line)}: the prompt is {len(ids)} tokens; "
+                                    f"with generation.max_new_tokens {spec.generation.max_new_tokens} it exceeds "
+                                    f"the model's context of {context} (generation.long_prompts: truncate cuts it)")
     finally:
         logging.set_verbosity(verbosity)
+
+
+def tokens_over_bytes(tokenizer) -> int | None:
+    """At most how many more tokens than UTF-8 bytes a text encodes to; None where that is not known.
+
+    A byte-level BPE token covers at least one byte, a BPE, Unigram or WordPiece token at least one
+    character, a byte-fallback token one byte of one: so a text has at most as many tokens as bytes,
+    plus the special tokens encoding adds and a prefix ('▁') the tokenizer may put in front. Unless its
+    normalizer decomposes characters (NFD, NFKD, NFKC: one character may become several), or it is a
+    slow (Python) tokenizer, which is not inspected.
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or any(form in repr(backend.normalizer) for form in ("NFD", "NFKD", "NFKC")):
+        return None
+    return tokenizer.num_special_tokens_to_add() + 1
 
 
 def check_adapter(adapter: Path, model: Path, config: dict) -> None:

@@ -10,7 +10,7 @@
         logs/node-N/       per-rank stdout/stderr (torchrun's --tee), for multi-process nodes
         logs/task-NNNNN/   an array task's node-0.log and node-0/
         shards/            inference: one JSONL shard per rank and attempt
-        results.jsonl      inference: merged results, written once complete
+        results.jsonl      inference: merged results, written once complete (or results.parquet)
         metrics.json       both kinds: the run's numbers
         checkpoints/       fine-tuning: accelerate states, step-NNNNNN/
         adapter/           fine-tuning: the final peft adapter
@@ -34,7 +34,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
+
+
+RESULT_FORMATS = ("jsonl", "parquet")
+"""output.format: how an inference run's merged results are written."""
 
 
 def fsync_path(path: Path) -> None:
@@ -73,8 +77,11 @@ def apply_umask(folder: Path) -> None:
             os.chmod(os.path.join(root, name), 0o666 & ~mask)
 
 
-def atomic_write(path: Path, data: str | bytes) -> None:
-    """Write via a temp file in the same folder, fsync, rename: readers see old or new, never half.
+@contextmanager
+def atomic_file(path: Path) -> Iterator[BinaryIO]:
+    """A binary file that becomes `path` when the block ends, and only if it ends without an error:
+    written as a temp file in the same folder, fsynced, renamed. Readers see the old file or the
+    whole new one, never half.
 
     The file gets the mode a plain open() would give (mkstemp's is 0600).
     """
@@ -84,7 +91,7 @@ def atomic_write(path: Path, data: str | bytes) -> None:
     try:
         os.fchmod(fd, 0o666 & ~current_umask())
         with os.fdopen(fd, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -92,6 +99,12 @@ def atomic_write(path: Path, data: str | bytes) -> None:
         Path(tmp).unlink(missing_ok=True)
         raise
     fsync_path(path.parent)
+
+
+def atomic_write(path: Path, data: str | bytes) -> None:
+    """Write `data` to `path` atomically (`atomic_file`)."""
+    with atomic_file(path) as f:
+        f.write(data.encode() if isinstance(data, str) else data)
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:
@@ -220,6 +233,14 @@ class RunDir:
 
     def release_space(self) -> None:
         self.space_reserve.unlink(missing_ok=True)
+
+    def results_for(self, output_format: str) -> Path:
+        """Where the merge writes the results in an output.format: results.jsonl, results.parquet."""
+        return self.path / f"results.{output_format}"
+
+    def merged_results(self) -> Path | None:
+        """The merged results, whichever format they were written in; None before the run is complete."""
+        return next((p for p in map(self.results_for, RESULT_FORMATS) if p.exists()), None)
 
     def node_log(self, node: int, task: int | None = None) -> Path:
         return self._task_logs_dir(task) / f"node-{node}.log"

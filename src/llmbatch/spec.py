@@ -208,32 +208,48 @@ def not_utf8(error: UnicodeDecodeError, offset: int = 0) -> str:
 @dataclass
 class DataSpec:
     path: str | None = None
-    """JSONL or CSV: the inputs to infer, or the training set to fine-tune on."""
+    """JSONL, CSV or Parquet: the inputs to infer, or the training set to fine-tune on."""
     val_path: str | None = None
     """Fine-tuning only: the validation set."""
     id_field: str = "id"
     prompt_field: str | None = None
     """Use this field as the prompt as it is ..."""
     prompt_template: str | None = None
-    """... or build the prompt with a Python format string over the record's fields."""
+    """... or build the prompt with a Python format string over the record's fields ..."""
+    messages_field: str | None = None
+    """... or take a chat from this field: a list of {role, content} messages, through the chat template."""
+    system_prompt: str | None = None
+    """A system message opening each chat (one that has none) or templated prompt."""
     reference_field: str | None = None
     """The reference answer: scored after inference, the completion to learn when fine-tuning."""
     chat_template: bool = False
-    """Wrap the prompt in the tokenizer's chat template (one user turn)."""
+    """Wrap the prompt in the tokenizer's chat template (one user turn); chats always are."""
     max_samples: int | None = ranged(None, POSITIVE)
+
+    @property
+    def through_chat_template(self) -> bool:
+        """Whether the model reads records through the tokenizer's chat template."""
+        return self.chat_template or self.messages_field is not None
 
     def validate(self, kind: str) -> None:
         if self.path is None:
             what = "train data" if kind == "finetune" else "input data"
-            raise SpecError("data.path", f"missing: a {kind} spec needs {what} (JSONL or CSV)")
+            raise SpecError("data.path", f"missing: a {kind} spec needs {what} (JSONL, CSV or Parquet)")
         for key, path in (("data.path", self.path), ("data.val_path", self.val_path)):
             if path is not None:
-                _check(key, Path(path).suffix in (".jsonl", ".csv"), f"must be a .jsonl or .csv file: {path}")
+                _check(key, Path(path).suffix in (".jsonl", ".csv", ".parquet"),
+                       f"must be a .jsonl, .csv or .parquet file: {path}")
                 _check(key, Path(path).is_file(), f"no such file: {path}")
-        if self.prompt_field is None and self.prompt_template is None:
-            raise SpecError("data", "set one of data.prompt_field or data.prompt_template")
-        if self.prompt_field is not None and self.prompt_template is not None:
-            raise SpecError("data", "set only one of data.prompt_field and data.prompt_template")
+                _check(key, self.messages_field is None or Path(path).suffix != ".csv",
+                       f"data.messages_field needs JSONL or Parquet (a CSV cell holds no list): {path}")
+        prompt_keys = [k for k in ("prompt_field", "prompt_template", "messages_field") if getattr(self, k) is not None]
+        if len(prompt_keys) != 1:
+            chosen = f"only one of {', '.join(f'data.{k}' for k in prompt_keys)}" if prompt_keys else \
+                "one of data.prompt_field, data.prompt_template or data.messages_field"
+            raise SpecError("data", f"set {chosen}")
+        if self.system_prompt is not None and self.messages_field is None:
+            _check("data.system_prompt", self.chat_template,
+                   "a system message needs the chat template: set data.chat_template: true")
         if self.prompt_template is not None:
             try:
                 template_fields(self.prompt_template)
@@ -443,6 +459,8 @@ class ContainerSpec:
 class OutputSpec:
     root: str = "runs"
     """Run folders are created here; on a cluster, shared storage every node sees."""
+    format: Literal["jsonl", "parquet"] = "jsonl"
+    """Inference: the merged results as results.jsonl or results.parquet (the same columns)."""
 
 
 @dataclass

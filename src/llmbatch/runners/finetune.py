@@ -271,7 +271,7 @@ def make_rows(spec: JobSpec, tokenizer, examples, source: str) -> list:
     Packing takes the examples in a seeded shuffle, so a row mixes examples from all over the file.
     """
     cfg = spec.train
-    prompts = encode_prompts(tokenizer, [ex.prompt for ex in examples], spec.data.chat_template)
+    prompts = encode_prompts(tokenizer, examples, spec.data)
     completions = [tokenizer(ex.reference, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
                    for ex in examples]
     sequences = [to_sequence(p, c, cfg.seq_len, cfg.loss_on) for p, c in zip(prompts, completions)]
@@ -447,7 +447,7 @@ def evaluate_accuracy(accelerator, model, tokenizer, spec: JobSpec, examples) ->
     base.eval()
     decoder = Decoder(base, tokenizer, dataclasses.replace(spec.generation, do_sample=False))
     shard = examples[accelerator.process_index::accelerator.num_processes]
-    prompts = encode_prompts(tokenizer, [ex.prompt for ex in shard], spec.data.chat_template)
+    prompts = encode_prompts(tokenizer, shard, spec.data)
     correct = 0
     for start in range(0, len(shard), spec.train.micro_batch_size):
         chunk = shard[start:start + spec.train.micro_batch_size]

@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
 
     examples = load_examples(spec.data)
     model, tokenizer = load_model(spec.model, accelerator.device)
-    encoded = encode_prompts(tokenizer, [e.prompt for e in examples], spec.data.chat_template)
+    encoded = encode_prompts(tokenizer, examples, spec.data)
     limit = prompt_token_limit(model.config.to_dict(), spec.generation.max_new_tokens)
     if spec.generation.long_prompts == "truncate" and limit is not None:
         prompts = [Prompt(e, fit_to_context(ids, limit, tokenizer.bos_token_id), truncated=len(ids) > limit)
@@ -145,19 +145,19 @@ def main(argv: list[str] | None = None) -> int:
 
     finish_line.wait()
     if accelerator.is_main_process:
-        gather(run, examples, args.task)
+        gather(run, examples, args.task, spec.output.format)
     accelerator.end_training()  # nothing to do with training: it releases the process groups
     return 0
 
 
-def gather(run: RunDir, examples: list[Example], task: int | None) -> None:
+def gather(run: RunDir, examples: list[Example], task: int | None, output_format: str) -> None:
     """A job merges its shards; of an array's tasks, the last to finish does (see `merge_when_complete`)."""
     if task is None:
-        metrics = merge_shards(run, examples)
-    elif (metrics := merge_when_complete(run, examples)) is None:
+        metrics = merge_shards(run, examples, output_format)
+    elif (metrics := merge_when_complete(run, examples, output_format)) is None:
         print(f"task {task} done; the last task to finish gathers the results", flush=True)
         return
-    print(f"gathered {metrics[Metric.EXAMPLES]} results into {run.results_file}", flush=True)
+    print(f"gathered {metrics[Metric.EXAMPLES]} results into {run.results_for(output_format)}", flush=True)
     run.release_space()  # the run is complete: nothing more to report a full disk for
 
 
@@ -203,7 +203,8 @@ def complete_in_batches(decoder: Decoder, prompts: list[Prompt], batches: list[l
 
 def result_record(prompt: Prompt, completion: Completion) -> dict:
     example = prompt.example
-    record = {"id": example.id, "prompt": example.prompt, "output": completion.text,
+    given = {"prompt": example.prompt} if example.messages is None else {"messages": example.messages}
+    record = {"id": example.id, **given, "output": completion.text,
               "prompt_tokens": len(prompt.token_ids), "output_tokens": completion.tokens,
               "finish_reason": completion.finish_reason, "truncated": prompt.truncated}
     if example.reference is not None:

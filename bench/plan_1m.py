@@ -1,0 +1,134 @@
+"""How long validating and planning a big data file takes, and how much memory: CPU only, no GPU.
+
+Writes data files of --rows rows (JSONL and Parquet, plain prompts and chats) into --dir, then, for each,
+measures in a fresh process (wall time, peak RSS from wait4):
+
+- `dry-run`: `submit.py infer SPEC --dry-run --executor local`: the spec, every record, the context check
+  of every prompt against the embedded model (built first, so the check runs), the plan;
+- `split`: what each rank does before its first batch, minus the model: read the records, encode every
+  prompt (`encode_prompts`, as the runner does) and take its share of --ranks (`token_balanced_share`).
+
+    python bench/plan_1m.py --dir /tmp/plan-1m --no-split   # 1,000,000 rows; ~2 GB of files
+    python bench/plan_1m.py --dir /tmp/plan-1m --rows 10000 # a quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+WORDS = "the a of to and in is it that for on with as at by from this be or an are".split()
+
+
+def question(i: int) -> str:
+    """A prompt of 40 to 120 words, different for every row."""
+    words = [WORDS[(i * 7 + j * 13) % len(WORDS)] for j in range(40 + i % 80)]
+    return f"Question {i}: " + " ".join(words) + f"? Is {i * 7919 % 100003} even or odd?"
+
+
+def write_files(folder: Path, rows: int) -> dict[str, Path]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = {"jsonl": folder / f"plain-{rows}.jsonl", "parquet": folder / f"plain-{rows}.parquet",
+             "chat-jsonl": folder / f"chat-{rows}.jsonl", "chat-parquet": folder / f"chat-{rows}.parquet"}
+    if all(p.exists() for p in paths.values()):
+        return paths
+    chunk = 100_000
+    with paths["jsonl"].open("w") as plain, paths["chat-jsonl"].open("w") as chat:
+        plain_writer = chat_writer = None
+        for start in range(0, rows, chunk):
+            ids = range(start, min(rows, start + chunk))
+            plain_rows = [{"id": i, "question": question(i), "answer": "odd" if i % 2 else "even"} for i in ids]
+            chat_rows = [{"id": i, "messages": [{"role": "user", "content": question(i)}]} for i in ids]
+            plain.writelines(json.dumps(r) + "\n" for r in plain_rows)
+            chat.writelines(json.dumps(r) + "\n" for r in chat_rows)
+            plain_table, chat_table = pa.Table.from_pylist(plain_rows), pa.Table.from_pylist(chat_rows)
+            plain_writer = plain_writer or pq.ParquetWriter(paths["parquet"], plain_table.schema)
+            chat_writer = chat_writer or pq.ParquetWriter(paths["chat-parquet"], chat_table.schema)
+            plain_writer.write_table(plain_table)
+            chat_writer.write_table(chat_table)
+        plain_writer.close()
+        chat_writer.close()
+    return paths
+
+
+def spec_for(folder: Path, name: str, data: Path) -> Path:
+    fields = {"messages_field": "messages"} if name.startswith("chat") else \
+        {"prompt_field": "question", "reference_field": "answer"}
+    spec = {"name": "plan", "data": {"path": str(data), **fields}, "output": {"root": str(folder / "runs")},
+            "resources": {"gpus_per_node": 8}}
+    path = folder / f"spec-{name}.yaml"
+    path.write_text(json.dumps(spec))
+    return path
+
+
+def measure(argv: list[str]) -> dict:
+    """Wall time and peak RSS of one process (its own rusage, from wait4)."""
+    started = time.monotonic()
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    wall = time.monotonic() - started
+    err = proc.stderr.read()
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(argv)} exited {proc.returncode}:\n{err[-2000:]}")
+    return {"wall_s": round(wall, 1), "peak_rss_mib": round(usage.ru_maxrss / 1024), "cpu_s": round(
+        usage.ru_utime + usage.ru_stime, 1)}
+
+
+def split_only(spec_path: str, ranks: int) -> None:
+    """The runner's steps before the model's first batch, without the model."""
+    from transformers import AutoTokenizer
+
+    from llmbatch import embedded
+    from llmbatch.data import load_examples
+    from llmbatch.runners.generation import encode_prompts
+    from llmbatch.runners.infer import Prompt, token_balanced_share
+    from llmbatch.spec import load_spec
+
+    spec = load_spec(spec_path, "infer", [])
+    tokenizer = AutoTokenizer.from_pretrained(embedded.ensure_embedded_model(embedded.default_cache_dir()))
+    examples = load_examples(spec.data)
+    prompts = [Prompt(e, ids) for e, ids in zip(examples, encode_prompts(tokenizer, examples, spec.data))]
+    shares = [len(token_balanced_share(prompts, rank, ranks, spec.generation.max_new_tokens)) for rank in range(ranks)]
+    assert sum(shares) == len(examples)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dir", type=Path, required=True, help="where the data files go (kept for reruns)")
+    parser.add_argument("--rows", type=int, default=1_000_000)
+    parser.add_argument("--ranks", type=int, default=8)
+    parser.add_argument("--only", default="jsonl,parquet,chat-jsonl,chat-parquet")
+    parser.add_argument("--no-split", action="store_true", help="only the dry runs (the split encodes every row)")
+    parser.add_argument("--split-only", help=argparse.SUPPRESS)  # the measured child of `split`
+    args = parser.parse_args()
+    if args.split_only:
+        return split_only(args.split_only, args.ranks)
+
+    from llmbatch import embedded
+
+    embedded.ensure_embedded_model(embedded.default_cache_dir())  # so the dry run checks prompt lengths
+    paths = write_files(args.dir, args.rows)
+    print(f"| file | MB | dry-run s | dry-run MiB | split ({args.ranks} ranks) s | split MiB |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for name in args.only.split(","):
+        spec = spec_for(args.dir, name, paths[name])
+        dry = measure([sys.executable, str(REPO / "submit.py"), "infer", str(spec), "--dry-run", "--executor", "local"])
+        split = {"wall_s": "-", "peak_rss_mib": "-"} if args.no_split else measure(
+            [sys.executable, __file__, "--dir", str(args.dir), "--ranks", str(args.ranks), "--split-only", str(spec)])
+        size = paths[name].stat().st_size / 1e6
+        print(f"| {paths[name].name} | {size:.0f} | {dry['wall_s']} | {dry['peak_rss_mib']} | {split['wall_s']} | "
+              f"{split['peak_rss_mib']} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
