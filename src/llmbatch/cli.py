@@ -20,7 +20,7 @@ from llmbatch.data import DataError, load_examples
 from llmbatch.gather import gather_run
 from llmbatch.jobstep import example_place, make_plan, node_command
 from llmbatch.models import check_model
-from llmbatch.rundir import DamagedRun, RunBusy, RunDir, atomic_write
+from llmbatch.rundir import DamagedRun, RunBusy, RunDir, atomic_write, process_start_ticks
 from llmbatch.shards import list_shards
 from llmbatch.runners.checkpoint import CheckpointMismatch, check_resumable
 from llmbatch.summary import summarize
@@ -117,7 +117,7 @@ def local_identity(executor: str, job) -> dict:
     """What tells a local job's process from a later one that reuses its pid (`status`, `cancel`)."""
     if executor != "local":
         return {}
-    return {"local_start_ticks": lifecycle.process_start_ticks(int(job.job_id))}
+    return {"local_start_ticks": process_start_ticks(int(job.job_id))}
 
 
 def planned_run_path(spec: JobSpec) -> Path:
