@@ -17,7 +17,7 @@ from pathlib import Path
 import submitit
 
 from llmbatch.jobstep import LaunchPlan, NodePlace, node_command, rendezvous_port
-from llmbatch.rundir import RunDir, atomic_write, process_start_ticks, read_json
+from llmbatch.rundir import RunDir, atomic_write, open_append, process_start_ticks, read_json
 from llmbatch.runners.faults import ERROR_PREFIX, silent_for
 
 def place_from_environment(plan: LaunchPlan) -> NodePlace:
@@ -71,10 +71,8 @@ class NodeJob(submitit.helpers.Checkpointable):
                             "attempt": place.attempt, "job_id": place.job_id, "task": plan.task, "argv": cmd.argv,
                             "shell": shlex.join(cmd.argv), "env": sorted(cmd.env)})
         log_path = run.node_log(place.node_rank, plan.task)
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        with log_path.open("ab") as log:
+        with open_append(log_path) as log:
             log.write(f"== attempt {place.attempt} on {host}: {shlex.join(cmd.argv)}\n".encode())
-            log.flush()
             self._install_signal_handlers(run.preempt_marker(place.attempt, plan.task))
             # Own session: a terminal's Ctrl-C reaches only us, and we forward it (SIGINT/SIGTERM make
             # torch's launcher stop its ranks).
