@@ -12,6 +12,7 @@ import shlex
 import signal
 import subprocess
 import time
+from contextlib import suppress
 from pathlib import Path
 
 import submitit
@@ -58,6 +59,23 @@ class NodeJob(submitit.helpers.Checkpointable):
     def __call__(self) -> str:
         plan, run = self.plan, RunDir(Path(self.plan.run_dir))
         place = place_from_environment(plan)
+        # What `status` of a local run reads (never submitit's result pickle), from node 0 of a plain job.
+        records = place.node_rank == 0 and plan.task is None
+        try:
+            outcome = self._run(run, place)
+        except BaseException:
+            if records and not self._preempted:  # a preempted job is requeued, or resumed by hand
+                with suppress(OSError, ValueError):  # the job's own error is what the user must see
+                    # Nothing of this attempt will report a full disk any more; `resume` reserves anew.
+                    run.release_space()
+                    run.update_state(ended={"job_id": place.job_id, "state": "FAILED"})
+            raise
+        if records and outcome == "done":
+            run.update_state(ended={"job_id": place.job_id, "state": "COMPLETED"})
+        return outcome
+
+    def _run(self, run: RunDir, place: NodePlace) -> str:
+        plan = self.plan
         if place.node_rank == 0:
             started = dict(attempt=place.attempt, attempt_started=time.time(), job_id=place.job_id,
                            requeues=int(os.environ.get("SLURM_RESTART_COUNT", "0")))
