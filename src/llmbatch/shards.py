@@ -126,9 +126,6 @@ def run_examples(run: RunDir) -> list[Example]:
     spec = load_resolved(run.spec_file)
     if spec.kind != "infer":
         raise DataError(f"{run.path}: a {spec.kind} run, not an inference run: it has no results to gather")
-    if not Path(spec.data.path).is_file():
-        raise DataError(f"{spec.data.path}: the run's data file is gone (moved or deleted?); put it back there "
-                        f"to gather {run.path}")
     return load_examples(spec.data)
 
 
