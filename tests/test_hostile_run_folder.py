@@ -12,7 +12,7 @@ import pytest
 
 from helpers import REPO
 from llmbatch.cli import main
-from llmbatch.rundir import RunDir, UnsafeRunFile, append_jsonl, atomic_write_json, save_folder
+from llmbatch.rundir import UnsafeRunFile, append_jsonl, atomic_write_json, open_append, save_folder
 
 SECRET = b"the victim's own file\n"
 
@@ -51,7 +51,7 @@ APPENDS = {  # what each writes, and how
     ".state.lock": lambda run: run.update_state(x=1),
     "train_metrics.jsonl": lambda run: append_jsonl(run.train_metrics_file, {"step": 1}),
     "shards/attempt-000-rank-00000.jsonl": shard_writer,
-    "logs/node-0.log": lambda run: __import__("llmbatch.rundir").rundir.open_append(run.node_log(0)),
+    "logs/node-0.log": lambda run: open_append(run.node_log(0)),
 }
 
 
@@ -71,7 +71,7 @@ def test_a_planted_link_in_place_of_a_folder_is_never_written_through(make_run, 
     elsewhere.mkdir()
     plant(run.path / folder, elsewhere)
     with pytest.raises(UnsafeRunFile, match=f"{run.path / folder}: a symbolic link in a run folder"):
-        {"logs": lambda: __import__("llmbatch.rundir").rundir.open_append(run.node_log(0, task=3)),
+        {"logs": lambda: open_append(run.node_log(0, task=3)),
          "shards": lambda: shard_writer(run),
          "ranks": lambda: run.record_rank(0, 0)}[folder]()
     assert list(elsewhere.iterdir()) == []
