@@ -16,8 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from llmbatch.container import Bind, ContainerCommand, merge_binds, parse_bind, wrap_command
-from llmbatch.spec import ContainerSpec
+from llmbatch.container import (Bind, ContainerCommand, check_run_folder_binds, merge_binds, parse_bind,
+                                wrap_command)
+from llmbatch.spec import ContainerSpec, SpecError
 
 ARGV = ["python3", "-m", "accelerate.commands.launch", "-m", "llmbatch.runners.infer",
         "--run-dir", "/runs/r1"]
@@ -186,6 +187,19 @@ def test_binds_errors():
     with pytest.raises(ValueError, match="','"):
         wrap_command(ARGV, ContainerSpec(runtime="apptainer", image="x.sif"), binds=["/a,b"], env={},
                      gpus=False, workdir="/")
+
+
+@pytest.mark.parametrize("bind", ["/tmp/x:/", "/tmp/x:/runs", "/tmp/x:/runs/r1", "/tmp/x:/runs/r1/shards:ro", "/:/"])
+def test_a_bind_over_the_run_folder_or_a_parent_is_refused(bind):
+    """The ranks would write the run's results elsewhere, or the image would be hidden (/)."""
+    with pytest.raises(SpecError, match=r"^container.binds\[1\]: .*its destination .* covers the run folder /runs/r1"):
+        check_run_folder_binds(["/data:/data", bind], "/runs/r1")
+
+
+@pytest.mark.parametrize("bind", ["/runs", "/runs:ro", "/runs/r1/adapter:/runs/r1/adapter:ro", "/tmp/x:/runs2",
+                                  "/tmp/x:/data"])
+def test_a_bind_beside_the_run_folder_or_at_its_own_path_is_kept(bind):
+    check_run_folder_binds([bind], "/runs/r1")
 
 
 # --- real runs under Docker ----------------------------------------------------------------------

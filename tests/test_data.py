@@ -91,6 +91,9 @@ BAD_VALUES = [
     ({"id": " ", "question": "a"}, "in.jsonl:2: id field 'id' is empty"),
     ({"id": "a\nb", "question": "a"}, "in.jsonl:2: id 'a\\nb' holds a control character or line break"),
     ({"id": "\x1b[31mred", "question": "a"}, "in.jsonl:2: id '\\x1b[31mred' holds a control character"),
+    ({"id": "abc\u202edef", "question": "a"},
+     "in.jsonl:2: id 'abc\\u202edef' holds an invisible format character (U+202E)"),
+    ({"id": "a\u2066b", "question": "a"}, "in.jsonl:2: id 'a\\u2066b' holds an invisible format character (U+2066)"),
     ({"id": 2, "question": None}, "in.jsonl:2: field 'question' (data.prompt_field) must be text or a number, "
                                   "got null"),
     ({"id": 2, "question": ["a"]}, "in.jsonl:2: field 'question' (data.prompt_field) must be text or a number"),

@@ -87,6 +87,26 @@ def test_cluster_example_runs_in_apptainer(capsys, tmp_path, model_dir):
     assert "HF_TOKEN" not in " ".join(argv)  # forwarded by name through the environment only
 
 
+def test_apptainer_with_the_default_model_dry_runs_without_the_image(capsys, tmp_path):
+    """The dry run shows the command (the embedded model's placeholder path bound); a real run checks the image."""
+    image = tmp_path / "not-built-yet.sif"
+    args = ["infer", "--executor", "local", "--set", "container.runtime=apptainer", "--set", f"container.image={image}",
+            "--output", str(tmp_path / "runs")]
+    _, argv = dry_run(capsys, *args)
+    assert argv[:2] == ["apptainer", "exec"] and str(image) in argv
+    assert main(args) == 2
+    assert capsys.readouterr().err == f"llmbatch: error: container.image: no such Apptainer image: {image}\n"
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_bind_over_the_output_root_is_refused(capsys, tmp_path):
+    assert main(["infer", "--executor", "local", "--dry-run", "--set", "container.runtime=docker", "--set",
+                 "container.image=img", "--set", f"container.binds=['/tmp:{tmp_path}']", "--output", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"llmbatch: error: container.binds[0]: '/tmp:{tmp_path}': its destination {tmp_path} "
+                          f"covers the run folder") and err.count("\n") == 1
+
+
 def test_the_node_command_is_built_without_submitit(tmp_path):
     """The job step (spec -> plan -> node command) is pure: the benchmark imports it from a source tree
     where submitit is not installed. Here submitit is made unimportable in a fresh interpreter."""

@@ -110,7 +110,7 @@ def test_gather_names_a_damaged_shard(make_run, capsys):
 def test_gather_names_a_damaged_run_spec(make_run, capsys):
     run = make_run("infer")
     run.spec_file.write_text("model: [unclosed\n")
-    assert gather_error(run, capsys).startswith(f"llmbatch: error: {run.spec_file}: damaged run spec, not loadable")
+    assert gather_error(run, capsys).startswith(f"llmbatch: error: {run.spec_file}: invalid YAML at line ")
 
 
 def test_gather_says_when_the_data_file_moved(make_run, tmp_path, capsys):
@@ -118,8 +118,7 @@ def test_gather_says_when_the_data_file_moved(make_run, tmp_path, capsys):
     data.write_text('{"id": "a", "question": "1 0 1"}\n')
     run = make_run("infer", overrides=[f"data.path={data}"])
     data.rename(tmp_path / "elsewhere.jsonl")
-    assert gather_error(run, capsys) == (f"llmbatch: error: {data}: the run's data file is gone (moved or deleted?); "
-                                         f"put it back there to gather {run.path}")
+    assert gather_error(run, capsys) == f"llmbatch: error: {run.spec_file}: data.path: no such file: {data}"
 
 
 def test_status_counts_inputs_from_the_run_folder_not_the_data_file(make_run, tmp_path, capsys):

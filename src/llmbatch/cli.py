@@ -70,7 +70,8 @@ def resolve_model(spec: JobSpec, build: bool) -> JobSpec:
     if spec.model.path != EMBEDDED_MODEL:
         return spec
     cache = embedded.default_cache_dir()
-    path = embedded.ensure_embedded_model(cache) if build else cache / "<embedded model, built on first run>"
+    # A placeholder a bind can hold (apptainer refuses ',' in a bind): the dry run shows the command.
+    path = embedded.ensure_embedded_model(cache) if build else cache / "<embedded-model-built-on-first-run>"
     return apply_override(spec, "model.path", str(path), Path.cwd())
 
 
@@ -82,23 +83,33 @@ def require_slurm_commands(executor: str) -> None:
                          f"machine); run where Slurm is, or use --executor local")
 
 
-def cmd_run(kind: str, args: argparse.Namespace) -> int:
-    spec, inputs = load_job_spec(kind, args)
-    executor = slurm.pick_executor(args.executor)
+def check_job(spec: JobSpec, executor: str, run_path: Path, dry_run: bool = False) -> None:
+    """What submission checks past the spec itself, and `resume` again before resubmitting a run
+    folder's spec (anyone who can write the run folder can have edited it)."""
     if executor == "local" and spec.resources.nodes > 1:
         raise UsageError(f"resources.nodes: {spec.resources.nodes} nodes need Slurm; the local executor "
                          f"runs one node (use --executor slurm on a cluster)")
     if executor == "local" and spec.resources.array is not None:
         raise UsageError(f"resources.array: a job array ({spec.resources.array} tasks) needs Slurm; the local "
                          f"executor runs one job (drop the array, or use --executor slurm on a cluster)")
-    if not args.dry_run:
-        require_slurm_commands(executor)
-    spec = resolve_model(spec, build=not args.dry_run)
-
     try:  # the node command, once here: its container mistakes (binds, variables) must not wait for a node
-        node_command(make_plan(spec, planned_run_path(spec)), example_place(spec.resources.nodes))
+        node_command(make_plan(spec, run_path), example_place(spec.resources.nodes))
     except ValueError as e:
         raise UsageError(f"container: {e}") from None
+    if dry_run:
+        return  # it shows the command: the image need not be there yet
+    require_slurm_commands(executor)
+    image = spec.container.image
+    if spec.container.runtime == "apptainer" and image is not None and not Path(image).is_file():
+        raise UsageError(f"container.image: no such Apptainer image: {image}")
+
+
+def cmd_run(kind: str, args: argparse.Namespace) -> int:
+    spec, inputs = load_job_spec(kind, args)
+    executor = slurm.pick_executor(args.executor)
+    # Checked before the embedded model is built (its first use takes a while), with its placeholder.
+    check_job(resolve_model(spec, build=False), executor, planned_run_path(spec), dry_run=args.dry_run)
+    spec = resolve_model(spec, build=not args.dry_run)
     if args.dry_run:
         print_dry_run(spec, executor)
         return 0
@@ -221,7 +232,9 @@ def cmd_resume(args: argparse.Namespace) -> int:
         if run.merged_results() is not None or (status.kind == "finetune" and run.adapter_dir.exists()):
             print(f"{run.path}: already complete, nothing to resume")
             return 0
-        spec = load_resolved(run.spec_file)
+        spec = load_resolved(run.spec_file)  # checked as at submission: it may have been edited since
+        executor = slurm.pick_executor(args.executor) if args.executor else status.executor
+        check_job(spec, executor, run.path)
         if spec.kind == "finetune":
             try:
                 check_resumable(run.checkpoints_dir, spec)
@@ -231,8 +244,6 @@ def cmd_resume(args: argparse.Namespace) -> int:
             raise UsageError(f"{run.path}: {live[0]['name']} is still running here (pid {live[0]['pid']}), "
                              f"though its job has ended; stop it before resuming, or two attempts would "
                              f"write the same results")
-        executor = slurm.pick_executor(args.executor) if args.executor else status.executor
-        require_slurm_commands(executor)
         if not status.tasks:
             return submit_and_wait(spec, run, executor, wait=args.wait,
                                    header=f"resumed {run.path}", attempt_base=status.attempt + 1)

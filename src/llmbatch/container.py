@@ -14,7 +14,7 @@ import secrets
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
-from llmbatch.spec import ENV_NAME, ContainerSpec
+from llmbatch.spec import ENV_NAME, ContainerSpec, SpecError
 
 
 # Docker and Podman read `-e NAME` values from their own environment, so those variables also reach the
@@ -61,6 +61,22 @@ def parse_bind(spec: str) -> Bind:
         if not posixpath.isabs(path):
             raise ValueError(f"container bind {spec!r}: paths must be absolute")
     return Bind(posixpath.normpath(host), posixpath.normpath(dest), len(parts) == 3 and parts[2] == "ro")
+
+
+def _within(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip("/") + "/")
+
+
+def check_run_folder_binds(extra: Sequence[str], run_dir: str) -> None:
+    """Refuse a spec bind (container.binds) that shows other files where the run folder, a folder above
+    it or one in it is: the ranks would write the run's results, logs and checkpoints elsewhere (or
+    never see them), and a bind at / hides the image itself. A folder bound at its own path is fine."""
+    run_dir = posixpath.normpath(run_dir)
+    for i, text in enumerate(extra):
+        b = parse_bind(text)
+        if b.dest == "/" or (_within(run_dir, b.dest) or _within(b.dest, run_dir)) and b.host != b.dest:
+            raise SpecError(f"container.binds[{i}]", f"{text!r}: its destination {b.dest} covers the run folder "
+                                                     f"{run_dir} or lies in it; bind it elsewhere, or at its own path")
 
 
 def merge_binds(job_binds: Sequence[str], extra: Sequence[str]) -> list[Bind]:

@@ -3,8 +3,8 @@
 
 Files are streamed: with data.max_samples, reading stops after that many records. JSONL and CSV are
 read as UTF-8 (a leading BOM is dropped); Parquet in record batches of its needed columns (pyarrow).
-Ids must be non-empty single-line text (a string or a number) without control characters, since they
-appear in logs, shard files and error lines.
+Ids must be non-empty single-line text (a string or a number) without control or invisible format characters,
+since they appear in logs, shard files and error lines.
 """
 
 from __future__ import annotations
@@ -12,18 +12,14 @@ from __future__ import annotations
 import codecs
 import csv
 import json
-import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from llmbatch.spec import DataSpec, not_utf8, template_fields
+from llmbatch.spec import DataSpec, hidden_character, invisible, not_utf8, template_fields
 
 ROLES = ("system", "user", "assistant")
 """Roles a message of data.messages_field may have."""
-
-CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
-"""Unicode's control characters (category Cc) and line and paragraph separators (Zl, Zp)."""
 
 PARQUET_BATCH_ROWS = 65536
 """Rows of a Parquet file in memory at once, as Arrow columns (then as Python values)."""
@@ -158,9 +154,9 @@ def _example_id(where: str, record: dict, field: str) -> str:
     example_id = str(value)
     if not example_id.strip():
         raise DataError(f"{where}: id field '{field}' is empty")
-    if CONTROL.search(example_id):
-        raise DataError(f"{where}: id {example_id!r} holds a control character or line break; ids appear in "
-                        f"logs and error lines, so they must be printable single-line text")
+    if (bad := hidden_character(example_id)) is not None:
+        raise DataError(f"{where}: id {example_id!r} holds {invisible(bad) or 'a control character or line break'}; "
+                        f"ids appear in logs and error lines, so they must be printable single-line text")
     return example_id
 
 

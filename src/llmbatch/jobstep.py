@@ -15,7 +15,7 @@ import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from llmbatch.container import ContainerCommand, wrap_command
+from llmbatch.container import ContainerCommand, check_run_folder_binds, wrap_command
 from llmbatch.models import host_folder
 from llmbatch.rundir import RunDir
 from llmbatch.spec import ContainerSpec, JobSpec
@@ -138,5 +138,6 @@ def launch_env(place: NodePlace) -> dict[str, str]:
 def node_command(plan: LaunchPlan, place: NodePlace) -> ContainerCommand:
     """What one node runs: its `accelerate launch` argv in the container runtime, and the variables
     to add to its environment."""
+    check_run_folder_binds(plan.container.binds, plan.run_dir)
     return wrap_command(build_launch_argv(plan, place), plan.container, binds=plan.binds, env=launch_env(place),
                         gpus=place.use_cuda, workdir=plan.run_dir)

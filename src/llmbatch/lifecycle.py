@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 import re
 import signal
 import subprocess
@@ -150,12 +149,14 @@ def local_job_alive(state: dict, job_id: str) -> bool:
 
 
 def local_state(run: RunDir, job_id: str) -> str:
-    result = next(run.submitit_dir.glob(f"{job_id}_0_result.pkl"), None)
-    if result is not None:
-        with result.open("rb") as f:
-            outcome, _ = pickle.load(f)
-        return "COMPLETED" if outcome == "success" else "FAILED"
-    return "RUNNING" if local_job_alive(run.read_state(), job_id) else "STOPPED"
+    """COMPLETED or FAILED as the node job recorded it in state.json; else RUNNING while its process
+    lives, STOPPED after. Never from submitit's result pickle: anyone who can write the run folder can
+    plant one, and unpickling it would run their code as whoever looks at the run."""
+    state = run.read_state()
+    ended = state.get("ended")
+    if isinstance(ended, dict) and ended.get("job_id") == job_id and ended.get("state") in ("COMPLETED", "FAILED"):
+        return ended["state"]
+    return "RUNNING" if local_job_alive(state, job_id) else "STOPPED"
 
 
 def progress(run: RunDir, kind: str, started: float | None, done_since_started: int | None = None) -> dict:

@@ -12,12 +12,13 @@ import shlex
 import signal
 import subprocess
 import time
+from contextlib import suppress
 from pathlib import Path
 
 import submitit
 
 from llmbatch.jobstep import LaunchPlan, NodePlace, node_command, rendezvous_port
-from llmbatch.rundir import RunDir, atomic_write, process_start_ticks, read_json
+from llmbatch.rundir import RunDir, atomic_write, open_append, process_start_ticks, read_json
 from llmbatch.runners.faults import ERROR_PREFIX, silent_for
 
 def place_from_environment(plan: LaunchPlan) -> NodePlace:
@@ -58,6 +59,23 @@ class NodeJob(submitit.helpers.Checkpointable):
     def __call__(self) -> str:
         plan, run = self.plan, RunDir(Path(self.plan.run_dir))
         place = place_from_environment(plan)
+        # What `status` of a local run reads (never submitit's result pickle), from node 0 of a plain job.
+        records = place.node_rank == 0 and plan.task is None
+        try:
+            outcome = self._run(run, place)
+        except BaseException:
+            if records and not self._preempted:  # a preempted job is requeued, or resumed by hand
+                with suppress(OSError, ValueError):  # the job's own error is what the user must see
+                    # Nothing of this attempt will report a full disk any more; `resume` reserves anew.
+                    run.release_space()
+                    run.update_state(ended={"job_id": place.job_id, "state": "FAILED"})
+            raise
+        if records and outcome == "done":
+            run.update_state(ended={"job_id": place.job_id, "state": "COMPLETED"})
+        return outcome
+
+    def _run(self, run: RunDir, place: NodePlace) -> str:
+        plan = self.plan
         if place.node_rank == 0:
             started = dict(attempt=place.attempt, attempt_started=time.time(), job_id=place.job_id,
                            requeues=int(os.environ.get("SLURM_RESTART_COUNT", "0")))
@@ -71,10 +89,8 @@ class NodeJob(submitit.helpers.Checkpointable):
                             "attempt": place.attempt, "job_id": place.job_id, "task": plan.task, "argv": cmd.argv,
                             "shell": shlex.join(cmd.argv), "env": sorted(cmd.env)})
         log_path = run.node_log(place.node_rank, plan.task)
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        with log_path.open("ab") as log:
+        with open_append(log_path) as log:
             log.write(f"== attempt {place.attempt} on {host}: {shlex.join(cmd.argv)}\n".encode())
-            log.flush()
             self._install_signal_handlers(run.preempt_marker(place.attempt, plan.task))
             # Own session: a terminal's Ctrl-C reaches only us, and we forward it (SIGINT/SIGTERM make
             # torch's launcher stop its ranks).

@@ -22,12 +22,14 @@
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
 import secrets
 import shutil
 import socket
+import stat
 import tempfile
 import time
 from collections.abc import Iterator
@@ -68,13 +70,109 @@ def apply_umask(folder: Path) -> None:
     """Give a folder made through private temp names the modes a plain open/mkdir would have given.
 
     On a lab's shared storage colleagues read results as the umask allows; mkstemp/mkdtemp (and some
-    writers) make 0600/0700 entries.
+    writers) make 0600/0700 entries. A symbolic link is left alone: chmod would change its target.
     """
     mask = current_umask()
     for root, dirs, files in os.walk(folder):
         os.chmod(root, 0o777 & ~mask)
         for name in files:
-            os.chmod(os.path.join(root, name), 0o666 & ~mask)
+            if not os.path.islink(path := os.path.join(root, name)):
+                os.chmod(path, 0o666 & ~mask)
+
+
+# --- writing into a run folder ---------------------------------------------------------------
+# A run folder is shared storage that others may be able to write. Whatever llmbatch writes there goes
+# through these helpers, which never follow a symbolic link someone planted: whole files are created
+# anew and renamed over the name (a link is replaced, its target untouched), appends and locks open
+# with O_NOFOLLOW, new files with O_EXCL, and folders are walked without following links.
+
+
+class DamagedRun(ValueError):
+    """A run folder file that exists but cannot be read: one line naming the file."""
+
+
+class UnsafeRunFile(DamagedRun):
+    """A symbolic link (or a FIFO, a device) where llmbatch writes in a run folder: never written through."""
+
+
+def _refuse(path: Path | str, what: str) -> UnsafeRunFile:
+    return UnsafeRunFile(f"{path}: {what}; not writing through it (anyone who can write the run folder can "
+                         f"plant one: remove it and check the run folder)")
+
+
+def check_folder(folder: Path) -> None:
+    """Refuse a symbolic link on the way from the run folder (the nearest folder up holding spec.yaml)
+    down to `folder`. Folders above the run folder are the user's own and are not checked; outside any
+    run folder nothing is."""
+    links = []
+    for part in [Path(folder), *Path(folder).parents]:
+        try:
+            mode = os.lstat(part).st_mode
+        except FileNotFoundError:
+            continue
+        if stat.S_ISLNK(mode):
+            links.append(part)
+        elif os.path.lexists(part / "spec.yaml"):  # the run folder
+            break
+    else:
+        return  # not inside a run folder
+    if links:
+        raise _refuse(links[-1], "a symbolic link in a run folder")
+
+
+def make_folder(folder: Path) -> Path:
+    """`mkdir -p` inside a run folder that never creates or writes through a planted symbolic link."""
+    folder = Path(folder)
+    check_folder(folder)
+    missing = []
+    for part in [folder, *folder.parents]:
+        if os.path.lexists(part):
+            break
+        missing.append(part)
+    for part in reversed(missing):
+        try:
+            os.mkdir(part)
+        except FileExistsError:  # made by another rank at the same moment, or planted: look again
+            pass
+    check_folder(folder)
+    if not folder.is_dir():
+        raise _refuse(folder, "not a folder")
+    return folder
+
+
+def _open_plain(path: Path, flags: int) -> int:
+    """os.open on a plain file in a run folder, never through a symbolic link, never blocking on a FIFO."""
+    make_folder(Path(path).parent)
+    try:
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o666)
+    except OSError as e:
+        if e.errno in (errno.ELOOP, errno.ENXIO):  # ELOOP: a link; ENXIO: a FIFO without a reader
+            raise _refuse(path, "a symbolic link or a FIFO, not a plain file") from None
+        raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise _refuse(path, "not a plain file")
+    os.set_blocking(fd, True)
+    return fd
+
+
+def open_append(path: Path) -> BinaryIO:
+    """A log, lock or JSON-lines file of a run folder, opened to append (created if missing)."""
+    # Unbuffered: each write is one write(2), so O_APPEND keeps lines from several writers whole.
+    return os.fdopen(_open_plain(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND), "ab", buffering=0)
+
+
+def create_new(path: Path) -> BinaryIO:
+    """A file that must not exist yet (an existing one, or a link in its place, is never reused)."""
+    return os.fdopen(_open_plain(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL), "wb")
+
+
+def remove_tree(path: Path) -> None:
+    """Remove a folder, or a file or symbolic link in its place (never what a link points to)."""
+    if os.path.islink(path) or os.path.isfile(path):
+        Path(path).unlink(missing_ok=True)
+    else:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 @contextmanager
@@ -86,7 +184,7 @@ def atomic_file(path: Path) -> Iterator[BinaryIO]:
     The file gets the mode a plain open() would give (mkstemp's is 0600).
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_folder(path.parent)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         os.fchmod(fd, 0o666 & ~current_umask())
@@ -116,10 +214,6 @@ SPACE_RESERVE_BYTES = 1 << 20
 finds the file system full, so that its error line, the node's log and submitit's result still fit."""
 
 
-class DamagedRun(ValueError):
-    """A run folder file that exists but cannot be read: one line naming the file."""
-
-
 class RunBusy(Exception):
     """Another process holds this run's lock for the same work (a second `resume`, say)."""
 
@@ -140,22 +234,23 @@ def process_start_ticks(pid: int) -> int | None:
 def save_folder(target: Path, write) -> None:
     """Call write(folder) on a temporary folder, then rename it to `target` (replacing an older one)."""
     tmp = target.with_name(f".{target.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    remove_tree(tmp)
+    make_folder(tmp)
     write(tmp)
     apply_umask(tmp)
     old = target.with_name(f".{target.name}.old")
-    if target.exists():
-        shutil.rmtree(old, ignore_errors=True)
+    if os.path.lexists(target):
+        remove_tree(old)
         os.rename(target, old)
     os.rename(tmp, target)
-    shutil.rmtree(old, ignore_errors=True)
+    remove_tree(old)
     fsync_path(target.parent)
 
 
 def append_jsonl(path: Path, row: dict) -> None:
     """One more JSON line (a single writer's log: readers drop a torn last line, see read_jsonl)."""
-    with open(path, "a") as f:
-        f.write(json.dumps(row) + "\n")
+    with open_append(path) as f:
+        f.write((json.dumps(row) + "\n").encode())
 
 
 def read_json(path: Path, default: Any = None) -> Any:
@@ -223,10 +318,7 @@ class RunDir:
     def reserve_space(self) -> None:
         # Random bytes: a compressing file system (ZFS, btrfs) would store zeros in almost no space.
         try:
-            with open(self.space_reserve, "wb") as f:
-                f.write(os.urandom(SPACE_RESERVE_BYTES))
-                f.flush()
-                os.fsync(f.fileno())
+            atomic_write(self.space_reserve, os.urandom(SPACE_RESERVE_BYTES))
         except OSError:
             self.release_space()
             raise
@@ -294,7 +386,7 @@ class RunDir:
 
         The kernel drops an flock when its holder dies, so a killed holder never leaves a stale lock.
         """
-        with open(self.path / f".{work}.lock", "a") as lock:
+        with open_append(self.path / f".{work}.lock") as lock:
             try:
                 fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -304,7 +396,7 @@ class RunDir:
     @contextmanager
     def locked(self, work: str) -> Iterator[None]:
         """Hold the run's lock for `work` while the block runs, waiting for another holder to finish."""
-        with open(self.path / f".{work}.lock", "a") as lock:
+        with open_append(self.path / f".{work}.lock") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             yield
 
@@ -328,18 +420,14 @@ class RunDir:
 
     def _rewrite_state(self, change) -> dict[str, Any]:
         # Read-modify-write by several processes (the CLI, node 0's job, array tasks): serialized by a lock file.
-        with open(self.path / ".state.lock", "a") as lock:
+        with open_append(self.path / ".state.lock") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             state = change(self.read_state())
             atomic_write_json(self.state_file, state)
         return state
 
     def record_command(self, entry: dict[str, Any]) -> None:
-        # One short line per node and attempt; O_APPEND keeps lines from several nodes whole.
-        line = json.dumps(entry, sort_keys=True) + "\n"
-        fd = os.open(self.commands_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-        try:
-            os.write(fd, line.encode())
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        # One short line per node and attempt, from several nodes at once (open_append).
+        with open_append(self.commands_file) as f:
+            f.write((json.dumps(entry, sort_keys=True) + "\n").encode())
+            os.fsync(f.fileno())

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from llmbatch.data import DataError, Example, load_examples
-from llmbatch.rundir import DamagedRun, RunDir, atomic_write_json
+from llmbatch.rundir import DamagedRun, RunDir, atomic_write_json, create_new
 from llmbatch.spec import load_resolved
 
 _SHARD_NAME = re.compile(r"^attempt-(\d+)-rank-(\d+)\.jsonl$")
@@ -91,12 +91,11 @@ class ShardWriter:
     just finished) is on disk (flushed, fsynced) when append returns."""
 
     def __init__(self, shard: Shard):
-        shard.path.parent.mkdir(parents=True, exist_ok=True)
-        # "x": an attempt's shard is never reused, so an existing one is a mistake, never to be clobbered.
-        self._file = shard.path.open("x", encoding="utf-8")
+        # New: an attempt's shard is never reused, so an existing one is a mistake, never to be clobbered.
+        self._file = create_new(shard.path)
 
     def append(self, records: list[dict[str, Any]]) -> None:
-        self._file.write("".join(map(record_line, records)))
+        self._file.write("".join(map(record_line, records)).encode())
         self._file.flush()
         os.fsync(self._file.fileno())
 
@@ -127,9 +126,6 @@ def run_examples(run: RunDir) -> list[Example]:
     spec = load_resolved(run.spec_file)
     if spec.kind != "infer":
         raise DataError(f"{run.path}: a {spec.kind} run, not an inference run: it has no results to gather")
-    if not Path(spec.data.path).is_file():
-        raise DataError(f"{spec.data.path}: the run's data file is gone (moved or deleted?); put it back there "
-                        f"to gather {run.path}")
     return load_examples(spec.data)
 
 

@@ -15,6 +15,7 @@ import re
 import string
 import types
 import typing
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -85,11 +86,25 @@ def check_ranges(section: Any, prefix: str) -> None:
             _check(f"{prefix}.{f.name}", value in allowed, f"must be {allowed}, got {value!r}")
 
 
+def hidden_character(text: str) -> str | None:
+    """The first character of `text` that must not be in an id or a spec value, or None: a control
+    character (Unicode category Cc: newlines, escapes), a line or paragraph separator (Zl, Zp), or an
+    invisible format character (Cf: a bidirectional override such as U+202E shows the text as other
+    text than it is; zero-width marks)."""
+    return next((ch for ch in text if unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp")), None)
+
+
+def invisible(ch: str) -> str | None:
+    """An invisible format character said for an error line; None for any other character."""
+    return f"an invisible format character (U+{ord(ch):04X})" if unicodedata.category(ch) == "Cf" else None
+
+
 def _no_control_characters(key: str, text: str) -> None:
     """Refuse newlines and other control characters: in a Slurm field one would end the #SBATCH line and
-    start a line of shell in the batch script (or make sbatch ignore every directive after it)."""
-    bad = next((ch for ch in text if ord(ch) < 32 or ord(ch) == 127), None)
-    _check(key, bad is None, f"contains a control character ({bad!r}): {text!r}")
+    start a line of shell in the batch script (or make sbatch ignore every directive after it). And
+    invisible format characters (`hidden_character`)."""
+    if (bad := hidden_character(text)) is not None:
+        raise SpecError(key, f"contains {invisible(bad) or f'a control character ({bad!r})'}: {text!r}")
 
 
 # Options the spec sets itself: through sbatch_extra they would bypass its checks (or break the job).
@@ -412,6 +427,11 @@ class ResourcesSpec:
             _check(key, bool(_SBATCH_OPTION.match(name)), f"not an sbatch option name: {option!r}")
             _check(key, name not in SPEC_OWNED_SBATCH_OPTIONS,
                    f"set by the spec, not through sbatch_extra: use {SPEC_OWNED_SBATCH_OPTIONS.get(name)}")
+            # sbatch takes any unambiguous prefix of an option for the option (`--tim` is `--time`).
+            owned = [o for o in SPEC_OWNED_SBATCH_OPTIONS if o.startswith(name)]
+            _check(key, not owned, f"{option!r} abbreviates {', '.join(f'--{o}' for o in owned)} (sbatch expands "
+                                   f"prefixes of its options), which the spec sets: use "
+                                   f"{SPEC_OWNED_SBATCH_OPTIONS[owned[0]] if owned else ''}")
         if self.array is None:
             _check("resources.array_max_running", self.array_max_running is None,
                    "needs resources.array (the number of array tasks)")
@@ -443,8 +463,10 @@ class ContainerSpec:
     def validate(self) -> None:
         if self.runtime != "none":
             _check("container.image", self.image is not None, f"missing: runtime {self.runtime} needs an image")
-        if self.runtime == "apptainer" and self.image is not None:
-            _check("container.image", Path(self.image).is_file(), f"no such Apptainer image: {self.image}")
+        if self.image is not None:
+            _no_control_characters("container.image", self.image)
+            _check("container.image", not self.image.startswith("-"),
+                   f"must not start with '-' (the runtime would read it as an option): {self.image!r}")
         for i, bind in enumerate(self.binds):
             _no_control_characters(f"container.binds[{i}]", bind)
             _check(f"container.binds[{i}]", bind.split(":")[0].startswith("/"),
@@ -642,11 +664,11 @@ def parse_override(assignment: str) -> tuple[str, Any]:
         raise SpecError(key, f"cannot parse value {text!r}") from None
 
 
-def load_spec(path: str | Path | None, kind: str, overrides: list[str] = (), cwd: Path | None = None,
+def load_spec(path: str | Path | None, kind: str | None, overrides: list[str] = (), cwd: Path | None = None,
               origins: dict[str, str] | None = None) -> JobSpec:
     """Read, override, type and validate a spec. Raises SpecError naming the key path, and where the
     wrong value came from: the spec file, or the option that set it (`origins` maps an override to the
-    option's words, e.g. "--gpus 0"; default "--set KEY=VALUE")."""
+    option's words, e.g. "--gpus 0"; default "--set KEY=VALUE"). Kind None: the one the file names."""
     cwd = Path.cwd() if cwd is None else cwd
     source = str(path) if path is not None else None
     set_by: dict[str, str] = {}  # key path -> the option that set it
@@ -678,6 +700,9 @@ def load_spec(path: str | Path | None, kind: str, overrides: list[str] = (), cwd
             if not isinstance(raw, dict):
                 raise SpecError("", "a spec must be a mapping of sections (model, data, ...)")
             base_dir = path.resolve().parent
+        if kind is None:
+            kind = raw.get("kind")
+            _check("kind", kind in KINDS, f"must be {' or '.join(map(repr, KINDS))}, got {kind!r}")
         raw.setdefault("name", Path(source).stem if source else kind)
         if "kind" in raw and raw["kind"] != kind:
             raise SpecError("kind", f"this is a {raw['kind']!r} spec, but the command is {kind!r}")
@@ -718,17 +743,13 @@ def apply_override(spec: JobSpec, key: str, value: Any, cwd: Path) -> JobSpec:
 
 
 def load_resolved(path: Path) -> JobSpec:
-    """Load the resolved spec a run folder holds (all paths absolute, already validated).
+    """Load the resolved spec a run folder holds, checked exactly as at submission (`load_spec`):
+    anyone who can write the run folder can edit it, and `resume` builds the batch script from it.
 
-    A SpecError naming the file if it is damaged (edited by hand, torn by a full disk).
+    A SpecError naming the file and the key if it is damaged (edited, torn by a full disk), holds what
+    submission refuses, or names a data or model path that is gone.
     """
-    try:
-        raw = yaml.safe_load(Path(path).read_text())
-        if not isinstance(raw, dict):
-            raise SpecError("", "not a mapping")
-        return _build(JobSpec, raw, "", Path(path).parent)
-    except (yaml.YAMLError, UnicodeDecodeError, SpecError) as e:
-        raise SpecError("", f"damaged run spec, not loadable ({str(e).splitlines()[0]})", source=str(path)) from None
+    return load_spec(path, None)
 
 
 def dump_spec(spec: JobSpec) -> str:

@@ -25,13 +25,12 @@ import hashlib
 import json
 import os
 import re
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from llmbatch.rundir import apply_umask, atomic_write_json, fsync_path, read_json
+from llmbatch.rundir import apply_umask, atomic_write_json, fsync_path, make_folder, read_json, remove_tree
 from llmbatch.spec import JobSpec
 
 # torch, accelerate and safetensors are imported where they are used: `resume` on the command line
@@ -185,8 +184,8 @@ def save_checkpoint(accelerator, checkpoints_dir: Path, state: TrainState, keep_
     final = Path(checkpoints_dir) / f"step-{state.step:06d}"
     tmp = final.with_name(f".{final.name}.tmp")
     if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)  # left by an attempt that died while saving this step
-        tmp.mkdir(parents=True)
+        remove_tree(tmp)  # left by an attempt that died while saving this step
+        make_folder(tmp)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))  # rank 0 writes the weights, optimizer, scheduler; each rank its RNGs
     accelerator.wait_for_everyone()
@@ -196,11 +195,11 @@ def save_checkpoint(accelerator, checkpoints_dir: Path, state: TrainState, keep_
         for path in tmp.iterdir():  # the rename must not reach the disk before the data
             fsync_path(path)
         write_manifest(tmp, fingerprint)  # last: without it the folder is not a checkpoint
-        shutil.rmtree(final, ignore_errors=True)
+        remove_tree(final)
         os.rename(tmp, final)
         fsync_path(final.parent)
         for old in complete_checkpoints(checkpoints_dir)[:-keep_last]:
-            shutil.rmtree(old)
+            remove_tree(old)
     accelerator.wait_for_everyone()
     return final
 
@@ -218,13 +217,13 @@ def resume(accelerator, checkpoints_dir: Path, fingerprint: dict[str, Any]) -> T
     chosen = mismatch = None
     if accelerator.is_main_process:
         for tmp in Path(checkpoints_dir).glob(".step-*.tmp"):
-            shutil.rmtree(tmp, ignore_errors=True)
+            remove_tree(tmp)
         for folder in reversed(step_folders(checkpoints_dir)):
             if (why := damage(folder)) is None:
                 chosen = str(folder)
                 break
             aside = folder.with_name(f".{folder.name}.damaged")
-            shutil.rmtree(aside, ignore_errors=True)
+            remove_tree(aside)
             os.rename(folder, aside)
             print(f"finetune: checkpoint {folder.name} is damaged ({why}); moved it to {aside.name} and "
                   f"falling back to the previous complete checkpoint", flush=True)

@@ -2,7 +2,7 @@
 and which the command line shows (`lifecycle.rank_error`), instead of a traceback. And the heartbeat by
 which its node job tells a silent rank from a busy one.
 
-    llmbatch: error: <what>          a mistake in the spec found on the node (exit 2), or
+    llmbatch: error: <what>          a mistake in the spec or the run folder found on the node (exit 2), or
     llmbatch: error: <path>: no space left on device; ...   the run's file system is full (exit 1)
 
 A full file system shows up as an OSError (ENOSPC) from Python's own writes, but as a RuntimeError
@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from llmbatch.rundir import RunDir
+from llmbatch.rundir import DamagedRun, RunDir
 
 FULL_BELOW_BYTES = 64 << 10
 """A file system with less free space than this counts as full."""
@@ -42,10 +42,11 @@ def out_of_space(error: BaseException, folder: Path) -> bool:
 
 
 def run_rank(main: Callable[[], int], run_dir: str, spec_errors: tuple[type[Exception], ...] = ()) -> int:
-    """main()'s exit code; `spec_errors` and a full file system as one line on stderr."""
+    """main()'s exit code; `spec_errors`, a damaged run folder (a planted link, say) and a full file
+    system as one line on stderr."""
     try:
         return main()
-    except spec_errors as e:  # the spec's mistake, not a crash
+    except (DamagedRun, *spec_errors) as e:  # the spec's or the run folder's mistake, not a crash
         print(f"{ERROR_PREFIX}{e}", file=sys.stderr, flush=True)
         return 2
     except Exception as e:
@@ -77,7 +78,7 @@ def start_heartbeat(record: Path, collective_timeout_s: float) -> None:
     def beat() -> None:
         while True:
             try:
-                os.utime(record)
+                os.utime(record, follow_symlinks=False)  # a link planted in its place: its own time
             except OSError:
                 pass  # a missed beat; the next one may land
             time.sleep(interval)
