@@ -63,18 +63,33 @@ def test_without_an_array_there_is_no_array_line(capsys, tmp_path):
      "--array 4x: expected N or N%M (N tasks, at most M running at once)"),
     (["infer", "--executor", "slurm", "--array", "1"], "--array 1: resources.array: must be in [2, 100000], got 1"),
     (["infer", "--executor", "slurm", "--array", "4%0"],
-     "--array 4%0: resources.array_max_running: must be > 0, got 0"),
+     "--array 4%0: resources.array_max_running: must be in (0, 100000], got 0"),
     (["infer", "--executor", "slurm", "--set", "resources.array_max_running=2"],
      "--set resources.array_max_running=2: resources.array_max_running: needs resources.array (the number of "
      "array tasks)"),
     (["infer", "--executor", "slurm", "--set", "resources.sbatch_extra={array: 0-3}"],
-     "resources.sbatch_extra.array: set by the spec, not through sbatch_extra: use resources.array"),
+     "--set resources.sbatch_extra={array: 0-3}: resources.sbatch_extra.array: set by the spec, not through "
+     "sbatch_extra: use resources.array"),
+    (["infer", "--executor", "slurm", "--array", "50", "--set", "data.max_samples=2"],
+     "--array 50: resources.array: 50 array tasks for 2 inputs: each task needs at least one (use at most 2)"),
+    (["infer", "--executor", "slurm", "--array", "3", "--set", "data.max_samples=1"],
+     "--array 3: resources.array: 3 array tasks for 1 input: each task needs at least one (drop the array)"),
 ])
 def test_bad_arrays_are_one_line_and_exit_2(capsys, tmp_path, args, error):
     assert main([*args, "--output", str(tmp_path / "runs"), "--dry-run"]) == 2
     [line] = capsys.readouterr().err.splitlines()
-    assert line.startswith("llmbatch: error: ") and line.endswith(error)  # sbatch_extra names the spec file
+    assert line == f"llmbatch: error: {error}"
     assert not (tmp_path / "runs").exists()
+
+
+def test_an_array_from_the_spec_file_over_fewer_inputs_names_the_file(capsys, tmp_path):
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(f"data:\n  path: {JOBS / 'data/parity/test.jsonl'}\n  prompt_field: question\n"
+                    f"  max_samples: 3\nresources:\n  array: 4\n")
+    assert main(["infer", str(spec), "--executor", "slurm", "--dry-run"]) == 2
+    assert capsys.readouterr().err == (f"llmbatch: error: {spec}: resources.array: 4 array tasks for 3 inputs: "
+                                       f"each task needs at least one (use at most 3)\n")
+    assert main(["infer", str(spec), "--executor", "slurm", "--array", "3", "--dry-run"]) == 0
 
 
 def test_sacct_array_ids_and_the_state_of_an_array():

@@ -171,6 +171,7 @@ def test_logs_of_a_one_process_local_run(cache_dir, tmp_path):
     assert "rank 0 of 1, attempt 0: 8 of 8 inputs left" in node_log
     assert submit_cli("logs", str(run.path), "--rank", "0").stdout == node_log  # the only rank's output
     missing = submit_cli("logs", str(run.path), "--node", "1", check=False)
-    assert missing.returncode == 2 and "no log yet" in missing.stderr
+    assert missing.returncode == 2 and missing.stderr == ("llmbatch: error: --node 1: no such node: this run has "
+                                                          "node 0 only\n")
     s = status(run)
     assert s["state"] == "COMPLETED" and s["progress"]["done"] == 8

@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import subprocess
 import sys
+import typing
 from pathlib import Path
 
 import pytest
 import yaml
 
-from helpers import REPO
+from helpers import REPO, submit_cli
 from llmbatch.cli import main
-from llmbatch.spec import load_spec, parse_override, slurm_time_seconds
+from llmbatch.rundir import RunDir, atomic_write
+from llmbatch.spec import JobSpec, dump_spec, load_resolved, load_spec, parse_override, slurm_time_seconds
 
 
 def write_data(path: Path, rows: list) -> Path:
@@ -51,8 +55,8 @@ def set_key(spec: dict, key: str, value) -> dict:
 BAD_SPECS = [
     ("generation.max_new_token", 5, "generation.max_new_token: unknown key (did you mean 'max_new_tokens'?)"),
     ("modle", {"path": "x"}, "modle: unknown key (did you mean 'model'?)"),
-    ("generation.max_new_tokens", "ten", "generation.max_new_tokens: must be an integer, got 'ten'"),
-    ("generation.max_new_tokens", -4, "generation.max_new_tokens: must be > 0, got -4"),
+    ("generation.max_new_tokens", "ten", "generation.max_new_tokens: must be an integer in (0, 1000000000], got 'ten'"),
+    ("generation.max_new_tokens", -4, "generation.max_new_tokens: must be in (0, 1000000000], got -4"),
     ("resources.gpus_per_node", 0, "resources.gpus_per_node: must be in (0, 64], got 0"),
     ("resources.gpus_per_node", 10000, "resources.gpus_per_node: must be in (0, 64], got 10000"),
     ("resources.time", "0", "resources.time: must be longer than 0: '0'"),
@@ -102,7 +106,7 @@ BAD_SPECS = [
     ("data.prompt_template", "{question", "data.prompt_template: not a valid template"),
     ("data.prompt_template", "{} and {0}", "data.prompt_template: name each field"),
     ("generation.engine", "vllm", "generation.engine: must be 'auto' or 'fast' or 'hf', got 'vllm'"),
-    ("generation.kv_cache_gb", 0, "generation.kv_cache_gb: must be > 0, got 0.0"),
+    ("generation.kv_cache_gb", 0, "generation.kv_cache_gb: must be in (0, 1048576], got 0.0"),
 ]
 
 
@@ -232,7 +236,7 @@ def test_bad_overrides(tmp_path, good, capsys):
     code, err = run_cli(tmp_path, good, "--set", "generation.max_new_tokns=3", capsys=capsys)
     assert code == 2 and "generation.max_new_tokns: unknown key (did you mean 'max_new_tokens'?)" in err
     code, err = run_cli(tmp_path, good, "--set", "generation.max_new_tokens=many", capsys=capsys)
-    assert code == 2 and "generation.max_new_tokens: must be an integer, got 'many'" in err
+    assert code == 2 and "generation.max_new_tokens: must be an integer in (0, 1000000000], got 'many'" in err
     code, err = run_cli(tmp_path, good, "--gpus", "0", capsys=capsys)
     assert code == 2 and "--gpus 0: resources.gpus_per_node: must be in (0, 64], got 0" in err
     code, err = run_cli(tmp_path, good, "--nodes", "2", capsys=capsys)
@@ -251,7 +255,7 @@ def test_real_process_prints_no_traceback(tmp_path, good):
     proc = subprocess.run([sys.executable, str(REPO / "submit.py"), "infer", str(tmp_path / "spec.yaml")],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
-    assert proc.stderr.strip().endswith("generation.max_new_tokens: must be > 0, got -1")
+    assert proc.stderr.strip().endswith("generation.max_new_tokens: must be in (0, 1000000000], got -1")
     assert "Traceback" not in proc.stderr and proc.stderr.count("\n") == 1
     assert not (tmp_path / "runs").exists()
 
@@ -273,7 +277,7 @@ def test_exponent_floats_that_yaml_1_1_reads_as_strings_are_numbers(tmp_path, go
     path.write_text(yaml.safe_dump(good) + "generation:\n  temperature: 7e-1\n")
     assert load_spec(path, "infer", ["generation.top_p=5E-1"], cwd=tmp_path).generation.top_p == 0.5
     assert load_spec(path, "infer", [], cwd=tmp_path).generation.temperature == 0.7
-    with pytest.raises(Exception, match="generation.top_p: must be a number, got 'e-1'"):
+    with pytest.raises(Exception, match=r"generation.top_p: must be a number in \(0, 1\], got 'e-1'"):
         load_spec(path, "infer", ["generation.top_p=e-1"], cwd=tmp_path)
 
 
@@ -298,3 +302,204 @@ def test_shipped_specs_are_valid():
     for kind in ("infer", "finetune"):
         spec = load_spec(REPO / "jobs" / f"{kind}.yaml", kind)
         assert spec.kind == kind and Path(spec.data.path).is_file()
+
+
+# --- YAML as written, duplicate keys, bounded numbers, where a value came from ----------------------
+
+def write_spec(tmp_path, good: dict, text: str) -> Path:
+    """`good` as YAML, then `text` written as is (safe_dump would quote what these tests need plain)."""
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(good) + text)
+    return path
+
+
+def test_the_command_line_cannot_change_the_kind(tmp_path, good, capsys):
+    code, err = run_cli(tmp_path, good, "--set", "kind=finetune", capsys=capsys)
+    assert code == 2 and err == ("llmbatch: error: --set kind=finetune: kind: the command chose 'infer'; run the "
+                                 "finetune command for a finetune job\n")
+    code, err = run_cli(tmp_path, good, "--set", "kind=infer", kind="finetune", capsys=capsys)
+    assert code == 2 and err.startswith("llmbatch: error: --set kind=infer: kind: the command chose 'finetune'")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_documented_values_that_yaml_1_1_reads_as_booleans_or_numbers_are_taken_as_written(tmp_path, good):
+    path = write_spec(tmp_path, good, "train:\n  liger: off\nresources:\n  time: 10:00:00\n"
+                                      "  sbatch_extra: {mail-type: on}\ncontainer:\n  env: {DEBUG: yes}\n"
+                                      "generation:\n  do_sample: yes\n  max_new_tokens: 010\n")
+    spec = load_spec(path, "finetune", cwd=tmp_path)
+    assert spec.train.liger == "off" and spec.resources.time == "10:00:00"  # not False, not 36000 (sexagesimal)
+    assert spec.resources.sbatch_extra == {"mail-type": "on"} and spec.container.env == {"DEBUG": "yes"}
+    assert spec.generation.do_sample is True and spec.generation.max_new_tokens == 10  # YAML 1.2: 010 is ten
+    assert load_spec(path, "finetune", ["train.liger=off", "name=2024-01-01"], cwd=tmp_path).name == "2024-01-01"
+    # What the run folder keeps reads back the same, here and under YAML 1.1.
+    saved = dump_spec(spec)
+    assert yaml.safe_load(saved)["train"]["liger"] == "off" and yaml.safe_load(saved)["resources"]["time"] == "10:00:00"
+    assert load_resolved(write_text(tmp_path / "run" / "spec.yaml", saved)) == spec
+
+
+def write_text(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def test_a_wrong_value_is_quoted_as_written(tmp_path, good, capsys):
+    path = write_spec(tmp_path, good, "train:\n  liger: of\n")
+    assert main(["finetune", str(path), "--dry-run"]) == 2
+    assert capsys.readouterr().err == f"llmbatch: error: {path}: train.liger: must be 'auto' or 'off', got 'of'\n"
+    code, err = run_cli(tmp_path, good, "--set", "train.liger=On", kind="finetune", capsys=capsys)
+    assert code == 2 and err.endswith("train.liger: must be 'auto' or 'off', got 'On'\n")
+
+
+@pytest.mark.parametrize("text,where,key,first", [
+    ("generation:\n  temperature: 0.5\n  top_p: 0.9\n  temperature: 0.7\n", 11, "generation.temperature", 9),
+    ("name: other\n", 8, "name", 5),
+    ("resources:\n  sbatch_extra: {mail-type: END, mail-type: FAIL}\n", 9, "resources.sbatch_extra.mail-type", 9),
+])
+def test_duplicate_keys_are_refused_naming_both_lines(tmp_path, good, capsys, text, where, key, first):
+    path = write_spec(tmp_path, good, text)
+    assert main(["infer", str(path), "--dry-run"]) == 2
+    assert capsys.readouterr().err == f"llmbatch: error: {path}:{where}: {key}: duplicate key (first at line {first})\n"
+
+
+def test_a_duplicate_key_in_a_set_value_names_the_option(tmp_path, good, capsys):
+    code, err = run_cli(tmp_path, good, "--set", "container.env={A: 1, A: 2}", capsys=capsys)
+    assert code == 2 and err == "llmbatch: error: --set container.env={A: 1, A: 2}: container.env.A: duplicate key\n"
+
+
+def test_yaml_nested_too_deeply_is_one_line(tmp_path, good, capsys):
+    path = write_spec(tmp_path, good, "model: " + "[" * 5000 + "]" * 5000 + "\n")
+    assert main(["infer", str(path), "--dry-run"]) == 2
+    assert capsys.readouterr().err == f"llmbatch: error: {path}: nested too deeply to be a spec\n"
+
+
+@pytest.mark.parametrize("key,value,allowed", [
+    ("resources.collective_timeout_s", ".inf", "an integer in (0, 2592000]"),
+    ("resources.collective_timeout_s", "1e30", "an integer in (0, 2592000]"),
+    ("resources.collective_timeout_s", "10" + "0" * 30, "in (0, 2592000]"),
+    ("generation.kv_cache_gb", ".inf", "in (0, 1048576]"),
+    ("generation.kv_cache_gb", ".nan", "in (0, 1048576]"),
+    ("generation.kv_cache_gb", "1e30", "in (0, 1048576]"),
+    ("generation.temperature", "-.inf", "in (0, 100]"),
+    ("generation.seed", "-1", "in [0, 4294967295]"),
+    ("resources.signal_delay_s", "99999", "in (0, 65535]"),
+    ("train.learning_rate", ".nan", "in (0, 100]"),
+    ("train.seed", str(2**32), "in [0, 4294967295]"),
+    ("train.save_every_minutes", "1e30", "in (0, 1000000000]"),
+])
+@pytest.mark.parametrize("where", ["file", "--set"])
+def test_numbers_out_of_their_range_name_the_key_and_the_range(tmp_path, good, capsys, key, value, allowed, where):
+    section, leaf = key.split(".")
+    path = write_spec(tmp_path, good, f"{section}:\n  {leaf}: {value}\n" if where == "file" else "")
+    extra = ["--set", f"{key}={value}"] if where == "--set" else []
+    assert main(["finetune", str(path), "--dry-run", *extra]) == 2
+    err = capsys.readouterr().err
+    source = str(path) if where == "file" else f"--set {key}={value}"
+    assert err.startswith(f"llmbatch: error: {source}: {key}: must be ") and f" {allowed}, got " in err
+    assert err.count("\n") == 1
+
+
+def test_every_number_in_the_schema_has_a_finite_range():
+    numeric = []
+    for section, cls in typing.get_type_hints(JobSpec).items():
+        if dataclasses.is_dataclass(cls):
+            hints = typing.get_type_hints(cls)
+            for f in dataclasses.fields(cls):
+                if {int, float} & set(typing.get_args(hints[f.name]) or (hints[f.name],)):
+                    numeric.append(f"{section}.{f.name}")
+                    allowed = f.metadata.get("range")
+                    assert allowed is not None and math.isfinite(allowed.high), f"{numeric[-1]}: no finite range"
+    assert "resources.collective_timeout_s" in numeric and "generation.kv_cache_gb" in numeric
+
+
+def test_an_integer_too_long_to_convert_is_one_line(tmp_path, good, capsys):
+    path = write_spec(tmp_path, good, "generation:\n  max_new_tokens: " + "9" * 5000 + "\n")
+    assert main(["infer", str(path), "--dry-run"]) == 2
+    assert capsys.readouterr().err == (f"llmbatch: error: {path}: invalid YAML at line 9: an integer of 5000 "
+                                       f"digits\n")
+
+
+@pytest.mark.parametrize("option,message", [
+    # a key below the one set
+    ("resources.sbatch_extra={array: 0-3}",
+     "resources.sbatch_extra.array: set by the spec, not through sbatch_extra: use resources.array"),
+    ("container.binds=[data]", "container.binds[0]: host path must be absolute: 'data'"),
+    # a rule between two keys, one of them set on the command line
+    ("resources.time=2", "resources.signal_delay_s: the preemption warning (120 s) must come before the time "
+                         "limit ('2' = 120 s)"),
+    ("data.chat_template=false", "data.system_prompt: a system message needs the chat template"),
+    ("generation.temperature=abc", "generation.temperature: must be a number in (0, 100], got 'abc'"),
+])
+def test_errors_from_set_values_name_the_option(tmp_path, good, capsys, option, message):
+    good["data"] |= {"system_prompt": "Be brief.", "chat_template": True}
+    code, err = run_cli(tmp_path, good, "--set", option, capsys=capsys)
+    assert code == 2 and err.startswith(f"llmbatch: error: --set {option}: {message}") and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("args,shown", [
+    (["--set", "name=a\nb"], "--set name=a\\nb: name: use letters"),
+    (["--set", "data.path=/no\nsuch.jsonl"],
+     "--set data.path=/no\\nsuch.jsonl: data.path: no such file: /no\\nsuch.jsonl"),
+    (["--set", "name=x\u202ey\udcff"], "--set name=x\\u202ey\\udcff: name: use letters"),
+    (["--gpus", "1\n2"], "argument --gpus: invalid int value: '1\\n2'"),
+    (["--array", "4\r\n"], "--array 4\\r\\n: expected N or N%M"),
+])
+def test_control_characters_in_values_never_split_the_error_line(tmp_path, good, capsys, args, shown):
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(good))
+    try:
+        code = main(["infer", str(path), "--executor", "slurm", "--dry-run", *args])
+    except SystemExit as e:  # argparse's own errors
+        code = e.code
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and err.startswith("llmbatch: error: ") and shown in err
+    assert "\r" not in err and "\u202e" not in err
+
+
+def test_printable_escapes_what_would_split_or_reorder_a_line():
+    from llmbatch.spec import printable
+
+    assert printable("a\nb\tc\x1b[31m\u2028\u202e\ud800 é ok") == "a\\nb\\tc\\x1b[31m\\u2028\\u202e\\ud800 é ok"
+
+
+# --- lifecycle commands' options ---------------------------------------------------------------
+
+@pytest.mark.parametrize("limit", ["0", "-1", "x"])
+def test_list_refuses_a_limit_below_one(tmp_path, limit):
+    proc = submit_cli("list", "--root", str(tmp_path), "--limit", limit, check=False)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr == (f"llmbatch: error: argument --limit: must be a whole number of at least 1, got "
+                           f"'{limit}' (see llmbatch list --help)\n")
+
+
+def run_without_job(tmp_path, *overrides: str) -> RunDir:
+    """A run folder as submission leaves it (spec and node log), without running anything."""
+    run = RunDir.create(tmp_path / "runs", "r")
+    atomic_write(run.spec_file, dump_spec(load_spec(REPO / "jobs" / "infer.yaml", "infer", list(overrides))))
+    write_text(run.node_log(0), "the node log\n")
+    return run
+
+
+@pytest.mark.parametrize("overrides,args,message", [
+    ([], ["--rank", "99"], "--rank 99: no such local rank: each node runs local rank 0 only "
+                           "(resources.gpus_per_node: 1)"),
+    (["resources.gpus_per_node=2"], ["--rank", "2"], "--rank 2: no such local rank: each node runs local ranks 0-1 "
+                                                     "(resources.gpus_per_node: 2)"),
+    ([], ["--rank", "-1"], "--rank -1: no such local rank: each node runs local rank 0 only "
+                           "(resources.gpus_per_node: 1)"),
+    ([], ["--node", "1"], "--node 1: no such node: this run has node 0 only"),
+    (["resources.nodes=3"], ["--node", "3"], "--node 3: no such node: this run has nodes 0-2"),
+    ([], ["--task", "0"], "--task 0: {run} is one job, not a job array (leave --task out)"),
+    (["resources.array=4"], ["--task", "4"], "--task 4: no such array task: this run has array tasks 0-3"),
+    (["resources.array=4"], ["--task", "0", "--node", "1"], "--node 1: no such node: this run has node 0 only"),
+])
+def test_logs_of_a_rank_node_or_task_the_run_does_not_have(tmp_path, capsys, overrides, args, message):
+    run = run_without_job(tmp_path, *overrides)
+    assert main(["logs", str(run.path), *args]) == 2
+    assert capsys.readouterr().err == f"llmbatch: error: {message.format(run=run.path)}\n"
+
+
+def test_logs_of_the_only_rank_is_the_node_log(tmp_path, capsys):
+    run = run_without_job(tmp_path)
+    assert main(["logs", str(run.path), "--rank", "0"]) == 0
+    assert capsys.readouterr().out == "the node log\n"

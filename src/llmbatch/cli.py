@@ -14,6 +14,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
+from typing import NoReturn
 
 from llmbatch import embedded, lifecycle, slurm
 from llmbatch.data import DataError, load_examples
@@ -24,8 +25,8 @@ from llmbatch.rundir import DamagedRun, RunBusy, RunDir, atomic_write, process_s
 from llmbatch.shards import list_shards
 from llmbatch.runners.checkpoint import CheckpointMismatch, check_resumable
 from llmbatch.summary import summarize
-from llmbatch.spec import (EMBEDDED_MODEL, JobSpec, SpecError, apply_override, dump_spec, load_resolved,
-                           load_spec)
+from llmbatch.spec import (EMBEDDED_MODEL, JobSpec, SpecError, apply_override, blame, dump_spec, load_resolved,
+                           load_spec, printable)
 
 DEFAULT_JOBS = Path(__file__).resolve().parent / "jobs"
 """The default specs, shipped with the package (a checkout's jobs/ links here)."""
@@ -57,10 +58,19 @@ def load_job_spec(kind: str, args: argparse.Namespace) -> tuple[JobSpec, int]:
             if value is not None:
                 overrides.append(f"{key}={value}")
                 origins[overrides[-1]] = f"--array {args.array}"
-    spec = load_spec(args.spec or default_spec_path(kind), kind, overrides, origins=origins)
+    spec_path = args.spec or default_spec_path(kind)
+    spec = load_spec(spec_path, kind, overrides, origins=origins)
     examples = load_examples(spec.data)
     if spec.data.val_path:
         load_examples(spec.data, spec.data.val_path)
+    if spec.resources.array is not None and spec.resources.array > len(examples):
+        # A task without inputs would hold a node for nothing; Slurm would queue it all the same.
+        inputs = f"{len(examples)} input{'s' if len(examples) > 1 else ''}"
+        fix = f"use at most {len(examples)}" if len(examples) >= 2 else "drop the array"
+        error = SpecError("resources.array", f"{spec.resources.array} array tasks for {inputs}: each task needs "
+                                             f"at least one ({fix})", related=("data",))
+        error.source = blame(error, overrides, origins) or str(spec_path)
+        raise error
     check_model(spec, examples)
     return spec, len(examples)
 
@@ -294,8 +304,24 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def check_log_choice(run: RunDir, args: argparse.Namespace) -> None:
+    """--task, --node and --rank name ones the run has: a log that can never exist is not `no log yet`."""
+    res = load_resolved(run.spec_file).resources
+    if args.task is not None and res.array is None:
+        raise UsageError(f"--task {args.task}: {run.path} is one job, not a job array (leave --task out)")
+    for option, value, count, what, has in (
+            ("--task", args.task, res.array, "array task", "this run has {}"),
+            ("--node", args.node, 1 if res.array else res.nodes, "node", "this run has {}"),
+            ("--rank", args.rank, res.gpus_per_node, "local rank",
+             f"each node runs {{}} (resources.gpus_per_node: {res.gpus_per_node})")):
+        if value is not None and not 0 <= value < count:
+            which = f"{what} 0 only" if count == 1 else f"{what}s 0-{count - 1}"
+            raise UsageError(f"{option} {value}: no such {what}: {has.format(which)}")
+
+
 def cmd_logs(args: argparse.Namespace) -> int:
     run = open_run(args.run)
+    check_log_choice(run, args)
     try:
         path = lifecycle.log_file(run, args.node, args.rank, args.task)
     except FileNotFoundError as e:
@@ -323,6 +349,23 @@ def open_run(path: str) -> RunDir:
 
 # --- argument parsing ----------------------------------------------------------------------
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's, with its errors on one line like every other error here (exit code 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"llmbatch: error: {printable(message)} (see {self.prog} --help)\n")
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, got {text!r}")
+    return value
+
+
 def add_run_options(p: argparse.ArgumentParser, kind: str) -> None:
     p.add_argument("spec", nargs="?", help=f"YAML spec (default: jobs/{kind}.yaml)")
     p.add_argument("--gpus", type=int, metavar="N",
@@ -346,7 +389,7 @@ def add_run_options(p: argparse.ArgumentParser, kind: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="llmbatch", description="LLM batch inference and LoRA fine-tuning on Slurm or this machine, "
                                      "from one YAML spec.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -366,7 +409,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("list", help="recent runs under the output root, newest first")
     p.add_argument("--root", default="runs", help="output root (default: runs)")
-    p.add_argument("--limit", type=int, default=20, help="how many runs (default: 20)")
+    p.add_argument("--limit", type=positive_int, default=20, help="how many runs (default: 20)")
     p.add_argument("--json", action="store_true", help="print JSON for scripts")
 
     p = sub.add_parser("logs", help="print a run's logs: a node's launch log, or one rank's output")
@@ -404,7 +447,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except (SpecError, DataError, UsageError, DamagedRun, RunBusy) as e:
-        print(f"llmbatch: error: {e}", file=sys.stderr)
+        print(f"llmbatch: error: {printable(str(e))}", file=sys.stderr)
         return 2
     except BrokenPipeError:
         # The reader went away (`status | head`): stop quietly, as Unix tools do, and keep the

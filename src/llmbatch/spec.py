@@ -32,10 +32,11 @@ ENGINE_MODEL_TYPES = ("llama", "qwen2", "mistral")
 
 
 class SpecError(Exception):
-    """A mistake in a spec, named by its key path (`generation.max_new_tokens`)."""
+    """A mistake in a spec, named by its key path (`generation.max_new_tokens`). `related`: the other keys
+    of a rule between keys (signal_delay_s and time), so that an option setting either is blamed."""
 
-    def __init__(self, key: str, message: str, source: str | None = None):
-        self.key, self.message, self.source = key, message, source
+    def __init__(self, key: str, message: str, source: str | None = None, related: tuple[str, ...] = ()):
+        self.key, self.message, self.source, self.related = key, message, source, related
         super().__init__(str(self))
 
     def __str__(self) -> str:
@@ -43,34 +44,55 @@ class SpecError(Exception):
         return f"{where}{self.key}: {self.message}" if self.key else f"{where}{self.message}"
 
 
-def _check(key: str, ok: bool, message: str) -> None:
+def _check(key: str, ok: bool, message: str, related: tuple[str, ...] = ()) -> None:
     if not ok:
-        raise SpecError(key, message)
+        raise SpecError(key, message, related=related)
+
+
+def printable(text: str) -> str:
+    """`text` kept on one line for an error message: control characters, line separators, bidirectional
+    overrides and lone surrogates (user text can hold any of them) escaped as Python writes them (\\n,
+    \\u202e), so they can neither split the line nor reorder it on a terminal."""
+    return "".join(repr(ch)[1:-1] if unicodedata.category(ch)[0] == "C" or unicodedata.category(ch) in ("Zl", "Zp")
+                   else ch for ch in text)
 
 
 @dataclass(frozen=True)
 class Range:
-    """The values a number may take: above `low` (or from it, `low_closed`), and up to `high` if set
-    (or below it, not `high_closed`). Declared on a field with `ranged`; null always passes."""
+    """The values a number may take: above `low` (or from it, `low_closed`), and up to `high` (or below
+    it, not `high_closed`). Declared on every numeric field with `ranged`; null always passes. Every range
+    is finite: inf, nan and 1e30 are typos, and would only fail later, in a rank, as a traceback."""
 
     low: float
-    high: float | None = None
+    high: float
     low_closed: bool = False
     high_closed: bool = True
 
     def __contains__(self, value: float) -> bool:
         above = value >= self.low if self.low_closed else value > self.low
-        below = self.high is None or (value <= self.high if self.high_closed else value < self.high)
-        return above and below
+        below = value <= self.high if self.high_closed else value < self.high
+        return above and below  # nan is in no range: every comparison with it is false
 
     def __str__(self) -> str:
-        if self.high is None:
-            return f"{'>=' if self.low_closed else '>'} {self.low:g}"
-        return f"in {'[' if self.low_closed else '('}{self.low:g}, {self.high:g}{']' if self.high_closed else ')'}"
+        return (f"in {'[' if self.low_closed else '('}{_number(self.low)}, {_number(self.high)}"
+                f"{']' if self.high_closed else ')'}")
 
 
-POSITIVE = Range(0)
-NON_NEGATIVE = Range(0, low_closed=True)
+def _number(value: float) -> str:
+    return str(value) if isinstance(value, int) else f"{value:g}"
+
+
+def positive(high: float) -> Range:
+    return Range(0, high)
+
+
+def non_negative(high: float) -> Range:
+    return Range(0, high, low_closed=True)
+
+
+MAX_COUNT = 10**9
+"""Ceiling of steps, tokens and other counts: far above any real run, so a value past it is a typo."""
+SEEDS = non_negative(2**32 - 1)  # numpy's seeds, which accelerate's set_seed sets too
 
 
 def ranged(default: Any, allowed: Range) -> Any:
@@ -239,7 +261,7 @@ class DataSpec:
     """The reference answer: scored after inference, the completion to learn when fine-tuning."""
     chat_template: bool = False
     """Wrap the prompt in the tokenizer's chat template (one user turn); chats always are."""
-    max_samples: int | None = ranged(None, POSITIVE)
+    max_samples: int | None = ranged(None, positive(10**12))
 
     @property
     def through_chat_template(self) -> bool:
@@ -256,7 +278,8 @@ class DataSpec:
                        f"must be a .jsonl, .csv or .parquet file: {path}")
                 _check(key, Path(path).is_file(), f"no such file: {path}")
                 _check(key, self.messages_field is None or Path(path).suffix != ".csv",
-                       f"data.messages_field needs JSONL or Parquet (a CSV cell holds no list): {path}")
+                       f"data.messages_field needs JSONL or Parquet (a CSV cell holds no list): {path}",
+                       related=("data.messages_field",))
         prompt_keys = [k for k in ("prompt_field", "prompt_template", "messages_field") if getattr(self, k) is not None]
         if len(prompt_keys) != 1:
             chosen = f"only one of {', '.join(f'data.{k}' for k in prompt_keys)}" if prompt_keys else \
@@ -264,7 +287,8 @@ class DataSpec:
             raise SpecError("data", f"set {chosen}")
         if self.system_prompt is not None and self.messages_field is None:
             _check("data.system_prompt", self.chat_template,
-                   "a system message needs the chat template: set data.chat_template: true")
+                   "a system message needs the chat template: set data.chat_template: true",
+                   related=("data.chat_template", "data.messages_field"))
         if self.prompt_template is not None:
             try:
                 template_fields(self.prompt_template)
@@ -279,22 +303,22 @@ class DataSpec:
 
 @dataclass
 class GenerationSpec:
-    max_new_tokens: int = ranged(32, POSITIVE)
+    max_new_tokens: int = ranged(32, positive(MAX_COUNT))
     do_sample: bool = False
     """False: greedy. True: sampling, seeded per input id (so results don't depend on the rank count)."""
-    temperature: float = ranged(1.0, POSITIVE)
-    top_p: float = ranged(1.0, Range(0, 1))
-    top_k: int = ranged(0, NON_NEGATIVE)
-    seed: int = 0
+    temperature: float = ranged(1.0, positive(100))
+    top_p: float = ranged(1.0, positive(1))
+    top_k: int = ranged(0, non_negative(MAX_COUNT))
+    seed: int = ranged(0, SEEDS)
     ignore_eos: bool = False
     """Always generate max_new_tokens (benchmarks)."""
-    batch_tokens: int | None = ranged(None, POSITIVE)
+    batch_tokens: int | None = ranged(None, positive(MAX_COUNT))
     """Token budget of one batch (prompt + new tokens, padded); for the engine, of all its cache
     slots together. Default: sized from free GPU memory."""
     engine: Literal["auto", "fast", "hf"] = "auto"
     """`fast`: the engine (runners/engine/); `hf`: transformers' generate; `auto`: the engine wherever
     the model and device allow it, else generate."""
-    kv_cache_gb: float | None = ranged(None, POSITIVE)
+    kv_cache_gb: float | None = ranged(None, positive(2**20))
     """Most memory the engine's KV cache may take (GiB). Default: what is free after the model and
     the headroom (GPU), 1 GiB (CPU)."""
     long_prompts: Literal["error", "truncate"] = "error"
@@ -304,8 +328,8 @@ class GenerationSpec:
 
 @dataclass
 class LoraSpec:
-    r: int = ranged(8, POSITIVE)
-    alpha: int = ranged(16, POSITIVE)
+    r: int = ranged(8, positive(2**16))
+    alpha: int = ranged(16, positive(2**20))
     dropout: float = ranged(0.0, Range(0, 1, low_closed=True, high_closed=False))
     target_modules: str | list[str] = "all-linear"
     """`all-linear`: every linear layer but the output head."""
@@ -314,36 +338,36 @@ class LoraSpec:
 
 @dataclass
 class TrainSpec:
-    epochs: int = ranged(1, POSITIVE)
-    max_steps: int | None = ranged(None, POSITIVE)
+    epochs: int = ranged(1, positive(MAX_COUNT))
+    max_steps: int | None = ranged(None, positive(MAX_COUNT))
     """Optimizer steps; overrides epochs."""
-    learning_rate: float = ranged(2e-3, POSITIVE)
-    weight_decay: float = ranged(0.0, NON_NEGATIVE)
+    learning_rate: float = ranged(2e-3, positive(100))
+    weight_decay: float = ranged(0.0, non_negative(100))
     lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
-    warmup_steps: int = ranged(10, NON_NEGATIVE)
-    micro_batch_size: int = ranged(8, POSITIVE)
+    warmup_steps: int = ranged(10, non_negative(MAX_COUNT))
+    micro_batch_size: int = ranged(8, positive(MAX_COUNT))
     """Sequences per rank per forward pass."""
-    grad_accum_steps: int = ranged(1, POSITIVE)
-    max_grad_norm: float | None = ranged(1.0, POSITIVE)
-    seq_len: int = ranged(256, POSITIVE)
+    grad_accum_steps: int = ranged(1, positive(MAX_COUNT))
+    max_grad_norm: float | None = ranged(1.0, positive(MAX_COUNT))
+    seq_len: int = ranged(256, positive(MAX_COUNT))
     packing: bool = True
     """Pack several examples into each sequence; attention never crosses examples."""
     loss_on: Literal["completion", "all"] = "completion"
     """`completion`: the loss covers only the reference's tokens (and EOS); `all`: the prompt's too."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass: less memory, about a third more compute."""
-    log_every_steps: int = ranged(10, POSITIVE)
+    log_every_steps: int = ranged(10, positive(MAX_COUNT))
     """A progress line on stdout every N steps; train_metrics.jsonl gets every step."""
-    eval_every_steps: int = ranged(50, POSITIVE)
+    eval_every_steps: int = ranged(50, positive(MAX_COUNT))
     eval_accuracy: bool = True
     """Also score val answers by greedy generation at each evaluation (needs data.reference_field)."""
-    save_every_steps: int = ranged(100, POSITIVE)
-    save_every_minutes: float = ranged(30.0, POSITIVE)
-    keep_last: int = ranged(2, POSITIVE)
-    seed: int = 0
+    save_every_steps: int = ranged(100, positive(MAX_COUNT))
+    save_every_minutes: float = ranged(30.0, positive(MAX_COUNT))
+    keep_last: int = ranged(2, positive(MAX_COUNT))
+    seed: int = ranged(0, SEEDS)
     merge: bool = False
     """Also write the adapter merged into the base weights (`merged/`)."""
-    early_stopping_patience: int | None = ranged(None, POSITIVE)
+    early_stopping_patience: int | None = ranged(None, positive(MAX_COUNT))
     """Stop after this many evaluations in a row without a better validation loss; null: never."""
     report_to: Literal["none", "tensorboard", "mlflow", "wandb"] = "none"
     """Also log the metrics of train_metrics.jsonl to a tracker (accelerate's), offline, in the run folder."""
@@ -354,7 +378,7 @@ class TrainSpec:
 
     def validate(self, data: DataSpec, container: ContainerSpec) -> None:
         _check("train.early_stopping_patience", self.early_stopping_patience is None or data.val_path is not None,
-               "needs data.val_path: early stopping compares validation losses")
+               "needs data.val_path: early stopping compares validation losses", related=("data.val_path",))
         # In a container the image must hold the package: it cannot be checked from here.
         package = TRACKER_PACKAGES.get(self.report_to)
         _check("train.report_to", package is None or container.runtime != "none" or _importable(package),
@@ -375,10 +399,10 @@ def _importable(module: str) -> bool:
 
 @dataclass
 class ResourcesSpec:
-    nodes: int = ranged(1, Range(0, MAX_NODES))
-    gpus_per_node: int = ranged(1, Range(0, MAX_GPUS_PER_NODE))
+    nodes: int = ranged(1, positive(MAX_NODES))
+    gpus_per_node: int = ranged(1, positive(MAX_GPUS_PER_NODE))
     """Also the number of processes per node (one rank per GPU; CPU processes without GPUs)."""
-    cpus_per_gpu: int = ranged(4, Range(0, 1024))
+    cpus_per_gpu: int = ranged(4, positive(1024))
     mem: str | None = None
     """Memory per node in Slurm's format (64G); None: the partition's default."""
     time: str = "01:00:00"
@@ -388,15 +412,15 @@ class ResourcesSpec:
     constraint: str | None = None
     sbatch_extra: dict[str, str] = field(default_factory=dict)
     """More sbatch options, e.g. {exclusive: "", reservation: "lab"}."""
-    max_requeues: int = ranged(3, NON_NEGATIVE)
-    signal_delay_s: int = ranged(120, POSITIVE)
+    max_requeues: int = ranged(3, non_negative(1000))
+    signal_delay_s: int = ranged(120, positive(65535))  # sbatch --signal's most
     """Slurm signals the job this long before the time limit, so it can checkpoint and requeue."""
     array: int | None = ranged(None, Range(2, MAX_ARRAY_TASKS, low_closed=True))
     """Inference as a Slurm job array of this many one-node tasks, each on its own share of the inputs
     (null: one job)."""
-    array_max_running: int | None = ranged(None, POSITIVE)
+    array_max_running: int | None = ranged(None, positive(MAX_ARRAY_TASKS))
     """At most this many array tasks run at once (sbatch --array=0-(N-1)%M; null: all of them)."""
-    collective_timeout_s: int = ranged(600, POSITIVE)
+    collective_timeout_s: int = ranged(600, positive(30 * 86400))
     """A collective that a peer never joins fails after this long, and a rank whose heartbeat stops
     (stopped, or frozen outside Python's reach) fails the job after it, instead of holding the
     allocation until the time limit."""
@@ -411,7 +435,7 @@ class ResourcesSpec:
         _check("resources.time", seconds > 0, f"must be longer than 0: {self.time!r}")
         _check("resources.signal_delay_s", self.signal_delay_s < seconds,
                f"the preemption warning ({self.signal_delay_s} s) must come before the time limit "
-               f"({self.time!r} = {seconds} s)")
+               f"({self.time!r} = {seconds} s)", related=("resources.time",))
         if self.mem is not None:
             _check("resources.mem", bool(_SLURM_MEM.match(self.mem)),
                    f"not a Slurm memory size (e.g. 64G, 8000M): {self.mem!r}")
@@ -434,11 +458,11 @@ class ResourcesSpec:
                                    f"{SPEC_OWNED_SBATCH_OPTIONS[owned[0]] if owned else ''}")
         if self.array is None:
             _check("resources.array_max_running", self.array_max_running is None,
-                   "needs resources.array (the number of array tasks)")
+                   "needs resources.array (the number of array tasks)", related=("resources.array",))
         else:
             _check("resources.nodes", self.nodes == 1,
                    f"an array task runs on one node, got {self.nodes} with resources.array: {self.array} "
-                   f"(use more tasks, or more GPUs per task)")
+                   f"(use more tasks, or more GPUs per task)", related=("resources.array",))
 
 
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -462,7 +486,8 @@ class ContainerSpec:
 
     def validate(self) -> None:
         if self.runtime != "none":
-            _check("container.image", self.image is not None, f"missing: runtime {self.runtime} needs an image")
+            _check("container.image", self.image is not None, f"missing: runtime {self.runtime} needs an image",
+                   related=("container.runtime",))
         if self.image is not None:
             _no_control_characters("container.image", self.image)
             _check("container.image", not self.image.startswith("-"),
@@ -512,7 +537,7 @@ class JobSpec:
             model_type = self.model.model_type()
             _check("generation.engine", model_type in ENGINE_MODEL_TYPES,
                    f"fast: the engine runs {', '.join(ENGINE_MODEL_TYPES)} models, and {self.model.path} is "
-                   f"{model_type!r} (use auto to fall back to generate)")
+                   f"{model_type!r} (use auto to fall back to generate)", related=("model.path",))
         if self.kind == "finetune":
             _check("resources.array", self.resources.array is None,
                    "job arrays are for inference (data-parallel); fine-tuning runs as one job")
@@ -528,12 +553,98 @@ class JobSpec:
 PATH_KEYS = {"model.path", "model.adapter", "data.path", "data.val_path", "output.root", "container.image"}
 
 
-def _type_name(tp: Any) -> str:
+class _SpecLoader(yaml.SafeLoader):
+    """YAML 1.2's core schema for plain scalars, where PyYAML reads YAML 1.1: there `off`, `no` and `on`
+    are booleans (the documented `train.liger: off` arrived as False), `10:00:00` is the integer 36000
+    (sexagesimal), `2024-01-01` a date and `4e-3` a string. Here a value means what it says."""
+
+
+class _SpecDumper(yaml.SafeDumper):
+    """Quotes every string that either YAML 1.1 or 1.2 would read as something else, so a saved spec
+    reads back the same here and in any other YAML reader."""
+
+
+_YAML12_SCALARS = [
+    ("tag:yaml.org,2002:bool", r"true|True|TRUE|false|False|FALSE", "tTfF"),
+    ("tag:yaml.org,2002:int", r"[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+", "-+0123456789"),
+    ("tag:yaml.org,2002:float",
+     r"[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)([eE][-+]?[0-9]+)?|[-+]?\.(inf|Inf|INF)|\.(nan|NaN|NAN)", "-+.0123456789"),
+]
+_SpecLoader.yaml_implicit_resolvers = {  # YAML 1.1's null and merge key (<<) stay; they are 1.2's too
+    first: [(tag, rx) for tag, rx in resolvers if tag in ("tag:yaml.org,2002:null", "tag:yaml.org,2002:merge")]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+for _tag, _pattern, _first in _YAML12_SCALARS:
+    for _cls in (_SpecLoader, _SpecDumper):
+        _cls.add_implicit_resolver(_tag, re.compile(f"^(?:{_pattern})$"), list(_first))
+
+MAX_INT_DIGITS = 100
+"""Longer integers are refused while parsing (Python refuses to convert those past 4300 digits)."""
+
+
+def _construct_int(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> int:
+    text = loader.construct_scalar(node)
+    if len(text) > MAX_INT_DIGITS:
+        raise yaml.constructor.ConstructorError(None, None, f"an integer of {len(text)} digits", node.start_mark)
+    sign, digits = (-1, text[1:]) if text[0] == "-" else (1, text.lstrip("+"))
+    base = {"0o": 8, "0x": 16}.get(digits[:2], 10)
+    return sign * int(digits[2:] if base != 10 else digits, base)  # YAML 1.2: 010 is ten, not eight
+
+
+_SpecLoader.add_constructor("tag:yaml.org,2002:int", _construct_int)
+
+
+def _load_yaml(text: str, prefix: str = "", source: str | None = None) -> Any:
+    """Parse YAML as `_SpecLoader` reads it, refusing duplicate keys (YAML would keep the last one
+    silently), named by key path under `prefix` and, with the `source` file, by line."""
+    loader = _SpecLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _refuse_duplicate_keys(node, prefix, source)
+        return loader.construct_document(node)
+    except RecursionError:  # PyYAML composes and constructs recursively
+        raise SpecError(prefix, "nested too deeply to be a spec", source=source) from None
+    finally:
+        loader.dispose()
+
+
+def _refuse_duplicate_keys(root: yaml.Node, prefix: str, source: str | None) -> None:
+    walked, todo = set(), [(root, prefix)]
+    while todo:  # not recursive: a document may be as deep as PyYAML could compose
+        node, path = todo.pop()
+        if id(node) in walked:  # an alias: walked already (and it may hold itself)
+            continue
+        walked.add(id(node))
+        children = []
+        if isinstance(node, yaml.SequenceNode):
+            children = [(item, f"{path}[{i}]") for i, item in enumerate(node.value)]
+        elif isinstance(node, yaml.MappingNode):
+            first_lines: dict[tuple[str, str], int] = {}
+            for key_node, value_node in node.value:
+                if not isinstance(key_node, yaml.ScalarNode):  # a complex key: refused as unknown later
+                    continue
+                key, line = (key_node.tag, key_node.value), key_node.start_mark.line + 1
+                key_path = f"{path}.{key_node.value}" if path else key_node.value
+                if key in first_lines:
+                    if source is None:  # a --set value: its lines mean nothing to the user
+                        raise SpecError(key_path, "duplicate key")
+                    raise SpecError(key_path, f"duplicate key (first at line {first_lines[key]})",
+                                    source=f"{source}:{line}")
+                first_lines[key] = line
+                children.append((value_node, key_path))
+        todo += reversed(children)  # in document order: the first duplicate is the one named
+
+
+def _type_name(tp: Any, allowed: Range | None = None) -> str:
+    """What a value of `tp` is, in words; with the range of a numeric field (`an integer in (0, 64]`)."""
     origin = typing.get_origin(tp)
     if origin is Literal:
         return " or ".join(repr(a) for a in typing.get_args(tp))
     if origin in (typing.Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+        return " or ".join(_type_name(a, allowed) for a in typing.get_args(tp))
+    if allowed is not None and tp in (int, float):
+        return f"{_type_name(tp)} {allowed}"
     if origin is list:
         return f"a list of {_type_name(typing.get_args(tp)[0])}"
     if origin is dict:
@@ -542,8 +653,9 @@ def _type_name(tp: Any) -> str:
         tp, str(tp))
 
 
-# PyYAML reads YAML 1.1, where `4e-3` (no dot) is a string; users mean a number.
-_YAML11_MISSED_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+# YAML 1.1's booleans, which specs written for it may hold: true/false fields take them as written.
+YAML11_BOOLEANS = {word: value for value, words in ((True, "yes Yes YES on On ON y Y"),
+                                                    (False, "no No NO off Off OFF n N")) for word in words.split()}
 
 
 def _coerce(key: str, value: Any, tp: Any) -> Any:
@@ -572,13 +684,13 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     elif tp is bool:
         if isinstance(value, bool):
             return value
+        if isinstance(value, str) and value in YAML11_BOOLEANS:
+            return YAML11_BOOLEANS[value]
     elif tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str) and _YAML11_MISSED_FLOAT.fullmatch(value.strip()):
             return float(value)
     elif tp is str:
         if isinstance(value, str):
@@ -607,7 +719,12 @@ def _build(cls: type, raw: Any, prefix: str, base_dir: Path) -> Any:
         if dataclasses.is_dataclass(tp):
             kwargs[key] = _build(tp, value, path, base_dir)
             continue
-        value = _coerce(path, value, tp)
+        try:
+            value = _coerce(path, value, tp)
+        except SpecError:
+            if (allowed := fields[key].metadata.get("range")) is None:
+                raise
+            raise SpecError(path, f"must be {_type_name(tp, allowed)}, got {value!r}") from None
         if _is_path(path, value):
             value = _resolve_path(path, value, base_dir)
         kwargs[key] = value
@@ -659,7 +776,7 @@ def parse_override(assignment: str) -> tuple[str, Any]:
                      and text not in ("null", "~")):
         return key, text  # a string field keeps the text as written ("007" stays "007")
     try:
-        return key, yaml.safe_load(text)
+        return key, _load_yaml(text, prefix=key)
     except yaml.YAMLError:
         raise SpecError(key, f"cannot parse value {text!r}") from None
 
@@ -671,7 +788,6 @@ def load_spec(path: str | Path | None, kind: str | None, overrides: list[str] = 
     option's words, e.g. "--gpus 0"; default "--set KEY=VALUE"). Kind None: the one the file names."""
     cwd = Path.cwd() if cwd is None else cwd
     source = str(path) if path is not None else None
-    set_by: dict[str, str] = {}  # key path -> the option that set it
     try:
         if path is None:
             raw, base_dir = {}, cwd
@@ -688,7 +804,7 @@ def load_spec(path: str | Path | None, kind: str | None, overrides: list[str] = 
                 line = e.object.count(b"\n", 0, e.start) + 1  # e.object: the bytes after a BOM
                 raise SpecError("", f"line {line}: {not_utf8(e, len(data) - len(e.object))}") from None
             try:
-                raw = yaml.safe_load(text) or {}
+                raw = _load_yaml(text, source=source) or {}
             except yaml.YAMLError as e:
                 mark = getattr(e, "problem_mark", None)
                 if mark is not None:
@@ -709,23 +825,35 @@ def load_spec(path: str | Path | None, kind: str | None, overrides: list[str] = 
         raw["kind"] = kind
         spec = _build(JobSpec, raw, "", base_dir)
         for assignment in overrides:
-            option = (origins or {}).get(assignment, f"--set {assignment}")
             try:
                 key, value = parse_override(assignment)
                 spec = apply_override(spec, key, value, cwd)
+                _check("kind", spec.kind == kind,
+                       f"the command chose {kind!r}; run the {spec.kind} command for a {spec.kind} job")
             except SpecError as e:
-                e.source = option
+                e.source = (origins or {}).get(assignment, f"--set {assignment}")
                 raise
-            set_by[key] = option
         try:
             spec.validate()
         except SpecError as e:
-            e.source = set_by.get(e.key)
+            e.source = blame(e, overrides, origins)
             raise
         return spec
     except SpecError as e:
         e.source = e.source or source
         raise
+
+
+def blame(error: SpecError, overrides: list[str], origins: dict[str, str] | None = None) -> str | None:
+    """The option that set the value `error` is about (its key, a key above or below it, or for a rule
+    between keys, one of the others), as the user wrote it; None if the spec file did."""
+    set_by = {assignment.partition("=")[0]: (origins or {}).get(assignment, f"--set {assignment}")
+              for assignment in overrides}
+    for key in (error.key, *error.related):
+        for set_key, option in reversed(set_by.items()):
+            if set_key == key or key.startswith((f"{set_key}.", f"{set_key}[")) or set_key.startswith(f"{key}."):
+                return option
+    return None
 
 
 def apply_override(spec: JobSpec, key: str, value: Any, cwd: Path) -> JobSpec:
@@ -753,4 +881,4 @@ def load_resolved(path: Path) -> JobSpec:
 
 
 def dump_spec(spec: JobSpec) -> str:
-    return yaml.safe_dump(spec.to_dict(), sort_keys=False)
+    return yaml.dump(spec.to_dict(), Dumper=_SpecDumper, sort_keys=False)
