@@ -95,6 +95,13 @@ def test_a_line_longer_than_a_record_may_be_is_refused_before_it_is_read(tmp_pat
     assert "in.jsonl:2: the line is longer than 8 MiB, the most a record may hold" in err
 
 
+def test_a_prompt_larger_than_a_record_may_be_is_refused(tmp_path, good, capsys):
+    row = json.dumps({"id": 1, "question": "x" * (5 << 20)})  # a line of 5 MiB, a prompt of 10 MiB
+    err = bad_data(tmp_path, good, capsys, "in.jsonl", row + "\n", prompt_field=None,
+                   prompt_template="{question}{question}")
+    assert f"in.jsonl:1: the prompt is {10 << 20} bytes, more than the 8 MiB a record may hold" in err
+
+
 def write_text(path, text: str):
     path.write_text(text)
     return path

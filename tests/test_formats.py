@@ -90,6 +90,8 @@ BAD_CHATS = [
      "message 1 of 'messages': content must be text, got a list"),
     ({"id": 2, "messages": [{"role": "user", "content": "a", "name": "x"}]},
      "message 1 of 'messages' has an unknown key 'name' (a message holds role and content)"),
+    ({"id": 2, "messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "\ud800b"}]},
+     "the content of message 2 of 'messages' holds a lone surrogate ('\\ud800'), half of a UTF-16 pair and no text"),
 ]
 
 
