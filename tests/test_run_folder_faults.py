@@ -140,11 +140,12 @@ def test_resume_refuses_when_the_data_changed_since_submission(make_run, tmp_pat
     from llmbatch.spec import load_resolved
 
     data = tmp_path / "inputs.jsonl"
-    data.write_text("".join(f'{{"id": "{i}", "question": "1 0", "answer": "odd"}}\n' for i in range(3)))
+    data.write_text(rows := "".join(f'{{"id": "{i}", "question": "1 0", "answer": "odd"}}\n' for i in range(3)))
     run = make_run("infer", overrides=[f"data.path={data}"])
+    fingerprint = spec_fingerprint(load_resolved(run.spec_file))
     run.update_state(kind="infer", executor="local", job_ids=["1"], inputs=3,  # as submission records them
-                     inputs_fingerprint=spec_fingerprint(load_resolved(run.spec_file)))
-    data.write_text(data.read_text().replace('"1 0"', '"0 0"', 1))
+                     inputs_fingerprint=fingerprint)
+    data.write_text(rows.replace('"1 0"', '"0 0"', 1))
     assert main(["resume", str(run.path)]) == 2
     assert capsys.readouterr().err == (f"llmbatch: error: {data}: the run's data file (data.path) changed since it "
                                        f"was submitted; resuming would mix results of old and new inputs (put the "
@@ -154,6 +155,13 @@ def test_resume_refuses_when_the_data_changed_since_submission(make_run, tmp_pat
     assert main(["resume", str(run.path)]) == 2
     assert capsys.readouterr().err == f"llmbatch: error: {data}: the run's data file (data.path) is gone; put it " \
                                       f"back to resume\n"
+    data.write_text(rows)
+    run.update_state(inputs_fingerprint=fingerprint | {"model config.json (sha256)": "0" * 64})
+    assert main(["resume", str(run.path)]) == 2
+    assert capsys.readouterr().err == (f"llmbatch: error: submitted with model config.json (sha256)={'0' * 64!r}, "
+                                       f"but it is now {fingerprint['model config.json (sha256)']!r}; a resume runs "
+                                       f"on the inputs the run was submitted with (put it back, or start a new run)\n")
+    assert not run.submitit_dir.exists()
 
     # A run resumed over other data before fingerprints existed: more records than inputs.
     shard = shard_for(run, 0, 0)

@@ -58,6 +58,6 @@ def changed_input(saved: dict[str, Any], spec: JobSpec) -> str | None:
                     f"a new run)")
     for key in sorted(saved.keys() | now.keys()):
         if saved.get(key) != now.get(key):
-            return (f"submitted with {key}={saved.get(key)!r}, but it is now {now.get(key)!r}; resuming would mix "
-                    f"results of other inputs (put it back, or start a new run)")
+            return (f"submitted with {key}={saved.get(key)!r}, but it is now {now.get(key)!r}; a resume runs on "
+                    f"the inputs the run was submitted with (put it back, or start a new run)")
     return None
