@@ -163,6 +163,9 @@ def adapters(model_dir, tmp_path_factory) -> dict[str, Path]:
     other.save_pretrained(root / "other")
     shallow = LlamaForCausalLM(LlamaConfig(vocab_size=1024, **embedded.ARCH | {"num_hidden_layers": 2}))
     shallow.save_pretrained(root / "shallow")
+    for base in ("other", "shallow"):  # a model folder has a tokenizer too
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            shutil.copy(model_dir / name, root / base / name)
     return {"adapter": root / "adapter", "other": root / "other", "shallow": root / "shallow"}
 
 
