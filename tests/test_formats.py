@@ -90,6 +90,8 @@ BAD_CHATS = [
      "message 1 of 'messages': content must be text, got a list"),
     ({"id": 2, "messages": [{"role": "user", "content": "a", "name": "x"}]},
      "message 1 of 'messages' has an unknown key 'name' (a message holds role and content)"),
+    ({"id": 2, "messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "\ud800b"}]},
+     "the content of message 2 of 'messages' holds a lone surrogate ('\\ud800'), half of a UTF-16 pair and no text"),
 ]
 
 
@@ -149,15 +151,17 @@ def test_the_context_check_reads_the_rendered_chat(tmp_path, good, capsys, model
 
 PARQUET_ERRORS = [
     ([{"id": 1, "question": "a"}, {"id": None, "question": "b"}],
-     "in.parquet row 2: id field 'id' must be a string or a number, got null"),
+     "in.parquet row 2: id field 'id' must be a string or an integer, got null"),
     ([{"id": 1, "question": "a"}, {"id": 2, "question": None}],
      "in.parquet row 2: field 'question' (data.prompt_field) must be text or a number, got null"),
     ([{"id": 1, "question": ["a"]}], "in.parquet row 1: field 'question' (data.prompt_field) must be text or a "
                                      "number, got a list"),
     ([{"id": 1, "question": b"a"}], "in.parquet row 1: field 'question' (data.prompt_field) must be text or a "
                                     "number, got a value of type bytes"),
-    ([{"id": {"a": 1}, "question": "a"}], "in.parquet row 1: id field 'id' must be a string or a number, got an "
+    ([{"id": {"a": 1}, "question": "a"}], "in.parquet row 1: id field 'id' must be a string or an integer, got an "
                                           "object"),
+    ([{"id": 1.0, "question": "a"}, {"id": 2.5, "question": "b"}],  # a float column: pandas' ints with a gap
+     "in.parquet row 1: id field 'id' must be a string or an integer, got a value of type float"),
     ([{"id": 1, "question": "a"}, {"id": 2, "question": "b"}, {"id": 1, "question": "c"}],
      "in.parquet row 3: duplicate id '1' (first at row 1)"),
     ([{"key": 1, "question": "a"}], "in.parquet row 1: no id field 'id' (set data.id_field)"),
@@ -198,7 +202,7 @@ def test_parquet_is_read_in_batches_and_only_as_far_as_max_samples(tmp_path, mon
     examples = load_examples(DataSpec(path=str(path), prompt_field="question", max_samples=10))
     assert [e.id for e in examples] == [str(i) for i in range(10)] and examples[3].line == 4
     assert len(batches) == 1 and batches[0].num_rows == 500 and batches[0].schema.names == ["id", "question"]
-    with pytest.raises(Exception, match="big.parquet row 5001: id field 'id' must be a string or a number"):
+    with pytest.raises(Exception, match="big.parquet row 5001: id field 'id' must be a string or an integer"):
         load_examples(DataSpec(path=str(path), prompt_field="question"))
     assert max(b.num_rows for b in batches) == 500
 

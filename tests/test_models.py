@@ -127,6 +127,28 @@ def test_chat_template_needs_a_tokenizer_that_has_one(tmp_path, good, capsys, mo
     assert code == 2 and f"data.chat_template: the tokenizer in {model_copy} has no chat template" in err
 
 
+def test_a_model_folder_without_a_tokenizer_or_weights_is_refused_before_queueing(tmp_path, good, capsys,
+                                                                                   model_copy):
+    """Such a folder was queued, then every rank failed with a traceback."""
+    good["model"] = {"path": str(model_copy)}
+    (model_copy / "model.safetensors").rename(model_copy / "model-00001-of-00002.safetensors")
+    code, err = run_cli(tmp_path, good, capsys=capsys)
+    assert code == 2 and err == (f"llmbatch: error: model.path: {model_copy} has a config.json but no weights "
+                                 f"(model.safetensors, pytorch_model.bin, or a sharded *.index.json)\n")
+    (model_copy / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {
+        "a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}))
+    code, err = run_cli(tmp_path, good, capsys=capsys)
+    assert code == 2 and err == (f"llmbatch: error: model.path: {model_copy} has a config.json but no "
+                                 f"model-00002-of-00002.safetensors (named in model.safetensors.index.json)\n")
+    (model_copy / "tokenizer.json").unlink()
+    code, err = run_cli(tmp_path, good, capsys=capsys)
+    assert code == 2 and err == (f"llmbatch: error: model.path: {model_copy} has a config.json but no tokenizer "
+                                 f"(tokenizer.json, tokenizer.model, vocab.json, vocab.txt, spiece.model, "
+                                 f"sentencepiece.bpe.model) and no model-00002-of-00002.safetensors (named in "
+                                 f"model.safetensors.index.json)\n")
+    assert not (tmp_path / "runs").exists()
+
+
 @pytest.fixture(scope="module")
 def adapters(model_dir, tmp_path_factory) -> dict[str, Path]:
     """A LoRA adapter of the embedded model, and another, smaller base it does not fit."""
@@ -141,6 +163,9 @@ def adapters(model_dir, tmp_path_factory) -> dict[str, Path]:
     other.save_pretrained(root / "other")
     shallow = LlamaForCausalLM(LlamaConfig(vocab_size=1024, **embedded.ARCH | {"num_hidden_layers": 2}))
     shallow.save_pretrained(root / "shallow")
+    for base in ("other", "shallow"):  # a model folder has a tokenizer too
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            shutil.copy(model_dir / name, root / base / name)
     return {"adapter": root / "adapter", "other": root / "other", "shallow": root / "shallow"}
 
 
@@ -234,6 +259,44 @@ def test_a_text_has_no_more_tokens_than_bytes_unless_the_normalizer_decomposes(m
     tokenizer.backend_tokenizer.normalizer = normalizers.NFKC()  # U+FDFA becomes 18 characters
     assert tokens_over_bytes(tokenizer) is None
     assert len(tokenizer("ﷺ")["input_ids"]) > len("ﷺ".encode()) + extra
+
+
+def test_a_prompt_too_long_in_bytes_is_refused_without_encoding_it(tmp_path, good, capsys, model_dir, monkeypatch):
+    """A 10 MB prompt took 27 s and 2.2 GB to encode just to be refused."""
+    encoded = []
+    encode_texts = generation.encode_texts
+    monkeypatch.setattr(generation, "encode_texts",
+                        lambda tokenizer, texts, data: encoded.extend(texts) or encode_texts(tokenizer, texts, data))
+    good["model"] = {"path": str(model_dir)}
+    good["data"]["path"] = str(write_data(tmp_path / "in.jsonl", [{"id": 1, "question": "Is 7 even? " * 500_000, "answer": "odd"}]))
+    code, err = run_cli(tmp_path, good, capsys=capsys)
+    assert code == 2 and err.count("\n") == 1
+    assert ("in.jsonl:1: the prompt is 5500000 bytes, more than 992 tokens hold (a token of this tokenizer stands "
+            "for at most 9 bytes); with generation.max_new_tokens 32 it exceeds the model's context of 1024") in err
+    assert encoded == []
+
+
+def test_a_text_has_no_fewer_tokens_than_bytes_over_the_longest_token(model_dir):
+    from tokenizers import normalizers, pre_tokenizers
+    from transformers import AutoTokenizer
+
+    from llmbatch.models import bytes_per_token
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    per_token = bytes_per_token(tokenizer)
+    vocab = tokenizer.backend_tokenizer.get_vocab()
+    longest = max(vocab, key=len)  # byte-level: a character per byte
+    texts = [longest * 50, "Is 7 even or odd? " * 40, "日本語のテキスト" * 30, "🙂" * 100, " " * 1000, "1" * 500,
+             "<s></s>" * 100, "x" * 3000]
+    assert all(len(tokenizer(text)["input_ids"]) * per_token >= len(text.encode()) for text in texts)
+    tokenizer.backend_tokenizer.normalizer = normalizers.NFC()  # may compose 9 bytes into 3
+    assert bytes_per_token(tokenizer) == 3 * per_token
+    for unsound in (normalizers.Strip(), normalizers.NFKC()):  # drops text; decomposes it
+        tokenizer.backend_tokenizer.normalizer = unsound
+        assert bytes_per_token(tokenizer) is None
+    tokenizer.backend_tokenizer.normalizer = None
+    tokenizer.backend_tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()  # drops spaces
+    assert bytes_per_token(tokenizer) is None
 
 
 def test_fit_to_context_keeps_the_bos_and_the_end():

@@ -3,6 +3,7 @@ into a closed pipe: one line and the right exit code, never a traceback, never a
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -10,7 +11,7 @@ import sys
 
 import pytest
 
-from helpers import REPO
+from helpers import REPO, run_folder, submit_cli
 from llmbatch.cli import main
 from llmbatch.lifecycle import process_start_ticks
 
@@ -129,6 +130,58 @@ def test_status_counts_inputs_from_the_run_folder_not_the_data_file(make_run, tm
     data.unlink()  # status must not need it (nor read millions of lines for a count)
     assert main(["status", str(run.path)]) == 0
     assert "0/7 inputs" in capsys.readouterr().out
+
+
+def test_resume_refuses_when_the_data_changed_since_submission(make_run, tmp_path, capsys):
+    """It would mix results of old and new inputs (status then said COMPLETED 25/20)."""
+    from llmbatch.fingerprint import spec_fingerprint
+    from llmbatch.shards import shard_for
+    from llmbatch.spec import load_resolved
+
+    data = tmp_path / "inputs.jsonl"
+    data.write_text(rows := "".join(f'{{"id": "{i}", "question": "1 0", "answer": "odd"}}\n' for i in range(3)))
+    run = make_run("infer", overrides=[f"data.path={data}"])
+    fingerprint = spec_fingerprint(load_resolved(run.spec_file))
+    run.update_state(kind="infer", executor="local", job_ids=["1"], inputs=3,  # as submission records them
+                     inputs_fingerprint=fingerprint)
+    data.write_text(rows.replace('"1 0"', '"0 0"', 1))
+    assert main(["resume", str(run.path)]) == 2
+    assert capsys.readouterr().err == (f"llmbatch: error: {data}: the run's data file (data.path) changed since it "
+                                       f"was submitted; resuming would mix results of old and new inputs (put the "
+                                       f"file back as it was, or start a new run)\n")
+    assert not run.submitit_dir.exists()  # nothing was queued
+    data.unlink()
+    assert main(["resume", str(run.path)]) == 2
+    assert capsys.readouterr().err == f"llmbatch: error: {data}: the run's data file (data.path) is gone; put it " \
+                                      f"back to resume\n"
+    data.write_text(rows)
+    run.update_state(inputs_fingerprint=fingerprint | {"model config.json (sha256)": "0" * 64})
+    assert main(["resume", str(run.path)]) == 2
+    assert capsys.readouterr().err == (f"llmbatch: error: submitted with model config.json (sha256)={'0' * 64!r}, "
+                                       f"but it is now {fingerprint['model config.json (sha256)']!r}; a resume runs "
+                                       f"on the inputs the run was submitted with (put it back, or start a new run)\n")
+    assert not run.submitit_dir.exists()
+
+    # A run resumed over other data before fingerprints existed: more records than inputs.
+    shard = shard_for(run, 0, 0)
+    shard.path.parent.mkdir()
+    shard.path.write_text("".join(f'{{"id": "{i}", "output": "odd"}}\n' for i in range(5)))
+    assert main(["status", str(run.path)]) == 0
+    assert "3/3 inputs" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_submission_records_the_inputs_fingerprint(tmp_path, cache_dir):
+    from llmbatch.fingerprint import spec_fingerprint
+    from llmbatch.spec import load_resolved
+
+    data = tmp_path / "inputs.jsonl"
+    data.write_text('{"id": "a", "question": "1 0 1", "answer": "even"}\n')
+    run = run_folder(submit_cli("infer", "--executor", "local", "--output", str(tmp_path / "runs"),
+                                "--set", f"data.path={data}"))
+    fingerprint = run.read_state()["inputs_fingerprint"]
+    assert fingerprint == spec_fingerprint(load_resolved(run.spec_file))
+    assert fingerprint["data.path contents (sha256)"] == hashlib.sha256(data.read_bytes()).hexdigest()
 
 
 def test_a_second_resume_of_the_same_run_is_refused(make_run, capsys):

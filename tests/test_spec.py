@@ -123,6 +123,8 @@ def test_the_fast_engine_on_a_model_it_cannot_run_is_a_spec_error(tmp_path, good
     model = tmp_path / "gpt2-model"
     model.mkdir()
     (model / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    for name in ("tokenizer.json", "model.safetensors"):  # there, though never read by a dry run
+        (model / name).write_text("")
     set_key(good, "model.path", str(model))
     code, err = run_cli(tmp_path, set_key(good, "generation.engine", "fast"), capsys=capsys)
     assert code == 2 and err.count("\n") == 1

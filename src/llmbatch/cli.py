@@ -18,6 +18,7 @@ from typing import NoReturn
 
 from llmbatch import embedded, lifecycle, slurm
 from llmbatch.data import DataError, load_examples
+from llmbatch.fingerprint import changed_input, spec_fingerprint
 from llmbatch.gather import gather_run
 from llmbatch.jobstep import example_place, make_plan, node_command
 from llmbatch.models import check_model
@@ -131,7 +132,7 @@ def cmd_run(kind: str, args: argparse.Namespace) -> int:
                          f"{e.strerror or e}") from None
     atomic_write(run.spec_file, dump_spec(spec))
     return submit_and_wait(spec, run, executor, wait=args.wait, header=f"run folder: {run.path}",
-                           kind=kind, submitted=time.time(), inputs=inputs)
+                           kind=kind, submitted=time.time(), inputs=inputs, inputs_fingerprint=spec_fingerprint(spec))
 
 
 def local_identity(executor: str, job) -> dict:
@@ -242,7 +243,12 @@ def cmd_resume(args: argparse.Namespace) -> int:
         if run.merged_results() is not None or (status.kind == "finetune" and run.adapter_dir.exists()):
             print(f"{run.path}: already complete, nothing to resume")
             return 0
-        spec = load_resolved(run.spec_file)  # checked as at submission: it may have been edited since
+        spec = load_resolved(run.spec_file)
+        saved = run.read_state().get("inputs_fingerprint")  # none in a run from before fingerprints
+        if saved is not None and not isinstance(saved, dict):
+            raise DamagedRun(f"{run.state_file}: damaged, inputs_fingerprint is not a JSON object")
+        if saved and (why := changed_input(saved, spec)):
+            raise UsageError(why)
         executor = slurm.pick_executor(args.executor) if args.executor else status.executor
         check_job(spec, executor, run.path)
         if spec.kind == "finetune":

@@ -3,15 +3,20 @@
 
 Files are streamed: with data.max_samples, reading stops after that many records. JSONL and CSV are
 read as UTF-8 (a leading BOM is dropped); Parquet in record batches of its needed columns (pyarrow).
-Ids must be non-empty single-line text (a string or a number) without control or invisible format characters,
-since they appear in logs, shard files and error lines.
+Ids must be non-empty single-line text (a string or an integer) without control or invisible format
+characters, since they appear in logs, shard files and error lines. A record is at most MAX_RECORD_BYTES:
+a line, a CSV field, a prompt or a chat; text holds no lone surrogate (half of a UTF-16 pair, from a JSON
+escape), which no tokenizer, log or shard can write.
 """
 
 from __future__ import annotations
 
 import codecs
 import csv
+import functools
 import json
+import re
+import string
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,8 +26,19 @@ from llmbatch.spec import DataSpec, hidden_character, invisible, not_utf8, templ
 ROLES = ("system", "user", "assistant")
 """Roles a message of data.messages_field may have."""
 
+SURROGATE = re.compile(r"[\ud800-\udfff]")
+"""A lone surrogate: JSON's "\\ud800" escape decodes to one, and it cannot be encoded as UTF-8."""
+
 PARQUET_BATCH_ROWS = 65536
 """Rows of a Parquet file in memory at once, as Arrow columns (then as Python values)."""
+
+MAX_RECORD_BYTES = 8 << 20
+"""The most a line, a CSV field, a prompt or a chat may hold, in UTF-8 bytes. Far more than any model's
+context in text; a bound on what reading (and encoding) one hostile record may cost."""
+
+# A CSV field (counted in characters, each at least a byte) may be as long as a record. A module-wide
+# setting: this process reads no CSV of another kind.
+csv.field_size_limit(MAX_RECORD_BYTES)
 
 
 class DataError(Exception):
@@ -55,10 +71,15 @@ def _is_parquet(path: str | Path) -> bool:
 
 
 def _lines(path: Path) -> Iterator[tuple[int, str]]:
-    """(line number, text) of each line of a UTF-8 file; a BOM at its start is dropped."""
-    offset = 0
+    """(line number, text) of each line of a UTF-8 file; a BOM at its start is dropped. A line longer
+    than MAX_RECORD_BYTES is refused before it is read whole."""
+    offset, number = 0, 0
     with path.open("rb") as f:
-        for number, raw in enumerate(f, 1):
+        while raw := f.readline(MAX_RECORD_BYTES + 1):
+            number += 1
+            if len(raw) > MAX_RECORD_BYTES:
+                raise DataError(f"{path}:{number}: the line is longer than {_mib(MAX_RECORD_BYTES)}, the most a "
+                                f"record may hold")
             if number == 1 and raw.startswith(codecs.BOM_UTF8):
                 raw, offset = raw[len(codecs.BOM_UTF8):], len(codecs.BOM_UTF8)
             try:
@@ -88,11 +109,12 @@ def _csv_records(path: Path) -> Iterator[tuple[int, dict]]:
     last_line = 0  # the number of the last line the CSV reader took
 
     def texts() -> Iterator[str]:
-        nonlocal last_line
+        nonlocal last_line, at_end
         for last_line, text in lines:
             yield text
+        at_end = True
 
-    reader, header = csv.reader(texts()), None
+    reader, header, at_end = csv.reader(texts()), None, False
     while True:
         first_line = last_line + 1
         try:
@@ -100,7 +122,15 @@ def _csv_records(path: Path) -> Iterator[tuple[int, dict]]:
         except StopIteration:
             return
         except csv.Error as e:
+            if "field larger than field limit" in str(e):
+                raise DataError(f"{path}:{first_line}: a field runs past {_mib(MAX_RECORD_BYTES)}, the most a "
+                                f"record may hold (a quote left open?)") from None
             raise DataError(f"{path}:{first_line}: not valid CSV ({e})") from None
+        if at_end:
+            # The reader finishes a row at its line's end, unless a quoted field is still open: then it
+            # took every line to the file's end into that field (the rows after it would vanish).
+            raise DataError(f"{path}:{first_line}: a quoted field opened in this record runs to the end of the file "
+                            f"(a quote left open?)")
         if not row:
             continue  # a blank line
         if header is None:
@@ -149,9 +179,11 @@ def _example_id(where: str, record: dict, field: str) -> str:
     if field not in record:
         raise DataError(f"{where}: no id field '{field}' (set data.id_field)")
     value = record[field]
-    if not _is_scalar(value):
-        raise DataError(f"{where}: id field '{field}' must be a string or a number, got {_kind(value)}")
+    # Not a float: NaN, inf, 1e16 or 0.1 + 0.2 have no one text form to match results by; nor a boolean.
+    if not isinstance(value, (str, int)) or isinstance(value, bool):
+        raise DataError(f"{where}: id field '{field}' must be a string or an integer, got {_kind(value)}")
     example_id = str(value)
+    _no_surrogate(where, f"id field '{field}'", example_id)
     if not example_id.strip():
         raise DataError(f"{where}: id field '{field}' is empty")
     if (bad := hidden_character(example_id)) is not None:
@@ -168,7 +200,25 @@ def _text(where: str, record: dict, field: str, key: str) -> str:
     value = record[field]
     if not _is_scalar(value):
         raise DataError(f"{where}: field '{field}' ({key}) must be text or a number, got {_kind(value)}")
+    _no_surrogate(where, f"field '{field}' ({key})", value)
     return str(value)
+
+
+def _no_surrogate(where: str, what: str, value) -> None:
+    if isinstance(value, str) and (found := SURROGATE.search(value)):
+        raise DataError(f"{where}: {what} holds a lone surrogate ({found.group()!a}), half of a UTF-16 pair "
+                        f"and no text (a broken \\u escape?)")
+
+
+def _check_size(where: str, what: str, text: str) -> None:
+    """A prompt or chat of at most MAX_RECORD_BYTES (a character is 1 to 4 bytes: most need no encoding)."""
+    if len(text) * 4 > MAX_RECORD_BYTES and (size := len(text.encode())) > MAX_RECORD_BYTES:
+        raise DataError(f"{where}: the {what} is {size} bytes, more than the {_mib(MAX_RECORD_BYTES)} a record may "
+                        f"hold")
+
+
+def _mib(size: int) -> str:
+    return f"{size / (1 << 20):g} MiB"
 
 
 def _messages(where: str, record: dict, field: str) -> list[dict[str, str]]:
@@ -192,6 +242,8 @@ def _messages(where: str, record: dict, field: str) -> list[dict[str, str]]:
         if not isinstance(message.get("content"), str):
             got = _kind(message["content"]) if "content" in message else "none"
             raise DataError(f"{what}: content must be text, got {got}")
+        _no_surrogate(where, f"the content of message {number} of '{field}'", message["content"])
+    _check_size(where, f"chat in '{field}'", "".join(message["content"] for message in messages))
     return messages
 
 
@@ -210,17 +262,33 @@ def _kind(value) -> str:
     return "text" if isinstance(value, str) else f"a value of type {type(value).__name__}"
 
 
-def _render(where: str, template: str, record: dict) -> str:
-    for name in template_fields(template):
+def _render(where: str, template: str, fields: list[str], record: dict) -> str:
+    """The template filled from the record; `fields`: template_fields(template)."""
+    for name in fields:
         if name not in record:
             raise DataError(f"{where}: data.prompt_template names field '{name}', which this record lacks")
-        if record[name] is None:
-            raise DataError(f"{where}: field '{name}' of data.prompt_template is null")
     try:
+        # Each value that reaches the prompt ({q}, or {c[0]} of a list) obeys the prompt field's rule:
+        # text or a number, never null or a structure printed as its Python repr.
+        for name in _replacement_fields(template):
+            value, _ = _FORMATTER.get_field(name, (), record)
+            if not _is_scalar(value):
+                raise DataError(f"{where}: field '{name}' of data.prompt_template must be text or a number, got "
+                                f"{_kind(value)}")
+            _no_surrogate(where, f"field '{name}' of data.prompt_template", value)
         return template.format_map(record)
     except (ValueError, TypeError, LookupError, AttributeError) as e:  # e.g. {n:d} on a string, {q[9]}
         raise DataError(f"{where}: data.prompt_template cannot be filled from this record "
                         f"({type(e).__name__}: {e})") from None
+
+
+_FORMATTER = string.Formatter()
+
+
+@functools.cache
+def _replacement_fields(template: str) -> tuple[str, ...]:
+    """The replacement fields of a template as written: `question`, `c[0]`."""
+    return tuple(dict.fromkeys(name for _, name, _, _ in _FORMATTER.parse(template) if name is not None))
 
 
 def used_fields(data: DataSpec) -> set[str]:
@@ -234,6 +302,7 @@ def used_fields(data: DataSpec) -> set[str]:
 def load_examples(data: DataSpec, path: str | None = None) -> list[Example]:
     """The examples of `path` (default: data.path), in file order, at most data.max_samples."""
     path = Path(path or data.path)
+    fields = template_fields(data.prompt_template) if data.prompt_template is not None else []
     examples, seen = [], {}
     unit, prefix = "row" if _is_parquet(path) else "line", _location_prefix(path)
     for number, record in _read_records(path, used_fields(data)):
@@ -246,9 +315,11 @@ def load_examples(data: DataSpec, path: str | None = None) -> list[Example]:
         if data.messages_field is not None:
             messages = _messages(where, record, data.messages_field)
         elif data.prompt_template is not None:
-            prompt = _render(where, data.prompt_template, record)
+            prompt = _render(where, data.prompt_template, fields, record)
         else:
             prompt = _text(where, record, data.prompt_field, "data.prompt_field")
+        if prompt is not None:
+            _check_size(where, "prompt", prompt)
         reference = None
         if data.reference_field is not None:
             reference = _text(where, record, data.reference_field, "data.reference_field")

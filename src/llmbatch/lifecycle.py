@@ -225,7 +225,8 @@ def array_status(run: RunDir, state: dict) -> RunStatus:
     tasks = {int(task): info for task, info in state["tasks"].items()}
     job_states = slurm_states([info["job_id"] for info in tasks.values()])
     counts = task_progress(run, state["ranks_per_task"], {task: info.get("attempt") for task, info in tasks.items()})
-    done = {task: counts.get(task, {}).get("done", 0) for task in tasks}
+    done = {task: min(counts.get(task, {}).get("done", 0), info.get("inputs", float("inf")))
+            for task, info in tasks.items()}
     rows = [{"task": task, "job_id": info["job_id"], "state": job_states[info["job_id"]],
              "attempt": info.get("attempt", 0), "requeues": info.get("requeues", 0), "done": done[task],
              **({"inputs": info["inputs"]} if "inputs" in info else {})} for task, info in sorted(tasks.items())]

@@ -29,6 +29,17 @@ ARCH_KEYS = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layer
 MARKER_FILES = {"model.path": "config.json", "model.adapter": "adapter_config.json"}
 LORA_AXES = {"lora_A": (1, 1), "lora_B": (0, 0), "lora_embedding_A": (1, 0), "lora_embedding_B": (0, 1)}
 SAFETENSORS_HEADER_LIMIT = 100 << 20  # the format's own limit; a larger length means a damaged file
+# A model folder needs one of these to load a tokenizer, and one of the weight files (an index: with
+# every shard it names).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model",
+                   "sentencepiece.bpe.model")
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+# Normalizers that never shorten a text's UTF-8 bytes by more than this factor: NFC composes at most
+# three characters into one (Hangul jamo, 9 bytes into 3), lowercasing turns 3 bytes into 1 at most (the
+# Kelvin sign into k). Others may drop text (Strip, BertNormalizer) or decompose it (NFD, NFKC).
+NORMALIZER_SHRINK = {"NFC": 3, "Lowercase": 3, "Prepend": 1}
+# Pre-tokenizers that only split (or, Metaspace, replace a space with a longer '▁'), never drop text.
+KEEPING_PRE_TOKENIZERS = ("ByteLevel", "Metaspace", "Digits", "Punctuation", "Split", "UnicodeScripts")
 
 
 # --- references ----------------------------------------------------------------------------------
@@ -75,6 +86,7 @@ def check_model(spec: JobSpec, examples: list[Example]) -> None:
     if folder is None:
         return  # the embedded model before its first build: this project's own files
     config = read_json_object(folder / "config.json", "model.path")
+    check_model_files(folder)
     for name in ("generation_config.json", "tokenizer_config.json"):
         if (folder / name).is_file():
             read_json_object(folder / name, "model.path")
@@ -98,6 +110,27 @@ def model_folder(path: str) -> Path | None:
         return Path(path)
     folder = embedded.default_cache_dir() / embedded.NAME
     return folder if embedded.is_complete(folder) else None
+
+
+def check_model_files(folder: Path) -> None:
+    """A tokenizer and weights must be there: without them every rank fails after the job started."""
+    missing = []
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        missing.append(f"no tokenizer ({', '.join(TOKENIZER_FILES)})")
+    for weights in WEIGHT_FILES:
+        index = folder / f"{weights}.index.json"
+        if index.is_file():
+            weight_map = read_json_object(index, "model.path").get("weight_map")
+            shards = sorted(set(weight_map.values())) if isinstance(weight_map, dict) else []
+            if absent := [name for name in shards if not isinstance(name, str) or not (folder / name).is_file()]:
+                missing.append(f"no {absent[0]} (named in {index.name})")
+            break
+        if (folder / weights).is_file():
+            break
+    else:
+        missing.append(f"no weights ({', '.join(WEIGHT_FILES)}, or a sharded *.index.json)")
+    if missing:
+        raise SpecError("model.path", f"{folder} has a config.json but {' and '.join(missing)}")
 
 
 def read_json_object(path: Path, key: str) -> dict:
@@ -153,18 +186,26 @@ def check_prompt_lengths(spec: JobSpec, examples: list[Example], folder: Path, l
         except Exception as e:  # transformers raises many types for a broken tokenizer: one line for all
             raise SpecError("model.path", f"cannot load the tokenizer in {folder} ({str(e).splitlines()[0]})") \
                 from None
-        extra = tokens_over_bytes(tokenizer)
+        extra, per_token = tokens_over_bytes(tokenizer), bytes_per_token(tokenizer)
+        too_long = (f"with generation.max_new_tokens {spec.generation.max_new_tokens} it exceeds the model's context "
+                    f"of {context} (generation.long_prompts: truncate cuts it)")
         chunk = 4096
         for start in range(0, len(examples), chunk):
             batch = examples[start:start + chunk]
             texts = prompt_texts(tokenizer, batch, spec.data)
+            sizes = [len(text.encode()) for text in texts]
+            # Encoding a text of megabytes takes seconds and gigabytes: one this long in bytes cannot fit.
+            for i, size in enumerate(sizes):
+                if per_token is not None and size > limit * per_token:
+                    raise DataError(f"{location(spec.data.path, batch[i].line)}: the prompt is {size} bytes, more "
+                                    f"than {limit} tokens hold (a token of this tokenizer stands for at most "
+                                    f"{per_token} bytes); {too_long}")
             # Encoding a million prompts takes minutes; a text this short in bytes cannot be too long.
-            maybe = [i for i, text in enumerate(texts) if extra is None or len(text.encode()) + extra > limit]
+            maybe = [i for i, size in enumerate(sizes) if extra is None or size + extra > limit]
             for i, ids in zip(maybe, encode_texts(tokenizer, [texts[i] for i in maybe], spec.data)):
                 if len(ids) > limit:
                     raise DataError(f"{location(spec.data.path, batch[i].line)}: the prompt is {len(ids)} tokens; "
-                                    f"with generation.max_new_tokens {spec.generation.max_new_tokens} it exceeds "
-                                    f"the model's context of {context} (generation.long_prompts: truncate cuts it)")
+                                    f"{too_long}")
     finally:
         logging.set_verbosity(verbosity)
 
@@ -182,6 +223,55 @@ def tokens_over_bytes(tokenizer) -> int | None:
     if backend is None or any(form in repr(backend.normalizer) for form in ("NFD", "NFKD", "NFKC")):
         return None
     return tokenizer.num_special_tokens_to_add() + 1
+
+
+def bytes_per_token(tokenizer) -> int | None:
+    """At most how many UTF-8 bytes of text one token stands for; None where that is not known.
+
+    Known for a fast BPE tokenizer that encodes any byte (byte-level, or with byte fallback: nothing is
+    unknown, so no run of characters fuses into one unknown token), whose pre-tokenizer drops nothing
+    and whose normalizer shortens text by a bounded factor (NORMALIZER_SHRINK). A vocabulary token then
+    stands for at most its own length: in characters for byte-level (a character per byte), in UTF-8
+    bytes otherwise ('▁' stands for a space, <0x41> for a byte); an added token for its text. So a
+    text of more bytes than `limit` times this has more than `limit` tokens.
+    """
+    from tokenizers import pre_tokenizers
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return None
+    state = json.loads(backend.to_str())
+    model, added = state.get("model") or {}, state.get("added_tokens") or []
+    vocab = model.get("vocab")
+    pre = _steps(state.get("pre_tokenizer"), "pretokenizers")
+    byte_level = any(step.get("type") == "ByteLevel" for step in pre) and set(pre_tokenizers.ByteLevel.alphabet()) <= set(vocab or ())
+    byte_fallback = bool(model.get("byte_fallback")) and all(f"<0x{b:02X}>" in (vocab or ()) for b in range(256))
+    shrink = 1
+    for step in _steps(state.get("normalizer"), "normalizers"):
+        if step.get("type") == "Replace" and set(step.get("pattern") or ()) == {"String"}:
+            factor = 1 if len(step.get("content", "").encode()) >= len(step["pattern"]["String"].encode()) else None
+        else:
+            factor = NORMALIZER_SHRINK.get(step.get("type"))
+        if factor is None:
+            return None
+        shrink *= factor
+    if model.get("type") != "BPE" or not isinstance(vocab, dict) or not (byte_level or byte_fallback) \
+            or not all(step.get("type") in KEEPING_PRE_TOKENIZERS and step.get("behavior") != "Removed"
+                       for step in pre) \
+            or any(token.get("lstrip") or token.get("rstrip") for token in added):  # these take in spaces
+        return None
+    longest = max(len(token) if byte_level else len(token.encode()) for token in vocab)
+    longest = max([longest, *(len(token["content"].encode()) for token in added)])
+    return longest * shrink
+
+
+def _steps(component: dict | None, key: str) -> list[dict]:
+    """A tokenizer.json normalizer or pre-tokenizer as its steps, a Sequence flattened."""
+    if not component:
+        return []
+    if component.get("type") == "Sequence":
+        return [step for part in component.get(key) or () for step in _steps(part, key)]
+    return [component]
 
 
 def check_adapter(adapter: Path, model: Path, config: dict) -> None:

@@ -138,7 +138,9 @@ def read_progress(run: RunDir) -> dict[str, Any]:
     shards = list_shards(run)
     attempt = max((s.attempt for s in shards), default=None)
     ranks = {s.rank: len(complete_lines(s.path)) for s in shards if s.attempt == attempt}
-    return {"done": sum(len(complete_lines(s.path)) for s in shards), "total": total, "attempt": attempt,
+    # Never more than the total: a run from before input fingerprints may have been resumed over other data.
+    done = min(sum(len(complete_lines(s.path)) for s in shards), total)
+    return {"done": done, "total": total, "attempt": attempt,
             "done_this_attempt": sum(ranks.values()), "ranks": ranks,
             "ranks_finished": sum(read_stats(s) is not None for s in shards if s.attempt == attempt)}
 

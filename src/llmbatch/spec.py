@@ -206,7 +206,7 @@ def template_fields(template: str) -> list[str]:
         parsed = list(string.Formatter().parse(template))
     except ValueError as e:
         raise ValueError(f"not a valid template ({e})") from None
-    fields = []
+    fields, padding = [], 0
     for _, name, format_spec, conversion in parsed:
         if name is None:
             continue
@@ -219,10 +219,27 @@ def template_fields(template: str) -> list[str]:
             raise ValueError(f"{{{name}!{conversion}}}: unknown conversion '!{conversion}' (use !r, !s or !a)")
         if "{" in format_spec:
             raise ValueError(f"{{{name}:{format_spec}}}: a format spec cannot hold fields")
+        padding += _format_size(format_spec)
+        if padding > MAX_TEMPLATE_PADDING:  # checked before trying the spec out: {q:999999999} is a 1 GB string
+            raise ValueError(f"{{{name}:{format_spec}}}: widths and precisions may add up to at most "
+                             f"{MAX_TEMPLATE_PADDING} characters in a template")
         if format_spec and not _valid_format_spec(format_spec):
             raise ValueError(f"{{{name}:{format_spec}}}: not a valid format spec")
         fields.append(field)
     return list(dict.fromkeys(fields))
+
+
+MAX_TEMPLATE_PADDING = 1000
+"""The most the widths and precisions of a template's fields may add up to: each is text every prompt holds."""
+
+
+def _format_size(format_spec: str) -> int:
+    """The width and precision of a format spec, added up: `>8.3f` is 11. After an optional fill and
+    align ([[fill]align]) every digit is part of one of them (or the 0 flag, which adds nothing)."""
+    rest = format_spec[2:] if format_spec[1:2] in tuple("<>=^") else \
+        format_spec[1:] if format_spec[:1] in tuple("<>=^") else format_spec
+    # Without int() on 5,000 digits (Python refuses that): more than 9 digits is too many anyway.
+    return sum(int(digits) if len(digits) <= 9 else 10**9 for digits in re.findall(r"\d+", rest))
 
 
 def _valid_format_spec(format_spec: str) -> bool:
@@ -240,6 +257,15 @@ def not_utf8(error: UnicodeDecodeError, offset: int = 0) -> str:
     """What a decode error found, for an error line: the byte and its offset in the file."""
     return (f"not UTF-8 text: byte 0x{error.object[error.start]:02x} at byte offset {offset + error.start} "
             f"(save the file as UTF-8)")
+
+
+def _not_a_file(path: str) -> str:
+    """Why `path`, which is not a regular file, cannot be a data file (stat only: a FIFO is never opened)."""
+    if Path(path).is_dir():
+        return f"{path} is a folder, not a data file"
+    if Path(path).exists():
+        return f"{path} is not a regular file (a named pipe or a device?); data is read from a file"
+    return f"no such file: {path}"
 
 
 @dataclass
@@ -276,7 +302,7 @@ class DataSpec:
             if path is not None:
                 _check(key, Path(path).suffix in (".jsonl", ".csv", ".parquet"),
                        f"must be a .jsonl, .csv or .parquet file: {path}")
-                _check(key, Path(path).is_file(), f"no such file: {path}")
+                _check(key, Path(path).is_file(), _not_a_file(path))
                 _check(key, self.messages_field is None or Path(path).suffix != ".csv",
                        f"data.messages_field needs JSONL or Parquet (a CSV cell holds no list): {path}",
                        related=("data.messages_field",))
@@ -289,6 +315,9 @@ class DataSpec:
             _check("data.system_prompt", self.chat_template,
                    "a system message needs the chat template: set data.chat_template: true",
                    related=("data.chat_template", "data.messages_field"))
+        for key in ("prompt_template", "system_prompt"):
+            _check(f"data.{key}", not re.search(r"[\ud800-\udfff]", getattr(self, key) or ""),
+                   "holds a lone surrogate, half of a UTF-16 pair and no text (a broken \\u escape?)")
         if self.prompt_template is not None:
             try:
                 template_fields(self.prompt_template)

@@ -7,7 +7,7 @@
         random_states_<rank>.pkl  one per rank: python, numpy, torch (and CUDA) generators
         trainer_state.json        step, epoch, batch position, tokens, training time, best validation loss
         manifest.json             written last: every other file's size and SHA-256, and what the
-                                  checkpoint is valid for (spec_fingerprint)
+                                  checkpoint is valid for (fingerprint.spec_fingerprint)
     checkpoints/.step-000123.tmp/ a save in progress, or one an attempt died in; never loaded
     checkpoints/.step-000123.damaged/  a step-* folder that failed its manifest at resume, kept for a look
 
@@ -21,7 +21,6 @@ manifest, newest checkpoint first, and falls back to the previous one that passe
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import re
@@ -30,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from llmbatch.fingerprint import file_sha256, spec_fingerprint
 from llmbatch.rundir import apply_umask, atomic_write_json, fsync_path, make_folder, read_json, remove_tree
 from llmbatch.spec import JobSpec
 
@@ -39,9 +39,6 @@ from llmbatch.spec import JobSpec
 STATE_FILE = "trainer_state.json"
 MANIFEST_FILE = "manifest.json"
 _STEP_FOLDER = re.compile(r"^step-(\d+)$")
-
-FINGERPRINT_TRAIN_KEYS = ("seed", "seq_len", "packing", "loss_on", "micro_batch_size", "grad_accum_steps")
-"""train.* values that decide which rows a step holds: a checkpoint's data position means nothing under others."""
 
 
 class CheckpointMismatch(ValueError):
@@ -77,27 +74,6 @@ def step_folders(checkpoints_dir: Path) -> list[Path]:
 def complete_checkpoints(checkpoints_dir: Path) -> list[Path]:
     """Checkpoints whose save finished (it wrote the manifest), oldest first; their files unchecked."""
     return [p for p in step_folders(checkpoints_dir) if (p / MANIFEST_FILE).is_file()]
-
-
-def file_sha256(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
-def spec_fingerprint(spec: JobSpec) -> dict[str, Any]:
-    """What a checkpoint is valid for, by key path: the model, the LoRA shape, the data (the files'
-    contents too) and how it is cut into steps. Under other values a checkpoint would load into
-    other shapes, or continue from a place in other data."""
-    model_config = Path(spec.model.path) / "config.json"
-    fingerprint = {"model.path": spec.model.path,
-                   "model config.json (sha256)": file_sha256(model_config) if model_config.is_file() else None}
-    fingerprint |= {f"lora.{key}": value for key, value in dataclasses.asdict(spec.lora).items()}
-    fingerprint |= {f"data.{key}": value for key, value in dataclasses.asdict(spec.data).items()}
-    for key in ("path", "val_path"):
-        path = getattr(spec.data, key)
-        fingerprint[f"data.{key} contents (sha256)"] = file_sha256(Path(path)) if path else None
-    fingerprint |= {f"train.{key}": getattr(spec.train, key) for key in FINGERPRINT_TRAIN_KEYS}
-    return json.loads(json.dumps(fingerprint))  # as the manifest gives it back (lists, not tuples)
 
 
 def write_manifest(folder: Path, fingerprint: dict[str, Any]) -> None:

@@ -63,8 +63,8 @@ from llmbatch import scoring
 from llmbatch.data import load_examples
 from llmbatch.metrics import Metric
 from llmbatch.rundir import RunDir, append_jsonl, atomic_write, atomic_write_json, read_jsonl, save_folder
-from llmbatch.runners.checkpoint import (CheckpointMismatch, checkpoint_trainable_weights_only, resume,
-                                         save_checkpoint, spec_fingerprint)
+from llmbatch.fingerprint import spec_fingerprint
+from llmbatch.runners.checkpoint import CheckpointMismatch, checkpoint_trainable_weights_only, resume, save_checkpoint
 from llmbatch.runners.faults import run_rank, start_heartbeat
 from llmbatch.runners.generation import DTYPES, Decoder, encode_prompts
 from llmbatch.runners.packing import IGNORE, EpochShuffle, collate, pack, to_sequence

@@ -1,0 +1,63 @@
+"""What a run's inputs were: the model, the LoRA shape, the data (the files' contents too) and how
+fine-tuning cuts it into steps, by key path.
+
+Recorded twice: in state.json at submission (`resume` refuses when the inputs changed since, or it would
+mix results of old and new inputs), and in each checkpoint's manifest (`runners/checkpoint.py`: a
+checkpoint loads only into the run it was saved for).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from llmbatch.spec import JobSpec
+
+FINGERPRINT_TRAIN_KEYS = ("seed", "seq_len", "packing", "loss_on", "micro_batch_size", "grad_accum_steps")
+"""train.* values that decide which rows a step holds: a checkpoint's data position means nothing under others."""
+
+DATA_CONTENTS = "data.{} contents (sha256)"
+"""The fingerprint's key of a data file's contents (data.path, data.val_path)."""
+
+
+def file_sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def spec_fingerprint(spec: JobSpec) -> dict[str, Any]:
+    """The run's inputs, by key path. Under other values a checkpoint would load into other shapes, or
+    continue from a place in other data; a resumed inference would answer other inputs."""
+    model_config = Path(spec.model.path) / "config.json"
+    fingerprint = {"model.path": spec.model.path,
+                   "model config.json (sha256)": file_sha256(model_config) if model_config.is_file() else None}
+    fingerprint |= {f"lora.{key}": value for key, value in dataclasses.asdict(spec.lora).items()}
+    fingerprint |= {f"data.{key}": value for key, value in dataclasses.asdict(spec.data).items()}
+    for key in ("path", "val_path"):
+        path = getattr(spec.data, key)
+        fingerprint[DATA_CONTENTS.format(key)] = file_sha256(Path(path)) if path else None
+    fingerprint |= {f"train.{key}": getattr(spec.train, key) for key in FINGERPRINT_TRAIN_KEYS}
+    return json.loads(json.dumps(fingerprint))  # as JSON gives it back (lists, not tuples)
+
+
+def changed_input(saved: dict[str, Any], spec: JobSpec) -> str | None:
+    """Why `spec`'s inputs are not those of `saved` (a fingerprint recorded at submission), in words
+    naming the first that changed; None when none did. A data file gone or changed is named by its path."""
+    for key in ("path", "val_path"):
+        path = getattr(spec.data, key)
+        if path is not None and not Path(path).is_file():
+            return f"{path}: the run's data file (data.{key}) is gone; put it back to resume"
+    now = spec_fingerprint(spec)
+    for key in ("path", "val_path"):
+        if saved.get(DATA_CONTENTS.format(key)) != now.get(DATA_CONTENTS.format(key)):
+            return (f"{getattr(spec.data, key)}: the run's data file (data.{key}) changed since it was submitted; "
+                    f"resuming would mix results of old and new inputs (put the file back as it was, or start "
+                    f"a new run)")
+    for key in sorted(saved.keys() | now.keys()):
+        if saved.get(key) != now.get(key):
+            return (f"submitted with {key}={saved.get(key)!r}, but it is now {now.get(key)!r}; a resume runs on "
+                    f"the inputs the run was submitted with (put it back, or start a new run)")
+    return None
