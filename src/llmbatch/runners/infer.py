@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     limit = prompt_token_limit(model.config.to_dict(), spec.generation.max_new_tokens)
     truncate = limit if spec.generation.long_prompts == "truncate" else None  # "error": refused before queueing
     lengths = prompt_lengths(tokenizer, examples, spec.data, truncate, accelerator.process_index,
-                             accelerator.num_processes, all_gather)
+                             accelerator.num_processes, finish_line.all_gather)
     # The task's share is fixed (from every input), so a requeued or resumed task redoes only its own.
     share = token_balanced_share(lengths, task, tasks, spec.generation.max_new_tokens)
     done = done_ids(run, before_attempt=args.attempt)
@@ -163,9 +163,9 @@ def prompt_lengths(tokenizer, examples: list[Example], data: DataSpec, limit: in
                    gather: Callable[[list[int]], list[list[int]]]) -> list[int]:
     """Every input's prompt tokens (cut to `limit` where prompts are truncated to fit the context).
 
-    Each of the `ranks` processes encodes every ranks-th prompt and `gather` (`all_gather`) shares the
-    counts, so every process holds the same counts (the split's only input) after encoding 1/ranks of
-    the inputs instead of all of them.
+    Each of the `ranks` processes encodes every ranks-th prompt and `gather` (`FinishLine.all_gather`)
+    shares the counts, so every process holds the same counts (the split's only input) after encoding
+    1/ranks of the inputs instead of all of them.
     """
     counts = [len(ids) if limit is None else min(len(ids), limit)
               for ids in encode_prompts(tokenizer, examples[rank::ranks], data)]
@@ -175,13 +175,6 @@ def prompt_lengths(tokenizer, examples: list[Example], data: DataSpec, limit: in
     return lengths
 
 
-def all_gather(counts: list[int]) -> list[list[int]]:
-    """Each process's `counts`, in rank order, on every process."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return [counts]
-    gathered: list[list[int]] = [[] for _ in range(dist.get_world_size())]
-    dist.all_gather_object(gathered, counts)
-    return gathered
 
 
 def token_balanced_share(lengths: list[int], part: int, parts: int, max_new_tokens: int) -> list[int]:
@@ -253,7 +246,8 @@ def progress_bar(accelerator: Accelerator, my_inputs: int) -> tqdm:
 
 
 class FinishLine:
-    """Where ranks wait for each other before the merge, for as long as the job may run.
+    """Where ranks wait for each other before the merge (and share their token counts at start-up), for
+    as long as the job may run.
 
     Ranks finish at different times (outputs stop at different lengths), possibly far apart, so the
     wait must not share resources.collective_timeout_s. A gloo group still fails at once when a peer dies: its
@@ -269,6 +263,15 @@ class FinishLine:
     def wait(self) -> None:
         if self.group is not None:
             dist.barrier(group=self.group)
+
+    def all_gather(self, counts: list[int]) -> list[list[int]]:
+        """Each process's `counts`, in rank order, on every process. On this group: ranks that load
+        and read at different speeds may wait for each other here longer than collective_timeout_s."""
+        if self.group is None:
+            return [counts]
+        gathered: list[list[int]] = [[] for _ in range(dist.get_world_size(self.group))]
+        dist.all_gather_object(gathered, counts, group=self.group)
+        return gathered
 
 
 if __name__ == "__main__":
