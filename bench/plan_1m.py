@@ -5,8 +5,10 @@ measures in a fresh process (wall time, peak RSS from wait4):
 
 - `dry-run`: `submit.py infer SPEC --dry-run --executor local`: the spec, every record, the context check
   of every prompt against the embedded model (built first, so the check runs), the plan;
-- `split`: what each rank does before its first batch, minus the model: read the records, encode every
-  prompt (`encode_prompts`, as the runner does) and take its share of --ranks (`token_balanced_share`).
+- `split`: what one rank of --ranks does before its first batch, minus the model: read the records,
+  count the tokens of every --ranks-th prompt (`prompt_lengths`; the other ranks' counts, which
+  `all_gather` brings on a real job, are computed beforehand and their time is left out), take its share
+  (`token_balanced_share`) and encode it (`encode_share`), as the runner does.
 
     python bench/plan_1m.py --dir /tmp/plan-1m --no-split   # 1,000,000 rows; ~2 GB of files
     python bench/plan_1m.py --dir /tmp/plan-1m --rows 10000 # a quick look
@@ -70,13 +72,18 @@ def spec_for(folder: Path, name: str, data: Path) -> Path:
     return path
 
 
-def measure(argv: list[str]) -> dict:
-    """Wall time and peak RSS of one process (its own rusage, from wait4)."""
+def measure(argv: list[str], prints_others_s: bool = False) -> dict:
+    """Wall time and peak RSS of one process (its own rusage, from wait4); with `prints_others_s`, less
+    the seconds it prints as not its own (a `split` child's simulation of the other ranks)."""
     started = time.monotonic()
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # Both pipes are read after the exit: a few lines at most (the dry run's output is dropped).
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE if prints_others_s else subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
     _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
     wall = time.monotonic() - started
+    if prints_others_s and proc.returncode == 0:
+        wall -= float(proc.stdout.read())
     err = proc.stderr.read()
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(argv)} exited {proc.returncode}:\n{err[-2000:]}")
@@ -85,21 +92,26 @@ def measure(argv: list[str]) -> dict:
 
 
 def split_only(spec_path: str, ranks: int) -> None:
-    """The runner's steps before the model's first batch, without the model."""
+    """Rank 0's steps before the model's first batch, without the model; prints the seconds spent on
+    the other ranks' token counts (their own work on a real job)."""
     from transformers import AutoTokenizer
 
     from llmbatch import embedded
     from llmbatch.data import load_examples
-    from llmbatch.runners.generation import encode_prompts
-    from llmbatch.runners.infer import Prompt, token_balanced_share
+    from llmbatch.runners.infer import encode_share, prompt_lengths, token_balanced_share
     from llmbatch.spec import load_spec
 
     spec = load_spec(spec_path, "infer", [])
     tokenizer = AutoTokenizer.from_pretrained(embedded.ensure_embedded_model(embedded.default_cache_dir()))
     examples = load_examples(spec.data)
-    prompts = [Prompt(e, ids) for e, ids in zip(examples, encode_prompts(tokenizer, examples, spec.data))]
-    shares = [len(token_balanced_share(prompts, rank, ranks, spec.generation.max_new_tokens)) for rank in range(ranks)]
-    assert sum(shares) == len(examples)
+    started = time.monotonic()
+    others = [prompt_lengths(tokenizer, examples[rank::ranks], spec.data, None, 0, 1, lambda c: [c])
+              for rank in range(1, ranks)]
+    print(time.monotonic() - started)
+    lengths = prompt_lengths(tokenizer, examples, spec.data, None, 0, ranks,
+                             lambda counts: [counts, *others])
+    share = token_balanced_share(lengths, 0, ranks, spec.generation.max_new_tokens)
+    assert len(encode_share(tokenizer, [examples[i] for i in share], spec.data, None)) == len(share)
 
 
 def main() -> None:
@@ -124,7 +136,8 @@ def main() -> None:
         spec = spec_for(args.dir, name, paths[name])
         dry = measure([sys.executable, str(REPO / "submit.py"), "infer", str(spec), "--dry-run", "--executor", "local"])
         split = {"wall_s": "-", "peak_rss_mib": "-"} if args.no_split else measure(
-            [sys.executable, __file__, "--dir", str(args.dir), "--ranks", str(args.ranks), "--split-only", str(spec)])
+            [sys.executable, __file__, "--dir", str(args.dir), "--ranks", str(args.ranks), "--split-only", str(spec)],
+            prints_others_s=True)
         size = paths[name].stat().st_size / 1e6
         print(f"| {paths[name].name} | {size:.0f} | {dry['wall_s']} | {dry['peak_rss_mib']} | {split['wall_s']} | "
               f"{split['peak_rss_mib']} |", flush=True)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import shlex
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +15,8 @@ import pytest
 
 from helpers import JOBS, PYTHON, REPO
 from llmbatch.cli import main
-from llmbatch.jobstep import rendezvous_port
+from llmbatch.jobstep import RENDEZVOUS_PORTS, rendezvous_ports
+from llmbatch.node import rendezvous_port
 
 
 def dry_run(capsys, *args: str) -> tuple[str, list[str]]:
@@ -51,9 +54,31 @@ def test_sbatch_lines_and_accelerate_flags(capsys, tmp_path, nodes, gpus):
 def test_rendezvous_port_is_per_job_and_outside_the_ephemeral_range():
     # An ephemeral port may be held by any outgoing connection on the node (EADDRINUSE in CI once).
     low, _high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
-    ports = {rendezvous_port(str(job_id)) for job_id in range(1, 2001)}
+    ports = {next(rendezvous_ports(str(job_id), 0)) for job_id in range(1, 2001)}
     assert all(1024 < port < low for port in ports)
-    assert len(ports) > 1700  # jobs sharing a node rarely share a port (about 1,810 expected)
+    assert len(ports) > 1850  # jobs sharing a node rarely share a first choice (about 1,917 expected)
+
+
+def test_the_tasks_and_attempts_of_an_array_never_share_a_rendezvous_port():
+    # Tasks of one array often share a node, and a requeued task runs beside the others' first attempts.
+    tasks, attempts = 500, 4
+    first = [next(rendezvous_ports(f"4242_{task}", restarts, tasks)) for task in range(tasks)
+             for restarts in range(attempts)]
+    assert len(set(first)) == tasks * attempts
+    # ... nor do the attempts of one job.
+    assert len({next(rendezvous_ports("4243", restarts)) for restarts in range(10)}) == 10
+    # A job's later choices visit every port once.
+    ports = list(rendezvous_ports("4244", 0))
+    assert sorted(ports) == list(RENDEZVOUS_PORTS)
+
+
+def test_a_one_node_job_takes_a_free_rendezvous_port():
+    first, second = itertools.islice(rendezvous_ports("4245_3", 1, 8), 2)
+    with socket.socket() as busy:  # another job's rendezvous on our first choice
+        busy.bind(("127.0.0.1", first))
+        busy.listen()
+        assert rendezvous_port("4245_3", 1, 8, nodes=1) == second
+        assert rendezvous_port("4245_3", 1, 8, nodes=2) == first  # the other nodes could not know
 
 
 def test_finetune_trains_in_bf16_on_gpus(capsys, tmp_path):

@@ -22,7 +22,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from helpers import runner_command, submit_cli
 from llmbatch.data import Example, load_examples
 from llmbatch.gather import IncompleteRun, gather_run, merge_shards
-from llmbatch.runners.generation import Decoder, SeededSampling, encode_prompts, load_model
+from llmbatch.runners.generation import Decoder, SeededSampling, encode_prompts, fit_to_context, load_model
+from llmbatch.runners.infer import encode_share, prompt_lengths, token_balanced_share
 from llmbatch.runners.preemption import PREEMPTED_EXIT
 from llmbatch.runners.split import assign_to_ranks, plan_batches
 from llmbatch.shards import ShardWriter, done_ids, list_shards, read_progress, read_records, shard_for
@@ -51,6 +52,57 @@ def test_every_input_goes_to_exactly_one_rank(world_size):
     assert shares == assign_to_ranks(costs, world_size)
     loads = [sum(costs[i] for i in share) for share in shares]
     assert max(loads) - min(loads) <= max(costs)
+
+
+class CountingTokenizer:
+    """A real tokenizer that counts the texts it encodes."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.encoded = tokenizer, 0
+
+    def __call__(self, texts, **kwargs):
+        self.encoded += len(texts)
+        return self.tokenizer(texts, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.tokenizer, name)
+
+
+@pytest.mark.parametrize("limit", [None, 12])
+def test_each_rank_encodes_only_its_share_and_the_split_is_that_of_encoding_every_prompt(model_dir, limit):
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    examples = as_examples([f"Question {i}: " + "is it even or odd " * (i * 7 % 5) + "?" for i in range(53)])
+    data, max_new, tasks, ranks, done = DataSpec(), 8, 3, 2, {"q4", "q9", "q30"}
+    # The split as it was: every rank encoded every prompt, then split all of them.
+    whole = encode_prompts(tokenizer, examples, data)
+    encoded = [ids if limit is None else fit_to_context(ids, limit, tokenizer.bos_token_id) for ids in whole]
+    costs = [len(ids) + max_new for ids in encoded]
+    expected = {}
+    for task, share in enumerate(assign_to_ranks(costs, tasks)):
+        todo = [i for i in share if examples[i].id not in done]
+        for rank, picked in enumerate(assign_to_ranks([costs[i] for i in todo], ranks)):
+            expected[task * ranks + rank] = [(examples[i].id, encoded[i], encoded[i] != whole[i])
+                                             for i in (todo[j] for j in picked)]
+
+    # Each rank counts every ranks-th prompt; all_gather would bring the others' counts.
+    counting = [CountingTokenizer(tokenizer) for _ in range(ranks)]
+    counts = [prompt_lengths(counting[rank], examples[rank::ranks], data, limit, 0, 1, lambda c: [c])
+              for rank in range(ranks)]
+    for task in range(tasks):
+        for rank in range(ranks):
+            tokenizer_here = CountingTokenizer(tokenizer)
+            lengths = prompt_lengths(tokenizer_here, examples, data, limit, rank, ranks,
+                                     lambda mine, rank=rank: [mine if r == rank else counts[r] for r in range(ranks)])
+            share = token_balanced_share(lengths, task, tasks, max_new)
+            todo = [i for i in share if examples[i].id not in done]
+            picked = token_balanced_share([lengths[i] for i in todo], rank, ranks, max_new)
+            mine = encode_share(tokenizer_here, [examples[todo[i]] for i in picked], data, limit)
+            assert [(p.example.id, p.token_ids, p.truncated) for p in mine] == expected[task * ranks + rank]
+            # Its stride of the counts and its own inputs: not every prompt.
+            assert tokenizer_here.encoded == len(examples[rank::ranks]) + len(mine) < len(examples)
+    assert sorted(id for share in expected.values() for id, _, _ in share) == \
+           sorted(e.id for e in examples if e.id not in done)
+    assert any(cut for share in expected.values() for _, _, cut in share) == (limit is not None)
 
 
 def test_batches_stay_within_the_token_budget():

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import sys
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -93,13 +94,26 @@ def make_plan(spec: JobSpec, run_path: Path, attempt_base: int = 0) -> LaunchPla
         **({"python": spec.container.python} if spec.container.runtime != "none" else {}))
 
 
-def rendezvous_port(job_id: str) -> int:
-    """A port from the job id, so that jobs sharing a node don't clash (15000-24999).
+RENDEZVOUS_PORTS = range(10000, 32768)
+"""Below Linux's ephemeral range (32768-60999): a port there can be held by any outgoing connection on
+the node, and the rendezvous then fails with EADDRINUSE."""
+PORT_STRIDE = 7919
+"""Between a job's later choices: prime to the range's size, so they visit every port."""
 
-    Below Linux's ephemeral range (32768-60999): a port there can be held by any outgoing
-    connection on the node, and the rendezvous then fails with EADDRINUSE.
+
+def rendezvous_ports(job_id: str, restarts: int, array_tasks: int = 1) -> Iterator[int]:
+    """A job's rendezvous ports, its first choice first, from its Slurm job id (`123`, or an array
+    task's `123_4`), Slurm's restart count and the array's task count.
+
+    The array's id picks a base; the task and the attempt pick a slot after it, a different slot for
+    every (task, attempt) of the array, so that the tasks of one array, which often share a node, and
+    a requeued attempt (whose predecessor's port may not yet be free) never get the same first choice.
+    Different jobs still may: a node job of one node takes the first port that is free on it.
     """
-    return 15000 + zlib.crc32(job_id.encode()) % 10000
+    array_id, _, index = job_id.partition("_")
+    first = zlib.crc32(array_id.encode()) + int(index or 0) + restarts * array_tasks
+    for k in range(len(RENDEZVOUS_PORTS)):
+        yield RENDEZVOUS_PORTS.start + (first + k * PORT_STRIDE) % len(RENDEZVOUS_PORTS)
 
 
 def build_launch_argv(plan: LaunchPlan, place: NodePlace) -> list[str]:

@@ -10,14 +10,16 @@ from __future__ import annotations
 import os
 import shlex
 import signal
+import socket
 import subprocess
 import time
 from contextlib import suppress
+from itertools import islice
 from pathlib import Path
 
 import submitit
 
-from llmbatch.jobstep import LaunchPlan, NodePlace, node_command, rendezvous_port
+from llmbatch.jobstep import LaunchPlan, NodePlace, node_command, rendezvous_ports
 from llmbatch.rundir import RunDir, atomic_write, open_append, process_start_ticks, read_json
 from llmbatch.runners.faults import ERROR_PREFIX, silent_for
 
@@ -28,8 +30,34 @@ def place_from_environment(plan: LaunchPlan) -> NodePlace:
     restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
     # One node needs no network: loopback works whatever the hostname resolves to.
     main_host = env.hostnames[0] if plan.nodes > 1 else "127.0.0.1"
-    return NodePlace(node_rank=env.node, main_host=main_host, port=rendezvous_port(env.job_id),
-                     attempt=plan.attempt_base + restarts, job_id=env.job_id, use_cuda=_cuda_available())
+    port = rendezvous_port(env.job_id, restarts, int(os.environ.get("SLURM_ARRAY_TASK_COUNT", "1")), plan.nodes)
+    return NodePlace(node_rank=env.node, main_host=main_host, port=port, attempt=plan.attempt_base + restarts,
+                     job_id=env.job_id, use_cuda=_cuda_available())
+
+
+def rendezvous_port(job_id: str, restarts: int, array_tasks: int, nodes: int) -> int:
+    """The job's first choice of `jobstep.rendezvous_ports`; on one node, its first that is free here.
+
+    Every node of a job must reach the same port, so only a job of one node can look for a free one.
+    """
+    ports = rendezvous_ports(job_id, restarts, array_tasks)
+    if nodes > 1:
+        return next(ports)
+    if (port := next((p for p in islice(ports, 64) if _port_is_free(p)), None)) is None:
+        raise RuntimeError("no free rendezvous port on this node among 64 tried: are that many jobs running here?")
+    return port
+
+
+def _port_is_free(port: int) -> bool:
+    """Whether nothing listens on `port` here (a connection in TIME_WAIT does not count, as for the
+    rendezvous' own SO_REUSEADDR socket)."""
+    with socket.socket(socket.AF_INET6 if socket.has_dualstack_ipv6() else socket.AF_INET) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("", port))
+        except OSError:
+            return False
+    return True
 
 
 def _cuda_available() -> bool:

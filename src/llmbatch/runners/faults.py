@@ -12,14 +12,18 @@ free space decides too. The rank first gives back the run's space reserve, so th
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import logging
 import os
 import shutil
 import sys
 import threading
 import time
+import traceback
 from collections.abc import Callable
 from pathlib import Path
+from typing import NoReturn
 
 from llmbatch.rundir import DamagedRun, RunDir
 
@@ -41,7 +45,34 @@ def out_of_space(error: BaseException, folder: Path) -> bool:
         return False
 
 
-def run_rank(main: Callable[[], int], run_dir: str, spec_errors: tuple[type[Exception], ...] = ()) -> int:
+def run_rank(main: Callable[[], int], run_dir: str, spec_errors: tuple[type[Exception], ...] = ()) -> NoReturn:
+    """Run a rank's main() and end the process with its exit code, without Python's teardown.
+
+    When main() returns, the rank's outputs are on disk and every rank has passed its last collective.
+    Python's teardown would then only destroy objects, and one of them can hang: DDP's reducer, freed
+    with the model, joins a gloo thread that waits for Python's lock (in ~ProcessGroupGloo), and the
+    launcher's exit barrier then holds the job 300 s. So the rank flushes its output and leaves with
+    os._exit; the node job, a process above it, is what reports the job's end (submitit's result).
+    """
+    try:
+        code = _exit_code(main, run_dir, spec_errors)
+    except SystemExit as e:  # sys.exit(code or message), as Python would end
+        if e.code is None or isinstance(e.code, int):
+            code = e.code or 0
+        else:
+            print(e.code, file=sys.stderr)
+            code = 1
+    except BaseException:  # a crash: its traceback, in the rank's log, as Python would print it
+        traceback.print_exc()
+        code = 1
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):  # a closed pipe loses only what it cannot take
+            stream.flush()
+    os._exit(code)
+
+
+def _exit_code(main: Callable[[], int], run_dir: str, spec_errors: tuple[type[Exception], ...]) -> int:
     """main()'s exit code; `spec_errors`, a damaged run folder (a planted link, say) and a full file
     system as one line on stderr."""
     try:

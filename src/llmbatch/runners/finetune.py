@@ -532,4 +532,4 @@ def training_metrics(rows: list[dict], state, world_size: int, train_examples: i
 
 
 if __name__ == "__main__":
-    sys.exit(run_rank(main, parse_args(sys.argv[1:]).run_dir, spec_errors=(TooShortForData, CheckpointMismatch)))
+    run_rank(main, parse_args(sys.argv[1:]).run_dir, spec_errors=(TooShortForData, CheckpointMismatch))

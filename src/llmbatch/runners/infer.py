@@ -40,7 +40,7 @@ from llmbatch.runners.generation import (Completion, Decoder, batch_token_budget
 from llmbatch.runners.preemption import PREEMPTED_EXIT, PreemptionFlag
 from llmbatch.runners.split import assign_to_ranks, plan_batches
 from llmbatch.shards import ShardWriter, done_ids, shard_for, write_stats
-from llmbatch.spec import GenerationSpec, JobSpec, load_resolved, slurm_time_seconds
+from llmbatch.spec import DataSpec, GenerationSpec, JobSpec, load_resolved, slurm_time_seconds
 
 
 @dataclass(frozen=True)
@@ -105,20 +105,18 @@ def main(argv: list[str] | None = None) -> int:
 
     examples = load_examples(spec.data)
     model, tokenizer = load_model(spec.model, accelerator.device)
-    encoded = encode_prompts(tokenizer, examples, spec.data)
     limit = prompt_token_limit(model.config.to_dict(), spec.generation.max_new_tokens)
-    if spec.generation.long_prompts == "truncate" and limit is not None:
-        prompts = [Prompt(e, fit_to_context(ids, limit, tokenizer.bos_token_id), truncated=len(ids) > limit)
-                   for e, ids in zip(examples, encoded)]
-    else:  # "error": the command line refused prompts that do not fit
-        prompts = [Prompt(e, ids) for e, ids in zip(examples, encoded)]
+    truncate = limit if spec.generation.long_prompts == "truncate" else None  # "error": refused before queueing
+    lengths = prompt_lengths(tokenizer, examples, spec.data, truncate, accelerator.process_index,
+                             accelerator.num_processes, finish_line.all_gather)
     # The task's share is fixed (from every input), so a requeued or resumed task redoes only its own.
-    share = token_balanced_share(prompts, task, tasks, spec.generation.max_new_tokens)
+    share = token_balanced_share(lengths, task, tasks, spec.generation.max_new_tokens)
     done = done_ids(run, before_attempt=args.attempt)
-    todo = [p for p in share if p.example.id not in done]
-    mine = token_balanced_share(todo, accelerator.process_index, accelerator.num_processes,
-                                spec.generation.max_new_tokens)
-    completions, how, engine = start_completing(spec.generation, model, tokenizer, mine, prompts,
+    todo = [i for i in share if examples[i].id not in done]
+    picked = token_balanced_share([lengths[i] for i in todo], accelerator.process_index, accelerator.num_processes,
+                                  spec.generation.max_new_tokens)
+    mine = encode_share(tokenizer, [examples[todo[i]] for i in picked], spec.data, truncate)
+    completions, how, engine = start_completing(spec.generation, model, tokenizer, mine, max(lengths, default=0),
                                                 stop=lambda: preemption.raised)
     where = f"task {task} of {tasks}, " if args.task is not None else ""
     print(f"{where}rank {stats.rank} of {stats.world_size}, attempt {args.attempt}: {len(todo)} of {len(share)} "
@@ -161,25 +159,50 @@ def gather(run: RunDir, examples: list[Example], task: int | None, output_format
     run.release_space()  # the run is complete: nothing more to report a full disk for
 
 
-def token_balanced_share(prompts: list[Prompt], part: int, parts: int, max_new_tokens: int) -> list[Prompt]:
-    """Part `part` of `parts` (an array task's share of the inputs, a rank's of its task's): every
-    process computes the same split, from token counts alone.
+def prompt_lengths(tokenizer, examples: list[Example], data: DataSpec, limit: int | None, rank: int, ranks: int,
+                   gather: Callable[[list[int]], list[list[int]]]) -> list[int]:
+    """Every input's prompt tokens (cut to `limit` where prompts are truncated to fit the context).
+
+    Each of the `ranks` processes encodes every ranks-th prompt and `gather` (`FinishLine.all_gather`)
+    shares the counts, so every process holds the same counts (the split's only input) after encoding
+    1/ranks of the inputs instead of all of them.
+    """
+    counts = [len(ids) if limit is None else min(len(ids), limit)
+              for ids in encode_prompts(tokenizer, examples[rank::ranks], data)]
+    lengths = [0] * len(examples)
+    for part, part_counts in enumerate(gather(counts)):
+        lengths[part::ranks] = part_counts
+    return lengths
+
+
+
+
+def token_balanced_share(lengths: list[int], part: int, parts: int, max_new_tokens: int) -> list[int]:
+    """Indices into `lengths` (prompt tokens) of part `part` of `parts` (an array task's share of the
+    inputs, a rank's of its task's): every process computes the same split, from token counts alone.
 
     An input costs the tokens its sequence may hold: its prompt plus max_new_tokens.
     """
-    shares = assign_to_ranks([len(p.token_ids) + max_new_tokens for p in prompts], parts)
-    return [prompts[i] for i in shares[part]]
+    return assign_to_ranks([n + max_new_tokens for n in lengths], parts)[part]
 
 
-def start_completing(generation: GenerationSpec, model, tokenizer, mine: list[Prompt], everyone: list[Prompt],
+def encode_share(tokenizer, examples: list[Example], data: DataSpec, limit: int | None) -> list[Prompt]:
+    """The rank's own inputs, encoded (and cut to `limit` where prompts are truncated)."""
+    encoded = encode_prompts(tokenizer, examples, data)
+    if limit is None:
+        return [Prompt(e, ids) for e, ids in zip(examples, encoded)]
+    return [Prompt(e, fit_to_context(ids, limit, tokenizer.bos_token_id), truncated=len(ids) > limit)
+            for e, ids in zip(examples, encoded)]
+
+
+def start_completing(generation: GenerationSpec, model, tokenizer, mine: list[Prompt], longest_prompt: int,
                      stop: Callable[[], bool]):
     """(groups of (index into mine, completion) as they finish, how, the engine or None).
 
     The engine where it can run the model (decided from every rank's inputs, so all ranks agree),
     else generate in batches.
     """
-    longest = max((len(p.token_ids) for p in everyone), default=0) + generation.max_new_tokens
-    use_engine, how = choose_engine(generation.engine, model, longest)
+    use_engine, how = choose_engine(generation.engine, model, longest_prompt + generation.max_new_tokens)
     if use_engine:
         engine = Engine(model, tokenizer, generation, [len(p.token_ids) for p in mine])
         engine.warm_up()  # counted in the start-up time, as loading the model is
@@ -223,7 +246,8 @@ def progress_bar(accelerator: Accelerator, my_inputs: int) -> tqdm:
 
 
 class FinishLine:
-    """Where ranks wait for each other before the merge, for as long as the job may run.
+    """Where ranks wait for each other before the merge (and share their token counts at start-up), for
+    as long as the job may run.
 
     Ranks finish at different times (outputs stop at different lengths), possibly far apart, so the
     wait must not share resources.collective_timeout_s. A gloo group still fails at once when a peer dies: its
@@ -240,6 +264,15 @@ class FinishLine:
         if self.group is not None:
             dist.barrier(group=self.group)
 
+    def all_gather(self, counts: list[int]) -> list[list[int]]:
+        """Each process's `counts`, in rank order, on every process. On this group: ranks that load
+        and read at different speeds may wait for each other here longer than collective_timeout_s."""
+        if self.group is None:
+            return [counts]
+        gathered: list[list[int]] = [[] for _ in range(dist.get_world_size(self.group))]
+        dist.all_gather_object(gathered, counts, group=self.group)
+        return gathered
+
 
 if __name__ == "__main__":
-    sys.exit(run_rank(main, parse_args(sys.argv[1:]).run_dir))
+    run_rank(main, parse_args(sys.argv[1:]).run_dir)
