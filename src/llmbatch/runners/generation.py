@@ -56,8 +56,13 @@ def load_model(model_spec: ModelSpec, device: torch.device):
     tokenizer = AutoTokenizer.from_pretrained(model_spec.path, padding_side="left")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token  # padding is masked out: any token will do
-    model = AutoModelForCausalLM.from_pretrained(model_spec.path, dtype=dtype, attn_implementation="sdpa",
-                                                 device_map=device)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(model_spec.path, dtype=dtype, attn_implementation="sdpa",
+                                                     device_map=device)
+    except ValueError as e:  # Gemma 2 (its attention soft cap) has no sdpa path: transformers' own choice
+        if "scaled_dot_product_attention" not in str(e):
+            raise
+        model = AutoModelForCausalLM.from_pretrained(model_spec.path, dtype=dtype, device_map=device)
     if model_spec.adapter is not None:
         from peft import PeftModel  # seconds to import, so only when there is an adapter
 

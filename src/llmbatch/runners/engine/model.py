@@ -138,8 +138,11 @@ class Rotary:
                 self.original = parameters["original_max_position_embeddings"]
                 # transformers picks the factors by the forward's longest sequence: a call up to the
                 # original context gives the short ones, a longer call the long ones.
-                long = table(max(positions, self.original + 1))
                 short = table(min(positions, self.original))
+                if positions <= self.original:  # no sequence gets past the original context
+                    self.tables[layer_type] = short
+                    continue
+                long = table(positions)
                 self.long[layer_type] = long
                 self.tables[layer_type] = tuple(torch.cat((s, l[len(s):])) for s, l in zip(short, long))
             else:
