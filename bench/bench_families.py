@@ -17,6 +17,7 @@ Writes DIR/families.json (every figure) and prints a markdown table. Exit 1 if a
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import random
 import sys
@@ -61,6 +62,13 @@ SHAPES = {
         num_experts_per_tok=8, norm_topk_prob=True, max_position_embeddings=40960,
         rope_parameters={"rope_type": "default", "rope_theta": 1e6}, tie_word_embeddings=False)),
 }
+
+
+def release() -> None:
+    """Free what the last run held: an Engine and its decode graphs refer to each other, so only the
+    cycle collector frees its KV cache."""
+    gc.collect()
+    torch.cuda.empty_cache()
 
 
 def build(name: str, layers: int, dtype: torch.dtype):
@@ -125,7 +133,7 @@ def check(name: str, layers: int) -> dict:
         first = next(i for i in range(len(prompts)) if got[i] != expected[i])
         result["first_difference"] = {"input": first, "engine": got[first], "generate": expected[first]}
     del model, engine
-    torch.cuda.empty_cache()
+    release()
     return result
 
 
@@ -139,7 +147,7 @@ def bench(name: str, layers: int, prompts_n: int, b256_n: int, new_tokens: int) 
     stats = engine.stats.summary()
     description = engine.describe()
     del engine, got
-    torch.cuda.empty_cache()
+    release()
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     chosen = [order[round(k * (len(order) - 1) / max(b256_n - 1, 1))] for k in range(b256_n)]
     subset = [prompts[i] for i in chosen]
@@ -152,7 +160,7 @@ def bench(name: str, layers: int, prompts_n: int, b256_n: int, new_tokens: int) 
     torch.cuda.synchronize()
     generate_tps = produced / (time.monotonic() - started)
     del model
-    torch.cuda.empty_cache()
+    release()
     return {"layers": layers, "params": params_b, "engine_tokens_per_s": engine_tps, "engine_s": seconds,
             "engine_startup_s": startup, "engine": description, "engine_stats": stats,
             "generate_b256_tokens_per_s": generate_tps, "generate_prompts": len(subset),
@@ -193,7 +201,7 @@ def main() -> int:
             except Exception as e:  # one family's failure must not hide the others' figures
                 entry[phase] = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()[-3000:]}
                 ok = False
-                torch.cuda.empty_cache()
+                release()
             entry[phase]["wall_s"] = round(time.monotonic() - started, 1)
             print(name, phase, json.dumps({k: v for k, v in entry[phase].items() if k != "traceback"}), flush=True)
             (args.out / "families.json").write_text(json.dumps(results, indent=1))
