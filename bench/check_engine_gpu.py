@@ -26,15 +26,18 @@ sys.path.insert(0, str(REPO / "src"))
 from llmbatch.embedded import ensure_embedded_model  # noqa: E402
 from llmbatch.runners.engine.attention import _decode_torch, decode_attention  # noqa: E402
 from llmbatch.runners.engine.runner import Engine  # noqa: E402
-from llmbatch.runners.generation import Decoder, encode_texts, load_model  # noqa: E402
+from llmbatch.runners.generation import (Decoder, encode_texts, engine_params, eos_token_ids, load_model,  # noqa: E402
+                                         make_completion)
 from llmbatch.spec import DataSpec, GenerationSpec, ModelSpec  # noqa: E402
 
 
 def check_attention(device: torch.device) -> bool:
     ok = True
     g = torch.Generator(device=device).manual_seed(0)
-    for rows, q_heads, kv_heads, dim, slot_len in ((7, 12, 2, 128, 700), (64, 4, 2, 64, 100), (3, 8, 8, 128, 130),
-                                                    (256, 28, 4, 128, 640)):
+    for rows, q_heads, kv_heads, dim, slot_len, window, softcap in (
+            (7, 12, 2, 128, 700, None, None), (64, 4, 2, 64, 100, None, None), (3, 8, 8, 128, 130, None, None),
+            (256, 28, 4, 128, 640, None, None), (32, 16, 8, 256, 900, 100, None), (32, 16, 8, 256, 900, None, 50.0),
+            (48, 32, 8, 128, 700, 129, 30.0)):
         slots = rows + 3
         keys = torch.randn(slots, slot_len, kv_heads, dim, device=device, generator=g, dtype=torch.bfloat16)
         values = torch.randn_like(keys)
@@ -42,12 +45,13 @@ def check_attention(device: torch.device) -> bool:
         lengths = torch.randint(1, slot_len + 1, (rows,), device=device, generator=g)
         lengths[0] = slot_len
         row_slots = torch.randperm(slots, device=device, generator=g)[:rows]
-        got = decode_attention(q, keys, values, row_slots, lengths, dim ** -0.5).float()
-        ref = _decode_torch(q.float(), keys.float(), values.float(), row_slots, lengths, dim ** -0.5)
+        got = decode_attention(q, keys, values, row_slots, lengths, dim ** -0.5, window, softcap).float()
+        ref = _decode_torch(q.float(), keys.float(), values.float(), row_slots, lengths, dim ** -0.5, window, softcap)
         error = ((got - ref).norm() / ref.norm()).item()
         good = error < 1e-2 and bool(torch.isfinite(got).all())
         ok &= good
-        print(f"attention rows={rows} heads={q_heads}/{kv_heads} dim={dim} len<={slot_len}: "
+        print(f"attention rows={rows} heads={q_heads}/{kv_heads} dim={dim} len<={slot_len} window={window} "
+              f"softcap={softcap}: "
               f"relative error {error:.2e} {'ok' if good else 'MISMATCH'}", flush=True)
     return ok
 
@@ -67,10 +71,11 @@ def check_outputs(device: torch.device, dtype: str) -> bool:
               f"time on {sum(a == b for a, b in zip(batched, expected))}/{len(prompts)} inputs", flush=True)
         for batch_tokens in (None, 5 * (max(map(len, prompts)) + 23)):
             spec = GenerationSpec(**{**generation.__dict__, "batch_tokens": batch_tokens})
-            engine = Engine(model, tokenizer, spec, [len(p) for p in prompts])
+            eos = eos_token_ids(model, tokenizer)
+            engine = Engine(model, engine_params(spec), [len(p) for p in prompts], eos)
             got = {}
             for group in engine.run(prompts, ids, stop=lambda: False):
-                got.update(group)
+                got.update((i, make_completion(tokenizer, eos, tokens)) for i, tokens in group)
             same = sum(got[i] == expected[i] for i in range(len(prompts)))
             good = same == len(prompts)
             ok &= good

@@ -21,10 +21,11 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
 from llmbatch.runners.engine import attention  # noqa: E402
+from llmbatch.runners.engine.params import EngineParams  # noqa: E402
 from llmbatch.runners.engine.runner import Engine  # noqa: E402
 from llmbatch.runners.engine.scheduler import Scheduler  # noqa: E402
-from llmbatch.runners.generation import load_model  # noqa: E402
-from llmbatch.spec import GenerationSpec, ModelSpec  # noqa: E402
+from llmbatch.runners.generation import eos_token_ids, load_model  # noqa: E402
+from llmbatch.spec import ModelSpec  # noqa: E402
 
 
 def timed(fn, reps: int = 5) -> float:
@@ -60,8 +61,8 @@ def main() -> None:
     assets = args.work / "assets"
     model, tokenizer = load_model(ModelSpec(path=str(assets / "model")), torch.device("cuda"))
     prompts = tokenizer([json.loads(line)["prompt"] for line in (assets / "data/infer.jsonl").open()])["input_ids"]
-    generation = GenerationSpec(max_new_tokens=128, ignore_eos=True)
-    engine = Engine(model, tokenizer, generation, [len(p) for p in prompts])
+    params = EngineParams(max_new_tokens=128, ignore_eos=True)
+    engine = Engine(model, params, [len(p) for p in prompts], eos_token_ids(model, tokenizer))
     print(engine.describe(), flush=True)
     keys = list(range(len(prompts)))
     admitted = Scheduler([len(p) for p in prompts], engine.cache.slots).admit()

@@ -14,13 +14,13 @@ import pytest
 import torch
 
 from llmbatch.runners.engine.attention import decode_attention
-from llmbatch.runners.engine.cache import CacheShape, KVCache, count_slots
+from llmbatch.runners.engine.cache import CacheShape, count_slots
 from llmbatch.runners.engine.graphs import bucket_sizes
-from llmbatch.runners.engine.model import EngineModel, cache_shape
-from llmbatch.runners.engine.runner import Engine, choose_engine
+from llmbatch.runners.engine.runner import Engine
 from llmbatch.runners.engine.sampler import _mul32, gumbel_noise, input_key
 from llmbatch.runners.engine.scheduler import Scheduler
-from llmbatch.runners.generation import Decoder, encode_texts, load_model
+from llmbatch.runners.generation import (Decoder, encode_texts, engine_params, eos_token_ids, load_model,
+                                         make_completion)
 from llmbatch.spec import DataSpec, GenerationSpec, ModelSpec
 
 # --- bookkeeping ---------------------------------------------------------------------------------
@@ -131,19 +131,24 @@ def embedded(model_dir):
     torch.set_num_threads(threads)
 
 
+def make_engine(model, tokenizer, generation: GenerationSpec, prompts) -> Engine:
+    return Engine(model, engine_params(generation), [len(p) for p in prompts], eos_token_ids(model, tokenizer))
+
+
 def run_engine(model, tokenizer, generation: GenerationSpec, prompts, ids) -> tuple[list, Engine]:
-    engine = Engine(model, tokenizer, generation, [len(p) for p in prompts])
+    engine = make_engine(model, tokenizer, generation, prompts)
     engine.warm_up()
     done = {}
     for group in engine.run(prompts, ids, stop=lambda: False):
         assert not done.keys() & dict(group).keys()
         done.update(group)
-    return [done[i] for i in range(len(prompts))], engine
+    eos = eos_token_ids(model, tokenizer)
+    return [make_completion(tokenizer, eos, done[i]) for i in range(len(prompts))], engine
 
 
 def test_first_token_logits_equal_the_models(embedded):
     model, tokenizer, prompts, ids = embedded
-    engine = Engine(model, tokenizer, GenerationSpec(), [len(p) for p in prompts[:5]])
+    engine = make_engine(model, tokenizer, GenerationSpec(), prompts[:5])
     width = max(len(p) for p in prompts[:5])
     tokens = torch.tensor([p + [0] * (width - len(p)) for p in prompts[:5]])
     with torch.inference_mode():
@@ -189,7 +194,7 @@ def test_ignore_eos_runs_every_sequence_to_its_length(embedded):
 def test_a_stopped_engine_admits_nothing_more_and_returns_what_finished(embedded):
     model, tokenizer, prompts, ids = embedded
     generation = GenerationSpec(max_new_tokens=5, ignore_eos=True, batch_tokens=2 * (max(map(len, prompts)) + 4))
-    engine = Engine(model, tokenizer, generation, [len(p) for p in prompts])
+    engine = make_engine(model, tokenizer, generation, prompts)
     groups = engine.run(prompts, ids, stop=lambda: stopped)
     stopped = False
     first = next(groups)  # two slots, so two sequences at a time
@@ -197,54 +202,5 @@ def test_a_stopped_engine_admits_nothing_more_and_returns_what_finished(embedded
     rest = [c for group in groups for c in group]
     assert 1 <= len(first) + len(rest) <= 2 + 2
     expected = Decoder(model, tokenizer, generation).complete(prompts, ids)
-    assert all(c == expected[i] for i, c in first + rest)
-
-
-# --- model families ------------------------------------------------------------------------------
-
-TINY = dict(num_hidden_layers=2, hidden_size=64, intermediate_size=96, num_attention_heads=4,
-            num_key_value_heads=2, vocab_size=128)
-
-
-def tiny_model(family: str, **config):
-    import transformers
-
-    classes = {"qwen2": ("Qwen2Config", "Qwen2ForCausalLM"), "mistral": ("MistralConfig", "MistralForCausalLM"),
-               "llama": ("LlamaConfig", "LlamaForCausalLM")}
-    config_class, model_class = (getattr(transformers, name) for name in classes[family])
-    torch.manual_seed(0)
-    return model_class(config_class(**TINY, **config)).eval()
-
-
-@pytest.mark.parametrize("family", ["qwen2", "mistral", "llama"])
-def test_prefill_and_decode_logits_equal_the_models_for_each_family(family):
-    model = tiny_model(family)
-    if family == "qwen2":
-        assert model.model.layers[0].self_attn.q_proj.bias is not None  # Qwen2's biases are in play
-    engine_model = EngineModel(model)
-    cache = KVCache(cache_shape(model), slots=3, slot_len=12, device=torch.device("cpu"))
-    prompts, slots = [[3, 5, 7, 9, 11], [4, 6, 8]], torch.tensor([2, 0])
-    lengths = torch.tensor([len(p) for p in prompts])
-    padded = torch.tensor([p + [0] * (5 - len(p)) for p in prompts])
-    with torch.inference_mode():
-        prefill = engine_model.prefill(padded, lengths, slots, cache)
-        decode = engine_model.decode(torch.tensor([13, 17]), lengths, slots, cache)
-        expected_prefill = torch.cat([model(torch.tensor([p])).logits[:, -1] for p in prompts])
-        expected_decode = torch.cat([model(torch.tensor([p + [t]])).logits[:, -1] for p, t in zip(prompts, [13, 17])])
-    assert torch.allclose(prefill, expected_prefill, atol=1e-5)
-    assert torch.allclose(decode, expected_decode, atol=1e-5)
-
-
-def test_auto_falls_back_to_generate_where_the_engine_cannot_run():
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64))
-    windowed = tiny_model("mistral", sliding_window=16)
-    assert choose_engine("auto", gpt2, 100) == (
-        False, "generate: the engine does not support model type 'gpt2' (the engine runs llama, qwen2, mistral)")
-    use, why = choose_engine("auto", windowed, 100)
-    assert not use and "sliding-window attention (16 positions) over sequences of up to 100" in why
-    assert choose_engine("auto", windowed, 16)[0]
-    with pytest.raises(ValueError, match="generation.engine: fast cannot run this model: model type 'gpt2'"):
-        choose_engine("fast", gpt2, 10)
-    assert choose_engine("hf", windowed, 16) == (False, "generate (generation.engine: hf)")
+    eos = eos_token_ids(model, tokenizer)
+    assert all(make_completion(tokenizer, eos, tokens) == expected[i] for i, tokens in first + rest)

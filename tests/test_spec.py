@@ -128,7 +128,7 @@ def test_the_fast_engine_on_a_model_it_cannot_run_is_a_spec_error(tmp_path, good
     set_key(good, "model.path", str(model))
     code, err = run_cli(tmp_path, set_key(good, "generation.engine", "fast"), capsys=capsys)
     assert code == 2 and err.count("\n") == 1
-    assert f"generation.engine: fast: the engine runs llama, qwen2, mistral models, and {model} is 'gpt2'" in err
+    assert f"generation.engine: fast: the engine runs llama, mistral, qwen2, qwen3, gemma2, gemma3_text, phi3, mixtral, qwen3_moe models, and {model} is 'gpt2'" in err
     code, _ = run_cli(tmp_path, set_key(good, "generation.engine", "auto"), capsys=capsys)
     assert code == 0  # auto falls back to generate
 

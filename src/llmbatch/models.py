@@ -6,8 +6,9 @@
   `HF_HUB_OFFLINE=1`, see `jobstep.launch_env`). Nothing is downloaded: a missing id is an error that
   says how to fetch it.
 - `check_model`: reads only small JSON files and safetensors headers (never weights): the configs
-  parse, a chat template exists when the spec asks for one, an adapter fits the base model's layers,
-  and prompts plus `generation.max_new_tokens` fit the model's context.
+  parse, the engine runs the model's family when the spec asks for it (`generation.engine: fast`), a
+  chat template exists when the spec asks for one, an adapter fits the base model's layers, and
+  prompts plus `generation.max_new_tokens` fit the model's context.
 """
 
 from __future__ import annotations
@@ -18,6 +19,9 @@ from pathlib import Path
 
 from llmbatch import embedded
 from llmbatch.data import DataError, Example, location
+# The engine's own list of families: a leaf module that imports nothing (no torch), so the check can
+# run before anything is queued.
+from llmbatch.runners.engine.families import FAMILIES
 from llmbatch.spec import EMBEDDED_MODEL, JobSpec, SpecError
 
 # The first of these in a model's (text) config is its context length.
@@ -87,6 +91,10 @@ def check_model(spec: JobSpec, examples: list[Example]) -> None:
         return  # the embedded model before its first build: this project's own files
     config = read_json_object(folder / "config.json", "model.path")
     check_model_files(folder)
+    if spec.kind == "infer" and spec.generation.engine == "fast" and config.get("model_type") not in FAMILIES:
+        raise SpecError("generation.engine", f"fast: the engine runs {', '.join(FAMILIES)} models, and "
+                                             f"{spec.model.path} is {config.get('model_type')!r} "
+                                             f"(use auto to fall back to generate)")
     for name in ("generation_config.json", "tokenizer_config.json"):
         if (folder / name).is_file():
             read_json_object(folder / name, "model.path")

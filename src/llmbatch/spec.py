@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import importlib.util
-import json
 import re
 import string
 import types
@@ -27,8 +26,6 @@ KINDS = ("infer", "finetune")
 EMBEDDED_MODEL = "embedded:tiny-llama"
 """The value of `model.path` that means the embedded default model (`llmbatch.embedded` builds it)."""
 
-ENGINE_MODEL_TYPES = ("llama", "qwen2", "mistral")
-"""Model families (config.json's model_type) the inference engine runs; others use generate."""
 
 
 class SpecError(Exception):
@@ -176,15 +173,6 @@ class ModelSpec:
     """`auto`: bfloat16 on GPU, float32 on CPU."""
     adapter: str | None = None
     """A peft LoRA adapter folder, e.g. `<finetune run>/adapter`, or a hub id in the local cache."""
-
-    def model_type(self) -> str:
-        """config.json's model_type (the embedded model is a Llama)."""
-        if self.path == EMBEDDED_MODEL:
-            return "llama"
-        try:
-            return str(json.loads((Path(self.path) / "config.json").read_text()).get("model_type"))
-        except (OSError, ValueError) as e:
-            raise SpecError("model.path", f"cannot read {self.path}/config.json: {e}") from None
 
     def validate(self) -> None:
         if self.path != EMBEDDED_MODEL:
@@ -562,11 +550,6 @@ class JobSpec:
         self.data.validate(self.kind)
         self.resources.validate()
         self.container.validate()
-        if self.kind == "infer" and self.generation.engine == "fast":
-            model_type = self.model.model_type()
-            _check("generation.engine", model_type in ENGINE_MODEL_TYPES,
-                   f"fast: the engine runs {', '.join(ENGINE_MODEL_TYPES)} models, and {self.model.path} is "
-                   f"{model_type!r} (use auto to fall back to generate)", related=("model.path",))
         if self.kind == "finetune":
             _check("resources.array", self.resources.array is None,
                    "job arrays are for inference (data-parallel); fine-tuning runs as one job")

@@ -21,6 +21,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LogitsProcessor, LogitsProcessorList
 
 from llmbatch.data import Example, chat
+from llmbatch.runners.engine.params import EngineParams
 from llmbatch.runners.engine.sampler import gumbel_noise, input_key, warpers
 from llmbatch.spec import DataSpec, GenerationSpec, ModelSpec
 
@@ -55,8 +56,13 @@ def load_model(model_spec: ModelSpec, device: torch.device):
     tokenizer = AutoTokenizer.from_pretrained(model_spec.path, padding_side="left")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token  # padding is masked out: any token will do
-    model = AutoModelForCausalLM.from_pretrained(model_spec.path, dtype=dtype, attn_implementation="sdpa",
-                                                 device_map=device)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(model_spec.path, dtype=dtype, attn_implementation="sdpa",
+                                                     device_map=device)
+    except ValueError as e:  # Gemma 2 (its attention soft cap) has no sdpa path: transformers' own choice
+        if "scaled_dot_product_attention" not in str(e):
+            raise
+        model = AutoModelForCausalLM.from_pretrained(model_spec.path, dtype=dtype, device_map=device)
     if model_spec.adapter is not None:
         from peft import PeftModel  # seconds to import, so only when there is an adapter
 
@@ -129,6 +135,14 @@ def bytes_per_token(model) -> int:
     return (kv_cache + activations) * model.dtype.itemsize
 
 
+def engine_params(generation: GenerationSpec) -> EngineParams:
+    """The spec's generation section in the engine's terms (the engine knows no spec)."""
+    g = generation
+    return EngineParams(max_new_tokens=g.max_new_tokens, ignore_eos=g.ignore_eos, do_sample=g.do_sample,
+                        temperature=g.temperature, top_k=g.top_k, top_p=g.top_p, seed=g.seed,
+                        kv_cache_gb=g.kv_cache_gb, batch_tokens=g.batch_tokens)
+
+
 def eos_token_ids(model, tokenizer) -> set[int]:
     """The tokens that end a sequence: the model's generation config's, else the tokenizer's."""
     eos = model.generation_config.eos_token_id
@@ -176,7 +190,7 @@ class Decoder:
         g = self.generation
         if not g.do_sample:
             return LogitsProcessorList()
-        return LogitsProcessorList([*warpers(g), SeededSampling(g.seed, ids, prompt_width)])
+        return LogitsProcessorList([*warpers(engine_params(g)), SeededSampling(g.seed, ids, prompt_width)])
 
 
 class SeededSampling(LogitsProcessor):

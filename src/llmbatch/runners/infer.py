@@ -33,10 +33,11 @@ from llmbatch.gather import merge_shards, merge_when_complete
 from llmbatch.metrics import Metric
 from llmbatch.models import prompt_token_limit
 from llmbatch.rundir import RunDir
-from llmbatch.runners.engine.runner import Engine, choose_engine
+from llmbatch.runners.engine.model import unsupported_reason
+from llmbatch.runners.engine.runner import Engine
 from llmbatch.runners.faults import run_rank, start_heartbeat
-from llmbatch.runners.generation import (Completion, Decoder, batch_token_budget, encode_prompts, fit_to_context,
-                                         load_model)
+from llmbatch.runners.generation import (Completion, Decoder, batch_token_budget, encode_prompts, engine_params,
+                                         eos_token_ids, fit_to_context, load_model, make_completion)
 from llmbatch.runners.preemption import PREEMPTED_EXIT, PreemptionFlag
 from llmbatch.runners.split import assign_to_ranks, plan_batches
 from llmbatch.shards import ShardWriter, done_ids, shard_for, write_stats
@@ -116,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     picked = token_balanced_share([lengths[i] for i in todo], accelerator.process_index, accelerator.num_processes,
                                   spec.generation.max_new_tokens)
     mine = encode_share(tokenizer, [examples[todo[i]] for i in picked], spec.data, truncate)
-    completions, how, engine = start_completing(spec.generation, model, tokenizer, mine, max(lengths, default=0),
+    completions, how, engine = start_completing(spec.generation, model, tokenizer, mine,
                                                 stop=lambda: preemption.raised)
     where = f"task {task} of {tasks}, " if args.task is not None else ""
     print(f"{where}rank {stats.rank} of {stats.world_size}, attempt {args.attempt}: {len(todo)} of {len(share)} "
@@ -195,19 +196,32 @@ def encode_share(tokenizer, examples: list[Example], data: DataSpec, limit: int 
             for e, ids in zip(examples, encoded)]
 
 
-def start_completing(generation: GenerationSpec, model, tokenizer, mine: list[Prompt], longest_prompt: int,
-                     stop: Callable[[], bool]):
+def choose_engine(choice: str, model) -> tuple[bool, str]:
+    """(use the engine?, why) for `generation.engine` = auto | fast | hf. `fast` on a model the engine
+    cannot run is an error; `auto` falls back to `generate`."""
+    if choice == "hf":
+        return False, "generate (generation.engine: hf)"
+    reason = unsupported_reason(model)
+    if reason is None:
+        return True, "the engine"
+    if choice == "fast":
+        raise ValueError(f"generation.engine: fast cannot run this model: {reason}")
+    return False, f"generate: the engine does not support {reason}"
+
+
+def start_completing(generation: GenerationSpec, model, tokenizer, mine: list[Prompt], stop: Callable[[], bool]):
     """(groups of (index into mine, completion) as they finish, how, the engine or None).
 
-    The engine where it can run the model (decided from every rank's inputs, so all ranks agree),
-    else generate in batches.
+    The engine where it can run the model, else generate in batches.
     """
-    use_engine, how = choose_engine(generation.engine, model, longest_prompt + generation.max_new_tokens)
+    use_engine, how = choose_engine(generation.engine, model)
     if use_engine:
-        engine = Engine(model, tokenizer, generation, [len(p.token_ids) for p in mine])
+        eos_ids = eos_token_ids(model, tokenizer)
+        engine = Engine(model, engine_params(generation), [len(p.token_ids) for p in mine], eos_ids)
         engine.warm_up()  # counted in the start-up time, as loading the model is
-        completions = engine.run([p.token_ids for p in mine], [p.example.id for p in mine], stop)
-        return completions, f"{how}, {engine.describe()}", engine
+        groups = engine.run([p.token_ids for p in mine], [p.example.id for p in mine], stop)
+        completions = ([(i, make_completion(tokenizer, eos_ids, tokens)) for i, tokens in group] for group in groups)
+        return completions, f"{how} ({engine.describe()})", engine
     budget = batch_token_budget(generation, model)
     batches = plan_batches([len(p.token_ids) for p in mine], generation.max_new_tokens, budget)
     completions = complete_in_batches(Decoder(model, tokenizer, generation), mine, batches, stop)

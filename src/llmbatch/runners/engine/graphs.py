@@ -4,8 +4,9 @@ A decode step launches hundreds of small kernels (every layer's projections, nor
 sampling); replaying them as one graph removes the Python and launch overhead that otherwise
 dominates at these sizes. A graph replays fixed shapes at fixed addresses, so the step reads its
 inputs from one static buffer, rows padded up to the bucket (padding rows decode a dummy token in the
-cache's dummy slot), and its outputs stay where the capture put them. On CPU the same step runs
-eagerly, at the exact row count.
+cache's dummy slot), and its outputs stay where the capture put them. On CPU, and for a step that
+syncs with the host (a mixture of experts outside bfloat16: see model.capturable), the same step
+runs eagerly, at the exact row count.
 """
 
 from __future__ import annotations
@@ -29,13 +30,13 @@ def bucket_sizes(max_rows: int) -> list[int]:
 
 class DecodeGraphs:
     def __init__(self, step: Callable[[torch.Tensor], torch.Tensor], max_rows: int, dummy_slot: int,
-                 device: torch.device):
+                 device: torch.device, use_graphs: bool):
         self.step, self.device = step, device
-        self.use_graphs = device.type == "cuda"
+        self.use_graphs = use_graphs
         self.sizes = bucket_sizes(max_rows)
         width = self.sizes[-1]
         self.inputs = torch.zeros(len(INPUTS), width, dtype=torch.int64, device=device)
-        self.staging = torch.zeros(len(INPUTS), width, dtype=torch.int64, pin_memory=self.use_graphs)
+        self.staging = torch.zeros(len(INPUTS), width, dtype=torch.int64, pin_memory=device.type == "cuda")
         self.padding = torch.zeros(len(INPUTS), 1, dtype=torch.int64)
         self.padding[INPUTS.index("slots")] = dummy_slot
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}

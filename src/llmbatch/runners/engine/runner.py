@@ -1,9 +1,12 @@
 """The engine's loop: admit prompts into free slots (prefill), decode all running rows a token at a
-time, and hand back each sequence as it ends, in small groups for the shard.
+time, and hand back each sequence's tokens as it ends, in small groups for the shard.
 
-Every sequence's tokens depend only on its own prompt, id and the spec: greedy tokens are the argmax
-of its own logits, sampled ones add noise keyed by (seed, id, step). Which other sequences share its
-steps changes nothing but float rounding.
+Every sequence's tokens depend only on its own prompt, id and the parameters: greedy tokens are the
+argmax of its own logits, sampled ones add noise keyed by (seed, id, step). Which other sequences
+share its steps changes nothing but float rounding.
+
+The engine knows nothing of the job's spec: it takes `EngineParams` and the end-of-sequence tokens;
+the runner (runners/infer.py) decides whether it runs and turns its tokens into results.
 """
 
 from __future__ import annotations
@@ -16,11 +19,10 @@ import torch
 
 from llmbatch.runners.engine.cache import KVCache, count_slots, free_cache_bytes
 from llmbatch.runners.engine.graphs import DecodeGraphs
-from llmbatch.runners.engine.model import EngineModel, cache_shape, unsupported_reason
+from llmbatch.runners.engine.model import EngineModel, cache_shape, capturable, describe
+from llmbatch.runners.engine.params import EngineParams
 from llmbatch.runners.engine.sampler import Sampler, input_key
 from llmbatch.runners.engine.scheduler import Scheduler, Sequence
-from llmbatch.runners.generation import Completion, eos_token_ids, make_completion
-from llmbatch.spec import GenerationSpec
 
 MAX_ROWS = 1024
 """Most sequences decoded at once. Past this a step's time grows with its rows (the KV cache it
@@ -33,19 +35,6 @@ activations fit beside the cache."""
 FLUSH_EVERY_S = 2.0
 """A group of finished sequences goes to the shard when it has an eighth of the slots, or this long
 after the last one."""
-
-
-def choose_engine(choice: str, model, longest_sequence: int) -> tuple[bool, str]:
-    """(use the engine?, why) for `generation.engine` = auto | fast | hf. `fast` on a model the engine
-    cannot run is an error; `auto` falls back to `generate`."""
-    if choice == "hf":
-        return False, "generate (generation.engine: hf)"
-    reason = unsupported_reason(model, longest_sequence)
-    if reason is None:
-        return True, f"the engine ({'Triton decode kernel, CUDA graphs' if model.device.type == 'cuda' else 'eager attention on CPU'})"
-    if choice == "fast":
-        raise ValueError(f"generation.engine: fast cannot run this model: {reason}")
-    return False, f"generate: the engine does not support {reason}"
 
 
 @dataclass
@@ -73,26 +62,34 @@ def peak_activation_bytes(model, rows: int, prefill_tokens: int) -> int:
     """Memory beside the cache: a prefill chunk's activations (hidden states, MLP and attention
     buffers of one layer at a time) and the decode step's logits with the sampler's fp32 copies."""
     config = model.config
-    per_token = (8 * config.hidden_size + 3 * config.intermediate_size) * model.dtype.itemsize
+    # A mixture of experts' block holds the tokens' copies for each of their experts.
+    intermediate = config.intermediate_size * getattr(config, "num_experts_per_tok", 1)
+    per_token = (8 * config.hidden_size + 3 * intermediate) * model.dtype.itemsize
     return prefill_tokens * per_token + rows * config.vocab_size * 16
 
 
 class Engine:
-    def __init__(self, model, tokenizer, generation: GenerationSpec, prompt_lengths: list[int]):
-        self.tokenizer, self.generation = tokenizer, generation
+    def __init__(self, model, params: EngineParams, prompt_lengths: list[int], eos_ids: set[int]):
+        """`model`: a transformers causal LM of a family in families.py (model.unsupported_reason is None)."""
+        self.params, self.eos_ids = params, eos_ids
         self.device = model.device
-        self.eos_ids = eos_token_ids(model, tokenizer)
         self.prefill_tokens = PREFILL_TOKENS[self.device.type]
-        slot_len = max(prompt_lengths, default=1) + generation.max_new_tokens - 1
+        slot_len = max(prompt_lengths, default=1) + params.max_new_tokens - 1
         sequences = min(len(prompt_lengths), MAX_ROWS)
         shape = cache_shape(model)
         reserve = peak_activation_bytes(model, sequences, self.prefill_tokens)
-        slots = count_slots(shape, slot_len, sequences, free_cache_bytes(self.device, generation.kv_cache_gb, reserve),
-                            generation.kv_cache_gb, generation.batch_tokens)
+        slots = count_slots(shape, slot_len, sequences, free_cache_bytes(self.device, params.kv_cache_gb, reserve),
+                            params.kv_cache_gb, params.batch_tokens)
         self.cache = KVCache(shape, slots, slot_len, self.device)
-        self.model = EngineModel(model)
-        self.sampler = Sampler(generation, sorted(self.eos_ids), self.device)
-        self.graphs = DecodeGraphs(self._decode_step, slots, self.cache.dummy_slot, self.device)
+        self.model = EngineModel(model, slot_len)
+        self.sampler = Sampler(params, sorted(eos_ids), self.device)
+        use_graphs = self.device.type == "cuda" and capturable(model)
+        self.graphs = DecodeGraphs(self._decode_step, slots, self.cache.dummy_slot, self.device, use_graphs)
+        if self.device.type != "cuda":
+            path = "eager attention on CPU"
+        else:
+            path = "Triton decode kernel, " + ("CUDA graphs" if use_graphs else "eager decode steps (host syncs)")
+        self.path = f"{describe(model)}; {path}"
         self.stats = EngineStats(slots=slots, slot_len=slot_len, cache_gb=self.cache.nbytes / 2**30)
 
     @torch.inference_mode()
@@ -106,16 +103,17 @@ class Engine:
 
     def describe(self) -> str:
         s = self.stats
-        return f"{s.slots} slots of {s.slot_len} positions ({s.cache_gb:.2f} GiB KV cache)"
+        return f"{self.path}; {s.slots} slots of {s.slot_len} positions ({s.cache_gb:.2f} GiB KV cache)"
 
     @torch.inference_mode()
     def run(self, prompts: list[list[int]], ids: list[str],
-            stop: Callable[[], bool]) -> Iterator[list[tuple[int, Completion]]]:
-        """Groups of (index into prompts, completion), as sequences end. Once stop() is true no prompt
+            stop: Callable[[], bool]) -> Iterator[list[tuple[int, list[int]]]]:
+        """Groups of (index into prompts, generated tokens), as sequences end (the last token is an
+        end-of-sequence token, or there are max_new_tokens). Once stop() is true no prompt
         is admitted and the loop ends after the step in flight; unfinished sequences are dropped."""
-        keys = [input_key(self.generation.seed, example_id) for example_id in ids]
+        keys = [input_key(self.params.seed, example_id) for example_id in ids]
         scheduler = Scheduler([len(p) for p in prompts], self.cache.slots)
-        finished: list[tuple[int, Completion]] = []
+        finished: list[tuple[int, list[int]]] = []
         flush_at, last_flush = max(1, self.cache.slots // 8), time.monotonic()
         while not scheduler.done and not stop():
             admitted = scheduler.admit()
@@ -132,15 +130,15 @@ class Engine:
         if finished:
             yield finished
 
-    def _collect(self, scheduler: Scheduler, sequences: list[Sequence]) -> list[tuple[int, Completion]]:
+    def _collect(self, scheduler: Scheduler, sequences: list[Sequence]) -> list[tuple[int, list[int]]]:
         """Finish the sequences that just generated EOS or their last token."""
         done = []
         for sequence in sequences:
             last = sequence.tokens[-1]
-            if len(sequence.tokens) == self.generation.max_new_tokens or (
-                    last in self.eos_ids and not self.generation.ignore_eos):
+            if len(sequence.tokens) == self.params.max_new_tokens or (
+                    last in self.eos_ids and not self.params.ignore_eos):
                 scheduler.finish(sequence)
-                done.append((sequence.index, make_completion(self.tokenizer, self.eos_ids, sequence.tokens)))
+                done.append((sequence.index, sequence.tokens))
         return done
 
     def _prefill(self, admitted: list[Sequence], prompts: list[list[int]], keys: list[int]) -> None:

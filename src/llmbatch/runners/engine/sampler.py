@@ -15,7 +15,7 @@ import hashlib
 import torch
 from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
-from llmbatch.spec import GenerationSpec
+from llmbatch.runners.engine.params import EngineParams
 
 _MASK32 = 0xFFFFFFFF
 
@@ -54,14 +54,14 @@ def gumbel_noise(keys: torch.Tensor, steps: torch.Tensor, vocab_size: int) -> to
     return -torch.log(-torch.log(uniform))
 
 
-def warpers(generation: GenerationSpec) -> list:
+def warpers(params: EngineParams) -> list:
     """transformers' own temperature, top-k and top-p warpers, in generate's order: the engine and the
     HF path filter logits the same way. They read only the scores, so they run inside a CUDA graph."""
-    found = [TemperatureLogitsWarper(generation.temperature)]
-    if generation.top_k > 0:
-        found.append(TopKLogitsWarper(generation.top_k))
-    if generation.top_p < 1:
-        found.append(TopPLogitsWarper(generation.top_p))
+    found = [TemperatureLogitsWarper(params.temperature)]
+    if params.top_k > 0:
+        found.append(TopKLogitsWarper(params.top_k))
+    if params.top_p < 1:
+        found.append(TopPLogitsWarper(params.top_p))
     return found
 
 
@@ -72,16 +72,16 @@ class Sampler:
     same); that mask comes before the warpers, as in generate.
     """
 
-    def __init__(self, generation: GenerationSpec, eos_ids: list[int], device: torch.device):
-        self.generation = generation
-        self.warpers = warpers(generation) if generation.do_sample else []
+    def __init__(self, params: EngineParams, eos_ids: list[int], device: torch.device):
+        self.params = params
+        self.warpers = warpers(params) if params.do_sample else []
         # A device tensor made once: a list index would copy from host memory inside a graph capture.
-        self.banned = torch.tensor(sorted(eos_ids), device=device) if generation.ignore_eos else None
+        self.banned = torch.tensor(sorted(eos_ids), device=device) if params.ignore_eos else None
 
     def __call__(self, logits: torch.Tensor, keys: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
         if self.banned is not None:
             logits = logits.index_fill(1, self.banned, float("-inf"))
-        if not self.generation.do_sample:
+        if not self.params.do_sample:
             return logits.argmax(dim=-1)
         for warper in self.warpers:
             logits = warper(None, logits)
