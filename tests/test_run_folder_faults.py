@@ -152,8 +152,8 @@ def test_resume_refuses_when_the_data_changed_since_submission(make_run, tmp_pat
     assert not run.submitit_dir.exists()  # nothing was queued
     data.unlink()
     assert main(["resume", str(run.path)]) == 2
-    assert capsys.readouterr().err == f"llmbatch: error: {data}: the run's data file (data.path) is gone; put it " \
-                                      f"back to resume\n"
+    # The run's spec is checked as at submission, data path included.
+    assert capsys.readouterr().err == f"llmbatch: error: {run.spec_file}: data.path: no such file: {data}\n"
     data.write_text(rows)
     run.update_state(inputs_fingerprint=fingerprint | {"model config.json (sha256)": "0" * 64})
     assert main(["resume", str(run.path)]) == 2

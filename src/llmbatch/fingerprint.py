@@ -45,11 +45,8 @@ def spec_fingerprint(spec: JobSpec) -> dict[str, Any]:
 
 def changed_input(saved: dict[str, Any], spec: JobSpec) -> str | None:
     """Why `spec`'s inputs are not those of `saved` (a fingerprint recorded at submission), in words
-    naming the first that changed; None when none did. A data file gone or changed is named by its path."""
-    for key in ("path", "val_path"):
-        path = getattr(spec.data, key)
-        if path is not None and not Path(path).is_file():
-            return f"{path}: the run's data file (data.{key}) is gone; put it back to resume"
+    naming the first that changed; None when none did. A changed data file is named by its path (a data file
+    that is gone was refused by the spec's own check)."""
     now = spec_fingerprint(spec)
     for key in ("path", "val_path"):
         if saved.get(DATA_CONTENTS.format(key)) != now.get(DATA_CONTENTS.format(key)):
