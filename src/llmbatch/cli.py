@@ -272,7 +272,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     for run in lifecycle.find_runs(Path(args.root))[: args.limit]:
         try:  # one damaged run folder must not hide the others
             statuses.append(lifecycle.run_status(run))
-        except DamagedRun as e:
+        except (DamagedRun, SpecError, DataError) as e:  # a side file; its spec or data (for an input count)
             damaged.append(f"{run.name}  damaged: {e}")
     if args.json:
         print(lifecycle.status_json(statuses))

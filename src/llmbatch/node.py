@@ -17,7 +17,7 @@ from pathlib import Path
 import submitit
 
 from llmbatch.jobstep import LaunchPlan, NodePlace, node_command, rendezvous_port
-from llmbatch.rundir import RunDir, atomic_write, process_start_ticks, read_json
+from llmbatch.rundir import DamagedRun, RunDir, atomic_write, process_start_ticks
 from llmbatch.runners.faults import ERROR_PREFIX, silent_for
 
 def place_from_environment(plan: LaunchPlan) -> NodePlace:
@@ -135,7 +135,10 @@ class NodeJob(submitit.helpers.Checkpointable):
             silent = silent_for(record)
             if silent is None or silent < plan.collective_timeout_s:
                 continue
-            owner = read_json(record, {})
+            try:
+                owner = RunDir.read_rank_record(record)
+            except DamagedRun:  # then it is not known which process to kill; the job still fails
+                owner = {}
             if owner.get("start_ticks") is not None and process_start_ticks(owner["pid"]) == owner["start_ticks"]:
                 os.kill(owner["pid"], signal.SIGKILL)
             why = (f"rank {rank} on {host} (pid {owner.get('pid')}) sent no heartbeat for {silent:.0f} s "

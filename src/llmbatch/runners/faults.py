@@ -2,7 +2,8 @@
 and which the command line shows (`lifecycle.rank_error`), instead of a traceback. And the heartbeat by
 which its node job tells a silent rank from a busy one.
 
-    llmbatch: error: <what>          a mistake in the spec found on the node (exit 2), or
+    llmbatch: error: <what>          a mistake in the spec found on the node (exit 2),
+    llmbatch: error: <path>: damaged, ...   a file of the run folder it cannot read (exit 1), or
     llmbatch: error: <path>: no space left on device; ...   the run's file system is full (exit 1)
 
 A full file system shows up as an OSError (ENOSPC) from Python's own writes, but as a RuntimeError
@@ -21,7 +22,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from llmbatch.rundir import RunDir
+from llmbatch.rundir import DamagedRun, RunDir
 
 FULL_BELOW_BYTES = 64 << 10
 """A file system with less free space than this counts as full."""
@@ -48,6 +49,9 @@ def run_rank(main: Callable[[], int], run_dir: str, spec_errors: tuple[type[Exce
     except spec_errors as e:  # the spec's mistake, not a crash
         print(f"{ERROR_PREFIX}{e}", file=sys.stderr, flush=True)
         return 2
+    except DamagedRun as e:  # a file of the run folder (a shard, train_metrics.jsonl) that it cannot read
+        print(f"{ERROR_PREFIX}{e}", file=sys.stderr, flush=True)
+        return 1
     except Exception as e:
         run = RunDir(Path(run_dir))
         if not out_of_space(e, run.path):
