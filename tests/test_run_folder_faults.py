@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -258,8 +259,9 @@ INFER_DAMAGE = {  # name: (damage(run), the file named, what the line says after
         lambda run: run.state_file, "tasks.0: job_id is missing"),
     "array without tasks": (lambda run: run.state_file.write_text(state_of_array(run, tasks={})),
                             lambda run: run.state_file, "tasks is {}, not a JSON object with entries"),
-    "array task named oddly": (lambda run: run.state_file.write_text(state_of_array(run, tasks={"x": {"job_id": "7_0"}})),
-                               lambda run: run.state_file, 'tasks holds "x", not a task number'),
+    "array task named oddly": (
+        lambda run: run.state_file.write_text(state_of_array(run, tasks={"x": {"job_id": "7_0"}})),
+        lambda run: run.state_file, 'tasks holds "x", not a task number'),
 }
 
 
@@ -399,3 +401,58 @@ def test_a_checkpoint_with_a_damaged_manifest_is_damaged_and_resume_falls_back(c
     (older / MANIFEST_FILE).write_text((older / MANIFEST_FILE).read_text().replace('"lora.r": 8', '"lora.r": 4'))
     with pytest.raises(CheckpointMismatch, match=f"^{older}: saved with lora.r=4, but the run's spec now gives 8"):
         check_resumable(run.checkpoints_dir, spec)
+
+
+# --- Ctrl-C ----------------------------------------------------------------------------------------
+
+def interrupted(argv: list[str], after_s: float) -> subprocess.CompletedProcess:
+    """`python submit.py ARGV`, sent SIGINT (as a terminal's Ctrl-C) after `after_s` seconds."""
+    proc = subprocess.Popen([sys.executable, str(REPO / "submit.py"), *argv], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=after_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+@pytest.mark.parametrize("after_s", [0.2, 0.4, 0.7, 1.0, 1.5])
+def test_ctrl_c_while_starting_is_one_line(after_s, make_run):
+    """Early: while Python imports llmbatch, or the command has just begun."""
+    run = local_run(make_run, job_ids=["1"])
+    proc = interrupted(["status", str(run.path)], after_s)
+    assert "Traceback" not in proc.stderr and len(proc.stderr.splitlines()) <= 1, proc.stderr
+    if proc.returncode != 0:  # it may have finished first
+        # Before Python set up its handler the signal's default ends the process, quietly too.
+        assert proc.returncode in (130, -signal.SIGINT), proc.stderr
+        assert proc.stderr in ("", "llmbatch: interrupted\n"), proc.stderr
+
+
+def test_ctrl_c_of_a_command_that_waits_is_one_line(make_run, sleeper):
+    """`logs -f` of a running job follows it until it ends; Ctrl-C ends the command (not the job)."""
+    run = local_run(make_run, job_ids=[str(sleeper.pid)], local_start_ticks=process_start_ticks(sleeper.pid))
+    run.node_log(0).parent.mkdir()
+    run.node_log(0).write_text("== attempt 0 on a host\n")
+    proc = interrupted(["logs", str(run.path), "-f"], 8)
+    assert proc.returncode == 130 and proc.stderr == "llmbatch: interrupted\n", proc.stderr
+    assert proc.stdout == "== attempt 0 on a host\n"
+    assert sleeper.poll() is None
+
+
+def test_ctrl_c_during_submission_leaves_a_run_to_resume_or_nothing(make_run, tmp_path):
+    """Ctrl-C at moments of `infer` before its job runs: one line; a run folder it leaves is whole
+    (spec and state) and its message says how to go on."""
+    for after_s in (1.0, 2.5, 4.0, 6.0):
+        root = tmp_path / f"after-{after_s}"
+        proc = interrupted(["infer", "--executor", "local", "--output", str(root), "--set", "data.max_samples=4"],
+                           after_s)
+        assert "Traceback" not in proc.stderr and len(proc.stderr.splitlines()) <= 1, proc.stderr
+        runs = list(root.glob("*")) if root.exists() else []
+        assert all((r / "spec.yaml").is_file() and (r / "state.json").is_file() for r in runs), runs
+        if proc.returncode == 130 and runs:
+            assert proc.stderr.startswith("llmbatch: interrupted; ") and str(runs[0]) in proc.stderr, proc.stderr
+        elif proc.returncode == 130:
+            assert proc.stderr == "llmbatch: interrupted\n"
+        else:
+            assert proc.returncode == 0, proc.stderr  # it finished first

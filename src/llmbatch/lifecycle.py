@@ -267,9 +267,8 @@ def log_file(run: RunDir, node: int, rank: int | None, task: int | None = None) 
     return candidates[-1]
 
 
-def follow(path: Path, still_running, out=sys.stdout, poll_s: float = 0.5) -> None:
-    """Print `path` and keep printing what is appended while `still_running()`."""
-    offset = 0
+def follow(path: Path, still_running, out=sys.stdout, poll_s: float = 0.5, offset: int = 0) -> None:
+    """Print `path` from byte `offset` on and keep printing what is appended while `still_running()`."""
     while True:
         if path.exists():
             with path.open("rb") as f:

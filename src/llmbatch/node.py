@@ -95,9 +95,11 @@ class NodeJob(submitit.helpers.Checkpointable):
         return "done"
 
     def _install_signal_handlers(self, preempt_marker: Path) -> None:
-        # Ctrl-C or a plain kill of this process must reach the ranks too.
+        # Ctrl-C or a plain kill of this process must reach the ranks too. (A local job starts with
+        # SIGINT held: cli.interrupts_held.)
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._forward)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
         # Keep submitit's USR2 handler (checkpoint + requeue on task 0), but forward first, on every node.
         submitit_handler = signal.getsignal(signal.SIGUSR2)
 
