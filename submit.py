@@ -7,7 +7,11 @@ from pathlib import Path
 # Run from a fresh clone without installing: the package lives in src/.
 sys.path.insert(0, str(Path(__file__).resolve().parent / "src"))
 
-from llmbatch.cli import main  # noqa: E402
+try:
+    from llmbatch.cli import main  # noqa: E402
+except KeyboardInterrupt:  # Ctrl-C while starting: one line, as everywhere else (llmbatch.cli.main)
+    print("llmbatch: interrupted", file=sys.stderr)
+    sys.exit(130)
 
 if __name__ == "__main__":
     sys.exit(main())

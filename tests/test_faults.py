@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import os
+import signal
 import socket
 import subprocess
 import time
@@ -194,3 +195,48 @@ def test_a_stopped_rank_fails_the_job_in_one_line_naming_it_and_resume_finishes(
 
     submit_cli("resume", str(run.path))
     assert run.results_file.read_bytes() == infer_reference.results_file.read_bytes()
+
+
+# --- Ctrl-C and a closed pipe ----------------------------------------------------------------------
+
+def test_ctrl_c_of_a_local_run_is_one_line_and_resume_shows_only_its_own_attempt(tmp_path, infer_reference):
+    """A terminal sends Ctrl-C to the whole process group: the command line, and the local job it
+    started. One line, exit 130, the job cancelled; the resume then prints its own attempt's log, not
+    the interrupted one's."""
+    root = tmp_path / "runs"
+    proc = subprocess.Popen([PYTHON, str(REPO / "submit.py"), "infer", "--executor", "local", "--output", str(root),
+                             *INFER_MANY_BATCHES], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # a process group of its own, as a terminal's job
+    shard = wait_for("the first results in a shard", lambda: next(
+        (p for p in root.glob("*/shards/attempt-000-rank-00000.jsonl") if p.read_bytes().count(b"\n")), None))
+    run = RunDir(shard.parent.parent)
+    os.killpg(proc.pid, signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+
+    assert proc.returncode == 130, out[-3000:] + err[-3000:]
+    assert err == f"llmbatch: interrupted; cancelled the job; resume with: python submit.py resume {run.path}\n"
+    assert not run.results_file.exists()
+    assert "Traceback" not in submit_cli("status", str(run.path)).stdout
+
+    resumed = submit_cli("resume", str(run.path))
+    assert "Traceback" not in resumed.stdout + resumed.stderr and "KeyboardInterrupt" not in resumed.stdout
+    assert "== attempt 0 " not in resumed.stdout and "== attempt 1 " in resumed.stdout
+    assert run.results_file.read_bytes() == infer_reference.results_file.read_bytes()
+
+
+def test_a_closed_pipe_is_no_job_failure(tmp_path, infer_reference):
+    """`python submit.py infer ... | head -c1`: the reader goes away after one byte. The job runs on and
+    its result stands; the command line waits for it, says nothing and exits as the job did (0)."""
+    read_end, write_end = os.pipe()
+    proc = subprocess.Popen([PYTHON, str(REPO / "submit.py"), "infer", "--executor", "local", "--output",
+                             str(tmp_path / "runs"), *INFER_MANY_BATCHES], stdout=write_end, stderr=subprocess.PIPE,
+                            text=True)
+    os.close(write_end)
+    assert os.read(read_end, 1) == b"r"  # "run folder: ..."
+    os.close(read_end)
+    err = proc.communicate(timeout=300)[1]
+
+    assert proc.returncode == 0 and err == "", err[-3000:]
+    [run] = [RunDir(p) for p in (tmp_path / "runs").iterdir()]
+    assert run.results_file.read_bytes() == infer_reference.results_file.read_bytes()
+    assert " COMPLETED  120/120 inputs " in submit_cli("status", str(run.path)).stdout

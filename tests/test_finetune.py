@@ -254,6 +254,28 @@ def test_a_torn_newest_checkpoint_is_set_aside_and_the_previous_one_resumes_exac
 
 
 @pytest.mark.slow
+def test_a_checkpoint_whose_manifest_is_not_json_is_set_aside_by_resume(uninterrupted, make_run):
+    """`python submit.py resume` on a run whose newest manifest.json is damaged: the command line checks
+    the checkpoint the ranks will fall back to, the ranks set the damaged one aside, and the run ends
+    on the uninterrupted run's trajectory."""
+    from helpers import submit_cli
+
+    run = make_run("finetune", overrides=SMALL)
+    finetune(run, 1, 0, "--stop-at-step", "6", expect_success=False)
+    run.update_state(kind="finetune", executor="local", job_ids=["1"])  # as the stopped local job left it
+    (run.checkpoints_dir / "step-000006" / "manifest.json").write_text('{"files": {"optimizer.bin": ')
+
+    resumed = submit_cli("resume", str(run.path))
+    assert ("finetune: checkpoint step-000006 is damaged (its manifest.json is damaged, not valid JSON "
+            "(Expecting value)); moved it to .step-000006.damaged and falling back to the previous complete "
+            "checkpoint") in resumed.stdout
+    assert "resuming at step 4" in resumed.stdout
+    assert trajectory(run) == trajectory(uninterrupted)
+    assert (run.adapter_dir / "adapter_model.safetensors").read_bytes() == \
+           (uninterrupted.adapter_dir / "adapter_model.safetensors").read_bytes()
+
+
+@pytest.mark.slow
 def test_a_checkpoint_of_another_spec_is_refused_before_anything_is_queued(make_run, tmp_path, capsys):
     from llmbatch.cli import main
     from llmbatch.runners.checkpoint import check_resumable

@@ -219,7 +219,7 @@ def test_a_torn_last_line_is_ignored(make_run):
 def test_a_broken_line_before_the_end_is_an_error(make_run):
     run = make_run("infer", overrides=SMALL)
     path = write_shard(run, 0, 0, ["a"], torn='{"id": "b", "pro\n')
-    with pytest.raises(ValueError, match="record 2"):
+    with pytest.raises(ValueError, match="line 2 is not valid JSON"):
         read_records(path)
 
 

@@ -11,8 +11,11 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import NoReturn
 
@@ -35,6 +38,34 @@ DEFAULT_JOBS = Path(__file__).resolve().parent / "jobs"
 
 class UsageError(Exception):
     """Bad input found before anything was queued: one line, exit code 2."""
+
+
+class Interrupted(Exception):
+    """Ctrl-C, and what became of the run: one line, exit code 130."""
+
+
+@contextmanager
+def interrupts_held(then_drop: bool = False) -> Iterator[None]:
+    """Hold Ctrl-C (SIGINT) while the block runs, for work that must happen whole (a job submitted and
+    recorded, or neither); it arrives after the block as KeyboardInterrupt, or not at all with `then_drop`.
+
+    Processes started in the block inherit the held signal: a terminal sends Ctrl-C to its whole process
+    group, and the local job's controller (submitit's) would die of it with a traceback on our stderr.
+    The command line stops the job itself (`lifecycle.cancel`); the node job takes SIGINT again.
+    """
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        if then_drop and signal.SIGINT in signal.sigpending():
+            signal.sigwait({signal.SIGINT})
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
+def quiet_stdout() -> None:
+    """The reader of our output went away (`| head`): send what is still to come nowhere, so that
+    neither a later print nor the interpreter's flush at exit fails again."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 def default_spec_path(kind: str) -> Path:
@@ -125,14 +156,21 @@ def cmd_run(kind: str, args: argparse.Namespace) -> int:
         print_dry_run(spec, executor)
         return 0
 
+    with interrupts_held():  # a run folder is whole (spec and state), or not there
+        try:
+            run = RunDir.create(spec.output.root, spec.name)
+        except OSError as e:
+            raise UsageError(f"output.root: cannot create a run folder in {spec.output.root}: "
+                             f"{e.strerror or e}") from None
+        atomic_write(run.spec_file, dump_spec(spec))
+        # What `resume` needs if none was submitted, and the inputs a resume must find unchanged.
+        run.update_state(kind=kind, executor=executor, inputs=inputs, inputs_fingerprint=spec_fingerprint(spec))
     try:
-        run = RunDir.create(spec.output.root, spec.name)
-    except OSError as e:
-        raise UsageError(f"output.root: cannot create a run folder in {spec.output.root}: "
-                         f"{e.strerror or e}") from None
-    atomic_write(run.spec_file, dump_spec(spec))
-    return submit_and_wait(spec, run, executor, wait=args.wait, header=f"run folder: {run.path}",
-                           kind=kind, submitted=time.time(), inputs=inputs, inputs_fingerprint=spec_fingerprint(spec))
+        return submit_and_wait(spec, run, executor, wait=args.wait, header=f"run folder: {run.path}",
+                               submitted=time.time())
+    except KeyboardInterrupt:  # before the job was submitted (submit_and_wait says what happened after)
+        raise Interrupted(f"interrupted; nothing was submitted; submit the run with: python submit.py resume "
+                          f"{run.path}") from None
 
 
 def local_identity(executor: str, job) -> dict:
@@ -175,46 +213,85 @@ def submit_and_wait(spec: JobSpec, run: RunDir, executor: str, *, wait: bool, he
     except OSError as e:
         raise UsageError(f"{run.path}: cannot write there: {e.strerror}") from None
     ex, plan = slurm.make_executor(executor, spec, run), make_plan(spec, run.path, attempt_base)
-    if spec.resources.array is None:
-        jobs = [slurm.submit(ex, plan)]
-        job_id = jobs[0].job_id
-    else:
-        tasks = list(range(spec.resources.array)) if tasks is None else tasks
-        run.update_state(ranks_per_task=spec.resources.gpus_per_node)  # before any task records itself
-        jobs = slurm.submit_array(ex, plan, tasks)
-        job_id = jobs[0].job_id.split("_")[0]  # the array's; its tasks are <id>_<index>
-        run.update_tasks({task: {"job_id": job.job_id} for task, job in zip(tasks, jobs)})
-    run.update_state(executor=executor, job_ids=run.read_state().get("job_ids", []) + [job_id], **state,
-                     **local_identity(executor, jobs[0]))
+    log_start = run.node_log(0).stat().st_size if run.node_log(0).exists() else 0  # earlier attempts' end
+    with interrupts_held():  # a job is submitted and recorded, or none is
+        if spec.resources.array is None:
+            jobs = [slurm.submit(ex, plan)]
+            job_id = jobs[0].job_id
+        else:
+            tasks = list(range(spec.resources.array)) if tasks is None else tasks
+            run.update_state(ranks_per_task=spec.resources.gpus_per_node)  # before any task records itself
+            jobs = slurm.submit_array(ex, plan, tasks)
+            job_id = jobs[0].job_id.split("_")[0]  # the array's; its tasks are <id>_<index>
+            run.update_tasks({task: {"job_id": job.job_id} for task, job in zip(tasks, jobs)})
+        run.update_state(executor=executor, job_ids=run.read_state().get("job_ids", []) + [job_id], **state,
+                         **local_identity(executor, jobs[0]))
     attempt = f" (attempt {attempt_base})" if attempt_base else ""
-    print(f"{header}\n{executor} job: {job_id}{attempt}")
-    if tasks is not None:
-        print(f"array tasks: {' '.join(map(str, tasks))}")
+    lines = [header, f"{executor} job: {job_id}{attempt}"] + ([f"array tasks: {' '.join(map(str, tasks))}"]
+                                                              if tasks is not None else [])
     if executor == "slurm" and not wait:
-        print(f"follow it with: python submit.py status {run.path}")
+        try:
+            print("\n".join(lines + [f"follow it with: python submit.py status {run.path}"]))
+        except KeyboardInterrupt:
+            raise Interrupted(f"interrupted; {executor} job {job_id} is queued: python submit.py status "
+                              f"{run.path}") from None
         return 0
-    return wait_and_summarize(jobs, run, show_log=executor == "local")
+    return wait_and_summarize(jobs, run, "\n".join(lines),
+                              show_log_from=log_start if executor == "local" else None)
 
 
-def wait_and_summarize(jobs: list, run: RunDir, show_log: bool) -> int:
+def wait_and_summarize(jobs: list, run: RunDir, header: str, show_log_from: int | None) -> int:
+    """Print `header` (and node 0's log from byte `show_log_from` as it grows: this attempt's), wait for
+    the jobs, print the summary.
+
+    A reader of our output that goes away (`| head`) is no failure of the job: it runs on, and its
+    outcome decides the exit code. Ctrl-C cancels the job."""
     try:
-        if show_log:
-            lifecycle.follow(run.node_log(0), lambda: not jobs[0].done())
+        try:
+            print(header, flush=True)
+            if show_log_from is not None:
+                lifecycle.follow(run.node_log(0), lambda: not jobs[0].done(), offset=show_log_from)
+        except BrokenPipeError:
+            quiet_stdout()
         while not all(job.done() for job in jobs):
             time.sleep(0.5)
         for job in jobs:
             job.results()  # one result per node; any node's error is raised here
     except KeyboardInterrupt:
-        for job in jobs:
-            job.cancel()
-        print(f"\ncancelled; resume later with: python submit.py resume {run.path}", file=sys.stderr)
-        return 130
+        with interrupts_held(then_drop=True):  # a second Ctrl-C must not stop the cancel halfway
+            ended = cancel_jobs(run, jobs)
+        if not ended:
+            raise Interrupted(f"interrupted; cancelled the job, which is still ending; see: python submit.py "
+                              f"status {run.path}") from None
+        raise Interrupted(f"interrupted; cancelled the job; resume with: python submit.py resume {run.path}") \
+            from None
     except Exception as e:  # the job's own error, already logged in the run folder
         # A rank's own line says it all (a full disk, a silent rank); else the job's error and log tail.
         print(f"run folder: {run.path}\njob failed: {lifecycle.rank_error(run) or e}", file=sys.stderr)
         return 1
     print(summarize(run))
     return 0
+
+
+CANCEL_WAIT_S = 60.0
+"""How long Ctrl-C waits for a local job to end."""
+
+
+def cancel_jobs(run: RunDir, jobs: list) -> bool:
+    """Cancel the run's job (`cancel RUN`'s way); whether it has ended.
+
+    A local job that is still starting does not take the signal yet (submitit's start-up passes SIGTERM
+    by until the node job runs), so it is sent again until the job ends. Slurm's scancel needs once."""
+    deadline = time.monotonic() + CANCEL_WAIT_S
+    while True:
+        lifecycle.cancel(run)
+        if run.read_state().get("executor") == "slurm":
+            return True
+        time.sleep(1.0)
+        if all(job.done() for job in jobs):
+            return True
+        if time.monotonic() > deadline:
+            return False
 
 
 def cmd_gather(args: argparse.Namespace) -> int:
@@ -236,6 +313,14 @@ def wait_for_ranks_to_end(run: RunDir, grace_s: float) -> list[dict]:
 def cmd_resume(args: argparse.Namespace) -> int:
     """Resubmit a stopped run from its folder; runners pick up shards and checkpoints there."""
     run = open_run(args.run)
+    try:
+        return resume_run(run, args)
+    except KeyboardInterrupt:  # before a job was submitted (submit_and_wait says what happened after)
+        raise Interrupted(f"interrupted; nothing was submitted; resume with: python submit.py resume "
+                          f"{run.path}") from None
+
+
+def resume_run(run: RunDir, args: argparse.Namespace) -> int:
     with run.exclusive("resume"):  # held until this resume's job is submitted (and waited for)
         status = lifecycle.run_status(run)
         if status.state in ("RUNNING", "PENDING", "REQUEUED", "CONFIGURING", "COMPLETING"):
@@ -299,7 +384,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     for run in lifecycle.find_runs(Path(args.root))[: args.limit]:
         try:  # one damaged run folder must not hide the others
             statuses.append(lifecycle.run_status(run))
-        except DamagedRun as e:
+        except (DamagedRun, SpecError, DataError) as e:  # a side file; its spec or data (for an input count)
             damaged.append(f"{run.name}  damaged: {e}")
     if args.json:
         print(lifecycle.status_json(statuses))
@@ -455,11 +540,13 @@ def main(argv: list[str] | None = None) -> int:
     except (SpecError, DataError, UsageError, DamagedRun, RunBusy) as e:
         print(f"llmbatch: error: {printable(str(e))}", file=sys.stderr)
         return 2
-    except BrokenPipeError:
-        # The reader went away (`status | head`): stop quietly, as Unix tools do, and keep the
-        # interpreter from complaining again when it flushes stdout at exit.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except BrokenPipeError:  # the reader went away (`status | head`): stop quietly, as Unix tools do
+        quiet_stdout()
         return 141
+    except (Interrupted, KeyboardInterrupt) as e:  # Ctrl-C
+        # After the terminal's ^C, on a line of its own.
+        print(f"{chr(10) if sys.stderr.isatty() else ''}llmbatch: {str(e) or 'interrupted'}", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -12,8 +12,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from llmbatch.metrics import Metric
-from llmbatch.rundir import RunDir, process_start_ticks, read_json, read_jsonl
+from llmbatch.metrics import Metric, read_metrics, read_train_metrics
+from llmbatch.rundir import RunDir, process_start_ticks
 from llmbatch.shards import finished_tasks, read_progress, task_progress
 
 # Slurm states after which a job will not run again by itself.
@@ -168,9 +168,9 @@ def progress(run: RunDir, kind: str, started: float | None, done_since_started: 
         done, total = p["done"], p["total"]
         rate_base = p.get("done_this_attempt", done) if done_since_started is None else done_since_started
     else:
-        rows = read_jsonl(run.train_metrics_file)
+        rows = read_train_metrics(run.train_metrics_file)
         steps = [r for r in rows if "loss" in r]
-        metrics = read_json(run.metrics_file, {})
+        metrics = read_metrics(run.metrics_file)
         last = steps[-1] if steps else {}
         p = {"step": last.get("step", 0), "total_steps": last.get("total_steps", metrics.get(Metric.STEPS)),
              "last_loss": last.get("loss"),
@@ -269,9 +269,8 @@ def log_file(run: RunDir, node: int, rank: int | None, task: int | None = None) 
     return candidates[-1]
 
 
-def follow(path: Path, still_running, out=sys.stdout, poll_s: float = 0.5) -> None:
-    """Print `path` and keep printing what is appended while `still_running()`."""
-    offset = 0
+def follow(path: Path, still_running, out=sys.stdout, poll_s: float = 0.5, offset: int = 0) -> None:
+    """Print `path` from byte `offset` on and keep printing what is appended while `still_running()`."""
     while True:
         if path.exists():
             with path.open("rb") as f:

@@ -1,8 +1,17 @@
-"""metrics.json: a run's numbers, written once by its runner and read by the summary and `status`.
+"""metrics.json: a run's numbers, written once by its runner and read by the summary and `status`;
+and train_metrics.jsonl, fine-tuning's row per step and evaluation.
 
-Its keys are named here, once: the writers (`gather.py` for inference, the fine-tuning recipe), the
-summary (`summary.py`) and `lifecycle.progress` all use these names.
+Their keys are named here, once: the writers (`gather.py` for inference, the fine-tuning recipe), the
+summary (`summary.py`) and `lifecycle.progress` all use these names, and read both files through the
+readers at the end, which check the values they use.
 """
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from llmbatch.rundir import COUNT, FLAG, MEASURE, NUMBER, check_object, maybe, read_json, read_jsonl
 
 
 class Metric:
@@ -57,3 +66,27 @@ class Metric:
     VAL_PPL_LAST = "val_ppl_last"
     VAL_ACCURACY_FIRST = "val_accuracy_first"
     VAL_ACCURACY_LAST = "val_accuracy_last"
+
+
+# What the readers check: the values the summary and `status` compute with or format as numbers.
+METRICS_FIELDS = {Metric.EXAMPLES: COUNT, Metric.STEPS: COUNT, Metric.WORLD_SIZE: COUNT,
+                  Metric.PROMPT_TOKENS: COUNT, Metric.GENERATED_TOKENS: COUNT, Metric.ACCURACY: NUMBER,
+                  Metric.TOKENS_PER_S: maybe(NUMBER), Metric.WALL_S: NUMBER, Metric.LOAD_BALANCE: NUMBER,
+                  Metric.TRAIN_LOSS_FIRST: MEASURE, Metric.TRAIN_LOSS_LAST: MEASURE, Metric.VAL_LOSS_FIRST: MEASURE,
+                  Metric.VAL_LOSS_LAST: MEASURE, Metric.VAL_LOSS_BEST: maybe(MEASURE), Metric.BEST_STEP: maybe(COUNT),
+                  Metric.STOPPED_EARLY: FLAG, Metric.VAL_ACCURACY_LAST: NUMBER,
+                  Metric.TRAIN_TOKENS_PER_S: maybe(NUMBER)}
+TRAIN_ROW_FIELDS = {"step": COUNT, "total_steps": COUNT, "epoch": COUNT, "loss": MEASURE, "lr": MEASURE,
+                    "grad_norm": MEASURE, "tokens": COUNT, "elapsed_s": NUMBER, "attempt": COUNT,
+                    "val_loss": MEASURE, "val_ppl": MEASURE, "val_accuracy": NUMBER}
+"""A train_metrics.jsonl row: a step's (loss, lr, ...) or an evaluation's (val_loss, ...)."""
+
+
+def read_metrics(path: Path) -> dict[str, Any]:
+    """metrics.json, checked; {} before the run wrote it."""
+    return check_object(path, read_json(path, {}), METRICS_FIELDS)
+
+
+def read_train_metrics(path: Path) -> list[dict[str, Any]]:
+    """train_metrics.jsonl's rows, checked; a torn last line is left out."""
+    return read_jsonl(path, TRAIN_ROW_FIELDS, required=("step",))

@@ -20,7 +20,7 @@ from pathlib import Path
 import submitit
 
 from llmbatch.jobstep import LaunchPlan, NodePlace, node_command, rendezvous_ports
-from llmbatch.rundir import RunDir, atomic_write, open_append, process_start_ticks, read_json
+from llmbatch.rundir import DamagedRun, RunDir, atomic_write, open_append, process_start_ticks, read_json
 from llmbatch.runners.faults import ERROR_PREFIX, silent_for
 
 def place_from_environment(plan: LaunchPlan) -> NodePlace:
@@ -139,9 +139,11 @@ class NodeJob(submitit.helpers.Checkpointable):
         return "done"
 
     def _install_signal_handlers(self, preempt_marker: Path) -> None:
-        # Ctrl-C or a plain kill of this process must reach the ranks too.
+        # Ctrl-C or a plain kill of this process must reach the ranks too. (A local job starts with
+        # SIGINT held: cli.interrupts_held.)
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._forward)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
         # Keep submitit's USR2 handler (checkpoint + requeue on task 0), but forward first, on every node.
         submitit_handler = signal.getsignal(signal.SIGUSR2)
 
@@ -179,7 +181,10 @@ class NodeJob(submitit.helpers.Checkpointable):
             silent = silent_for(record)
             if silent is None or silent < plan.collective_timeout_s:
                 continue
-            owner = read_json(record, {})
+            try:
+                owner = RunDir.read_rank_record(record)
+            except DamagedRun:  # then it is not known which process to kill; the job still fails
+                owner = {}
             if owner.get("start_ticks") is not None and process_start_ticks(owner["pid"]) == owner["start_ticks"]:
                 os.kill(owner["pid"], signal.SIGKILL)
             why = (f"rank {rank} on {host} (pid {owner.get('pid')}) sent no heartbeat for {silent:.0f} s "

@@ -25,7 +25,9 @@ from __future__ import annotations
 import errno
 import fcntl
 import json
+import math
 import os
+import re
 import secrets
 import shutil
 import socket
@@ -36,7 +38,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Callable
 
 
 RESULT_FORMATS = ("jsonl", "parquet")
@@ -253,25 +255,124 @@ def append_jsonl(path: Path, row: dict) -> None:
         f.write((json.dumps(row) + "\n").encode())
 
 
-def read_json(path: Path, default: Any = None) -> Any:
+# --- reading side files ----------------------------------------------------------------------------
+# A run folder lives on shared storage: its files can be torn by a full disk, edited by hand, or
+# written by someone else. Every file the lifecycle commands and the ranks read back goes through a
+# reader that checks what it holds and raises DamagedRun (one line naming the file and the key) for
+# anything else, so no odd value travels on into a traceback.
+
+
+@dataclass(frozen=True)
+class Kind:
+    """What a value in a side file must be; `name` completes "..., not <name>"."""
+
+    name: str
+    test: Callable[[Any], bool]
+
+
+def _finite(v: Any) -> bool:
+    return type(v) is int or type(v) is float and math.isfinite(v)
+
+
+COUNT = Kind("an integer >= 0", lambda v: type(v) is int and v >= 0)
+POSITIVE = Kind("an integer > 0", lambda v: type(v) is int and v > 0)
+NUMBER = Kind("a finite number", _finite)
+MEASURE = Kind("a number", lambda v: type(v) in (int, float))
+"""A loss or a gradient norm: NaN and infinity are what a diverging run really logs."""
+TEXT = Kind("a string", lambda v: isinstance(v, str))
+FLAG = Kind("true or false", lambda v: isinstance(v, bool))
+OBJECT = Kind("a JSON object", lambda v: isinstance(v, dict))
+SOME = Kind("a JSON object with entries", lambda v: isinstance(v, dict) and bool(v))
+JOB_ID = Kind("a job id (123, or 123_4 of an array)",
+              lambda v: isinstance(v, str) and re.fullmatch(r"\d+(_\d+)?", v, re.ASCII) is not None)
+JOB_IDS = Kind("a list of job ids", lambda v: isinstance(v, list) and all(map(JOB_ID.test, v)))
+
+
+def maybe(kind: Kind) -> Kind:
+    return Kind(f"{kind.name} or null", lambda v: v is None or kind.test(v))
+
+
+def one_of(*values: str) -> Kind:
+    return Kind(" or ".join(map(json.dumps, values)), lambda v: v in values)
+
+
+def shown(value: Any, width: int = 40) -> str:
+    """A value as one short, escaped line (JSON's escapes: no newline or control character gets out)."""
     try:
-        return json.loads(Path(path).read_text())
+        text = json.dumps(value)
+    except (ValueError, RecursionError):  # an integer of more digits than Python converts, a deep nest
+        text = type(value).__name__
+    return text if len(text) <= width else text[:width - 3] + "..."
+
+
+def check_object(path: Path, obj: Any, fields: dict[str, Kind], required: tuple[str, ...] = (),
+                 where: str = "") -> dict[str, Any]:
+    """`obj`, if it is a JSON object that has every `required` key and whose `fields` are of their
+    kinds; else DamagedRun naming `path`, `where` in it and the key. Other keys are not looked at."""
+    if not isinstance(obj, dict):
+        raise DamagedRun(f"{path}: damaged, {where}not a JSON object but {shown(obj)}")
+    for key in required:
+        if key not in obj:
+            raise DamagedRun(f"{path}: damaged, {where}{key} is missing")
+    for key, kind in fields.items():
+        if key in obj and not kind.test(obj[key]):
+            raise DamagedRun(f"{path}: damaged, {where}{key} is {shown(obj[key])}, not {kind.name}")
+    return obj
+
+
+def read_json(path: Path, default: Any = None) -> Any:
+    """A JSON file's value, `default` if there is no file; DamagedRun if it cannot be read as JSON."""
+    try:
+        return json.loads(Path(path).read_bytes())
     except FileNotFoundError:
         return default
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise DamagedRun(f"{path}: damaged, not valid JSON ({e})") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise DamagedRun(f"{path}: damaged, not valid JSON ({getattr(e, 'msg', None) or type(e).__name__})") from None
+    except OSError as e:  # a folder, say
+        raise DamagedRun(f"{path}: cannot be read ({e.strerror})") from None
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    """The rows of a JSONL file ([] if there is none); a torn last line (an attempt killed while
-    writing it) is dropped."""
+def read_json_object(path: Path, fields: dict[str, Kind], required: tuple[str, ...] = ()) -> dict[str, Any] | None:
+    """A JSON object file checked by `check_object`, or None if there is no file."""
+    obj = read_json(path)
+    return None if obj is None and not Path(path).exists() else check_object(path, obj, fields, required)
+
+
+def read_jsonl(path: Path, fields: dict[str, Kind] | None = None, required: tuple[str, ...] = ()) -> list[dict]:
+    """The rows of a JSONL file ([] if there is none), each a JSON object checked by `check_object`.
+
+    A row counts once its newline is on disk: what follows the last newline is a write cut short by a
+    kill, and is ignored. A complete line that is not a JSON object means damage (one writer appends,
+    and a resumed attempt rewrites the file before appending)."""
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
+        return []
+    except OSError as e:
+        raise DamagedRun(f"{path}: cannot be read ({e.strerror})") from None
     rows = []
-    for line in path.read_text().splitlines() if path.exists() else []:
+    *complete, _torn_or_empty = data.split(b"\n")
+    for number, line in enumerate(complete, 1):
+        if not line.strip():
+            continue
         try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            pass
+            row = json.loads(line.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+            why = getattr(e, "msg", None) or type(e).__name__
+            raise DamagedRun(f"{path}: damaged, line {number} is not valid JSON ({why})") from None
+        rows.append(check_object(path, row, fields or {}, required, where=f"line {number}: "))
     return rows
+
+
+RANK_RECORD_FIELDS = {"host": TEXT, "pid": POSITIVE, "start_ticks": maybe(COUNT)}
+
+STATE_FIELDS = {"executor": one_of("local", "slurm"), "kind": one_of("infer", "finetune"), "job_ids": JOB_IDS,
+                "inputs": COUNT, "attempt": COUNT, "attempt_started": NUMBER, "job_id": JOB_ID, "requeues": COUNT,
+                "local_start_ticks": maybe(COUNT), "cancelled": NUMBER, "ranks_per_task": POSITIVE,
+                "tasks": SOME}
+"""What state.json may hold (`RunDir.read_state`); an array's `tasks` each hold TASK_FIELDS."""
+TASK_FIELDS = {"job_id": JOB_ID, "attempt": COUNT,
+               "attempt_started": NUMBER, "requeues": COUNT, "inputs": COUNT}
 
 
 @dataclass(frozen=True)
@@ -367,6 +468,11 @@ class RunDir:
                           {"host": socket.gethostname(), "pid": os.getpid(),
                            "start_ticks": process_start_ticks(os.getpid())})
 
+    @staticmethod
+    def read_rank_record(path: Path) -> dict[str, Any]:
+        """A rank record (`record_rank`), checked; {} before the rank wrote it."""
+        return read_json_object(path, RANK_RECORD_FIELDS, required=("host", "pid")) or {}
+
     def live_ranks(self) -> list[dict[str, Any]]:
         """The recorded ranks whose process still runs on this host (same pid, same start time).
 
@@ -374,7 +480,7 @@ class RunDir:
         """
         host, alive = socket.gethostname(), []
         for path in sorted(self.ranks_dir.glob("attempt-*-rank-*.json")):
-            record = read_json(path)
+            record = self.read_rank_record(path)
             if record.get("host") == host and record.get("start_ticks") is not None \
                     and process_start_ticks(record["pid"]) == record["start_ticks"]:
                 alive.append(record | {"name": path.stem})
@@ -401,9 +507,14 @@ class RunDir:
             yield
 
     def read_state(self) -> dict[str, Any]:
-        state = read_json(self.state_file, {})
-        if not isinstance(state, dict):
-            raise DamagedRun(f"{self.state_file}: damaged, not a JSON object")
+        """state.json, checked (STATE_FIELDS); {} before the first submission."""
+        state = check_object(self.state_file, read_json(self.state_file, {}), STATE_FIELDS)
+        if "tasks" in state:  # a job array's: its tasks and how many ranks each runs
+            check_object(self.state_file, state, {}, required=("ranks_per_task",))
+            for task, info in state["tasks"].items():
+                if not (task.isascii() and task.isdigit()):
+                    raise DamagedRun(f"{self.state_file}: damaged, tasks holds {shown(task)}, not a task number")
+                check_object(self.state_file, info, TASK_FIELDS, required=("job_id",), where=f"tasks.{task}: ")
         return state
 
     def update_state(self, **changes: Any) -> dict[str, Any]:

@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from llmbatch.data import DataError, Example, load_examples
-from llmbatch.rundir import DamagedRun, RunDir, atomic_write_json, create_new
+from llmbatch.rundir import (COUNT, FLAG, NUMBER, OBJECT, POSITIVE, TEXT, DamagedRun, RunDir, atomic_write_json,
+                             check_object, create_new, maybe, read_json_object, read_jsonl, shown)
 from llmbatch.spec import load_resolved
 
 _SHARD_NAME = re.compile(r"^attempt-(\d+)-rank-(\d+)\.jsonl$")
@@ -62,17 +63,17 @@ def complete_lines(path: Path) -> list[bytes]:
     return [line for line in complete if line.strip()]
 
 
+RECORD_FIELDS = {"id": TEXT, "prompt_tokens": COUNT, "output_tokens": COUNT, "finish_reason": TEXT,
+                 "truncated": FLAG, "correct": FLAG}
+"""A result record's fields that the merge and its metrics read (runners/infer.py writes them)."""
+
+
 def read_records(path: Path) -> list[dict[str, Any]]:
-    records = []
-    for number, line in enumerate(complete_lines(path), 1):
-        try:
-            records.append(json.loads(line.decode("utf-8")))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            # Only the last line can be torn by a kill; a bad complete line means something else.
-            why = getattr(e, "msg", e)
-            raise DamagedRun(f"{path}: damaged, record {number} is not valid JSON ({why})") from None
-        if not isinstance(records[-1], dict) or not isinstance(records[-1].get("id"), str):
-            raise DamagedRun(f"{path}: damaged, record {number} is not a result with an id")
+    """A shard's records, checked; a torn last line is left out, any other bad line is DamagedRun."""
+    records = read_jsonl(path, RECORD_FIELDS, required=("id", "prompt_tokens", "output_tokens", "finish_reason"))
+    for record in records:
+        if "reference" in record and "correct" not in record:
+            raise DamagedRun(f"{path}: damaged, the record of id {shown(record['id'])} has a reference but no correct")
     return records
 
 
@@ -113,12 +114,21 @@ def write_stats(shard: Shard, stats: dict[str, Any]) -> None:
     atomic_write_json(shard.stats_path, stats)
 
 
+STATS_FIELDS = {"attempt": COUNT, "rank": COUNT, "world_size": POSITIVE, "task": COUNT, "examples": COUNT,
+                "writes": COUNT, "prompt_tokens": COUNT, "generated_tokens": COUNT, "load_s": NUMBER,
+                "generate_s": NUMBER, "wall_s": NUMBER, "engine": maybe(OBJECT)}
+"""A rank's stats (runners/infer.py: RankStats); the merge needs those it requires."""
+ENGINE_STATS_FIELDS = {"prefill_s": NUMBER, "decode_s": NUMBER, "decode_steps": COUNT, "occupancy": NUMBER}
+
+
 def read_stats(shard: Shard) -> dict[str, Any] | None:
-    """The rank's stats, or None if it has not finished (or was killed)."""
-    try:
-        return json.loads(shard.stats_path.read_text())
-    except FileNotFoundError:
-        return None
+    """The rank's stats, checked, or None if it has not finished (or was killed)."""
+    stats = read_json_object(shard.stats_path, STATS_FIELDS,
+                             required=("rank", "world_size", "examples", "generated_tokens", "generate_s", "wall_s"))
+    if stats and stats.get("engine"):
+        check_object(shard.stats_path, stats["engine"], ENGINE_STATS_FIELDS, required=tuple(ENGINE_STATS_FIELDS),
+                     where="engine: ")
+    return stats
 
 
 def run_examples(run: RunDir) -> list[Example]:

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from llmbatch.metrics import Metric
-from llmbatch.rundir import RunDir, read_json
+from llmbatch.metrics import Metric, read_metrics
+from llmbatch.rundir import RunDir
 
 # metrics.json keys worth a line, in order, with their labels; a run shows the ones it has.
 LINES = (
@@ -32,7 +32,7 @@ def _fmt(value) -> str:
 
 
 def summarize(run: RunDir) -> str:
-    metrics = read_json(run.metrics_file, {})
+    metrics = read_metrics(run.metrics_file)
     lines = [f"run folder: {run.path}"]
     width = max(len(label) for _, label in LINES)
     lines += [f"  {label:<{width}}  {_fmt(metrics[key])}" for key, label in LINES if key in metrics]

@@ -30,7 +30,8 @@ from pathlib import Path
 from typing import Any
 
 from llmbatch.fingerprint import file_sha256, spec_fingerprint
-from llmbatch.rundir import apply_umask, atomic_write_json, fsync_path, make_folder, read_json, remove_tree
+from llmbatch.rundir import (COUNT, OBJECT, TEXT, DamagedRun, apply_umask, atomic_write_json, check_object,
+                             fsync_path, make_folder, read_json, remove_tree, shown)
 from llmbatch.spec import JobSpec
 
 # torch, accelerate and safetensors are imported where they are used: `resume` on the command line
@@ -82,15 +83,31 @@ def write_manifest(folder: Path, fingerprint: dict[str, Any]) -> None:
     atomic_write_json(folder / MANIFEST_FILE, {"files": files, "spec": fingerprint})
 
 
+MANIFEST_FIELDS = {"files": OBJECT, "spec": OBJECT}
+MANIFEST_FILE_FIELDS = {"bytes": COUNT, "sha256": TEXT}
+
+
+def read_manifest(folder: Path) -> dict[str, Any]:
+    """A checkpoint's manifest, checked: every file it lists (a plain name in `folder`) with its size
+    and SHA-256, and the spec values it is valid for. DamagedRun if it is anything else."""
+    path = folder / MANIFEST_FILE
+    manifest = check_object(path, read_json(path), MANIFEST_FIELDS, required=("files",))
+    for name, recorded in manifest["files"].items():
+        if name in ("", ".", "..") or "/" in name or "\0" in name:
+            raise DamagedRun(f"{path}: damaged, files holds {shown(name)}, not a file name")
+        check_object(path, recorded, MANIFEST_FILE_FIELDS, required=tuple(MANIFEST_FILE_FIELDS),
+                     where=f"files.{name}: ")
+    return manifest
+
+
 def damage(folder: Path) -> str | None:
     """Why `folder` is not a checkpoint to load, or None when every file matches its manifest."""
-    try:
-        manifest = json.loads((folder / MANIFEST_FILE).read_text())
-        files = manifest["files"]
-    except FileNotFoundError:
+    if not (folder / MANIFEST_FILE).is_file():
         return f"it has no {MANIFEST_FILE} (its save never finished)"
-    except (ValueError, UnicodeDecodeError, KeyError, TypeError):
-        return f"its {MANIFEST_FILE} is damaged"
+    try:
+        files = read_manifest(folder)["files"]
+    except DamagedRun as e:
+        return f"its {MANIFEST_FILE} is {str(e).removeprefix(f'{folder / MANIFEST_FILE}: ')}"
     for name, recorded in files.items():
         path = folder / name
         if not path.is_file():
@@ -104,7 +121,7 @@ def damage(folder: Path) -> str | None:
 
 def check_fingerprint(folder: Path, fingerprint: dict[str, Any]) -> None:
     """CheckpointMismatch naming the first key whose value differs from when `folder` was saved."""
-    saved = read_json(folder / MANIFEST_FILE, {}).get("spec", {})
+    saved = read_manifest(folder).get("spec", {})
     for key in sorted(saved.keys() | fingerprint.keys()):
         if saved.get(key) != fingerprint.get(key):
             raise CheckpointMismatch(
@@ -114,10 +131,15 @@ def check_fingerprint(folder: Path, fingerprint: dict[str, Any]) -> None:
 
 
 def check_resumable(checkpoints_dir: Path, spec: JobSpec) -> None:
-    """Before a resume is queued: the newest complete checkpoint must belong to this spec."""
-    found = complete_checkpoints(checkpoints_dir)
-    if found:
-        check_fingerprint(found[-1], spec_fingerprint(spec))
+    """Before a resume is queued: the checkpoint it will load must belong to this spec. That is the
+    newest whose manifest reads (the ranks set one with a damaged manifest aside, and fall back)."""
+    for folder in reversed(complete_checkpoints(checkpoints_dir)):
+        try:
+            read_manifest(folder)
+        except DamagedRun:
+            continue
+        check_fingerprint(folder, spec_fingerprint(spec))
+        return
 
 
 def trainable_state_dict(model) -> dict:

@@ -2,7 +2,9 @@
 and which the command line shows (`lifecycle.rank_error`), instead of a traceback. And the heartbeat by
 which its node job tells a silent rank from a busy one.
 
-    llmbatch: error: <what>          a mistake in the spec or the run folder found on the node (exit 2), or
+    llmbatch: error: <what>          a mistake in the spec or the run folder found on the node (exit 2),
+    llmbatch: error: <path>: damaged, ...   a file of the run folder it cannot read (exit 1),
+    llmbatch: error: interrupted (SIGINT); ...   Ctrl-C of a local run (exit 130), or
     llmbatch: error: <path>: no space left on device; ...   the run's file system is full (exit 1)
 
 A full file system shows up as an OSError (ENOSPC) from Python's own writes, but as a RuntimeError
@@ -80,6 +82,13 @@ def _exit_code(main: Callable[[], int], run_dir: str, spec_errors: tuple[type[Ex
     except (DamagedRun, *spec_errors) as e:  # the spec's or the run folder's mistake, not a crash
         print(f"{ERROR_PREFIX}{e}", file=sys.stderr, flush=True)
         return 2
+    except DamagedRun as e:  # a file of the run folder (a shard, train_metrics.jsonl) that it cannot read
+        print(f"{ERROR_PREFIX}{e}", file=sys.stderr, flush=True)
+        return 1
+    except KeyboardInterrupt:  # Ctrl-C of a local run, forwarded by the node job
+        print(f"{ERROR_PREFIX}interrupted (SIGINT); finish the run with: python submit.py resume {run_dir}",
+              file=sys.stderr, flush=True)
+        return 130
     except Exception as e:
         run = RunDir(Path(run_dir))
         if not out_of_space(e, run.path):

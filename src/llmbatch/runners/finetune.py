@@ -61,9 +61,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, get_scheduler
 
 from llmbatch import scoring
 from llmbatch.data import load_examples
-from llmbatch.metrics import Metric
-from llmbatch.rundir import RunDir, append_jsonl, atomic_write, atomic_write_json, read_jsonl, save_folder
 from llmbatch.fingerprint import spec_fingerprint
+from llmbatch.metrics import Metric, read_train_metrics
+from llmbatch.rundir import RunDir, append_jsonl, atomic_write, atomic_write_json, save_folder
 from llmbatch.runners.checkpoint import CheckpointMismatch, checkpoint_trainable_weights_only, resume, save_checkpoint
 from llmbatch.runners.faults import run_rank, start_heartbeat
 from llmbatch.runners.generation import DTYPES, Decoder, encode_prompts
@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     state = resume(accelerator, run.checkpoints_dir, fingerprint)
     if accelerator.is_main_process:
         # Rows past the checkpoint were logged by an attempt that died: this one logs those steps again.
-        keep = [row for row in read_jsonl(metrics_log) if row["step"] <= state.step] if state.step else []
+        keep = [row for row in read_train_metrics(metrics_log) if row["step"] <= state.step] if state.step else []
         atomic_write(metrics_log, "".join(json.dumps(row) + "\n" for row in keep))
     start_tracker(accelerator, spec, run, state.step, args.attempt)
     accelerator.print(f"finetune: attempt {args.attempt}, {accelerator.num_processes} process(es), "
@@ -241,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     if accelerator.is_main_process:
         unwrapped = accelerator.unwrap_model(model)
         save_folder(run.adapter_dir, unwrapped.save_pretrained)
-        rows = read_jsonl(metrics_log)
+        rows = read_train_metrics(metrics_log)
         metrics = training_metrics(rows, state, accelerator.num_processes, len(train_examples), attempt_tokens,
                                    attempt_train_s, time.time() - started)
         atomic_write_json(run.metrics_file, metrics | {Metric.STOPPED_EARLY: state.step < total_steps})
@@ -494,7 +494,7 @@ def write_loss_curve(metrics_log: Path, png: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = read_jsonl(metrics_log)
+    rows = read_train_metrics(metrics_log)
     train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
     val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
     fig, ax = plt.subplots(figsize=(7, 4))
