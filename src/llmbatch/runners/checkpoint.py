@@ -21,7 +21,6 @@ manifest, newest checkpoint first, and falls back to the previous one that passe
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import re
 import time
