@@ -414,7 +414,7 @@ def test_list_shows_the_other_runs_when_a_run_spec_is_damaged(make_run, tmp_path
     assert main(["list", "--root", str(run.path.parent)]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert any(line.startswith(other.name) and " STOPPED " in line for line in lines), lines
-    assert any(line.startswith(f"{run.name}  damaged: {run.spec_file}: damaged run spec") for line in lines), lines
+    assert any(line.startswith(f"{run.name}  damaged: {run.spec_file}: invalid YAML at line ") for line in lines), lines
 
 
 # --- a damaged checkpoint manifest -----------------------------------------------------------------
