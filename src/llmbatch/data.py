@@ -15,19 +15,15 @@ import codecs
 import csv
 import functools
 import json
-import re
 import string
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from llmbatch.spec import DataSpec, hidden_character, invisible, not_utf8, template_fields
+from llmbatch.spec import SURROGATE, DataSpec, hidden_character, invisible, not_utf8, template_fields
 
 ROLES = ("system", "user", "assistant")
 """Roles a message of data.messages_field may have."""
-
-SURROGATE = re.compile(r"[\ud800-\udfff]")
-"""A lone surrogate: JSON's "\\ud800" escape decodes to one, and it cannot be encoded as UTF-8."""
 
 PARQUET_BATCH_ROWS = 65536
 """Rows of a Parquet file in memory at once, as Arrow columns (then as Python values)."""

@@ -46,6 +46,10 @@ def _check(key: str, ok: bool, message: str, related: tuple[str, ...] = ()) -> N
         raise SpecError(key, message, related=related)
 
 
+SURROGATE = re.compile(r"[\ud800-\udfff]")
+"""A lone surrogate: JSON's "\\ud800" escape decodes to one, and it cannot be encoded as UTF-8."""
+
+
 def printable(text: str) -> str:
     """`text` kept on one line for an error message: control characters, line separators, bidirectional
     overrides and lone surrogates (user text can hold any of them) escaped as Python writes them (\\n,
@@ -304,7 +308,7 @@ class DataSpec:
                    "a system message needs the chat template: set data.chat_template: true",
                    related=("data.chat_template", "data.messages_field"))
         for key in ("prompt_template", "system_prompt"):
-            _check(f"data.{key}", not re.search(r"[\ud800-\udfff]", getattr(self, key) or ""),
+            _check(f"data.{key}", not SURROGATE.search(getattr(self, key) or ""),
                    "holds a lone surrogate, half of a UTF-16 pair and no text (a broken \\u escape?)")
         if self.prompt_template is not None:
             try:
