@@ -52,6 +52,16 @@ SHAPES = {
             "rope_type": "longrope", "rope_theta": 10000.0, "original_max_position_embeddings": 4096,
             "short_factor": [1.0 + i / 48 for i in range(PHI4_ROTARY_HALF)],
             "long_factor": [1.0 + i for i in range(PHI4_ROTARY_HALF)]})),
+    # Gemma 2 9B with its window cut from 4,096 to 1,024, so that the check's two long prompts cross it.
+    "gemma-2-9b": ("Gemma2Config", "Gemma2ForCausalLM", 42, dict(
+        hidden_size=3584, intermediate_size=14336, num_hidden_layers=42, num_attention_heads=16,
+        num_key_value_heads=8, head_dim=256, vocab_size=256000, query_pre_attn_scalar=256, sliding_window=1024,
+        attn_logit_softcapping=50.0, final_logit_softcapping=30.0, max_position_embeddings=8192)),
+    # Mistral 7B with a 256-token window, shorter than most prompts: every layer slides.
+    "mistral-7b-window-256": ("MistralConfig", "MistralForCausalLM", 32, dict(
+        hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=8, vocab_size=32000, sliding_window=256, max_position_embeddings=32768,
+        rope_parameters={"rope_type": "default", "rope_theta": 1e6})),
     "mixtral-8x7b": ("MixtralConfig", "MixtralForCausalLM", 16, dict(
         hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
         num_key_value_heads=8, vocab_size=32000, num_local_experts=8, num_experts_per_tok=2,
