@@ -17,6 +17,7 @@ Writes DIR/families.json (every figure) and prints a markdown table. Exit 1 if a
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import random
@@ -33,6 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
 from llmbatch.runners.engine.params import EngineParams  # noqa: E402
 from llmbatch.runners.engine.runner import Engine  # noqa: E402
+
+KEEP_GROUPED_EXPERTS = False  # --generate-experts grouped_mm
 
 PHI4_ROTARY_HALF = 48  # Phi-4-mini: head 128, partial rotary 0.75 -> 96 rotary dims
 
@@ -115,7 +118,11 @@ def run_engine(model, params: EngineParams, prompts: list[list[int]]) -> tuple[d
 
 @torch.inference_mode()
 def generate(model, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
-    """Greedy, EOS ignored, one batch, left-padded."""
+    """Greedy, EOS ignored, one batch, left-padded. With `KEEP_GROUPED_EXPERTS`, a MoE model decodes with
+    grouped experts: transformers would switch them to `batched_mm`, which gathers every row's expert
+    weights (Mixtral b256: 112 GiB) and runs out of memory at the batch sizes the engine is measured against."""
+    if KEEP_GROUPED_EXPERTS:
+        model._optimize_model_for_decode = contextlib.nullcontext
     width = max(map(len, prompts))
     ids = torch.zeros(len(prompts), width, dtype=torch.long)
     mask = torch.zeros_like(ids)
@@ -190,7 +197,11 @@ def main() -> int:
     parser.add_argument("--deadline-s", type=float, default=540)
     parser.add_argument("--generate-batch", type=int, default=256,
                         help="generate's batch size (Mixtral's b256 needs 112 GiB for its decode experts)")
+    parser.add_argument("--generate-experts", choices=("transformers", "grouped_mm"), default="transformers",
+                        help="MoE decoding in generate: transformers' own switch to batched_mm, or grouped_mm kept")
     args = parser.parse_args()
+    global KEEP_GROUPED_EXPERTS
+    KEEP_GROUPED_EXPERTS = args.generate_experts == "grouped_mm"
     args.out.mkdir(parents=True, exist_ok=True)
     began = time.monotonic()
     results = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
