@@ -42,10 +42,11 @@ REPO = BENCH.parent
 sys.path.insert(0, str(REPO / "src"))  # llmbatch, uninstalled: the job step, spec and rundir (no submitit)
 sys.path.insert(0, str(BENCH))
 
-import workloads  # noqa: E402
-from llmbatch.jobstep import NodePlace, make_plan, node_command  # noqa: E402
-from llmbatch.rundir import RunDir, atomic_write, read_json  # noqa: E402
-from llmbatch.spec import dump_spec, load_resolved, load_spec  # noqa: E402
+import workloads
+
+from llmbatch.jobstep import NodePlace, make_plan, node_command
+from llmbatch.rundir import RunDir, atomic_write, read_json
+from llmbatch.spec import dump_spec, load_resolved, load_spec
 
 # NVLink multicast off for every process: shared multi-GPU hosts may forbid it.
 SAFE_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
@@ -63,14 +64,22 @@ PEAK_BF16_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0}
 
 # The fine-tuning peers: (method name, bench/hf_trainer.py options), for fixed and for variable lengths.
 PADDED_TRAINER = "HF Trainer + PEFT"
-FT_PEERS = {False: [(PADDED_TRAINER, []), ("HF Trainer + PEFT + Liger", ["--liger"])],
-            True: [(PADDED_TRAINER, []), ("HF Trainer + PEFT + flattening + Liger", ["--collator", "flatten", "--liger"])]}
+FT_PEERS = {
+    False: [(PADDED_TRAINER, []), ("HF Trainer + PEFT + Liger", ["--liger"])],
+    True: [(PADDED_TRAINER, []), ("HF Trainer + PEFT + flattening + Liger", ["--collator", "flatten", "--liger"])],
+}
 
-TARGETS = {"infer_vs_generate": 5.0, "infer_vs_loop": 100.0, "ft_fixed": 1.3, "ft_var": 1.3,
-           "scaling_efficiency": 0.95}  # 1 -> 2 GPUs at least 1.9x; for N GPUs, 0.95 * N
+TARGETS = {
+    "infer_vs_generate": 5.0,
+    "infer_vs_loop": 100.0,
+    "ft_fixed": 1.3,
+    "ft_var": 1.3,
+    "scaling_efficiency": 0.95,
+}  # 1 -> 2 GPUs at least 1.9x; for N GPUs, 0.95 * N
 
 
 # --- processes ---------------------------------------------------------------------------------------
+
 
 class GpuMemory:
     """Peak memory used on each GPU while a process runs, sampled by nvidia-smi every 200 ms, minus what
@@ -85,14 +94,20 @@ class GpuMemory:
     def _query() -> dict[int, float] | None:
         if not shutil.which("nvidia-smi"):
             return None
-        out = subprocess.run(["nvidia-smi", "--query-gpu=index,memory.used", "--format=csv,noheader,nounits"],
-                             capture_output=True, text=True)
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=index,memory.used", "--format=csv,noheader,nounits"],
+            capture_output=True,
+            text=True,
+        )
         return {int(i): float(m) for i, m in (line.split(",") for line in out.stdout.strip().splitlines())}
 
     def __enter__(self):
         if self.baseline is not None:
-            self.proc = subprocess.Popen(["nvidia-smi", "--query-gpu=index,memory.used", "--format=csv,noheader,nounits",
-                                          "-lms", "200"], stdout=subprocess.PIPE, text=True)
+            self.proc = subprocess.Popen(
+                ["nvidia-smi", "--query-gpu=index,memory.used", "--format=csv,noheader,nounits", "-lms", "200"],
+                stdout=subprocess.PIPE,
+                text=True,
+            )
             threading.Thread(target=self._read, daemon=True).start()
         return self
 
@@ -143,9 +158,16 @@ class Bench:
         return self.args.deadline_s - (time.monotonic() - self.started)
 
     def env(self, gpus: int) -> dict[str, str]:
-        env = dict(os.environ) | SAFE_ENV | {
-            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO / "src"), os.environ.get("PYTHONPATH")])),
-            "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+        env = (
+            dict(os.environ)
+            | SAFE_ENV
+            | {
+                "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO / "src"), os.environ.get("PYTHONPATH")])),
+                "PYTHONUNBUFFERED": "1",
+                "HF_HUB_OFFLINE": "1",
+                "TOKENIZERS_PARALLELISM": "false",
+            }
+        )
         if self.cpu:
             # Several CPU processes need --multi_gpu plus this (accelerate's --cpu starts only one).
             env |= {"ACCELERATE_USE_CPU": "true", "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
@@ -155,8 +177,7 @@ class Bench:
             env |= {"CUDA_DEVICE_ORDER": "PCI_BUS_ID", "CUDA_VISIBLE_DEVICES": ",".join(str(i) for i in range(gpus))}
         return env
 
-    def run(self, name: str, argv: list[str], gpus: int, estimate_s: float,
-            env: dict[str, str] | None = None) -> dict:
+    def run(self, name: str, argv: list[str], gpus: int, estimate_s: float, env: dict[str, str] | None = None) -> dict:
         """Run one measurement process (`env` added to its environment, this benchmark's settings
         winning); its output goes to logs/<name>.log. Never raises."""
         remaining = self.remaining()
@@ -168,15 +189,25 @@ class Bench:
             return phase
         timeout = min(self.args.phase_timeout_s, remaining)
         log = self.logs / f"{name}.log"
-        print(f"== {name} ({gpus} {'process' if self.cpu else 'GPU'}{'es' if self.cpu and gpus > 1 else ''}"
-              f"{'s' if not self.cpu and gpus > 1 else ''}; about {estimate_s:.0f} s, limit {timeout:.0f} s)", flush=True)
+        print(
+            f"== {name} ({gpus} {'process' if self.cpu else 'GPU'}{'es' if self.cpu and gpus > 1 else ''}"
+            f"{'s' if not self.cpu and gpus > 1 else ''}; about {estimate_s:.0f} s, limit {timeout:.0f} s)",
+            flush=True,
+        )
         started = time.monotonic()
         with log.open("w") as f, GpuMemory(list(range(gpus))) as memory:
             f.write(" ".join(argv) + "\n\n")
             f.flush()
             # Own session, so a time-out can stop the process and everything it started (ranks).
-            proc = subprocess.Popen(argv, env=(env or {}) | self.env(gpus), cwd=REPO, stdout=f,
-                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+            proc = subprocess.Popen(
+                argv,
+                env=(env or {}) | self.env(gpus),
+                cwd=REPO,
+                stdout=f,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
             try:
                 rc = proc.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
@@ -188,8 +219,13 @@ class Bench:
                     os.killpg(proc.pid, signal.SIGKILL)
                     proc.wait()
         wall = time.monotonic() - started
-        phase |= {"wall_s": round(wall, 1), "rc": rc, "peak_mem_gb": memory.peak_gb(), "log": str(log),
-                  "status": "ok" if rc == 0 else ("timed out" if rc is None else f"failed (exit {rc})")}
+        phase |= {
+            "wall_s": round(wall, 1),
+            "rc": rc,
+            "peak_mem_gb": memory.peak_gb(),
+            "log": str(log),
+            "status": "ok" if rc == 0 else ("timed out" if rc is None else f"failed (exit {rc})"),
+        }
         if rc != 0:
             phase["log_tail"] = log.read_text(errors="replace")[-3000:]
             print(f"   {phase['status']}; last lines of {log}:\n" + "\n".join(phase["log_tail"].splitlines()[-15:]))
@@ -201,8 +237,12 @@ class Bench:
     def build_assets(self) -> None:
         assets = self.work / "assets"
         manifest = read_json(assets / "manifest.json")
-        if manifest and manifest["shape_name"] == self.args.shape and manifest["sizes"] == workloads.workload_sizes(
-                self.args.smoke) and not self.args.rebuild:
+        if (
+            manifest
+            and manifest["shape_name"] == self.args.shape
+            and manifest["sizes"] == workloads.workload_sizes(self.args.smoke)
+            and not self.args.rebuild
+        ):
             print(f"== assets: reusing {assets}")
         else:
             shutil.rmtree(assets, ignore_errors=True)
@@ -228,9 +268,22 @@ class Bench:
         name = "generate-loop" if batch_size == 1 else f"generate-b{batch_size}"
         prompts = min(prompts, len(self.prompt_lens))
         result = self.work / f"{name}.json"
-        argv = [sys.executable, str(BENCH / "hf_generate.py"), "--model", str(self.model),
-                "--data", str(self.data / "infer.jsonl"), "--batch-size", str(batch_size), "--prompts", str(prompts),
-                "--max-new-tokens", str(self.sizes["new_tokens"]), "--out", str(result)]
+        argv = [
+            sys.executable,
+            str(BENCH / "hf_generate.py"),
+            "--model",
+            str(self.model),
+            "--data",
+            str(self.data / "infer.jsonl"),
+            "--batch-size",
+            str(batch_size),
+            "--prompts",
+            str(prompts),
+            "--max-new-tokens",
+            str(self.sizes["new_tokens"]),
+            "--out",
+            str(result),
+        ]
         rate = REF_RATES["loop" if batch_size == 1 else f"b{batch_size}" if batch_size in (64, 256) else "b256"]
         phase = self.run(name, argv, 1, STARTUP_S + prompts * self.sizes["new_tokens"] / rate)
         raw = read_json(result) if phase["status"] == "ok" else None
@@ -238,17 +291,21 @@ class Bench:
         row = self.row("inference", method, 1, phase, raw, f"{prompts} of {len(self.prompt_lens)} prompts")
         if raw:
             row["tokens_per_s"] = raw["tokens_per_s"]
-            row["ceiling_pct"] = self.decode_pct(raw["decode_steps"], raw["kv_positions"], raw["tokens_per_s"],
-                                                 raw["generated_tokens"], 1)
+            row["ceiling_pct"] = self.decode_pct(
+                raw["decode_steps"], raw["kv_positions"], raw["tokens_per_s"], raw["generated_tokens"], 1
+            )
         self.rows.append(row)
 
     def llmbatch_infer(self, gpus: int) -> None:
         name = f"llmbatch-infer-x{gpus}"
         n, new = len(self.prompt_lens), self.sizes["new_tokens"]
-        spec = {"name": name, "model": {"path": str(self.model)},
-                "data": {"path": str(self.data / "infer.jsonl"), "id_field": "id", "prompt_field": "prompt"},
-                "generation": {"max_new_tokens": new, "do_sample": False, "ignore_eos": True},
-                "resources": {"nodes": 1, "gpus_per_node": gpus}}
+        spec = {
+            "name": name,
+            "model": {"path": str(self.model)},
+            "data": {"path": str(self.data / "infer.jsonl"), "id_field": "id", "prompt_field": "prompt"},
+            "generation": {"max_new_tokens": new, "do_sample": False, "ignore_eos": True},
+            "resources": {"nodes": 1, "gpus_per_node": gpus},
+        }
         run = self.make_run("infer", name, spec)
         estimate = 2 * STARTUP_S + n * new / REF_RATES["llmbatch_infer"] / gpus
         cmd = self.node_command(run, gpus)
@@ -263,25 +320,36 @@ class Bench:
             row["tokens_per_s"] = metrics.get("tokens_per_s")
             row["e2e_tokens_per_s"] = generated / phase["wall_s"]
             if metrics.get("decode_steps") is not None:  # the engine ran: where its time went
-                row["sample"] += (f"; prefill {metrics['prefill_s']:.1f} s, decode {metrics['decode_s']:.1f} s "
-                                  f"({metrics['decode_steps']} steps), slots {metrics['occupancy']:.0%} busy")
+                row["sample"] += (
+                    f"; prefill {metrics['prefill_s']:.1f} s, decode {metrics['decode_s']:.1f} s "
+                    f"({metrics['decode_steps']} steps), slots {metrics['occupancy']:.0%} busy"
+                )
             if generated != expected or results != n:
                 row["status"] = f"check: {generated} tokens generated of {expected}, {results} results of {n}"
             steps = self.decode_steps(metrics, Path(phase["log"]), new)
             row["ceiling_is_lower_bound"] = steps is None
             if row["tokens_per_s"]:
-                row["ceiling_pct"] = self.decode_pct(steps or new * gpus, workloads.kv_positions(self.prompt_lens, new),
-                                                     row["tokens_per_s"], generated, gpus)
+                row["ceiling_pct"] = self.decode_pct(
+                    steps or new * gpus,
+                    workloads.kv_positions(self.prompt_lens, new),
+                    row["tokens_per_s"],
+                    generated,
+                    gpus,
+                )
         self.rows.append(row)
 
     def submit_e2e(self) -> None:
         """`python submit.py infer` on the same spec as the llmbatch row, on this machine, timed from
         the command to its summary: spec checks, model load, generation, gather."""
         n, new = len(self.prompt_lens), self.sizes["new_tokens"]
-        spec = {"name": "submit-infer", "model": {"path": str(self.model)},
-                "data": {"path": str(self.data / "infer.jsonl"), "id_field": "id", "prompt_field": "prompt"},
-                "generation": {"max_new_tokens": new, "do_sample": False, "ignore_eos": True},
-                "resources": {"nodes": 1, "gpus_per_node": 1}, "output": {"root": str(self.work / "runs")}}
+        spec = {
+            "name": "submit-infer",
+            "model": {"path": str(self.model)},
+            "data": {"path": str(self.data / "infer.jsonl"), "id_field": "id", "prompt_field": "prompt"},
+            "generation": {"max_new_tokens": new, "do_sample": False, "ignore_eos": True},
+            "resources": {"nodes": 1, "gpus_per_node": 1},
+            "output": {"root": str(self.work / "runs")},
+        }
         spec_file = self.work / "specs" / "submit-infer.yaml"
         spec_file.parent.mkdir(exist_ok=True)
         spec_file.write_text(yaml.safe_dump(spec, sort_keys=False))
@@ -321,11 +389,19 @@ class Bench:
         more memory than the GPU has when a long example is among them.
         """
         if not variable:
-            return {"data": self.data / "ft_fixed.jsonl", "seq_len": self.sizes["fixed_len"], "packing": False,
-                    "micro_batch": self.args.fixed_batch, "hf_batch": self.args.fixed_batch, "hf_accum": 1,
-                    "len_weighted": self.sizes["fixed_len"]}
-        lengths = [len(json.loads(line)["prompt"].split()) + len(json.loads(line)["completion"].split())
-                   for line in (self.data / "ft_var.jsonl").open()]
+            return {
+                "data": self.data / "ft_fixed.jsonl",
+                "seq_len": self.sizes["fixed_len"],
+                "packing": False,
+                "micro_batch": self.args.fixed_batch,
+                "hf_batch": self.args.fixed_batch,
+                "hf_accum": 1,
+                "len_weighted": self.sizes["fixed_len"],
+            }
+        lengths = [
+            len(json.loads(line)["prompt"].split()) + len(json.loads(line)["completion"].split())
+            for line in (self.data / "ft_var.jsonl").open()
+        ]
         seq_len, rows = self.sizes["var_max"], 0
         used = seq_len
         for n in random.Random(0).sample(lengths, len(lengths)):
@@ -335,12 +411,18 @@ class Bench:
         stats = self.manifest["ft_var"]
         per_step = self.args.var_rows * len(lengths) / rows  # examples in llmbatch's step, per GPU
         hf_batch = self.args.var_hf_batch
-        return {"data": self.data / "ft_var.jsonl", "seq_len": seq_len, "packing": True,
-                "micro_batch": self.args.var_rows, "hf_batch": hf_batch,
-                "hf_accum": max(1, round(per_step / hf_batch)), "examples_per_step": round(per_step, 1),
-                "packed_rows": rows,
-                "packing_fill": round(sum(lengths) / (rows * seq_len), 3),
-                "len_weighted": stats["sum_sq"] / stats["sum"]}
+        return {
+            "data": self.data / "ft_var.jsonl",
+            "seq_len": seq_len,
+            "packing": True,
+            "micro_batch": self.args.var_rows,
+            "hf_batch": hf_batch,
+            "hf_accum": max(1, round(per_step / hf_batch)),
+            "examples_per_step": round(per_step, 1),
+            "packed_rows": rows,
+            "packing_fill": round(sum(lengths) / (rows * seq_len), 3),
+            "len_weighted": stats["sum_sq"] / stats["sum"],
+        }
 
     def hf_trainer(self, workload: str, setup: dict, gpus: int, method: str, options: list[str]) -> None:
         flatten = "flatten" in options
@@ -348,23 +430,56 @@ class Bench:
         result = self.work / f"{name}.json"
         # Flattening packs a whole step's examples into one row: no accumulation needed.
         batch, accum = (round(setup["examples_per_step"]), 1) if flatten else (setup["hf_batch"], setup["hf_accum"])
-        script = [str(BENCH / "hf_trainer.py"), "--model", str(self.model), "--data", str(setup["data"]),
-                  "--seq-len", str(setup["seq_len"]), "--batch-size", str(batch),
-                  "--grad-accum", str(accum), *options,
-                  "--max-steps", str(self.args.ft_steps), "--skip-steps", str(self.args.ft_skip),
-                  "--lora-r", str(LORA["r"]), "--lora-alpha", str(LORA["alpha"]),
-                  "--lora-dropout", str(LORA["dropout"]), "--lr", str(LEARNING_RATE),
-                  "--warmup-steps", str(LR_WARMUP_STEPS), "--out", str(result)]
+        script = [
+            str(BENCH / "hf_trainer.py"),
+            "--model",
+            str(self.model),
+            "--data",
+            str(setup["data"]),
+            "--seq-len",
+            str(setup["seq_len"]),
+            "--batch-size",
+            str(batch),
+            "--grad-accum",
+            str(accum),
+            *options,
+            "--max-steps",
+            str(self.args.ft_steps),
+            "--skip-steps",
+            str(self.args.ft_skip),
+            "--lora-r",
+            str(LORA["r"]),
+            "--lora-alpha",
+            str(LORA["alpha"]),
+            "--lora-dropout",
+            str(LORA["dropout"]),
+            "--lr",
+            str(LEARNING_RATE),
+            "--warmup-steps",
+            str(LR_WARMUP_STEPS),
+            "--out",
+            str(result),
+        ]
         script += ["--find-unused-parameters"] if self.args.hf_find_unused else []
         script += ["--gradient-checkpointing"] if self.args.gradient_checkpointing else []
         if gpus == 1:
             argv = [sys.executable] + script
         else:
-            argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(gpus)] + script
+            argv = [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                "--nproc_per_node",
+                str(gpus),
+            ] + script
         phase = self.run(name, argv, gpus, self.ft_estimate(setup, gpus))
         raw = read_json(result) if phase["status"] == "ok" else None
-        what = f"{batch} x {setup['seq_len']} tok" if not setup["packing"] else \
-            (f"{batch} examples flattened" if flatten else f"{batch} examples x {accum} accumulated")
+        what = (
+            f"{batch} x {setup['seq_len']} tok"
+            if not setup["packing"]
+            else (f"{batch} examples flattened" if flatten else f"{batch} examples x {accum} accumulated")
+        )
         row = self.row(workload, method, gpus, phase, raw, self.ft_sample(what))
         if raw:
             row["tokens_per_s"] = raw["tokens_per_s"]
@@ -375,23 +490,45 @@ class Bench:
     def llmbatch_finetune(self, workload: str, setup: dict, gpus: int) -> None:
         name = f"llmbatch-{workload.split()[1]}-x{gpus}"
         never = 10**6  # no evaluation and no checkpoint inside the timed steps
-        spec = {"name": name, "model": {"path": str(self.model)},
-                "data": {"path": str(setup["data"]), "id_field": "id", "prompt_field": "prompt",
-                         "reference_field": "completion"},
-                "lora": dict(LORA),
-                "train": {"max_steps": self.args.ft_steps, "learning_rate": LEARNING_RATE,
-                          "warmup_steps": LR_WARMUP_STEPS, "lr_schedule": "cosine", "weight_decay": 0.0,
-                          "max_grad_norm": 1.0, "micro_batch_size": setup["micro_batch"], "grad_accum_steps": 1,
-                          "seq_len": setup["seq_len"], "packing": setup["packing"], "eval_every_steps": never,
-                          "gradient_checkpointing": self.args.gradient_checkpointing, "liger": self.args.liger,
-                          "eval_accuracy": False, "save_every_steps": never, "save_every_minutes": float(never)},
-                "resources": {"nodes": 1, "gpus_per_node": gpus}}
+        spec = {
+            "name": name,
+            "model": {"path": str(self.model)},
+            "data": {
+                "path": str(setup["data"]),
+                "id_field": "id",
+                "prompt_field": "prompt",
+                "reference_field": "completion",
+            },
+            "lora": dict(LORA),
+            "train": {
+                "max_steps": self.args.ft_steps,
+                "learning_rate": LEARNING_RATE,
+                "warmup_steps": LR_WARMUP_STEPS,
+                "lr_schedule": "cosine",
+                "weight_decay": 0.0,
+                "max_grad_norm": 1.0,
+                "micro_batch_size": setup["micro_batch"],
+                "grad_accum_steps": 1,
+                "seq_len": setup["seq_len"],
+                "packing": setup["packing"],
+                "eval_every_steps": never,
+                "gradient_checkpointing": self.args.gradient_checkpointing,
+                "liger": self.args.liger,
+                "eval_accuracy": False,
+                "save_every_steps": never,
+                "save_every_minutes": float(never),
+            },
+            "resources": {"nodes": 1, "gpus_per_node": gpus},
+        }
         run = self.make_run("finetune", name, spec)
         cmd = self.node_command(run, gpus)
         phase = self.run(name, cmd.argv, gpus, self.ft_estimate(setup, gpus) + STARTUP_S, cmd.env)
         metrics = read_json(run.metrics_file) if phase["status"] == "ok" else None
-        what = f"{setup['micro_batch']} packed rows of {setup['seq_len']}" if setup["packing"] else \
-            f"{setup['micro_batch']} x {setup['seq_len']} tok"
+        what = (
+            f"{setup['micro_batch']} packed rows of {setup['seq_len']}"
+            if setup["packing"]
+            else f"{setup['micro_batch']} x {setup['seq_len']} tok"
+        )
         row = self.row(workload, "llmbatch finetune", gpus, phase, metrics, self.ft_sample(what))
         row["run_dir"] = str(run.path)
         if metrics:
@@ -415,8 +552,9 @@ class Bench:
             if len(steps) > skip and all(clock in r for r in steps):
                 first, last = steps[skip - 1], steps[-1]
                 if last[clock] > first[clock]:
-                    return (last["tokens"] - first["tokens"]) / (last[clock] - first[clock]), \
-                        f"steps {skip + 1}-{last['step']}, clock '{clock}' of train_metrics.jsonl"
+                    return (last["tokens"] - first["tokens"]) / (
+                        last[clock] - first[clock]
+                    ), f"steps {skip + 1}-{last['step']}, clock '{clock}' of train_metrics.jsonl"
         return metrics.get("train_tokens_per_s"), "metrics.json train_tokens_per_s (all steps)"
 
     def train_pct(self, tokens_per_s: float, setup: dict, gpus: int) -> float | None:
@@ -463,18 +601,30 @@ class Bench:
         inference (the runner loads the model in bf16 itself)."""
         self.port += 1
         plan = dataclasses.replace(make_plan(load_resolved(run.spec_file), run.path), cpu_threads_per_proc=1)
-        place = NodePlace(node_rank=0, main_host="127.0.0.1", port=self.port, attempt=0, job_id="bench",
-                          use_cuda=not self.cpu)
+        place = NodePlace(
+            node_rank=0, main_host="127.0.0.1", port=self.port, attempt=0, job_id="bench", use_cuda=not self.cpu
+        )
         return node_command(plan, place)
 
     @staticmethod
     def row(workload: str, method: str, gpus: int, phase: dict, raw: dict | None, sample: str) -> dict:
-        return {"workload": workload, "method": method, "gpus": gpus, "sample": sample, "status": phase["status"],
-                "tokens_per_s": None, "peak_mem_gb": phase.get("peak_mem_gb"), "ceiling_pct": None,
-                "wall_s": phase.get("wall_s"), "phase": phase["name"], "raw": raw}
+        return {
+            "workload": workload,
+            "method": method,
+            "gpus": gpus,
+            "sample": sample,
+            "status": phase["status"],
+            "tokens_per_s": None,
+            "peak_mem_gb": phase.get("peak_mem_gb"),
+            "ceiling_pct": None,
+            "wall_s": phase.get("wall_s"),
+            "phase": phase["name"],
+            "raw": raw,
+        }
 
 
 # --- results -----------------------------------------------------------------------------------------
+
 
 def fmt(x, spec=",.0f", suffix="") -> str:
     return "n/a" if x is None else f"{x:{spec}}{suffix}"
@@ -487,9 +637,16 @@ def torch_mem(row: dict) -> float | None:
 
 def judge(rows: list[dict]) -> None:
     """Fill in per-GPU rates, scaling, comparisons with the peers, and the targets."""
+
     def find(workload, method, gpus):
-        return next((r for r in rows if r["workload"] == workload and r["method"] == method and r["gpus"] == gpus
-                     and r["tokens_per_s"]), None)
+        return next(
+            (
+                r
+                for r in rows
+                if r["workload"] == workload and r["method"] == method and r["gpus"] == gpus and r["tokens_per_s"]
+            ),
+            None,
+        )
 
     for r in rows:
         r["per_gpu"] = r["tokens_per_s"] / r["gpus"] if r["tokens_per_s"] else None
@@ -502,8 +659,11 @@ def judge(rows: list[dict]) -> None:
             continue
         checks = []
         if r["workload"] == "inference":
-            gens = [g for g in rows if g["workload"] == "inference" and g["method"].startswith("generate, batches")
-                    and g["per_gpu"]]
+            gens = [
+                g
+                for g in rows
+                if g["workload"] == "inference" and g["method"].startswith("generate, batches") and g["per_gpu"]
+            ]
             best = max(gens, key=lambda g: g["per_gpu"], default=None)
             loop = next((g for g in rows if g["method"] == "generate, one prompt at a time" and g["per_gpu"]), None)
             parts = []
@@ -512,12 +672,20 @@ def judge(rows: list[dict]) -> None:
                 if peer:
                     label = f"{label} (b{peer['raw']['batch_size']})" if key == "infer_vs_generate" else label
                 parts.append(f"{fmt(ratio, '.1f', 'x')} {label}")
-                checks.append((f">= {TARGETS[key]:g}x {label.split(' (')[0]}", None if ratio is None else ratio >= TARGETS[key]))
+                checks.append(
+                    (f">= {TARGETS[key]:g}x {label.split(' (')[0]}", None if ratio is None else ratio >= TARGETS[key])
+                )
             r["vs_peer"] = ", ".join(parts)
         else:
             # The targets hold against the strongest peer that ran; the padded Trainer is shown too.
-            peers = [p for p in rows if p["workload"] == r["workload"] and p["gpus"] == r["gpus"]
-                     and p["method"].startswith("HF Trainer") and p["per_gpu"]]
+            peers = [
+                p
+                for p in rows
+                if p["workload"] == r["workload"]
+                and p["gpus"] == r["gpus"]
+                and p["method"].startswith("HF Trainer")
+                and p["per_gpu"]
+            ]
             peer = max(peers, key=lambda p: p["per_gpu"], default=None)
             padded = find(r["workload"], PADDED_TRAINER, r["gpus"])
             key = "ft_fixed" if "fixed" in r["workload"] else "ft_var"
@@ -528,8 +696,11 @@ def judge(rows: list[dict]) -> None:
                 r["vs_peer"] += f", {r['per_gpu'] / padded['per_gpu']:.2f}x padded Trainer"
             checks.append((f">= {TARGETS[key]:g}x {label}", None if ratio is None else ratio >= TARGETS[key]))
             # Peak memory: the same instrument on both rows (nvidia-smi, else torch's peak reserved).
-            mine, theirs = (r["peak_mem_gb"], peer and peer["peak_mem_gb"]) if r["peak_mem_gb"] is not None \
+            mine, theirs = (
+                (r["peak_mem_gb"], peer and peer["peak_mem_gb"])
+                if r["peak_mem_gb"] is not None
                 else (torch_mem(r), peer and torch_mem(peer))
+            )
             checks.append((f"peak mem <= {label}", None if mine is None or not theirs else mine <= theirs))
         if r["gpus"] > 1:
             need = TARGETS["scaling_efficiency"] * r["gpus"]
@@ -542,12 +713,28 @@ def judge(rows: list[dict]) -> None:
 
 
 def table(rows: list[dict]) -> str:
-    head = ["workload", "method", "GPUs", "measured on", "tokens/s total", "tokens/s per GPU", "scaling vs 1 GPU",
-            "peak mem/GPU (GiB)", "% of ceiling", "MFU", "speedup per GPU vs peer", "target", "met?"]
+    head = [
+        "workload",
+        "method",
+        "GPUs",
+        "measured on",
+        "tokens/s total",
+        "tokens/s per GPU",
+        "scaling vs 1 GPU",
+        "peak mem/GPU (GiB)",
+        "% of ceiling",
+        "MFU",
+        "speedup per GPU vs peer",
+        "target",
+        "met?",
+    ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        scaling = f"{r['scaling']:.2f}x ({100 * r['scaling'] / r['gpus']:.0f}%)" if r["scaling"] else \
-            ("-" if r["gpus"] == 1 else "n/a")
+        scaling = (
+            f"{r['scaling']:.2f}x ({100 * r['scaling'] / r['gpus']:.0f}%)"
+            if r["scaling"]
+            else ("-" if r["gpus"] == 1 else "n/a")
+        )
         pct = fmt(r["ceiling_pct"], ".1f", "%")
         if r.get("ceiling_is_lower_bound") and r["ceiling_pct"] is not None:
             pct = ">=" + pct
@@ -555,10 +742,27 @@ def table(rows: list[dict]) -> str:
         if r["status"] not in ("ok",) and r["tokens_per_s"]:
             rate += f" ({r['status']})"
         mem = fmt(r["peak_mem_gb"], ".1f") if r["peak_mem_gb"] is not None else fmt(torch_mem(r), ".1f")
-        lines.append("| " + " | ".join([
-            r["workload"], r["method"], str(r["gpus"]), r["sample"], rate, fmt(r["per_gpu"]), scaling, mem, pct,
-            fmt(r.get("mfu_pct"), ".1f", "%"),
-            r["vs_peer"] or "-", r["target"] or "-", r.get("met", "-")]) + " |")
+        lines.append(
+            "| "
+            + " | ".join(
+                [
+                    r["workload"],
+                    r["method"],
+                    str(r["gpus"]),
+                    r["sample"],
+                    rate,
+                    fmt(r["per_gpu"]),
+                    scaling,
+                    mem,
+                    pct,
+                    fmt(r.get("mfu_pct"), ".1f", "%"),
+                    r["vs_peer"] or "-",
+                    r["target"] or "-",
+                    r.get("met", "-"),
+                ]
+            )
+            + " |"
+        )
     return "\n".join(lines)
 
 
@@ -575,69 +779,112 @@ def versions() -> dict:
 def gpu_inventory() -> list[dict]:
     if not shutil.which("nvidia-smi"):
         return []
-    out = subprocess.run(["nvidia-smi", "--query-gpu=index,name,memory.total,driver_version",
-                          "--format=csv,noheader"], capture_output=True, text=True).stdout
-    return [dict(zip(("index", "name", "memory", "driver"), (x.strip() for x in line.split(","))))
-            for line in out.strip().splitlines()]
+    out = subprocess.run(
+        ["nvidia-smi", "--query-gpu=index,name,memory.total,driver_version", "--format=csv,noheader"],
+        capture_output=True,
+        text=True,
+    ).stdout
+    return [
+        dict(zip(("index", "name", "memory", "driver"), (x.strip() for x in line.split(","))))
+        for line in out.strip().splitlines()
+    ]
 
 
 def pack_logs(bench: Bench) -> Path:
     """logs.tar.gz: every process's log, the peers' JSON, and the llmbatch run folders' small files."""
     path = bench.out / "logs.tar.gz"
     with tarfile.open(path, "w:gz") as tar:
-        for f in sorted(bench.logs.glob("*.log")) + sorted(bench.work.glob("*.json")) + \
-                sorted((bench.work / "specs").glob("*.yaml")):
+        for f in (
+            sorted(bench.logs.glob("*.log"))
+            + sorted(bench.work.glob("*.json"))
+            + sorted((bench.work / "specs").glob("*.yaml"))
+        ):
             tar.add(f, arcname=f"{f.parent.name}/{f.name}" if f.parent != bench.work else f.name)
         for run in sorted((bench.work / "runs").glob("*")):
             for f in sorted(run.rglob("*")):
-                if f.is_file() and f.suffix in (".json", ".jsonl", ".yaml", ".log", ".txt") and \
-                        f.stat().st_size < 5 << 20 and "checkpoints" not in f.parts and "shards" not in f.parts:
+                if (
+                    f.is_file()
+                    and f.suffix in (".json", ".jsonl", ".yaml", ".log", ".txt")
+                    and f.stat().st_size < 5 << 20
+                    and "checkpoints" not in f.parts
+                    and "shards" not in f.parts
+                ):
                     tar.add(f, arcname=f"runs/{f.relative_to(run.parent)}")
     return path
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1],
+    )
     parser.add_argument("--smoke", action="store_true", help="tiny model and data on CPU processes (pipeline check)")
     parser.add_argument("--gpus", help="GPU counts to run, e.g. 1,2 (default: 1 and all GPUs of the machine)")
-    parser.add_argument("--shape", help="model shape (default qwen2.5-1.5b; tiny with --smoke)",
-                        choices=sorted(workloads.SHAPES))
-    parser.add_argument("--out", type=Path, help="where bench.json, bench.md and logs.tar.gz go "
-                                                  "(default: <work>/out)")
+    parser.add_argument(
+        "--shape", help="model shape (default qwen2.5-1.5b; tiny with --smoke)", choices=sorted(workloads.SHAPES)
+    )
+    parser.add_argument("--out", type=Path, help="where bench.json, bench.md and logs.tar.gz go (default: <work>/out)")
     parser.add_argument("--work", type=Path, help="model, data, run folders (default /tmp/llmbatch-bench[-smoke])")
     parser.add_argument("--rebuild", action="store_true", help="rebuild the model and data even if present")
-    parser.add_argument("--only", default="infer,generate,e2e,ft-fixed,ft-var",
-                        help="comma list of parts to run: infer, generate, e2e (`submit.py infer`), ft-fixed, "
-                             "ft-var (default: all)")
+    parser.add_argument(
+        "--only",
+        default="infer,generate,e2e,ft-fixed,ft-var",
+        help="comma list of parts to run: infer, generate, e2e (`submit.py infer`), ft-fixed, ft-var (default: all)",
+    )
     budget = parser.add_argument_group("budget (the slow peers run on subsets; see README)")
     budget.add_argument("--loop-prompts", type=int, help="prompts for the one-at-a-time loop (default 8)")
     budget.add_argument("--b64-prompts", type=int, help="prompts for generate in batches of 64 (default 256)")
     budget.add_argument("--b256-prompts", type=int, help="prompts for generate in batches of 256 (default 512)")
     budget.add_argument("--ft-steps", type=int, help="optimizer steps per fine-tuning run (default 25)")
     budget.add_argument("--ft-skip", type=int, help="warm-up steps left out of the timing (default 5)")
-    budget.add_argument("--deadline-s", type=float, help="skip phases that would start after this many seconds "
-                                                         "(default 560: the whole run within 10 minutes)")
+    budget.add_argument(
+        "--deadline-s",
+        type=float,
+        help="skip phases that would start after this many seconds (default 560: the whole run within 10 minutes)",
+    )
     budget.add_argument("--phase-timeout-s", type=float, default=300, help="stop a phase after this long")
     shapes = parser.add_argument_group("batch shapes")
     shapes.add_argument("--fixed-batch", type=int, default=8, help="sequences per GPU, fixed-length data (default 8)")
-    shapes.add_argument("--var-rows", type=int, default=4, help="llmbatch packed rows per GPU, variable data (default 4)")
-    shapes.add_argument("--var-hf-batch", type=int, default=4,
-                        help="Trainer examples per GPU per forward pass, variable data; gradient accumulation "
-                             "makes up the rest of llmbatch's step (default 4: 8 ran out of memory on an 80 GB H100)")
-    shapes.add_argument("--gradient-checkpointing", action="store_true",
-                        help="recompute activations in the backward pass, on both sides (for large shapes)")
-    shapes.add_argument("--liger", choices=("auto", "off"), default="auto",
-                        help="llmbatch's train.liger (default auto: Liger-Kernel's kernels where installed)")
-    shapes.add_argument("--hf-find-unused", action="store_true",
-                        help="give the Trainer DDP's find_unused_parameters=True (its default for PEFT models)")
+    shapes.add_argument(
+        "--var-rows", type=int, default=4, help="llmbatch packed rows per GPU, variable data (default 4)"
+    )
+    shapes.add_argument(
+        "--var-hf-batch",
+        type=int,
+        default=4,
+        help="Trainer examples per GPU per forward pass, variable data; gradient accumulation "
+        "makes up the rest of llmbatch's step (default 4: 8 ran out of memory on an 80 GB H100)",
+    )
+    shapes.add_argument(
+        "--gradient-checkpointing",
+        action="store_true",
+        help="recompute activations in the backward pass, on both sides (for large shapes)",
+    )
+    shapes.add_argument(
+        "--liger",
+        choices=("auto", "off"),
+        default="auto",
+        help="llmbatch's train.liger (default auto: Liger-Kernel's kernels where installed)",
+    )
+    shapes.add_argument(
+        "--hf-find-unused",
+        action="store_true",
+        help="give the Trainer DDP's find_unused_parameters=True (its default for PEFT models)",
+    )
     args = parser.parse_args()
 
     smoke = args.smoke
-    defaults = dict(shape="tiny" if smoke else "qwen2.5-1.5b", loop_prompts=4 if smoke else 8,
-                    b64_prompts=8 if smoke else 256, b256_prompts=16 if smoke else 512, ft_steps=4 if smoke else 25,
-                    ft_skip=1 if smoke else 5, deadline_s=1800 if smoke else 560,
-                    work=Path("/tmp/llmbatch-bench-smoke" if smoke else "/tmp/llmbatch-bench"))
+    defaults = dict(
+        shape="tiny" if smoke else "qwen2.5-1.5b",
+        loop_prompts=4 if smoke else 8,
+        b64_prompts=8 if smoke else 256,
+        b256_prompts=16 if smoke else 512,
+        ft_steps=4 if smoke else 25,
+        ft_skip=1 if smoke else 5,
+        deadline_s=1800 if smoke else 560,
+        work=Path("/tmp/llmbatch-bench-smoke" if smoke else "/tmp/llmbatch-bench"),
+    )
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -652,8 +899,11 @@ def main() -> int:
     only = set(args.only.split(","))
     bench = Bench(args)
     bench.gpu_name = None if bench.cpu else inventory[0]["name"]
-    print(f"llmbatch GPU benchmark: {'smoke (CPU processes)' if bench.cpu else inventory[0]['name']}, "
-          f"GPU counts {counts}, shape {args.shape}, work {bench.work}, out {bench.out}", flush=True)
+    print(
+        f"llmbatch GPU benchmark: {'smoke (CPU processes)' if bench.cpu else inventory[0]['name']}, "
+        f"GPU counts {counts}, shape {args.shape}, work {bench.work}, out {bench.out}",
+        flush=True,
+    )
 
     bench.build_assets()
     bench.measure_ceilings()
@@ -682,25 +932,49 @@ def main() -> int:
     md = table(bench.rows)
     command = " ".join([Path(sys.executable).name, *sys.argv])
     clocks = sorted({r["timing"] for r in bench.rows if r.get("timing")})
-    notes = (f"Model: random weights, {args.shape} shape ({bench.manifest['params'] / 1e6:,.1f}M parameters), bf16. "
-             f"Ceilings measured in this run: copy {fmt(bench.ceilings.get('copy_GBps'), ',.0f')} GB/s, "
-             f"bf16 matmul {fmt(bench.ceilings.get('matmul_tflops'), ',.0f')} TFLOP/s per GPU. "
-             f"Inference counts generated tokens; fine-tuning counts real (non-pad) tokens. "
-             f"Peak memory: nvidia-smi, per GPU, above idle."
-             + (f" `python submit.py infer` on the llmbatch row's spec, end to end on 1 GPU (model load and "
-                f"gather included): {fmt(bench.e2e['wall_s'], '.1f')} s for {bench.e2e['prompts']} prompts x "
-                f"{bench.e2e['new_tokens']} new tokens ({bench.e2e['status']})." if bench.e2e else "")
-             + (f" Fine-tuning rates leave out the first {args.ft_skip} steps; llmbatch's come from "
-                f"{'; '.join(clocks)}." if clocks else ""))
-    result = {"command": command, "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "smoke": smoke,
-              "gpus": inventory, "gpu_counts": counts, "versions": versions(), "ceilings": bench.ceilings,
-              "workloads": bench.manifest, "e2e": bench.e2e, "lora": LORA, "targets": TARGETS, "rows": bench.rows,
-              "phases": bench.phases, "total_wall_s": round(time.monotonic() - bench.started, 1),
-              "table_md": md, "notes": notes}
+    notes = (
+        f"Model: random weights, {args.shape} shape ({bench.manifest['params'] / 1e6:,.1f}M parameters), bf16. "
+        f"Ceilings measured in this run: copy {fmt(bench.ceilings.get('copy_GBps'), ',.0f')} GB/s, "
+        f"bf16 matmul {fmt(bench.ceilings.get('matmul_tflops'), ',.0f')} TFLOP/s per GPU. "
+        f"Inference counts generated tokens; fine-tuning counts real (non-pad) tokens. "
+        f"Peak memory: nvidia-smi, per GPU, above idle."
+        + (
+            f" `python submit.py infer` on the llmbatch row's spec, end to end on 1 GPU (model load and "
+            f"gather included): {fmt(bench.e2e['wall_s'], '.1f')} s for {bench.e2e['prompts']} prompts x "
+            f"{bench.e2e['new_tokens']} new tokens ({bench.e2e['status']})."
+            if bench.e2e
+            else ""
+        )
+        + (
+            f" Fine-tuning rates leave out the first {args.ft_skip} steps; llmbatch's come from {'; '.join(clocks)}."
+            if clocks
+            else ""
+        )
+    )
+    result = {
+        "command": command,
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "smoke": smoke,
+        "gpus": inventory,
+        "gpu_counts": counts,
+        "versions": versions(),
+        "ceilings": bench.ceilings,
+        "workloads": bench.manifest,
+        "e2e": bench.e2e,
+        "lora": LORA,
+        "targets": TARGETS,
+        "rows": bench.rows,
+        "phases": bench.phases,
+        "total_wall_s": round(time.monotonic() - bench.started, 1),
+        "table_md": md,
+        "notes": notes,
+    }
     (bench.out / "bench.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
     (bench.out / "bench.md").write_text(f"`{command}`\n\n{md}\n\n{notes}\n")
     pack_logs(bench)
-    print(f"\nwrote {bench.out / 'bench.json'}, bench.md, logs.tar.gz; {result['total_wall_s']:.0f} s in all\n{notes}\n")
+    print(
+        f"\nwrote {bench.out / 'bench.json'}, bench.md, logs.tar.gz; {result['total_wall_s']:.0f} s in all\n{notes}\n"
+    )
     print(md, flush=True)
     return 0
 

@@ -32,48 +32,146 @@ from transformers import GenerationConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
-from llmbatch.runners.engine.params import EngineParams  # noqa: E402
-from llmbatch.runners.engine.runner import Engine  # noqa: E402
+from llmbatch.runners.engine.params import EngineParams
+from llmbatch.runners.engine.runner import Engine
 
 KEEP_GROUPED_EXPERTS = False  # --generate-experts grouped_mm
 
 PHI4_ROTARY_HALF = 48  # Phi-4-mini: head 128, partial rotary 0.75 -> 96 rotary dims
 
 SHAPES = {
-    "qwen3-8b": ("Qwen3Config", "Qwen3ForCausalLM", 36, dict(
-        hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,
-        num_key_value_heads=8, head_dim=128, vocab_size=151936, max_position_embeddings=40960,
-        rope_parameters={"rope_type": "default", "rope_theta": 1e6}, tie_word_embeddings=False)),
-    "gemma-3-12b": ("Gemma3TextConfig", "Gemma3ForCausalLM", 48, dict(
-        hidden_size=3840, intermediate_size=15360, num_hidden_layers=48, num_attention_heads=16,
-        num_key_value_heads=8, head_dim=256, vocab_size=262208, query_pre_attn_scalar=256, sliding_window=1024,
-        max_position_embeddings=131072)),
-    "phi-4-mini": ("Phi3Config", "Phi3ForCausalLM", 32, dict(
-        hidden_size=3072, intermediate_size=8192, num_hidden_layers=32, num_attention_heads=24,
-        num_key_value_heads=8, vocab_size=200064, partial_rotary_factor=0.75, max_position_embeddings=131072,
-        tie_word_embeddings=True, rope_parameters={
-            "rope_type": "longrope", "rope_theta": 10000.0, "original_max_position_embeddings": 4096,
-            "short_factor": [1.0 + i / 48 for i in range(PHI4_ROTARY_HALF)],
-            "long_factor": [1.0 + i for i in range(PHI4_ROTARY_HALF)]})),
+    "qwen3-8b": (
+        "Qwen3Config",
+        "Qwen3ForCausalLM",
+        36,
+        dict(
+            hidden_size=4096,
+            intermediate_size=12288,
+            num_hidden_layers=36,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            head_dim=128,
+            vocab_size=151936,
+            max_position_embeddings=40960,
+            rope_parameters={"rope_type": "default", "rope_theta": 1e6},
+            tie_word_embeddings=False,
+        ),
+    ),
+    "gemma-3-12b": (
+        "Gemma3TextConfig",
+        "Gemma3ForCausalLM",
+        48,
+        dict(
+            hidden_size=3840,
+            intermediate_size=15360,
+            num_hidden_layers=48,
+            num_attention_heads=16,
+            num_key_value_heads=8,
+            head_dim=256,
+            vocab_size=262208,
+            query_pre_attn_scalar=256,
+            sliding_window=1024,
+            max_position_embeddings=131072,
+        ),
+    ),
+    "phi-4-mini": (
+        "Phi3Config",
+        "Phi3ForCausalLM",
+        32,
+        dict(
+            hidden_size=3072,
+            intermediate_size=8192,
+            num_hidden_layers=32,
+            num_attention_heads=24,
+            num_key_value_heads=8,
+            vocab_size=200064,
+            partial_rotary_factor=0.75,
+            max_position_embeddings=131072,
+            tie_word_embeddings=True,
+            rope_parameters={
+                "rope_type": "longrope",
+                "rope_theta": 10000.0,
+                "original_max_position_embeddings": 4096,
+                "short_factor": [1.0 + i / 48 for i in range(PHI4_ROTARY_HALF)],
+                "long_factor": [1.0 + i for i in range(PHI4_ROTARY_HALF)],
+            },
+        ),
+    ),
     # Gemma 2 9B with its window cut from 4,096 to 1,024, so that the check's two long prompts cross it.
-    "gemma-2-9b": ("Gemma2Config", "Gemma2ForCausalLM", 42, dict(
-        hidden_size=3584, intermediate_size=14336, num_hidden_layers=42, num_attention_heads=16,
-        num_key_value_heads=8, head_dim=256, vocab_size=256000, query_pre_attn_scalar=256, sliding_window=1024,
-        attn_logit_softcapping=50.0, final_logit_softcapping=30.0, max_position_embeddings=8192)),
+    "gemma-2-9b": (
+        "Gemma2Config",
+        "Gemma2ForCausalLM",
+        42,
+        dict(
+            hidden_size=3584,
+            intermediate_size=14336,
+            num_hidden_layers=42,
+            num_attention_heads=16,
+            num_key_value_heads=8,
+            head_dim=256,
+            vocab_size=256000,
+            query_pre_attn_scalar=256,
+            sliding_window=1024,
+            attn_logit_softcapping=50.0,
+            final_logit_softcapping=30.0,
+            max_position_embeddings=8192,
+        ),
+    ),
     # Mistral 7B with a 256-token window, shorter than most prompts: every layer slides.
-    "mistral-7b-window-256": ("MistralConfig", "MistralForCausalLM", 32, dict(
-        hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-        num_key_value_heads=8, vocab_size=32000, sliding_window=256, max_position_embeddings=32768,
-        rope_parameters={"rope_type": "default", "rope_theta": 1e6})),
-    "mixtral-8x7b": ("MixtralConfig", "MixtralForCausalLM", 16, dict(
-        hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-        num_key_value_heads=8, vocab_size=32000, num_local_experts=8, num_experts_per_tok=2,
-        max_position_embeddings=32768, rope_parameters={"rope_type": "default", "rope_theta": 1e6})),
-    "qwen3-30b-a3b": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", 24, dict(
-        hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768, num_hidden_layers=48,
-        num_attention_heads=32, num_key_value_heads=4, head_dim=128, vocab_size=151936, num_experts=128,
-        num_experts_per_tok=8, norm_topk_prob=True, max_position_embeddings=40960,
-        rope_parameters={"rope_type": "default", "rope_theta": 1e6}, tie_word_embeddings=False)),
+    "mistral-7b-window-256": (
+        "MistralConfig",
+        "MistralForCausalLM",
+        32,
+        dict(
+            hidden_size=4096,
+            intermediate_size=14336,
+            num_hidden_layers=32,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            vocab_size=32000,
+            sliding_window=256,
+            max_position_embeddings=32768,
+            rope_parameters={"rope_type": "default", "rope_theta": 1e6},
+        ),
+    ),
+    "mixtral-8x7b": (
+        "MixtralConfig",
+        "MixtralForCausalLM",
+        16,
+        dict(
+            hidden_size=4096,
+            intermediate_size=14336,
+            num_hidden_layers=32,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            vocab_size=32000,
+            num_local_experts=8,
+            num_experts_per_tok=2,
+            max_position_embeddings=32768,
+            rope_parameters={"rope_type": "default", "rope_theta": 1e6},
+        ),
+    ),
+    "qwen3-30b-a3b": (
+        "Qwen3MoeConfig",
+        "Qwen3MoeForCausalLM",
+        24,
+        dict(
+            hidden_size=2048,
+            intermediate_size=6144,
+            moe_intermediate_size=768,
+            num_hidden_layers=48,
+            num_attention_heads=32,
+            num_key_value_heads=4,
+            head_dim=128,
+            vocab_size=151936,
+            num_experts=128,
+            num_experts_per_tok=8,
+            norm_topk_prob=True,
+            max_position_embeddings=40960,
+            rope_parameters={"rope_type": "default", "rope_theta": 1e6},
+            tie_word_embeddings=False,
+        ),
+    ),
 }
 
 
@@ -86,8 +184,9 @@ def release() -> None:
 
 def build(name: str, layers: int, dtype: torch.dtype):
     config_name, model_name, _, shape = SHAPES[name]
-    config = getattr(transformers, config_name)(**(shape | {"num_hidden_layers": layers}), pad_token_id=0,
-                                                bos_token_id=1, eos_token_id=2)
+    config = getattr(transformers, config_name)(
+        **(shape | {"num_hidden_layers": layers}), pad_token_id=0, bos_token_id=1, eos_token_id=2
+    )
     if getattr(config, "layer_types", None) is not None and len(config.layer_types) != layers:
         config.layer_types = config.layer_types[:layers]
     torch.manual_seed(0)
@@ -127,10 +226,15 @@ def generate(model, prompts: list[list[int]], new_tokens: int) -> list[list[int]
     ids = torch.zeros(len(prompts), width, dtype=torch.long)
     mask = torch.zeros_like(ids)
     for row, p in enumerate(prompts):
-        ids[row, width - len(p):] = torch.tensor(p)
-        mask[row, width - len(p):] = 1
-    out = model.generate(input_ids=ids.cuda(), attention_mask=mask.cuda(), max_new_tokens=new_tokens,
-                         min_new_tokens=new_tokens, do_sample=False)
+        ids[row, width - len(p) :] = torch.tensor(p)
+        mask[row, width - len(p) :] = 1
+    out = model.generate(
+        input_ids=ids.cuda(),
+        attention_mask=mask.cuda(),
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        do_sample=False,
+    )
     return out[:, width:].tolist()
 
 
@@ -144,8 +248,14 @@ def check(name: str, layers: int) -> dict:
     params = EngineParams(max_new_tokens=new_tokens, ignore_eos=True, batch_tokens=4 * slot_len)
     got, engine, _, _ = run_engine(model, params, prompts)
     same = sum(got[i] == expected[i] for i in range(len(prompts)))
-    result = {"layers": layers, "equal": same, "inputs": len(prompts), "engine": engine.describe(),
-              "graphs": sorted(engine.graphs.graphs), "steps": engine.stats.decode_steps}
+    result = {
+        "layers": layers,
+        "equal": same,
+        "inputs": len(prompts),
+        "engine": engine.describe(),
+        "graphs": sorted(engine.graphs.graphs),
+        "steps": engine.stats.decode_steps,
+    }
     if same < len(prompts):
         first = next(i for i in range(len(prompts)) if got[i] != expected[i])
         result["first_difference"] = {"input": first, "engine": got[first], "generate": expected[first]}
@@ -174,15 +284,24 @@ def bench(name: str, layers: int, prompts_n: int, b256_n: int, new_tokens: int, 
     started = time.monotonic()
     produced = 0
     for start in range(0, len(subset), batch):
-        produced += sum(len(t) for t in generate(model, subset[start:start + batch], new_tokens))
+        produced += sum(len(t) for t in generate(model, subset[start : start + batch], new_tokens))
     torch.cuda.synchronize()
     generate_tps = produced / (time.monotonic() - started)
     del model
     release()
-    return {"layers": layers, "params": params_b, "engine_tokens_per_s": engine_tps, "engine_s": seconds,
-            "engine_startup_s": startup, "engine": description, "engine_stats": stats,
-            "generate_b256_tokens_per_s": generate_tps, "generate_batch": batch, "generate_prompts": len(subset),
-            "ratio": engine_tps / generate_tps}
+    return {
+        "layers": layers,
+        "params": params_b,
+        "engine_tokens_per_s": engine_tps,
+        "engine_s": seconds,
+        "engine_startup_s": startup,
+        "engine": description,
+        "engine_stats": stats,
+        "generate_b256_tokens_per_s": generate_tps,
+        "generate_batch": batch,
+        "generate_prompts": len(subset),
+        "ratio": engine_tps / generate_tps,
+    }
 
 
 def main() -> int:
@@ -195,17 +314,29 @@ def main() -> int:
     parser.add_argument("--b256-prompts", type=int, default=256)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--deadline-s", type=float, default=540)
-    parser.add_argument("--generate-batch", type=int, default=256,
-                        help="generate's batch size (Mixtral's b256 needs 112 GiB for its decode experts)")
-    parser.add_argument("--generate-experts", choices=("transformers", "grouped_mm"), default="transformers",
-                        help="MoE decoding in generate: transformers' own switch to batched_mm, or grouped_mm kept")
+    parser.add_argument(
+        "--generate-batch",
+        type=int,
+        default=256,
+        help="generate's batch size (Mixtral's b256 needs 112 GiB for its decode experts)",
+    )
+    parser.add_argument(
+        "--generate-experts",
+        choices=("transformers", "grouped_mm"),
+        default="transformers",
+        help="MoE decoding in generate: transformers' own switch to batched_mm, or grouped_mm kept",
+    )
     args = parser.parse_args()
     global KEEP_GROUPED_EXPERTS
     KEEP_GROUPED_EXPERTS = args.generate_experts == "grouped_mm"
     args.out.mkdir(parents=True, exist_ok=True)
     began = time.monotonic()
-    results = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
-               "transformers": transformers.__version__, "families": {}}
+    results = {
+        "gpu": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "families": {},
+    }
     ok = True
     for name in args.families.split(","):
         entry = results["families"].setdefault(name, {})
@@ -221,8 +352,9 @@ def main() -> int:
                     entry[phase] = check(name, layers)
                     ok &= entry[phase]["equal"] == entry[phase]["inputs"]
                 else:
-                    entry[phase] = bench(name, SHAPES[name][2], args.prompts, args.b256_prompts, args.new_tokens,
-                                         args.generate_batch)
+                    entry[phase] = bench(
+                        name, SHAPES[name][2], args.prompts, args.b256_prompts, args.new_tokens, args.generate_batch
+                    )
             except Exception as e:  # one family's failure must not hide the others' figures
                 entry[phase] = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()[-3000:]}
                 ok = False
@@ -236,8 +368,10 @@ def main() -> int:
         c, b = entry.get("check", {}), entry.get("bench", {})
         check_text = f"{c['equal']}/{c['inputs']}" if "equal" in c else c.get("error", c.get("skipped", "-"))[:60]
         if "ratio" in b:
-            print(f"| {name} | {b['layers']} | {check_text} | {b['engine_tokens_per_s']:,.0f} | "
-                  f"{b['generate_b256_tokens_per_s']:,.0f} | {b['ratio']:.1f}x | {b['engine']} |")
+            print(
+                f"| {name} | {b['layers']} | {check_text} | {b['engine_tokens_per_s']:,.0f} | "
+                f"{b['generate_b256_tokens_per_s']:,.0f} | {b['ratio']:.1f}x | {b['engine']} |"
+            )
         else:
             print(f"| {name} | - | {check_text} | {b.get('error', b.get('skipped', '-'))[:80]} | | | |")
     return 0 if ok else 1

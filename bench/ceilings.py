@@ -42,13 +42,17 @@ def measure(device: torch.device, copy_bytes: int, n: int, dtype: torch.dtype) -
     src = torch.rand(copy_bytes // 4, device=device)  # random, not zeros
     dst = torch.empty_like(src)
     copy_s = timed(lambda: dst.copy_(src), warmup=5, reps=30, device=device)
-    del src, dst
     a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
     mm_s = timed(lambda: a @ b, warmup=5, reps=20, device=device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    return {"device": str(device), "name": name,
-            "copy_GBps": round(2 * copy_bytes / copy_s / 1e9, 1),  # read + written
-            "matmul_tflops": round(2 * n**3 / mm_s / 1e12, 2), "matmul_n": n, "matmul_dtype": str(dtype)}
+    return {
+        "device": str(device),
+        "name": name,
+        "copy_GBps": round(2 * copy_bytes / copy_s / 1e9, 1),  # read + written
+        "matmul_tflops": round(2 * n**3 / mm_s / 1e12, 2),
+        "matmul_n": n,
+        "matmul_dtype": str(dtype),
+    }
 
 
 def main() -> None:
@@ -65,10 +69,12 @@ def main() -> None:
                 torch.cuda.empty_cache()
     else:
         per_device = [measure(torch.device("cpu"), 64 << 20, 512, torch.float32)]
-    result = {"per_device": per_device,
-              # The ratio columns use the mean over GPUs (they should agree within a few percent).
-              "copy_GBps": round(statistics.mean(d["copy_GBps"] for d in per_device), 1),
-              "matmul_tflops": round(statistics.mean(d["matmul_tflops"] for d in per_device), 2)}
+    result = {
+        "per_device": per_device,
+        # The ratio columns use the mean over GPUs (they should agree within a few percent).
+        "copy_GBps": round(statistics.mean(d["copy_GBps"] for d in per_device), 1),
+        "matmul_tflops": round(statistics.mean(d["matmul_tflops"] for d in per_device), 2),
+    }
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)
     print(json.dumps(result))

@@ -23,21 +23,32 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "src"))
 
-from llmbatch.embedded import ensure_embedded_model  # noqa: E402
-from llmbatch.runners.engine.attention import _decode_torch, decode_attention  # noqa: E402
-from llmbatch.runners.engine.runner import Engine  # noqa: E402
-from llmbatch.runners.generation import (Decoder, encode_texts, engine_params, eos_token_ids, load_model,  # noqa: E402
-                                         make_completion)
-from llmbatch.spec import DataSpec, GenerationSpec, ModelSpec  # noqa: E402
+from llmbatch.embedded import ensure_embedded_model
+from llmbatch.runners.engine.attention import _decode_torch, decode_attention
+from llmbatch.runners.engine.runner import Engine
+from llmbatch.runners.generation import (
+    Decoder,
+    encode_texts,
+    engine_params,
+    eos_token_ids,
+    load_model,
+    make_completion,
+)
+from llmbatch.spec import DataSpec, GenerationSpec, ModelSpec
 
 
 def check_attention(device: torch.device) -> bool:
     ok = True
     g = torch.Generator(device=device).manual_seed(0)
     for rows, q_heads, kv_heads, dim, slot_len, window, softcap in (
-            (7, 12, 2, 128, 700, None, None), (64, 4, 2, 64, 100, None, None), (3, 8, 8, 128, 130, None, None),
-            (256, 28, 4, 128, 640, None, None), (32, 16, 8, 256, 900, 100, None), (32, 16, 8, 256, 900, None, 50.0),
-            (48, 32, 8, 128, 700, 129, 30.0)):
+        (7, 12, 2, 128, 700, None, None),
+        (64, 4, 2, 64, 100, None, None),
+        (3, 8, 8, 128, 130, None, None),
+        (256, 28, 4, 128, 640, None, None),
+        (32, 16, 8, 256, 900, 100, None),
+        (32, 16, 8, 256, 900, None, 50.0),
+        (48, 32, 8, 128, 700, 129, 30.0),
+    ):
         slots = rows + 3
         keys = torch.randn(slots, slot_len, kv_heads, dim, device=device, generator=g, dtype=torch.bfloat16)
         values = torch.randn_like(keys)
@@ -45,14 +56,17 @@ def check_attention(device: torch.device) -> bool:
         lengths = torch.randint(1, slot_len + 1, (rows,), device=device, generator=g)
         lengths[0] = slot_len
         row_slots = torch.randperm(slots, device=device, generator=g)[:rows]
-        got = decode_attention(q, keys, values, row_slots, lengths, dim ** -0.5, window, softcap).float()
-        ref = _decode_torch(q.float(), keys.float(), values.float(), row_slots, lengths, dim ** -0.5, window, softcap)
+        got = decode_attention(q, keys, values, row_slots, lengths, dim**-0.5, window, softcap).float()
+        ref = _decode_torch(q.float(), keys.float(), values.float(), row_slots, lengths, dim**-0.5, window, softcap)
         error = ((got - ref).norm() / ref.norm()).item()
         good = error < 1e-2 and bool(torch.isfinite(got).all())
         ok &= good
-        print(f"attention rows={rows} heads={q_heads}/{kv_heads} dim={dim} len<={slot_len} window={window} "
-              f"softcap={softcap}: "
-              f"relative error {error:.2e} {'ok' if good else 'MISMATCH'}", flush=True)
+        print(
+            f"attention rows={rows} heads={q_heads}/{kv_heads} dim={dim} len<={slot_len} window={window} "
+            f"softcap={softcap}: "
+            f"relative error {error:.2e} {'ok' if good else 'MISMATCH'}",
+            flush=True,
+        )
     return ok
 
 
@@ -67,8 +81,11 @@ def check_outputs(device: torch.device, dtype: str) -> bool:
         decoder = Decoder(model, tokenizer, generation)
         expected = [decoder.complete([p], [i])[0] for p, i in zip(prompts, ids)]
         batched = decoder.complete(prompts, ids)
-        print(f"{dtype}, ignore_eos={generation.ignore_eos}: generate in one batch equals generate one at a "
-              f"time on {sum(a == b for a, b in zip(batched, expected))}/{len(prompts)} inputs", flush=True)
+        print(
+            f"{dtype}, ignore_eos={generation.ignore_eos}: generate in one batch equals generate one at a "
+            f"time on {sum(a == b for a, b in zip(batched, expected))}/{len(prompts)} inputs",
+            flush=True,
+        )
         for batch_tokens in (None, 5 * (max(map(len, prompts)) + 23)):
             spec = GenerationSpec(**{**generation.__dict__, "batch_tokens": batch_tokens})
             eos = eos_token_ids(model, tokenizer)
@@ -79,9 +96,12 @@ def check_outputs(device: torch.device, dtype: str) -> bool:
             same = sum(got[i] == expected[i] for i in range(len(prompts)))
             good = same == len(prompts)
             ok &= good
-            print(f"{dtype}, ignore_eos={generation.ignore_eos}, {engine.describe()}, "
-                  f"{engine.stats.decode_steps} steps, graphs {sorted(engine.graphs.graphs)}: "
-                  f"{same}/{len(prompts)} outputs equal generate's {'ok' if good else 'DIFFER'}", flush=True)
+            print(
+                f"{dtype}, ignore_eos={generation.ignore_eos}, {engine.describe()}, "
+                f"{engine.stats.decode_steps} steps, graphs {sorted(engine.graphs.graphs)}: "
+                f"{same}/{len(prompts)} outputs equal generate's {'ok' if good else 'DIFFER'}",
+                flush=True,
+            )
             if not good:
                 first = next(i for i in range(len(prompts)) if got[i] != expected[i])
                 print(f"  first difference, input {ids[first]}: engine {got[first]} generate {expected[first]}")

@@ -52,9 +52,13 @@ def main() -> None:
     chosen = subset(prompts, lengths, args.prompts)
     # Longest first: the biggest batch comes first, so an out-of-memory shows at once.
     chosen.sort(key=lambda i: -lengths[i])
-    batches = [chosen[k:k + args.batch_size] for k in range(0, len(chosen), args.batch_size)]
-    gen = dict(max_new_tokens=args.max_new_tokens, min_new_tokens=args.max_new_tokens, do_sample=False,
-               pad_token_id=tokenizer.pad_token_id)
+    batches = [chosen[k : k + args.batch_size] for k in range(0, len(chosen), args.batch_size)]
+    gen = dict(
+        max_new_tokens=args.max_new_tokens,
+        min_new_tokens=args.max_new_tokens,
+        do_sample=False,
+        pad_token_id=tokenizer.pad_token_id,
+    )
 
     def generate(texts: list[str], **overrides) -> int:
         inputs = tokenizer(texts, return_tensors="pt", padding=True).to(device)
@@ -82,10 +86,16 @@ def main() -> None:
     assert generated == expected, f"generated {generated} tokens, expected {expected}"
     t = args.max_new_tokens
     result = {
-        "method": "generate, one prompt at a time" if args.batch_size == 1 else f"generate, batches of {args.batch_size}",
-        "batch_size": args.batch_size, "prompts": len(chosen), "prompts_total": len(prompts),
-        "prompt_tokens": sum(lengths[i] for i in chosen), "generated_tokens": generated,
-        "elapsed_s": round(elapsed, 3), "tokens_per_s": generated / elapsed,
+        "method": "generate, one prompt at a time"
+        if args.batch_size == 1
+        else f"generate, batches of {args.batch_size}",
+        "batch_size": args.batch_size,
+        "prompts": len(chosen),
+        "prompts_total": len(prompts),
+        "prompt_tokens": sum(lengths[i] for i in chosen),
+        "generated_tokens": generated,
+        "elapsed_s": round(elapsed, 3),
+        "tokens_per_s": generated / elapsed,
         # For the bandwidth model: forward passes (each reads the weights once) and K/V positions read.
         "decode_steps": len(batches) * t,
         "kv_positions": sum(t * lengths[i] + t * (t - 1) // 2 for i in chosen),
@@ -93,8 +103,10 @@ def main() -> None:
         "attn_implementation": model.config._attn_implementation,
     }
     if device.type == "cuda":
-        result |= {"torch_peak_allocated_gb": round(torch.cuda.max_memory_allocated(device) / 2**30, 2),
-                   "torch_peak_reserved_gb": round(torch.cuda.max_memory_reserved(device) / 2**30, 2)}
+        result |= {
+            "torch_peak_allocated_gb": round(torch.cuda.max_memory_allocated(device) / 2**30, 2),
+            "torch_peak_reserved_gb": round(torch.cuda.max_memory_reserved(device) / 2**30, 2),
+        }
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)
     print(json.dumps(result))

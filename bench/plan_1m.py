@@ -39,8 +39,12 @@ def write_files(folder: Path, rows: int) -> dict[str, Path]:
     import pyarrow.parquet as pq
 
     folder.mkdir(parents=True, exist_ok=True)
-    paths = {"jsonl": folder / f"plain-{rows}.jsonl", "parquet": folder / f"plain-{rows}.parquet",
-             "chat-jsonl": folder / f"chat-{rows}.jsonl", "chat-parquet": folder / f"chat-{rows}.parquet"}
+    paths = {
+        "jsonl": folder / f"plain-{rows}.jsonl",
+        "parquet": folder / f"plain-{rows}.parquet",
+        "chat-jsonl": folder / f"chat-{rows}.jsonl",
+        "chat-parquet": folder / f"chat-{rows}.parquet",
+    }
     if all(p.exists() for p in paths.values()):
         return paths
     chunk = 100_000
@@ -63,10 +67,17 @@ def write_files(folder: Path, rows: int) -> dict[str, Path]:
 
 
 def spec_for(folder: Path, name: str, data: Path) -> Path:
-    fields = {"messages_field": "messages"} if name.startswith("chat") else \
-        {"prompt_field": "question", "reference_field": "answer"}
-    spec = {"name": "plan", "data": {"path": str(data), **fields}, "output": {"root": str(folder / "runs")},
-            "resources": {"gpus_per_node": 8}}
+    fields = (
+        {"messages_field": "messages"}
+        if name.startswith("chat")
+        else {"prompt_field": "question", "reference_field": "answer"}
+    )
+    spec = {
+        "name": "plan",
+        "data": {"path": str(data), **fields},
+        "output": {"root": str(folder / "runs")},
+        "resources": {"gpus_per_node": 8},
+    }
     path = folder / f"spec-{name}.yaml"
     path.write_text(json.dumps(spec))
     return path
@@ -77,8 +88,9 @@ def measure(argv: list[str], prints_others_s: bool = False) -> dict:
     the seconds it prints as not its own (a `split` child's simulation of the other ranks)."""
     started = time.monotonic()
     # Both pipes are read after the exit: a few lines at most (the dry run's output is dropped).
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE if prints_others_s else subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        argv, stdout=subprocess.PIPE if prints_others_s else subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
     _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
     wall = time.monotonic() - started
@@ -87,8 +99,11 @@ def measure(argv: list[str], prints_others_s: bool = False) -> dict:
     err = proc.stderr.read()
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(argv)} exited {proc.returncode}:\n{err[-2000:]}")
-    return {"wall_s": round(wall, 1), "peak_rss_mib": round(usage.ru_maxrss / 1024), "cpu_s": round(
-        usage.ru_utime + usage.ru_stime, 1)}
+    return {
+        "wall_s": round(wall, 1),
+        "peak_rss_mib": round(usage.ru_maxrss / 1024),
+        "cpu_s": round(usage.ru_utime + usage.ru_stime, 1),
+    }
 
 
 def split_only(spec_path: str, ranks: int) -> None:
@@ -105,11 +120,12 @@ def split_only(spec_path: str, ranks: int) -> None:
     tokenizer = AutoTokenizer.from_pretrained(embedded.ensure_embedded_model(embedded.default_cache_dir()))
     examples = load_examples(spec.data)
     started = time.monotonic()
-    others = [prompt_lengths(tokenizer, examples[rank::ranks], spec.data, None, 0, 1, lambda c: [c])
-              for rank in range(1, ranks)]
+    others = [
+        prompt_lengths(tokenizer, examples[rank::ranks], spec.data, None, 0, 1, lambda c: [c])
+        for rank in range(1, ranks)
+    ]
     print(time.monotonic() - started)
-    lengths = prompt_lengths(tokenizer, examples, spec.data, None, 0, ranks,
-                             lambda counts: [counts, *others])
+    lengths = prompt_lengths(tokenizer, examples, spec.data, None, 0, ranks, lambda counts: [counts, *others])
     share = token_balanced_share(lengths, 0, ranks, spec.generation.max_new_tokens)
     assert len(encode_share(tokenizer, [examples[i] for i in share], spec.data, None)) == len(share)
 
@@ -135,12 +151,29 @@ def main() -> None:
     for name in args.only.split(","):
         spec = spec_for(args.dir, name, paths[name])
         dry = measure([sys.executable, str(REPO / "submit.py"), "infer", str(spec), "--dry-run", "--executor", "local"])
-        split = {"wall_s": "-", "peak_rss_mib": "-"} if args.no_split else measure(
-            [sys.executable, __file__, "--dir", str(args.dir), "--ranks", str(args.ranks), "--split-only", str(spec)],
-            prints_others_s=True)
+        split = (
+            {"wall_s": "-", "peak_rss_mib": "-"}
+            if args.no_split
+            else measure(
+                [
+                    sys.executable,
+                    __file__,
+                    "--dir",
+                    str(args.dir),
+                    "--ranks",
+                    str(args.ranks),
+                    "--split-only",
+                    str(spec),
+                ],
+                prints_others_s=True,
+            )
+        )
         size = paths[name].stat().st_size / 1e6
-        print(f"| {paths[name].name} | {size:.0f} | {dry['wall_s']} | {dry['peak_rss_mib']} | {split['wall_s']} | "
-              f"{split['peak_rss_mib']} |", flush=True)
+        print(
+            f"| {paths[name].name} | {size:.0f} | {dry['wall_s']} | {dry['peak_rss_mib']} | {split['wall_s']} | "
+            f"{split['peak_rss_mib']} |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

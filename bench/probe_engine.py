@@ -20,12 +20,12 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
-from llmbatch.runners.engine import attention  # noqa: E402
-from llmbatch.runners.engine.params import EngineParams  # noqa: E402
-from llmbatch.runners.engine.runner import Engine  # noqa: E402
-from llmbatch.runners.engine.scheduler import Scheduler  # noqa: E402
-from llmbatch.runners.generation import eos_token_ids, load_model  # noqa: E402
-from llmbatch.spec import ModelSpec  # noqa: E402
+from llmbatch.runners.engine import attention
+from llmbatch.runners.engine.params import EngineParams
+from llmbatch.runners.engine.runner import Engine
+from llmbatch.runners.engine.scheduler import Scheduler
+from llmbatch.runners.generation import eos_token_ids, load_model
+from llmbatch.spec import ModelSpec
 
 
 def timed(fn, reps: int = 5) -> float:
@@ -39,7 +39,8 @@ def timed(fn, reps: int = 5) -> float:
 
 
 def profile(fn, label: str) -> None:
-    from torch.profiler import ProfilerActivity, profile as torch_profile
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
 
     with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
         fn()
@@ -50,8 +51,9 @@ def profile(fn, label: str) -> None:
 def expanded_attention(q, k, v, scale):
     groups = q.shape[2] // k.shape[2]
     k, v = k.repeat_interleave(groups, dim=2), v.repeat_interleave(groups, dim=2)
-    return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                          is_causal=True, scale=scale).transpose(1, 2)
+    return F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, scale=scale
+    ).transpose(1, 2)
 
 
 def main() -> None:
@@ -69,15 +71,22 @@ def main() -> None:
     # One chunk of the longest prompts, and one of middle length, as the engine forms them.
     for label, start in (("longest", 0), ("middle", len(admitted) // 2)):
         width = admitted[start].prompt_len
-        chunk = admitted[start:start + max(1, engine.prefill_tokens // width)]
+        chunk = admitted[start : start + max(1, engine.prefill_tokens // width)]
         run = lambda: engine._prefill_chunk(chunk, prompts, keys)  # noqa: E731
-        for name, fn in (("sdpa enable_gqa", attention.prefill_attention), ("sdpa, heads expanded", expanded_attention)):
+        for name, fn in (
+            ("sdpa enable_gqa", attention.prefill_attention),
+            ("sdpa, heads expanded", expanded_attention),
+        ):
             attention_impl = attention.prefill_attention
             import llmbatch.runners.engine.model as engine_model
+
             engine_model.prefill_attention = fn
             seconds = timed(run)
-            print(f"prefill {label}: {len(chunk)} rows x {width}, {name}: {seconds * 1e3:.1f} ms, "
-                  f"{len(chunk) * width / seconds:,.0f} tokens/s", flush=True)
+            print(
+                f"prefill {label}: {len(chunk)} rows x {width}, {name}: {seconds * 1e3:.1f} ms, "
+                f"{len(chunk) * width / seconds:,.0f} tokens/s",
+                flush=True,
+            )
             engine_model.prefill_attention = attention_impl
         profile(run, f"prefill chunk {label}")
     # The decode step at several row counts, context as after prefill.
@@ -87,7 +96,9 @@ def main() -> None:
         if rows > len(admitted):
             break
         batch = admitted[:rows]
-        inputs = torch.tensor([[1] * rows, [s.position for s in batch], [s.slot for s in batch], keys[:rows], [1] * rows])
+        inputs = torch.tensor(
+            [[1] * rows, [s.position for s in batch], [s.slot for s in batch], keys[:rows], [1] * rows]
+        )
         engine.graphs(inputs)  # capture
         seconds = timed(lambda: engine.graphs(inputs), reps=20)
         print(f"decode step, {rows} rows: {seconds * 1e3:.2f} ms, {rows / seconds:,.0f} tokens/s", flush=True)

@@ -23,15 +23,43 @@ from pathlib import Path
 
 # Shapes from the models' config.json files (Hugging Face), only the keys that set the cost.
 SHAPES = {
-    "qwen2.5-0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
-                         num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
-    "qwen2.5-1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
-                         num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
-    "qwen2.5-7b": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
-                       num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False),
+    "qwen2.5-0.5b": dict(
+        hidden_size=896,
+        intermediate_size=4864,
+        num_hidden_layers=24,
+        num_attention_heads=14,
+        num_key_value_heads=2,
+        vocab_size=151936,
+        tie_word_embeddings=True,
+    ),
+    "qwen2.5-1.5b": dict(
+        hidden_size=1536,
+        intermediate_size=8960,
+        num_hidden_layers=28,
+        num_attention_heads=12,
+        num_key_value_heads=2,
+        vocab_size=151936,
+        tie_word_embeddings=True,
+    ),
+    "qwen2.5-7b": dict(
+        hidden_size=3584,
+        intermediate_size=18944,
+        num_hidden_layers=28,
+        num_attention_heads=28,
+        num_key_value_heads=4,
+        vocab_size=152064,
+        tie_word_embeddings=False,
+    ),
     # --smoke: small enough for a CPU, same code paths.
-    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, vocab_size=512, tie_word_embeddings=True),
+    "tiny": dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=512,
+        tie_word_embeddings=True,
+    ),
 }
 
 PAD, EOS = "<|pad|>", "<|endoftext|>"  # ids 0 and 1
@@ -39,16 +67,35 @@ PAD, EOS = "<|pad|>", "<|endoftext|>"  # ids 0 and 1
 
 # --- workload sizes ---------------------------------------------------------------------------------
 
+
 def workload_sizes(smoke: bool) -> dict:
     """Lengths and counts of the data sets (the issue's numbers; tiny ones for --smoke)."""
     if smoke:
-        return dict(prompts=16, prompt_min=8, prompt_max=48, new_tokens=8,
-                    fixed_len=64, fixed_prompt=16, fixed_examples=64,
-                    var_examples=256, var_median=24, var_max=128)
-    return dict(prompts=1024, prompt_min=64, prompt_max=512, new_tokens=128,
-                # Enough rows for ~40 steps at 8 sequences per GPU on 2 GPUs before an epoch ends.
-                fixed_len=1024, fixed_prompt=256, fixed_examples=768,
-                var_examples=3072, var_median=180, var_max=2048)
+        return dict(
+            prompts=16,
+            prompt_min=8,
+            prompt_max=48,
+            new_tokens=8,
+            fixed_len=64,
+            fixed_prompt=16,
+            fixed_examples=64,
+            var_examples=256,
+            var_median=24,
+            var_max=128,
+        )
+    return dict(
+        prompts=1024,
+        prompt_min=64,
+        prompt_max=512,
+        new_tokens=128,
+        # Enough rows for ~40 steps at 8 sequences per GPU on 2 GPUs before an epoch ends.
+        fixed_len=1024,
+        fixed_prompt=256,
+        fixed_examples=768,
+        var_examples=3072,
+        var_median=180,
+        var_max=2048,
+    )
 
 
 def variable_lengths(rng, n: int, median: int, max_len: int, min_len: int = 16):
@@ -62,6 +109,7 @@ def variable_lengths(rng, n: int, median: int, max_len: int, min_len: int = 16):
 
 
 # --- building ---------------------------------------------------------------------------------------
+
 
 def tokenizer_vocab(vocab_size: int) -> tuple[dict[str, int], list[tuple[str, str]], int]:
     """A byte-level BPE vocabulary of exactly `vocab_size` tokens: the two specials, the 256 byte
@@ -101,8 +149,9 @@ def build_model(shape: dict, out: Path, device: str) -> int:
     import torch
     from transformers import AutoModelForCausalLM, GenerationConfig, Qwen2Config
 
-    config = Qwen2Config(**shape, max_position_embeddings=32768, rms_norm_eps=1e-6,
-                         pad_token_id=0, eos_token_id=1, bos_token_id=None)
+    config = Qwen2Config(
+        **shape, max_position_embeddings=32768, rms_norm_eps=1e-6, pad_token_id=0, eos_token_id=1, bos_token_id=None
+    )
     torch.manual_seed(0)
     # Built on the GPU when there is one: initializing 1.5B parameters on the CPU takes much longer.
     with torch.device(device):
@@ -135,21 +184,27 @@ def build_data(out: Path, sizes: dict, vocab_size: int, seed: int = 0) -> dict:
     vocab = [w[1:] for w, i in sorted(vocab.items(), key=lambda kv: kv[1]) if i >= first_word]
     rng = np.random.default_rng(seed)
     prompt_lens = [int(x) for x in rng.integers(sizes["prompt_min"], sizes["prompt_max"] + 1, size=sizes["prompts"])]
-    write_jsonl(out / "infer.jsonl", [{"id": f"p{i:05d}", "prompt": words(rng, n, vocab)}
-                                      for i, n in enumerate(prompt_lens)])
+    write_jsonl(
+        out / "infer.jsonl", [{"id": f"p{i:05d}", "prompt": words(rng, n, vocab)} for i, n in enumerate(prompt_lens)]
+    )
     fixed = [(sizes["fixed_prompt"], sizes["fixed_len"] - sizes["fixed_prompt"])] * sizes["fixed_examples"]
     var_lens = variable_lengths(rng, sizes["var_examples"], sizes["var_median"], sizes["var_max"])
     # Instruction data: the response is usually the longer part; 40% prompt, at least one token each.
     var = [(p, s - p) for s in var_lens for p in [min(max(1, round(0.4 * s)), s - 1)]]
     for name, parts in (("ft_fixed", fixed), ("ft_var", var)):
-        write_jsonl(out / f"{name}.jsonl", [{"id": f"{name}{i:05d}", "prompt": words(rng, p, vocab),
-                                             "completion": words(rng, c, vocab)}
-                                            for i, (p, c) in enumerate(parts)])
+        write_jsonl(
+            out / f"{name}.jsonl",
+            [
+                {"id": f"{name}{i:05d}", "prompt": words(rng, p, vocab), "completion": words(rng, c, vocab)}
+                for i, (p, c) in enumerate(parts)
+            ],
+        )
     return {"infer_prompt_lens": prompt_lens, "fixed_lens": [p + c for p, c in fixed], "var_lens": var_lens}
 
 
 def check_lengths(tokenizer, data: Path, lens: dict) -> None:
     """Every text tokenizes to exactly the length it was built for."""
+
     def lengths(texts, **kw):
         return [len(ids) for ids in tokenizer(texts, **kw)["input_ids"]]
 
@@ -157,17 +212,29 @@ def check_lengths(tokenizer, data: Path, lens: dict) -> None:
     assert lengths(prompts) == lens["infer_prompt_lens"], "infer prompts: token counts differ from the plan"
     for name, key in (("ft_fixed", "fixed_lens"), ("ft_var", "var_lens")):
         recs = [json.loads(line) for line in (data / f"{name}.jsonl").open()]
-        got = [a + b for a, b in zip(lengths([r["prompt"] for r in recs]),
-                                     lengths([r["completion"] for r in recs], add_special_tokens=False))]
+        got = [
+            a + b
+            for a, b in zip(
+                lengths([r["prompt"] for r in recs]), lengths([r["completion"] for r in recs], add_special_tokens=False)
+            )
+        ]
         assert got == lens[key], f"{name}: token counts differ from the plan"
 
 
 def length_stats(lengths: list[int]) -> dict:
     s = sorted(lengths)
     q = lambda f: s[min(len(s) - 1, int(f * len(s)))]  # noqa: E731
-    return {"n": len(s), "mean": round(sum(s) / len(s), 1), "median": q(0.5), "p90": q(0.9), "p99": q(0.99),
-            "max": s[-1], "share_under_300": round(sum(x < 300 for x in s) / len(s), 3),
-            "sum": sum(s), "sum_sq": sum(x * x for x in s)}
+    return {
+        "n": len(s),
+        "mean": round(sum(s) / len(s), 1),
+        "median": q(0.5),
+        "p90": q(0.9),
+        "p99": q(0.99),
+        "max": s[-1],
+        "share_under_300": round(sum(x < 300 for x in s) / len(s), 3),
+        "sum": sum(s),
+        "sum_sq": sum(x * x for x in s),
+    }
 
 
 def main() -> None:
@@ -189,15 +256,23 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     check_lengths(AutoTokenizer.from_pretrained(args.out / "model"), args.out / "data", lens)
-    manifest = {"shape_name": args.shape, "shape": shape, "params": params, "sizes": sizes,
-                "infer_prompts": length_stats(lens["infer_prompt_lens"]),
-                "ft_fixed": length_stats(lens["fixed_lens"]), "ft_var": length_stats(lens["var_lens"]),
-                "model": str(args.out / "model"), "data": str(args.out / "data")}
+    manifest = {
+        "shape_name": args.shape,
+        "shape": shape,
+        "params": params,
+        "sizes": sizes,
+        "infer_prompts": length_stats(lens["infer_prompt_lens"]),
+        "ft_fixed": length_stats(lens["fixed_lens"]),
+        "ft_var": length_stats(lens["var_lens"]),
+        "model": str(args.out / "model"),
+        "data": str(args.out / "data"),
+    }
     (args.out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     print(json.dumps({k: manifest[k] for k in ("shape_name", "params", "infer_prompts", "ft_var")}))
 
 
 # --- cost model (used by bench.py) ----------------------------------------------------------------
+
 
 def head_dim(shape: dict) -> int:
     return shape["hidden_size"] // shape["num_attention_heads"]

@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from helpers import REPO, DockerEnv, host_python_binds, llmbatch_source, new_run
 from llmbatch.embedded import ensure_embedded_model
+
+from helpers import REPO, DockerEnv, host_python_binds, llmbatch_source, new_run, write_data
 
 TESTING = REPO / "containers" / "testing"
 TEST_IMAGE = "llmbatch-test:latest"
@@ -43,10 +44,10 @@ def slurm_cluster():
 
     If it was not up before, it is stopped again after the session. It fails, never skips.
     """
-    was_up = subprocess.run(["sinfo", "-h"], capture_output=True).returncode == 0 if shutil.which("sinfo") \
-        else False
-    out = subprocess.run(["bash", str(REPO / "slurm" / "start-cluster.sh")], capture_output=True, text=True,
-                         timeout=900)
+    was_up = subprocess.run(["sinfo", "-h"], capture_output=True).returncode == 0 if shutil.which("sinfo") else False
+    out = subprocess.run(
+        ["bash", str(REPO / "slurm" / "start-cluster.sh")], capture_output=True, text=True, timeout=900
+    )
     assert out.returncode == 0, f"slurm/start-cluster.sh failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
     for line in out.stdout.splitlines():
         if line.startswith("export SLURM_CONF="):
@@ -75,11 +76,27 @@ def docker_env() -> DockerEnv:
     try:
         built = subprocess.run(["bash", str(TESTING / "build-test-image.sh")], capture_output=True, text=True)
         assert built.returncode == 0, f"build-test-image.sh failed:\n{built.stderr}"
-        yield DockerEnv(docker_host=docker_host, image=TEST_IMAGE, python=sys.executable,
-                        binds=host_python_binds(), pythonpath=llmbatch_source())
+        yield DockerEnv(
+            docker_host=docker_host,
+            image=TEST_IMAGE,
+            python=sys.executable,
+            binds=host_python_binds(),
+            pythonpath=llmbatch_source(),
+        )
     finally:
         if previous is None:
             os.environ.pop("DOCKER_HOST", None)
         else:
             os.environ["DOCKER_HOST"] = previous
         subprocess.run(["bash", str(TESTING / "dockerd.sh"), "stop"], check=True)
+
+
+@pytest.fixture
+def good(tmp_path) -> dict:
+    """A valid infer spec as a dict, with its own small data file."""
+    data = write_data(tmp_path / "in.jsonl", [{"id": i, "question": f"q{i}", "answer": "a"} for i in range(3)])
+    return {
+        "name": "t",
+        "data": {"path": str(data), "prompt_template": "{question}", "reference_field": "answer"},
+        "output": {"root": str(tmp_path / "runs")},
+    }

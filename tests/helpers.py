@@ -6,6 +6,7 @@ Fixtures live in conftest.py (pytest finds them there); plain helpers live here,
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import socket
 import subprocess
@@ -14,7 +15,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import yaml
+
 import llmbatch.spec
+from llmbatch.cli import main as cli_main
 from llmbatch.container import ContainerCommand
 from llmbatch.jobstep import NodePlace, make_plan, node_command
 from llmbatch.rundir import RunDir, atomic_write
@@ -46,18 +50,20 @@ def runner_command(run: RunDir, processes: int, attempt: int = 0) -> ContainerCo
     as the node job builds it; the runner is the spec's kind. Run it with os.environ | .env."""
     plan = make_plan(load_resolved(run.spec_file), run.path)
     plan = dataclasses.replace(plan, gpus_per_node=processes, cpu_threads_per_proc=1)
-    place = NodePlace(node_rank=0, main_host="127.0.0.1", port=free_port(), attempt=attempt, job_id="test",
-                      use_cuda=False)
+    place = NodePlace(
+        node_rank=0, main_host="127.0.0.1", port=free_port(), attempt=attempt, job_id="test", use_cuda=False
+    )
     return node_command(plan, place)
 
 
 def submit_cli(*args: str, timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess:
     """`python submit.py ARGS` as a user runs it, in a real process."""
-    proc = subprocess.run([PYTHON, str(REPO / "submit.py"), *args], capture_output=True, text=True,
-                          timeout=timeout)
+    proc = subprocess.run([PYTHON, str(REPO / "submit.py"), *args], capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
-        raise AssertionError(f"submit.py {' '.join(args)} exited {proc.returncode}\n"
-                             f"--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-4000:]}")
+        raise AssertionError(
+            f"submit.py {' '.join(args)} exited {proc.returncode}\n"
+            f"--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-4000:]}"
+        )
     return proc
 
 
@@ -78,6 +84,7 @@ def run_folder(proc: subprocess.CompletedProcess) -> RunDir:
 
 
 # --- containers ----------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class DockerEnv:
@@ -107,3 +114,19 @@ def host_python_binds() -> tuple[str, ...]:
     llmbatch's source folder."""
     interpreter_prefix = Path(os.path.realpath(sys.executable)).parent.parent
     return tuple(dict.fromkeys([sys.prefix, str(interpreter_prefix), llmbatch_source()]))
+
+
+def write_data(path: Path, rows: list) -> Path:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+def run_cli(tmp_path, spec: dict | None, *extra: str, kind: str = "infer", capsys=None):
+    args = [kind]
+    if spec is not None:
+        path = tmp_path / "spec.yaml"
+        path.write_text(yaml.safe_dump(spec))
+        args.append(str(path))
+    code = cli_main(args + ["--executor", "local", "--dry-run", *extra])
+    err = capsys.readouterr().err
+    return code, err

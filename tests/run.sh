@@ -18,6 +18,10 @@ bash slurm/install.sh docker.io debootstrap
 # A safety net: whatever an interrupted session left running is stopped (both are idempotent).
 trap 'bash containers/testing/dockerd.sh stop >/dev/null 2>&1 || true; bash slurm/stop-cluster.sh >/dev/null 2>&1 || true' EXIT
 
+# Lint and format first: they take a second and need nothing started.
+.venv/bin/ruff check .
+.venv/bin/ruff format --check .
+
 # Every tier, fast first, stopping at the first that fails: the fast tier (plain pytest), the slow
 # tests that need no cluster (real jobs in local processes, models), then the Slurm and container ones.
 .venv/bin/python -m pytest -ra "$@"

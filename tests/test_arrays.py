@@ -13,10 +13,11 @@ import subprocess
 
 import pytest
 
-from helpers import JOBS, run_folder, submit_cli, wait_for
 from llmbatch.cli import main
 from llmbatch.lifecycle import FINAL_STATES, array_state, expand_array_ids
 from llmbatch.shards import complete_lines, shard_for
+
+from helpers import JOBS, run_folder, submit_cli, wait_for
 
 ARRAY = ["--executor", "slurm", "--array", "4", "--gpus", "1", "--set", "resources.cpus_per_gpu=1"]
 # 8 CPUs a task: Slurm fits two tasks on a node (16 CPUs), so four tasks spread over both nodes (each
@@ -24,15 +25,24 @@ ARRAY = ["--executor", "slurm", "--array", "4", "--gpus", "1", "--set", "resourc
 SPREAD = [*ARRAY, "--set", "resources.cpus_per_gpu=8"]
 SMALL = ["--set", "data.max_samples=48", "--set", "generation.max_new_tokens=8"]
 # 1,000 inputs, a few per step: each task's 250 take long enough for a signal to land mid-run.
-INFER = ["--set", f"data.path={JOBS / 'data/parity/train.jsonl'}", "--set", "data.max_samples=1000",
-         "--set", "generation.batch_tokens=32"]
+INFER = [
+    "--set",
+    f"data.path={JOBS / 'data/parity/train.jsonl'}",
+    "--set",
+    "data.max_samples=1000",
+    "--set",
+    "generation.batch_tokens=32",
+]
 
 
 # --- no Slurm needed ------------------------------------------------------------------------
 
+
 def test_dry_run_shows_the_array_line_and_the_per_task_command(capsys, tmp_path):
-    assert main(["infer", "--executor", "slurm", "--array", "8%3", "--gpus", "2", "--output", str(tmp_path),
-                 "--dry-run"]) == 0
+    assert (
+        main(["infer", "--executor", "slurm", "--array", "8%3", "--gpus", "2", "--output", str(tmp_path), "--dry-run"])
+        == 0
+    )
     lines = capsys.readouterr().out.splitlines()
     assert "#SBATCH --array=0-7%3" in lines and "#SBATCH --nodes=1" in lines
     assert "#SBATCH --gpus-per-node=2" in lines
@@ -50,31 +60,52 @@ def test_without_an_array_there_is_no_array_line(capsys, tmp_path):
     assert "--array" not in out and "--task" not in out
 
 
-@pytest.mark.parametrize("args,error", [
-    (["finetune", "--executor", "slurm", "--array", "4"],
-     "--array 4: resources.array: job arrays are for inference (data-parallel); fine-tuning runs as one job"),
-    (["infer", "--executor", "local", "--array", "4"],
-     "resources.array: a job array (4 tasks) needs Slurm; the local executor runs one job (drop the array, or "
-     "use --executor slurm on a cluster)"),
-    (["infer", "--executor", "slurm", "--array", "4", "--nodes", "2"],
-     "--nodes 2: resources.nodes: an array task runs on one node, got 2 with resources.array: 4 (use more tasks, "
-     "or more GPUs per task)"),
-    (["infer", "--executor", "slurm", "--array", "4x"],
-     "--array 4x: expected N or N%M (N tasks, at most M running at once)"),
-    (["infer", "--executor", "slurm", "--array", "1"], "--array 1: resources.array: must be in [2, 100000], got 1"),
-    (["infer", "--executor", "slurm", "--array", "4%0"],
-     "--array 4%0: resources.array_max_running: must be in (0, 100000], got 0"),
-    (["infer", "--executor", "slurm", "--set", "resources.array_max_running=2"],
-     "--set resources.array_max_running=2: resources.array_max_running: needs resources.array (the number of "
-     "array tasks)"),
-    (["infer", "--executor", "slurm", "--set", "resources.sbatch_extra={array: 0-3}"],
-     "--set resources.sbatch_extra={array: 0-3}: resources.sbatch_extra.array: set by the spec, not through "
-     "sbatch_extra: use resources.array"),
-    (["infer", "--executor", "slurm", "--array", "50", "--set", "data.max_samples=2"],
-     "--array 50: resources.array: 50 array tasks for 2 inputs: each task needs at least one (use at most 2)"),
-    (["infer", "--executor", "slurm", "--array", "3", "--set", "data.max_samples=1"],
-     "--array 3: resources.array: 3 array tasks for 1 input: each task needs at least one (drop the array)"),
-])
+@pytest.mark.parametrize(
+    "args,error",
+    [
+        (
+            ["finetune", "--executor", "slurm", "--array", "4"],
+            "--array 4: resources.array: job arrays are for inference (data-parallel); fine-tuning runs as one job",
+        ),
+        (
+            ["infer", "--executor", "local", "--array", "4"],
+            "resources.array: a job array (4 tasks) needs Slurm; the local executor runs one job (drop the array, or "
+            "use --executor slurm on a cluster)",
+        ),
+        (
+            ["infer", "--executor", "slurm", "--array", "4", "--nodes", "2"],
+            "--nodes 2: resources.nodes: an array task runs on one node, got 2 with resources.array: 4 "
+            "(use more tasks, or more GPUs per task)",
+        ),
+        (
+            ["infer", "--executor", "slurm", "--array", "4x"],
+            "--array 4x: expected N or N%M (N tasks, at most M running at once)",
+        ),
+        (["infer", "--executor", "slurm", "--array", "1"], "--array 1: resources.array: must be in [2, 100000], got 1"),
+        (
+            ["infer", "--executor", "slurm", "--array", "4%0"],
+            "--array 4%0: resources.array_max_running: must be in (0, 100000], got 0",
+        ),
+        (
+            ["infer", "--executor", "slurm", "--set", "resources.array_max_running=2"],
+            "--set resources.array_max_running=2: resources.array_max_running: needs resources.array (the number of "
+            "array tasks)",
+        ),
+        (
+            ["infer", "--executor", "slurm", "--set", "resources.sbatch_extra={array: 0-3}"],
+            "--set resources.sbatch_extra={array: 0-3}: resources.sbatch_extra.array: set by the spec, not through "
+            "sbatch_extra: use resources.array",
+        ),
+        (
+            ["infer", "--executor", "slurm", "--array", "50", "--set", "data.max_samples=2"],
+            "--array 50: resources.array: 50 array tasks for 2 inputs: each task needs at least one (use at most 2)",
+        ),
+        (
+            ["infer", "--executor", "slurm", "--array", "3", "--set", "data.max_samples=1"],
+            "--array 3: resources.array: 3 array tasks for 1 input: each task needs at least one (drop the array)",
+        ),
+    ],
+)
 def test_bad_arrays_are_one_line_and_exit_2(capsys, tmp_path, args, error):
     assert main([*args, "--output", str(tmp_path / "runs"), "--dry-run"]) == 2
     [line] = capsys.readouterr().err.splitlines()
@@ -84,11 +115,15 @@ def test_bad_arrays_are_one_line_and_exit_2(capsys, tmp_path, args, error):
 
 def test_an_array_from_the_spec_file_over_fewer_inputs_names_the_file(capsys, tmp_path):
     spec = tmp_path / "spec.yaml"
-    spec.write_text(f"data:\n  path: {JOBS / 'data/parity/test.jsonl'}\n  prompt_field: question\n"
-                    f"  max_samples: 3\nresources:\n  array: 4\n")
+    spec.write_text(
+        f"data:\n  path: {JOBS / 'data/parity/test.jsonl'}\n  prompt_field: question\n"
+        f"  max_samples: 3\nresources:\n  array: 4\n"
+    )
     assert main(["infer", str(spec), "--executor", "slurm", "--dry-run"]) == 2
-    assert capsys.readouterr().err == (f"llmbatch: error: {spec}: resources.array: 4 array tasks for 3 inputs: "
-                                       f"each task needs at least one (use at most 3)\n")
+    assert capsys.readouterr().err == (
+        f"llmbatch: error: {spec}: resources.array: 4 array tasks for 3 inputs: "
+        f"each task needs at least one (use at most 3)\n"
+    )
     assert main(["infer", str(spec), "--executor", "slurm", "--array", "3", "--dry-run"]) == 0
 
 
@@ -102,6 +137,7 @@ def test_sacct_array_ids_and_the_state_of_an_array():
 
 
 # --- on the local Slurm cluster -------------------------------------------------------------
+
 
 def status(run) -> dict:
     [s] = json.loads(submit_cli("status", str(run.path), "--json").stdout)
@@ -131,8 +167,9 @@ def commands(run) -> list[dict]:
 @pytest.mark.slurm
 @pytest.mark.slow
 def test_an_array_of_four_one_gpu_tasks_matches_one_local_process(slurm_cluster, cache_dir, tmp_path):
-    local = run_folder(submit_cli("infer", "--executor", "local", "--gpus", "1", "--output", str(tmp_path / "a"),
-                                  *SMALL))
+    local = run_folder(
+        submit_cli("infer", "--executor", "local", "--gpus", "1", "--output", str(tmp_path / "a"), *SMALL)
+    )
     proc = submit_cli("infer", *SPREAD, "--wait", "--output", str(tmp_path / "b"), *SMALL)
     run = run_folder(proc)
     assert "array tasks: 0 1 2 3" in proc.stdout and "accuracy" in proc.stdout  # the summary
@@ -166,8 +203,11 @@ def test_an_array_of_four_one_gpu_tasks_matches_one_local_process(slurm_cluster,
 @pytest.fixture(scope="module")
 def infer_reference(slurm_cluster, cache_dir, tmp_path_factory):
     """The same inputs, uninterrupted, on this machine (greedy results do not depend on the split)."""
-    return run_folder(submit_cli("infer", "--executor", "local", "--gpus", "2",
-                                 "--output", str(tmp_path_factory.mktemp("reference")), *INFER))
+    return run_folder(
+        submit_cli(
+            "infer", "--executor", "local", "--gpus", "2", "--output", str(tmp_path_factory.mktemp("reference")), *INFER
+        )
+    )
 
 
 def signal_task_mid_run(output, index: int, signal: str):
@@ -228,8 +268,10 @@ def test_one_task_killed_is_redone_alone_by_resume(infer_reference, tmp_path):
     assert [(c["task"], c["attempt"]) for c in again] == [(2, 1)]
     log = task_log(run, 2)
     left = s["tasks"][2]["inputs"] - kept
-    assert f"task 2 of 4, rank 2 of 4, attempt 1: {left} of {s['tasks'][2]['inputs']} inputs left ({kept} done " \
-           f"earlier)" in log
+    assert (
+        f"task 2 of 4, rank 2 of 4, attempt 1: {left} of {s['tasks'][2]['inputs']} inputs left ({kept} done "
+        f"earlier)" in log
+    )
     assert "gathered 1000 results" in log
     for other in (0, 1, 3):
         assert "== attempt 1" not in task_log(run, other)

@@ -16,12 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from llmbatch.container import (Bind, ContainerCommand, check_run_folder_binds, merge_binds, parse_bind,
-                                wrap_command)
+from llmbatch.container import Bind, ContainerCommand, check_run_folder_binds, merge_binds, parse_bind, wrap_command
 from llmbatch.spec import ContainerSpec, SpecError
 
-ARGV = ["python3", "-m", "accelerate.commands.launch", "-m", "llmbatch.runners.infer",
-        "--run-dir", "/runs/r1"]
+ARGV = ["python3", "-m", "accelerate.commands.launch", "-m", "llmbatch.runners.infer", "--run-dir", "/runs/r1"]
 BINDS = ["/runs/r1", "/data", "/models/m"]
 ENV = {"PYTHONUNBUFFERED": "1", "ACCELERATE_USE_CPU": "true"}
 
@@ -35,17 +33,18 @@ def uid_1000(monkeypatch):
 def wrap(runtime: str, gpus: bool = False, **spec) -> ContainerCommand:
     image = "/images/llmbatch.sif" if runtime == "apptainer" else "llmbatch:latest"
     container = ContainerSpec(runtime=runtime, image=image, **spec)
-    return wrap_command(ARGV, container, binds=BINDS, env=ENV, gpus=gpus, workdir="/runs/r1",
-                        name="llmbatch-t")
+    return wrap_command(ARGV, container, binds=BINDS, env=ENV, gpus=gpus, workdir="/runs/r1", name="llmbatch-t")
 
 
 # --- argv, exactly ---------------------------------------------------------------------------------
 
+
 def test_none_leaves_argv_alone_and_adds_the_specs_env():
     # container.env applies with no container too (it was once dropped silently); pass_env's variables
     # are in the job's environment already.
-    cmd = wrap_command(ARGV, ContainerSpec(env={"X": "1"}, pass_env=["HOME"]), binds=BINDS, env=ENV,
-                       gpus=True, workdir="/runs/r1")
+    cmd = wrap_command(
+        ARGV, ContainerSpec(env={"X": "1"}, pass_env=["HOME"]), binds=BINDS, env=ENV, gpus=True, workdir="/runs/r1"
+    )
     assert cmd.argv == ARGV and cmd.argv is not ARGV
     assert cmd.env == {**ENV, "X": "1"}
 
@@ -54,22 +53,63 @@ def test_none_leaves_argv_alone_and_adds_the_specs_env():
 def test_apptainer_argv(gpus):
     cmd = wrap("apptainer", gpus=gpus, env={"NCCL_DEBUG": "INFO"}, extra_args=["--writable-tmpfs"])
     assert cmd.argv == [
-        "apptainer", "exec", *(["--nv"] if gpus else []), "--cleanenv",
-        "--bind", "/data:/data,/models/m:/models/m,/runs/r1:/runs/r1",
-        "--pwd", "/runs/r1", "--writable-tmpfs", "/images/llmbatch.sif", *ARGV]
-    assert cmd.env == {"APPTAINERENV_PYTHONUNBUFFERED": "1", "APPTAINERENV_ACCELERATE_USE_CPU": "true",
-                       "APPTAINERENV_NCCL_DEBUG": "INFO"}
+        "apptainer",
+        "exec",
+        *(["--nv"] if gpus else []),
+        "--cleanenv",
+        "--bind",
+        "/data:/data,/models/m:/models/m,/runs/r1:/runs/r1",
+        "--pwd",
+        "/runs/r1",
+        "--writable-tmpfs",
+        "/images/llmbatch.sif",
+        *ARGV,
+    ]
+    assert cmd.env == {
+        "APPTAINERENV_PYTHONUNBUFFERED": "1",
+        "APPTAINERENV_ACCELERATE_USE_CPU": "true",
+        "APPTAINERENV_NCCL_DEBUG": "INFO",
+    }
 
 
 @pytest.mark.parametrize("gpus", [False, True])
 def test_docker_argv(gpus, uid_1000):
     cmd = wrap("docker", gpus=gpus, shm_size="8g", env={"NCCL_DEBUG": "INFO"}, extra_args=["--pull", "never"])
     assert cmd.argv == [
-        "docker", "run", "--rm", "--init", "--name", "llmbatch-t", *(["--gpus", "all"] if gpus else []),
-        "--network", "host", "--shm-size", "8g", "--user", "1000:100",
-        "-v", "/data:/data", "-v", "/models/m:/models/m", "-v", "/runs/r1:/runs/r1",
-        "-e", "PYTHONUNBUFFERED", "-e", "ACCELERATE_USE_CPU", "-e", "NCCL_DEBUG", "-e", "TINI_KILL_PROCESS_GROUP",
-        "-w", "/runs/r1", "--pull", "never", "llmbatch:latest", *ARGV]
+        "docker",
+        "run",
+        "--rm",
+        "--init",
+        "--name",
+        "llmbatch-t",
+        *(["--gpus", "all"] if gpus else []),
+        "--network",
+        "host",
+        "--shm-size",
+        "8g",
+        "--user",
+        "1000:100",
+        "-v",
+        "/data:/data",
+        "-v",
+        "/models/m:/models/m",
+        "-v",
+        "/runs/r1:/runs/r1",
+        "-e",
+        "PYTHONUNBUFFERED",
+        "-e",
+        "ACCELERATE_USE_CPU",
+        "-e",
+        "NCCL_DEBUG",
+        "-e",
+        "TINI_KILL_PROCESS_GROUP",
+        "-w",
+        "/runs/r1",
+        "--pull",
+        "never",
+        "llmbatch:latest",
+        *ARGV,
+    ]
     assert cmd.env == {**ENV, "NCCL_DEBUG": "INFO", "TINI_KILL_PROCESS_GROUP": "1"}
     assert cmd.name == "llmbatch-t"
 
@@ -78,11 +118,36 @@ def test_docker_argv(gpus, uid_1000):
 def test_podman_argv_rootless(gpus, uid_1000):
     cmd = wrap("podman", gpus=gpus)
     assert cmd.argv == [
-        "podman", "run", "--rm", "--init", "--name", "llmbatch-t",
+        "podman",
+        "run",
+        "--rm",
+        "--init",
+        "--name",
+        "llmbatch-t",
         *(["--device", "nvidia.com/gpu=all"] if gpus else []),
-        "--network", "host", "--shm-size", "16g", "--userns", "keep-id", "--security-opt", "label=disable",
-        "-v", "/data:/data", "-v", "/models/m:/models/m", "-v", "/runs/r1:/runs/r1",
-        "-e", "PYTHONUNBUFFERED", "-e", "ACCELERATE_USE_CPU", "-w", "/runs/r1", "llmbatch:latest", *ARGV]
+        "--network",
+        "host",
+        "--shm-size",
+        "16g",
+        "--userns",
+        "keep-id",
+        "--security-opt",
+        "label=disable",
+        "-v",
+        "/data:/data",
+        "-v",
+        "/models/m:/models/m",
+        "-v",
+        "/runs/r1:/runs/r1",
+        "-e",
+        "PYTHONUNBUFFERED",
+        "-e",
+        "ACCELERATE_USE_CPU",
+        "-w",
+        "/runs/r1",
+        "llmbatch:latest",
+        *ARGV,
+    ]
     assert cmd.env == ENV
 
 
@@ -103,6 +168,7 @@ def test_default_name_is_unique():
 
 
 # --- environment ---------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("runtime", ["apptainer", "docker", "podman"])
 def test_env_values_never_on_argv(runtime, monkeypatch):
@@ -149,6 +215,7 @@ def test_env_rejects_bad_names_and_client_variables(monkeypatch):
 
 # --- binds ---------------------------------------------------------------------------------------
 
+
 def test_parse_bind_forms():
     assert parse_bind("/a") == Bind("/a", "/a")
     assert parse_bind("/a:/b") == Bind("/a", "/b")
@@ -161,16 +228,22 @@ def test_parse_bind_forms():
 
 
 def test_binds_dedupe_and_covered_by_parent():
-    binds = merge_binds(["/runs/r1", "/shared/data", "/shared/data/train", "/runs/r1", "/cache"],
-                        ["/shared", "/models:/models:ro", "/models/m1:ro", "/cache/hf:/hf"])
+    binds = merge_binds(
+        ["/runs/r1", "/shared/data", "/shared/data/train", "/runs/r1", "/cache"],
+        ["/shared", "/models:/models:ro", "/models/m1:ro", "/cache/hf:/hf"],
+    )
     # Shallowest destination first, then by name; /shared/data*, /models/m1 and the 2nd /runs/r1 are gone.
-    assert binds == [Bind("/cache", "/cache"), Bind("/cache/hf", "/hf"), Bind("/models", "/models", ro=True),
-                     Bind("/shared", "/shared"), Bind("/runs/r1", "/runs/r1")]
+    assert binds == [
+        Bind("/cache", "/cache"),
+        Bind("/cache/hf", "/hf"),
+        Bind("/models", "/models", ro=True),
+        Bind("/shared", "/shared"),
+        Bind("/runs/r1", "/runs/r1"),
+    ]
 
 
 def test_binds_ro_parent_does_not_cover_rw_child():
-    assert merge_binds(["/data/out"], ["/data:ro"]) == [Bind("/data", "/data", ro=True),
-                                                        Bind("/data/out", "/data/out")]
+    assert merge_binds(["/data/out"], ["/data:ro"]) == [Bind("/data", "/data", ro=True), Bind("/data/out", "/data/out")]
     assert merge_binds(["/data"], ["/data:ro"]) == [Bind("/data", "/data")]
 
 
@@ -185,8 +258,9 @@ def test_binds_errors():
     with pytest.raises(ValueError, match="two folders bound at /d"):
         merge_binds(["/d"], ["/e:/d"])
     with pytest.raises(ValueError, match="','"):
-        wrap_command(ARGV, ContainerSpec(runtime="apptainer", image="x.sif"), binds=["/a,b"], env={},
-                     gpus=False, workdir="/")
+        wrap_command(
+            ARGV, ContainerSpec(runtime="apptainer", image="x.sif"), binds=["/a,b"], env={}, gpus=False, workdir="/"
+        )
 
 
 @pytest.mark.parametrize("bind", ["/tmp/x:/", "/tmp/x:/runs", "/tmp/x:/runs/r1", "/tmp/x:/runs/r1/shards:ro", "/:/"])
@@ -196,22 +270,28 @@ def test_a_bind_over_the_run_folder_or_a_parent_is_refused(bind):
         check_run_folder_binds(["/data:/data", bind], "/runs/r1")
 
 
-@pytest.mark.parametrize("bind", ["/runs", "/runs:ro", "/runs/r1/adapter:/runs/r1/adapter:ro", "/tmp/x:/runs2",
-                                  "/tmp/x:/data"])
+@pytest.mark.parametrize(
+    "bind", ["/runs", "/runs:ro", "/runs/r1/adapter:/runs/r1/adapter:ro", "/tmp/x:/runs2", "/tmp/x:/data"]
+)
 def test_a_bind_beside_the_run_folder_or_at_its_own_path_is_kept(bind):
     check_run_folder_binds([bind], "/runs/r1")
 
 
 # --- real runs under Docker ----------------------------------------------------------------------
 
+
 def in_docker(docker_env, tmp_path: Path, script: str, launcher_env=None, python=None, **spec) -> ContainerCommand:
     """Run `script` with the host venv's python (bound in) inside the test image, workdir tmp_path/work."""
     (tmp_path / "work").mkdir(exist_ok=True)
     container = ContainerSpec(runtime="docker", image=docker_env.image, **spec)
-    return wrap_command([python or docker_env.python, "-c", textwrap.dedent(script)], container,
-                        binds=[*docker_env.binds, str(tmp_path)],
-                        env={"PYTHONUNBUFFERED": "1", "PYTHONPATH": docker_env.pythonpath, **(launcher_env or {})},
-                        gpus=False, workdir=str(tmp_path / "work"))
+    return wrap_command(
+        [python or docker_env.python, "-c", textwrap.dedent(script)],
+        container,
+        binds=[*docker_env.binds, str(tmp_path)],
+        env={"PYTHONUNBUFFERED": "1", "PYTHONPATH": docker_env.pythonpath, **(launcher_env or {})},
+        gpus=False,
+        workdir=str(tmp_path / "work"),
+    )
 
 
 def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 60) -> None:
@@ -227,7 +307,10 @@ def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 60) -> None:
 def test_docker_runs_host_python(docker_env, tmp_path, monkeypatch):
     monkeypatch.setenv("LLMBATCH_TEST_SECRET", "s3cret-by-name-only")
     out_file = tmp_path / "out.json"
-    cmd = in_docker(docker_env, tmp_path, f"""
+    cmd = in_docker(
+        docker_env,
+        tmp_path,
+        f"""
         import json, os, sys
         import llmbatch.container  # llmbatch's bound source folder is importable
         st = os.statvfs("/dev/shm")
@@ -237,8 +320,12 @@ def test_docker_runs_host_python(docker_env, tmp_path, monkeypatch):
         with open({str(out_file)!r}, "w") as f:
             json.dump(out, f)
         sys.exit(3)
-    """, launcher_env={"FROM_LAUNCHER": "yes"}, env={"FROM_SPEC": "spec"}, pass_env=["LLMBATCH_TEST_SECRET"],
-        shm_size="256m")
+    """,
+        launcher_env={"FROM_LAUNCHER": "yes"},
+        env={"FROM_SPEC": "spec"},
+        pass_env=["LLMBATCH_TEST_SECRET"],
+        shm_size="256m",
+    )
     assert not any("s3cret" in a for a in cmd.argv)
 
     proc = subprocess.run(cmd.argv, env=os.environ | cmd.env, capture_output=True, text=True, timeout=120)
@@ -250,8 +337,9 @@ def test_docker_runs_host_python(docker_env, tmp_path, monkeypatch):
     assert out["shm"] == 256 * 2**20  # --shm-size took effect
     assert (out_file.stat().st_uid, out_file.stat().st_gid) == (os.getuid(), os.getgid())
     # --rm: nothing is left under that name.
-    left = subprocess.run(["docker", "ps", "-aq", "--filter", f"name=^{cmd.name}$"],
-                          capture_output=True, text=True, check=True)
+    left = subprocess.run(
+        ["docker", "ps", "-aq", "--filter", f"name=^{cmd.name}$"], capture_output=True, text=True, check=True
+    )
     assert left.stdout.strip() == ""
 
 
@@ -285,7 +373,10 @@ def test_docker_signal_reaches_the_process_inside(docker_env, tmp_path, sig):
     SIGUSR2 ignored, as launch.py starts it); the process inside must get it and its exit status return.
     A child in the process's group must get it too (tini -g), as the launcher's killpg does without Docker."""
     ready, marker, child_marker = tmp_path / "ready", tmp_path / "marker", tmp_path / "child-marker"
-    cmd = in_docker(docker_env, tmp_path, f"""
+    cmd = in_docker(
+        docker_env,
+        tmp_path,
+        f"""
         import os, signal, subprocess, sys, time
         child = subprocess.Popen([sys.executable, "-c", '''
         import signal, sys, time
@@ -305,9 +396,17 @@ def test_docker_signal_reaches_the_process_inside(docker_env, tmp_path, sig):
         open({str(ready)!r}, "w").close()
         time.sleep(120)
         sys.exit(1)
-    """)
-    proc = subprocess.Popen(cmd.argv, env=os.environ | cmd.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True, preexec_fn=_ignore_usr2)
+    """,
+    )
+    proc = subprocess.Popen(
+        cmd.argv,
+        env=os.environ | cmd.env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        preexec_fn=_ignore_usr2,
+    )
     try:
         wait_for(ready, proc)
         os.killpg(proc.pid, sig)

@@ -11,7 +11,7 @@ from llmbatch.cli import main
 from llmbatch.data import load_examples
 from llmbatch.spec import DataSpec
 
-from test_spec import good, run_cli, write_data  # noqa: F401 (good is a fixture)
+from helpers import run_cli
 
 
 def bad_data(tmp_path, good, capsys, name: str, content: bytes | str, **data) -> str:
@@ -26,6 +26,7 @@ def bad_data(tmp_path, good, capsys, name: str, content: bytes | str, **data) ->
 
 
 # --- encodings -----------------------------------------------------------------------------------
+
 
 def test_a_non_utf8_byte_names_the_line_and_the_offset(tmp_path, good, capsys):
     lines = b'{"id": 1, "question": "a"}\n{"id": 2, "question": "caf\xe9"}\n'
@@ -59,10 +60,12 @@ def test_a_csv_with_a_bom_keeps_its_first_column(tmp_path):
 
 # --- CSV structure -------------------------------------------------------------------------------
 
+
 def test_a_multi_line_csv_record_is_named_by_its_first_line(tmp_path, good, capsys):
     rows = 'id,question\n1,"two\nlines"\n\n2,"three\nmore\nlines"\n1,again\n'
-    examples = load_examples(DataSpec(path=str(write_text(tmp_path / "ok.csv", rows.rsplit("1,again", 1)[0])),
-                                      prompt_field="question"))
+    examples = load_examples(
+        DataSpec(path=str(write_text(tmp_path / "ok.csv", rows.rsplit("1,again", 1)[0])), prompt_field="question")
+    )
     assert [(e.id, e.line) for e in examples] == [("1", 2), ("2", 5)]
     err = bad_data(tmp_path, good, capsys, "in.csv", rows)
     assert "in.csv:8: duplicate id '1' (first at line 2)" in err
@@ -84,21 +87,28 @@ def test_a_quote_left_open_names_the_line_where_it_opened(tmp_path, good, capsys
     assert "in.csv:3: a quoted field opened in this record runs to the end of the file (a quote left open?)" in err
     err = bad_data(tmp_path, good, capsys, "in.csv", 'id,question\n1,"a"\n2,"b')  # no newline at the end
     assert "in.csv:3: a quoted field opened in this record runs to the end of the file" in err
-    ok = load_examples(DataSpec(path=str(write_text(tmp_path / "ok.csv", 'id,question\n1,"a\nb"\n2,"c"')),
-                                prompt_field="question"))
+    ok = load_examples(
+        DataSpec(path=str(write_text(tmp_path / "ok.csv", 'id,question\n1,"a\nb"\n2,"c"')), prompt_field="question")
+    )
     assert [(e.id, e.prompt) for e in ok] == [("1", "a\nb"), ("2", "c")]
 
 
 def test_a_line_longer_than_a_record_may_be_is_refused_before_it_is_read(tmp_path, good, capsys):
-    err = bad_data(tmp_path, good, capsys, "in.jsonl",
-                   '{"id": 1, "question": "a"}\n{"id": 2, "question": "' + "x" * (8 << 20) + '"}\n')
+    err = bad_data(
+        tmp_path,
+        good,
+        capsys,
+        "in.jsonl",
+        '{"id": 1, "question": "a"}\n{"id": 2, "question": "' + "x" * (8 << 20) + '"}\n',
+    )
     assert "in.jsonl:2: the line is longer than 8 MiB, the most a record may hold" in err
 
 
 def test_a_prompt_larger_than_a_record_may_be_is_refused(tmp_path, good, capsys):
     row = json.dumps({"id": 1, "question": "x" * (5 << 20)})  # a line of 5 MiB, a prompt of 10 MiB
-    err = bad_data(tmp_path, good, capsys, "in.jsonl", row + "\n", prompt_field=None,
-                   prompt_template="{question}{question}")
+    err = bad_data(
+        tmp_path, good, capsys, "in.jsonl", row + "\n", prompt_field=None, prompt_template="{question}{question}"
+    )
     assert f"in.jsonl:1: the prompt is {10 << 20} bytes, more than the 8 MiB a record may hold" in err
 
 
@@ -116,33 +126,52 @@ BAD_VALUES = [
     ({"id": " ", "question": "a"}, "in.jsonl:2: id field 'id' is empty"),
     ({"id": "a\nb", "question": "a"}, "in.jsonl:2: id 'a\\nb' holds a control character or line break"),
     ({"id": "\x1b[31mred", "question": "a"}, "in.jsonl:2: id '\\x1b[31mred' holds a control character"),
-    ({"id": "abc\u202edef", "question": "a"},
-     "in.jsonl:2: id 'abc\\u202edef' holds an invisible format character (U+202E)"),
+    (
+        {"id": "abc\u202edef", "question": "a"},
+        "in.jsonl:2: id 'abc\\u202edef' holds an invisible format character (U+202E)",
+    ),
     ({"id": "a\u2066b", "question": "a"}, "in.jsonl:2: id 'a\\u2066b' holds an invisible format character (U+2066)"),
-    ({"id": 2, "question": None}, "in.jsonl:2: field 'question' (data.prompt_field) must be text or a number, "
-                                  "got null"),
+    (
+        {"id": 2, "question": None},
+        "in.jsonl:2: field 'question' (data.prompt_field) must be text or a number, got null",
+    ),
     ({"id": 2, "question": ["a"]}, "in.jsonl:2: field 'question' (data.prompt_field) must be text or a number"),
-    ({"id": 2, "question": "a", "answer": None},
-     "in.jsonl:2: field 'answer' (data.reference_field) must be text or a number, got null"),
+    (
+        {"id": 2, "question": "a", "answer": None},
+        "in.jsonl:2: field 'answer' (data.reference_field) must be text or a number, got null",
+    ),
     # An id must be a string or an integer: a float or a boolean has no one text form to match results by.
-    ('{"id": true, "question": "a"}', ("in.jsonl:2: id field 'id' must be a string or an integer, got a value of "
-                                       "type bool")),
-    ('{"id": NaN, "question": "a"}', ("in.jsonl:2: id field 'id' must be a string or an integer, got a value of "
-                                      "type float")),
+    (
+        '{"id": true, "question": "a"}',
+        ("in.jsonl:2: id field 'id' must be a string or an integer, got a value of type bool"),
+    ),
+    (
+        '{"id": NaN, "question": "a"}',
+        ("in.jsonl:2: id field 'id' must be a string or an integer, got a value of type float"),
+    ),
     ('{"id": Infinity, "question": "a"}', "in.jsonl:2: id field 'id' must be a string or an integer"),
     ('{"id": 2.5, "question": "a"}', "in.jsonl:2: id field 'id' must be a string or an integer"),
     # Half a UTF-16 pair: no tokenizer, log or shard can write it.
     ('{"id": "\\ud800", "question": "a"}', "in.jsonl:2: id field 'id' holds a lone surrogate ('\\ud800')"),
-    ('{"id": 2, "question": "a\\udfff"}', ("in.jsonl:2: field 'question' (data.prompt_field) holds a lone "
-                                            "surrogate ('\\udfff'), half of a UTF-16 pair and no text")),
-    ('{"id": 2, "question": "a", "answer": "\\ud83d"}', ("in.jsonl:2: field 'answer' (data.reference_field) holds "
-                                                          "a lone surrogate")),
+    (
+        '{"id": 2, "question": "a\\udfff"}',
+        (
+            "in.jsonl:2: field 'question' (data.prompt_field) holds a lone "
+            "surrogate ('\\udfff'), half of a UTF-16 pair and no text"
+        ),
+    ),
+    (
+        '{"id": 2, "question": "a", "answer": "\\ud83d"}',
+        ("in.jsonl:2: field 'answer' (data.reference_field) holds a lone surrogate"),
+    ),
 ]
 
 
 @pytest.mark.parametrize("row,message", BAD_VALUES, ids=[m.split(": ", 1)[1][:40] for _, m in BAD_VALUES])
 def test_null_and_structured_values_are_errors_never_the_text_none(tmp_path, good, capsys, row, message):
-    rows = "\n".join(r if isinstance(r, str) else json.dumps(r) for r in ({"id": 1, "question": "q", "answer": "a"}, row))
+    rows = "\n".join(
+        r if isinstance(r, str) else json.dumps(r) for r in ({"id": 1, "question": "q", "answer": "a"}, row)
+    )
     err = bad_data(tmp_path, good, capsys, "in.jsonl", rows + "\n", reference_field="answer")
     assert message in err
 
@@ -160,8 +189,13 @@ BAD_TEMPLATES = [
     ("{question:{width}}", "data.prompt_template: {question:{width}}: a format spec cannot hold fields"),
     ("{question.__class__}", "data.prompt_template: {question.__class__}: attribute access is not supported"),
     # A width is text every prompt holds: {q:999999999} took a dry run to 24 GB.
-    ("{question:999999999}", ("data.prompt_template: {question:999999999}: widths and precisions may add up to at "
-                              "most 1000 characters in a template")),
+    (
+        "{question:999999999}",
+        (
+            "data.prompt_template: {question:999999999}: widths and precisions may add up to at "
+            "most 1000 characters in a template"
+        ),
+    ),
     ("{question:.2000}", "data.prompt_template: {question:.2000}: widths and precisions may add up to at most 1000"),
     ("{question:0>600}{question:600}", "data.prompt_template: {question:600}: widths and precisions may add up"),
     ("{question:" + "9" * 5000 + "}", "widths and precisions may add up to at most 1000 characters"),
@@ -179,28 +213,48 @@ def test_a_bad_template_is_a_spec_error(tmp_path, good, capsys, template, messag
 def test_a_template_that_a_record_cannot_fill_names_the_line(tmp_path, good, capsys):
     rows = '{"id": 1, "n": 5, "c": ["x"]}\n{"id": 2, "n": "five", "c": ["x"]}\n'
     err = bad_data(tmp_path, good, capsys, "in.jsonl", rows, prompt_field=None, prompt_template="{n:03d} {c[0]}")
-    assert ("in.jsonl:2: data.prompt_template cannot be filled from this record (ValueError: Unknown format code "
-            "'d' for object of type 'str')") in err
-    err = bad_data(tmp_path, good, capsys, "in.jsonl", rows.replace('["x"]}\n{', '[]}\n{'),
-                   prompt_field=None, prompt_template="{n:03d} {c[0]}")
+    assert (
+        "in.jsonl:2: data.prompt_template cannot be filled from this record (ValueError: Unknown format code "
+        "'d' for object of type 'str')"
+    ) in err
+    err = bad_data(
+        tmp_path,
+        good,
+        capsys,
+        "in.jsonl",
+        rows.replace('["x"]}\n{', "[]}\n{"),
+        prompt_field=None,
+        prompt_template="{n:03d} {c[0]}",
+    )
     assert "in.jsonl:1: data.prompt_template cannot be filled from this record (IndexError" in err
-    err = bad_data(tmp_path, good, capsys, "in.jsonl", '{"id": 1, "n": null}\n', prompt_field=None,
-                   prompt_template="{n}")
+    err = bad_data(
+        tmp_path, good, capsys, "in.jsonl", '{"id": 1, "n": null}\n', prompt_field=None, prompt_template="{n}"
+    )
     assert "in.jsonl:1: field 'n' of data.prompt_template must be text or a number, got null" in err
-    [example] = load_examples(DataSpec(path=str(write_text(tmp_path / "ok.jsonl", rows.splitlines()[0])),
-                                       prompt_template="{n:03d} {c[0]}"))
+    [example] = load_examples(
+        DataSpec(path=str(write_text(tmp_path / "ok.jsonl", rows.splitlines()[0])), prompt_template="{n:03d} {c[0]}")
+    )
     assert example.prompt == "005 x"
 
 
-@pytest.mark.parametrize("row,message", [
-    ('{"id": 1, "q": {"x": 1}, "c": [1]}', ("in.jsonl:1: field 'q' of data.prompt_template must be text or a number, "
-                                           "got an object")),
-    ('{"id": 1, "q": "a", "c": [[1]]}', ("in.jsonl:1: field 'c[0]' of data.prompt_template must be text or a number, "
-                                        "got a list")),
-    ('{"id": 1, "q": "a", "c": [null]}', ("in.jsonl:1: field 'c[0]' of data.prompt_template must be text or a "
-                                         "number, got null")),
-    ('{"id": 1, "q": "\\udc00", "c": [1]}', "in.jsonl:1: field 'q' of data.prompt_template holds a lone surrogate"),
-])
+@pytest.mark.parametrize(
+    "row,message",
+    [
+        (
+            '{"id": 1, "q": {"x": 1}, "c": [1]}',
+            ("in.jsonl:1: field 'q' of data.prompt_template must be text or a number, got an object"),
+        ),
+        (
+            '{"id": 1, "q": "a", "c": [[1]]}',
+            ("in.jsonl:1: field 'c[0]' of data.prompt_template must be text or a number, got a list"),
+        ),
+        (
+            '{"id": 1, "q": "a", "c": [null]}',
+            ("in.jsonl:1: field 'c[0]' of data.prompt_template must be text or a number, got null"),
+        ),
+        ('{"id": 1, "q": "\\udc00", "c": [1]}', "in.jsonl:1: field 'q' of data.prompt_template holds a lone surrogate"),
+    ],
+)
 def test_a_template_value_obeys_the_prompt_field_rule(tmp_path, good, capsys, row, message):
     """What reaches the prompt is text or a number, never a structure printed as its Python repr."""
     err = bad_data(tmp_path, good, capsys, "in.jsonl", row + "\n", prompt_field=None, prompt_template="{q} {c[0]}")
@@ -212,14 +266,17 @@ def test_a_data_path_that_is_a_folder_or_a_fifo_is_one_line(tmp_path, good, caps
 
     (tmp_path / "dir.jsonl").mkdir()
     os.mkfifo(tmp_path / "pipe.jsonl")  # nobody writes it: opening it to read would block
-    for name, message in (("dir.jsonl", "is a folder, not a data file"),
-                          ("pipe.jsonl", "is not a regular file (a named pipe or a device?); data is read from a file")):
+    for name, message in (
+        ("dir.jsonl", "is a folder, not a data file"),
+        ("pipe.jsonl", "is not a regular file (a named pipe or a device?); data is read from a file"),
+    ):
         good["data"]["path"] = str(tmp_path / name)
         code, err = run_cli(tmp_path, good, capsys=capsys)
         assert code == 2 and err == f"llmbatch: error: {tmp_path}/spec.yaml: data.path: {tmp_path / name} {message}\n"
 
 
 # --- cost ----------------------------------------------------------------------------------------
+
 
 @pytest.mark.slow
 @pytest.mark.parametrize("suffix", [".jsonl", ".csv"])

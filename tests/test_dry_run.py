@@ -13,10 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from helpers import JOBS, PYTHON, REPO
 from llmbatch.cli import main
 from llmbatch.jobstep import RENDEZVOUS_PORTS, rendezvous_ports
 from llmbatch.node import rendezvous_port
+
+from helpers import JOBS, PYTHON, REPO
 
 
 def dry_run(capsys, *args: str) -> tuple[str, list[str]]:
@@ -33,11 +34,29 @@ def flag(argv: list[str], name: str) -> str:
 
 @pytest.mark.parametrize("nodes,gpus", [(1, 1), (1, 4), (2, 4)])
 def test_sbatch_lines_and_accelerate_flags(capsys, tmp_path, nodes, gpus):
-    out, argv = dry_run(capsys, "infer", "--executor", "slurm", "--nodes", str(nodes), "--gpus", str(gpus),
-                        "--output", str(tmp_path / "runs"), "--set", "resources.cpus_per_gpu=2")
-    for line in (f"#SBATCH --nodes={nodes}", "#SBATCH --ntasks-per-node=1", f"#SBATCH --gpus-per-node={gpus}",
-                 f"#SBATCH --cpus-per-task={2 * gpus}", "#SBATCH --time=30", "#SBATCH --signal=USR2@120",
-                 "#SBATCH --job-name=parity-infer"):
+    out, argv = dry_run(
+        capsys,
+        "infer",
+        "--executor",
+        "slurm",
+        "--nodes",
+        str(nodes),
+        "--gpus",
+        str(gpus),
+        "--output",
+        str(tmp_path / "runs"),
+        "--set",
+        "resources.cpus_per_gpu=2",
+    )
+    for line in (
+        f"#SBATCH --nodes={nodes}",
+        "#SBATCH --ntasks-per-node=1",
+        f"#SBATCH --gpus-per-node={gpus}",
+        f"#SBATCH --cpus-per-task={2 * gpus}",
+        "#SBATCH --time=30",
+        "#SBATCH --signal=USR2@120",
+        "#SBATCH --job-name=parity-infer",
+    ):
         assert line in out.splitlines()
     assert "srun --unbuffered" in out and "--kill-on-bad-exit=1" in out
     assert argv[1:3] == ["-m", "accelerate.commands.launch"]
@@ -62,8 +81,9 @@ def test_rendezvous_port_is_per_job_and_outside_the_ephemeral_range():
 def test_the_tasks_and_attempts_of_an_array_never_share_a_rendezvous_port():
     # Tasks of one array often share a node, and a requeued task runs beside the others' first attempts.
     tasks, attempts = 500, 4
-    first = [next(rendezvous_ports(f"4242_{task}", restarts, tasks)) for task in range(tasks)
-             for restarts in range(attempts)]
+    first = [
+        next(rendezvous_ports(f"4242_{task}", restarts, tasks)) for task in range(tasks) for restarts in range(attempts)
+    ]
     assert len(set(first)) == tasks * attempts
     # ... nor do the attempts of one job.
     assert len({next(rendezvous_ports("4243", restarts)) for restarts in range(10)}) == 10
@@ -87,14 +107,38 @@ def test_finetune_trains_in_bf16_on_gpus(capsys, tmp_path):
 
 
 def test_optional_slurm_options(capsys, tmp_path):
-    out, _ = dry_run(capsys, "infer", "--executor", "slurm", "--output", str(tmp_path),
-                     "--set", "resources.partition=gpu", "--set", "resources.account=lab",
-                     "--set", "resources.qos=high", "--set", "resources.constraint=h100",
-                     "--set", "resources.mem=64G", "--set", "resources.time=1-00:00:00",
-                     "--set", "resources.sbatch_extra={exclusive: '', mail-type: END}")
-    for line in ("#SBATCH --partition=gpu", "#SBATCH --account=lab", "#SBATCH --qos=high",
-                 "#SBATCH --constraint=h100", "#SBATCH --mem=64G", "#SBATCH --time=1440",
-                 "#SBATCH --exclusive", "#SBATCH --mail-type=END"):
+    out, _ = dry_run(
+        capsys,
+        "infer",
+        "--executor",
+        "slurm",
+        "--output",
+        str(tmp_path),
+        "--set",
+        "resources.partition=gpu",
+        "--set",
+        "resources.account=lab",
+        "--set",
+        "resources.qos=high",
+        "--set",
+        "resources.constraint=h100",
+        "--set",
+        "resources.mem=64G",
+        "--set",
+        "resources.time=1-00:00:00",
+        "--set",
+        "resources.sbatch_extra={exclusive: '', mail-type: END}",
+    )
+    for line in (
+        "#SBATCH --partition=gpu",
+        "#SBATCH --account=lab",
+        "#SBATCH --qos=high",
+        "#SBATCH --constraint=h100",
+        "#SBATCH --mem=64G",
+        "#SBATCH --time=1440",
+        "#SBATCH --exclusive",
+        "#SBATCH --mail-type=END",
+    ):
         assert line in out.splitlines()
 
 
@@ -102,10 +146,23 @@ def test_cluster_example_runs_in_apptainer(capsys, tmp_path, model_dir):
     image = tmp_path / "llmbatch.sif"
     image.write_bytes(b"not a real image: apptainer cannot run here, only its argv is checked")
     data = JOBS / "data" / "parity" / "test.jsonl"
-    out, argv = dry_run(capsys, "infer", str(JOBS / "cluster-infer.yaml"), "--executor", "slurm",
-                        "--set", f"model.path={model_dir}", "--set", f"data.path={data}",
-                        "--set", "data.prompt_field=question", "--set", f"container.image={image}",
-                        "--output", str(tmp_path / "runs"))
+    out, argv = dry_run(
+        capsys,
+        "infer",
+        str(JOBS / "cluster-infer.yaml"),
+        "--executor",
+        "slurm",
+        "--set",
+        f"model.path={model_dir}",
+        "--set",
+        f"data.path={data}",
+        "--set",
+        "data.prompt_field=question",
+        "--set",
+        f"container.image={image}",
+        "--output",
+        str(tmp_path / "runs"),
+    )
     assert "#SBATCH --nodes=2" in out and "#SBATCH --gpus-per-node=4" in out and "#SBATCH --partition=gpu" in out
     assert argv[:3] == ["apptainer", "exec", "--nv"]
     assert str(image) in argv and flag(argv, "--num_processes") == "8"
@@ -115,8 +172,17 @@ def test_cluster_example_runs_in_apptainer(capsys, tmp_path, model_dir):
 def test_apptainer_with_the_default_model_dry_runs_without_the_image(capsys, tmp_path):
     """The dry run shows the command (the embedded model's placeholder path bound); a real run checks the image."""
     image = tmp_path / "not-built-yet.sif"
-    args = ["infer", "--executor", "local", "--set", "container.runtime=apptainer", "--set", f"container.image={image}",
-            "--output", str(tmp_path / "runs")]
+    args = [
+        "infer",
+        "--executor",
+        "local",
+        "--set",
+        "container.runtime=apptainer",
+        "--set",
+        f"container.image={image}",
+        "--output",
+        str(tmp_path / "runs"),
+    ]
     _, argv = dry_run(capsys, *args)
     assert argv[:2] == ["apptainer", "exec"] and str(image) in argv
     assert main(args) == 2
@@ -125,23 +191,46 @@ def test_apptainer_with_the_default_model_dry_runs_without_the_image(capsys, tmp
 
 
 def test_a_bind_over_the_output_root_is_refused(capsys, tmp_path):
-    assert main(["infer", "--executor", "local", "--dry-run", "--set", "container.runtime=docker", "--set",
-                 "container.image=img", "--set", f"container.binds=['/tmp:{tmp_path}']", "--output", str(tmp_path)]) == 2
+    assert (
+        main(
+            [
+                "infer",
+                "--executor",
+                "local",
+                "--dry-run",
+                "--set",
+                "container.runtime=docker",
+                "--set",
+                "container.image=img",
+                "--set",
+                f"container.binds=['/tmp:{tmp_path}']",
+                "--output",
+                str(tmp_path),
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
-    assert err.startswith(f"llmbatch: error: container.binds[0]: '/tmp:{tmp_path}': its destination {tmp_path} "
-                          f"covers the run folder") and err.count("\n") == 1
+    assert (
+        err.startswith(
+            f"llmbatch: error: container.binds[0]: '/tmp:{tmp_path}': its destination {tmp_path} covers the run folder"
+        )
+        and err.count("\n") == 1
+    )
 
 
 def test_the_node_command_is_built_without_submitit(tmp_path):
     """The job step (spec -> plan -> node command) is pure: the benchmark imports it from a source tree
     where submitit is not installed. Here submitit is made unimportable in a fresh interpreter."""
-    code = ("import sys; sys.modules['submitit'] = None\n"
-            "from llmbatch.jobstep import NodePlace, make_plan, node_command\n"
-            "from llmbatch.spec import load_spec\n"
-            f"spec = load_spec({str(JOBS / 'infer.yaml')!r}, 'infer', ['resources.gpus_per_node=2'])\n"
-            "place = NodePlace(node_rank=0, main_host='127.0.0.1', port=1, attempt=0, job_id='1', use_cuda=False)\n"
-            f"print(node_command(make_plan(spec, {str(tmp_path)!r}), place).argv)\n"
-            "assert 'submitit' not in [m.split('.')[0] for m in sys.modules if sys.modules[m] is not None]\n")
+    code = (
+        "import sys; sys.modules['submitit'] = None\n"
+        "from llmbatch.jobstep import NodePlace, make_plan, node_command\n"
+        "from llmbatch.spec import load_spec\n"
+        f"spec = load_spec({str(JOBS / 'infer.yaml')!r}, 'infer', ['resources.gpus_per_node=2'])\n"
+        "place = NodePlace(node_rank=0, main_host='127.0.0.1', port=1, attempt=0, job_id='1', use_cuda=False)\n"
+        f"print(node_command(make_plan(spec, {str(tmp_path)!r}), place).argv)\n"
+        "assert 'submitit' not in [m.split('.')[0] for m in sys.modules if sys.modules[m] is not None]\n"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert "'--num_processes', '2'" in proc.stdout and "llmbatch.runners.infer" in proc.stdout
@@ -152,11 +241,39 @@ def test_an_installed_package_finds_its_default_specs(tmp_path):
     """Installed from a wheel, away from any checkout: `finetune` without a spec finds the default spec
     and its data, shipped as package data."""
     site = tmp_path / "site"
-    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
-                    "--target", str(site), str(REPO)], check=True, capture_output=True)
-    proc = subprocess.run([sys.executable, "-m", "llmbatch.cli", "finetune", "--dry-run", "--executor", "local",
-                           "--output", str(tmp_path / "runs")], cwd=tmp_path, capture_output=True, text=True,
-                          env=os.environ | {"PYTHONPATH": str(site)})
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--no-deps",
+            "--no-build-isolation",
+            "--target",
+            str(site),
+            str(REPO),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "llmbatch.cli",
+            "finetune",
+            "--dry-run",
+            "--executor",
+            "local",
+            "--output",
+            str(tmp_path / "runs"),
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=os.environ | {"PYTHONPATH": str(site)},
+    )
     assert proc.returncode == 0, proc.stderr
     assert str(site / "llmbatch" / "jobs" / "data" / "parity" / "train.jsonl") in proc.stdout
 
@@ -171,9 +288,26 @@ def without_slurm(tmp_path: Path) -> dict[str, str]:
 
 
 def test_dry_run_needs_no_slurm_binaries(tmp_path):
-    proc = subprocess.run([PYTHON, str(REPO / "submit.py"), "infer", "--executor", "slurm", "--nodes", "2",
-                           "--gpus", "4", "--output", str(tmp_path / "runs"), "--dry-run"],
-                          env=without_slurm(tmp_path), capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [
+            PYTHON,
+            str(REPO / "submit.py"),
+            "infer",
+            "--executor",
+            "slurm",
+            "--nodes",
+            "2",
+            "--gpus",
+            "4",
+            "--output",
+            str(tmp_path / "runs"),
+            "--dry-run",
+        ],
+        env=without_slurm(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "#SBATCH --nodes=2" in proc.stdout.splitlines() and "srun --unbuffered" in proc.stdout
     assert "nothing was submitted" in proc.stdout
@@ -182,11 +316,18 @@ def test_dry_run_needs_no_slurm_binaries(tmp_path):
 
 @pytest.mark.parametrize("command", [["infer", "--executor", "slurm"], ["finetune", "--executor", "slurm"]])
 def test_slurm_executor_without_slurm_is_one_line_and_exit_2(tmp_path, command):
-    proc = subprocess.run([PYTHON, str(REPO / "submit.py"), *command, "--output", str(tmp_path / "runs")],
-                          env=without_slurm(tmp_path), capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [PYTHON, str(REPO / "submit.py"), *command, "--output", str(tmp_path / "runs")],
+        env=without_slurm(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2
-    assert proc.stderr.splitlines() == ["llmbatch: error: --executor slurm: sbatch and srun not on PATH (no Slurm "
-                                        "client on this machine); run where Slurm is, or use --executor local"]
+    assert proc.stderr.splitlines() == [
+        "llmbatch: error: --executor slurm: sbatch and srun not on PATH (no Slurm "
+        "client on this machine); run where Slurm is, or use --executor local"
+    ]
     assert not (tmp_path / "runs").exists()
 
 

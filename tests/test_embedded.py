@@ -13,8 +13,14 @@ from llmbatch import embedded, sampledata
 from helpers import JOBS, REPO
 
 PARITY = JOBS / "data" / "parity"
-MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
-               "tokenizer_config.json", "chat_template.jinja")
+MODEL_FILES = (
+    "config.json",
+    "generation_config.json",
+    "model.safetensors",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "chat_template.jinja",
+)
 
 
 @pytest.fixture(scope="module")
@@ -29,11 +35,11 @@ def model(model_dir):
     import torch
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32,
-                                                attn_implementation="sdpa").eval()
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa").eval()
 
 
 # --- the model folder ---------------------------------------------------------------------------
+
 
 def test_build_is_deterministic_and_repairs_a_damaged_folder(model_dir, tmp_path):
     other = embedded.ensure_embedded_model(tmp_path)
@@ -70,8 +76,13 @@ def test_loads_like_a_user_model(model_dir, model, tokenizer):
 
 
 def test_tokenizer_round_trips_any_text(tokenizer):
-    for text in ["Is 4817 even or odd?\nAnswer: odd", "  spaces\tand\ttabs  ", "naïve café, 日本語, 😀",
-                 "def f(x):\n    return x ** 2  # {braces} <tags>", ""]:
+    for text in [
+        "Is 4817 even or odd?\nAnswer: odd",
+        "  spaces\tand\ttabs  ",
+        "naïve café, 日本語, 😀",
+        "def f(x):\n    return x ** 2  # {braces} <tags>",
+        "",
+    ]:
         ids = tokenizer(text)["input_ids"]
         assert ids[0] == tokenizer.bos_token_id
         assert tokenizer.decode(ids, skip_special_tokens=True) == text
@@ -82,8 +93,12 @@ def test_tokenizer_round_trips_any_text(tokenizer):
 
 
 def test_chat_template(tokenizer):
-    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
-                {"role": "assistant", "content": "Hello"}, {"role": "user", "content": "Is 3 odd?"}]
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello"},
+        {"role": "user", "content": "Is 3 odd?"},
+    ]
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     assert text == "System: Be brief.\nUser: Hi\nAssistant: Hello<|eos|>\nUser: Is 3 odd?\nAssistant:"
     text = tokenizer.apply_chat_template(messages[:2], tokenize=False)
@@ -96,14 +111,20 @@ def test_greedy_outputs_do_not_depend_on_batching(model, tokenizer):
     """The property the peaky init is for: batch composition and left padding change nothing."""
     import torch
 
-    prompts = ["Is 7 even or odd?\nAnswer:", "Hello", "The quick brown fox jumps over the lazy dog. " * 3,
-               "Is 123456 even or odd?\nAnswer:", "User: hi\nAssistant:", "1 2 3 4 5 6 7 8 9"]
+    prompts = [
+        "Is 7 even or odd?\nAnswer:",
+        "Hello",
+        "The quick brown fox jumps over the lazy dog. " * 3,
+        "Is 123456 even or odd?\nAnswer:",
+        "User: hi\nAssistant:",
+        "1 2 3 4 5 6 7 8 9",
+    ]
 
     def generate(batch):
         enc = tokenizer(batch, return_tensors="pt", padding=True)
         with torch.no_grad():
             out = model.generate(**enc, max_new_tokens=8, min_new_tokens=8, do_sample=False)
-        return out[:, enc["input_ids"].shape[1]:].tolist()
+        return out[:, enc["input_ids"].shape[1] :].tolist()
 
     alone = [generate([p])[0] for p in prompts]
     assert generate(prompts) == alone
@@ -114,8 +135,7 @@ def test_greedy_outputs_do_not_depend_on_batching(model, tokenizer):
 def test_import_is_light():
     """The command line imports this module: that must not pull in torch."""
     code = "import sys, llmbatch.embedded; assert 'torch' not in sys.modules, 'torch imported'"
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO,
-                   env={"PYTHONPATH": str(REPO / "src")})
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO, env={"PYTHONPATH": str(REPO / "src")})
 
 
 def test_default_cache_dir(monkeypatch, tmp_path):
@@ -127,6 +147,7 @@ def test_default_cache_dir(monkeypatch, tmp_path):
 
 
 # --- sample data --------------------------------------------------------------------------------
+
 
 def test_sampledata_matches_the_committed_files(tmp_path):
     assert sampledata.main([str(tmp_path)]) == 0

@@ -19,8 +19,7 @@ from llmbatch.runners.engine.graphs import bucket_sizes
 from llmbatch.runners.engine.runner import Engine
 from llmbatch.runners.engine.sampler import _mul32, gumbel_noise, input_key
 from llmbatch.runners.engine.scheduler import Scheduler
-from llmbatch.runners.generation import (Decoder, encode_texts, engine_params, eos_token_ids, load_model,
-                                         make_completion)
+from llmbatch.runners.generation import Decoder, encode_texts, engine_params, eos_token_ids, load_model, make_completion
 from llmbatch.spec import DataSpec, GenerationSpec, ModelSpec
 
 # --- bookkeeping ---------------------------------------------------------------------------------
@@ -112,8 +111,8 @@ def test_decode_attention_reads_each_rows_slot_up_to_its_length():
     slots, lengths = torch.tensor([4, 0, 2]), torch.tensor([20, 1, 7])
     got = decode_attention(q, keys, values, slots, lengths, scale=0.3)
     for row in range(3):
-        k = keys[slots[row], :lengths[row]].repeat_interleave(3, dim=1)  # [len, 6, 8]
-        v = values[slots[row], :lengths[row]].repeat_interleave(3, dim=1)
+        k = keys[slots[row], : lengths[row]].repeat_interleave(3, dim=1)  # [len, 6, 8]
+        v = values[slots[row], : lengths[row]].repeat_interleave(3, dim=1)
         weights = (torch.einsum("hd,lhd->hl", q[row], k) * 0.3).softmax(dim=-1)
         assert torch.allclose(got[row], torch.einsum("hl,lhd->hd", weights, v), atol=1e-5)
 
@@ -152,8 +151,9 @@ def test_first_token_logits_equal_the_models(embedded):
     width = max(len(p) for p in prompts[:5])
     tokens = torch.tensor([p + [0] * (width - len(p)) for p in prompts[:5]])
     with torch.inference_mode():
-        logits = engine.model.prefill(tokens, torch.tensor([len(p) for p in prompts[:5]]), torch.arange(5),
-                                      engine.cache)
+        logits = engine.model.prefill(
+            tokens, torch.tensor([len(p) for p in prompts[:5]]), torch.arange(5), engine.cache
+        )
         expected = torch.cat([model(torch.tensor([p])).logits[:, -1] for p in prompts[:5]])
     assert torch.allclose(logits, expected, atol=1e-4)
 

@@ -19,7 +19,6 @@ import torch
 import transformers
 from transformers import GenerationConfig
 
-from helpers import new_run, runner_command
 from llmbatch.runners.engine.attention import decode_attention, prefill_attention
 from llmbatch.runners.engine.cache import KVCache
 from llmbatch.runners.engine.model import EngineModel, cache_shape, capturable, describe
@@ -27,40 +26,111 @@ from llmbatch.runners.engine.params import EngineParams
 from llmbatch.runners.engine.runner import Engine
 from llmbatch.runners.infer import choose_engine
 
-TINY = dict(num_hidden_layers=3, hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
-            vocab_size=128, max_position_embeddings=256, tie_word_embeddings=False, pad_token_id=0, bos_token_id=1,
-            eos_token_id=1)
+from helpers import new_run, runner_command
+
+TINY = dict(
+    num_hidden_layers=3,
+    hidden_size=64,
+    intermediate_size=96,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=128,
+    max_position_embeddings=256,
+    tie_word_embeddings=False,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=1,
+)
 WINDOW = 4
 """Shorter than every prompt-plus-output below but the shortest."""
 
-LONGROPE = dict(rope_type="longrope", rope_theta=10000.0, original_max_position_embeddings=8,
-                short_factor=[1.0, 1.3, 1.7, 2.2], long_factor=[2.0, 3.5, 5.0, 9.0])
+LONGROPE = dict(
+    rope_type="longrope",
+    rope_theta=10000.0,
+    original_max_position_embeddings=8,
+    short_factor=[1.0, 1.3, 1.7, 2.2],
+    long_factor=[2.0, 3.5, 5.0, 9.0],
+)
 
 FAMILIES = {
     # name: (config class, model class, config beyond TINY)
     "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
-    "llama3-rope": ("LlamaConfig", "LlamaForCausalLM", dict(rope_parameters=dict(
-        rope_type="llama3", rope_theta=10000.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
-        original_max_position_embeddings=8))),
-    "yarn": ("LlamaConfig", "LlamaForCausalLM", dict(rope_parameters=dict(
-        rope_type="yarn", rope_theta=10000.0, factor=4.0, original_max_position_embeddings=8))),
-    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(use_sliding_window=True, sliding_window=WINDOW,
-                                                      max_window_layers=1)),
+    "llama3-rope": (
+        "LlamaConfig",
+        "LlamaForCausalLM",
+        dict(
+            rope_parameters=dict(
+                rope_type="llama3",
+                rope_theta=10000.0,
+                factor=8.0,
+                low_freq_factor=1.0,
+                high_freq_factor=4.0,
+                original_max_position_embeddings=8,
+            )
+        ),
+    ),
+    "yarn": (
+        "LlamaConfig",
+        "LlamaForCausalLM",
+        dict(
+            rope_parameters=dict(rope_type="yarn", rope_theta=10000.0, factor=4.0, original_max_position_embeddings=8)
+        ),
+    ),
+    "qwen2": (
+        "Qwen2Config",
+        "Qwen2ForCausalLM",
+        dict(use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1),
+    ),
     "mistral": ("MistralConfig", "MistralForCausalLM", dict(sliding_window=WINDOW)),
-    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(head_dim=16, use_sliding_window=True, sliding_window=WINDOW,
-                                                      max_window_layers=1)),
-    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", dict(head_dim=16, query_pre_attn_scalar=24, sliding_window=WINDOW,
-                                                         attn_logit_softcapping=3.0, final_logit_softcapping=20.0)),
-    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", dict(
-        head_dim=16, query_pre_attn_scalar=24, sliding_window=WINDOW,
-        layer_types=["sliding_attention", "full_attention", "sliding_attention"])),
-    "phi3": ("Phi3Config", "Phi3ForCausalLM", dict(partial_rotary_factor=0.5, sliding_window=WINDOW + 1,
-                                                   rope_parameters=LONGROPE)),
-    "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(num_local_experts=4, num_experts_per_tok=2,
-                                                            sliding_window=WINDOW)),
-    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", dict(
-        head_dim=16, num_experts=6, num_experts_per_tok=2, moe_intermediate_size=48, norm_topk_prob=True,
-        use_sliding_window=True, sliding_window=WINDOW)),
+    "qwen3": (
+        "Qwen3Config",
+        "Qwen3ForCausalLM",
+        dict(head_dim=16, use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1),
+    ),
+    "gemma2": (
+        "Gemma2Config",
+        "Gemma2ForCausalLM",
+        dict(
+            head_dim=16,
+            query_pre_attn_scalar=24,
+            sliding_window=WINDOW,
+            attn_logit_softcapping=3.0,
+            final_logit_softcapping=20.0,
+        ),
+    ),
+    "gemma3": (
+        "Gemma3TextConfig",
+        "Gemma3ForCausalLM",
+        dict(
+            head_dim=16,
+            query_pre_attn_scalar=24,
+            sliding_window=WINDOW,
+            layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+        ),
+    ),
+    "phi3": (
+        "Phi3Config",
+        "Phi3ForCausalLM",
+        dict(partial_rotary_factor=0.5, sliding_window=WINDOW + 1, rope_parameters=LONGROPE),
+    ),
+    "mixtral": (
+        "MixtralConfig",
+        "MixtralForCausalLM",
+        dict(num_local_experts=4, num_experts_per_tok=2, sliding_window=WINDOW),
+    ),
+    "qwen3_moe": (
+        "Qwen3MoeConfig",
+        "Qwen3MoeForCausalLM",
+        dict(
+            head_dim=16,
+            num_experts=6,
+            num_experts_per_tok=2,
+            moe_intermediate_size=48,
+            norm_topk_prob=True,
+            use_sliding_window=True,
+            sliding_window=WINDOW,
+        ),
+    ),
 }
 
 
@@ -82,8 +152,11 @@ def test_prefill_and_decode_logits_equal_the_models(name):
     model = tiny_model(name)
     # phi3: prompts over LongRoPE's original context (8) and under it in one batch, each with its
     # own factors; the short ones stay under it for all their steps, as the full forward then agrees.
-    prompts = [[3, 5, 7, 9, 11, 13, 15, 17, 19, 21], [4, 6, 8], [10, 12]] if name == "phi3" else \
-        [[3, 5, 7, 9, 11, 13, 15, 17, 19], [4, 6, 8], [10, 12, 14, 16, 18, 20]]
+    prompts = (
+        [[3, 5, 7, 9, 11, 13, 15, 17, 19, 21], [4, 6, 8], [10, 12]]
+        if name == "phi3"
+        else [[3, 5, 7, 9, 11, 13, 15, 17, 19], [4, 6, 8], [10, 12, 14, 16, 18, 20]]
+    )
     steps = 5
     slot_len = max(map(len, prompts)) + steps
     engine_model = EngineModel(model, slot_len)
@@ -107,8 +180,10 @@ def test_prefill_and_decode_logits_equal_the_models(name):
 
 
 def test_the_families_layers_are_read_from_the_modules():
-    windows = {name: [layer.window for layer in EngineModel(tiny_model(name), 32).layers]
-               for name in ("qwen2", "mistral", "qwen3", "gemma2", "gemma3", "phi3", "mixtral", "qwen3_moe", "llama")}
+    windows = {
+        name: [layer.window for layer in EngineModel(tiny_model(name), 32).layers]
+        for name in ("qwen2", "mistral", "qwen3", "gemma2", "gemma3", "phi3", "mixtral", "qwen3_moe", "llama")
+    }
     assert windows["qwen3"] == windows["qwen2"] == [None, WINDOW, WINDOW]  # from max_window_layers on
     assert windows["gemma2"] == [WINDOW, None, WINDOW]  # alternating, sliding first
     assert windows["gemma3"] == [WINDOW, None, WINDOW]
@@ -117,11 +192,12 @@ def test_the_families_layers_are_read_from_the_modules():
     gemma3 = EngineModel(tiny_model("gemma3"), 32)
     local, full = (gemma3.rotary.tables[t][0] for t in ("sliding_attention", "full_attention"))
     assert not torch.equal(local, full)  # Gemma 3's own rotary base per layer type
-    assert gemma3.scale == 24 ** -0.5 and gemma3.sandwich
+    assert gemma3.scale == 24**-0.5 and gemma3.sandwich
     assert describe(tiny_model("gemma2")) == f"Gemma 2, sliding window {WINDOW} on 2 of 3 layers, soft-capping"
     assert describe(tiny_model("phi3")) == f"Phi-3/Phi-4, sliding window {WINDOW + 1} on 3 of 3 layers, rotary longrope"
-    assert describe(tiny_model("mixtral")).startswith(f"Mixtral, sliding window {WINDOW} on 3 of 3 layers, "
-                                                       "mixture of experts (")
+    assert describe(tiny_model("mixtral")).startswith(
+        f"Mixtral, sliding window {WINDOW} on 3 of 3 layers, mixture of experts ("
+    )
 
 
 def test_llama3_and_yarn_rotary_tables_are_the_models_own_scaled_ones():
@@ -139,8 +215,11 @@ def test_llama3_and_yarn_rotary_tables_are_the_models_own_scaled_ones():
 
 def test_windowed_and_soft_capped_attention_equal_a_plain_reference():
     g = torch.Generator().manual_seed(0)
-    q, k, v = torch.randn(2, 9, 4, 8, generator=g), torch.randn(2, 9, 2, 8, generator=g), torch.randn(2, 9, 2, 8,
-                                                                                                      generator=g)
+    q, k, v = (
+        torch.randn(2, 9, 4, 8, generator=g),
+        torch.randn(2, 9, 2, 8, generator=g),
+        torch.randn(2, 9, 2, 8, generator=g),
+    )
 
     def reference(q, k, v, window, softcap):
         k, v = k.repeat_interleave(2, dim=2), v.repeat_interleave(2, dim=2)
@@ -156,25 +235,34 @@ def test_windowed_and_soft_capped_attention_equal_a_plain_reference():
         torch.testing.assert_close(prefill_attention(q, k, v, 0.3, window, softcap), expected, rtol=1e-5, atol=1e-5)
         # decode: the last position of each row, its keys read from slots
         lengths = torch.tensor([9, 6])
-        got = decode_attention(q[torch.arange(2), lengths - 1], k, v, torch.tensor([0, 1]), lengths, 0.3, window,
-                               softcap)
-        want = torch.stack([reference(q[r:r + 1, :n], k[r:r + 1, :n], v[r:r + 1, :n], window, softcap)[0, -1]
-                            for r, n in enumerate(lengths.tolist())])
+        got = decode_attention(
+            q[torch.arange(2), lengths - 1], k, v, torch.tensor([0, 1]), lengths, 0.3, window, softcap
+        )
+        want = torch.stack(
+            [
+                reference(q[r : r + 1, :n], k[r : r + 1, :n], v[r : r + 1, :n], window, softcap)[0, -1]
+                for r, n in enumerate(lengths.tolist())
+            ]
+        )
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 def generate_one_at_a_time(model, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
-    model.generation_config = GenerationConfig(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                                               eos_token_id=[1], pad_token_id=0)
+    model.generation_config = GenerationConfig(
+        max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, eos_token_id=[1], pad_token_id=0
+    )
     with torch.inference_mode():
-        return [model.generate(torch.tensor([p]))[0, len(p):].tolist() for p in prompts]
+        return [model.generate(torch.tensor([p]))[0, len(p) :].tolist() for p in prompts]
 
 
 @pytest.mark.parametrize("name", [n for n in FAMILIES if n not in ("llama", "qwen2")])
 def test_engine_greedy_tokens_equal_generates_with_refilled_slots(name):
     torch.set_num_threads(1)
-    model = tiny_model(name, rope_parameters=dict(LONGROPE, original_max_position_embeddings=64)) \
-        if name == "phi3" else tiny_model(name)
+    model = (
+        tiny_model(name, rope_parameters=dict(LONGROPE, original_max_position_embeddings=64))
+        if name == "phi3"
+        else tiny_model(name)
+    )
     prompts = [[(7 * i + 3 * j) % 120 + 2 for j in range(3 + (5 * i) % 9)] for i in range(10)]
     new_tokens = 7
     slot_len = max(map(len, prompts)) + new_tokens - 1
@@ -193,14 +281,17 @@ def test_auto_names_the_family_and_falls_back_with_the_reason():
 
     gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64))
     assert choose_engine("auto", gpt2) == (
-        False, "generate: the engine does not support model type 'gpt2' (the engine runs llama, mistral, qwen2, "
-               "qwen3, gemma2, gemma3_text, phi3, mixtral, qwen3_moe)")
+        False,
+        "generate: the engine does not support model type 'gpt2' (the engine runs llama, mistral, qwen2, "
+        "qwen3, gemma2, gemma3_text, phi3, mixtral, qwen3_moe)",
+    )
     with pytest.raises(ValueError, match="generation.engine: fast cannot run this model: model type 'gpt2'"):
         choose_engine("fast", gpt2)
     dynamic = tiny_model("llama", rope_parameters=dict(rope_type="dynamic", rope_theta=10000.0, factor=2.0))
     use, why = choose_engine("auto", dynamic)
-    assert not use and why == ("generate: the engine does not support rotary scaling 'dynamic' (it changes with the "
-                               "batch's longest sequence)")
+    assert not use and why == (
+        "generate: the engine does not support rotary scaling 'dynamic' (it changes with the batch's longest sequence)"
+    )
     mistral = tiny_model("mistral")
     assert choose_engine("auto", mistral) == (True, "the engine")  # a window shorter than the sequences runs
     assert choose_engine("hf", mistral) == (False, "generate (generation.engine: hf)")
@@ -249,8 +340,10 @@ def test_the_runner_gives_generates_greedy_results_with_the_engine_on_2_ranks(tm
     common = ["data.max_samples=24", "generation.max_new_tokens=8"]
     _, generate = infer(new_run(tmp_path / "runs", folder, "infer", [*common, "generation.engine=hf"]), 1)
     # 60 positions: a few slots per rank for its 12 prompts, refilled as sequences end.
-    log, fast = infer(new_run(tmp_path / "runs", folder, "infer", [*common, "generation.engine=fast",
-                                                                    "generation.batch_tokens=60"]), 2)
+    log, fast = infer(
+        new_run(tmp_path / "runs", folder, "infer", [*common, "generation.engine=fast", "generation.batch_tokens=60"]),
+        2,
+    )
     assert fast == generate
     family = FAMILIES[name][1].removesuffix("ForCausalLM")
     assert "with the engine (" in log and "eager attention on CPU" in log, log[-2000:]

@@ -11,32 +11,58 @@ import time
 
 import pytest
 
-from helpers import run_folder, submit_cli, wait_for
 from llmbatch.lifecycle import FINAL_STATES, slurm_state
+
+from helpers import run_folder, submit_cli, wait_for
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
 RUNS = 5
 EXIT_BOUND_S = 60
 """From metrics.json on disk to the job's end: a clean exit takes seconds; a hang held the job 300 s."""
-FINETUNE = [arg for setting in ("data.max_samples=40", "train.max_steps=3", "train.seq_len=64",
-                                "train.micro_batch_size=4", "train.warmup_steps=1", "train.eval_every_steps=100",
-                                "train.save_every_steps=100", "train.eval_accuracy=false")
-            for arg in ("--set", setting)]
+FINETUNE = [
+    arg
+    for setting in (
+        "data.max_samples=40",
+        "train.max_steps=3",
+        "train.seq_len=64",
+        "train.micro_batch_size=4",
+        "train.warmup_steps=1",
+        "train.eval_every_steps=100",
+        "train.save_every_steps=100",
+        "train.eval_accuracy=false",
+    )
+    for arg in ("--set", setting)
+]
 
 
 def test_two_node_finetuning_ends_after_its_outputs_every_time(slurm_cluster, cache_dir, tmp_path):
     exits = []
     for i in range(RUNS):
-        run = run_folder(submit_cli("finetune", "--executor", "slurm", "--nodes", "2", "--gpus", "1",
-                                    "--output", str(tmp_path / str(i)), *FINETUNE))
+        run = run_folder(
+            submit_cli(
+                "finetune",
+                "--executor",
+                "slurm",
+                "--nodes",
+                "2",
+                "--gpus",
+                "1",
+                "--output",
+                str(tmp_path / str(i)),
+                *FINETUNE,
+            )
+        )
         job_id = run.read_state()["job_ids"][-1]
         wait_for(f"run {i}'s metrics.json", run.metrics_file.exists, timeout=300)
         written = time.time()
         try:
-            state = wait_for(f"run {i}'s job {job_id} to end within {EXIT_BOUND_S} s of its outputs (exits so "
-                             f"far: {exits})", lambda: (s := slurm_state(job_id)) in FINAL_STATES and s,
-                             timeout=EXIT_BOUND_S, poll_s=1)
+            state = wait_for(
+                f"run {i}'s job {job_id} to end within {EXIT_BOUND_S} s of its outputs (exits so far: {exits})",
+                lambda: (s := slurm_state(job_id)) in FINAL_STATES and s,
+                timeout=EXIT_BOUND_S,
+                poll_s=1,
+            )
         finally:
             submit_cli("cancel", str(run.path), check=False)  # a hung job must not hold the cluster
         exits.append(round(time.time() - written))

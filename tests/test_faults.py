@@ -15,9 +15,10 @@ from pathlib import Path
 import psutil
 import pytest
 
-from helpers import PYTHON, REPO, run_folder, submit_cli, wait_for
 from llmbatch.rundir import RunDir, read_jsonl
 from llmbatch.shards import read_records
+
+from helpers import PYTHON, REPO, run_folder, submit_cli, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -33,12 +34,19 @@ def stopped_local_run(make_run, overrides=SMALL):
 
 def test_two_resumes_at_once_one_wins_the_other_gets_one_line(make_run):
     run = stopped_local_run(make_run)
-    first = subprocess.Popen([PYTHON, str(REPO / "submit.py"), "resume", str(run.path)], stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True)
+    first = subprocess.Popen(
+        [PYTHON, str(REPO / "submit.py"), "resume", str(run.path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         # The first has submitted its job and waits for it, holding the run's lock.
-        wait_for("the first resume's job", lambda: len(run.read_state().get("job_ids", [])) == 2
-                 or first.poll() is not None, timeout=120)
+        wait_for(
+            "the first resume's job",
+            lambda: len(run.read_state().get("job_ids", [])) == 2 or first.poll() is not None,
+            timeout=120,
+        )
         assert first.poll() is None, first.communicate()
         second = submit_cli("resume", str(run.path), check=False)
         assert second.returncode == 2
@@ -52,6 +60,7 @@ def test_two_resumes_at_once_one_wins_the_other_gets_one_line(make_run):
 
 
 # --- a full file system ----------------------------------------------------------------------------
+
 
 @pytest.fixture
 def small_fs(tmp_path):
@@ -76,24 +85,49 @@ def fill(folder: Path) -> Path:
     return ballast
 
 
-INFER_MANY_BATCHES = ["--set", "data.max_samples=120", "--set", "generation.max_new_tokens=16",
-                      "--set", "generation.engine=hf", "--set", "generation.batch_tokens=160"]
+INFER_MANY_BATCHES = [
+    "--set",
+    "data.max_samples=120",
+    "--set",
+    "generation.max_new_tokens=16",
+    "--set",
+    "generation.engine=hf",
+    "--set",
+    "generation.batch_tokens=160",
+]
 
 
 @pytest.fixture(scope="module")
 def infer_reference(tmp_path_factory, cache_dir) -> RunDir:
     """An uninterrupted run of INFER_MANY_BATCHES on one process."""
-    return run_folder(submit_cli("infer", "--executor", "local", "--output", str(tmp_path_factory.mktemp("ref")),
-                                 *INFER_MANY_BATCHES))
+    return run_folder(
+        submit_cli("infer", "--executor", "local", "--output", str(tmp_path_factory.mktemp("ref")), *INFER_MANY_BATCHES)
+    )
 
 
 def test_inference_on_a_full_disk_fails_in_one_line_and_resume_completes_it(small_fs, infer_reference):
     reference = infer_reference
-    proc = subprocess.Popen([PYTHON, str(REPO / "submit.py"), "infer", "--executor", "local", "--output",
-                             str(small_fs), *INFER_MANY_BATCHES], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
-    shard = wait_for("the first results in a shard", lambda: next(
-        (p for p in small_fs.glob("*/shards/attempt-000-rank-00000.jsonl") if p.read_bytes().count(b"\n")), None))
+    proc = subprocess.Popen(
+        [
+            PYTHON,
+            str(REPO / "submit.py"),
+            "infer",
+            "--executor",
+            "local",
+            "--output",
+            str(small_fs),
+            *INFER_MANY_BATCHES,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    shard = wait_for(
+        "the first results in a shard",
+        lambda: next(
+            (p for p in small_fs.glob("*/shards/attempt-000-rank-00000.jsonl") if p.read_bytes().count(b"\n")), None
+        ),
+    )
     run = RunDir(shard.parent.parent)
     ballast = fill(small_fs)
     out, err = proc.communicate(timeout=300)
@@ -101,7 +135,8 @@ def test_inference_on_a_full_disk_fails_in_one_line_and_resume_completes_it(smal
     assert proc.returncode == 1, out[-3000:] + err[-3000:]
     failed = err.splitlines()[-1]
     assert failed.startswith("job failed: node 0: ") and failed.endswith(
-        f": no space left on device; free space there, then: python submit.py resume {run.path}"), err[-3000:]
+        f": no space left on device; free space there, then: python submit.py resume {run.path}"
+    ), err[-3000:]
     assert str(run.path) in failed.split(": no space left")[0]
     assert not run.results_file.exists() and not run.metrics_file.exists()
     done = read_records(shard)  # a torn last line is no record; every complete one is
@@ -112,11 +147,23 @@ def test_inference_on_a_full_disk_fails_in_one_line_and_resume_completes_it(smal
     assert run.results_file.read_bytes() == reference.results_file.read_bytes()
 
 
-FINETUNE_SMALL = [arg for setting in ("data.max_samples=60", "train.max_steps=12", "train.seq_len=64",
-                                      "train.micro_batch_size=4", "train.grad_accum_steps=2", "train.warmup_steps=2",
-                                      "train.eval_every_steps=100", "train.save_every_steps=4", "train.keep_last=2",
-                                      "train.eval_accuracy=false", "lora.dropout=0.1")
-                  for arg in ("--set", setting)]
+FINETUNE_SMALL = [
+    arg
+    for setting in (
+        "data.max_samples=60",
+        "train.max_steps=12",
+        "train.seq_len=64",
+        "train.micro_batch_size=4",
+        "train.grad_accum_steps=2",
+        "train.warmup_steps=2",
+        "train.eval_every_steps=100",
+        "train.save_every_steps=4",
+        "train.keep_last=2",
+        "train.eval_accuracy=false",
+        "lora.dropout=0.1",
+    )
+    for arg in ("--set", setting)
+]
 
 
 def trajectory(run: RunDir) -> list[tuple]:
@@ -124,15 +171,28 @@ def trajectory(run: RunDir) -> list[tuple]:
     return [tuple(row.get(k) for k in keys) for row in read_jsonl(run.train_metrics_file)]
 
 
-def test_a_checkpoint_save_on_a_full_disk_fails_in_one_line_and_resume_continues_exactly(small_fs, tmp_path,
-                                                                                          cache_dir):
-    reference = run_folder(submit_cli("finetune", "--executor", "local", "--output", str(tmp_path / "ref"),
-                                      *FINETUNE_SMALL))
-    proc = subprocess.Popen([PYTHON, str(REPO / "submit.py"), "finetune", "--executor", "local", "--output",
-                             str(small_fs), *FINETUNE_SMALL], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
-    first = wait_for("the first checkpoint", lambda: next(small_fs.glob("*/checkpoints/step-000004/manifest.json"),
-                                                          None))
+def test_a_checkpoint_save_on_a_full_disk_fails_in_one_line_and_resume_continues_exactly(small_fs, tmp_path, cache_dir):
+    reference = run_folder(
+        submit_cli("finetune", "--executor", "local", "--output", str(tmp_path / "ref"), *FINETUNE_SMALL)
+    )
+    proc = subprocess.Popen(
+        [
+            PYTHON,
+            str(REPO / "submit.py"),
+            "finetune",
+            "--executor",
+            "local",
+            "--output",
+            str(small_fs),
+            *FINETUNE_SMALL,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    first = wait_for(
+        "the first checkpoint", lambda: next(small_fs.glob("*/checkpoints/step-000004/manifest.json"), None)
+    )
     run = RunDir(first.parent.parent.parent)
     ballast = fill(small_fs)
     # Room for the steps' log lines, not for the next checkpoint (about 1.8 MB).
@@ -142,41 +202,69 @@ def test_a_checkpoint_save_on_a_full_disk_fails_in_one_line_and_resume_continues
     assert proc.returncode == 1, out[-3000:] + err[-3000:]
     failed = err.splitlines()[-1]
     assert failed.startswith("job failed: node 0: ") and failed.endswith(
-        f": no space left on device; free space there, then: python submit.py resume {run.path}"), err[-3000:]
+        f": no space left on device; free space there, then: python submit.py resume {run.path}"
+    ), err[-3000:]
     assert sorted(p.name for p in run.checkpoints_dir.glob("step-*")) == ["step-000004"]
     assert not run.adapter_dir.exists() and not run.metrics_file.exists()
 
     ballast.unlink()
     resumed = submit_cli("resume", str(run.path))
     assert "resuming at step 4" in resumed.stdout
-    assert (run.adapter_dir / "adapter_model.safetensors").read_bytes() == \
-           (reference.adapter_dir / "adapter_model.safetensors").read_bytes()
+    assert (run.adapter_dir / "adapter_model.safetensors").read_bytes() == (
+        reference.adapter_dir / "adapter_model.safetensors"
+    ).read_bytes()
     assert trajectory(run) == trajectory(reference)
 
 
 # --- a rank that stops -----------------------------------------------------------------------------
 
+
 def rank_process(run: RunDir, rank: int) -> psutil.Process:
     """The process of one rank of the run (the launcher passes the rank in RANK)."""
+
     def find():
         for proc in psutil.process_iter(["cmdline"]):
             try:
-                if str(run.path) in (proc.info["cmdline"] or []) and "llmbatch.runners.infer" in proc.info["cmdline"] \
-                        and proc.environ().get("RANK") == str(rank):
+                if (
+                    str(run.path) in (proc.info["cmdline"] or [])
+                    and "llmbatch.runners.infer" in proc.info["cmdline"]
+                    and proc.environ().get("RANK") == str(rank)
+                ):
                     return proc
             except (psutil.NoSuchProcess, psutil.AccessDenied):
                 pass
         return None
+
     return wait_for(f"rank {rank}", find, timeout=60)
 
 
 def test_a_stopped_rank_fails_the_job_in_one_line_naming_it_and_resume_finishes(tmp_path, infer_reference):
     root = tmp_path / "runs"
-    proc = subprocess.Popen([PYTHON, str(REPO / "submit.py"), "infer", "--executor", "local", "--gpus", "2",
-                             "--output", str(root), "--set", "resources.collective_timeout_s=5", *INFER_MANY_BATCHES],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    shard = wait_for("rank 1's first results", lambda: next(
-        (p for p in root.glob("*/shards/attempt-000-rank-00001.jsonl") if p.read_bytes().count(b"\n")), None))
+    proc = subprocess.Popen(
+        [
+            PYTHON,
+            str(REPO / "submit.py"),
+            "infer",
+            "--executor",
+            "local",
+            "--gpus",
+            "2",
+            "--output",
+            str(root),
+            "--set",
+            "resources.collective_timeout_s=5",
+            *INFER_MANY_BATCHES,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    shard = wait_for(
+        "rank 1's first results",
+        lambda: next(
+            (p for p in root.glob("*/shards/attempt-000-rank-00001.jsonl") if p.read_bytes().count(b"\n")), None
+        ),
+    )
     run = RunDir(shard.parent.parent)
     rank1 = rank_process(run, 1)
     rank1.suspend()  # SIGSTOP: alive, silent, holding its peers and the allocation
@@ -186,10 +274,12 @@ def test_a_stopped_rank_fails_the_job_in_one_line_naming_it_and_resume_finishes(
 
     assert proc.returncode == 1, out[-3000:] + err[-3000:]
     assert err.splitlines()[-1].startswith(
-        f"job failed: node 0: rank 1 on {socket.gethostname()} (pid {rank1.pid}) sent no heartbeat for ")
+        f"job failed: node 0: rank 1 on {socket.gethostname()} (pid {rank1.pid}) sent no heartbeat for "
+    )
     assert err.splitlines()[-1].endswith(
         f" s (resources.collective_timeout_s=5): stopped or hung; killed it; finish the run with: python submit.py "
-        f"resume {run.path}")
+        f"resume {run.path}"
+    )
     assert took < 60, f"the job took {took:.0f} s to notice"
     assert not rank1.is_running() or rank1.status() == psutil.STATUS_ZOMBIE
 
@@ -199,16 +289,25 @@ def test_a_stopped_rank_fails_the_job_in_one_line_naming_it_and_resume_finishes(
 
 # --- Ctrl-C and a closed pipe ----------------------------------------------------------------------
 
+
 def test_ctrl_c_of_a_local_run_is_one_line_and_resume_shows_only_its_own_attempt(tmp_path, infer_reference):
     """A terminal sends Ctrl-C to the whole process group: the command line, and the local job it
     started. One line, exit 130, the job cancelled; the resume then prints its own attempt's log, not
     the interrupted one's."""
     root = tmp_path / "runs"
-    proc = subprocess.Popen([PYTHON, str(REPO / "submit.py"), "infer", "--executor", "local", "--output", str(root),
-                             *INFER_MANY_BATCHES], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)  # a process group of its own, as a terminal's job
-    shard = wait_for("the first results in a shard", lambda: next(
-        (p for p in root.glob("*/shards/attempt-000-rank-00000.jsonl") if p.read_bytes().count(b"\n")), None))
+    proc = subprocess.Popen(
+        [PYTHON, str(REPO / "submit.py"), "infer", "--executor", "local", "--output", str(root), *INFER_MANY_BATCHES],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )  # a process group of its own, as a terminal's job
+    shard = wait_for(
+        "the first results in a shard",
+        lambda: next(
+            (p for p in root.glob("*/shards/attempt-000-rank-00000.jsonl") if p.read_bytes().count(b"\n")), None
+        ),
+    )
     run = RunDir(shard.parent.parent)
     os.killpg(proc.pid, signal.SIGINT)
     out, err = proc.communicate(timeout=120)
@@ -228,9 +327,21 @@ def test_a_closed_pipe_is_no_job_failure(tmp_path, infer_reference):
     """`python submit.py infer ... | head -c1`: the reader goes away after one byte. The job runs on and
     its result stands; the command line waits for it, says nothing and exits as the job did (0)."""
     read_end, write_end = os.pipe()
-    proc = subprocess.Popen([PYTHON, str(REPO / "submit.py"), "infer", "--executor", "local", "--output",
-                             str(tmp_path / "runs"), *INFER_MANY_BATCHES], stdout=write_end, stderr=subprocess.PIPE,
-                            text=True)
+    proc = subprocess.Popen(
+        [
+            PYTHON,
+            str(REPO / "submit.py"),
+            "infer",
+            "--executor",
+            "local",
+            "--output",
+            str(tmp_path / "runs"),
+            *INFER_MANY_BATCHES,
+        ],
+        stdout=write_end,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     os.close(write_end)
     assert os.read(read_end, 1) == b"r"  # "run folder: ..."
     os.close(read_end)

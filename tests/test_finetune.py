@@ -22,22 +22,35 @@ import psutil
 import pytest
 import torch
 
-from helpers import JOBS, new_run, runner_command
 from llmbatch.rundir import RunDir, read_jsonl
 from llmbatch.runners.packing import IGNORE, Sequence, collate, pack, to_sequence
 from llmbatch.runners.preemption import PREEMPTED_EXIT
 
+from helpers import JOBS, new_run, runner_command
+
 # Short sequences and micro-batches so an epoch is a few steps: 12 steps cross several epochs, and a
 # stop mid-epoch exercises skipping the consumed batches. Accumulation 2 exercises no_sync.
-SMALL = ["data.max_samples=60", "train.max_steps=12", "train.seq_len=64", "train.micro_batch_size=4",
-         "train.grad_accum_steps=2", "train.warmup_steps=2", "train.eval_every_steps=5",
-         "train.save_every_steps=4", "train.keep_last=2", "train.eval_accuracy=false", "lora.dropout=0.1"]
-def launch(run: RunDir, processes: int = 1, attempt: int = 0, *extra: str,
-           expect_success: bool = True) -> subprocess.CompletedProcess:
+SMALL = [
+    "data.max_samples=60",
+    "train.max_steps=12",
+    "train.seq_len=64",
+    "train.micro_batch_size=4",
+    "train.grad_accum_steps=2",
+    "train.warmup_steps=2",
+    "train.eval_every_steps=5",
+    "train.save_every_steps=4",
+    "train.keep_last=2",
+    "train.eval_accuracy=false",
+    "lora.dropout=0.1",
+]
+
+
+def launch(
+    run: RunDir, processes: int = 1, attempt: int = 0, *extra: str, expect_success: bool = True
+) -> subprocess.CompletedProcess:
     """The run's runner (its spec's kind) on one node; `extra` goes to the runner."""
     cmd = runner_command(run, processes, attempt)
-    proc = subprocess.run([*cmd.argv, *extra], env=os.environ | cmd.env, capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run([*cmd.argv, *extra], env=os.environ | cmd.env, capture_output=True, text=True, timeout=300)
     if expect_success:
         assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return proc
@@ -64,8 +77,7 @@ def checkpoint_names(run: RunDir) -> list[str]:
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory, model_dir):
     """One uninterrupted 1-process run, merged weights included: the reference for resumed runs."""
-    run = new_run(tmp_path_factory.mktemp("uninterrupted"), model_dir, "finetune",
-                  [*SMALL, "train.merge=true"])
+    run = new_run(tmp_path_factory.mktemp("uninterrupted"), model_dir, "finetune", [*SMALL, "train.merge=true"])
     old_umask = os.umask(RUN_UMASK)  # the ranks inherit it
     try:
         finetune(run)
@@ -75,6 +87,7 @@ def uninterrupted(tmp_path_factory, model_dir):
 
 
 # --- packing --------------------------------------------------------------------------------------
+
 
 def test_a_sequence_learns_only_its_completion():
     seq = to_sequence([1, 10, 11, 12], [20, 21, 2], seq_len=64, loss_on="completion")
@@ -108,11 +121,18 @@ def test_a_seq_len_shorter_than_the_prompts_is_an_error_not_a_zero_loss(make_run
     prompt_lengths = sorted(len(ids) for ids in tokenizer([e.prompt for e in examples])["input_ids"])
 
     def rows(seq_len: int):
-        return make_rows(dataclasses.replace(spec, train=dataclasses.replace(spec.train, seq_len=seq_len)),
-                         tokenizer, examples, "data.path")
+        return make_rows(
+            dataclasses.replace(spec, train=dataclasses.replace(spec.train, seq_len=seq_len)),
+            tokenizer,
+            examples,
+            "data.path",
+        )
 
-    with pytest.raises(TooShortForData, match=r"^train.seq_len: \d+ tokens leave no target token of any example in "
-                                              r"data.path"):
+    with pytest.raises(
+        TooShortForData,
+        match=r"^train.seq_len: \d+ tokens leave no target token of any example in "
+        r"data.path",
+    ):
         rows(prompt_lengths[0] - 1)
     # Shorter than the longest prompts only: those are left out, and the log says how many.
     seq_len = prompt_lengths[-1] - 1
@@ -133,8 +153,9 @@ def test_packed_and_padded_batches_give_the_same_loss_and_gradients(make_run):
     from llmbatch.spec import load_resolved
 
     torch.manual_seed(0)
-    spec = load_resolved(make_run("finetune", overrides=["data.max_samples=24", "train.seq_len=64",
-                                                         "lora.dropout=0.0"]).spec_file)
+    spec = load_resolved(
+        make_run("finetune", overrides=["data.max_samples=24", "train.seq_len=64", "lora.dropout=0.0"]).spec_file
+    )
     tokenizer = AutoTokenizer.from_pretrained(spec.model.path)
     examples = load_examples(spec.data)
     model, liger = load_lora_model(spec, torch.device("cpu"))
@@ -145,8 +166,12 @@ def test_packed_and_padded_batches_give_the_same_loss_and_gradients(make_run):
                 p.normal_(0, 0.02)
 
     def loss_and_grads(packing: bool):
-        rows = make_rows(dataclasses.replace(spec, train=dataclasses.replace(spec.train, packing=packing)),
-                         tokenizer, examples, "data.path")
+        rows = make_rows(
+            dataclasses.replace(spec, train=dataclasses.replace(spec.train, packing=packing)),
+            tokenizer,
+            examples,
+            "data.path",
+        )
         batch = collate(rows, tokenizer.pad_token_id)
         model.zero_grad()
         loss = token_loss_sum(model, batch) / (batch["targets"] != IGNORE).sum()
@@ -173,12 +198,14 @@ def test_the_loss_leaves_prompt_positions_out_of_the_head_and_equals_the_full_lo
     targets[0, 6:10], targets[1, 9:14] = input_ids[0, 7:11], input_ids[1, 10:15]
     batch = {"input_ids": input_ids, "position_ids": torch.arange(16).repeat(2, 1), "targets": targets}
     logits = model(input_ids=input_ids, position_ids=batch["position_ids"]).logits
-    full = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE,
-                                             reduction="sum")
+    full = torch.nn.functional.cross_entropy(
+        logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="sum"
+    )
     assert token_loss_sum(model, batch).item() == pytest.approx(full.item(), rel=1e-5)
 
 
 # --- exact resume ---------------------------------------------------------------------------------
+
 
 @pytest.mark.slow
 def test_a_run_stopped_and_resumed_on_one_process_matches_an_uninterrupted_one(uninterrupted, make_run):
@@ -191,8 +218,9 @@ def test_a_run_stopped_and_resumed_on_one_process_matches_an_uninterrupted_one(u
     resumed = finetune(run, 1, 1)
     assert "resuming at step 6" in resumed.stdout
     # Bit for bit: the same adapter file, the same loss (and lr, grad norm, ...) at every step.
-    assert (run.adapter_dir / "adapter_model.safetensors").read_bytes() == \
-           (uninterrupted.adapter_dir / "adapter_model.safetensors").read_bytes()
+    assert (run.adapter_dir / "adapter_model.safetensors").read_bytes() == (
+        uninterrupted.adapter_dir / "adapter_model.safetensors"
+    ).read_bytes()
     assert trajectory(run) == trajectory(uninterrupted)
     assert checkpoint_names(run) == ["step-000006", "step-000008"]  # keep_last=2
 
@@ -225,8 +253,9 @@ def test_a_run_preempted_on_one_of_two_ranks_resumes_exactly(make_run, tmp_path)
     assert f"step-{stopped_at:06d}" in checkpoint_names(run)
 
     finetune(run, 2, 1)
-    assert (run.adapter_dir / "adapter_model.safetensors").read_bytes() == \
-           (reference.adapter_dir / "adapter_model.safetensors").read_bytes()
+    assert (run.adapter_dir / "adapter_model.safetensors").read_bytes() == (
+        reference.adapter_dir / "adapter_model.safetensors"
+    ).read_bytes()
     assert trajectory(run) == trajectory(reference)
     assert json.loads(run.metrics_file.read_text())["world_size"] == 2
 
@@ -243,12 +272,15 @@ def test_a_torn_newest_checkpoint_is_set_aside_and_the_previous_one_resumes_exac
     torn.write_bytes(torn.read_bytes()[: size // 2])
 
     resumed = finetune(run, 1, 1)
-    assert (f"finetune: checkpoint step-000006 is damaged (optimizer.bin has {size // 2} bytes, its manifest "
-            f"says {size}); moved it to .step-000006.damaged and falling back to the previous complete "
-            f"checkpoint") in resumed.stdout
+    assert (
+        f"finetune: checkpoint step-000006 is damaged (optimizer.bin has {size // 2} bytes, its manifest "
+        f"says {size}); moved it to .step-000006.damaged and falling back to the previous complete "
+        f"checkpoint"
+    ) in resumed.stdout
     assert "resuming at step 4" in resumed.stdout
-    assert (run.adapter_dir / "adapter_model.safetensors").read_bytes() == \
-           (uninterrupted.adapter_dir / "adapter_model.safetensors").read_bytes()
+    assert (run.adapter_dir / "adapter_model.safetensors").read_bytes() == (
+        uninterrupted.adapter_dir / "adapter_model.safetensors"
+    ).read_bytes()
     assert trajectory(run) == trajectory(uninterrupted)
     assert checkpoint_names(run) == [".step-000006.damaged", "step-000004", "step-000008"]
 
@@ -266,13 +298,16 @@ def test_a_checkpoint_whose_manifest_is_not_json_is_set_aside_by_resume(uninterr
     (run.checkpoints_dir / "step-000006" / "manifest.json").write_text('{"files": {"optimizer.bin": ')
 
     resumed = submit_cli("resume", str(run.path))
-    assert ("finetune: checkpoint step-000006 is damaged (its manifest.json is damaged, not valid JSON "
-            "(Expecting value)); moved it to .step-000006.damaged and falling back to the previous complete "
-            "checkpoint") in resumed.stdout
+    assert (
+        "finetune: checkpoint step-000006 is damaged (its manifest.json is damaged, not valid JSON "
+        "(Expecting value)); moved it to .step-000006.damaged and falling back to the previous complete "
+        "checkpoint"
+    ) in resumed.stdout
     assert "resuming at step 4" in resumed.stdout
     assert trajectory(run) == trajectory(uninterrupted)
-    assert (run.adapter_dir / "adapter_model.safetensors").read_bytes() == \
-           (uninterrupted.adapter_dir / "adapter_model.safetensors").read_bytes()
+    assert (run.adapter_dir / "adapter_model.safetensors").read_bytes() == (
+        uninterrupted.adapter_dir / "adapter_model.safetensors"
+    ).read_bytes()
 
 
 @pytest.mark.slow
@@ -290,9 +325,11 @@ def test_a_checkpoint_of_another_spec_is_refused_before_anything_is_queued(make_
     spec_text, data_text = run.spec_file.read_text(), data.read_text()
 
     def refused(key: str, saved, now) -> str:
-        return (f"llmbatch: error: {checkpoint}: saved with {key}={saved!r}, but the run's spec now gives "
-                f"{now!r}; a checkpoint of another spec cannot be resumed (put the value back, or start a "
-                f"new run)\n")
+        return (
+            f"llmbatch: error: {checkpoint}: saved with {key}={saved!r}, but the run's spec now gives "
+            f"{now!r}; a checkpoint of another spec cannot be resumed (put the value back, or start a "
+            f"new run)\n"
+        )
 
     run.spec_file.write_text(spec_text.replace("\n  r: 8\n", "\n  r: 4\n"))  # another LoRA rank
     assert main(["resume", str(run.path)]) == 2
@@ -308,8 +345,10 @@ def test_a_checkpoint_of_another_spec_is_refused_before_anything_is_queued(make_
     data.write_text(data_text.split("\n", 1)[1])  # other data: the first record gone
     assert main(["resume", str(run.path)]) == 2
     err = capsys.readouterr().err
-    assert err.startswith(f"llmbatch: error: {checkpoint}: saved with data.path contents (sha256)=") \
+    assert (
+        err.startswith(f"llmbatch: error: {checkpoint}: saved with data.path contents (sha256)=")
         and len(err.splitlines()) == 1
+    )
     assert not run.submitit_dir.exists()
 
     data.write_text(data_text)
@@ -338,11 +377,17 @@ RUN_UMASK = 0o027
 @pytest.mark.slow
 def test_every_file_of_the_run_is_readable_as_the_umask_says(uninterrupted):
     """On shared storage colleagues read results as the umask allows: no 0600 files from temp names."""
-    modes = {str(p.relative_to(uninterrupted.path)): p.stat().st_mode & 0o777
-             for p in uninterrupted.path.rglob("*") if p != uninterrupted.spec_file}  # the test wrote that one
+    modes = {
+        str(p.relative_to(uninterrupted.path)): p.stat().st_mode & 0o777
+        for p in uninterrupted.path.rglob("*")
+        if p != uninterrupted.spec_file
+    }  # the test wrote that one
     assert {"metrics.json", "adapter/adapter_model.safetensors", "loss_curve.png"} <= set(modes)
-    wrong = {name: oct(mode) for name, mode in modes.items()
-             if mode != (0o777 if Path(uninterrupted.path / name).is_dir() else 0o666) & ~RUN_UMASK}
+    wrong = {
+        name: oct(mode)
+        for name, mode in modes.items()
+        if mode != (0o777 if Path(uninterrupted.path / name).is_dir() else 0o666) & ~RUN_UMASK
+    }
     assert not wrong
 
 
@@ -392,8 +437,13 @@ def test_the_infer_runner_uses_the_adapter_and_scores_higher(uninterrupted, make
 # evaluation (step 2) comes before the stop at step 5, and three worse ones end the run at step 8. So a
 # resumed run that forgot the best loss, or the evaluations since, would pick another adapter-best or
 # stop at another step.
-BEST = [*SMALL, "train.eval_every_steps=2", "train.learning_rate=0.02", "train.lr_schedule=constant",
-        "train.early_stopping_patience=3"]
+BEST = [
+    *SMALL,
+    "train.eval_every_steps=2",
+    "train.learning_rate=0.02",
+    "train.lr_schedule=constant",
+    "train.early_stopping_patience=3",
+]
 
 
 @pytest.fixture(scope="module")
@@ -407,8 +457,9 @@ def best_reference(tmp_path_factory, model_dir):
 def best_resumed(tmp_path_factory, model_dir):
     """BEST with TensorBoard, stopped at step 5; its step-5 checkpoint is then deleted, as if the attempt
     had died after logging step 5 but before saving it, so the resumed attempt logs step 5 again."""
-    run = new_run(tmp_path_factory.mktemp("best-resumed"), model_dir, "finetune",
-                  [*BEST, "train.report_to=tensorboard"])
+    run = new_run(
+        tmp_path_factory.mktemp("best-resumed"), model_dir, "finetune", [*BEST, "train.report_to=tensorboard"]
+    )
     stopped = finetune(run, 1, 0, "--stop-at-step", "5", expect_success=False)
     assert stopped.returncode != 0 and f"exiting {PREEMPTED_EXIT}" in stopped.stdout, stopped.stdout[-3000:]
     assert checkpoint_names(run) == ["step-000004", "step-000005"]
@@ -446,10 +497,12 @@ def test_the_best_adapter_is_kept_and_early_stopping_ends_the_run(best_reference
 
 @pytest.mark.slow
 def test_a_resumed_run_keeps_the_same_best_adapter_and_stops_at_the_same_step(best_reference, best_resumed):
-    assert (best_resumed.adapter_best_dir / "adapter_model.safetensors").read_bytes() == \
-           (best_reference.adapter_best_dir / "adapter_model.safetensors").read_bytes()
-    assert (best_resumed.adapter_dir / "adapter_model.safetensors").read_bytes() == \
-           (best_reference.adapter_dir / "adapter_model.safetensors").read_bytes()
+    assert (best_resumed.adapter_best_dir / "adapter_model.safetensors").read_bytes() == (
+        best_reference.adapter_best_dir / "adapter_model.safetensors"
+    ).read_bytes()
+    assert (best_resumed.adapter_dir / "adapter_model.safetensors").read_bytes() == (
+        best_reference.adapter_dir / "adapter_model.safetensors"
+    ).read_bytes()
     assert trajectory(best_resumed) == trajectory(best_reference)
     keys = ("steps", "best_step", "val_loss_best", "stopped_early")
     resumed, reference = (json.loads(run.metrics_file.read_text()) for run in (best_resumed, best_reference))
@@ -476,26 +529,51 @@ def test_early_stopping_needs_validation_data_and_a_tracker_its_package(monkeypa
     from llmbatch.cli import main
     from llmbatch.spec import SpecError, load_spec
 
-    with pytest.raises(SpecError, match=r"^--set train.early_stopping_patience=2: train.early_stopping_patience: "
-                                        r"needs data.val_path"):
+    with pytest.raises(
+        SpecError,
+        match=r"^--set train.early_stopping_patience=2: train.early_stopping_patience: "
+        r"needs data.val_path",
+    ):
         load_spec(JOBS / "finetune.yaml", "finetune", ["data.val_path=null", "train.early_stopping_patience=2"])
     load_spec(JOBS / "finetune.yaml", "finetune", ["train.report_to=tensorboard"])  # installed for the tests
     monkeypatch.setitem(sys.modules, "tensorboard", None)  # as if it were not installed
-    with pytest.raises(SpecError, match=r"train.report_to: tensorboard needs the tensorboard package, which is "
-                                        r"not installed here \(pip install tensorboard, or llmbatch\[tensorboard\]\)$"):
+    with pytest.raises(
+        SpecError,
+        match=r"train.report_to: tensorboard needs the tensorboard package, which is "
+        r"not installed here \(pip install tensorboard, or llmbatch\[tensorboard\]\)$",
+    ):
         load_spec(JOBS / "finetune.yaml", "finetune", ["train.report_to=tensorboard"])
     # The command: one line, exit 2, no run folder.
-    assert main(["finetune", "--set", "train.report_to=tensorboard", "--output", str(tmp_path / "runs"),
-                 "--executor", "local"]) == 2
+    assert (
+        main(
+            [
+                "finetune",
+                "--set",
+                "train.report_to=tensorboard",
+                "--output",
+                str(tmp_path / "runs"),
+                "--executor",
+                "local",
+            ]
+        )
+        == 2
+    )
     assert capsys.readouterr().err.splitlines() == [
         "llmbatch: error: --set train.report_to=tensorboard: train.report_to: tensorboard needs the tensorboard "
-        "package, which is not installed here (pip install tensorboard, or llmbatch[tensorboard])"]
+        "package, which is not installed here (pip install tensorboard, or llmbatch[tensorboard])"
+    ]
     assert not (tmp_path / "runs").exists()
     # In a container the image must have it; nothing to check on the submitting machine.
-    load_spec(JOBS / "finetune.yaml", "finetune", ["train.report_to=tensorboard", "container.runtime=docker",
-                                                    "container.image=llmbatch:latest"])
-    with pytest.raises(SpecError, match=r"train.report_to: must be 'none' or 'tensorboard' or 'mlflow' or 'wandb', "
-                                        r"got 'comet'"):
+    load_spec(
+        JOBS / "finetune.yaml",
+        "finetune",
+        ["train.report_to=tensorboard", "container.runtime=docker", "container.image=llmbatch:latest"],
+    )
+    with pytest.raises(
+        SpecError,
+        match=r"train.report_to: must be 'none' or 'tensorboard' or 'mlflow' or 'wandb', "
+        r"got 'comet'",
+    ):
         load_spec(JOBS / "finetune.yaml", "finetune", ["train.report_to=comet"])
 
 
@@ -522,8 +600,9 @@ def test_liger_stays_off_on_cpu_and_the_fused_path_equals_the_plain_loss(model_d
     targets[0, 6:10], targets[1, 9:14] = input_ids[0, 7:11], input_ids[1, 10:15]
     batch = {"input_ids": input_ids, "position_ids": torch.arange(16).repeat(2, 1), "targets": targets}
     head_loss = HeadLoss(model, plain_linear_cross_entropy)
-    assert token_loss_sum(model, batch, head_loss).item() == \
-           pytest.approx(token_loss_sum(model, batch).item(), rel=1e-6)
+    assert token_loss_sum(model, batch, head_loss).item() == pytest.approx(
+        token_loss_sum(model, batch).item(), rel=1e-6
+    )
     assert head_loss.hidden is None  # nothing held between calls
     model.generate(input_ids[:, :4], max_new_tokens=2, do_sample=False)
     assert head_loss.hidden is None  # and nothing from generation

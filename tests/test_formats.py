@@ -15,22 +15,25 @@ import pyarrow.parquet as pq
 import pytest
 from transformers import AutoTokenizer
 
-from helpers import run_folder, submit_cli
 from llmbatch.data import Example, load_examples
 from llmbatch.gather import gather_run, merge_shards
 from llmbatch.rundir import current_umask
 from llmbatch.runners.generation import prompt_texts
 from llmbatch.spec import DataSpec
 from llmbatch.summary import summarize
+
+from helpers import run_cli, run_folder, submit_cli, write_data
 from test_data import bad_data
 from test_infer import examples_of, write_shard
-from test_spec import good, run_cli, write_data  # noqa: F401 (good is a fixture)
 
 CHATS = [
     [{"role": "user", "content": "Is 7 even or odd?"}],
     [{"role": "system", "content": "Answer in one word."}, {"role": "user", "content": "Is 12 even or odd?"}],
-    [{"role": "user", "content": "Is 3 even or odd?"}, {"role": "assistant", "content": "odd"},
-     {"role": "user", "content": "And 4?"}],
+    [
+        {"role": "user", "content": "Is 3 even or odd?"},
+        {"role": "assistant", "content": "odd"},
+        {"role": "user", "content": "And 4?"},
+    ],
     [{"role": "user", "content": "Is 100 even or odd?"}],
 ]
 
@@ -42,13 +45,22 @@ def write_parquet(path: Path, rows: list[dict]) -> Path:
 
 # --- spec ----------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("data,message", [
-    ({"messages_field": "messages"}, "data: set only one of data.prompt_template, data.messages_field"),
-    ({"prompt_template": None, "system_prompt": "Be brief."},
-     "data: set one of data.prompt_field, data.prompt_template or data.messages_field"),
-    ({"system_prompt": "Be brief."},
-     "data.system_prompt: a system message needs the chat template: set data.chat_template: true"),
-], ids=["two prompt keys", "none", "system prompt without a template"])
+
+@pytest.mark.parametrize(
+    "data,message",
+    [
+        ({"messages_field": "messages"}, "data: set only one of data.prompt_template, data.messages_field"),
+        (
+            {"prompt_template": None, "system_prompt": "Be brief."},
+            "data: set one of data.prompt_field, data.prompt_template or data.messages_field",
+        ),
+        (
+            {"system_prompt": "Be brief."},
+            "data.system_prompt: a system message needs the chat template: set data.chat_template: true",
+        ),
+    ],
+    ids=["two prompt keys", "none", "system prompt without a template"],
+)
 def test_one_way_to_the_prompt(tmp_path, good, capsys, data, message):
     good["data"] |= data
     code, err = run_cli(tmp_path, good, capsys=capsys)
@@ -73,25 +85,45 @@ def test_output_format_is_jsonl_or_parquet(tmp_path, good, capsys):
 
 BAD_CHATS = [
     ({"id": 2}, "no messages field 'messages' (data.messages_field)"),
-    ({"id": 2, "messages": "hi"}, "field 'messages' (data.messages_field) must be a non-empty list of {role, "
-                                  "content} messages, got text"),
-    ({"id": 2, "messages": None}, "field 'messages' (data.messages_field) must be a non-empty list of {role, content} messages, got null"),
-    ({"id": 2, "messages": []}, "field 'messages' (data.messages_field) must be a non-empty list of {role, "
-                                "content} messages, got an empty list"),
+    (
+        {"id": 2, "messages": "hi"},
+        "field 'messages' (data.messages_field) must be a non-empty list of {role, content} messages, got text",
+    ),
+    (
+        {"id": 2, "messages": None},
+        "field 'messages' (data.messages_field) must be a non-empty list of {role, content} messages, got null",
+    ),
+    (
+        {"id": 2, "messages": []},
+        "field 'messages' (data.messages_field) must be a non-empty list of {role, "
+        "content} messages, got an empty list",
+    ),
     ({"id": 2, "messages": ["hi"]}, "message 1 of 'messages' must be an object with a role and a content, got text"),
-    ({"id": 2, "messages": [{"role": "user", "content": "a"}, {"content": "b"}]},
-     "message 2 of 'messages': role must be one of system, user, assistant, got none"),
-    ({"id": 2, "messages": [{"role": "robot", "content": "b"}]},
-     "message 1 of 'messages': role must be one of system, user, assistant, got 'robot'"),
+    (
+        {"id": 2, "messages": [{"role": "user", "content": "a"}, {"content": "b"}]},
+        "message 2 of 'messages': role must be one of system, user, assistant, got none",
+    ),
+    (
+        {"id": 2, "messages": [{"role": "robot", "content": "b"}]},
+        "message 1 of 'messages': role must be one of system, user, assistant, got 'robot'",
+    ),
     ({"id": 2, "messages": [{"role": "user"}]}, "message 1 of 'messages': content must be text, got none"),
-    ({"id": 2, "messages": [{"role": "user", "content": 7}]},
-     "message 1 of 'messages': content must be text, got a value of type int"),
-    ({"id": 2, "messages": [{"role": "user", "content": ["a"]}]},
-     "message 1 of 'messages': content must be text, got a list"),
-    ({"id": 2, "messages": [{"role": "user", "content": "a", "name": "x"}]},
-     "message 1 of 'messages' has an unknown key 'name' (a message holds role and content)"),
-    ({"id": 2, "messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "\ud800b"}]},
-     "the content of message 2 of 'messages' holds a lone surrogate ('\\ud800'), half of a UTF-16 pair and no text"),
+    (
+        {"id": 2, "messages": [{"role": "user", "content": 7}]},
+        "message 1 of 'messages': content must be text, got a value of type int",
+    ),
+    (
+        {"id": 2, "messages": [{"role": "user", "content": ["a"]}]},
+        "message 1 of 'messages': content must be text, got a list",
+    ),
+    (
+        {"id": 2, "messages": [{"role": "user", "content": "a", "name": "x"}]},
+        "message 1 of 'messages' has an unknown key 'name' (a message holds role and content)",
+    ),
+    (
+        {"id": 2, "messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "\ud800b"}]},
+        "the content of message 2 of 'messages' holds a lone surrogate ('\\ud800'), half of a UTF-16 pair and no text",
+    ),
 ]
 
 
@@ -104,13 +136,20 @@ def test_a_malformed_chat_names_its_line(tmp_path, good, capsys, row, message):
 
 def test_a_malformed_chat_in_parquet_names_its_row(tmp_path, good, capsys):
     rows = [{"id": 1, "messages": CHATS[0]}, {"id": 2, "messages": [{"role": "robot", "content": "b"}]}]
-    err = bad_data(tmp_path, good, capsys, "in.parquet", write_parquet(tmp_path / "p", rows).read_bytes(),
-                   prompt_field=None, messages_field="messages")
-    assert "in.parquet row 2: message 1 of 'messages': role must be one of system, user, assistant, got 'robot'" \
-        in err
+    err = bad_data(
+        tmp_path,
+        good,
+        capsys,
+        "in.parquet",
+        write_parquet(tmp_path / "p", rows).read_bytes(),
+        prompt_field=None,
+        messages_field="messages",
+    )
+    assert "in.parquet row 2: message 1 of 'messages': role must be one of system, user, assistant, got 'robot'" in err
 
 
 # --- rendering -----------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def tokenizer(model_dir):
@@ -124,14 +163,20 @@ def prompt_text(tokenizer, example: Example, data: DataSpec) -> str:
 
 def test_system_prompt_opens_every_chat_without_one(tokenizer):
     plain = Example("a", "Is 7 even or odd?", None, 1)
-    assert prompt_text(tokenizer, plain, DataSpec(chat_template=True, system_prompt="Be brief.")) == \
-        "System: Be brief.\nUser: Is 7 even or odd?\nAssistant:"
+    assert (
+        prompt_text(tokenizer, plain, DataSpec(chat_template=True, system_prompt="Be brief."))
+        == "System: Be brief.\nUser: Is 7 even or odd?\nAssistant:"
+    )
     assert prompt_text(tokenizer, plain, DataSpec(prompt_field="q")) == plain.prompt
     chats = DataSpec(messages_field="m", system_prompt="Be brief.")
-    assert prompt_text(tokenizer, Example("b", None, None, 2, CHATS[0]), chats) == \
-        "System: Be brief.\nUser: Is 7 even or odd?\nAssistant:"
-    assert prompt_text(tokenizer, Example("c", None, None, 3, CHATS[1]), chats) == \
-        "System: Answer in one word.\nUser: Is 12 even or odd?\nAssistant:"  # its own system message wins
+    assert (
+        prompt_text(tokenizer, Example("b", None, None, 2, CHATS[0]), chats)
+        == "System: Be brief.\nUser: Is 7 even or odd?\nAssistant:"
+    )
+    assert (
+        prompt_text(tokenizer, Example("c", None, None, 3, CHATS[1]), chats)
+        == "System: Answer in one word.\nUser: Is 12 even or odd?\nAssistant:"
+    )  # its own system message wins
     multi_turn = prompt_text(tokenizer, Example("d", None, None, 4, CHATS[2]), DataSpec(messages_field="m"))
     assert multi_turn == f"User: Is 3 even or odd?\nAssistant: odd{tokenizer.eos_token}\nUser: And 4?\nAssistant:"
 
@@ -150,20 +195,34 @@ def test_the_context_check_reads_the_rendered_chat(tmp_path, good, capsys, model
 # --- Parquet input -------------------------------------------------------------------------------
 
 PARQUET_ERRORS = [
-    ([{"id": 1, "question": "a"}, {"id": None, "question": "b"}],
-     "in.parquet row 2: id field 'id' must be a string or an integer, got null"),
-    ([{"id": 1, "question": "a"}, {"id": 2, "question": None}],
-     "in.parquet row 2: field 'question' (data.prompt_field) must be text or a number, got null"),
-    ([{"id": 1, "question": ["a"]}], "in.parquet row 1: field 'question' (data.prompt_field) must be text or a "
-                                     "number, got a list"),
-    ([{"id": 1, "question": b"a"}], "in.parquet row 1: field 'question' (data.prompt_field) must be text or a "
-                                    "number, got a value of type bytes"),
-    ([{"id": {"a": 1}, "question": "a"}], "in.parquet row 1: id field 'id' must be a string or an integer, got an "
-                                          "object"),
-    ([{"id": 1.0, "question": "a"}, {"id": 2.5, "question": "b"}],  # a float column: pandas' ints with a gap
-     "in.parquet row 1: id field 'id' must be a string or an integer, got a value of type float"),
-    ([{"id": 1, "question": "a"}, {"id": 2, "question": "b"}, {"id": 1, "question": "c"}],
-     "in.parquet row 3: duplicate id '1' (first at row 1)"),
+    (
+        [{"id": 1, "question": "a"}, {"id": None, "question": "b"}],
+        "in.parquet row 2: id field 'id' must be a string or an integer, got null",
+    ),
+    (
+        [{"id": 1, "question": "a"}, {"id": 2, "question": None}],
+        "in.parquet row 2: field 'question' (data.prompt_field) must be text or a number, got null",
+    ),
+    (
+        [{"id": 1, "question": ["a"]}],
+        "in.parquet row 1: field 'question' (data.prompt_field) must be text or a number, got a list",
+    ),
+    (
+        [{"id": 1, "question": b"a"}],
+        "in.parquet row 1: field 'question' (data.prompt_field) must be text or a number, got a value of type bytes",
+    ),
+    (
+        [{"id": {"a": 1}, "question": "a"}],
+        "in.parquet row 1: id field 'id' must be a string or an integer, got an object",
+    ),
+    (
+        [{"id": 1.0, "question": "a"}, {"id": 2.5, "question": "b"}],  # a float column: pandas' ints with a gap
+        "in.parquet row 1: id field 'id' must be a string or an integer, got a value of type float",
+    ),
+    (
+        [{"id": 1, "question": "a"}, {"id": 2, "question": "b"}, {"id": 1, "question": "c"}],
+        "in.parquet row 3: duplicate id '1' (first at row 1)",
+    ),
     ([{"key": 1, "question": "a"}], "in.parquet row 1: no id field 'id' (set data.id_field)"),
     ([{"id": 1, "other": "a"}], "in.parquet row 1: no prompt field 'question' (data.prompt_field)"),
 ]
@@ -209,9 +268,14 @@ def test_parquet_is_read_in_batches_and_only_as_far_as_max_samples(tmp_path, mon
 
 # --- runs ----------------------------------------------------------------------------------------
 
+
 def infer_results(tmp_path: Path, name: str, data: dict, output_format: str = "jsonl") -> list[dict]:
-    spec = {"name": name, "data": data, "generation": {"max_new_tokens": 6},
-            "output": {"root": str(tmp_path / "runs"), "format": output_format}}
+    spec = {
+        "name": name,
+        "data": data,
+        "generation": {"max_new_tokens": 6},
+        "output": {"root": str(tmp_path / "runs"), "format": output_format},
+    }
     spec_path = tmp_path / f"{name}.yaml"
     spec_path.write_text(json.dumps(spec))
     run = run_folder(submit_cli("infer", str(spec_path), "--executor", "local"))
@@ -227,15 +291,28 @@ def test_chats_run_like_the_same_prompts_rendered_by_hand(tmp_path, model_dir, t
     same plain data as Parquet, merged into results.parquet, gives the same records."""
     system = "Answer in one word."
     chats = write_data(tmp_path / "chats.jsonl", [{"id": f"c{i}", "messages": chat} for i, chat in enumerate(CHATS)])
-    rendered = [{"id": f"c{i}", "text": tokenizer.apply_chat_template(
-                    chat if chat[0]["role"] == "system" else [{"role": "system", "content": system}, *chat],
-                    tokenize=False, add_generation_prompt=True)} for i, chat in enumerate(CHATS)]
-    as_chats = infer_results(tmp_path, "chats", {"path": str(chats), "messages_field": "messages",
-                                                 "system_prompt": system})
+    rendered = [
+        {
+            "id": f"c{i}",
+            "text": tokenizer.apply_chat_template(
+                chat if chat[0]["role"] == "system" else [{"role": "system", "content": system}, *chat],
+                tokenize=False,
+                add_generation_prompt=True,
+            ),
+        }
+        for i, chat in enumerate(CHATS)
+    ]
+    as_chats = infer_results(
+        tmp_path, "chats", {"path": str(chats), "messages_field": "messages", "system_prompt": system}
+    )
     plain = {"prompt_field": "text"}
     as_text = infer_results(tmp_path, "text", {"path": str(write_data(tmp_path / "text.jsonl", rendered))} | plain)
-    as_parquet = infer_results(tmp_path, "parquet", {"path": str(write_parquet(tmp_path / "text.parquet", rendered))}
-                               | plain, output_format="parquet")
+    as_parquet = infer_results(
+        tmp_path,
+        "parquet",
+        {"path": str(write_parquet(tmp_path / "text.parquet", rendered))} | plain,
+        output_format="parquet",
+    )
 
     assert [r["messages"] for r in as_chats] == CHATS  # as given: the system prompt is the spec's
     same = ("id", "output", "prompt_tokens", "output_tokens", "finish_reason")
@@ -245,6 +322,7 @@ def test_chats_run_like_the_same_prompts_rendered_by_hand(tmp_path, model_dir, t
 
 
 # --- output.format: parquet ----------------------------------------------------------------------
+
 
 def test_parquet_results_hold_the_jsonl_records(make_run):
     run = make_run("infer", overrides=["data.max_samples=40", "output.format=parquet"])
@@ -257,7 +335,9 @@ def test_parquet_results_hold_the_jsonl_records(make_run):
     assert oct(parquet.stat().st_mode & 0o777) == oct(0o666 & ~current_umask())
     assert "results.parquet" in summarize(run)
     merge_shards(run, examples, "jsonl")
-    assert pq.read_table(parquet).to_pylist() == [json.loads(line) for line in run.results_file.read_text().splitlines()]
+    assert pq.read_table(parquet).to_pylist() == [
+        json.loads(line) for line in run.results_file.read_text().splitlines()
+    ]
 
 
 def test_parquet_results_appear_only_when_complete(make_run, monkeypatch):

@@ -10,9 +10,10 @@ import sys
 
 import pytest
 
-from helpers import REPO
 from llmbatch.cli import main
 from llmbatch.rundir import UnsafeRunFile, append_jsonl, atomic_write_json, open_append, save_folder
+
+from helpers import REPO
 
 SECRET = b"the victim's own file\n"
 
@@ -71,9 +72,11 @@ def test_a_planted_link_in_place_of_a_folder_is_never_written_through(make_run, 
     elsewhere.mkdir()
     plant(run.path / folder, elsewhere)
     with pytest.raises(UnsafeRunFile, match=f"{run.path / folder}: a symbolic link in a run folder"):
-        {"logs": lambda: open_append(run.node_log(0, task=3)),
-         "shards": lambda: shard_writer(run),
-         "ranks": lambda: run.record_rank(0, 0)}[folder]()
+        {
+            "logs": lambda: open_append(run.node_log(0, task=3)),
+            "shards": lambda: shard_writer(run),
+            "ranks": lambda: run.record_rank(0, 0),
+        }[folder]()
     assert list(elsewhere.iterdir()) == []
 
 
@@ -135,6 +138,7 @@ def test_a_node_job_never_writes_its_log_through_a_planted_link(make_run, victim
 
 # --- never unpickle what is in a run folder ---------------------------------------------------------
 
+
 class Planted:
     """Unpickling this creates `marker`: what a planted result pickle could do as whoever reads it."""
 
@@ -169,13 +173,22 @@ def test_a_local_run_that_ended_says_so_from_its_own_record(make_run, capsys):
 # --- resume checks the run folder's spec as submission does ------------------------------------------
 
 EDITS = {
-    "an #SBATCH line": ("  partition: null\n", "  partition: \"gpu\\n#SBATCH --wrap=id\"\n",
-                        "resources.partition: contains a control character ('\\n')"),
+    "an #SBATCH line": (
+        "  partition: null\n",
+        '  partition: "gpu\\n#SBATCH --wrap=id"\n',
+        "resources.partition: contains a control character ('\\n')",
+    ),
     "a bad time": ("  time: 00:30:00\n", "  time: abc\n", "resources.time: not a Slurm time"),
-    "an owned option abbreviated": ("  sbatch_extra: {}\n", "  sbatch_extra: {outp: /tmp/x}\n",
-                                    "resources.sbatch_extra.outp: 'outp' abbreviates --output"),
-    "an image that is a flag": ("  image: null\n", "  image: --privileged\n",
-                                "container.image: must not start with '-'"),
+    "an owned option abbreviated": (
+        "  sbatch_extra: {}\n",
+        "  sbatch_extra: {outp: /tmp/x}\n",
+        "resources.sbatch_extra.outp: 'outp' abbreviates --output",
+    ),
+    "an image that is a flag": (
+        "  image: null\n",
+        "  image: --privileged\n",
+        "container.image: must not start with '-'",
+    ),
 }
 
 
@@ -194,17 +207,24 @@ def test_resume_of_an_edited_spec_is_one_line_and_queues_nothing(make_run, capsy
 
 def test_resume_refuses_a_bind_over_the_run_folder(make_run, capsys):
     run = local_run(make_run, attempt=0)
-    text = run.spec_file.read_text().replace("  runtime: none\n", "  runtime: docker\n").replace(
-        "  image: null\n", "  image: img\n").replace("  binds: []\n", f"  binds: ['/tmp:{run.path}']\n")
+    text = (
+        run.spec_file.read_text()
+        .replace("  runtime: none\n", "  runtime: docker\n")
+        .replace("  image: null\n", "  image: img\n")
+        .replace("  binds: []\n", f"  binds: ['/tmp:{run.path}']\n")
+    )
     run.spec_file.write_text(text)
     assert main(["resume", str(run.path)]) == 2
     err = capsys.readouterr().err
-    assert err.startswith(f"llmbatch: error: container.binds[0]: '/tmp:{run.path}': its destination") \
-        and err.count("\n") == 1, err
+    assert (
+        err.startswith(f"llmbatch: error: container.binds[0]: '/tmp:{run.path}': its destination")
+        and err.count("\n") == 1
+    ), err
     assert not run.submitit_dir.exists()
 
 
 # --- a failed run gives its space reserve back -------------------------------------------------------
+
 
 def test_a_failed_run_leaves_no_space_reserve(make_run, monkeypatch):
     from llmbatch import slurm

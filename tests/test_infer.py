@@ -19,7 +19,6 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from helpers import runner_command, submit_cli
 from llmbatch.data import Example, load_examples
 from llmbatch.gather import IncompleteRun, gather_run, merge_shards
 from llmbatch.runners.generation import Decoder, SeededSampling, encode_prompts, fit_to_context, load_model
@@ -29,12 +28,15 @@ from llmbatch.runners.split import assign_to_ranks, plan_batches
 from llmbatch.shards import ShardWriter, done_ids, list_shards, read_progress, read_records, shard_for
 from llmbatch.spec import DataSpec, GenerationSpec, ModelSpec, load_resolved
 
+from helpers import runner_command, submit_cli
+
 SMALL = ["data.max_samples=40", "generation.max_new_tokens=8"]
 # Hot enough that samples differ from greedy outputs even where the model is sure.
 SAMPLING = ["generation.do_sample=true", "generation.temperature=3.0", "generation.top_p=0.95", "generation.seed=7"]
 
 
 # --- sharding and batching -----------------------------------------------------------------------
+
 
 def test_ranks_are_balanced_by_tokens_not_by_count():
     costs = [400] + [40] * 10
@@ -81,18 +83,27 @@ def test_each_rank_encodes_only_its_share_and_the_split_is_that_of_encoding_ever
     for task, share in enumerate(assign_to_ranks(costs, tasks)):
         todo = [i for i in share if examples[i].id not in done]
         for rank, picked in enumerate(assign_to_ranks([costs[i] for i in todo], ranks)):
-            expected[task * ranks + rank] = [(examples[i].id, encoded[i], encoded[i] != whole[i])
-                                             for i in (todo[j] for j in picked)]
+            expected[task * ranks + rank] = [
+                (examples[i].id, encoded[i], encoded[i] != whole[i]) for i in (todo[j] for j in picked)
+            ]
 
     # Each rank counts every ranks-th prompt; all_gather would bring the others' counts.
     counting = [CountingTokenizer(tokenizer) for _ in range(ranks)]
-    counts = [prompt_lengths(counting[rank], examples[rank::ranks], data, limit, 0, 1, lambda c: [c])
-              for rank in range(ranks)]
+    counts = [
+        prompt_lengths(counting[rank], examples[rank::ranks], data, limit, 0, 1, lambda c: [c]) for rank in range(ranks)
+    ]
     for task in range(tasks):
         for rank in range(ranks):
             tokenizer_here = CountingTokenizer(tokenizer)
-            lengths = prompt_lengths(tokenizer_here, examples, data, limit, rank, ranks,
-                                     lambda mine, rank=rank: [mine if r == rank else counts[r] for r in range(ranks)])
+            lengths = prompt_lengths(
+                tokenizer_here,
+                examples,
+                data,
+                limit,
+                rank,
+                ranks,
+                lambda mine, rank=rank: [mine if r == rank else counts[r] for r in range(ranks)],
+            )
             share = token_balanced_share(lengths, task, tasks, max_new)
             todo = [i for i in share if examples[i].id not in done]
             picked = token_balanced_share([lengths[i] for i in todo], rank, ranks, max_new)
@@ -100,8 +111,9 @@ def test_each_rank_encodes_only_its_share_and_the_split_is_that_of_encoding_ever
             assert [(p.example.id, p.token_ids, p.truncated) for p in mine] == expected[task * ranks + rank]
             # Its stride of the counts and its own inputs: not every prompt.
             assert tokenizer_here.encoded == len(examples[rank::ranks]) + len(mine) < len(examples)
-    assert sorted(id for share in expected.values() for id, _, _ in share) == \
-           sorted(e.id for e in examples if e.id not in done)
+    assert sorted(id for share in expected.values() for id, _, _ in share) == sorted(
+        e.id for e in examples if e.id not in done
+    )
     assert any(cut for share in expected.values() for _, _, cut in share) == (limit is not None)
 
 
@@ -176,8 +188,10 @@ def test_an_adapter_is_loaded_and_merged(model_dir, tmp_path, one_torch_thread):
     from peft import LoraConfig, PeftModel, get_peft_model  # slow to import: only here
 
     input_ids = torch.tensor([[1, 50, 60, 70]])
-    tuned = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir),
-                           LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    tuned = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(model_dir),
+        LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False),
+    )
     tuned.save_pretrained(tmp_path / "adapter")
     with torch.no_grad():
         expected = tuned(input_ids).logits
@@ -193,6 +207,7 @@ def test_an_adapter_is_loaded_and_merged(model_dir, tmp_path, one_torch_thread):
 
 # --- shards -------------------------------------------------------------------------------------
 
+
 def write_shard(run, attempt: int, rank: int, ids: list[str], torn: str = "") -> Path:
     shard = shard_for(run, attempt, rank)
     with ShardWriter(shard) as writer:
@@ -203,8 +218,14 @@ def write_shard(run, attempt: int, rank: int, ids: list[str], torn: str = "") ->
 
 
 def record(example_id: str) -> dict:
-    return {"id": example_id, "prompt": "p", "output": "o", "prompt_tokens": 3, "output_tokens": 2,
-            "finish_reason": "eos"}
+    return {
+        "id": example_id,
+        "prompt": "p",
+        "output": "o",
+        "prompt_tokens": 3,
+        "output_tokens": 2,
+        "finish_reason": "eos",
+    }
 
 
 def test_a_torn_last_line_is_ignored(make_run):
@@ -231,6 +252,7 @@ def test_an_attempt_never_reuses_a_shard(make_run):
 
 
 # --- gather -------------------------------------------------------------------------------------
+
 
 def examples_of(run) -> list:
     return load_examples(load_resolved(run.spec_file).data)
@@ -268,6 +290,7 @@ def test_gather_writes_results_in_input_order_exactly_once(make_run):
 
 
 # --- real runs ----------------------------------------------------------------------------------
+
 
 def infer(run, processes: int, attempt: int = 0) -> bytes:
     """Run to the end; results.jsonl's bytes."""
@@ -342,7 +365,7 @@ def test_a_killed_run_resumed_with_another_rank_count_gives_the_same_results(mak
     longest = max(list_shards(run), key=lambda s: s.path.stat().st_size).path
     content = longest.read_bytes()
     last_start = content.rstrip(b"\n").rfind(b"\n") + 1
-    longest.write_bytes(content[:last_start + (len(content) - last_start) // 2])
+    longest.write_bytes(content[: last_start + (len(content) - last_start) // 2])
     done = shard_lines(run)
     assert 0 < done < 100
 

@@ -13,19 +13,35 @@ import subprocess
 
 import pytest
 
-from helpers import JOBS, run_folder, submit_cli, wait_for
 from llmbatch.lifecycle import FINAL_STATES
 from llmbatch.rundir import read_jsonl
+
+from helpers import JOBS, run_folder, submit_cli, wait_for
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
 # 1,000 inputs, one per batch: about 10 s on two ranks, so a signal lands mid-run.
-INFER = ["--set", f"data.path={JOBS / 'data/parity/train.jsonl'}", "--set", "data.max_samples=1000",
-         "--set", "generation.batch_tokens=32"]
+INFER = [
+    "--set",
+    f"data.path={JOBS / 'data/parity/train.jsonl'}",
+    "--set",
+    "data.max_samples=1000",
+    "--set",
+    "generation.batch_tokens=32",
+]
 # Only the signal (or the end) saves a checkpoint; 40 steps of 2 ranks take about 30 s.
-FINETUNE = ["--set", "train.max_steps=40", "--set", "train.save_every_steps=1000",
-            "--set", "train.eval_every_steps=1000", "--set", "train.eval_accuracy=false",
-            "--set", "data.max_samples=400"]
+FINETUNE = [
+    "--set",
+    "train.max_steps=40",
+    "--set",
+    "train.save_every_steps=1000",
+    "--set",
+    "train.eval_every_steps=1000",
+    "--set",
+    "train.eval_accuracy=false",
+    "--set",
+    "data.max_samples=400",
+]
 
 
 def status(run) -> dict:
@@ -56,19 +72,24 @@ def result_ids(run) -> list[str]:
 @pytest.fixture(scope="module")
 def infer_reference(slurm_cluster, cache_dir, tmp_path_factory):
     """The same inputs, uninterrupted, on this machine (greedy results do not depend on the rank count)."""
-    return run_folder(submit_cli("infer", "--executor", "local", "--gpus", "2",
-                                 "--output", str(tmp_path_factory.mktemp("reference")), *INFER))
+    return run_folder(
+        submit_cli(
+            "infer", "--executor", "local", "--gpus", "2", "--output", str(tmp_path_factory.mktemp("reference")), *INFER
+        )
+    )
 
 
 def test_infer_signalled_twice_is_requeued_twice_and_matches_an_uninterrupted_run(infer_reference, tmp_path):
-    proc = submit_cli("infer", "--executor", "slurm", "--nodes", "2", "--gpus", "1", "--output", str(tmp_path),
-                      *INFER)
+    proc = submit_cli("infer", "--executor", "slurm", "--nodes", "2", "--gpus", "1", "--output", str(tmp_path), *INFER)
     run, job = run_folder(proc), job_id(proc)
     done_before = 0
     for attempt in (0, 1):
         # Mid-run in this attempt: it has done more than the attempts before it, and not everything.
-        wait_for(f"progress in attempt {attempt}",
-                 lambda: status(run)["attempt"] == attempt and done_before < inputs_done(run) < 900, poll_s=0.2)
+        wait_for(
+            f"progress in attempt {attempt}",
+            lambda: status(run)["attempt"] == attempt and done_before < inputs_done(run) < 900,
+            poll_s=0.2,
+        )
         subprocess.run(["scancel", "--signal=USR2", job], check=True)
         wait_for(f"the requeue after signal {attempt + 1}", lambda: status(run)["attempt"] == attempt + 1)
         done_before = inputs_done(run)
@@ -87,10 +108,21 @@ def test_infer_signalled_twice_is_requeued_twice_and_matches_an_uninterrupted_ru
 
 
 def test_finetune_signalled_mid_epoch_resumes_from_the_signal_checkpoint(slurm_cluster, cache_dir, tmp_path):
-    reference = run_folder(submit_cli("finetune", "--executor", "local", "--gpus", "2",
-                                      "--output", str(tmp_path / "reference"), *FINETUNE))
-    proc = submit_cli("finetune", "--executor", "slurm", "--nodes", "2", "--gpus", "1",
-                      "--output", str(tmp_path / "signalled"), *FINETUNE)
+    reference = run_folder(
+        submit_cli("finetune", "--executor", "local", "--gpus", "2", "--output", str(tmp_path / "reference"), *FINETUNE)
+    )
+    proc = submit_cli(
+        "finetune",
+        "--executor",
+        "slurm",
+        "--nodes",
+        "2",
+        "--gpus",
+        "1",
+        "--output",
+        str(tmp_path / "signalled"),
+        *FINETUNE,
+    )
     run, job = run_folder(proc), job_id(proc)
     wait_for("a few steps", lambda: steps_done(run) >= 5, poll_s=0.2)
     subprocess.run(["scancel", "--signal=USR2", job], check=True)
@@ -102,8 +134,9 @@ def test_finetune_signalled_mid_epoch_resumes_from_the_signal_checkpoint(slurm_c
     assert f"resuming at step {stopped_at}" in log
     assert status(run)["requeues"] == 1
     # Bit for bit: the same adapter and the same loss at every step as the uninterrupted run.
-    assert (run.adapter_dir / "adapter_model.safetensors").read_bytes() == \
-           (reference.adapter_dir / "adapter_model.safetensors").read_bytes()
+    assert (run.adapter_dir / "adapter_model.safetensors").read_bytes() == (
+        reference.adapter_dir / "adapter_model.safetensors"
+    ).read_bytes()
     assert losses(run) == losses(reference)
 
 
@@ -114,8 +147,7 @@ def losses(run) -> dict[int, float]:
 
 def test_a_killed_job_is_finished_by_resume(infer_reference, tmp_path):
     """SIGKILL gives no warning: the shards keep what was flushed, and `resume` does the rest."""
-    proc = submit_cli("infer", "--executor", "slurm", "--nodes", "2", "--gpus", "1", "--output", str(tmp_path),
-                      *INFER)
+    proc = submit_cli("infer", "--executor", "slurm", "--nodes", "2", "--gpus", "1", "--output", str(tmp_path), *INFER)
     run, job = run_folder(proc), job_id(proc)
     wait_for("progress", lambda: 0 < inputs_done(run) < 900, poll_s=0.2)
     subprocess.run(["scancel", "--signal=KILL", job], check=True)
@@ -128,13 +160,14 @@ def test_a_killed_job_is_finished_by_resume(infer_reference, tmp_path):
     assert "attempt 1" in resumed.stdout and "1000" in resumed.stdout  # the summary counts every input
     assert run.results_file.read_bytes() == infer_reference.results_file.read_bytes()
     assert final_state(run) == "COMPLETED"  # sacct may still say RUNNING for a moment
-    assert "inputs left (%d done earlier)" % kept in submit_cli("logs", str(run.path), "--rank", "0").stdout
+    assert f"inputs left ({kept} done earlier)" in submit_cli("logs", str(run.path), "--rank", "0").stdout
 
 
 def test_status_list_logs_cancel_and_resume_on_a_finetune_job(slurm_cluster, cache_dir, tmp_path):
     root = tmp_path / "runs"
-    proc = submit_cli("finetune", "--executor", "slurm", "--nodes", "1", "--gpus", "2", "--output", str(root),
-                      *FINETUNE)
+    proc = submit_cli(
+        "finetune", "--executor", "slurm", "--nodes", "1", "--gpus", "2", "--output", str(root), *FINETUNE
+    )
     run = run_folder(proc)
     assert f"python submit.py status {run.path}" in proc.stdout
 
@@ -165,13 +198,15 @@ def test_status_list_logs_cancel_and_resume_on_a_finetune_job(slurm_cluster, cac
 
 
 def test_logs_of_a_one_process_local_run(cache_dir, tmp_path):
-    run = run_folder(submit_cli("infer", "--executor", "local", "--output", str(tmp_path),
-                                "--set", "data.max_samples=8"))
+    run = run_folder(
+        submit_cli("infer", "--executor", "local", "--output", str(tmp_path), "--set", "data.max_samples=8")
+    )
     node_log = submit_cli("logs", str(run.path)).stdout
     assert "rank 0 of 1, attempt 0: 8 of 8 inputs left" in node_log
     assert submit_cli("logs", str(run.path), "--rank", "0").stdout == node_log  # the only rank's output
     missing = submit_cli("logs", str(run.path), "--node", "1", check=False)
-    assert missing.returncode == 2 and missing.stderr == ("llmbatch: error: --node 1: no such node: this run has "
-                                                          "node 0 only\n")
+    assert missing.returncode == 2 and missing.stderr == (
+        "llmbatch: error: --node 1: no such node: this run has node 0 only\n"
+    )
     s = status(run)
     assert s["state"] == "COMPLETED" and s["progress"]["done"] == 8

@@ -14,13 +14,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from helpers import run_folder, submit_cli
 from llmbatch import embedded
 from llmbatch.models import tokens_over_bytes
 from llmbatch.runners import generation
 from llmbatch.runners.generation import fit_to_context
+
+from helpers import run_cli, run_folder, submit_cli, write_data
 from test_infer import infer
-from test_spec import good, run_cli, write_data  # noqa: F401 (good is a fixture)
 
 REPO_ID = "llmbatch/tiny-llama"
 
@@ -54,6 +54,7 @@ def one_error_line(proc) -> str:
 
 # --- hub ids -------------------------------------------------------------------------------------
 
+
 @pytest.mark.slow
 def test_a_hub_id_resolves_from_the_local_cache_only(tmp_path, good, model_dir, monkeypatch):
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
@@ -62,11 +63,14 @@ def test_a_hub_id_resolves_from_the_local_cache_only(tmp_path, good, model_dir, 
     out = submit_cli("infer", spec_file(tmp_path, good), "--dry-run", "--executor", "local").stdout
     assert f"path: {snapshot}\n" in out
 
-    proc = submit_cli("infer", spec_file(tmp_path, good), "--dry-run", "--set", "model.path=llmbatch/other",
-                      check=False)
-    assert (f"model.path: no folder at {Path.cwd() / 'llmbatch/other'}, and 'llmbatch/other' is not in the "
-            f"Hugging Face cache {tmp_path / 'hf' / 'hub'} (HF_HOME, HF_HUB_CACHE); fetch it with: hf download "
-            f"llmbatch/other") in one_error_line(proc)
+    proc = submit_cli(
+        "infer", spec_file(tmp_path, good), "--dry-run", "--set", "model.path=llmbatch/other", check=False
+    )
+    assert (
+        f"model.path: no folder at {Path.cwd() / 'llmbatch/other'}, and 'llmbatch/other' is not in the "
+        f"Hugging Face cache {tmp_path / 'hf' / 'hub'} (HF_HOME, HF_HUB_CACHE); fetch it with: hf download "
+        f"llmbatch/other"
+    ) in one_error_line(proc)
 
     # HF_HUB_CACHE wins over HF_HOME, as in huggingface_hub.
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "elsewhere"))
@@ -102,6 +106,7 @@ def test_a_container_sees_the_blobs_a_snapshot_links_to(tmp_path, tmp_path_facto
 
 # --- model files ---------------------------------------------------------------------------------
 
+
 @pytest.fixture
 def model_copy(model_dir, tmp_path) -> Path:
     return Path(shutil.copytree(model_dir, tmp_path / "model"))
@@ -127,25 +132,31 @@ def test_chat_template_needs_a_tokenizer_that_has_one(tmp_path, good, capsys, mo
     assert code == 2 and f"data.chat_template: the tokenizer in {model_copy} has no chat template" in err
 
 
-def test_a_model_folder_without_a_tokenizer_or_weights_is_refused_before_queueing(tmp_path, good, capsys,
-                                                                                   model_copy):
+def test_a_model_folder_without_a_tokenizer_or_weights_is_refused_before_queueing(tmp_path, good, capsys, model_copy):
     """Such a folder was queued, then every rank failed with a traceback."""
     good["model"] = {"path": str(model_copy)}
     (model_copy / "model.safetensors").rename(model_copy / "model-00001-of-00002.safetensors")
     code, err = run_cli(tmp_path, good, capsys=capsys)
-    assert code == 2 and err == (f"llmbatch: error: model.path: {model_copy} has a config.json but no weights "
-                                 f"(model.safetensors, pytorch_model.bin, or a sharded *.index.json)\n")
-    (model_copy / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {
-        "a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}))
+    assert code == 2 and err == (
+        f"llmbatch: error: model.path: {model_copy} has a config.json but no weights "
+        f"(model.safetensors, pytorch_model.bin, or a sharded *.index.json)\n"
+    )
+    (model_copy / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}})
+    )
     code, err = run_cli(tmp_path, good, capsys=capsys)
-    assert code == 2 and err == (f"llmbatch: error: model.path: {model_copy} has a config.json but no "
-                                 f"model-00002-of-00002.safetensors (named in model.safetensors.index.json)\n")
+    assert code == 2 and err == (
+        f"llmbatch: error: model.path: {model_copy} has a config.json but no "
+        f"model-00002-of-00002.safetensors (named in model.safetensors.index.json)\n"
+    )
     (model_copy / "tokenizer.json").unlink()
     code, err = run_cli(tmp_path, good, capsys=capsys)
-    assert code == 2 and err == (f"llmbatch: error: model.path: {model_copy} has a config.json but no tokenizer "
-                                 f"(tokenizer.json, tokenizer.model, vocab.json, vocab.txt, spiece.model, "
-                                 f"sentencepiece.bpe.model) and no model-00002-of-00002.safetensors (named in "
-                                 f"model.safetensors.index.json)\n")
+    assert code == 2 and err == (
+        f"llmbatch: error: model.path: {model_copy} has a config.json but no tokenizer "
+        f"(tokenizer.json, tokenizer.model, vocab.json, vocab.txt, spiece.model, "
+        f"sentencepiece.bpe.model) and no model-00002-of-00002.safetensors (named in "
+        f"model.safetensors.index.json)\n"
+    )
     assert not (tmp_path / "runs").exists()
 
 
@@ -156,10 +167,21 @@ def adapters(model_dir, tmp_path_factory) -> dict[str, Path]:
     from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
     root = tmp_path_factory.mktemp("adapters")
-    tuned = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir), LoraConfig(r=4, target_modules="all-linear"))
+    tuned = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(model_dir), LoraConfig(r=4, target_modules="all-linear")
+    )
     tuned.save_pretrained(root / "adapter")
-    other = LlamaForCausalLM(LlamaConfig(vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256))
+    other = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=1024,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            max_position_embeddings=256,
+        )
+    )
     other.save_pretrained(root / "other")
     shallow = LlamaForCausalLM(LlamaConfig(vocab_size=1024, **embedded.ARCH | {"num_hidden_layers": 2}))
     shallow.save_pretrained(root / "shallow")
@@ -178,16 +200,21 @@ def test_an_adapter_of_another_base_is_refused(tmp_path, good, capsys, model_dir
     good["model"]["path"] = str(adapters["other"])
     code, err = run_cli(tmp_path, good, capsys=capsys)
     assert code == 2 and err.count("\n") == 1
-    assert f"model.adapter: {adapter} was trained on {model_dir} (hidden_size 256), not on a model like " \
-           f"{adapters['other']} (hidden_size 64)" in err
+    assert (
+        f"model.adapter: {adapter} was trained on {model_dir} (hidden_size 256), not on a model like "
+        f"{adapters['other']} (hidden_size 64)" in err
+    )
 
     # Without a base folder to compare with, the tensor shapes still tell (read from the headers only).
     config = json.loads((adapter / "adapter_config.json").read_text())
     (adapter / "adapter_config.json").write_text(json.dumps(config | {"base_model_name_or_path": None}))
     code, err = run_cli(tmp_path, good, capsys=capsys)
     assert code == 2 and err.count("\n") == 1
-    assert re.search(r"model\.adapter: \S+adapter_model\.safetensors: base_model\.model\.model\.layers\.0\.\S+\.lora_A"
-                     r"\.weight has shape \[4, \d+\], which does not fit .* an adapter trained on another base\?", err)
+    assert re.search(
+        r"model\.adapter: \S+adapter_model\.safetensors: base_model\.model\.model\.layers\.0\.\S+\.lora_A"
+        r"\.weight has shape \[4, \d+\], which does not fit .* an adapter trained on another base\?",
+        err,
+    )
 
     good["model"]["path"] = str(adapters["shallow"])  # the same layers, but fewer of them
     code, err = run_cli(tmp_path, good, capsys=capsys)
@@ -211,16 +238,21 @@ def test_an_adapter_with_a_damaged_header_is_refused(tmp_path, good, capsys, mod
 
 # --- context -------------------------------------------------------------------------------------
 
+
 def test_max_new_tokens_must_leave_room_in_the_context(tmp_path, good, capsys, model_dir):
     good["model"] = {"path": str(model_dir)}
     code, err = run_cli(tmp_path, good, "--set", "generation.max_new_tokens=1000000000", capsys=capsys)
-    assert code == 2 and "generation.max_new_tokens: 1000000000 leaves no room for a prompt in the model's " \
-                         "context of 1024 tokens" in err
+    assert (
+        code == 2
+        and "generation.max_new_tokens: 1000000000 leaves no room for a prompt in the model's context of 1024 tokens"
+        in err
+    )
 
 
 def long_prompts(tmp_path) -> Path:
-    rows = [{"id": i, "question": "Is 7 even or odd? " * (300 if i in (2, 4) else 1), "answer": "odd"}
-            for i in range(6)]
+    rows = [
+        {"id": i, "question": "Is 7 even or odd? " * (300 if i in (2, 4) else 1), "answer": "odd"} for i in range(6)
+    ]
     return write_data(tmp_path / "in.jsonl", rows)
 
 
@@ -229,8 +261,10 @@ def test_a_prompt_longer_than_the_context_is_refused_by_default(tmp_path, good, 
     good["model"] = {"path": str(model_dir)}
     good["data"]["path"] = str(long_prompts(tmp_path))
     proc = submit_cli("infer", spec_file(tmp_path, good), "--dry-run", check=False)  # no tokenizer warning
-    assert "in.jsonl:3: the prompt is 2401 tokens; with generation.max_new_tokens 32 it exceeds the model's " \
-           "context of 1024 (generation.long_prompts: truncate cuts it)" in one_error_line(proc)
+    assert (
+        "in.jsonl:3: the prompt is 2401 tokens; with generation.max_new_tokens 32 it exceeds the model's "
+        "context of 1024 (generation.long_prompts: truncate cuts it)" in one_error_line(proc)
+    )
     assert run_cli(tmp_path, good, "--set", "generation.long_prompts=truncate", capsys=capsys)[0] == 0
 
 
@@ -238,8 +272,11 @@ def test_only_prompts_that_could_be_too_long_are_encoded(tmp_path, good, capsys,
     """Encoding a million prompts takes minutes: the check encodes only those long enough in bytes."""
     encoded = []
     encode_texts = generation.encode_texts
-    monkeypatch.setattr(generation, "encode_texts",
-                        lambda tokenizer, texts, data: encoded.extend(texts) or encode_texts(tokenizer, texts, data))
+    monkeypatch.setattr(
+        generation,
+        "encode_texts",
+        lambda tokenizer, texts, data: encoded.extend(texts) or encode_texts(tokenizer, texts, data),
+    )
     good["model"] = {"path": str(model_dir)}
     good["data"]["path"] = str(long_prompts(tmp_path))
     code, err = run_cli(tmp_path, good, capsys=capsys)
@@ -253,8 +290,19 @@ def test_a_text_has_no_more_tokens_than_bytes_unless_the_normalizer_decomposes(m
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     extra = tokens_over_bytes(tokenizer)
-    texts = ["", "a", " ", "1234567890", "Is 7 even or odd?", "ﷺ ﬁ é", "日本語のテキスト", "🙂🙃" * 5, "\x00\n\t",
-             "<s></s><s>", "x" * 3000]
+    texts = [
+        "",
+        "a",
+        " ",
+        "1234567890",
+        "Is 7 even or odd?",
+        "ﷺ ﬁ é",
+        "日本語のテキスト",
+        "🙂🙃" * 5,
+        "\x00\n\t",
+        "<s></s><s>",
+        "x" * 3000,
+    ]
     assert all(len(tokenizer(text)["input_ids"]) <= len(text.encode()) + extra for text in texts)
     tokenizer.backend_tokenizer.normalizer = normalizers.NFKC()  # U+FDFA becomes 18 characters
     assert tokens_over_bytes(tokenizer) is None
@@ -265,14 +313,21 @@ def test_a_prompt_too_long_in_bytes_is_refused_without_encoding_it(tmp_path, goo
     """A 10 MB prompt took 27 s and 2.2 GB to encode just to be refused."""
     encoded = []
     encode_texts = generation.encode_texts
-    monkeypatch.setattr(generation, "encode_texts",
-                        lambda tokenizer, texts, data: encoded.extend(texts) or encode_texts(tokenizer, texts, data))
+    monkeypatch.setattr(
+        generation,
+        "encode_texts",
+        lambda tokenizer, texts, data: encoded.extend(texts) or encode_texts(tokenizer, texts, data),
+    )
     good["model"] = {"path": str(model_dir)}
-    good["data"]["path"] = str(write_data(tmp_path / "in.jsonl", [{"id": 1, "question": "Is 7 even? " * 500_000, "answer": "odd"}]))
+    good["data"]["path"] = str(
+        write_data(tmp_path / "in.jsonl", [{"id": 1, "question": "Is 7 even? " * 500_000, "answer": "odd"}])
+    )
     code, err = run_cli(tmp_path, good, capsys=capsys)
     assert code == 2 and err.count("\n") == 1
-    assert ("in.jsonl:1: the prompt is 5500000 bytes, more than 992 tokens hold (a token of this tokenizer stands "
-            "for at most 9 bytes); with generation.max_new_tokens 32 it exceeds the model's context of 1024") in err
+    assert (
+        "in.jsonl:1: the prompt is 5500000 bytes, more than 992 tokens hold (a token of this tokenizer stands "
+        "for at most 9 bytes); with generation.max_new_tokens 32 it exceeds the model's context of 1024"
+    ) in err
     assert encoded == []
 
 
@@ -286,8 +341,16 @@ def test_a_text_has_no_fewer_tokens_than_bytes_over_the_longest_token(model_dir)
     per_token = bytes_per_token(tokenizer)
     vocab = tokenizer.backend_tokenizer.get_vocab()
     longest = max(vocab, key=len)  # byte-level: a character per byte
-    texts = [longest * 50, "Is 7 even or odd? " * 40, "日本語のテキスト" * 30, "🙂" * 100, " " * 1000, "1" * 500,
-             "<s></s>" * 100, "x" * 3000]
+    texts = [
+        longest * 50,
+        "Is 7 even or odd? " * 40,
+        "日本語のテキスト" * 30,
+        "🙂" * 100,
+        " " * 1000,
+        "1" * 500,
+        "<s></s>" * 100,
+        "x" * 3000,
+    ]
     assert all(len(tokenizer(text)["input_ids"]) * per_token >= len(text.encode()) for text in texts)
     tokenizer.backend_tokenizer.normalizer = normalizers.NFC()  # may compose 9 bytes into 3
     assert bytes_per_token(tokenizer) == 3 * per_token
@@ -307,8 +370,14 @@ def test_fit_to_context_keeps_the_bos_and_the_end():
 
 @pytest.mark.slow
 def test_truncated_prompts_are_cut_and_counted(make_run, tmp_path):
-    run = make_run("infer", overrides=[f"data.path={long_prompts(tmp_path)}", "generation.long_prompts=truncate",
-                                       "generation.max_new_tokens=8"])
+    run = make_run(
+        "infer",
+        overrides=[
+            f"data.path={long_prompts(tmp_path)}",
+            "generation.long_prompts=truncate",
+            "generation.max_new_tokens=8",
+        ],
+    )
     infer(run, 1)
     results = [json.loads(line) for line in run.results_file.read_text().splitlines()]
     assert [r["truncated"] for r in results] == [False, False, True, False, True, False]

@@ -12,9 +12,10 @@ import sys
 
 import pytest
 
-from helpers import REPO, run_folder, submit_cli
 from llmbatch.cli import main
 from llmbatch.lifecycle import process_start_ticks
+
+from helpers import REPO, run_folder, submit_cli
 
 
 @pytest.fixture
@@ -78,8 +79,13 @@ def test_output_into_a_closed_pipe_ends_quietly(make_run):
     run = local_run(make_run, job_ids=["1"])
     read_end, write_end = os.pipe()
     os.close(read_end)  # the reader is gone before anything is written (`status | head -0`)
-    proc = subprocess.run([sys.executable, str(REPO / "submit.py"), "status", str(run.path)], stdout=write_end,
-                          stderr=subprocess.PIPE, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "submit.py"), "status", str(run.path)],
+        stdout=write_end,
+        stderr=subprocess.PIPE,
+        text=True,
+        timeout=120,
+    )
     os.close(write_end)
     assert proc.returncode == 141 and proc.stderr == ""
     assert json.loads(run.state_file.read_text())["job_ids"] == ["1"]
@@ -94,8 +100,9 @@ def gather_error(run, capsys) -> str:
 
 def test_gather_of_a_finetune_run_says_what_it_is(make_run, capsys):
     run = make_run("finetune")
-    assert gather_error(run, capsys) == (f"llmbatch: error: {run.path}: a finetune run, not an inference run: "
-                                         f"it has no results to gather")
+    assert gather_error(run, capsys) == (
+        f"llmbatch: error: {run.path}: a finetune run, not an inference run: it has no results to gather"
+    )
 
 
 def test_gather_names_a_damaged_shard(make_run, capsys):
@@ -106,11 +113,13 @@ def test_gather_names_a_damaged_shard(make_run, capsys):
     shard.path.parent.mkdir()
     record = b'{"id": "1", "output": "x", "prompt_tokens": 3, "output_tokens": 1, "finish_reason": "eos"}\n'
     shard.path.write_bytes(record + b'\x00\x00garbage\n{"id": "2"}\n')
-    assert gather_error(run, capsys) == (f"llmbatch: error: {shard.path}: damaged, line 2 is not valid JSON "
-                                         f"(Expecting value)")
+    assert gather_error(run, capsys) == (
+        f"llmbatch: error: {shard.path}: damaged, line 2 is not valid JSON (Expecting value)"
+    )
     shard.path.write_bytes(record.replace(b'"prompt_tokens": 3', b'"prompt_tokens": "3"'))
-    assert gather_error(run, capsys) == (f"llmbatch: error: {shard.path}: damaged, line 1: prompt_tokens is \"3\", "
-                                         f"not an integer >= 0")
+    assert gather_error(run, capsys) == (
+        f'llmbatch: error: {shard.path}: damaged, line 1: prompt_tokens is "3", not an integer >= 0'
+    )
 
 
 def test_gather_names_a_damaged_run_spec(make_run, capsys):
@@ -147,13 +156,20 @@ def test_resume_refuses_when_the_data_changed_since_submission(make_run, tmp_pat
     data.write_text(rows := "".join(f'{{"id": "{i}", "question": "1 0", "answer": "odd"}}\n' for i in range(3)))
     run = make_run("infer", overrides=[f"data.path={data}"])
     fingerprint = spec_fingerprint(load_resolved(run.spec_file))
-    run.update_state(kind="infer", executor="local", job_ids=["1"], inputs=3,  # as submission records them
-                     inputs_fingerprint=fingerprint)
+    run.update_state(
+        kind="infer",
+        executor="local",
+        job_ids=["1"],
+        inputs=3,  # as submission records them
+        inputs_fingerprint=fingerprint,
+    )
     data.write_text(rows.replace('"1 0"', '"0 0"', 1))
     assert main(["resume", str(run.path)]) == 2
-    assert capsys.readouterr().err == (f"llmbatch: error: {data}: the run's data file (data.path) changed since it "
-                                       f"was submitted; resuming would mix results of old and new inputs (put the "
-                                       f"file back as it was, or start a new run)\n")
+    assert capsys.readouterr().err == (
+        f"llmbatch: error: {data}: the run's data file (data.path) changed since it "
+        f"was submitted; resuming would mix results of old and new inputs (put the "
+        f"file back as it was, or start a new run)\n"
+    )
     assert not run.submitit_dir.exists()  # nothing was queued
     data.unlink()
     assert main(["resume", str(run.path)]) == 2
@@ -162,9 +178,11 @@ def test_resume_refuses_when_the_data_changed_since_submission(make_run, tmp_pat
     data.write_text(rows)
     run.update_state(inputs_fingerprint=fingerprint | {"model config.json (sha256)": "0" * 64})
     assert main(["resume", str(run.path)]) == 2
-    assert capsys.readouterr().err == (f"llmbatch: error: submitted with model config.json (sha256)={'0' * 64!r}, "
-                                       f"but it is now {fingerprint['model config.json (sha256)']!r}; a resume runs "
-                                       f"on the inputs the run was submitted with (put it back, or start a new run)\n")
+    assert capsys.readouterr().err == (
+        f"llmbatch: error: submitted with model config.json (sha256)={'0' * 64!r}, "
+        f"but it is now {fingerprint['model config.json (sha256)']!r}; a resume runs "
+        f"on the inputs the run was submitted with (put it back, or start a new run)\n"
+    )
     assert not run.submitit_dir.exists()
 
     # A run resumed over other data before fingerprints existed: more records than inputs.
@@ -182,8 +200,9 @@ def test_submission_records_the_inputs_fingerprint(tmp_path, cache_dir):
 
     data = tmp_path / "inputs.jsonl"
     data.write_text('{"id": "a", "question": "1 0 1", "answer": "even"}\n')
-    run = run_folder(submit_cli("infer", "--executor", "local", "--output", str(tmp_path / "runs"),
-                                "--set", f"data.path={data}"))
+    run = run_folder(
+        submit_cli("infer", "--executor", "local", "--output", str(tmp_path / "runs"), "--set", f"data.path={data}")
+    )
     fingerprint = run.read_state()["inputs_fingerprint"]
     assert fingerprint == spec_fingerprint(load_resolved(run.spec_file))
     assert fingerprint["data.path contents (sha256)"] == hashlib.sha256(data.read_bytes()).hexdigest()
@@ -193,8 +212,7 @@ def test_a_second_resume_of_the_same_run_is_refused(make_run, capsys):
     run = local_run(make_run, job_ids=["1"])
     with run.exclusive("resume"):  # as a first `resume`, still waiting for its job, holds it
         assert main(["resume", str(run.path)]) == 2
-    assert capsys.readouterr().err.strip() == (f"llmbatch: error: {run.path}: another resume of this run is "
-                                               f"under way")
+    assert capsys.readouterr().err.strip() == (f"llmbatch: error: {run.path}: another resume of this run is under way")
 
 
 def test_resume_refuses_while_a_rank_of_an_earlier_attempt_still_runs(make_run, sleeper, capsys, monkeypatch):
@@ -208,19 +226,23 @@ def test_resume_refuses_while_a_rank_of_an_earlier_attempt_still_runs(make_run, 
     from llmbatch.rundir import atomic_write_json
 
     run = local_run(make_run, job_ids=["1"])
-    atomic_write_json(run.ranks_dir / "attempt-000-rank-00001.json",
-                      {"host": socket.gethostname(), "pid": sleeper.pid,
-                       "start_ticks": process_start_ticks(sleeper.pid)})
+    atomic_write_json(
+        run.ranks_dir / "attempt-000-rank-00001.json",
+        {"host": socket.gethostname(), "pid": sleeper.pid, "start_ticks": process_start_ticks(sleeper.pid)},
+    )
     assert main(["resume", str(run.path)]) == 2
     err = capsys.readouterr().err
-    assert err.startswith(f"llmbatch: error: {run.path}: attempt-000-rank-00001 is still running here "
-                          f"(pid {sleeper.pid})") and len(err.splitlines()) == 1
+    assert (
+        err.startswith(f"llmbatch: error: {run.path}: attempt-000-rank-00001 is still running here (pid {sleeper.pid})")
+        and len(err.splitlines()) == 1
+    )
     assert not run.submitit_dir.exists()  # nothing was submitted
 
 
 # --- damaged side files: status, gather and list give one line ------------------------------------
 # Run folders are built by the code that writes them (ShardWriter, the rank's stats, the merge, the
 # state updates), then one side file is damaged as a full disk, a hand edit or a colleague might.
+
 
 def finished_infer_run(make_run, tmp_path):
     """An inference run of two inputs whose one rank finished: a shard, its stats, the state."""
@@ -233,13 +255,16 @@ def finished_infer_run(make_run, tmp_path):
     from llmbatch.spec import load_resolved
 
     data = tmp_path / "inputs.jsonl"
-    data.write_text('{"id": "a", "question": "1 0 1", "answer": "even"}\n'
-                    '{"id": "b", "question": "1 1 1", "answer": "odd"}\n')
+    data.write_text(
+        '{"id": "a", "question": "1 0 1", "answer": "even"}\n{"id": "b", "question": "1 1 1", "answer": "odd"}\n'
+    )
     run = make_run("infer", overrides=[f"data.path={data}"])
     run.update_state(kind="infer", executor="local", job_ids=["1"], inputs=2, attempt=0, requeues=0)
     stats = RankStats(attempt=0, rank=0, world_size=1, generate_s=1.5, wall_s=2.0)
-    records = [result_record(Prompt(e, [1, 2, 3]), Completion(" even", 2, "eos"))
-               for e in load_examples(load_resolved(run.spec_file).data)]
+    records = [
+        result_record(Prompt(e, [1, 2, 3]), Completion(" even", 2, "eos"))
+        for e in load_examples(load_resolved(run.spec_file).data)
+    ]
     stats.add_records(records)
     shard = shard_for(run, 0, 0)
     with ShardWriter(shard) as writer:
@@ -255,9 +280,20 @@ def finetune_run(make_run):
     run = make_run("finetune")
     run.update_state(kind="finetune", executor="local", job_ids=["1"], attempt=0, requeues=0)
     for step in (1, 2):
-        append_jsonl(run.train_metrics_file, {"step": step, "total_steps": 10, "epoch": 0, "loss": 2.5 / step,
-                                              "lr": 0.002, "grad_norm": 1.25, "tokens": 512 * step,
-                                              "elapsed_s": 0.5 * step, "attempt": 0})
+        append_jsonl(
+            run.train_metrics_file,
+            {
+                "step": step,
+                "total_steps": 10,
+                "epoch": 0,
+                "loss": 2.5 / step,
+                "lr": 0.002,
+                "grad_norm": 1.25,
+                "tokens": 512 * step,
+                "elapsed_s": 0.5 * step,
+                "attempt": 0,
+            },
+        )
     append_jsonl(run.train_metrics_file, {"step": 2, "val_loss": 1.5, "val_ppl": 4.48, "val_accuracy": 0.5})
     return run
 
@@ -270,9 +306,13 @@ def stats_file(run):
 
 def state_of_array(run, **changes):
     """The state of a job array of two tasks (as submission and the tasks write it), with `changes`."""
-    state = json.loads(run.state_file.read_text()) | {"ranks_per_task": 1, "tasks": {
-        "0": {"job_id": "7_0", "attempt": 0, "requeues": 0, "inputs": 1},
-        "1": {"job_id": "7_1", "attempt": 0, "requeues": 0, "inputs": 1}}}
+    state = json.loads(run.state_file.read_text()) | {
+        "ranks_per_task": 1,
+        "tasks": {
+            "0": {"job_id": "7_0", "attempt": 0, "requeues": 0, "inputs": 1},
+            "1": {"job_id": "7_1", "attempt": 0, "requeues": 0, "inputs": 1},
+        },
+    }
     return json.dumps(state | changes)
 
 
@@ -281,39 +321,73 @@ def edit_json(path, **changes):
 
 
 INFER_DAMAGE = {  # name: (damage(run), the file named, what the line says after "damaged, ")
-    "stats not JSON": (lambda run: stats_file(run).write_text('{"rank": 0, "world'), stats_file,
-                       "not valid JSON"),
-    "stats a list": (lambda run: stats_file(run).write_text("[1, 2]"), stats_file,
-                     "not a JSON object but [1, 2]"),
-    "stats times as text": (lambda run: edit_json(stats_file(run), generate_s="1.5"), stats_file,
-                            'generate_s is "1.5", not a finite number'),
-    "stats without a rank": (lambda run: stats_file(run).write_text('{"world_size": 1}'), stats_file,
-                             "rank is missing"),
-    "stats engine a number": (lambda run: edit_json(stats_file(run), engine=3), stats_file,
-                              "engine is 3, not a JSON object or null"),
-    "state a list": (lambda run: run.state_file.write_text("[]"), lambda run: run.state_file,
-                     "not a JSON object but []"),
-    "state a string": (lambda run: run.state_file.write_text('"COMPLETED"'), lambda run: run.state_file,
-                       'not a JSON object but "COMPLETED"'),
-    "state requeues as text": (lambda run: edit_json(run.state_file, requeues="3"), lambda run: run.state_file,
-                               'requeues is "3", not an integer >= 0'),
-    "state inputs NaN": (lambda run: run.state_file.write_text('{"kind": "infer", "inputs": NaN}'),
-                         lambda run: run.state_file, "inputs is NaN, not an integer >= 0"),
-    "state job ids a string": (lambda run: edit_json(run.state_file, job_ids="12"), lambda run: run.state_file,
-                               'job_ids is "12", not a list of job ids'),
-    "state attempt_started a string": (lambda run: edit_json(run.state_file, attempt_started="now"),
-                                       lambda run: run.state_file, 'attempt_started is "now", not a finite number'),
+    "stats not JSON": (lambda run: stats_file(run).write_text('{"rank": 0, "world'), stats_file, "not valid JSON"),
+    "stats a list": (lambda run: stats_file(run).write_text("[1, 2]"), stats_file, "not a JSON object but [1, 2]"),
+    "stats times as text": (
+        lambda run: edit_json(stats_file(run), generate_s="1.5"),
+        stats_file,
+        'generate_s is "1.5", not a finite number',
+    ),
+    "stats without a rank": (
+        lambda run: stats_file(run).write_text('{"world_size": 1}'),
+        stats_file,
+        "rank is missing",
+    ),
+    "stats engine a number": (
+        lambda run: edit_json(stats_file(run), engine=3),
+        stats_file,
+        "engine is 3, not a JSON object or null",
+    ),
+    "state a list": (
+        lambda run: run.state_file.write_text("[]"),
+        lambda run: run.state_file,
+        "not a JSON object but []",
+    ),
+    "state a string": (
+        lambda run: run.state_file.write_text('"COMPLETED"'),
+        lambda run: run.state_file,
+        'not a JSON object but "COMPLETED"',
+    ),
+    "state requeues as text": (
+        lambda run: edit_json(run.state_file, requeues="3"),
+        lambda run: run.state_file,
+        'requeues is "3", not an integer >= 0',
+    ),
+    "state inputs NaN": (
+        lambda run: run.state_file.write_text('{"kind": "infer", "inputs": NaN}'),
+        lambda run: run.state_file,
+        "inputs is NaN, not an integer >= 0",
+    ),
+    "state job ids a string": (
+        lambda run: edit_json(run.state_file, job_ids="12"),
+        lambda run: run.state_file,
+        'job_ids is "12", not a list of job ids',
+    ),
+    "state attempt_started a string": (
+        lambda run: edit_json(run.state_file, attempt_started="now"),
+        lambda run: run.state_file,
+        'attempt_started is "now", not a finite number',
+    ),
     "array state without ranks_per_task": (
         lambda run: run.state_file.write_text(state_of_array(run).replace('"ranks_per_task": 1, ', "")),
-        lambda run: run.state_file, "ranks_per_task is missing"),
+        lambda run: run.state_file,
+        "ranks_per_task is missing",
+    ),
     "array task without a job id": (
         lambda run: run.state_file.write_text(state_of_array(run, tasks={"0": {"attempt": 0}})),
-        lambda run: run.state_file, "tasks.0: job_id is missing"),
-    "array without tasks": (lambda run: run.state_file.write_text(state_of_array(run, tasks={})),
-                            lambda run: run.state_file, "tasks is {}, not a JSON object with entries"),
+        lambda run: run.state_file,
+        "tasks.0: job_id is missing",
+    ),
+    "array without tasks": (
+        lambda run: run.state_file.write_text(state_of_array(run, tasks={})),
+        lambda run: run.state_file,
+        "tasks is {}, not a JSON object with entries",
+    ),
     "array task named oddly": (
         lambda run: run.state_file.write_text(state_of_array(run, tasks={"x": {"job_id": "7_0"}})),
-        lambda run: run.state_file, 'tasks holds "x", not a task number'),
+        lambda run: run.state_file,
+        'tasks holds "x", not a task number',
+    ),
 }
 
 
@@ -366,23 +440,43 @@ def torn_line_then_more(run):
 
 
 FINETUNE_DAMAGE = {
-    "a loss as text": (lambda run: run.train_metrics_file.write_text('{"step": 3, "loss": "low"}\n'),
-                       lambda run: run.train_metrics_file, 'line 1: loss is "low", not a number'),
-    "a NaN step": (lambda run: run.train_metrics_file.write_text('{"step": NaN, "loss": 1.0}\n'),
-                   lambda run: run.train_metrics_file, "line 1: step is NaN, not an integer >= 0"),
-    "a row without a step": (lambda run: run.train_metrics_file.write_text('{"loss": 1.0}\n'),
-                             lambda run: run.train_metrics_file, "line 1: step is missing"),
-    "a row that is a list": (lambda run: run.train_metrics_file.write_text("[1]\n"),
-                             lambda run: run.train_metrics_file, "line 1: not a JSON object but [1]"),
+    "a loss as text": (
+        lambda run: run.train_metrics_file.write_text('{"step": 3, "loss": "low"}\n'),
+        lambda run: run.train_metrics_file,
+        'line 1: loss is "low", not a number',
+    ),
+    "a NaN step": (
+        lambda run: run.train_metrics_file.write_text('{"step": NaN, "loss": 1.0}\n'),
+        lambda run: run.train_metrics_file,
+        "line 1: step is NaN, not an integer >= 0",
+    ),
+    "a row without a step": (
+        lambda run: run.train_metrics_file.write_text('{"loss": 1.0}\n'),
+        lambda run: run.train_metrics_file,
+        "line 1: step is missing",
+    ),
+    "a row that is a list": (
+        lambda run: run.train_metrics_file.write_text("[1]\n"),
+        lambda run: run.train_metrics_file,
+        "line 1: not a JSON object but [1]",
+    ),
     "binary garbage": (garbage_line, lambda run: run.train_metrics_file, "line 4 is not valid JSON"),
-    "a torn line mid-file": (torn_line_then_more, lambda run: run.train_metrics_file,
-                             "line 1 is not valid JSON"),
-    "metrics.json a list": (lambda run: run.metrics_file.write_text("[]"), lambda run: run.metrics_file,
-                            "not a JSON object but []"),
-    "metrics.json steps as text": (lambda run: run.metrics_file.write_text('{"steps": "10"}'),
-                                   lambda run: run.metrics_file, 'steps is "10", not an integer >= 0'),
-    "state total a float": (lambda run: edit_json(run.state_file, attempt=1.5), lambda run: run.state_file,
-                            "attempt is 1.5, not an integer >= 0"),
+    "a torn line mid-file": (torn_line_then_more, lambda run: run.train_metrics_file, "line 1 is not valid JSON"),
+    "metrics.json a list": (
+        lambda run: run.metrics_file.write_text("[]"),
+        lambda run: run.metrics_file,
+        "not a JSON object but []",
+    ),
+    "metrics.json steps as text": (
+        lambda run: run.metrics_file.write_text('{"steps": "10"}'),
+        lambda run: run.metrics_file,
+        'steps is "10", not an integer >= 0',
+    ),
+    "state total a float": (
+        lambda run: edit_json(run.state_file, attempt=1.5),
+        lambda run: run.state_file,
+        "attempt is 1.5, not an integer >= 0",
+    ),
 }
 
 
@@ -423,10 +517,14 @@ MANIFEST_DAMAGE = {
     "invalid JSON": ('{"files": {"optimizer.bin": {"bytes": 1', "not valid JSON"),
     "not an object": ("[1, 2]", "not a JSON object but [1, 2]"),
     "files a list": ('{"files": ["optimizer.bin"], "spec": {}}', 'files is ["optimizer.bin"], not a JSON object'),
-    "a file entry a string": ('{"files": {"optimizer.bin": "12 bytes"}, "spec": {}}',
-                              'files.optimizer.bin: not a JSON object but "12 bytes"'),
-    "a file outside the folder": ('{"files": {"../../spec.yaml": {"bytes": 1, "sha256": "0"}}, "spec": {}}',
-                                  'files holds "../../spec.yaml", not a file name'),
+    "a file entry a string": (
+        '{"files": {"optimizer.bin": "12 bytes"}, "spec": {}}',
+        'files.optimizer.bin: not a JSON object but "12 bytes"',
+    ),
+    "a file outside the folder": (
+        '{"files": {"../../spec.yaml": {"bytes": 1, "sha256": "0"}}, "spec": {}}',
+        'files holds "../../spec.yaml", not a file name',
+    ),
 }
 
 
@@ -434,8 +532,14 @@ MANIFEST_DAMAGE = {
 def test_a_checkpoint_with_a_damaged_manifest_is_damaged_and_resume_falls_back(case, make_run):
     """A manifest that is not one is a damaged checkpoint, as a torn file is: the ranks set it aside
     and load the previous one (runners/checkpoint.py: resume), and `resume` checks that one's spec."""
-    from llmbatch.runners.checkpoint import (MANIFEST_FILE, CheckpointMismatch, check_resumable, damage,
-                                             spec_fingerprint, write_manifest)
+    from llmbatch.runners.checkpoint import (
+        MANIFEST_FILE,
+        CheckpointMismatch,
+        check_resumable,
+        damage,
+        spec_fingerprint,
+        write_manifest,
+    )
     from llmbatch.spec import load_resolved
 
     run = make_run("finetune")
@@ -457,10 +561,16 @@ def test_a_checkpoint_with_a_damaged_manifest_is_damaged_and_resume_falls_back(c
 
 # --- Ctrl-C ----------------------------------------------------------------------------------------
 
+
 def interrupted(argv: list[str], after_s: float) -> subprocess.CompletedProcess:
     """`python submit.py ARGV`, sent SIGINT (as a terminal's Ctrl-C) after `after_s` seconds."""
-    proc = subprocess.Popen([sys.executable, str(REPO / "submit.py"), *argv], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, str(REPO / "submit.py"), *argv],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
         out, err = proc.communicate(timeout=after_s)
     except subprocess.TimeoutExpired:
@@ -497,8 +607,9 @@ def test_ctrl_c_during_submission_leaves_a_run_to_resume_or_nothing(make_run, tm
     (spec and state) and its message says how to go on."""
     for after_s in (1.0, 2.5, 4.0, 6.0):
         root = tmp_path / f"after-{after_s}"
-        proc = interrupted(["infer", "--executor", "local", "--output", str(root), "--set", "data.max_samples=4"],
-                           after_s)
+        proc = interrupted(
+            ["infer", "--executor", "local", "--output", str(root), "--set", "data.max_samples=4"], after_s
+        )
         assert "Traceback" not in proc.stderr and len(proc.stderr.splitlines()) <= 1, proc.stderr
         runs = list(root.glob("*")) if root.exists() else []
         assert all((r / "spec.yaml").is_file() and (r / "state.json").is_file() for r in runs), runs

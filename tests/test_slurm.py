@@ -14,8 +14,9 @@ import time
 
 import pytest
 
-from helpers import REPO, run_folder, submit_cli, wait_for
 from llmbatch.lifecycle import FINAL_STATES, slurm_state
+
+from helpers import REPO, run_folder, submit_cli, wait_for
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
@@ -23,10 +24,12 @@ SMALL = ["--set", "data.max_samples=48", "--set", "generation.max_new_tokens=8"]
 
 
 def test_infer_on_two_nodes_matches_one_local_process(slurm_cluster, cache_dir, tmp_path):
-    local = run_folder(submit_cli("infer", "--executor", "local", "--gpus", "1", "--output", str(tmp_path / "a"),
-                                  *SMALL))
-    proc = submit_cli("infer", "--executor", "slurm", "--nodes", "2", "--gpus", "2", "--wait",
-                      "--output", str(tmp_path / "b"), *SMALL)
+    local = run_folder(
+        submit_cli("infer", "--executor", "local", "--gpus", "1", "--output", str(tmp_path / "a"), *SMALL)
+    )
+    proc = submit_cli(
+        "infer", "--executor", "slurm", "--nodes", "2", "--gpus", "2", "--wait", "--output", str(tmp_path / "b"), *SMALL
+    )
     run = run_folder(proc)
     commands = [json.loads(line) for line in run.commands_file.read_text().splitlines()]
     assert sorted((c["node"], c["host"]) for c in commands) == [(0, "n1"), (1, "n2")]
@@ -50,9 +53,24 @@ def test_infer_on_two_nodes_matches_one_local_process(slurm_cluster, cache_dir, 
 
 
 def test_finetune_on_two_nodes_saves_an_adapter(slurm_cluster, cache_dir, tmp_path):
-    proc = submit_cli("finetune", "--executor", "slurm", "--nodes", "2", "--gpus", "2", "--wait",
-                      "--output", str(tmp_path), "--set", "train.max_steps=6", "--set", "train.eval_every_steps=3",
-                      "--set", "data.max_samples=200")
+    proc = submit_cli(
+        "finetune",
+        "--executor",
+        "slurm",
+        "--nodes",
+        "2",
+        "--gpus",
+        "2",
+        "--wait",
+        "--output",
+        str(tmp_path),
+        "--set",
+        "train.max_steps=6",
+        "--set",
+        "train.eval_every_steps=3",
+        "--set",
+        "data.max_samples=200",
+    )
     run = run_folder(proc)
     assert (run.adapter_dir / "adapter_config.json").is_file()
     assert (run.adapter_dir / "adapter_model.safetensors").is_file()
@@ -76,8 +94,9 @@ def test_a_crashing_rank_fails_the_job_quickly(slurm_cluster, make_run, monkeypa
         job.results()
     elapsed = time.monotonic() - started
     # sacct lags the job's end by a moment.
-    final = wait_for("a final state in sacct",
-                     lambda: (state := slurm_state(job.job_id)) in FINAL_STATES and state, timeout=30)
+    final = wait_for(
+        "a final state in sacct", lambda: (state := slurm_state(job.job_id)) in FINAL_STATES and state, timeout=30
+    )
     assert final == "FAILED"
     assert elapsed < 120, f"the job took {elapsed:.0f} s to fail"
     assert "rank 3 crashed on purpose" in run.node_log(1).read_text()

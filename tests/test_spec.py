@@ -13,34 +13,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from helpers import REPO, submit_cli
 from llmbatch.cli import main
 from llmbatch.rundir import RunDir, atomic_write
 from llmbatch.spec import JobSpec, dump_spec, load_resolved, load_spec, parse_override, slurm_time_seconds
 
-
-def write_data(path: Path, rows: list) -> Path:
-    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
-    return path
-
-
-@pytest.fixture
-def good(tmp_path) -> dict:
-    """A valid infer spec as a dict, with its own small data file."""
-    data = write_data(tmp_path / "in.jsonl", [{"id": i, "question": f"q{i}", "answer": "a"} for i in range(3)])
-    return {"name": "t", "data": {"path": str(data), "prompt_template": "{question}", "reference_field": "answer"},
-            "output": {"root": str(tmp_path / "runs")}}
-
-
-def run_cli(tmp_path, spec: dict | None, *extra: str, kind: str = "infer", capsys=None):
-    args = [kind]
-    if spec is not None:
-        path = tmp_path / "spec.yaml"
-        path.write_text(yaml.safe_dump(spec))
-        args.append(str(path))
-    code = main(args + ["--executor", "local", "--dry-run", *extra])
-    err = capsys.readouterr().err
-    return code, err
+from helpers import REPO, run_cli, submit_cli, write_data
 
 
 def set_key(spec: dict, key: str, value) -> dict:
@@ -60,37 +37,74 @@ BAD_SPECS = [
     ("resources.gpus_per_node", 0, "resources.gpus_per_node: must be in (0, 64], got 0"),
     ("resources.gpus_per_node", 10000, "resources.gpus_per_node: must be in (0, 64], got 10000"),
     ("resources.time", "0", "resources.time: must be longer than 0: '0'"),
-    ("resources.time", "2", "resources.signal_delay_s: the preemption warning (120 s) must come before the "
-                            "time limit ('2' = 120 s)"),
+    (
+        "resources.time",
+        "2",
+        "resources.signal_delay_s: the preemption warning (120 s) must come before the time limit ('2' = 120 s)",
+    ),
     ("resources.partition", "gpu\n#SBATCH --qos=high", "resources.partition: contains a control character ('\\n')"),
     ("resources.account", "lab\rx", "resources.account: contains a control character ('\\r')"),
     ("resources.qos", "two words", "resources.qos: must be one word: 'two words'"),
-    ("resources.sbatch_extra", {"mail-user": "me\nrm -rf ~"},
-     "resources.sbatch_extra.mail-user: contains a control character ('\\n')"),
-    ("resources.sbatch_extra", {"exclusive; rm": ""}, "resources.sbatch_extra.exclusive; rm: not an sbatch option name"),
-    ("resources.sbatch_extra", {"time": "99:00:00"},
-     "resources.sbatch_extra.time: set by the spec, not through sbatch_extra: use resources.time"),
-    ("resources.sbatch_extra", {"gres": "gpu:8"},
-     "resources.sbatch_extra.gres: set by the spec, not through sbatch_extra: use resources.gpus_per_node"),
-    ("resources.sbatch_extra", {"output": "/tmp/x"},
-     "resources.sbatch_extra.output: set by the spec, not through sbatch_extra: use the run folder"),
+    (
+        "resources.sbatch_extra",
+        {"mail-user": "me\nrm -rf ~"},
+        "resources.sbatch_extra.mail-user: contains a control character ('\\n')",
+    ),
+    (
+        "resources.sbatch_extra",
+        {"exclusive; rm": ""},
+        "resources.sbatch_extra.exclusive; rm: not an sbatch option name",
+    ),
+    (
+        "resources.sbatch_extra",
+        {"time": "99:00:00"},
+        "resources.sbatch_extra.time: set by the spec, not through sbatch_extra: use resources.time",
+    ),
+    (
+        "resources.sbatch_extra",
+        {"gres": "gpu:8"},
+        "resources.sbatch_extra.gres: set by the spec, not through sbatch_extra: use resources.gpus_per_node",
+    ),
+    (
+        "resources.sbatch_extra",
+        {"output": "/tmp/x"},
+        "resources.sbatch_extra.output: set by the spec, not through sbatch_extra: use the run folder",
+    ),
     # sbatch expands an unambiguous prefix of an option to the option
-    ("resources.sbatch_extra", {"arr": "0-99"},
-     "resources.sbatch_extra.arr: 'arr' abbreviates --array (sbatch expands prefixes of its options), which the "
-     "spec sets: use resources.array"),
+    (
+        "resources.sbatch_extra",
+        {"arr": "0-99"},
+        "resources.sbatch_extra.arr: 'arr' abbreviates --array (sbatch expands prefixes of its options), which the "
+        "spec sets: use resources.array",
+    ),
     ("resources.sbatch_extra", {"tim": "99:00:00"}, "resources.sbatch_extra.tim: 'tim' abbreviates --time"),
     ("resources.sbatch_extra", {"outp": "/tmp/x"}, "resources.sbatch_extra.outp: 'outp' abbreviates --output"),
-    ("resources.sbatch_extra", {"--n": "9"},
-     "resources.sbatch_extra.--n: '--n' abbreviates --nodes, --ntasks, --ntasks-per-node, --no-requeue"),
+    (
+        "resources.sbatch_extra",
+        {"--n": "9"},
+        "resources.sbatch_extra.--n: '--n' abbreviates --nodes, --ntasks, --ntasks-per-node, --no-requeue",
+    ),
     ("resources.partition", "gpu\u202e#", "resources.partition: contains an invisible format character (U+202E)"),
-    ("resources.sbatch_extra", {"mail-user": "me\u2066@x"},
-     "resources.sbatch_extra.mail-user: contains an invisible format character (U+2066)"),
-    ("container", {"runtime": "docker", "image": "--privileged"},
-     "container.image: must not start with '-' (the runtime would read it as an option): '--privileged'"),
-    ("container", {"runtime": "docker", "image": "img\n-v/:/host"},
-     "container.image: contains a control character ('\\n')"),
-    ("container", {"runtime": "docker", "image": "img\u200f"},
-     "container.image: contains an invisible format character (U+200F)"),
+    (
+        "resources.sbatch_extra",
+        {"mail-user": "me\u2066@x"},
+        "resources.sbatch_extra.mail-user: contains an invisible format character (U+2066)",
+    ),
+    (
+        "container",
+        {"runtime": "docker", "image": "--privileged"},
+        "container.image: must not start with '-' (the runtime would read it as an option): '--privileged'",
+    ),
+    (
+        "container",
+        {"runtime": "docker", "image": "img\n-v/:/host"},
+        "container.image: contains a control character ('\\n')",
+    ),
+    (
+        "container",
+        {"runtime": "docker", "image": "img\u200f"},
+        "container.image: contains an invisible format character (U+200F)",
+    ),
     ("container.env", {"BAD NAME": "1"}, "container.env.BAD NAME: not a variable name: 'BAD NAME'"),
     ("container.pass_env", ["HF_TOKEN", "1X"], "container.pass_env[1]: not a variable name: '1X'"),
     ("container.binds", ["/data\n"], "container.binds[0]: contains a control character"),
@@ -128,25 +142,36 @@ def test_the_fast_engine_on_a_model_it_cannot_run_is_a_spec_error(tmp_path, good
     set_key(good, "model.path", str(model))
     code, err = run_cli(tmp_path, set_key(good, "generation.engine", "fast"), capsys=capsys)
     assert code == 2 and err.count("\n") == 1
-    assert f"generation.engine: fast: the engine runs llama, mistral, qwen2, qwen3, gemma2, gemma3_text, phi3, mixtral, qwen3_moe models, and {model} is 'gpt2'" in err
+    assert (
+        "generation.engine: fast: the engine runs llama, mistral, qwen2, qwen3, gemma2, gemma3_text, phi3, mixtral, "
+        f"qwen3_moe models, and {model} is 'gpt2'" in err
+    )
     code, _ = run_cli(tmp_path, set_key(good, "generation.engine", "auto"), capsys=capsys)
     assert code == 0  # auto falls back to generate
 
 
 def test_a_bad_value_from_the_command_line_is_blamed_on_its_option(tmp_path, good, capsys):
     code, err = run_cli(tmp_path, good, "--gpus", "10000", capsys=capsys)
-    assert code == 2 and err == "llmbatch: error: --gpus 10000: resources.gpus_per_node: must be in (0, 64], got 10000\n"
+    assert (
+        code == 2 and err == "llmbatch: error: --gpus 10000: resources.gpus_per_node: must be in (0, 64], got 10000\n"
+    )
     code, err = run_cli(tmp_path, good, "--set", "generation.top_p=2", capsys=capsys)
-    assert code == 2 and err == "llmbatch: error: --set generation.top_p=2: generation.top_p: must be in (0, 1], got 2.0\n"
+    assert (
+        code == 2 and err == "llmbatch: error: --set generation.top_p=2: generation.top_p: must be in (0, 1], got 2.0\n"
+    )
     code, err = run_cli(tmp_path, good, "--set", "generation.top_k", capsys=capsys)
-    assert code == 2 and err == ("llmbatch: error: --set generation.top_k: expected key.path=value, "
-                                 "got 'generation.top_k'\n")
+    assert code == 2 and err == (
+        "llmbatch: error: --set generation.top_k: expected key.path=value, got 'generation.top_k'\n"
+    )
 
 
-@pytest.mark.parametrize("bind,message", [
-    ("/data:/in:/x:ro", "container: container bind '/data:/in:/x:ro': expected HOST[:DEST[:ro]]"),
-    ("/data:in", "container: container bind '/data:in': paths must be absolute"),
-])
+@pytest.mark.parametrize(
+    "bind,message",
+    [
+        ("/data:/in:/x:ro", "container: container bind '/data:/in:/x:ro': expected HOST[:DEST[:ro]]"),
+        ("/data:in", "container: container bind '/data:in': paths must be absolute"),
+    ],
+)
 def test_container_binds_are_checked_before_anything_is_queued(tmp_path, good, capsys, bind, message):
     set_key(good, "container", {"runtime": "docker", "image": "llmbatch:latest", "binds": [bind]})
     code, err = run_cli(tmp_path, good, capsys=capsys)
@@ -163,9 +188,15 @@ def test_container_env_reaches_the_job_without_a_container():
     from llmbatch.jobstep import LaunchPlan, example_place, node_command
     from llmbatch.spec import ContainerSpec
 
-    plan = LaunchPlan(run_dir="/runs/r", runner="llmbatch.runners.infer", nodes=1, gpus_per_node=1,
-                      mixed_precision="no", container=ContainerSpec(env={"HF_DATASETS_CACHE": "/scratch/hf"}),
-                      binds=())
+    plan = LaunchPlan(
+        run_dir="/runs/r",
+        runner="llmbatch.runners.infer",
+        nodes=1,
+        gpus_per_node=1,
+        mixed_precision="no",
+        container=ContainerSpec(env={"HF_DATASETS_CACHE": "/scratch/hf"}),
+        binds=(),
+    )
     assert node_command(plan, example_place(1)).env["HF_DATASETS_CACHE"] == "/scratch/hf"
 
 
@@ -176,8 +207,9 @@ def test_an_output_root_that_cannot_be_created_is_one_line(tmp_path, good, capsy
     path = tmp_path / "spec.yaml"
     path.write_text(yaml.safe_dump(good))
     assert main(["infer", str(path), "--executor", "local"]) == 2
-    assert capsys.readouterr().err == (f"llmbatch: error: output.root: cannot create a run folder in "
-                                       f"{blocker / 'runs'}: Not a directory\n")
+    assert capsys.readouterr().err == (
+        f"llmbatch: error: output.root: cannot create a run folder in {blocker / 'runs'}: Not a directory\n"
+    )
 
 
 def test_invalid_yaml_names_the_line(tmp_path, capsys):
@@ -190,10 +222,14 @@ def test_invalid_yaml_names_the_line(tmp_path, capsys):
 BAD_DATA = [
     ([], "the file is empty"),
     ([{"id": 1, "question": "a"}, "{not json", {"id": 3, "question": "c"}], "in.jsonl:2: not valid JSON"),
-    ([{"id": 1, "question": "a"}, {"id": 2, "question": "b"}, {"id": 1, "question": "c"}],
-     "in.jsonl:3: duplicate id '1' (first at line 1)"),
-    ([{"id": 1, "question": "a"}, {"id": 2, "text": "b"}],
-     "in.jsonl:2: data.prompt_template names field 'question', which this record lacks"),
+    (
+        [{"id": 1, "question": "a"}, {"id": 2, "question": "b"}, {"id": 1, "question": "c"}],
+        "in.jsonl:3: duplicate id '1' (first at line 1)",
+    ),
+    (
+        [{"id": 1, "question": "a"}, {"id": 2, "text": "b"}],
+        "in.jsonl:2: data.prompt_template names field 'question', which this record lacks",
+    ),
     ([{"question": "a"}], "in.jsonl:1: no id field 'id'"),
     ([[1, 2]], "in.jsonl:1: a line must be a JSON object"),
 ]
@@ -254,8 +290,12 @@ def test_real_process_prints_no_traceback(tmp_path, good):
     """The same through a real `python submit.py`: exit 2, one line on stderr, nothing on disk."""
     set_key(good, "generation.max_new_tokens", -1)
     (tmp_path / "spec.yaml").write_text(yaml.safe_dump(good))
-    proc = subprocess.run([sys.executable, str(REPO / "submit.py"), "infer", str(tmp_path / "spec.yaml")],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "submit.py"), "infer", str(tmp_path / "spec.yaml")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2
     assert proc.stderr.strip().endswith("generation.max_new_tokens: must be in (0, 1000000000], got -1")
     assert "Traceback" not in proc.stderr and proc.stderr.count("\n") == 1
@@ -265,8 +305,17 @@ def test_real_process_prints_no_traceback(tmp_path, good):
 def test_defaults_and_overrides_are_typed(tmp_path, good):
     path = tmp_path / "spec.yaml"
     path.write_text(yaml.safe_dump(good))
-    spec = load_spec(path, "infer", ["generation.max_new_tokens=7", "name=007", "resources.sbatch_extra={exclusive: ''}",
-                                     "generation.temperature=1"], cwd=tmp_path)
+    spec = load_spec(
+        path,
+        "infer",
+        [
+            "generation.max_new_tokens=7",
+            "name=007",
+            "resources.sbatch_extra={exclusive: ''}",
+            "generation.temperature=1",
+        ],
+        cwd=tmp_path,
+    )
     assert spec.generation.max_new_tokens == 7 and spec.name == "007"
     assert spec.generation.temperature == 1.0 and isinstance(spec.generation.temperature, float)
     assert spec.resources.sbatch_extra == {"exclusive": ""}
@@ -294,8 +343,10 @@ def test_relative_paths_resolve_against_spec_folder(tmp_path, good):
     assert spec.output.root == str(tmp_path / "elsewhere")  # command-line paths: against the cwd
 
 
-@pytest.mark.parametrize("text,seconds", [("30", 1800), ("10:30", 630), ("01:00:00", 3600), ("2-00", 172800),
-                                          ("1-02:03", 93780), ("1-02:03:04", 93784)])
+@pytest.mark.parametrize(
+    "text,seconds",
+    [("30", 1800), ("10:30", 630), ("01:00:00", 3600), ("2-00", 172800), ("1-02:03", 93780), ("1-02:03:04", 93784)],
+)
 def test_slurm_time(text, seconds):
     assert slurm_time_seconds(text) == seconds
 
@@ -308,6 +359,7 @@ def test_shipped_specs_are_valid():
 
 # --- YAML as written, duplicate keys, bounded numbers, where a value came from ----------------------
 
+
 def write_spec(tmp_path, good: dict, text: str) -> Path:
     """`good` as YAML, then `text` written as is (safe_dump would quote what these tests need plain)."""
     path = tmp_path / "spec.yaml"
@@ -317,17 +369,23 @@ def write_spec(tmp_path, good: dict, text: str) -> Path:
 
 def test_the_command_line_cannot_change_the_kind(tmp_path, good, capsys):
     code, err = run_cli(tmp_path, good, "--set", "kind=finetune", capsys=capsys)
-    assert code == 2 and err == ("llmbatch: error: --set kind=finetune: kind: the command chose 'infer'; run the "
-                                 "finetune command for a finetune job\n")
+    assert code == 2 and err == (
+        "llmbatch: error: --set kind=finetune: kind: the command chose 'infer'; run the "
+        "finetune command for a finetune job\n"
+    )
     code, err = run_cli(tmp_path, good, "--set", "kind=infer", kind="finetune", capsys=capsys)
     assert code == 2 and err.startswith("llmbatch: error: --set kind=infer: kind: the command chose 'finetune'")
     assert not (tmp_path / "runs").exists()
 
 
 def test_documented_values_that_yaml_1_1_reads_as_booleans_or_numbers_are_taken_as_written(tmp_path, good):
-    path = write_spec(tmp_path, good, "train:\n  liger: off\nresources:\n  time: 10:00:00\n"
-                                      "  sbatch_extra: {mail-type: on}\ncontainer:\n  env: {DEBUG: yes}\n"
-                                      "generation:\n  do_sample: yes\n  max_new_tokens: 010\n")
+    path = write_spec(
+        tmp_path,
+        good,
+        "train:\n  liger: off\nresources:\n  time: 10:00:00\n"
+        "  sbatch_extra: {mail-type: on}\ncontainer:\n  env: {DEBUG: yes}\n"
+        "generation:\n  do_sample: yes\n  max_new_tokens: 010\n",
+    )
     spec = load_spec(path, "finetune", cwd=tmp_path)
     assert spec.train.liger == "off" and spec.resources.time == "10:00:00"  # not False, not 36000 (sexagesimal)
     assert spec.resources.sbatch_extra == {"mail-type": "on"} and spec.container.env == {"DEBUG": "yes"}
@@ -353,11 +411,14 @@ def test_a_wrong_value_is_quoted_as_written(tmp_path, good, capsys):
     assert code == 2 and err.endswith("train.liger: must be 'auto' or 'off', got 'On'\n")
 
 
-@pytest.mark.parametrize("text,where,key,first", [
-    ("generation:\n  temperature: 0.5\n  top_p: 0.9\n  temperature: 0.7\n", 11, "generation.temperature", 9),
-    ("name: other\n", 8, "name", 5),
-    ("resources:\n  sbatch_extra: {mail-type: END, mail-type: FAIL}\n", 9, "resources.sbatch_extra.mail-type", 9),
-])
+@pytest.mark.parametrize(
+    "text,where,key,first",
+    [
+        ("generation:\n  temperature: 0.5\n  top_p: 0.9\n  temperature: 0.7\n", 11, "generation.temperature", 9),
+        ("name: other\n", 8, "name", 5),
+        ("resources:\n  sbatch_extra: {mail-type: END, mail-type: FAIL}\n", 9, "resources.sbatch_extra.mail-type", 9),
+    ],
+)
 def test_duplicate_keys_are_refused_naming_both_lines(tmp_path, good, capsys, text, where, key, first):
     path = write_spec(tmp_path, good, text)
     assert main(["infer", str(path), "--dry-run"]) == 2
@@ -375,20 +436,23 @@ def test_yaml_nested_too_deeply_is_one_line(tmp_path, good, capsys):
     assert capsys.readouterr().err == f"llmbatch: error: {path}: nested too deeply to be a spec\n"
 
 
-@pytest.mark.parametrize("key,value,allowed", [
-    ("resources.collective_timeout_s", ".inf", "an integer in (0, 2592000]"),
-    ("resources.collective_timeout_s", "1e30", "an integer in (0, 2592000]"),
-    ("resources.collective_timeout_s", "10" + "0" * 30, "in (0, 2592000]"),
-    ("generation.kv_cache_gb", ".inf", "in (0, 1048576]"),
-    ("generation.kv_cache_gb", ".nan", "in (0, 1048576]"),
-    ("generation.kv_cache_gb", "1e30", "in (0, 1048576]"),
-    ("generation.temperature", "-.inf", "in (0, 100]"),
-    ("generation.seed", "-1", "in [0, 4294967295]"),
-    ("resources.signal_delay_s", "99999", "in (0, 65535]"),
-    ("train.learning_rate", ".nan", "in (0, 100]"),
-    ("train.seed", str(2**32), "in [0, 4294967295]"),
-    ("train.save_every_minutes", "1e30", "in (0, 1000000000]"),
-])
+@pytest.mark.parametrize(
+    "key,value,allowed",
+    [
+        ("resources.collective_timeout_s", ".inf", "an integer in (0, 2592000]"),
+        ("resources.collective_timeout_s", "1e30", "an integer in (0, 2592000]"),
+        ("resources.collective_timeout_s", "10" + "0" * 30, "in (0, 2592000]"),
+        ("generation.kv_cache_gb", ".inf", "in (0, 1048576]"),
+        ("generation.kv_cache_gb", ".nan", "in (0, 1048576]"),
+        ("generation.kv_cache_gb", "1e30", "in (0, 1048576]"),
+        ("generation.temperature", "-.inf", "in (0, 100]"),
+        ("generation.seed", "-1", "in [0, 4294967295]"),
+        ("resources.signal_delay_s", "99999", "in (0, 65535]"),
+        ("train.learning_rate", ".nan", "in (0, 100]"),
+        ("train.seed", str(2**32), "in [0, 4294967295]"),
+        ("train.save_every_minutes", "1e30", "in (0, 1000000000]"),
+    ],
+)
 @pytest.mark.parametrize("where", ["file", "--set"])
 def test_numbers_out_of_their_range_name_the_key_and_the_range(tmp_path, good, capsys, key, value, allowed, where):
     section, leaf = key.split(".")
@@ -417,35 +481,46 @@ def test_every_number_in_the_schema_has_a_finite_range():
 def test_an_integer_too_long_to_convert_is_one_line(tmp_path, good, capsys):
     path = write_spec(tmp_path, good, "generation:\n  max_new_tokens: " + "9" * 5000 + "\n")
     assert main(["infer", str(path), "--dry-run"]) == 2
-    assert capsys.readouterr().err == (f"llmbatch: error: {path}: invalid YAML at line 9: an integer of 5000 "
-                                       f"digits\n")
+    assert capsys.readouterr().err == (f"llmbatch: error: {path}: invalid YAML at line 9: an integer of 5000 digits\n")
 
 
-@pytest.mark.parametrize("option,message", [
-    # a key below the one set
-    ("resources.sbatch_extra={array: 0-3}",
-     "resources.sbatch_extra.array: set by the spec, not through sbatch_extra: use resources.array"),
-    ("container.binds=[data]", "container.binds[0]: host path must be absolute: 'data'"),
-    # a rule between two keys, one of them set on the command line
-    ("resources.time=2", "resources.signal_delay_s: the preemption warning (120 s) must come before the time "
-                         "limit ('2' = 120 s)"),
-    ("data.chat_template=false", "data.system_prompt: a system message needs the chat template"),
-    ("generation.temperature=abc", "generation.temperature: must be a number in (0, 100], got 'abc'"),
-])
+@pytest.mark.parametrize(
+    "option,message",
+    [
+        # a key below the one set
+        (
+            "resources.sbatch_extra={array: 0-3}",
+            "resources.sbatch_extra.array: set by the spec, not through sbatch_extra: use resources.array",
+        ),
+        ("container.binds=[data]", "container.binds[0]: host path must be absolute: 'data'"),
+        # a rule between two keys, one of them set on the command line
+        (
+            "resources.time=2",
+            "resources.signal_delay_s: the preemption warning (120 s) must come before the time limit ('2' = 120 s)",
+        ),
+        ("data.chat_template=false", "data.system_prompt: a system message needs the chat template"),
+        ("generation.temperature=abc", "generation.temperature: must be a number in (0, 100], got 'abc'"),
+    ],
+)
 def test_errors_from_set_values_name_the_option(tmp_path, good, capsys, option, message):
     good["data"] |= {"system_prompt": "Be brief.", "chat_template": True}
     code, err = run_cli(tmp_path, good, "--set", option, capsys=capsys)
     assert code == 2 and err.startswith(f"llmbatch: error: --set {option}: {message}") and err.count("\n") == 1
 
 
-@pytest.mark.parametrize("args,shown", [
-    (["--set", "name=a\nb"], "--set name=a\\nb: name: use letters"),
-    (["--set", "data.path=/no\nsuch.jsonl"],
-     "--set data.path=/no\\nsuch.jsonl: data.path: no such file: /no\\nsuch.jsonl"),
-    (["--set", "name=x\u202ey\udcff"], "--set name=x\\u202ey\\udcff: name: use letters"),
-    (["--gpus", "1\n2"], "argument --gpus: invalid int value: '1\\n2'"),
-    (["--array", "4\r\n"], "--array 4\\r\\n: expected N or N%M"),
-])
+@pytest.mark.parametrize(
+    "args,shown",
+    [
+        (["--set", "name=a\nb"], "--set name=a\\nb: name: use letters"),
+        (
+            ["--set", "data.path=/no\nsuch.jsonl"],
+            "--set data.path=/no\\nsuch.jsonl: data.path: no such file: /no\\nsuch.jsonl",
+        ),
+        (["--set", "name=x\u202ey\udcff"], "--set name=x\\u202ey\\udcff: name: use letters"),
+        (["--gpus", "1\n2"], "argument --gpus: invalid int value: '1\\n2'"),
+        (["--array", "4\r\n"], "--array 4\\r\\n: expected N or N%M"),
+    ],
+)
 def test_control_characters_in_values_never_split_the_error_line(tmp_path, good, capsys, args, shown):
     path = tmp_path / "spec.yaml"
     path.write_text(yaml.safe_dump(good))
@@ -466,12 +541,15 @@ def test_printable_escapes_what_would_split_or_reorder_a_line():
 
 # --- lifecycle commands' options ---------------------------------------------------------------
 
+
 @pytest.mark.parametrize("limit", ["0", "-1", "x"])
 def test_list_refuses_a_limit_below_one(tmp_path, limit):
     proc = submit_cli("list", "--root", str(tmp_path), "--limit", limit, check=False)
     assert proc.returncode == 2 and proc.stdout == ""
-    assert proc.stderr == (f"llmbatch: error: argument --limit: must be a whole number of at least 1, got "
-                           f"'{limit}' (see llmbatch list --help)\n")
+    assert proc.stderr == (
+        f"llmbatch: error: argument --limit: must be a whole number of at least 1, got "
+        f"'{limit}' (see llmbatch list --help)\n"
+    )
 
 
 def run_without_job(tmp_path, *overrides: str) -> RunDir:
@@ -482,19 +560,31 @@ def run_without_job(tmp_path, *overrides: str) -> RunDir:
     return run
 
 
-@pytest.mark.parametrize("overrides,args,message", [
-    ([], ["--rank", "99"], "--rank 99: no such local rank: each node runs local rank 0 only "
-                           "(resources.gpus_per_node: 1)"),
-    (["resources.gpus_per_node=2"], ["--rank", "2"], "--rank 2: no such local rank: each node runs local ranks 0-1 "
-                                                     "(resources.gpus_per_node: 2)"),
-    ([], ["--rank", "-1"], "--rank -1: no such local rank: each node runs local rank 0 only "
-                           "(resources.gpus_per_node: 1)"),
-    ([], ["--node", "1"], "--node 1: no such node: this run has node 0 only"),
-    (["resources.nodes=3"], ["--node", "3"], "--node 3: no such node: this run has nodes 0-2"),
-    ([], ["--task", "0"], "--task 0: {run} is one job, not a job array (leave --task out)"),
-    (["resources.array=4"], ["--task", "4"], "--task 4: no such array task: this run has array tasks 0-3"),
-    (["resources.array=4"], ["--task", "0", "--node", "1"], "--node 1: no such node: this run has node 0 only"),
-])
+@pytest.mark.parametrize(
+    "overrides,args,message",
+    [
+        (
+            [],
+            ["--rank", "99"],
+            "--rank 99: no such local rank: each node runs local rank 0 only (resources.gpus_per_node: 1)",
+        ),
+        (
+            ["resources.gpus_per_node=2"],
+            ["--rank", "2"],
+            "--rank 2: no such local rank: each node runs local ranks 0-1 (resources.gpus_per_node: 2)",
+        ),
+        (
+            [],
+            ["--rank", "-1"],
+            "--rank -1: no such local rank: each node runs local rank 0 only (resources.gpus_per_node: 1)",
+        ),
+        ([], ["--node", "1"], "--node 1: no such node: this run has node 0 only"),
+        (["resources.nodes=3"], ["--node", "3"], "--node 3: no such node: this run has nodes 0-2"),
+        ([], ["--task", "0"], "--task 0: {run} is one job, not a job array (leave --task out)"),
+        (["resources.array=4"], ["--task", "4"], "--task 4: no such array task: this run has array tasks 0-3"),
+        (["resources.array=4"], ["--task", "0", "--node", "1"], "--node 1: no such node: this run has node 0 only"),
+    ],
+)
 def test_logs_of_a_rank_node_or_task_the_run_does_not_have(tmp_path, capsys, overrides, args, message):
     run = run_without_job(tmp_path, *overrides)
     assert main(["logs", str(run.path), *args]) == 2

@@ -26,11 +26,20 @@ from llmbatch.gather import gather_run
 from llmbatch.jobstep import example_place, make_plan, node_command
 from llmbatch.models import check_model
 from llmbatch.rundir import DamagedRun, RunBusy, RunDir, atomic_write, process_start_ticks
-from llmbatch.shards import list_shards
 from llmbatch.runners.checkpoint import CheckpointMismatch, check_resumable
+from llmbatch.shards import list_shards
+from llmbatch.spec import (
+    EMBEDDED_MODEL,
+    JobSpec,
+    SpecError,
+    apply_override,
+    blame,
+    dump_spec,
+    load_resolved,
+    load_spec,
+    printable,
+)
 from llmbatch.summary import summarize
-from llmbatch.spec import (EMBEDDED_MODEL, JobSpec, SpecError, apply_override, blame, dump_spec, load_resolved,
-                           load_spec, printable)
 
 DEFAULT_JOBS = Path(__file__).resolve().parent / "jobs"
 """The default specs, shipped with the package (a checkout's jobs/ links here)."""
@@ -78,8 +87,11 @@ def load_job_spec(kind: str, args: argparse.Namespace) -> tuple[JobSpec, int]:
     """The spec with the command line's overrides, validated, its data files checked, and how many
     inputs it has."""
     overrides, origins = list(args.set or []), {}
-    for option, key, value in (("--gpus", "resources.gpus_per_node", args.gpus),
-                               ("--nodes", "resources.nodes", args.nodes), ("--output", "output.root", args.output)):
+    for option, key, value in (
+        ("--gpus", "resources.gpus_per_node", args.gpus),
+        ("--nodes", "resources.nodes", args.nodes),
+        ("--output", "output.root", args.output),
+    ):
         if value is not None:
             overrides.append(f"{key}={value}")
             origins[overrides[-1]] = f"{option} {value}"
@@ -99,8 +111,11 @@ def load_job_spec(kind: str, args: argparse.Namespace) -> tuple[JobSpec, int]:
         # A task without inputs would hold a node for nothing; Slurm would queue it all the same.
         inputs = f"{len(examples)} input{'s' if len(examples) > 1 else ''}"
         fix = f"use at most {len(examples)}" if len(examples) >= 2 else "drop the array"
-        error = SpecError("resources.array", f"{spec.resources.array} array tasks for {inputs}: each task needs "
-                                             f"at least one ({fix})", related=("data",))
+        error = SpecError(
+            "resources.array",
+            f"{spec.resources.array} array tasks for {inputs}: each task needs at least one ({fix})",
+            related=("data",),
+        )
         error.source = blame(error, overrides, origins) or str(spec_path)
         raise error
     check_model(spec, examples)
@@ -121,19 +136,25 @@ def require_slurm_commands(executor: str) -> None:
     """Submitting to Slurm needs its client commands here; a dry run does not."""
     missing = [name for name in ("sbatch", "srun") if not shutil.which(name)]
     if executor == "slurm" and missing:
-        raise UsageError(f"--executor slurm: {' and '.join(missing)} not on PATH (no Slurm client on this "
-                         f"machine); run where Slurm is, or use --executor local")
+        raise UsageError(
+            f"--executor slurm: {' and '.join(missing)} not on PATH (no Slurm client on this "
+            f"machine); run where Slurm is, or use --executor local"
+        )
 
 
 def check_job(spec: JobSpec, executor: str, run_path: Path, dry_run: bool = False) -> None:
     """What submission checks past the spec itself, and `resume` again before resubmitting a run
     folder's spec (anyone who can write the run folder can have edited it)."""
     if executor == "local" and spec.resources.nodes > 1:
-        raise UsageError(f"resources.nodes: {spec.resources.nodes} nodes need Slurm; the local executor "
-                         f"runs one node (use --executor slurm on a cluster)")
+        raise UsageError(
+            f"resources.nodes: {spec.resources.nodes} nodes need Slurm; the local executor "
+            f"runs one node (use --executor slurm on a cluster)"
+        )
     if executor == "local" and spec.resources.array is not None:
-        raise UsageError(f"resources.array: a job array ({spec.resources.array} tasks) needs Slurm; the local "
-                         f"executor runs one job (drop the array, or use --executor slurm on a cluster)")
+        raise UsageError(
+            f"resources.array: a job array ({spec.resources.array} tasks) needs Slurm; the local "
+            f"executor runs one job (drop the array, or use --executor slurm on a cluster)"
+        )
     try:  # the node command, once here: its container mistakes (binds, variables) must not wait for a node
         node_command(make_plan(spec, run_path), example_place(spec.resources.nodes))
     except ValueError as e:
@@ -160,17 +181,20 @@ def cmd_run(kind: str, args: argparse.Namespace) -> int:
         try:
             run = RunDir.create(spec.output.root, spec.name)
         except OSError as e:
-            raise UsageError(f"output.root: cannot create a run folder in {spec.output.root}: "
-                             f"{e.strerror or e}") from None
+            raise UsageError(
+                f"output.root: cannot create a run folder in {spec.output.root}: {e.strerror or e}"
+            ) from None
         atomic_write(run.spec_file, dump_spec(spec))
         # What `resume` needs if none was submitted, and the inputs a resume must find unchanged.
         run.update_state(kind=kind, executor=executor, inputs=inputs, inputs_fingerprint=spec_fingerprint(spec))
     try:
-        return submit_and_wait(spec, run, executor, wait=args.wait, header=f"run folder: {run.path}",
-                               submitted=time.time())
+        return submit_and_wait(
+            spec, run, executor, wait=args.wait, header=f"run folder: {run.path}", submitted=time.time()
+        )
     except KeyboardInterrupt:  # before the job was submitted (submit_and_wait says what happened after)
-        raise Interrupted(f"interrupted; nothing was submitted; submit the run with: python submit.py resume "
-                          f"{run.path}") from None
+        raise Interrupted(
+            f"interrupted; nothing was submitted; submit the run with: python submit.py resume {run.path}"
+        ) from None
 
 
 def local_identity(executor: str, job) -> dict:
@@ -194,18 +218,31 @@ def print_dry_run(spec: JobSpec, executor: str) -> None:
     which = "node 0"
     if spec.resources.array is not None:
         plan = dataclasses.replace(plan, task=0)
-        which = (f"array task 0 of {spec.resources.array} (each task passes its own --task and runs its share of "
-                 f"the inputs on one node)")
+        which = (
+            f"array task 0 of {spec.resources.array} (each task passes its own --task and runs its share of "
+            f"the inputs on one node)"
+        )
     cmd = node_command(plan, example_place(spec.resources.nodes))
-    print(f"# per-node command, {which} on GPUs (each node passes its own --machine_rank; the port comes from "
-          f"the job id; a node without CUDA drops to --mixed_precision no with ACCELERATE_USE_CPU=true)")
+    print(
+        f"# per-node command, {which} on GPUs (each node passes its own --machine_rank; the port comes from "
+        f"the job id; a node without CUDA drops to --mixed_precision no with ACCELERATE_USE_CPU=true)"
+    )
     print(shlex.join(cmd.argv))
     print("# environment passed by name: " + " ".join(sorted(cmd.env)))
     print("# nothing was submitted (--dry-run)")
 
 
-def submit_and_wait(spec: JobSpec, run: RunDir, executor: str, *, wait: bool, header: str, attempt_base: int = 0,
-                    tasks: list[int] | None = None, **state) -> int:
+def submit_and_wait(
+    spec: JobSpec,
+    run: RunDir,
+    executor: str,
+    *,
+    wait: bool,
+    header: str,
+    attempt_base: int = 0,
+    tasks: list[int] | None = None,
+    **state,
+) -> int:
     """Submit the run's job step (of a job array, `tasks`: all of them by default) and record its job
     id (and `state`); then, unless it went to Slurm without --wait, wait for it and print the summary."""
     try:  # so that a job that fills the file system can still say so (runners/faults.py)
@@ -224,20 +261,25 @@ def submit_and_wait(spec: JobSpec, run: RunDir, executor: str, *, wait: bool, he
             jobs = slurm.submit_array(ex, plan, tasks)
             job_id = jobs[0].job_id.split("_")[0]  # the array's; its tasks are <id>_<index>
             run.update_tasks({task: {"job_id": job.job_id} for task, job in zip(tasks, jobs)})
-        run.update_state(executor=executor, job_ids=run.read_state().get("job_ids", []) + [job_id], **state,
-                         **local_identity(executor, jobs[0]))
+        run.update_state(
+            executor=executor,
+            job_ids=run.read_state().get("job_ids", []) + [job_id],
+            **state,
+            **local_identity(executor, jobs[0]),
+        )
     attempt = f" (attempt {attempt_base})" if attempt_base else ""
-    lines = [header, f"{executor} job: {job_id}{attempt}"] + ([f"array tasks: {' '.join(map(str, tasks))}"]
-                                                              if tasks is not None else [])
+    lines = [header, f"{executor} job: {job_id}{attempt}"] + (
+        [f"array tasks: {' '.join(map(str, tasks))}"] if tasks is not None else []
+    )
     if executor == "slurm" and not wait:
         try:
             print("\n".join(lines + [f"follow it with: python submit.py status {run.path}"]))
         except KeyboardInterrupt:
-            raise Interrupted(f"interrupted; {executor} job {job_id} is queued: python submit.py status "
-                              f"{run.path}") from None
+            raise Interrupted(
+                f"interrupted; {executor} job {job_id} is queued: python submit.py status {run.path}"
+            ) from None
         return 0
-    return wait_and_summarize(jobs, run, "\n".join(lines),
-                              show_log_from=log_start if executor == "local" else None)
+    return wait_and_summarize(jobs, run, "\n".join(lines), show_log_from=log_start if executor == "local" else None)
 
 
 def wait_and_summarize(jobs: list, run: RunDir, header: str, show_log_from: int | None) -> int:
@@ -261,10 +303,10 @@ def wait_and_summarize(jobs: list, run: RunDir, header: str, show_log_from: int 
         with interrupts_held(then_drop=True):  # a second Ctrl-C must not stop the cancel halfway
             ended = cancel_jobs(run, jobs)
         if not ended:
-            raise Interrupted(f"interrupted; cancelled the job, which is still ending; see: python submit.py "
-                              f"status {run.path}") from None
-        raise Interrupted(f"interrupted; cancelled the job; resume with: python submit.py resume {run.path}") \
-            from None
+            raise Interrupted(
+                f"interrupted; cancelled the job, which is still ending; see: python submit.py status {run.path}"
+            ) from None
+        raise Interrupted(f"interrupted; cancelled the job; resume with: python submit.py resume {run.path}") from None
     except Exception as e:  # the job's own error, already logged in the run folder
         # A rank's own line says it all (a full disk, a silent rank); else the job's error and log tail.
         print(f"run folder: {run.path}\njob failed: {lifecycle.rank_error(run) or e}", file=sys.stderr)
@@ -316,8 +358,9 @@ def cmd_resume(args: argparse.Namespace) -> int:
     try:
         return resume_run(run, args)
     except KeyboardInterrupt:  # before a job was submitted (submit_and_wait says what happened after)
-        raise Interrupted(f"interrupted; nothing was submitted; resume with: python submit.py resume "
-                          f"{run.path}") from None
+        raise Interrupted(
+            f"interrupted; nothing was submitted; resume with: python submit.py resume {run.path}"
+        ) from None
 
 
 def resume_run(run: RunDir, args: argparse.Namespace) -> int:
@@ -342,12 +385,15 @@ def resume_run(run: RunDir, args: argparse.Namespace) -> int:
             except CheckpointMismatch as e:
                 raise UsageError(str(e)) from None
         if live := wait_for_ranks_to_end(run, RANK_EXIT_GRACE_S):
-            raise UsageError(f"{run.path}: {live[0]['name']} is still running here (pid {live[0]['pid']}), "
-                             f"though its job has ended; stop it before resuming, or two attempts would "
-                             f"write the same results")
+            raise UsageError(
+                f"{run.path}: {live[0]['name']} is still running here (pid {live[0]['pid']}), "
+                f"though its job has ended; stop it before resuming, or two attempts would "
+                f"write the same results"
+            )
         if not status.tasks:
-            return submit_and_wait(spec, run, executor, wait=args.wait,
-                                   header=f"resumed {run.path}", attempt_base=status.attempt + 1)
+            return submit_and_wait(
+                spec, run, executor, wait=args.wait, header=f"resumed {run.path}", attempt_base=status.attempt + 1
+            )
         if executor != "slurm":
             raise UsageError(f"{run.path}: a job array resumes on Slurm only (--executor slurm)")
         if not (tasks := lifecycle.unfinished_tasks(run)):
@@ -355,8 +401,9 @@ def resume_run(run: RunDir, args: argparse.Namespace) -> int:
             return gather_run(run)
         # Past every attempt of every task: a task's shards of earlier attempts are what it skips.
         attempt_base = max([status.attempt, *(s.attempt for s in list_shards(run))]) + 1
-        return submit_and_wait(spec, run, executor, wait=args.wait,
-                               header=f"resumed {run.path}", attempt_base=attempt_base, tasks=tasks)
+        return submit_and_wait(
+            spec, run, executor, wait=args.wait, header=f"resumed {run.path}", attempt_base=attempt_base, tasks=tasks
+        )
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -401,10 +448,16 @@ def check_log_choice(run: RunDir, args: argparse.Namespace) -> None:
     if args.task is not None and res.array is None:
         raise UsageError(f"--task {args.task}: {run.path} is one job, not a job array (leave --task out)")
     for option, value, count, what, has in (
-            ("--task", args.task, res.array, "array task", "this run has {}"),
-            ("--node", args.node, 1 if res.array else res.nodes, "node", "this run has {}"),
-            ("--rank", args.rank, res.gpus_per_node, "local rank",
-             f"each node runs {{}} (resources.gpus_per_node: {res.gpus_per_node})")):
+        ("--task", args.task, res.array, "array task", "this run has {}"),
+        ("--node", args.node, 1 if res.array else res.nodes, "node", "this run has {}"),
+        (
+            "--rank",
+            args.rank,
+            res.gpus_per_node,
+            "local rank",
+            f"each node runs {{}} (resources.gpus_per_node: {res.gpus_per_node})",
+        ),
+    ):
         if value is not None and not 0 <= value < count:
             which = f"{what} 0 only" if count == 1 else f"{what}s 0-{count - 1}"
             raise UsageError(f"{option} {value}: no such {what}: {has.format(which)}")
@@ -440,6 +493,7 @@ def open_run(path: str) -> RunDir:
 
 # --- argument parsing ----------------------------------------------------------------------
 
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse's, with its errors on one line like every other error here (exit code 2)."""
 
@@ -459,38 +513,64 @@ def positive_int(text: str) -> int:
 
 def add_run_options(p: argparse.ArgumentParser, kind: str) -> None:
     p.add_argument("spec", nargs="?", help=f"YAML spec (default: jobs/{kind}.yaml)")
-    p.add_argument("--gpus", type=int, metavar="N",
-                   help="GPUs per node = processes per node (CPU processes where there is no GPU); "
-                        "sets resources.gpus_per_node")
+    p.add_argument(
+        "--gpus",
+        type=int,
+        metavar="N",
+        help="GPUs per node = processes per node (CPU processes where there is no GPU); sets resources.gpus_per_node",
+    )
     p.add_argument("--nodes", type=int, metavar="N", help="number of nodes (Slurm only); sets resources.nodes")
-    p.add_argument("--array", metavar="N[%M]",
-                   help="inference as a Slurm job array of N one-node tasks, each on its share of the inputs, "
-                        "at most M running at once; sets resources.array (and resources.array_max_running)")
-    p.add_argument("--set", action="append", metavar="KEY.PATH=VALUE",
-                   help="override one spec value, typed by the schema, e.g. --set generation.max_new_tokens=16 "
-                        "(repeatable; paths resolve against the current folder)")
-    p.add_argument("--executor", choices=("auto", "slurm", "local"), default="auto",
-                   help="where to run: slurm (sbatch via submitit), local (this machine, via submitit's local "
-                        "executor), auto = slurm when sbatch is on PATH, else local (default: auto)")
-    p.add_argument("--dry-run", action="store_true",
-                   help="print the resolved spec, the sbatch script and the per-node command; submit nothing")
+    p.add_argument(
+        "--array",
+        metavar="N[%M]",
+        help="inference as a Slurm job array of N one-node tasks, each on its share of the inputs, "
+        "at most M running at once; sets resources.array (and resources.array_max_running)",
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY.PATH=VALUE",
+        help="override one spec value, typed by the schema, e.g. --set generation.max_new_tokens=16 "
+        "(repeatable; paths resolve against the current folder)",
+    )
+    p.add_argument(
+        "--executor",
+        choices=("auto", "slurm", "local"),
+        default="auto",
+        help="where to run: slurm (sbatch via submitit), local (this machine, via submitit's local "
+        "executor), auto = slurm when sbatch is on PATH, else local (default: auto)",
+    )
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the resolved spec, the sbatch script and the per-node command; submit nothing",
+    )
     p.add_argument("--output", metavar="DIR", help="output root for the run folder; sets output.root")
-    p.add_argument("--wait", action="store_true",
-                   help="with Slurm, wait for the job and print the summary (local runs always wait)")
+    p.add_argument(
+        "--wait",
+        action="store_true",
+        help="with Slurm, wait for the job and print the summary (local runs always wait)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(
-        prog="llmbatch", description="LLM batch inference and LoRA fine-tuning on Slurm or this machine, "
-                                     "from one YAML spec.")
+        prog="llmbatch",
+        description="LLM batch inference and LoRA fine-tuning on Slurm or this machine, from one YAML spec.",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for kind, text in (("infer", "run batch inference: every input once, merged into results.jsonl"),
-                       ("finetune", "LoRA fine-tuning with checkpoints; the adapter lands in <run>/adapter")):
+    for kind, text in (
+        ("infer", "run batch inference: every input once, merged into results.jsonl"),
+        ("finetune", "LoRA fine-tuning with checkpoints; the adapter lands in <run>/adapter"),
+    ):
         add_run_options(sub.add_parser(kind, help=text, description=text), kind)
-    p = sub.add_parser("gather", help="merge an inference run's shards into results.jsonl by hand",
-                       description="Merge the shards of an inference run into results.jsonl (results.parquet with "
-                                   "output.format: parquet) and metrics.json. "
-                                   "Exits 1 and names the missing ids if the run is incomplete.")
+    p = sub.add_parser(
+        "gather",
+        help="merge an inference run's shards into results.jsonl by hand",
+        description="Merge the shards of an inference run into results.jsonl (results.parquet with "
+        "output.format: parquet) and metrics.json. "
+        "Exits 1 and names the missing ids if the run is incomplete.",
+    )
     p.add_argument("run", help="the run folder")
 
     p = sub.add_parser("status", help="Slurm state and progress of a run (default: the newest under --root)")
@@ -515,8 +595,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("resume", help="resubmit a stopped, failed or killed run; it continues where it stopped")
     p.add_argument("run", help="the run folder")
-    p.add_argument("--executor", choices=("auto", "slurm", "local"),
-                   help="where to run (default: where the run ran before)")
+    p.add_argument(
+        "--executor", choices=("auto", "slurm", "local"), help="where to run (default: where the run ran before)"
+    )
     p.add_argument("--wait", action="store_true", help="with Slurm, wait and print the summary")
     return parser
 

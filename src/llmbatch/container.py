@@ -11,11 +11,10 @@ from __future__ import annotations
 import os
 import posixpath
 import secrets
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Mapping, Sequence
 
 from llmbatch.spec import ENV_NAME, ContainerSpec, SpecError
-
 
 # Docker and Podman read `-e NAME` values from their own environment, so those variables also reach the
 # client itself. A value for one of these would reconfigure the client (or hide it from PATH) instead.
@@ -39,7 +38,7 @@ class Bind:
     dest: str
     ro: bool = False
 
-    def covers(self, other: "Bind") -> bool:
+    def covers(self, other: Bind) -> bool:
         """True if `other` is already visible through self, at the same place and at least as writable."""
         if self.ro and not other.ro:
             return False
@@ -75,8 +74,11 @@ def check_run_folder_binds(extra: Sequence[str], run_dir: str) -> None:
     for i, text in enumerate(extra):
         b = parse_bind(text)
         if b.dest == "/" or (_within(run_dir, b.dest) or _within(b.dest, run_dir)) and b.host != b.dest:
-            raise SpecError(f"container.binds[{i}]", f"{text!r}: its destination {b.dest} covers the run folder "
-                                                     f"{run_dir} or lies in it; bind it elsewhere, or at its own path")
+            raise SpecError(
+                f"container.binds[{i}]",
+                f"{text!r}: its destination {b.dest} covers the run folder "
+                f"{run_dir} or lies in it; bind it elsewhere, or at its own path",
+            )
 
 
 def merge_binds(job_binds: Sequence[str], extra: Sequence[str]) -> list[Bind]:
@@ -110,8 +112,16 @@ def container_env(env: Mapping[str, str], container: ContainerSpec) -> dict[str,
     return merged
 
 
-def wrap_command(argv: list[str], container: ContainerSpec, *, binds: Sequence[str], env: Mapping[str, str],
-                 gpus: bool, workdir: str, name: str | None = None) -> ContainerCommand:
+def wrap_command(
+    argv: list[str],
+    container: ContainerSpec,
+    *,
+    binds: Sequence[str],
+    env: Mapping[str, str],
+    gpus: bool,
+    workdir: str,
+    name: str | None = None,
+) -> ContainerCommand:
     """The argv (and the environment to add for it) that runs `argv` inside `container`.
 
     binds: absolute host folders the job needs (run folder, data, model, cache), bound at the same path.
@@ -153,11 +163,16 @@ def _apptainer(argv, container, mounts, variables, gpus, workdir) -> ContainerCo
 
 def _docker(argv, container, mounts, variables, gpus, workdir, name) -> ContainerCommand:
     podman = container.runtime == "podman"
-    client = [k for k, v in variables.items() if (k in _CLIENT_VARS or k.startswith(_CLIENT_PREFIXES))
-              and v != os.environ.get(k)]
+    client = [
+        k
+        for k, v in variables.items()
+        if (k in _CLIENT_VARS or k.startswith(_CLIENT_PREFIXES)) and v != os.environ.get(k)
+    ]
     if client:
-        raise ValueError(f"{container.runtime} reads these from its own environment, so they cannot be "
-                         f"set for the container this way (set them in the image): {client}")
+        raise ValueError(
+            f"{container.runtime} reads these from its own environment, so they cannot be "
+            f"set for the container this way (set them in the image): {client}"
+        )
     # Signals: `docker run` proxies the signals it gets to the container (--sig-proxy, on by default, no
     # tty), so the job's SIGUSR2/SIGTERM reach the container's PID 1. --init makes that PID 1 a small init
     # (tini; catatonit for Podman) that forwards them to our process and reaps zombies; without it our

@@ -74,10 +74,11 @@ def _lines(path: Path) -> Iterator[tuple[int, str]]:
         while raw := f.readline(MAX_RECORD_BYTES + 1):
             number += 1
             if len(raw) > MAX_RECORD_BYTES:
-                raise DataError(f"{path}:{number}: the line is longer than {_mib(MAX_RECORD_BYTES)}, the most a "
-                                f"record may hold")
+                raise DataError(
+                    f"{path}:{number}: the line is longer than {_mib(MAX_RECORD_BYTES)}, the most a record may hold"
+                )
             if number == 1 and raw.startswith(codecs.BOM_UTF8):
-                raw, offset = raw[len(codecs.BOM_UTF8):], len(codecs.BOM_UTF8)
+                raw, offset = raw[len(codecs.BOM_UTF8) :], len(codecs.BOM_UTF8)
             try:
                 text = raw.decode("utf-8")
             except UnicodeDecodeError as e:
@@ -106,7 +107,7 @@ def _csv_records(path: Path) -> Iterator[tuple[int, dict]]:
 
     def texts() -> Iterator[str]:
         nonlocal last_line, at_end
-        for last_line, text in lines:
+        for last_line, text in lines:  # noqa: B007 (last_line is the nonlocal the reader reports)
             yield text
         at_end = True
 
@@ -119,14 +120,18 @@ def _csv_records(path: Path) -> Iterator[tuple[int, dict]]:
             return
         except csv.Error as e:
             if "field larger than field limit" in str(e):
-                raise DataError(f"{path}:{first_line}: a field runs past {_mib(MAX_RECORD_BYTES)}, the most a "
-                                f"record may hold (a quote left open?)") from None
+                raise DataError(
+                    f"{path}:{first_line}: a field runs past {_mib(MAX_RECORD_BYTES)}, the most a "
+                    f"record may hold (a quote left open?)"
+                ) from None
             raise DataError(f"{path}:{first_line}: not valid CSV ({e})") from None
         if at_end:
             # The reader finishes a row at its line's end, unless a quoted field is still open: then it
             # took every line to the file's end into that field (the rows after it would vanish).
-            raise DataError(f"{path}:{first_line}: a quoted field opened in this record runs to the end of the file "
-                            f"(a quote left open?)")
+            raise DataError(
+                f"{path}:{first_line}: a quoted field opened in this record runs to the end of the file "
+                f"(a quote left open?)"
+            )
         if not row:
             continue  # a blank line
         if header is None:
@@ -135,8 +140,7 @@ def _csv_records(path: Path) -> Iterator[tuple[int, dict]]:
                 raise DataError(f"{path}:{first_line}: duplicate column name {duplicates[0]!r}")
             header = row
         elif len(row) != len(header):
-            raise DataError(f"{path}:{first_line}: wrong number of columns ({len(row)}; the header has "
-                            f"{len(header)})")
+            raise DataError(f"{path}:{first_line}: wrong number of columns ({len(row)}; the header has {len(header)})")
         else:
             yield first_line, dict(zip(header, row))
 
@@ -183,8 +187,10 @@ def _example_id(where: str, record: dict, field: str) -> str:
     if not example_id.strip():
         raise DataError(f"{where}: id field '{field}' is empty")
     if (bad := hidden_character(example_id)) is not None:
-        raise DataError(f"{where}: id {example_id!r} holds {invisible(bad) or 'a control character or line break'}; "
-                        f"ids appear in logs and error lines, so they must be printable single-line text")
+        raise DataError(
+            f"{where}: id {example_id!r} holds {invisible(bad) or 'a control character or line break'}; "
+            f"ids appear in logs and error lines, so they must be printable single-line text"
+        )
     return example_id
 
 
@@ -202,15 +208,18 @@ def _text(where: str, record: dict, field: str, key: str) -> str:
 
 def _no_surrogate(where: str, what: str, value) -> None:
     if isinstance(value, str) and (found := SURROGATE.search(value)):
-        raise DataError(f"{where}: {what} holds a lone surrogate ({found.group()!a}), half of a UTF-16 pair "
-                        f"and no text (a broken \\u escape?)")
+        raise DataError(
+            f"{where}: {what} holds a lone surrogate ({found.group()!a}), half of a UTF-16 pair "
+            f"and no text (a broken \\u escape?)"
+        )
 
 
 def _check_size(where: str, what: str, text: str) -> None:
     """A prompt or chat of at most MAX_RECORD_BYTES (a character is 1 to 4 bytes: most need no encoding)."""
     if len(text) * 4 > MAX_RECORD_BYTES and (size := len(text.encode())) > MAX_RECORD_BYTES:
-        raise DataError(f"{where}: the {what} is {size} bytes, more than the {_mib(MAX_RECORD_BYTES)} a record may "
-                        f"hold")
+        raise DataError(
+            f"{where}: the {what} is {size} bytes, more than the {_mib(MAX_RECORD_BYTES)} a record may hold"
+        )
 
 
 def _mib(size: int) -> str:
@@ -224,8 +233,10 @@ def _messages(where: str, record: dict, field: str) -> list[dict[str, str]]:
     messages = record[field]
     if not isinstance(messages, list) or not messages:
         got = "an empty list" if isinstance(messages, list) else _kind(messages)
-        raise DataError(f"{where}: field '{field}' (data.messages_field) must be a non-empty list of "
-                        f"{{role, content}} messages, got {got}")
+        raise DataError(
+            f"{where}: field '{field}' (data.messages_field) must be a non-empty list of "
+            f"{{role, content}} messages, got {got}"
+        )
     for number, message in enumerate(messages, 1):
         what = f"{where}: message {number} of '{field}'"
         if not isinstance(message, dict):
@@ -269,13 +280,15 @@ def _render(where: str, template: str, fields: list[str], record: dict) -> str:
         for name in _replacement_fields(template):
             value, _ = _FORMATTER.get_field(name, (), record)
             if not _is_scalar(value):
-                raise DataError(f"{where}: field '{name}' of data.prompt_template must be text or a number, got "
-                                f"{_kind(value)}")
+                raise DataError(
+                    f"{where}: field '{name}' of data.prompt_template must be text or a number, got {_kind(value)}"
+                )
             _no_surrogate(where, f"field '{name}' of data.prompt_template", value)
         return template.format_map(record)
     except (ValueError, TypeError, LookupError, AttributeError) as e:  # e.g. {n:d} on a string, {q[9]}
-        raise DataError(f"{where}: data.prompt_template cannot be filled from this record "
-                        f"({type(e).__name__}: {e})") from None
+        raise DataError(
+            f"{where}: data.prompt_template cannot be filled from this record ({type(e).__name__}: {e})"
+        ) from None
 
 
 _FORMATTER = string.Formatter()

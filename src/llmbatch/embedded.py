@@ -30,7 +30,6 @@ import tempfile
 import zlib
 from pathlib import Path
 
-
 VERSION = 1
 NAME = f"tiny-llama-v{VERSION}"
 """Folder name inside the cache; versioned so a changed build never reuses an old folder."""
@@ -73,8 +72,13 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}Assistant:{% endif %}"
 )
 
-REQUIRED_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
-                  "tokenizer_config.json")
+REQUIRED_FILES = (
+    "config.json",
+    "generation_config.json",
+    "model.safetensors",
+    "tokenizer.json",
+    "tokenizer_config.json",
+)
 
 
 def default_cache_dir() -> Path:
@@ -196,8 +200,10 @@ def _corpus(lines: int = 4000) -> list[str]:
             a, b = rng.randint(0, 999), rng.randint(0, 999)
             sentence = f"User: What is {a} + {b}? {' '.join(words)}\nAssistant: {a + b}."
         else:
-            sentence = (f"{rng.choice(_WORDS).title()} ({rng.choice(_WORDS)}, {rng.randint(0, 99)}%): "
-                        f"\"{' '.join(words)}\" - {rng.choice(_WORDS)}_{rng.choice(_WORDS)}()")
+            sentence = (
+                f"{rng.choice(_WORDS).title()} ({rng.choice(_WORDS)}, {rng.randint(0, 99)}%): "
+                f'"{" ".join(words)}" - {rng.choice(_WORDS)}_{rng.choice(_WORDS)}()'
+            )
         text.append(sentence)
     return text
 
@@ -210,10 +216,12 @@ def build_tokenizer():
     tok = Tokenizer(models.BPE())
     # Digits first, each its own piece (numbers tokenize per digit), then the GPT-2 style byte-level
     # split; add_prefix_space=False so a prompt encodes exactly as written.
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Digits(individual_digits=True),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
-    ])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+        ]
+    )
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=VOCAB_SIZE,
@@ -226,7 +234,8 @@ def build_tokenizer():
     # Every encoded text starts with BOS, as in Llama; training sequences also end with EOS (added by
     # the fine-tuning code, not here, so prompts to complete do not end with it).
     tok.post_processor = processors.TemplateProcessing(
-        single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, bos_id)])
+        single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, bos_id)]
+    )
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
         bos_token=BOS,
@@ -241,13 +250,14 @@ def build_tokenizer():
 
 # --- model --------------------------------------------------------------------------------------
 
+
 def build_model(tokenizer):
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
-    ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-               pad_token_id=tokenizer.pad_token_id)
-    config = LlamaConfig(vocab_size=len(tokenizer), initializer_range=LAYER_STD, dtype="float32",
-                         **ARCH, **ids)
+    ids = dict(
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
+    )
+    config = LlamaConfig(vocab_size=len(tokenizer), initializer_range=LAYER_STD, dtype="float32", **ARCH, **ids)
     model = LlamaForCausalLM(config)
     _init_weights(model)
     model.generation_config = GenerationConfig(do_sample=False, **ids)

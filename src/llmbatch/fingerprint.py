@@ -32,8 +32,10 @@ def spec_fingerprint(spec: JobSpec) -> dict[str, Any]:
     """The run's inputs, by key path. Under other values a checkpoint would load into other shapes, or
     continue from a place in other data; a resumed inference would answer other inputs."""
     model_config = Path(spec.model.path) / "config.json"
-    fingerprint = {"model.path": spec.model.path,
-                   "model config.json (sha256)": file_sha256(model_config) if model_config.is_file() else None}
+    fingerprint = {
+        "model.path": spec.model.path,
+        "model config.json (sha256)": file_sha256(model_config) if model_config.is_file() else None,
+    }
     fingerprint |= {f"lora.{key}": value for key, value in dataclasses.asdict(spec.lora).items()}
     fingerprint |= {f"data.{key}": value for key, value in dataclasses.asdict(spec.data).items()}
     for key in ("path", "val_path"):
@@ -50,11 +52,15 @@ def changed_input(saved: dict[str, Any], spec: JobSpec) -> str | None:
     now = spec_fingerprint(spec)
     for key in ("path", "val_path"):
         if saved.get(DATA_CONTENTS.format(key)) != now.get(DATA_CONTENTS.format(key)):
-            return (f"{getattr(spec.data, key)}: the run's data file (data.{key}) changed since it was submitted; "
-                    f"resuming would mix results of old and new inputs (put the file back as it was, or start "
-                    f"a new run)")
+            return (
+                f"{getattr(spec.data, key)}: the run's data file (data.{key}) changed since it was submitted; "
+                f"resuming would mix results of old and new inputs (put the file back as it was, or start "
+                f"a new run)"
+            )
     for key in sorted(saved.keys() | now.keys()):
         if saved.get(key) != now.get(key):
-            return (f"submitted with {key}={saved.get(key)!r}, but it is now {now.get(key)!r}; a resume runs on "
-                    f"the inputs the run was submitted with (put it back, or start a new run)")
+            return (
+                f"submitted with {key}={saved.get(key)!r}, but it is now {now.get(key)!r}; a resume runs on "
+                f"the inputs the run was submitted with (put it back, or start a new run)"
+            )
     return None

@@ -103,17 +103,23 @@ def merge_when_complete(run: RunDir, examples: list[Example], output_format: str
 
 
 def result_metrics(results: list[dict]) -> dict[str, Any]:
-    metrics = {Metric.EXAMPLES: len(results),
-               Metric.PROMPT_TOKENS: sum(r["prompt_tokens"] for r in results),
-               Metric.GENERATED_TOKENS: sum(r["output_tokens"] for r in results),
-               Metric.FINISH_REASONS: dict(Counter(r["finish_reason"] for r in results)),
-               # generation.long_prompts: truncate; shards written before this key count none
-               Metric.TRUNCATED_PROMPTS: sum(r.get("truncated", False) for r in results)}
+    metrics = {
+        Metric.EXAMPLES: len(results),
+        Metric.PROMPT_TOKENS: sum(r["prompt_tokens"] for r in results),
+        Metric.GENERATED_TOKENS: sum(r["output_tokens"] for r in results),
+        Metric.FINISH_REASONS: dict(Counter(r["finish_reason"] for r in results)),
+        # generation.long_prompts: truncate; shards written before this key count none
+        Metric.TRUNCATED_PROMPTS: sum(r.get("truncated", False) for r in results),
+    }
     scored = [r for r in results if "reference" in r]
     if scored:
         correct = sum(r["correct"] for r in scored)
-        metrics |= {Metric.ACCURACY: correct / len(scored), Metric.CORRECT: correct, Metric.SCORED: len(scored),
-                    Metric.SCORING: scoring.RULE}
+        metrics |= {
+            Metric.ACCURACY: correct / len(scored),
+            Metric.CORRECT: correct,
+            Metric.SCORED: len(scored),
+            Metric.SCORING: scoring.RULE,
+        }
     return metrics
 
 
@@ -135,10 +141,16 @@ def timing_metrics(run: RunDir) -> dict[str, Any]:
     last = sorted((s for key in last_attempt.items() for s in by_attempt[key]), key=lambda s: s["rank"])
     times = [s["generate_s"] for s in last]
     engine = [s["engine"] for s in all_stats if s.get("engine")]
-    engine_metrics = {Metric.PREFILL_S: sum(s["prefill_s"] for s in engine),
-                      Metric.DECODE_S: sum(s["decode_s"] for s in engine),
-                      Metric.DECODE_STEPS: sum(s["decode_steps"] for s in engine),
-                      Metric.OCCUPANCY: sum(s["occupancy"] for s in engine) / len(engine)} if engine else {}
+    engine_metrics = (
+        {
+            Metric.PREFILL_S: sum(s["prefill_s"] for s in engine),
+            Metric.DECODE_S: sum(s["decode_s"] for s in engine),
+            Metric.DECODE_STEPS: sum(s["decode_steps"] for s in engine),
+            Metric.OCCUPANCY: sum(s["occupancy"] for s in engine) / len(engine),
+        }
+        if engine
+        else {}
+    )
     return engine_metrics | {
         Metric.WALL_S: sum(max(s["wall_s"] for s in ranks) for ranks in by_attempt.values()),
         Metric.GENERATE_S: generate_s,

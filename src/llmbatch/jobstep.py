@@ -71,8 +71,14 @@ class NodePlace:
 def example_place(nodes: int) -> NodePlace:
     """Node 0 of a job not yet submitted, on GPUs: for the dry run, and for building the node command
     once before anything is queued, so that a container mistake is found here, not on the node."""
-    return NodePlace(node_rank=0, main_host="<first host of SLURM_JOB_NODELIST>" if nodes > 1 else "127.0.0.1",
-                     port=0, attempt=0, job_id="<job id>", use_cuda=True)
+    return NodePlace(
+        node_rank=0,
+        main_host="<first host of SLURM_JOB_NODELIST>" if nodes > 1 else "127.0.0.1",
+        port=0,
+        attempt=0,
+        job_id="<job id>",
+        use_cuda=True,
+    )
 
 
 def binds_for(spec: JobSpec, run_path: Path) -> tuple[str, ...]:
@@ -87,11 +93,20 @@ def binds_for(spec: JobSpec, run_path: Path) -> tuple[str, ...]:
 def make_plan(spec: JobSpec, run_path: Path, attempt_base: int = 0) -> LaunchPlan:
     res = spec.resources
     return LaunchPlan(
-        run_dir=str(run_path), runner=RUNNERS[spec.kind], nodes=res.nodes, gpus_per_node=res.gpus_per_node,
-        mixed_precision="bf16" if spec.kind == "finetune" else "no", container=spec.container,
-        binds=binds_for(spec, run_path), cpu_threads_per_proc=res.cpus_per_gpu, max_requeues=res.max_requeues,
-        signal_delay_s=res.signal_delay_s, collective_timeout_s=res.collective_timeout_s, attempt_base=attempt_base,
-        **({"python": spec.container.python} if spec.container.runtime != "none" else {}))
+        run_dir=str(run_path),
+        runner=RUNNERS[spec.kind],
+        nodes=res.nodes,
+        gpus_per_node=res.gpus_per_node,
+        mixed_precision="bf16" if spec.kind == "finetune" else "no",
+        container=spec.container,
+        binds=binds_for(spec, run_path),
+        cpu_threads_per_proc=res.cpus_per_gpu,
+        max_requeues=res.max_requeues,
+        signal_delay_s=res.signal_delay_s,
+        collective_timeout_s=res.collective_timeout_s,
+        attempt_base=attempt_base,
+        **({"python": spec.container.python} if spec.container.runtime != "none" else {}),
+    )
 
 
 RENDEZVOUS_PORTS = range(10000, 32768)
@@ -118,18 +133,38 @@ def rendezvous_ports(job_id: str, restarts: int, array_tasks: int = 1) -> Iterat
 
 def build_launch_argv(plan: LaunchPlan, place: NodePlace) -> list[str]:
     """The `accelerate launch` argv for one node."""
-    argv = [plan.python, "-m", "accelerate.commands.launch",
-            "--num_machines", str(plan.nodes),
-            "--num_processes", str(plan.num_processes),
-            "--machine_rank", str(place.node_rank),
-            "--main_process_ip", place.main_host,
-            "--main_process_port", str(place.port),
-            "--mixed_precision", plan.mixed_precision if place.use_cuda else "no",
-            "--dynamo_backend", "no"]
+    argv = [
+        plan.python,
+        "-m",
+        "accelerate.commands.launch",
+        "--num_machines",
+        str(plan.nodes),
+        "--num_processes",
+        str(plan.num_processes),
+        "--machine_rank",
+        str(place.node_rank),
+        "--main_process_ip",
+        place.main_host,
+        "--main_process_port",
+        str(place.port),
+        "--mixed_precision",
+        plan.mixed_precision if place.use_cuda else "no",
+        "--dynamo_backend",
+        "no",
+    ]
     if plan.num_processes > 1:
         # --multi_gpu is also what starts several processes on CPU (with ACCELERATE_USE_CPU).
-        argv += ["--multi_gpu", "--max_restarts", "0", "--monitor_interval", "1",
-                 "--tee", "3", "--log_dir", str(RunDir(Path(plan.run_dir)).rank_log_dir(place.node_rank, plan.task))]
+        argv += [
+            "--multi_gpu",
+            "--max_restarts",
+            "0",
+            "--monitor_interval",
+            "1",
+            "--tee",
+            "3",
+            "--log_dir",
+            str(RunDir(Path(plan.run_dir)).rank_log_dir(place.node_rank, plan.task)),
+        ]
     if not place.use_cuda:
         argv += ["--num_cpu_threads_per_process", str(plan.cpu_threads_per_proc)]
     argv += ["-m", plan.runner, "--run-dir", plan.run_dir, "--attempt", str(place.attempt)]
@@ -138,9 +173,13 @@ def build_launch_argv(plan: LaunchPlan, place: NodePlace) -> list[str]:
 
 def launch_env(place: NodePlace) -> dict[str, str]:
     """Variables the ranks need, passed by name into a container."""
-    env = {"PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-           # A dead NCCL peer raises instead of hanging until the distributed timeout.
-           "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1"}
+    env = {
+        "PYTHONUNBUFFERED": "1",
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        # A dead NCCL peer raises instead of hanging until the distributed timeout.
+        "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1",
+    }
     if place.use_cuda:
         if "CUDA_VISIBLE_DEVICES" in os.environ:
             env["CUDA_VISIBLE_DEVICES"] = os.environ["CUDA_VISIBLE_DEVICES"]
@@ -153,5 +192,11 @@ def node_command(plan: LaunchPlan, place: NodePlace) -> ContainerCommand:
     """What one node runs: its `accelerate launch` argv in the container runtime, and the variables
     to add to its environment."""
     check_run_folder_binds(plan.container.binds, plan.run_dir)
-    return wrap_command(build_launch_argv(plan, place), plan.container, binds=plan.binds, env=launch_env(place),
-                        gpus=place.use_cuda, workdir=plan.run_dir)
+    return wrap_command(
+        build_launch_argv(plan, place),
+        plan.container,
+        binds=plan.binds,
+        env=launch_env(place),
+        gpus=place.use_cuda,
+        workdir=plan.run_dir,
+    )

@@ -17,8 +17,17 @@ from llmbatch.rundir import RunDir, process_start_ticks
 from llmbatch.shards import finished_tasks, read_progress, task_progress
 
 # Slurm states after which a job will not run again by itself.
-FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "PREEMPTED",
-                "BOOT_FAIL", "DEADLINE"}
+FINAL_STATES = {
+    "COMPLETED",
+    "FAILED",
+    "CANCELLED",
+    "TIMEOUT",
+    "OUT_OF_MEMORY",
+    "NODE_FAIL",
+    "PREEMPTED",
+    "BOOT_FAIL",
+    "DEADLINE",
+}
 # ... and with the local executor's and the run folder's own: nothing of the run is running.
 ENDED_STATES = FINAL_STATES | {"STOPPED", "NOT SUBMITTED"}
 
@@ -52,18 +61,24 @@ class RunStatus:
         if self.tasks:
             finished = sum(t["state"] == "COMPLETED" for t in self.tasks)
             what += f", {finished}/{len(self.tasks)} array tasks completed"
-        return (f"{Path(self.run).name}  {self.kind}  {self.executor}:{self.job_id}  {self.state}  "
-                f"{what}  requeues={self.requeues}")
+        return (
+            f"{Path(self.run).name}  {self.kind}  {self.executor}:{self.job_id}  {self.state}  "
+            f"{what}  requeues={self.requeues}"
+        )
 
     def task_lines(self) -> list[str]:
-        return [f"task {t['task']}  {t['job_id']}  {t['state']}  {t['done']}/{t.get('inputs', '?')} inputs  "
-                f"attempt {t['attempt']}  requeues={t['requeues']}" for t in self.tasks]
+        return [
+            f"task {t['task']}  {t['job_id']}  {t['state']}  {t['done']}/{t.get('inputs', '?')} inputs  "
+            f"attempt {t['attempt']}  requeues={t['requeues']}"
+            for t in self.tasks
+        ]
 
 
 def format_duration(seconds: float) -> str:
     seconds = int(seconds)
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else \
-        f"{seconds // 60}m{seconds % 60:02d}s"
+    return (
+        f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+    )
 
 
 def slurm_state(job_id: str) -> str:
@@ -112,6 +127,8 @@ def array_state(states: list[str]) -> str:
     if active := [state for state in states if state not in FINAL_STATES]:
         return "RUNNING" if "RUNNING" in active else active[0]
     return next(state for state in states if state != "COMPLETED")
+
+
 def slurm_history(job_id: str) -> dict[str, str]:
     """What Slurm saw happen to the job, for `status`: every run of it (a requeued job has several),
     and the nodes it last ran on that are down now (a lost node: NODE_FAIL)."""
@@ -122,11 +139,12 @@ def slurm_history(job_id: str) -> dict[str, str]:
         history["slurm history"] = ", then ".join(f"{state.split()[0]} on {nodes}" for state, nodes in records)
     ran_on = [nodes for _, nodes in records if nodes not in ("", "None assigned")]
     if ran_on:
-        down = _query(["sinfo", "-h", "-N", "-n", ran_on[-1], "-t", "down,drain,fail,no_respond",
-                       "-o", "%N|%T|%E"])
+        down = _query(["sinfo", "-h", "-N", "-n", ran_on[-1], "-t", "down,drain,fail,no_respond", "-o", "%N|%T|%E"])
         if down:
-            history["nodes down"] = "; ".join(f"{node} is down ({state}: {reason})" for node, state, reason
-                                              in (line.split("|", 2) for line in sorted(set(down.splitlines()))))
+            history["nodes down"] = "; ".join(
+                f"{node} is down ({state}: {reason})"
+                for node, state, reason in (line.split("|", 2) for line in sorted(set(down.splitlines())))
+            )
     return history
 
 
@@ -172,9 +190,12 @@ def progress(run: RunDir, kind: str, started: float | None, done_since_started: 
         steps = [r for r in rows if "loss" in r]
         metrics = read_metrics(run.metrics_file)
         last = steps[-1] if steps else {}
-        p = {"step": last.get("step", 0), "total_steps": last.get("total_steps", metrics.get(Metric.STEPS)),
-             "last_loss": last.get("loss"),
-             "checkpoints": sorted(c.name for c in run.checkpoints_dir.glob("step-*"))}
+        p = {
+            "step": last.get("step", 0),
+            "total_steps": last.get("total_steps", metrics.get(Metric.STEPS)),
+            "last_loss": last.get("loss"),
+            "checkpoints": sorted(c.name for c in run.checkpoints_dir.glob("step-*")),
+        }
         done, total, rate_base = p["step"], p["total_steps"], p["step"]
     if started and total and 0 < done < total and rate_base:
         p["eta_s"] = (time.time() - started) / rate_base * (total - done)
@@ -195,11 +216,17 @@ def run_status(run: RunDir) -> RunStatus:
         job_state = local_state(run, job_id)
     kind = state.get("kind", "?")
     history = slurm_history(job_id) if executor == "slurm" and job_id is not None else {}
-    return RunStatus(run=str(run.path), kind=kind, executor=executor, job_id=job_id, state=job_state,
-                     requeues=state.get("requeues", 0), attempt=state.get("attempt", 0),
-                     # An ETA only while it runs: a pending or stopped job's rate means nothing.
-                     progress=progress(run, kind, state.get("attempt_started") if job_state == "RUNNING" else None)
-                     | history)
+    return RunStatus(
+        run=str(run.path),
+        kind=kind,
+        executor=executor,
+        job_id=job_id,
+        state=job_state,
+        requeues=state.get("requeues", 0),
+        attempt=state.get("attempt", 0),
+        # An ETA only while it runs: a pending or stopped job's rate means nothing.
+        progress=progress(run, kind, state.get("attempt_started") if job_state == "RUNNING" else None) | history,
+    )
 
 
 # Anywhere in a line: a progress bar's unfinished line may come first. torchrun's --tee prefixes a
@@ -212,7 +239,7 @@ def rank_error(run: RunDir) -> str | None:
     rank, or None if no rank left one."""
     for log in sorted(run.logs_dir.glob("node-*.log")):
         text = log.read_text(errors="replace")
-        latest = text[text.rfind("\n== attempt ") + 1:]  # node logs hold every attempt, each after its header
+        latest = text[text.rfind("\n== attempt ") + 1 :]  # node logs hold every attempt, each after its header
         for line in latest.splitlines():
             if m := _RANK_ERROR.search(line):
                 rank = f", local rank {m.group(1)}" if m.group(1) else ""
@@ -225,21 +252,36 @@ def array_status(run: RunDir, state: dict) -> RunStatus:
     tasks = {int(task): info for task, info in state["tasks"].items()}
     job_states = slurm_states([info["job_id"] for info in tasks.values()])
     counts = task_progress(run, state["ranks_per_task"], {task: info.get("attempt") for task, info in tasks.items()})
-    done = {task: min(counts.get(task, {}).get("done", 0), info.get("inputs", float("inf")))
-            for task, info in tasks.items()}
-    rows = [{"task": task, "job_id": info["job_id"], "state": job_states[info["job_id"]],
-             "attempt": info.get("attempt", 0), "requeues": info.get("requeues", 0), "done": done[task],
-             **({"inputs": info["inputs"]} if "inputs" in info else {})} for task, info in sorted(tasks.items())]
+    done = {
+        task: min(counts.get(task, {}).get("done", 0), info.get("inputs", float("inf"))) for task, info in tasks.items()
+    }
+    rows = [
+        {
+            "task": task,
+            "job_id": info["job_id"],
+            "state": job_states[info["job_id"]],
+            "attempt": info.get("attempt", 0),
+            "requeues": info.get("requeues", 0),
+            "done": done[task],
+            **({"inputs": info["inputs"]} if "inputs" in info else {}),
+        }
+        for task, info in sorted(tasks.items())
+    ]
     overall = array_state([row["state"] for row in rows])
     # The rate: what the tasks' current attempts did since the first of them started.
     started = min((info["attempt_started"] for info in tasks.values() if "attempt_started" in info), default=None)
     done_since_started = sum(c["done_this_attempt"] for c in counts.values())
-    return RunStatus(run=str(run.path), kind=state.get("kind", "?"), executor=state.get("executor", "?"),
-                     job_id=(state.get("job_ids") or [None])[-1], state=overall,
-                     requeues=sum(row["requeues"] for row in rows),
-                     attempt=max(row["attempt"] for row in rows),
-                     progress=progress(run, "infer", started if overall == "RUNNING" else None, done_since_started),
-                     tasks=rows)
+    return RunStatus(
+        run=str(run.path),
+        kind=state.get("kind", "?"),
+        executor=state.get("executor", "?"),
+        job_id=(state.get("job_ids") or [None])[-1],
+        state=overall,
+        requeues=sum(row["requeues"] for row in rows),
+        attempt=max(row["attempt"] for row in rows),
+        progress=progress(run, "infer", started if overall == "RUNNING" else None, done_since_started),
+        tasks=rows,
+    )
 
 
 def unfinished_tasks(run: RunDir) -> list[int]:
@@ -261,11 +303,11 @@ def log_file(run: RunDir, node: int, rank: int | None, task: int | None = None) 
         return run.node_log(node, task)
     if not run.rank_log_dir(node, task).exists():
         return run.node_log(node, task)  # one process per node: its output is the node log itself
-    candidates = sorted(run.rank_log_dir(node, task).glob(f"*/attempt_*/{rank}/stdout.log"),
-                        key=lambda p: p.stat().st_mtime)
+    candidates = sorted(
+        run.rank_log_dir(node, task).glob(f"*/attempt_*/{rank}/stdout.log"), key=lambda p: p.stat().st_mtime
+    )
     if not candidates:
-        raise FileNotFoundError(f"no log for local rank {rank} on node {node} under "
-                                f"{run.rank_log_dir(node, task)}")
+        raise FileNotFoundError(f"no log for local rank {rank} on node {node} under {run.rank_log_dir(node, task)}")
     return candidates[-1]
 
 

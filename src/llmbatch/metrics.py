@@ -69,16 +69,40 @@ class Metric:
 
 
 # What the readers check: the values the summary and `status` compute with or format as numbers.
-METRICS_FIELDS = {Metric.EXAMPLES: COUNT, Metric.STEPS: COUNT, Metric.WORLD_SIZE: COUNT,
-                  Metric.PROMPT_TOKENS: COUNT, Metric.GENERATED_TOKENS: COUNT, Metric.ACCURACY: NUMBER,
-                  Metric.TOKENS_PER_S: maybe(NUMBER), Metric.WALL_S: NUMBER, Metric.LOAD_BALANCE: NUMBER,
-                  Metric.TRAIN_LOSS_FIRST: MEASURE, Metric.TRAIN_LOSS_LAST: MEASURE, Metric.VAL_LOSS_FIRST: MEASURE,
-                  Metric.VAL_LOSS_LAST: MEASURE, Metric.VAL_LOSS_BEST: maybe(MEASURE), Metric.BEST_STEP: maybe(COUNT),
-                  Metric.STOPPED_EARLY: FLAG, Metric.VAL_ACCURACY_LAST: NUMBER,
-                  Metric.TRAIN_TOKENS_PER_S: maybe(NUMBER)}
-TRAIN_ROW_FIELDS = {"step": COUNT, "total_steps": COUNT, "epoch": COUNT, "loss": MEASURE, "lr": MEASURE,
-                    "grad_norm": MEASURE, "tokens": COUNT, "elapsed_s": NUMBER, "attempt": COUNT,
-                    "val_loss": MEASURE, "val_ppl": MEASURE, "val_accuracy": NUMBER}
+METRICS_FIELDS = {
+    Metric.EXAMPLES: COUNT,
+    Metric.STEPS: COUNT,
+    Metric.WORLD_SIZE: COUNT,
+    Metric.PROMPT_TOKENS: COUNT,
+    Metric.GENERATED_TOKENS: COUNT,
+    Metric.ACCURACY: NUMBER,
+    Metric.TOKENS_PER_S: maybe(NUMBER),
+    Metric.WALL_S: NUMBER,
+    Metric.LOAD_BALANCE: NUMBER,
+    Metric.TRAIN_LOSS_FIRST: MEASURE,
+    Metric.TRAIN_LOSS_LAST: MEASURE,
+    Metric.VAL_LOSS_FIRST: MEASURE,
+    Metric.VAL_LOSS_LAST: MEASURE,
+    Metric.VAL_LOSS_BEST: maybe(MEASURE),
+    Metric.BEST_STEP: maybe(COUNT),
+    Metric.STOPPED_EARLY: FLAG,
+    Metric.VAL_ACCURACY_LAST: NUMBER,
+    Metric.TRAIN_TOKENS_PER_S: maybe(NUMBER),
+}
+TRAIN_ROW_FIELDS = {
+    "step": COUNT,
+    "total_steps": COUNT,
+    "epoch": COUNT,
+    "loss": MEASURE,
+    "lr": MEASURE,
+    "grad_norm": MEASURE,
+    "tokens": COUNT,
+    "elapsed_s": NUMBER,
+    "attempt": COUNT,
+    "val_loss": MEASURE,
+    "val_ppl": MEASURE,
+    "val_accuracy": NUMBER,
+}
 """A train_metrics.jsonl row: a step's (loss, lr, ...) or an evaluation's (val_loss, ...)."""
 
 

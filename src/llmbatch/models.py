@@ -19,6 +19,7 @@ from pathlib import Path
 
 from llmbatch import embedded
 from llmbatch.data import DataError, Example, location
+
 # The engine's own list of families: a leaf module that imports nothing (no torch), so the check can
 # run before anything is queued.
 from llmbatch.runners.engine.families import FAMILIES
@@ -27,16 +28,29 @@ from llmbatch.spec import EMBEDDED_MODEL, JobSpec, SpecError
 # The first of these in a model's (text) config is its context length.
 CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx")
 # An adapter trained on a base whose config differs in one of these cannot fit model.path.
-ARCH_KEYS = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-             "num_key_value_heads", "vocab_size")
+ARCH_KEYS = (
+    "model_type",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "vocab_size",
+)
 # What must be in a snapshot for the id to count as cached.
 MARKER_FILES = {"model.path": "config.json", "model.adapter": "adapter_config.json"}
 LORA_AXES = {"lora_A": (1, 1), "lora_B": (0, 0), "lora_embedding_A": (1, 0), "lora_embedding_B": (0, 1)}
 SAFETENSORS_HEADER_LIMIT = 100 << 20  # the format's own limit; a larger length means a damaged file
 # A model folder needs one of these to load a tokenizer, and one of the weight files (an index: with
 # every shard it names).
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model",
-                   "sentencepiece.bpe.model")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer.model",
+    "vocab.json",
+    "vocab.txt",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+)
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 # Normalizers that never shorten a text's UTF-8 bytes by more than this factor: NFC composes at most
 # three characters into one (Hangul jamo, 9 bytes into 3), lowercasing turns 3 bytes into 1 at most (the
@@ -48,6 +62,7 @@ KEEPING_PRE_TOKENIZERS = ("ByteLevel", "Metaspace", "Digits", "Punctuation", "Sp
 
 # --- references ----------------------------------------------------------------------------------
 
+
 def resolve_reference(key: str, value: str, local: Path) -> Path:
     """The folder a `model.path` or `model.adapter` value names: `local` (the value as a path) if it
     exists or the value is no hub id, else the id's snapshot in the Hugging Face cache."""
@@ -58,8 +73,11 @@ def resolve_reference(key: str, value: str, local: Path) -> Path:
     found = try_to_load_from_cache(value, MARKER_FILES[key])
     if isinstance(found, str):
         return Path(found).parent
-    raise SpecError(key, f"no folder at {local}, and {value!r} is not in the Hugging Face cache "
-                         f"{constants.HF_HUB_CACHE} (HF_HOME, HF_HUB_CACHE); fetch it with: hf download {value}")
+    raise SpecError(
+        key,
+        f"no folder at {local}, and {value!r} is not in the Hugging Face cache "
+        f"{constants.HF_HUB_CACHE} (HF_HOME, HF_HUB_CACHE); fetch it with: hf download {value}",
+    )
 
 
 def _is_repo_id(value: str) -> bool:
@@ -83,6 +101,7 @@ def host_folder(model_folder: str) -> Path:
 
 # --- checks --------------------------------------------------------------------------------------
 
+
 def check_model(spec: JobSpec, examples: list[Example]) -> None:
     """Raise SpecError or DataError (one line) for what would make the job fail or run past the
     model's context. `examples`: the inputs generation will see (infer: data.path)."""
@@ -92,21 +111,28 @@ def check_model(spec: JobSpec, examples: list[Example]) -> None:
     config = read_json_object(folder / "config.json", "model.path")
     check_model_files(folder)
     if spec.kind == "infer" and spec.generation.engine == "fast" and config.get("model_type") not in FAMILIES:
-        raise SpecError("generation.engine", f"fast: the engine runs {', '.join(FAMILIES)} models, and "
-                                             f"{spec.model.path} is {config.get('model_type')!r} "
-                                             f"(use auto to fall back to generate)")
+        raise SpecError(
+            "generation.engine",
+            f"fast: the engine runs {', '.join(FAMILIES)} models, and "
+            f"{spec.model.path} is {config.get('model_type')!r} "
+            f"(use auto to fall back to generate)",
+        )
     for name in ("generation_config.json", "tokenizer_config.json"):
         if (folder / name).is_file():
             read_json_object(folder / name, "model.path")
     if spec.data.through_chat_template and not has_chat_template(folder):
         key = "data.messages_field" if spec.data.messages_field else "data.chat_template"
-        raise SpecError(key, f"the tokenizer in {folder} has no chat template (none in tokenizer_config.json, "
-                             f"no chat_template.jinja)")
+        raise SpecError(
+            key,
+            f"the tokenizer in {folder} has no chat template (none in tokenizer_config.json, no chat_template.jinja)",
+        )
     context = context_length(config)
     limit = prompt_token_limit(config, spec.generation.max_new_tokens)
     if limit is not None and limit < 1:
-        raise SpecError("generation.max_new_tokens", f"{spec.generation.max_new_tokens} leaves no room for a "
-                                                     f"prompt in the model's context of {context} tokens")
+        raise SpecError(
+            "generation.max_new_tokens",
+            f"{spec.generation.max_new_tokens} leaves no room for a prompt in the model's context of {context} tokens",
+        )
     if spec.model.adapter is not None:
         check_adapter(Path(spec.model.adapter), folder, config)
     if spec.kind == "infer" and spec.generation.long_prompts == "error" and limit is not None:
@@ -192,28 +218,32 @@ def check_prompt_lengths(spec: JobSpec, examples: list[Example], folder: Path, l
         try:
             tokenizer = AutoTokenizer.from_pretrained(folder)
         except Exception as e:  # transformers raises many types for a broken tokenizer: one line for all
-            raise SpecError("model.path", f"cannot load the tokenizer in {folder} ({str(e).splitlines()[0]})") \
-                from None
+            raise SpecError("model.path", f"cannot load the tokenizer in {folder} ({str(e).splitlines()[0]})") from None
         extra, per_token = tokens_over_bytes(tokenizer), bytes_per_token(tokenizer)
-        too_long = (f"with generation.max_new_tokens {spec.generation.max_new_tokens} it exceeds the model's context "
-                    f"of {context} (generation.long_prompts: truncate cuts it)")
+        too_long = (
+            f"with generation.max_new_tokens {spec.generation.max_new_tokens} it exceeds the model's context "
+            f"of {context} (generation.long_prompts: truncate cuts it)"
+        )
         chunk = 4096
         for start in range(0, len(examples), chunk):
-            batch = examples[start:start + chunk]
+            batch = examples[start : start + chunk]
             texts = prompt_texts(tokenizer, batch, spec.data)
             sizes = [len(text.encode()) for text in texts]
             # Encoding a text of megabytes takes seconds and gigabytes: one this long in bytes cannot fit.
             for i, size in enumerate(sizes):
                 if per_token is not None and size > limit * per_token:
-                    raise DataError(f"{location(spec.data.path, batch[i].line)}: the prompt is {size} bytes, more "
-                                    f"than {limit} tokens hold (a token of this tokenizer stands for at most "
-                                    f"{per_token} bytes); {too_long}")
+                    raise DataError(
+                        f"{location(spec.data.path, batch[i].line)}: the prompt is {size} bytes, more "
+                        f"than {limit} tokens hold (a token of this tokenizer stands for at most "
+                        f"{per_token} bytes); {too_long}"
+                    )
             # Encoding a million prompts takes minutes; a text this short in bytes cannot be too long.
             maybe = [i for i, size in enumerate(sizes) if extra is None or size + extra > limit]
             for i, ids in zip(maybe, encode_texts(tokenizer, [texts[i] for i in maybe], spec.data)):
                 if len(ids) > limit:
-                    raise DataError(f"{location(spec.data.path, batch[i].line)}: the prompt is {len(ids)} tokens; "
-                                    f"{too_long}")
+                    raise DataError(
+                        f"{location(spec.data.path, batch[i].line)}: the prompt is {len(ids)} tokens; {too_long}"
+                    )
     finally:
         logging.set_verbosity(verbosity)
 
@@ -252,7 +282,9 @@ def bytes_per_token(tokenizer) -> int | None:
     model, added = state.get("model") or {}, state.get("added_tokens") or []
     vocab = model.get("vocab")
     pre = _steps(state.get("pre_tokenizer"), "pretokenizers")
-    byte_level = any(step.get("type") == "ByteLevel" for step in pre) and set(pre_tokenizers.ByteLevel.alphabet()) <= set(vocab or ())
+    byte_level = any(step.get("type") == "ByteLevel" for step in pre) and set(
+        pre_tokenizers.ByteLevel.alphabet()
+    ) <= set(vocab or ())
     byte_fallback = bool(model.get("byte_fallback")) and all(f"<0x{b:02X}>" in (vocab or ()) for b in range(256))
     shrink = 1
     for step in _steps(state.get("normalizer"), "normalizers"):
@@ -263,10 +295,13 @@ def bytes_per_token(tokenizer) -> int | None:
         if factor is None:
             return None
         shrink *= factor
-    if model.get("type") != "BPE" or not isinstance(vocab, dict) or not (byte_level or byte_fallback) \
-            or not all(step.get("type") in KEEPING_PRE_TOKENIZERS and step.get("behavior") != "Removed"
-                       for step in pre) \
-            or any(token.get("lstrip") or token.get("rstrip") for token in added):  # these take in spaces
+    if (
+        model.get("type") != "BPE"
+        or not isinstance(vocab, dict)
+        or not (byte_level or byte_fallback)
+        or not all(step.get("type") in KEEPING_PRE_TOKENIZERS and step.get("behavior") != "Removed" for step in pre)
+        or any(token.get("lstrip") or token.get("rstrip") for token in added)
+    ):  # these take in spaces
         return None
     longest = max(len(token) if byte_level else len(token.encode()) for token in vocab)
     longest = max([longest, *(len(token["content"].encode()) for token in added)])
@@ -286,21 +321,31 @@ def check_adapter(adapter: Path, model: Path, config: dict) -> None:
     """The adapter's base (when it is a folder here) and its LoRA shapes must fit model.path."""
     adapter_config = read_json_object(adapter / "adapter_config.json", "model.adapter")
     base = adapter_config.get("base_model_name_or_path")
-    if isinstance(base, str) and Path(base).is_absolute() and (Path(base) / "config.json").is_file() \
-            and Path(base).resolve() != model.resolve():
+    if (
+        isinstance(base, str)
+        and Path(base).is_absolute()
+        and (Path(base) / "config.json").is_file()
+        and Path(base).resolve() != model.resolve()
+    ):
         mine, theirs = text_config(config), text_config(read_json_object(Path(base) / "config.json", "model.adapter"))
         for key in ARCH_KEYS:
             if mine.get(key) != theirs.get(key):
-                raise SpecError("model.adapter", f"{adapter} was trained on {base} ({key} {theirs.get(key)}), "
-                                                 f"not on a model like {model} ({key} {mine.get(key)})")
+                raise SpecError(
+                    "model.adapter",
+                    f"{adapter} was trained on {base} ({key} {theirs.get(key)}), "
+                    f"not on a model like {model} ({key} {mine.get(key)})",
+                )
     weights = adapter / "adapter_model.safetensors"
     if not weights.is_file() or "quantization_config" in config:
         return  # .bin files need torch to read, quantized weights are packed: the job will tell
     base_shapes = model_shapes(model)
     lora = {}  # adapter tensor -> (adapted module, part, shape)
     for name, shape in safetensors_shapes(weights, "model.adapter").items():
-        match = re.fullmatch(r"(?:base_model\.model\.)?(.+)\.(lora_A|lora_B|lora_embedding_A|lora_embedding_B)"
-                             r"(?:\.weight)?", name)
+        match = re.fullmatch(
+            r"(?:base_model\.model\.)?(.+)\.(lora_A|lora_B|lora_embedding_A|lora_embedding_B)"
+            r"(?:\.weight)?",
+            name,
+        )
         if match and len(shape) == 2:
             lora[name] = (*match.groups(), shape)
     if not any(f"{module}.weight" in base_shapes for module, _, _ in lora.values()):
@@ -308,17 +353,22 @@ def check_adapter(adapter: Path, model: Path, config: dict) -> None:
     for name, (module, part, shape) in lora.items():
         base_shape = base_shapes.get(f"{module}.weight")
         if base_shape is None and re.search(r"\.\d+\.", module):
-            raise SpecError("model.adapter", f"{weights}: {name} adapts {module}, which {model} does not have "
-                                             f"(an adapter trained on another base?)")
+            raise SpecError(
+                "model.adapter",
+                f"{weights}: {name} adapts {module}, which {model} does not have (an adapter trained on another base?)",
+            )
         if base_shape is None:
             continue  # not in a numbered layer: perhaps a tied output head, absent from the checkpoint
         # A linear layer's weight is (out, in), adapted as A: (r, in), B: (out, r); an embedding's is
         # (num, dim), adapted as A: (r, num), B: (dim, r). Here: (axis of the LoRA tensor, axis of the base).
         axis, base_axis = LORA_AXES[part]
         if len(base_shape) == 2 and shape[axis] != base_shape[base_axis]:
-            raise SpecError("model.adapter", f"{weights}: {name} has shape {shape}, which does not fit "
-                                             f"{module} of {model} (shape {base_shape}): an adapter trained on "
-                                             f"another base?")
+            raise SpecError(
+                "model.adapter",
+                f"{weights}: {name} has shape {shape}, which does not fit "
+                f"{module} of {model} (shape {base_shape}): an adapter trained on "
+                f"another base?",
+            )
 
 
 def model_shapes(model: Path) -> dict[str, list[int]]:

@@ -23,6 +23,7 @@ from llmbatch.jobstep import LaunchPlan, NodePlace, node_command, rendezvous_por
 from llmbatch.rundir import DamagedRun, RunDir, atomic_write, open_append, process_start_ticks
 from llmbatch.runners.faults import ERROR_PREFIX, silent_for
 
+
 def place_from_environment(plan: LaunchPlan) -> NodePlace:
     """This node's place in the job, from submitit's view of the Slurm environment."""
     # On the node, never in the batch script: each node must see its own SLURM_NODEID.
@@ -31,8 +32,14 @@ def place_from_environment(plan: LaunchPlan) -> NodePlace:
     # One node needs no network: loopback works whatever the hostname resolves to.
     main_host = env.hostnames[0] if plan.nodes > 1 else "127.0.0.1"
     port = rendezvous_port(env.job_id, restarts, int(os.environ.get("SLURM_ARRAY_TASK_COUNT", "1")), plan.nodes)
-    return NodePlace(node_rank=env.node, main_host=main_host, port=port, attempt=plan.attempt_base + restarts,
-                     job_id=env.job_id, use_cuda=_cuda_available())
+    return NodePlace(
+        node_rank=env.node,
+        main_host=main_host,
+        port=port,
+        attempt=plan.attempt_base + restarts,
+        job_id=env.job_id,
+        use_cuda=_cuda_available(),
+    )
 
 
 def rendezvous_port(job_id: str, restarts: int, array_tasks: int, nodes: int) -> int:
@@ -105,37 +112,61 @@ class NodeJob(submitit.helpers.Checkpointable):
     def _run(self, run: RunDir, place: NodePlace) -> str:
         plan = self.plan
         if place.node_rank == 0:
-            started = dict(attempt=place.attempt, attempt_started=time.time(), job_id=place.job_id,
-                           requeues=int(os.environ.get("SLURM_RESTART_COUNT", "0")))
+            started = dict(
+                attempt=place.attempt,
+                attempt_started=time.time(),
+                job_id=place.job_id,
+                requeues=int(os.environ.get("SLURM_RESTART_COUNT", "0")),
+            )
             if plan.task is None:
                 run.update_state(**started)
             else:  # an array task: requeued and resumed on its own
                 run.update_tasks({plan.task: started})
         cmd = node_command(plan, place)
         host = os.environ.get("SLURMD_NODENAME", os.uname().nodename)
-        run.record_command({"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "node": place.node_rank, "host": host,
-                            "attempt": place.attempt, "job_id": place.job_id, "task": plan.task, "argv": cmd.argv,
-                            "shell": shlex.join(cmd.argv), "env": sorted(cmd.env)})
+        run.record_command(
+            {
+                "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                "node": place.node_rank,
+                "host": host,
+                "attempt": place.attempt,
+                "job_id": place.job_id,
+                "task": plan.task,
+                "argv": cmd.argv,
+                "shell": shlex.join(cmd.argv),
+                "env": sorted(cmd.env),
+            }
+        )
         log_path = run.node_log(place.node_rank, plan.task)
         with open_append(log_path) as log:
             log.write(f"== attempt {place.attempt} on {host}: {shlex.join(cmd.argv)}\n".encode())
             self._install_signal_handlers(run.preempt_marker(place.attempt, plan.task))
             # Own session: a terminal's Ctrl-C reaches only us, and we forward it (SIGINT/SIGTERM make
             # torch's launcher stop its ranks).
-            self._proc = subprocess.Popen(cmd.argv, env=os.environ | cmd.env, stdout=log,
-                                          stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                          start_new_session=True, preexec_fn=_ignore_preempt_signal)
+            self._proc = subprocess.Popen(
+                cmd.argv,
+                env=os.environ | cmd.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+                preexec_fn=_ignore_preempt_signal,
+            )
             code = self._wait(lambda: self._watch_heartbeats(run, place, host, log))
             if self._preempted:
-                log.write(f"== attempt {place.attempt} stopped at the preemption signal (exit {code}); the "
-                          f"ranks saved their work; requeued if requeues are left\n".encode())
+                log.write(
+                    f"== attempt {place.attempt} stopped at the preemption signal (exit {code}); the "
+                    f"ranks saved their work; requeued if requeues are left\n".encode()
+                )
         if self._preempted:
             return "preempted"  # the ranks saved; Slurm requeues or ends the job
         if self._silent_rank is not None:
             raise RuntimeError(self._silent_rank)
         if code != 0:
-            raise RuntimeError(f"node {place.node_rank}: accelerate launch exited with {code}; "
-                               f"see {log_path}\n--- last lines ---\n{_tail(log_path)}")
+            raise RuntimeError(
+                f"node {place.node_rank}: accelerate launch exited with {code}; "
+                f"see {log_path}\n--- last lines ---\n{_tail(log_path)}"
+            )
         return "done"
 
     def _install_signal_handlers(self, preempt_marker: Path) -> None:
@@ -187,9 +218,11 @@ class NodeJob(submitit.helpers.Checkpointable):
                 owner = {}
             if owner.get("start_ticks") is not None and process_start_ticks(owner["pid"]) == owner["start_ticks"]:
                 os.kill(owner["pid"], signal.SIGKILL)
-            why = (f"rank {rank} on {host} (pid {owner.get('pid')}) sent no heartbeat for {silent:.0f} s "
-                   f"(resources.collective_timeout_s={plan.collective_timeout_s}): stopped or hung; killed it; "
-                   f"finish the run with: python submit.py resume {run.path}")
+            why = (
+                f"rank {rank} on {host} (pid {owner.get('pid')}) sent no heartbeat for {silent:.0f} s "
+                f"(resources.collective_timeout_s={plan.collective_timeout_s}): stopped or hung; killed it; "
+                f"finish the run with: python submit.py resume {run.path}"
+            )
             log.write(f"\n{ERROR_PREFIX}{why}\n".encode())  # after a progress bar's unfinished line
             log.flush()
             self._silent_rank = f"node {place.node_rank}: {why}"

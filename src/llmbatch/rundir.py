@@ -1,23 +1,23 @@
 """The run folder on shared storage: one place per run for its spec, commands, logs and results.
 
-    <root>/<name>-<YYYYmmdd-HHMMSS>-<short id>/
-        spec.yaml          the resolved spec (absolute paths, all defaults filled in)
-        commands.jsonl     every per-node command that ran, one JSON line each
-        state.json         executor, Slurm job ids, requeue count, input count; an array's tasks
-        ranks/             which process (host, pid, start time) ran each rank of each attempt
-        submitit/          submitit's pickles and per-task stdout/stderr
-        logs/node-N.log    what `accelerate launch` printed on node N
-        logs/node-N/       per-rank stdout/stderr (torchrun's --tee), for multi-process nodes
-        logs/task-NNNNN/   an array task's node-0.log and node-0/
-        shards/            inference: one JSONL shard per rank and attempt
-        results.jsonl      inference: merged results, written once complete (or results.parquet)
-        metrics.json       both kinds: the run's numbers
-        checkpoints/       fine-tuning: accelerate states, step-NNNNNN/
-        adapter/           fine-tuning: the final peft adapter
-        adapter-best/      fine-tuning with validation data: the adapter of the best validation loss
-        tensorboard/, mlruns/, wandb/   fine-tuning with train.report_to: the tracker's offline logs
-        merged/            fine-tuning with train.merge: the adapter merged into the base weights
-        train_metrics.jsonl, loss_curve.png   fine-tuning: per-step and eval numbers, their curves
+<root>/<name>-<YYYYmmdd-HHMMSS>-<short id>/
+    spec.yaml          the resolved spec (absolute paths, all defaults filled in)
+    commands.jsonl     every per-node command that ran, one JSON line each
+    state.json         executor, Slurm job ids, requeue count, input count; an array's tasks
+    ranks/             which process (host, pid, start time) ran each rank of each attempt
+    submitit/          submitit's pickles and per-task stdout/stderr
+    logs/node-N.log    what `accelerate launch` printed on node N
+    logs/node-N/       per-rank stdout/stderr (torchrun's --tee), for multi-process nodes
+    logs/task-NNNNN/   an array task's node-0.log and node-0/
+    shards/            inference: one JSONL shard per rank and attempt
+    results.jsonl      inference: merged results, written once complete (or results.parquet)
+    metrics.json       both kinds: the run's numbers
+    checkpoints/       fine-tuning: accelerate states, step-NNNNNN/
+    adapter/           fine-tuning: the final peft adapter
+    adapter-best/      fine-tuning with validation data: the adapter of the best validation loss
+    tensorboard/, mlruns/, wandb/   fine-tuning with train.report_to: the tracker's offline logs
+    merged/            fine-tuning with train.merge: the adapter merged into the base weights
+    train_metrics.jsonl, loss_curve.png   fine-tuning: per-step and eval numbers, their curves
 """
 
 from __future__ import annotations
@@ -34,12 +34,11 @@ import socket
 import stat
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Callable
-
+from typing import Any, BinaryIO
 
 RESULT_FORMATS = ("jsonl", "parquet")
 """output.format: how an inference run's merged results are written."""
@@ -75,7 +74,7 @@ def apply_umask(folder: Path) -> None:
     writers) make 0600/0700 entries. A symbolic link is left alone: chmod would change its target.
     """
     mask = current_umask()
-    for root, dirs, files in os.walk(folder):
+    for root, _, files in os.walk(folder):
         os.chmod(root, 0o777 & ~mask)
         for name in files:
             if not os.path.islink(path := os.path.join(root, name)):
@@ -98,8 +97,10 @@ class UnsafeRunFile(DamagedRun):
 
 
 def _refuse(path: Path | str, what: str) -> UnsafeRunFile:
-    return UnsafeRunFile(f"{path}: {what}; not writing through it (anyone who can write the run folder can "
-                         f"plant one: remove it and check the run folder)")
+    return UnsafeRunFile(
+        f"{path}: {what}; not writing through it (anyone who can write the run folder can "
+        f"plant one: remove it and check the run folder)"
+    )
 
 
 def check_folder(folder: Path) -> None:
@@ -283,8 +284,10 @@ TEXT = Kind("a string", lambda v: isinstance(v, str))
 FLAG = Kind("true or false", lambda v: isinstance(v, bool))
 OBJECT = Kind("a JSON object", lambda v: isinstance(v, dict))
 SOME = Kind("a JSON object with entries", lambda v: isinstance(v, dict) and bool(v))
-JOB_ID = Kind("a job id (123, or 123_4 of an array)",
-              lambda v: isinstance(v, str) and re.fullmatch(r"\d+(_\d+)?", v, re.ASCII) is not None)
+JOB_ID = Kind(
+    "a job id (123, or 123_4 of an array)",
+    lambda v: isinstance(v, str) and re.fullmatch(r"\d+(_\d+)?", v, re.ASCII) is not None,
+)
 JOB_IDS = Kind("a list of job ids", lambda v: isinstance(v, list) and all(map(JOB_ID.test, v)))
 
 
@@ -302,11 +305,12 @@ def shown(value: Any, width: int = 40) -> str:
         text = json.dumps(value)
     except (ValueError, RecursionError):  # an integer of more digits than Python converts, a deep nest
         text = type(value).__name__
-    return text if len(text) <= width else text[:width - 3] + "..."
+    return text if len(text) <= width else text[: width - 3] + "..."
 
 
-def check_object(path: Path, obj: Any, fields: dict[str, Kind], required: tuple[str, ...] = (),
-                 where: str = "") -> dict[str, Any]:
+def check_object(
+    path: Path, obj: Any, fields: dict[str, Kind], required: tuple[str, ...] = (), where: str = ""
+) -> dict[str, Any]:
     """`obj`, if it is a JSON object that has every `required` key and whose `fields` are of their
     kinds; else DamagedRun naming `path`, `where` in it and the key. Other keys are not looked at."""
     if not isinstance(obj, dict):
@@ -366,13 +370,22 @@ def read_jsonl(path: Path, fields: dict[str, Kind] | None = None, required: tupl
 
 RANK_RECORD_FIELDS = {"host": TEXT, "pid": POSITIVE, "start_ticks": maybe(COUNT)}
 
-STATE_FIELDS = {"executor": one_of("local", "slurm"), "kind": one_of("infer", "finetune"), "job_ids": JOB_IDS,
-                "inputs": COUNT, "attempt": COUNT, "attempt_started": NUMBER, "job_id": JOB_ID, "requeues": COUNT,
-                "local_start_ticks": maybe(COUNT), "cancelled": NUMBER, "ranks_per_task": POSITIVE,
-                "tasks": SOME}
+STATE_FIELDS = {
+    "executor": one_of("local", "slurm"),
+    "kind": one_of("infer", "finetune"),
+    "job_ids": JOB_IDS,
+    "inputs": COUNT,
+    "attempt": COUNT,
+    "attempt_started": NUMBER,
+    "job_id": JOB_ID,
+    "requeues": COUNT,
+    "local_start_ticks": maybe(COUNT),
+    "cancelled": NUMBER,
+    "ranks_per_task": POSITIVE,
+    "tasks": SOME,
+}
 """What state.json may hold (`RunDir.read_state`); an array's `tasks` each hold TASK_FIELDS."""
-TASK_FIELDS = {"job_id": JOB_ID, "attempt": COUNT,
-               "attempt_started": NUMBER, "requeues": COUNT, "inputs": COUNT}
+TASK_FIELDS = {"job_id": JOB_ID, "attempt": COUNT, "attempt_started": NUMBER, "requeues": COUNT, "inputs": COUNT}
 
 
 @dataclass(frozen=True)
@@ -380,14 +393,14 @@ class RunDir:
     path: Path
 
     @classmethod
-    def create(cls, root: str | Path, name: str) -> "RunDir":
+    def create(cls, root: str | Path, name: str) -> RunDir:
         stamp = time.strftime("%Y%m%d-%H%M%S")
         path = Path(root).resolve() / f"{name}-{stamp}-{secrets.token_hex(3)}"
         path.mkdir(parents=True)
         return cls(path)
 
     @classmethod
-    def open(cls, path: str | Path) -> "RunDir":
+    def open(cls, path: str | Path) -> RunDir:
         path = Path(path).resolve()
         if not (path / "spec.yaml").is_file():
             raise FileNotFoundError(f"not a run folder (no spec.yaml): {path}")
@@ -452,8 +465,9 @@ class RunDir:
         A file, not only a signal: torch's launcher starts each rank in a session of its own, and in a
         container, so a signal the node job sends to its child does not reach them.
         """
-        return self.path / (f"preempt-task-{task:05d}-attempt-{attempt:03d}" if task is not None
-                            else f"preempt-attempt-{attempt:03d}")
+        return self.path / (
+            f"preempt-task-{task:05d}-attempt-{attempt:03d}" if task is not None else f"preempt-attempt-{attempt:03d}"
+        )
 
     ranks_dir = property(lambda self: self.path / "ranks")
 
@@ -464,9 +478,10 @@ class RunDir:
     def record_rank(self, attempt: int, rank: int) -> None:
         """Which process runs this rank of this attempt, so that `resume` can make sure that no rank
         of an earlier attempt still writes into the run."""
-        atomic_write_json(self.rank_record(attempt, rank),
-                          {"host": socket.gethostname(), "pid": os.getpid(),
-                           "start_ticks": process_start_ticks(os.getpid())})
+        atomic_write_json(
+            self.rank_record(attempt, rank),
+            {"host": socket.gethostname(), "pid": os.getpid(), "start_ticks": process_start_ticks(os.getpid())},
+        )
 
     @staticmethod
     def read_rank_record(path: Path) -> dict[str, Any]:
@@ -481,8 +496,11 @@ class RunDir:
         host, alive = socket.gethostname(), []
         for path in sorted(self.ranks_dir.glob("attempt-*-rank-*.json")):
             record = self.read_rank_record(path)
-            if record.get("host") == host and record.get("start_ticks") is not None \
-                    and process_start_ticks(record["pid"]) == record["start_ticks"]:
+            if (
+                record.get("host") == host
+                and record.get("start_ticks") is not None
+                and process_start_ticks(record["pid"]) == record["start_ticks"]
+            ):
                 alive.append(record | {"name": path.stem})
         return alive
 
@@ -522,11 +540,13 @@ class RunDir:
 
     def update_tasks(self, changes: dict[int, dict[str, Any]]) -> dict[str, Any]:
         """Update what state.json records of array tasks (under `tasks`, by task number)."""
+
         def change(state: dict[str, Any]) -> dict[str, Any]:
             tasks = dict(state.get("tasks", {}))
             for task, task_changes in changes.items():
                 tasks[str(task)] = tasks.get(str(task), {}) | task_changes
             return state | {"tasks": tasks}
+
         return self._rewrite_state(change)
 
     def _rewrite_state(self, change) -> dict[str, Any]:

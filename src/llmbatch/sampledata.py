@@ -29,7 +29,7 @@ def numbers(count: int, seed: int = SEED) -> list[int]:
     out = []
     while len(out) < count:
         digits = rng.randint(MIN_DIGITS, MAX_DIGITS)
-        n = rng.randrange(10 ** (digits - 1), 10 ** digits)
+        n = rng.randrange(10 ** (digits - 1), 10**digits)
         if n not in seen:
             seen.add(n)
             out.append(n)
@@ -37,8 +37,7 @@ def numbers(count: int, seed: int = SEED) -> list[int]:
 
 
 def record(split: str, index: int, n: int) -> dict:
-    return {"id": f"{split}-{index:04d}", "question": f"Is {n} even or odd?",
-            "answer": "odd" if n % 2 else "even"}
+    return {"id": f"{split}-{index:04d}", "question": f"Is {n} even or odd?", "answer": "odd" if n % 2 else "even"}
 
 
 def splits() -> dict[str, list[dict]]:
@@ -46,7 +45,7 @@ def splits() -> dict[str, list[dict]]:
     pool = numbers(sum(SPLITS.values()))
     out, start = {}, 0
     for split, size in SPLITS.items():
-        out[split] = [record(split, i, n) for i, n in enumerate(pool[start:start + size])]
+        out[split] = [record(split, i, n) for i, n in enumerate(pool[start : start + size])]
         start += size
     return out
 

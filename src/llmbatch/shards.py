@@ -19,8 +19,23 @@ from pathlib import Path
 from typing import Any
 
 from llmbatch.data import DataError, Example, load_examples
-from llmbatch.rundir import (COUNT, FLAG, NUMBER, OBJECT, POSITIVE, TEXT, DamagedRun, RunDir, atomic_write_json,
-                             check_object, create_new, maybe, read_json_object, read_jsonl, shown)
+from llmbatch.rundir import (
+    COUNT,
+    FLAG,
+    NUMBER,
+    OBJECT,
+    POSITIVE,
+    TEXT,
+    DamagedRun,
+    RunDir,
+    atomic_write_json,
+    check_object,
+    create_new,
+    maybe,
+    read_json_object,
+    read_jsonl,
+    shown,
+)
 from llmbatch.spec import load_resolved
 
 _SHARD_NAME = re.compile(r"^attempt-(\d+)-rank-(\d+)\.jsonl$")
@@ -43,8 +58,11 @@ def shard_for(run: RunDir, attempt: int, rank: int) -> Shard:
 
 def list_shards(run: RunDir) -> list[Shard]:
     """All shards of a run, by attempt then rank."""
-    found = [Shard(int(m.group(1)), int(m.group(2)), path) for path in run.shards_dir.glob("attempt-*.jsonl")
-             if (m := _SHARD_NAME.match(path.name))]
+    found = [
+        Shard(int(m.group(1)), int(m.group(2)), path)
+        for path in run.shards_dir.glob("attempt-*.jsonl")
+        if (m := _SHARD_NAME.match(path.name))
+    ]
     return sorted(found, key=lambda s: (s.attempt, s.rank))
 
 
@@ -63,8 +81,14 @@ def complete_lines(path: Path) -> list[bytes]:
     return [line for line in complete if line.strip()]
 
 
-RECORD_FIELDS = {"id": TEXT, "prompt_tokens": COUNT, "output_tokens": COUNT, "finish_reason": TEXT,
-                 "truncated": FLAG, "correct": FLAG}
+RECORD_FIELDS = {
+    "id": TEXT,
+    "prompt_tokens": COUNT,
+    "output_tokens": COUNT,
+    "finish_reason": TEXT,
+    "truncated": FLAG,
+    "correct": FLAG,
+}
 """A result record's fields that the merge and its metrics read (runners/infer.py writes them)."""
 
 
@@ -83,8 +107,12 @@ def done_ids(run: RunDir, before_attempt: int) -> set[str]:
     Earlier attempts only: their writers are gone, so every rank of this attempt reads the same set,
     while this attempt's ranks may already be appending to theirs.
     """
-    return {record["id"] for shard in list_shards(run) if shard.attempt < before_attempt
-            for record in read_records(shard.path)}
+    return {
+        record["id"]
+        for shard in list_shards(run)
+        if shard.attempt < before_attempt
+        for record in read_records(shard.path)
+    }
 
 
 class ShardWriter:
@@ -103,7 +131,7 @@ class ShardWriter:
     def close(self) -> None:
         self._file.close()
 
-    def __enter__(self) -> "ShardWriter":
+    def __enter__(self) -> ShardWriter:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -114,20 +142,39 @@ def write_stats(shard: Shard, stats: dict[str, Any]) -> None:
     atomic_write_json(shard.stats_path, stats)
 
 
-STATS_FIELDS = {"attempt": COUNT, "rank": COUNT, "world_size": POSITIVE, "task": COUNT, "examples": COUNT,
-                "writes": COUNT, "prompt_tokens": COUNT, "generated_tokens": COUNT, "load_s": NUMBER,
-                "generate_s": NUMBER, "wall_s": NUMBER, "engine": maybe(OBJECT)}
+STATS_FIELDS = {
+    "attempt": COUNT,
+    "rank": COUNT,
+    "world_size": POSITIVE,
+    "task": COUNT,
+    "examples": COUNT,
+    "writes": COUNT,
+    "prompt_tokens": COUNT,
+    "generated_tokens": COUNT,
+    "load_s": NUMBER,
+    "generate_s": NUMBER,
+    "wall_s": NUMBER,
+    "engine": maybe(OBJECT),
+}
 """A rank's stats (runners/infer.py: RankStats); the merge needs those it requires."""
 ENGINE_STATS_FIELDS = {"prefill_s": NUMBER, "decode_s": NUMBER, "decode_steps": COUNT, "occupancy": NUMBER}
 
 
 def read_stats(shard: Shard) -> dict[str, Any] | None:
     """The rank's stats, checked, or None if it has not finished (or was killed)."""
-    stats = read_json_object(shard.stats_path, STATS_FIELDS,
-                             required=("rank", "world_size", "examples", "generated_tokens", "generate_s", "wall_s"))
+    stats = read_json_object(
+        shard.stats_path,
+        STATS_FIELDS,
+        required=("rank", "world_size", "examples", "generated_tokens", "generate_s", "wall_s"),
+    )
     if stats and stats.get("engine"):
-        check_object(shard.stats_path, stats["engine"], ENGINE_STATS_FIELDS, required=tuple(ENGINE_STATS_FIELDS),
-                     where="engine: ")
+        check_object(
+            shard.stats_path,
+            stats["engine"],
+            ENGINE_STATS_FIELDS,
+            required=tuple(ENGINE_STATS_FIELDS),
+            where="engine: ",
+        )
     return stats
 
 
@@ -150,9 +197,14 @@ def read_progress(run: RunDir) -> dict[str, Any]:
     ranks = {s.rank: len(complete_lines(s.path)) for s in shards if s.attempt == attempt}
     # Never more than the total: a run from before input fingerprints may have been resumed over other data.
     done = min(sum(len(complete_lines(s.path)) for s in shards), total)
-    return {"done": done, "total": total, "attempt": attempt,
-            "done_this_attempt": sum(ranks.values()), "ranks": ranks,
-            "ranks_finished": sum(read_stats(s) is not None for s in shards if s.attempt == attempt)}
+    return {
+        "done": done,
+        "total": total,
+        "attempt": attempt,
+        "done_this_attempt": sum(ranks.values()),
+        "ranks": ranks,
+        "ranks_finished": sum(read_stats(s) is not None for s in shards if s.attempt == attempt),
+    }
 
 
 def task_progress(run: RunDir, ranks_per_task: int, attempts: dict[int, int]) -> dict[int, dict[str, int]]:

@@ -47,8 +47,9 @@ def slurm_parameters(spec: JobSpec) -> dict:
             params[key] = getattr(res, key)
     if res.sbatch_extra:
         # A flag without a value (`exclusive: ""`) is written as a bare `#SBATCH --exclusive`.
-        params["additional_parameters"] = {k.replace("-", "_"): v if v != "" else True
-                                           for k, v in res.sbatch_extra.items()}
+        params["additional_parameters"] = {
+            k.replace("-", "_"): v if v != "" else True for k, v in res.sbatch_extra.items()
+        }
     return params
 
 
@@ -59,8 +60,13 @@ def make_executor(executor: str, spec: JobSpec, run: RunDir) -> submitit.Executo
         ex.update_parameters(**slurm_parameters(spec))
         return ex
     ex = submitit.LocalExecutor(folder=run.submitit_dir)
-    ex.update_parameters(timeout_min=math.ceil(slurm_time_seconds(res.time) / 60), nodes=1, tasks_per_node=1,
-                         gpus_per_node=res.gpus_per_node, signal_delay_s=res.signal_delay_s)
+    ex.update_parameters(
+        timeout_min=math.ceil(slurm_time_seconds(res.time) / 60),
+        nodes=1,
+        tasks_per_node=1,
+        gpus_per_node=res.gpus_per_node,
+        signal_delay_s=res.signal_delay_s,
+    )
     return ex
 
 
@@ -72,8 +78,7 @@ def sbatch_script(spec: JobSpec, run: RunDir) -> str:
     """
     folder = run.submitit_dir
     command = " ".join([shlex.quote(sys.executable), "-u -m submitit.core._submit", shlex.quote(str(folder))])
-    return _make_sbatch_string(command=command, folder=folder, map_count=spec.resources.array,
-                               **slurm_parameters(spec))
+    return _make_sbatch_string(command=command, folder=folder, map_count=spec.resources.array, **slurm_parameters(spec))
 
 
 def submit(ex: submitit.Executor, plan: LaunchPlan) -> submitit.Job:

@@ -27,7 +27,6 @@ EMBEDDED_MODEL = "embedded:tiny-llama"
 """The value of `model.path` that means the embedded default model (`llmbatch.embedded` builds it)."""
 
 
-
 class SpecError(Exception):
     """A mistake in a spec, named by its key path (`generation.max_new_tokens`). `related`: the other keys
     of a rule between keys (signal_delay_s and time), so that an option setting either is blamed."""
@@ -54,8 +53,10 @@ def printable(text: str) -> str:
     """`text` kept on one line for an error message: control characters, line separators, bidirectional
     overrides and lone surrogates (user text can hold any of them) escaped as Python writes them (\\n,
     \\u202e), so they can neither split the line nor reorder it on a terminal."""
-    return "".join(repr(ch)[1:-1] if unicodedata.category(ch)[0] == "C" or unicodedata.category(ch) in ("Zl", "Zp")
-                   else ch for ch in text)
+    return "".join(
+        repr(ch)[1:-1] if unicodedata.category(ch)[0] == "C" or unicodedata.category(ch) in ("Zl", "Zp") else ch
+        for ch in text
+    )
 
 
 @dataclass(frozen=True)
@@ -75,8 +76,10 @@ class Range:
         return above and below  # nan is in no range: every comparison with it is false
 
     def __str__(self) -> str:
-        return (f"in {'[' if self.low_closed else '('}{_number(self.low)}, {_number(self.high)}"
-                f"{']' if self.high_closed else ')'}")
+        return (
+            f"in {'[' if self.low_closed else '('}{_number(self.low)}, {_number(self.high)}"
+            f"{']' if self.high_closed else ')'}"
+        )
 
 
 def _number(value: float) -> str:
@@ -132,13 +135,27 @@ def _no_control_characters(key: str, text: str) -> None:
 
 # Options the spec sets itself: through sbatch_extra they would bypass its checks (or break the job).
 SPEC_OWNED_SBATCH_OPTIONS = {
-    "time": "resources.time", "nodes": "resources.nodes", "gpus-per-node": "resources.gpus_per_node",
-    "gpus": "resources.gpus_per_node", "gres": "resources.gpus_per_node", "ntasks": "one task per node",
-    "ntasks-per-node": "one task per node", "cpus-per-task": "resources.cpus_per_gpu", "mem": "resources.mem",
-    "partition": "resources.partition", "account": "resources.account", "qos": "resources.qos",
-    "constraint": "resources.constraint", "job-name": "name", "output": "the run folder",
-    "error": "the run folder", "signal": "resources.signal_delay_s", "array": "resources.array",
-    "requeue": "resources.max_requeues", "no-requeue": "resources.max_requeues", "wrap": "the job step",
+    "time": "resources.time",
+    "nodes": "resources.nodes",
+    "gpus-per-node": "resources.gpus_per_node",
+    "gpus": "resources.gpus_per_node",
+    "gres": "resources.gpus_per_node",
+    "ntasks": "one task per node",
+    "ntasks-per-node": "one task per node",
+    "cpus-per-task": "resources.cpus_per_gpu",
+    "mem": "resources.mem",
+    "partition": "resources.partition",
+    "account": "resources.account",
+    "qos": "resources.qos",
+    "constraint": "resources.constraint",
+    "job-name": "name",
+    "output": "the run folder",
+    "error": "the run folder",
+    "signal": "resources.signal_delay_s",
+    "array": "resources.array",
+    "requeue": "resources.max_requeues",
+    "no-requeue": "resources.max_requeues",
+    "wrap": "the job step",
 }
 _SBATCH_OPTION = re.compile(r"^[a-z][a-z0-9]*(-[a-z0-9]+)*$")
 _SLURM_NAME = re.compile(r"^[^\s]+$")  # partition, account, qos, constraint: one word, no spaces
@@ -181,11 +198,17 @@ class ModelSpec:
     def validate(self) -> None:
         if self.path != EMBEDDED_MODEL:
             _check("model.path", Path(self.path).is_dir(), f"no model folder at {self.path}")
-            _check("model.path", (Path(self.path) / "config.json").is_file(),
-                   f"{self.path} has no config.json (not a Hugging Face model folder)")
+            _check(
+                "model.path",
+                (Path(self.path) / "config.json").is_file(),
+                f"{self.path} has no config.json (not a Hugging Face model folder)",
+            )
         if self.adapter is not None:
-            _check("model.adapter", (Path(self.adapter) / "adapter_config.json").is_file(),
-                   f"no peft adapter (adapter_config.json) at {self.adapter}")
+            _check(
+                "model.adapter",
+                (Path(self.adapter) / "adapter_config.json").is_file(),
+                f"no peft adapter (adapter_config.json) at {self.adapter}",
+            )
 
 
 def template_fields(template: str) -> list[str]:
@@ -205,16 +228,20 @@ def template_fields(template: str) -> list[str]:
         field = re.match(r"[^.\[]*", name).group()
         if not field or field.isdigit():
             raise ValueError("name each field, as in {question}; {} and {0} have no field to fill them")
-        if "." in re.sub(r"\[[^\]]*\]", "", name[len(field):]):
-            raise ValueError(f"{{{name}}}: attribute access is not supported; name a field, or index it: {{{field}[key]}}")
+        if "." in re.sub(r"\[[^\]]*\]", "", name[len(field) :]):
+            raise ValueError(
+                f"{{{name}}}: attribute access is not supported; name a field, or index it: {{{field}[key]}}"
+            )
         if conversion not in (None, "r", "s", "a"):
             raise ValueError(f"{{{name}!{conversion}}}: unknown conversion '!{conversion}' (use !r, !s or !a)")
         if "{" in format_spec:
             raise ValueError(f"{{{name}:{format_spec}}}: a format spec cannot hold fields")
         padding += _format_size(format_spec)
         if padding > MAX_TEMPLATE_PADDING:  # checked before trying the spec out: {q:999999999} is a 1 GB string
-            raise ValueError(f"{{{name}:{format_spec}}}: widths and precisions may add up to at most "
-                             f"{MAX_TEMPLATE_PADDING} characters in a template")
+            raise ValueError(
+                f"{{{name}:{format_spec}}}: widths and precisions may add up to at most "
+                f"{MAX_TEMPLATE_PADDING} characters in a template"
+            )
         if format_spec and not _valid_format_spec(format_spec):
             raise ValueError(f"{{{name}:{format_spec}}}: not a valid format spec")
         fields.append(field)
@@ -228,8 +255,13 @@ MAX_TEMPLATE_PADDING = 1000
 def _format_size(format_spec: str) -> int:
     """The width and precision of a format spec, added up: `>8.3f` is 11. After an optional fill and
     align ([[fill]align]) every digit is part of one of them (or the 0 flag, which adds nothing)."""
-    rest = format_spec[2:] if format_spec[1:2] in tuple("<>=^") else \
-        format_spec[1:] if format_spec[:1] in tuple("<>=^") else format_spec
+    rest = (
+        format_spec[2:]
+        if format_spec[1:2] in tuple("<>=^")
+        else format_spec[1:]
+        if format_spec[:1] in tuple("<>=^")
+        else format_spec
+    )
     # Without int() on 5,000 digits (Python refuses that): more than 9 digits is too many anyway.
     return sum(int(digits) if len(digits) <= 9 else 10**9 for digits in re.findall(r"\d+", rest))
 
@@ -247,8 +279,10 @@ def _valid_format_spec(format_spec: str) -> bool:
 
 def not_utf8(error: UnicodeDecodeError, offset: int = 0) -> str:
     """What a decode error found, for an error line: the byte and its offset in the file."""
-    return (f"not UTF-8 text: byte 0x{error.object[error.start]:02x} at byte offset {offset + error.start} "
-            f"(save the file as UTF-8)")
+    return (
+        f"not UTF-8 text: byte 0x{error.object[error.start]:02x} at byte offset {offset + error.start} "
+        f"(save the file as UTF-8)"
+    )
 
 
 def _not_a_file(path: str) -> str:
@@ -292,32 +326,50 @@ class DataSpec:
             raise SpecError("data.path", f"missing: a {kind} spec needs {what} (JSONL, CSV or Parquet)")
         for key, path in (("data.path", self.path), ("data.val_path", self.val_path)):
             if path is not None:
-                _check(key, Path(path).suffix in (".jsonl", ".csv", ".parquet"),
-                       f"must be a .jsonl, .csv or .parquet file: {path}")
+                _check(
+                    key,
+                    Path(path).suffix in (".jsonl", ".csv", ".parquet"),
+                    f"must be a .jsonl, .csv or .parquet file: {path}",
+                )
                 _check(key, Path(path).is_file(), _not_a_file(path))
-                _check(key, self.messages_field is None or Path(path).suffix != ".csv",
-                       f"data.messages_field needs JSONL or Parquet (a CSV cell holds no list): {path}",
-                       related=("data.messages_field",))
+                _check(
+                    key,
+                    self.messages_field is None or Path(path).suffix != ".csv",
+                    f"data.messages_field needs JSONL or Parquet (a CSV cell holds no list): {path}",
+                    related=("data.messages_field",),
+                )
         prompt_keys = [k for k in ("prompt_field", "prompt_template", "messages_field") if getattr(self, k) is not None]
         if len(prompt_keys) != 1:
-            chosen = f"only one of {', '.join(f'data.{k}' for k in prompt_keys)}" if prompt_keys else \
-                "one of data.prompt_field, data.prompt_template or data.messages_field"
+            chosen = (
+                f"only one of {', '.join(f'data.{k}' for k in prompt_keys)}"
+                if prompt_keys
+                else "one of data.prompt_field, data.prompt_template or data.messages_field"
+            )
             raise SpecError("data", f"set {chosen}")
         if self.system_prompt is not None and self.messages_field is None:
-            _check("data.system_prompt", self.chat_template,
-                   "a system message needs the chat template: set data.chat_template: true",
-                   related=("data.chat_template", "data.messages_field"))
+            _check(
+                "data.system_prompt",
+                self.chat_template,
+                "a system message needs the chat template: set data.chat_template: true",
+                related=("data.chat_template", "data.messages_field"),
+            )
         for key in ("prompt_template", "system_prompt"):
-            _check(f"data.{key}", not SURROGATE.search(getattr(self, key) or ""),
-                   "holds a lone surrogate, half of a UTF-16 pair and no text (a broken \\u escape?)")
+            _check(
+                f"data.{key}",
+                not SURROGATE.search(getattr(self, key) or ""),
+                "holds a lone surrogate, half of a UTF-16 pair and no text (a broken \\u escape?)",
+            )
         if self.prompt_template is not None:
             try:
                 template_fields(self.prompt_template)
             except ValueError as e:
                 raise SpecError("data.prompt_template", str(e)) from None
         if kind == "finetune":
-            _check("data.reference_field", self.reference_field is not None,
-                   "missing: fine-tuning learns the completion from this field")
+            _check(
+                "data.reference_field",
+                self.reference_field is not None,
+                "missing: fine-tuning learns the completion from this field",
+            )
         if self.val_path is not None and kind != "finetune":
             raise SpecError("data.val_path", "only used by finetune specs")
 
@@ -398,13 +450,20 @@ class TrainSpec:
     in full), and its RMSNorm, SwiGLU and RoPE; `off`, on CPU or without the package: plain PyTorch."""
 
     def validate(self, data: DataSpec, container: ContainerSpec) -> None:
-        _check("train.early_stopping_patience", self.early_stopping_patience is None or data.val_path is not None,
-               "needs data.val_path: early stopping compares validation losses", related=("data.val_path",))
+        _check(
+            "train.early_stopping_patience",
+            self.early_stopping_patience is None or data.val_path is not None,
+            "needs data.val_path: early stopping compares validation losses",
+            related=("data.val_path",),
+        )
         # In a container the image must hold the package: it cannot be checked from here.
         package = TRACKER_PACKAGES.get(self.report_to)
-        _check("train.report_to", package is None or container.runtime != "none" or _importable(package),
-               f"{self.report_to} needs the {package} package, which is not installed here "
-               f"(pip install {package}, or llmbatch[{package}])")
+        _check(
+            "train.report_to",
+            package is None or container.runtime != "none" or _importable(package),
+            f"{self.report_to} needs the {package} package, which is not installed here "
+            f"(pip install {package}, or llmbatch[{package}])",
+        )
 
 
 TRACKER_PACKAGES = {"tensorboard": "tensorboard", "mlflow": "mlflow", "wandb": "wandb"}
@@ -450,16 +509,26 @@ class ResourcesSpec:
         for name in ("time", "mem", "partition", "account", "qos", "constraint"):
             if getattr(self, name) is not None:
                 _no_control_characters(f"resources.{name}", getattr(self, name))
-        _check("resources.time", bool(_SLURM_TIME.match(self.time)),
-               f"not a Slurm time (MM, HH:MM:SS, D-HH:MM): {self.time!r}")
+        _check(
+            "resources.time",
+            bool(_SLURM_TIME.match(self.time)),
+            f"not a Slurm time (MM, HH:MM:SS, D-HH:MM): {self.time!r}",
+        )
         seconds = slurm_time_seconds(self.time)
         _check("resources.time", seconds > 0, f"must be longer than 0: {self.time!r}")
-        _check("resources.signal_delay_s", self.signal_delay_s < seconds,
-               f"the preemption warning ({self.signal_delay_s} s) must come before the time limit "
-               f"({self.time!r} = {seconds} s)", related=("resources.time",))
+        _check(
+            "resources.signal_delay_s",
+            self.signal_delay_s < seconds,
+            f"the preemption warning ({self.signal_delay_s} s) must come before the time limit "
+            f"({self.time!r} = {seconds} s)",
+            related=("resources.time",),
+        )
         if self.mem is not None:
-            _check("resources.mem", bool(_SLURM_MEM.match(self.mem)),
-                   f"not a Slurm memory size (e.g. 64G, 8000M): {self.mem!r}")
+            _check(
+                "resources.mem",
+                bool(_SLURM_MEM.match(self.mem)),
+                f"not a Slurm memory size (e.g. 64G, 8000M): {self.mem!r}",
+            )
         for name in ("partition", "account", "qos", "constraint"):
             value = getattr(self, name)
             if value is not None:
@@ -470,20 +539,35 @@ class ResourcesSpec:
             _no_control_characters(key, value)
             name = option.lstrip("-").replace("_", "-")
             _check(key, bool(_SBATCH_OPTION.match(name)), f"not an sbatch option name: {option!r}")
-            _check(key, name not in SPEC_OWNED_SBATCH_OPTIONS,
-                   f"set by the spec, not through sbatch_extra: use {SPEC_OWNED_SBATCH_OPTIONS.get(name)}")
+            _check(
+                key,
+                name not in SPEC_OWNED_SBATCH_OPTIONS,
+                f"set by the spec, not through sbatch_extra: use {SPEC_OWNED_SBATCH_OPTIONS.get(name)}",
+            )
             # sbatch takes any unambiguous prefix of an option for the option (`--tim` is `--time`).
             owned = [o for o in SPEC_OWNED_SBATCH_OPTIONS if o.startswith(name)]
-            _check(key, not owned, f"{option!r} abbreviates {', '.join(f'--{o}' for o in owned)} (sbatch expands "
-                                   f"prefixes of its options), which the spec sets: use "
-                                   f"{SPEC_OWNED_SBATCH_OPTIONS[owned[0]] if owned else ''}")
+            _check(
+                key,
+                not owned,
+                f"{option!r} abbreviates {', '.join(f'--{o}' for o in owned)} (sbatch expands "
+                f"prefixes of its options), which the spec sets: use "
+                f"{SPEC_OWNED_SBATCH_OPTIONS[owned[0]] if owned else ''}",
+            )
         if self.array is None:
-            _check("resources.array_max_running", self.array_max_running is None,
-                   "needs resources.array (the number of array tasks)", related=("resources.array",))
+            _check(
+                "resources.array_max_running",
+                self.array_max_running is None,
+                "needs resources.array (the number of array tasks)",
+                related=("resources.array",),
+            )
         else:
-            _check("resources.nodes", self.nodes == 1,
-                   f"an array task runs on one node, got {self.nodes} with resources.array: {self.array} "
-                   f"(use more tasks, or more GPUs per task)", related=("resources.array",))
+            _check(
+                "resources.nodes",
+                self.nodes == 1,
+                f"an array task runs on one node, got {self.nodes} with resources.array: {self.array} "
+                f"(use more tasks, or more GPUs per task)",
+                related=("resources.array",),
+            )
 
 
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -507,16 +591,22 @@ class ContainerSpec:
 
     def validate(self) -> None:
         if self.runtime != "none":
-            _check("container.image", self.image is not None, f"missing: runtime {self.runtime} needs an image",
-                   related=("container.runtime",))
+            _check(
+                "container.image",
+                self.image is not None,
+                f"missing: runtime {self.runtime} needs an image",
+                related=("container.runtime",),
+            )
         if self.image is not None:
             _no_control_characters("container.image", self.image)
-            _check("container.image", not self.image.startswith("-"),
-                   f"must not start with '-' (the runtime would read it as an option): {self.image!r}")
+            _check(
+                "container.image",
+                not self.image.startswith("-"),
+                f"must not start with '-' (the runtime would read it as an option): {self.image!r}",
+            )
         for i, bind in enumerate(self.binds):
             _no_control_characters(f"container.binds[{i}]", bind)
-            _check(f"container.binds[{i}]", bind.split(":")[0].startswith("/"),
-                   f"host path must be absolute: {bind!r}")
+            _check(f"container.binds[{i}]", bind.split(":")[0].startswith("/"), f"host path must be absolute: {bind!r}")
         for name in self.env:
             _check(f"container.env.{name}", bool(ENV_NAME.match(name)), f"not a variable name: {name!r}")
         for i, name in enumerate(self.pass_env):
@@ -545,8 +635,11 @@ class JobSpec:
     output: OutputSpec = field(default_factory=OutputSpec)
 
     def validate(self) -> None:
-        _check("name", bool(re.match(r"^[A-Za-z0-9][A-Za-z0-9._-]*$", self.name)),
-               f"use letters, digits, '.', '_' and '-' only: {self.name!r}")
+        _check(
+            "name",
+            bool(re.match(r"^[A-Za-z0-9][A-Za-z0-9._-]*$", self.name)),
+            f"use letters, digits, '.', '_' and '-' only: {self.name!r}",
+        )
         # lora and train mean nothing to an inference spec: their values are checked for fine-tuning only.
         for section in ("data", "generation", "resources") + (("lora", "train") if self.kind == "finetune" else ()):
             check_ranges(getattr(self, section), section)
@@ -555,8 +648,11 @@ class JobSpec:
         self.resources.validate()
         self.container.validate()
         if self.kind == "finetune":
-            _check("resources.array", self.resources.array is None,
-                   "job arrays are for inference (data-parallel); fine-tuning runs as one job")
+            _check(
+                "resources.array",
+                self.resources.array is None,
+                "job arrays are for inference (data-parallel); fine-tuning runs as one job",
+            )
             self.train.validate(self.data, self.container)
 
     def to_dict(self) -> dict[str, Any]:
@@ -583,12 +679,16 @@ class _SpecDumper(yaml.SafeDumper):
 _YAML12_SCALARS = [
     ("tag:yaml.org,2002:bool", r"true|True|TRUE|false|False|FALSE", "tTfF"),
     ("tag:yaml.org,2002:int", r"[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+", "-+0123456789"),
-    ("tag:yaml.org,2002:float",
-     r"[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)([eE][-+]?[0-9]+)?|[-+]?\.(inf|Inf|INF)|\.(nan|NaN|NAN)", "-+.0123456789"),
+    (
+        "tag:yaml.org,2002:float",
+        r"[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)([eE][-+]?[0-9]+)?|[-+]?\.(inf|Inf|INF)|\.(nan|NaN|NAN)",
+        "-+.0123456789",
+    ),
 ]
 _SpecLoader.yaml_implicit_resolvers = {  # YAML 1.1's null and merge key (<<) stay; they are 1.2's too
     first: [(tag, rx) for tag, rx in resolvers if tag in ("tag:yaml.org,2002:null", "tag:yaml.org,2002:merge")]
-    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
 for _tag, _pattern, _first in _YAML12_SCALARS:
     for _cls in (_SpecLoader, _SpecDumper):
         _cls.add_implicit_resolver(_tag, re.compile(f"^(?:{_pattern})$"), list(_first))
@@ -645,8 +745,9 @@ def _refuse_duplicate_keys(root: yaml.Node, prefix: str, source: str | None) -> 
                 if key in first_lines:
                     if source is None:  # a --set value: its lines mean nothing to the user
                         raise SpecError(key_path, "duplicate key")
-                    raise SpecError(key_path, f"duplicate key (first at line {first_lines[key]})",
-                                    source=f"{source}:{line}")
+                    raise SpecError(
+                        key_path, f"duplicate key (first at line {first_lines[key]})", source=f"{source}:{line}"
+                    )
                 first_lines[key] = line
                 children.append((value_node, key_path))
         todo += reversed(children)  # in document order: the first duplicate is the one named
@@ -666,12 +767,16 @@ def _type_name(tp: Any, allowed: Range | None = None) -> str:
     if origin is dict:
         return "a mapping"
     return {type(None): "null", bool: "true/false", int: "an integer", float: "a number", str: "a string"}.get(
-        tp, str(tp))
+        tp, str(tp)
+    )
 
 
 # YAML 1.1's booleans, which specs written for it may hold: true/false fields take them as written.
-YAML11_BOOLEANS = {word: value for value, words in ((True, "yes Yes YES on On ON y Y"),
-                                                    (False, "no No NO off Off OFF n N")) for word in words.split()}
+YAML11_BOOLEANS = {
+    word: value
+    for value, words in ((True, "yes Yes YES on On ON y Y"), (False, "no No NO off Off OFF n N"))
+    for word in words.split()
+}
 
 
 def _coerce(key: str, value: Any, tp: Any) -> Any:
@@ -747,8 +852,11 @@ def _build(cls: type, raw: Any, prefix: str, base_dir: Path) -> Any:
     try:
         return cls(**kwargs)
     except TypeError:  # a required field without a value
-        missing = [n for n, f in fields.items() if n not in kwargs and f.default is dataclasses.MISSING
-                   and f.default_factory is dataclasses.MISSING]
+        missing = [
+            n
+            for n, f in fields.items()
+            if n not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        ]
         raise SpecError(f"{prefix}.{missing[0]}" if prefix else missing[0], "missing") from None
 
 
@@ -788,8 +896,11 @@ def parse_override(assignment: str) -> tuple[str, Any]:
     if not sep or not key:
         raise SpecError("", f"expected key.path=value, got {assignment!r}")
     tp = _field_type(key)
-    if tp is str or (typing.get_origin(tp) in (typing.Union, types.UnionType) and str in typing.get_args(tp)
-                     and text not in ("null", "~")):
+    if tp is str or (
+        typing.get_origin(tp) in (typing.Union, types.UnionType)
+        and str in typing.get_args(tp)
+        and text not in ("null", "~")
+    ):
         return key, text  # a string field keeps the text as written ("007" stays "007")
     try:
         return key, _load_yaml(text, prefix=key)
@@ -797,8 +908,13 @@ def parse_override(assignment: str) -> tuple[str, Any]:
         raise SpecError(key, f"cannot parse value {text!r}") from None
 
 
-def load_spec(path: str | Path | None, kind: str | None, overrides: list[str] = (), cwd: Path | None = None,
-              origins: dict[str, str] | None = None) -> JobSpec:
+def load_spec(
+    path: str | Path | None,
+    kind: str | None,
+    overrides: list[str] = (),
+    cwd: Path | None = None,
+    origins: dict[str, str] | None = None,
+) -> JobSpec:
     """Read, override, type and validate a spec. Raises SpecError naming the key path, and where the
     wrong value came from: the spec file, or the option that set it (`origins` maps an override to the
     option's words, e.g. "--gpus 0"; default "--set KEY=VALUE"). Kind None: the one the file names."""
@@ -844,8 +960,11 @@ def load_spec(path: str | Path | None, kind: str | None, overrides: list[str] = 
             try:
                 key, value = parse_override(assignment)
                 spec = apply_override(spec, key, value, cwd)
-                _check("kind", spec.kind == kind,
-                       f"the command chose {kind!r}; run the {spec.kind} command for a {spec.kind} job")
+                _check(
+                    "kind",
+                    spec.kind == kind,
+                    f"the command chose {kind!r}; run the {spec.kind} command for a {spec.kind} job",
+                )
             except SpecError as e:
                 e.source = (origins or {}).get(assignment, f"--set {assignment}")
                 raise
@@ -863,8 +982,9 @@ def load_spec(path: str | Path | None, kind: str | None, overrides: list[str] = 
 def blame(error: SpecError, overrides: list[str], origins: dict[str, str] | None = None) -> str | None:
     """The option that set the value `error` is about (its key, a key above or below it, or for a rule
     between keys, one of the others), as the user wrote it; None if the spec file did."""
-    set_by = {assignment.partition("=")[0]: (origins or {}).get(assignment, f"--set {assignment}")
-              for assignment in overrides}
+    set_by = {
+        assignment.partition("=")[0]: (origins or {}).get(assignment, f"--set {assignment}") for assignment in overrides
+    }
     for key in (error.key, *error.related):
         for set_key, option in reversed(set_by.items()):
             if set_key == key or key.startswith((f"{set_key}.", f"{set_key}[")) or set_key.startswith(f"{key}."):

@@ -29,8 +29,20 @@ from pathlib import Path
 from typing import Any
 
 from llmbatch.fingerprint import file_sha256, spec_fingerprint
-from llmbatch.rundir import (COUNT, OBJECT, TEXT, DamagedRun, apply_umask, atomic_write_json, check_object,
-                             fsync_path, make_folder, read_json, remove_tree, shown)
+from llmbatch.rundir import (
+    COUNT,
+    OBJECT,
+    TEXT,
+    DamagedRun,
+    apply_umask,
+    atomic_write_json,
+    check_object,
+    fsync_path,
+    make_folder,
+    read_json,
+    remove_tree,
+    shown,
+)
 from llmbatch.spec import JobSpec
 
 # torch, accelerate and safetensors are imported where they are used: `resume` on the command line
@@ -77,8 +89,11 @@ def complete_checkpoints(checkpoints_dir: Path) -> list[Path]:
 
 
 def write_manifest(folder: Path, fingerprint: dict[str, Any]) -> None:
-    files = {path.name: {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
-             for path in sorted(folder.iterdir()) if path.is_file()}
+    files = {
+        path.name: {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
+        for path in sorted(folder.iterdir())
+        if path.is_file()
+    }
     atomic_write_json(folder / MANIFEST_FILE, {"files": files, "spec": fingerprint})
 
 
@@ -94,8 +109,9 @@ def read_manifest(folder: Path) -> dict[str, Any]:
     for name, recorded in manifest["files"].items():
         if name in ("", ".", "..") or "/" in name or "\0" in name:
             raise DamagedRun(f"{path}: damaged, files holds {shown(name)}, not a file name")
-        check_object(path, recorded, MANIFEST_FILE_FIELDS, required=tuple(MANIFEST_FILE_FIELDS),
-                     where=f"files.{name}: ")
+        check_object(
+            path, recorded, MANIFEST_FILE_FIELDS, required=tuple(MANIFEST_FILE_FIELDS), where=f"files.{name}: "
+        )
     return manifest
 
 
@@ -126,7 +142,8 @@ def check_fingerprint(folder: Path, fingerprint: dict[str, Any]) -> None:
             raise CheckpointMismatch(
                 f"{folder}: saved with {key}={saved.get(key)!r}, but the run's spec now gives "
                 f"{fingerprint.get(key)!r}; a checkpoint of another spec cannot be resumed (put the value "
-                f"back, or start a new run)")
+                f"back, or start a new run)"
+            )
 
 
 def check_resumable(checkpoints_dir: Path, spec: JobSpec) -> None:
@@ -165,9 +182,11 @@ def checkpoint_trainable_weights_only(accelerator) -> None:
             model = accelerator.unwrap_model(model)
             expected = set(trainable_state_dict(model))
             if set(state) != expected:
-                raise RuntimeError(f"{input_dir}/{name} does not hold this model's trainable weights "
-                                   f"(missing {sorted(expected - set(state))[:3]}, "
-                                   f"unexpected {sorted(set(state) - expected)[:3]})")
+                raise RuntimeError(
+                    f"{input_dir}/{name} does not hold this model's trainable weights "
+                    f"(missing {sorted(expected - set(state))[:3]}, "
+                    f"unexpected {sorted(set(state) - expected)[:3]})"
+                )
             model.load_state_dict(state, strict=False)  # strict=False: the frozen weights are not there
         models.clear()  # loaded here: accelerate must not load them again
 
@@ -175,8 +194,9 @@ def checkpoint_trainable_weights_only(accelerator) -> None:
     accelerator.register_load_state_pre_hook(load_hook)
 
 
-def save_checkpoint(accelerator, checkpoints_dir: Path, state: TrainState, keep_last: int,
-                    fingerprint: dict[str, Any]) -> Path:
+def save_checkpoint(
+    accelerator, checkpoints_dir: Path, state: TrainState, keep_last: int, fingerprint: dict[str, Any]
+) -> Path:
     """Every rank calls this at the same step; returns the complete checkpoint folder."""
     final = Path(checkpoints_dir) / f"step-{state.step:06d}"
     tmp = final.with_name(f".{final.name}.tmp")
@@ -222,8 +242,11 @@ def resume(accelerator, checkpoints_dir: Path, fingerprint: dict[str, Any]) -> T
             aside = folder.with_name(f".{folder.name}.damaged")
             remove_tree(aside)
             os.rename(folder, aside)
-            print(f"finetune: checkpoint {folder.name} is damaged ({why}); moved it to {aside.name} and "
-                  f"falling back to the previous complete checkpoint", flush=True)
+            print(
+                f"finetune: checkpoint {folder.name} is damaged ({why}); moved it to {aside.name} and "
+                f"falling back to the previous complete checkpoint",
+                flush=True,
+            )
         if chosen is not None:
             try:
                 check_fingerprint(Path(chosen), fingerprint)

@@ -82,12 +82,12 @@ def _exit_code(main: Callable[[], int], run_dir: str, spec_errors: tuple[type[Ex
     except (DamagedRun, *spec_errors) as e:  # the spec's or the run folder's mistake, not a crash
         print(f"{ERROR_PREFIX}{e}", file=sys.stderr, flush=True)
         return 2
-    except DamagedRun as e:  # a file of the run folder (a shard, train_metrics.jsonl) that it cannot read
-        print(f"{ERROR_PREFIX}{e}", file=sys.stderr, flush=True)
-        return 1
     except KeyboardInterrupt:  # Ctrl-C of a local run, forwarded by the node job
-        print(f"{ERROR_PREFIX}interrupted (SIGINT); finish the run with: python submit.py resume {run_dir}",
-              file=sys.stderr, flush=True)
+        print(
+            f"{ERROR_PREFIX}interrupted (SIGINT); finish the run with: python submit.py resume {run_dir}",
+            file=sys.stderr,
+            flush=True,
+        )
         return 130
     except Exception as e:
         run = RunDir(Path(run_dir))
@@ -95,8 +95,12 @@ def _exit_code(main: Callable[[], int], run_dir: str, spec_errors: tuple[type[Ex
             raise
         run.release_space()
         where = getattr(e, "filename", None) or run.path
-        print(f"{ERROR_PREFIX}{where}: no space left on device; free space there, then: python submit.py resume "
-              f"{run.path}", file=sys.stderr, flush=True)
+        print(
+            f"{ERROR_PREFIX}{where}: no space left on device; free space there, then: python submit.py resume "
+            f"{run.path}",
+            file=sys.stderr,
+            flush=True,
+        )
         return 1
 
 

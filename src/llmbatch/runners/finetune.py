@@ -78,8 +78,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m llmbatch.runners.finetune", description=__doc__.split("\n")[0])
     parser.add_argument("--run-dir", required=True, help="the run folder (holds spec.yaml)")
     parser.add_argument("--attempt", type=int, default=0, help="which attempt of the job this is (logged)")
-    parser.add_argument("--stop-at-step", type=int, default=None,
-                        help="testing: save a checkpoint at this step and exit as if preempted")
+    parser.add_argument(
+        "--stop-at-step",
+        type=int,
+        default=None,
+        help="testing: save a checkpoint at this step and exit as if preempted",
+    )
     return parser.parse_args(argv)
 
 
@@ -93,8 +97,10 @@ def main(argv: list[str] | None = None) -> int:
     # --- setup -------------------------------------------------------------------------------------
     accelerator = Accelerator(
         # LoRA trains every weight it adds, so no parameter goes unused: skip DDP's search for them.
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False),
-                         InitProcessGroupKwargs(timeout=timedelta(seconds=spec.resources.collective_timeout_s))],
+        kwargs_handlers=[
+            DistributedDataParallelKwargs(find_unused_parameters=False),
+            InitProcessGroupKwargs(timeout=timedelta(seconds=spec.resources.collective_timeout_s)),
+        ],
         # The schedule counts optimizer steps; by default accelerate would step it once per process.
         step_scheduler_with_optimizer=False,
         log_with=None if cfg.report_to == "none" else cfg.report_to,
@@ -117,8 +123,13 @@ def main(argv: list[str] | None = None) -> int:
     collate_fn = partial(collate, pad_id=tokenizer.pad_token_id)
     # Its own generator: each new iterator draws a seed from it, and a resumed run starts iterators at
     # other moments than an uninterrupted one, so that draw must not move the global RNG (dropout's).
-    train_loader = DataLoader(train_rows, batch_size=cfg.micro_batch_size, collate_fn=collate_fn,
-                              sampler=EpochShuffle(len(train_rows), cfg.seed), generator=torch.Generator())
+    train_loader = DataLoader(
+        train_rows,
+        batch_size=cfg.micro_batch_size,
+        collate_fn=collate_fn,
+        sampler=EpochShuffle(len(train_rows), cfg.seed),
+        generator=torch.Generator(),
+    )
     # accelerate gives each rank every N-th batch; len() is then this rank's share of an epoch.
     train_loader = accelerator.prepare(train_loader)
     total_steps = cfg.max_steps or math.ceil(cfg.epochs * len(train_loader) / cfg.grad_accum_steps)
@@ -129,8 +140,9 @@ def main(argv: list[str] | None = None) -> int:
 
     # --- optimizer and schedule --------------------------------------------------------------------
     optimizer = torch.optim.AdamW(trainable, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    scheduler = get_scheduler(SCHEDULES[cfg.lr_schedule], optimizer, num_warmup_steps=cfg.warmup_steps,
-                              num_training_steps=total_steps)
+    scheduler = get_scheduler(
+        SCHEDULES[cfg.lr_schedule], optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=total_steps
+    )
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     head_loss = fused_head_loss(accelerator.unwrap_model(model)) if liger else None  # after prepare: on its device
 
@@ -143,17 +155,18 @@ def main(argv: list[str] | None = None) -> int:
         keep = [row for row in read_train_metrics(metrics_log) if row["step"] <= state.step] if state.step else []
         atomic_write(metrics_log, "".join(json.dumps(row) + "\n" for row in keep))
     start_tracker(accelerator, spec, run, state.step, args.attempt)
-    accelerator.print(f"finetune: attempt {args.attempt}, {accelerator.num_processes} process(es), "
-                      f"{len(train_rows)} train rows from {spec.data.path}, {total_steps} steps, "
-                      + (f"resuming at step {state.step}" if state.step else "starting")
-                      + (", Liger-Kernel's kernels" if liger else "")
-                      + (" with the fused head and loss" if head_loss else ""))
+    accelerator.print(
+        f"finetune: attempt {args.attempt}, {accelerator.num_processes} process(es), "
+        f"{len(train_rows)} train rows from {spec.data.path}, {total_steps} steps, "
+        + (f"resuming at step {state.step}" if state.step else "starting")
+        + (", Liger-Kernel's kernels" if liger else "")
+        + (" with the fused head and loss" if head_loss else "")
+    )
 
     def log(row: dict) -> None:
         if accelerator.is_main_process:
             append_jsonl(metrics_log, row)
-        accelerator.log({k: v for k, v in row.items() if k not in ("step", "total_steps", "attempt")},
-                        step=row["step"])
+        accelerator.log({k: v for k, v in row.items() if k not in ("step", "total_steps", "attempt")}, step=row["step"])
 
     def evaluate_and_log() -> None:
         row = {"step": state.step, "val_loss": evaluate_loss(accelerator, model, val_rows, collate_fn, cfg, head_loss)}
@@ -209,18 +222,37 @@ def main(argv: list[str] | None = None) -> int:
         step_s = time.monotonic() - step_started
         state.train_s += step_s
         attempt_train_s += step_s
-        log({"step": state.step, "total_steps": total_steps, "epoch": state.epoch, "loss": loss, "lr": lr,
-             "grad_norm": grad_norm.item(), "tokens": state.tokens, "elapsed_s": round(state.train_s, 3),
-             "attempt": args.attempt})
+        log(
+            {
+                "step": state.step,
+                "total_steps": total_steps,
+                "epoch": state.epoch,
+                "loss": loss,
+                "lr": lr,
+                "grad_norm": grad_norm.item(),
+                "tokens": state.tokens,
+                "elapsed_s": round(state.train_s, 3),
+                "attempt": args.attempt,
+            }
+        )
         if state.step % cfg.log_every_steps == 0:
-            accelerator.print(f"  step {state.step}/{total_steps}: loss {loss:.4f}, lr {lr:.3g}, "
-                              f"{attempt_tokens / attempt_train_s:.0f} tokens/s")
+            accelerator.print(
+                f"  step {state.step}/{total_steps}: loss {loss:.4f}, lr {lr:.3g}, "
+                f"{attempt_tokens / attempt_train_s:.0f} tokens/s"
+            )
 
         # A signal may reach only some ranks, and clocks differ: all ranks act on the maximum.
-        preempted, save_due = accelerator.reduce(torch.tensor(
-            [preemption.raised or state.step == args.stop_at_step,
-             time.monotonic() - last_save >= cfg.save_every_minutes * 60],
-            dtype=torch.float32, device=accelerator.device), "max").tolist()
+        preempted, save_due = accelerator.reduce(
+            torch.tensor(
+                [
+                    preemption.raised or state.step == args.stop_at_step,
+                    time.monotonic() - last_save >= cfg.save_every_minutes * 60,
+                ],
+                dtype=torch.float32,
+                device=accelerator.device,
+            ),
+            "max",
+        ).tolist()
         if preempted:
             # An evaluation due at this step is skipped: the warning period is for saving.
             path = save_checkpoint(accelerator, run.checkpoints_dir, state, cfg.keep_last, fingerprint)
@@ -230,8 +262,10 @@ def main(argv: list[str] | None = None) -> int:
         if val_rows and (state.step % cfg.eval_every_steps == 0 or state.step == total_steps):
             evaluate_and_log()
             if cfg.early_stopping_patience and state.evals_since_best >= cfg.early_stopping_patience:
-                accelerator.print(f"finetune: no better validation loss in {state.evals_since_best} evaluations; "
-                                  f"stopping early at step {state.step} (best: step {state.best_step})")
+                accelerator.print(
+                    f"finetune: no better validation loss in {state.evals_since_best} evaluations; "
+                    f"stopping early at step {state.step} (best: step {state.best_step})"
+                )
                 break
         if (save_due or state.step % cfg.save_every_steps == 0) and state.step < total_steps:
             save_checkpoint(accelerator, run.checkpoints_dir, state, cfg.keep_last, fingerprint)
@@ -242,8 +276,15 @@ def main(argv: list[str] | None = None) -> int:
         unwrapped = accelerator.unwrap_model(model)
         save_folder(run.adapter_dir, unwrapped.save_pretrained)
         rows = read_train_metrics(metrics_log)
-        metrics = training_metrics(rows, state, accelerator.num_processes, len(train_examples), attempt_tokens,
-                                   attempt_train_s, time.time() - started)
+        metrics = training_metrics(
+            rows,
+            state,
+            accelerator.num_processes,
+            len(train_examples),
+            attempt_tokens,
+            attempt_train_s,
+            time.time() - started,
+        )
         atomic_write_json(run.metrics_file, metrics | {Metric.STOPPED_EARLY: state.step < total_steps})
         write_loss_curve(metrics_log, run.loss_curve_file)
         if cfg.merge:
@@ -257,6 +298,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 # --- data ------------------------------------------------------------------------------------------
+
 
 class TooShortForData(Exception):
     """train.seq_len leaves no target token of any example: training would learn nothing."""
@@ -272,18 +314,24 @@ def make_rows(spec: JobSpec, tokenizer, examples, source: str) -> list:
     """
     cfg = spec.train
     prompts = encode_prompts(tokenizer, examples, spec.data)
-    completions = [tokenizer(ex.reference, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-                   for ex in examples]
+    completions = [
+        tokenizer(ex.reference, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for ex in examples
+    ]
     sequences = [to_sequence(p, c, cfg.seq_len, cfg.loss_on) for p, c in zip(prompts, completions)]
     cut = sum(len(p) + len(c) > cfg.seq_len + 1 for p, c in zip(prompts, completions))
     learnable = [seq for seq in sequences if any(t != IGNORE for t in seq.targets)]
     if sequences and not learnable:
-        raise TooShortForData(f"train.seq_len: {cfg.seq_len} tokens leave no target token of any example in "
-                              f"{source} (prompts take up to {max(map(len, prompts))} tokens); raise it")
+        raise TooShortForData(
+            f"train.seq_len: {cfg.seq_len} tokens leave no target token of any example in "
+            f"{source} (prompts take up to {max(map(len, prompts))} tokens); raise it"
+        )
     if cut:
-        print(f"finetune: {cut} of {len(examples)} examples of {source} are longer than train.seq_len="
-              f"{cfg.seq_len} tokens and are cut at the end; {len(sequences) - len(learnable)} of them keep no "
-              f"target token and are left out", flush=True)
+        print(
+            f"finetune: {cut} of {len(examples)} examples of {source} are longer than train.seq_len="
+            f"{cfg.seq_len} tokens and are cut at the end; {len(sequences) - len(learnable)} of them keep no "
+            f"target token and are left out",
+            flush=True,
+        )
     sequences = learnable
     if not cfg.packing:
         return [[seq] for seq in sequences]
@@ -307,6 +355,7 @@ def micro_batches(accelerator, loader, epoch: int, start: int):
 
 # --- model -----------------------------------------------------------------------------------------
 
+
 def load_lora_model(spec: JobSpec, device: torch.device):
     """The base model, frozen (bf16 on GPU unless model.dtype says otherwise), with LoRA adapters, and
     whether Liger-Kernel's kernels were patched into it (use_liger_kernels).
@@ -321,9 +370,14 @@ def load_lora_model(spec: JobSpec, device: torch.device):
         # Non-reentrant checkpointing works with frozen inputs and with DDP.
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     lora = spec.lora
-    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                        target_modules=lora.target_modules, modules_to_save=lora.modules_to_save,
-                        task_type="CAUSAL_LM")
+    config = LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=lora.target_modules,
+        modules_to_save=lora.modules_to_save,
+        task_type="CAUSAL_LM",
+    )
     return get_peft_model(model, config), liger  # get_peft_model freezes every base weight
 
 
@@ -344,8 +398,9 @@ def use_liger_kernels(cfg: TrainSpec, model, device: torch.device) -> bool:
         return False
     if model.config.model_type not in MODEL_TYPE_TO_APPLY_LIGER_FN:
         return False
-    _apply_liger_kernel_to_instance(model=model, rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
-                                    fused_linear_cross_entropy=False)
+    _apply_liger_kernel_to_instance(
+        model=model, rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=False
+    )
     return True
 
 
@@ -388,8 +443,11 @@ def fused_head_loss(model) -> HeadLoss | None:
     final `norm`; None otherwise: the plain path. Called once use_liger_kernels has applied.
     """
     head = model.get_output_embeddings()
-    if head.weight.device.type != "cuda" or type(head) is not torch.nn.Linear or \
-            not isinstance(getattr(model.get_decoder(), "norm", None), torch.nn.Module):
+    if (
+        head.weight.device.type != "cuda"
+        or type(head) is not torch.nn.Linear
+        or not isinstance(getattr(model.get_decoder(), "norm", None), torch.nn.Module)
+    ):
         return None
     from liger_kernel.transformers.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss
 
@@ -411,11 +469,13 @@ def token_loss_sum(model, batch: dict[str, torch.Tensor], head_loss: HeadLoss | 
     if head_loss is not None:
         return head_loss(model, inputs, keep, targets)
     logits = model(**inputs, logits_to_keep=keep).logits
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets[:, keep].flatten(), ignore_index=IGNORE,
-                           reduction="sum")
+    return F.cross_entropy(
+        logits.flatten(0, 1).float(), targets[:, keep].flatten(), ignore_index=IGNORE, reduction="sum"
+    )
 
 
 # --- evaluation ------------------------------------------------------------------------------------
+
 
 @torch.no_grad()
 def evaluate_loss(accelerator, model, rows, collate_fn, cfg, head_loss: HeadLoss | None) -> float:
@@ -426,10 +486,12 @@ def evaluate_loss(accelerator, model, rows, collate_fn, cfg, head_loss: HeadLoss
     """
     model = accelerator.unwrap_model(model)
     model.eval()
-    shard = rows[accelerator.process_index::accelerator.num_processes]
+    shard = rows[accelerator.process_index :: accelerator.num_processes]
     totals = torch.zeros(2, device=accelerator.device)
     for start in range(0, len(shard), cfg.micro_batch_size):
-        batch = {k: v.to(accelerator.device) for k, v in collate_fn(shard[start:start + cfg.micro_batch_size]).items()}
+        batch = {
+            k: v.to(accelerator.device) for k, v in collate_fn(shard[start : start + cfg.micro_batch_size]).items()
+        }
         totals += torch.stack([token_loss_sum(model, batch, head_loss), (batch["targets"] != IGNORE).sum().float()])
     model.train()
     loss_sum, targets = accelerator.reduce(totals, "sum").tolist()
@@ -446,12 +508,12 @@ def evaluate_accuracy(accelerator, model, tokenizer, spec: JobSpec, examples) ->
     saved_config = base.generation_config  # the decoder replaces it; merged/ must keep the model's own
     base.eval()
     decoder = Decoder(base, tokenizer, dataclasses.replace(spec.generation, do_sample=False))
-    shard = examples[accelerator.process_index::accelerator.num_processes]
+    shard = examples[accelerator.process_index :: accelerator.num_processes]
     prompts = encode_prompts(tokenizer, shard, spec.data)
     correct = 0
     for start in range(0, len(shard), spec.train.micro_batch_size):
-        chunk = shard[start:start + spec.train.micro_batch_size]
-        completions = decoder.complete(prompts[start:start + len(chunk)], [ex.id for ex in chunk])
+        chunk = shard[start : start + spec.train.micro_batch_size]
+        completions = decoder.complete(prompts[start : start + len(chunk)], [ex.id for ex in chunk])
         correct += sum(scoring.is_correct(c.text, ex.reference) for c, ex in zip(completions, chunk))
     base.generation_config = saved_config
     base.train()
@@ -460,6 +522,7 @@ def evaluate_accuracy(accelerator, model, tokenizer, spec: JobSpec, examples) ->
 
 
 # --- outputs ---------------------------------------------------------------------------------------
+
 
 def start_tracker(accelerator, spec: JobSpec, run: RunDir, resumed_step: int, attempt: int) -> None:
     """accelerate's tracker for train.report_to, offline, logging into the run folder; the spec's
@@ -483,8 +546,11 @@ def start_tracker(accelerator, spec: JobSpec, run: RunDir, resumed_step: int, at
     else:
         project, options = spec.name, {"mode": "offline", "dir": str(run.path), "name": f"{run.name}-attempt-{attempt}"}
     # Trackers take numbers, strings and booleans: lists and null as their text.
-    config = {f"{section}.{key}": value if isinstance(value, (int, float, str, bool)) else str(value)
-              for section in ("train", "lora") for key, value in dataclasses.asdict(getattr(spec, section)).items()}
+    config = {
+        f"{section}.{key}": value if isinstance(value, (int, float, str, bool)) else str(value)
+        for section in ("train", "lora")
+        for key, value in dataclasses.asdict(getattr(spec, section)).items()
+    }
     accelerator.init_trackers(project, config=config, init_kwargs={tracker: options})
 
 
@@ -511,23 +577,42 @@ def write_loss_curve(metrics_log: Path, png: Path) -> None:
     atomic_write(png, buffer.getvalue())
 
 
-def training_metrics(rows: list[dict], state, world_size: int, train_examples: int, attempt_tokens: int,
-                     attempt_train_s: float, wall_s: float) -> dict:
+def training_metrics(
+    rows: list[dict],
+    state,
+    world_size: int,
+    train_examples: int,
+    attempt_tokens: int,
+    attempt_train_s: float,
+    wall_s: float,
+) -> dict:
     """metrics.json: the run's numbers; tokens/s and wall time are this attempt's."""
     steps = [r for r in rows if "loss" in r]
     evals = [r for r in rows if "val_loss" in r]
-    metrics = {Metric.STEPS: state.step, Metric.WORLD_SIZE: world_size, Metric.EXAMPLES: train_examples,
-               Metric.TOKENS: state.tokens, Metric.TRAIN_S: round(state.train_s, 2), Metric.WALL_S: round(wall_s, 2),
-               Metric.TRAIN_TOKENS_PER_S: attempt_tokens / attempt_train_s if attempt_train_s else None}
+    metrics = {
+        Metric.STEPS: state.step,
+        Metric.WORLD_SIZE: world_size,
+        Metric.EXAMPLES: train_examples,
+        Metric.TOKENS: state.tokens,
+        Metric.TRAIN_S: round(state.train_s, 2),
+        Metric.WALL_S: round(wall_s, 2),
+        Metric.TRAIN_TOKENS_PER_S: attempt_tokens / attempt_train_s if attempt_train_s else None,
+    }
     if steps:
         metrics |= {Metric.TRAIN_LOSS_FIRST: steps[0]["loss"], Metric.TRAIN_LOSS_LAST: steps[-1]["loss"]}
     if evals:
-        metrics |= {Metric.VAL_LOSS_FIRST: evals[0]["val_loss"], Metric.VAL_LOSS_LAST: evals[-1]["val_loss"],
-                    Metric.VAL_LOSS_BEST: state.best_val_loss, Metric.BEST_STEP: state.best_step,
-                    Metric.VAL_PPL_LAST: evals[-1]["val_ppl"]}
+        metrics |= {
+            Metric.VAL_LOSS_FIRST: evals[0]["val_loss"],
+            Metric.VAL_LOSS_LAST: evals[-1]["val_loss"],
+            Metric.VAL_LOSS_BEST: state.best_val_loss,
+            Metric.BEST_STEP: state.best_step,
+            Metric.VAL_PPL_LAST: evals[-1]["val_ppl"],
+        }
         if "val_accuracy" in evals[-1]:
-            metrics |= {Metric.VAL_ACCURACY_FIRST: evals[0]["val_accuracy"],
-                        Metric.VAL_ACCURACY_LAST: evals[-1]["val_accuracy"]}
+            metrics |= {
+                Metric.VAL_ACCURACY_FIRST: evals[0]["val_accuracy"],
+                Metric.VAL_ACCURACY_LAST: evals[-1]["val_accuracy"],
+            }
     return metrics
 
 

@@ -57,8 +57,9 @@ def load_model(model_spec: ModelSpec, device: torch.device):
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token  # padding is masked out: any token will do
     try:
-        model = AutoModelForCausalLM.from_pretrained(model_spec.path, dtype=dtype, attn_implementation="sdpa",
-                                                     device_map=device)
+        model = AutoModelForCausalLM.from_pretrained(
+            model_spec.path, dtype=dtype, attn_implementation="sdpa", device_map=device
+        )
     except ValueError as e:  # Gemma 2 (its attention soft cap) has no sdpa path: transformers' own choice
         if "scaled_dot_product_attention" not in str(e):
             raise
@@ -80,8 +81,9 @@ def prompt_texts(tokenizer, examples: list[Example], data: DataSpec) -> list[str
     if not examples:
         return []
     # One call for the lot: the template is compiled and set up once (a third of the time per chat).
-    return tokenizer.apply_chat_template([chat(example, data) for example in examples], tokenize=False,
-                                         add_generation_prompt=True)
+    return tokenizer.apply_chat_template(
+        [chat(example, data) for example in examples], tokenize=False, add_generation_prompt=True
+    )
 
 
 def encode_texts(tokenizer, texts: list[str], data: DataSpec) -> list[list[int]]:
@@ -92,9 +94,13 @@ def encode_texts(tokenizer, texts: list[str], data: DataSpec) -> list[list[int]]
     has_bos = data.through_chat_template and bool(tokenizer.bos_token) and texts[0].startswith(tokenizer.bos_token)
     # In chunks: the tokenizer's encodings (tokens, offsets, masks) of a whole data file at once would
     # take many times the memory of the ids kept.
-    return [ids for start in range(0, len(texts), ENCODE_CHUNK)
-            for ids in tokenizer(texts[start:start + ENCODE_CHUNK], add_special_tokens=not has_bos,
-                                 return_attention_mask=False)["input_ids"]]
+    return [
+        ids
+        for start in range(0, len(texts), ENCODE_CHUNK)
+        for ids in tokenizer(
+            texts[start : start + ENCODE_CHUNK], add_special_tokens=not has_bos, return_attention_mask=False
+        )["input_ids"]
+    ]
 
 
 def encode_prompts(tokenizer, examples: list[Example], data: DataSpec) -> list[list[int]]:
@@ -109,7 +115,7 @@ def fit_to_context(prompt: list[int], max_tokens: int, bos_token_id: int | None)
     if len(prompt) <= max_tokens:
         return prompt
     keep = 1 if bos_token_id is not None and prompt[0] == bos_token_id else 0
-    return prompt[:keep] + prompt[len(prompt) - max_tokens + keep:]
+    return prompt[:keep] + prompt[len(prompt) - max_tokens + keep :]
 
 
 def batch_token_budget(generation: GenerationSpec, model) -> int:
@@ -138,9 +144,17 @@ def bytes_per_token(model) -> int:
 def engine_params(generation: GenerationSpec) -> EngineParams:
     """The spec's generation section in the engine's terms (the engine knows no spec)."""
     g = generation
-    return EngineParams(max_new_tokens=g.max_new_tokens, ignore_eos=g.ignore_eos, do_sample=g.do_sample,
-                        temperature=g.temperature, top_k=g.top_k, top_p=g.top_p, seed=g.seed,
-                        kv_cache_gb=g.kv_cache_gb, batch_tokens=g.batch_tokens)
+    return EngineParams(
+        max_new_tokens=g.max_new_tokens,
+        ignore_eos=g.ignore_eos,
+        do_sample=g.do_sample,
+        temperature=g.temperature,
+        top_k=g.top_k,
+        top_p=g.top_p,
+        seed=g.seed,
+        kv_cache_gb=g.kv_cache_gb,
+        batch_tokens=g.batch_tokens,
+    )
 
 
 def eos_token_ids(model, tokenizer) -> set[int]:
@@ -170,8 +184,10 @@ class Decoder:
             max_new_tokens=generation.max_new_tokens,
             min_new_tokens=generation.max_new_tokens if generation.ignore_eos else None,
             do_sample=False,  # sampling is greedy search over noised logits: see SeededSampling
-            eos_token_id=sorted(self.eos_ids), pad_token_id=tokenizer.pad_token_id,
-            bos_token_id=tokenizer.bos_token_id)
+            eos_token_id=sorted(self.eos_ids),
+            pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=tokenizer.bos_token_id,
+        )
 
     @torch.inference_mode()
     def complete(self, prompts: list[list[int]], ids: list[str]) -> list[Completion]:
@@ -179,11 +195,13 @@ class Decoder:
         input_ids = torch.full((len(prompts), width), self.tokenizer.pad_token_id, dtype=torch.long)
         attention_mask = torch.zeros_like(input_ids)
         for row, prompt in enumerate(prompts):
-            input_ids[row, width - len(prompt):] = torch.tensor(prompt)
-            attention_mask[row, width - len(prompt):] = 1
-        output = self.model.generate(input_ids=input_ids.to(self.model.device),
-                                     attention_mask=attention_mask.to(self.model.device),
-                                     logits_processor=self._sampling(ids, width))
+            input_ids[row, width - len(prompt) :] = torch.tensor(prompt)
+            attention_mask[row, width - len(prompt) :] = 1
+        output = self.model.generate(
+            input_ids=input_ids.to(self.model.device),
+            attention_mask=attention_mask.to(self.model.device),
+            logits_processor=self._sampling(ids, width),
+        )
         return [make_completion(self.tokenizer, self.eos_ids, tokens) for tokens in output[:, width:].tolist()]
 
     def _sampling(self, ids: list[str], prompt_width: int) -> LogitsProcessorList:

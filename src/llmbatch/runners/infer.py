@@ -36,8 +36,17 @@ from llmbatch.rundir import RunDir
 from llmbatch.runners.engine.model import unsupported_reason
 from llmbatch.runners.engine.runner import Engine
 from llmbatch.runners.faults import run_rank, start_heartbeat
-from llmbatch.runners.generation import (Completion, Decoder, batch_token_budget, encode_prompts, engine_params,
-                                         eos_token_ids, fit_to_context, load_model, make_completion)
+from llmbatch.runners.generation import (
+    Completion,
+    Decoder,
+    batch_token_budget,
+    encode_prompts,
+    engine_params,
+    eos_token_ids,
+    fit_to_context,
+    load_model,
+    make_completion,
+)
 from llmbatch.runners.preemption import PREEMPTED_EXIT, PreemptionFlag
 from llmbatch.runners.split import assign_to_ranks, plan_batches
 from llmbatch.shards import ShardWriter, done_ids, shard_for, write_stats
@@ -99,8 +108,12 @@ def main(argv: list[str] | None = None) -> int:
     preemption = PreemptionFlag(run.preempt_marker(args.attempt, args.task))
     # An array task's ranks follow those of the tasks before it: shard names never collide.
     task, tasks = args.task or 0, spec.resources.array or 1
-    stats = RankStats(args.attempt, task * accelerator.num_processes + accelerator.process_index,
-                      tasks * accelerator.num_processes, task=task)
+    stats = RankStats(
+        args.attempt,
+        task * accelerator.num_processes + accelerator.process_index,
+        tasks * accelerator.num_processes,
+        task=task,
+    )
     run.record_rank(args.attempt, stats.rank)
     start_heartbeat(run.rank_record(args.attempt, stats.rank), spec.resources.collective_timeout_s)
 
@@ -108,20 +121,30 @@ def main(argv: list[str] | None = None) -> int:
     model, tokenizer = load_model(spec.model, accelerator.device)
     limit = prompt_token_limit(model.config.to_dict(), spec.generation.max_new_tokens)
     truncate = limit if spec.generation.long_prompts == "truncate" else None  # "error": refused before queueing
-    lengths = prompt_lengths(tokenizer, examples, spec.data, truncate, accelerator.process_index,
-                             accelerator.num_processes, finish_line.all_gather)
+    lengths = prompt_lengths(
+        tokenizer,
+        examples,
+        spec.data,
+        truncate,
+        accelerator.process_index,
+        accelerator.num_processes,
+        finish_line.all_gather,
+    )
     # The task's share is fixed (from every input), so a requeued or resumed task redoes only its own.
     share = token_balanced_share(lengths, task, tasks, spec.generation.max_new_tokens)
     done = done_ids(run, before_attempt=args.attempt)
     todo = [i for i in share if examples[i].id not in done]
-    picked = token_balanced_share([lengths[i] for i in todo], accelerator.process_index, accelerator.num_processes,
-                                  spec.generation.max_new_tokens)
+    picked = token_balanced_share(
+        [lengths[i] for i in todo], accelerator.process_index, accelerator.num_processes, spec.generation.max_new_tokens
+    )
     mine = encode_share(tokenizer, [examples[todo[i]] for i in picked], spec.data, truncate)
-    completions, how, engine = start_completing(spec.generation, model, tokenizer, mine,
-                                                stop=lambda: preemption.raised)
+    completions, how, engine = start_completing(spec.generation, model, tokenizer, mine, stop=lambda: preemption.raised)
     where = f"task {task} of {tasks}, " if args.task is not None else ""
-    print(f"{where}rank {stats.rank} of {stats.world_size}, attempt {args.attempt}: {len(todo)} of {len(share)} "
-          f"inputs left ({len(share) - len(todo)} done earlier); {len(mine)} here, with {how}", flush=True)
+    print(
+        f"{where}rank {stats.rank} of {stats.world_size}, attempt {args.attempt}: {len(todo)} of {len(share)} "
+        f"inputs left ({len(share) - len(todo)} done earlier); {len(mine)} here, with {how}",
+        flush=True,
+    )
     if args.task is not None and accelerator.is_main_process:
         run.update_tasks({task: {"inputs": len(share)}})
 
@@ -160,22 +183,29 @@ def gather(run: RunDir, examples: list[Example], task: int | None, output_format
     run.release_space()  # the run is complete: nothing more to report a full disk for
 
 
-def prompt_lengths(tokenizer, examples: list[Example], data: DataSpec, limit: int | None, rank: int, ranks: int,
-                   gather: Callable[[list[int]], list[list[int]]]) -> list[int]:
+def prompt_lengths(
+    tokenizer,
+    examples: list[Example],
+    data: DataSpec,
+    limit: int | None,
+    rank: int,
+    ranks: int,
+    gather: Callable[[list[int]], list[list[int]]],
+) -> list[int]:
     """Every input's prompt tokens (cut to `limit` where prompts are truncated to fit the context).
 
     Each of the `ranks` processes encodes every ranks-th prompt and `gather` (`FinishLine.all_gather`)
     shares the counts, so every process holds the same counts (the split's only input) after encoding
     1/ranks of the inputs instead of all of them.
     """
-    counts = [len(ids) if limit is None else min(len(ids), limit)
-              for ids in encode_prompts(tokenizer, examples[rank::ranks], data)]
+    counts = [
+        len(ids) if limit is None else min(len(ids), limit)
+        for ids in encode_prompts(tokenizer, examples[rank::ranks], data)
+    ]
     lengths = [0] * len(examples)
     for part, part_counts in enumerate(gather(counts)):
         lengths[part::ranks] = part_counts
     return lengths
-
-
 
 
 def token_balanced_share(lengths: list[int], part: int, parts: int, max_new_tokens: int) -> list[int]:
@@ -192,8 +222,10 @@ def encode_share(tokenizer, examples: list[Example], data: DataSpec, limit: int 
     encoded = encode_prompts(tokenizer, examples, data)
     if limit is None:
         return [Prompt(e, ids) for e, ids in zip(examples, encoded)]
-    return [Prompt(e, fit_to_context(ids, limit, tokenizer.bos_token_id), truncated=len(ids) > limit)
-            for e, ids in zip(examples, encoded)]
+    return [
+        Prompt(e, fit_to_context(ids, limit, tokenizer.bos_token_id), truncated=len(ids) > limit)
+        for e, ids in zip(examples, encoded)
+    ]
 
 
 def choose_engine(choice: str, model) -> tuple[bool, str]:
@@ -228,8 +260,9 @@ def start_completing(generation: GenerationSpec, model, tokenizer, mine: list[Pr
     return completions, f"{how}, {len(batches)} batches of <= {budget} tokens", None
 
 
-def complete_in_batches(decoder: Decoder, prompts: list[Prompt], batches: list[list[int]],
-                        stop: Callable[[], bool]) -> Iterator[list[tuple[int, Completion]]]:
+def complete_in_batches(
+    decoder: Decoder, prompts: list[Prompt], batches: list[list[int]], stop: Callable[[], bool]
+) -> Iterator[list[tuple[int, Completion]]]:
     """generate's way: (index into prompts, completion) a batch at a time, until stop() says so."""
     for batch in batches:
         if stop():
@@ -241,9 +274,15 @@ def complete_in_batches(decoder: Decoder, prompts: list[Prompt], batches: list[l
 def result_record(prompt: Prompt, completion: Completion) -> dict:
     example = prompt.example
     given = {"prompt": example.prompt} if example.messages is None else {"messages": example.messages}
-    record = {"id": example.id, **given, "output": completion.text,
-              "prompt_tokens": len(prompt.token_ids), "output_tokens": completion.tokens,
-              "finish_reason": completion.finish_reason, "truncated": prompt.truncated}
+    record = {
+        "id": example.id,
+        **given,
+        "output": completion.text,
+        "prompt_tokens": len(prompt.token_ids),
+        "output_tokens": completion.tokens,
+        "finish_reason": completion.finish_reason,
+        "truncated": prompt.truncated,
+    }
     if example.reference is not None:
         record |= {"reference": example.reference, "correct": scoring.is_correct(completion.text, example.reference)}
     return record
@@ -255,8 +294,14 @@ def progress_bar(accelerator: Accelerator, my_inputs: int) -> tqdm:
     Rare updates when the output is a log file: every update there is another line's worth of text.
     """
     interactive = sys.stderr.isatty()
-    return tqdm(total=my_inputs, desc=f"rank 0 of {accelerator.num_processes}", unit="input", file=sys.stderr,
-                mininterval=1 if interactive else 30, disable=not accelerator.is_main_process)
+    return tqdm(
+        total=my_inputs,
+        desc=f"rank 0 of {accelerator.num_processes}",
+        unit="input",
+        file=sys.stderr,
+        mininterval=1 if interactive else 30,
+        disable=not accelerator.is_main_process,
+    )
 
 
 class FinishLine:

@@ -74,9 +74,12 @@ def collate(rows: list[list[Sequence]], pad_id: int) -> dict[str, torch.Tensor]:
         input_ids.append(ids + [pad_id] * pad)
         targets.append([t for s in row for t in s.targets] + [IGNORE] * pad)
         position_ids.append([p for s in row for p in range(len(s.input_ids))] + list(range(pad)))
-    return {"input_ids": torch.tensor(input_ids), "targets": torch.tensor(targets),
-            "position_ids": torch.tensor(position_ids),
-            "num_tokens": torch.tensor(sum(len(s.input_ids) for row in rows for s in row))}
+    return {
+        "input_ids": torch.tensor(input_ids),
+        "targets": torch.tensor(targets),
+        "position_ids": torch.tensor(position_ids),
+        "num_tokens": torch.tensor(sum(len(s.input_ids) for row in rows for s in row)),
+    }
 
 
 class EpochShuffle(torch.utils.data.Sampler):

@@ -12,6 +12,7 @@ PREEMPTED_EXIT = 75
 its log and status say so. The node job does not act on it: it got the signal too, and requeues or
 not from its own flag."""
 
+
 class PreemptionFlag:
     """Set by SIGUSR2 (Slurm's warning before preemption or the time limit), SIGTERM, or the run's
     preempt marker for this attempt.

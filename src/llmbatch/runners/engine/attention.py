@@ -31,8 +31,14 @@ PREFILL_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, 
 """Not cuDNN's: it plans anew for every shape, and prefill chunks come in many shapes."""
 
 
-def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, window: int | None = None,
-                      softcap: float | None = None) -> torch.Tensor:
+def prefill_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float,
+    window: int | None = None,
+    softcap: float | None = None,
+) -> torch.Tensor:
     """q [rows, len, q_heads, dim], k/v [rows, len, kv_heads, dim] -> [rows, len, q_heads, dim]."""
     width = q.shape[1]
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
@@ -58,9 +64,16 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
     return torch.matmul(weights, v).transpose(1, 2)
 
 
-def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, slots: torch.Tensor,
-                     lengths: torch.Tensor, scale: float, window: int | None = None,
-                     softcap: float | None = None) -> torch.Tensor:
+def decode_attention(
+    q: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    slots: torch.Tensor,
+    lengths: torch.Tensor,
+    scale: float,
+    window: int | None = None,
+    softcap: float | None = None,
+) -> torch.Tensor:
     """q [rows, q_heads, dim]; keys/values [slots, slot_len, kv_heads, dim] of one layer; row r attends
     to positions max(0, lengths[r] - window) .. lengths[r]-1 of slot slots[r]. -> [rows, q_heads, dim]."""
     if q.is_cuda and triton is not None:
@@ -92,24 +105,64 @@ def _decode_triton(q, keys, values, slots, lengths, scale, window, softcap):
     group = q_heads // kv_heads
     out = torch.empty_like(q)
     _decode_kernel[(rows, kv_heads)](
-        q, keys, values, out, slots, lengths, scale, window or 0, softcap or 0.0,
-        q.stride(0), q.stride(1), keys.stride(0), keys.stride(1), keys.stride(2),
-        out.stride(0), out.stride(1),
-        GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), DIM=dim,
+        q,
+        keys,
+        values,
+        out,
+        slots,
+        lengths,
+        scale,
+        window or 0,
+        softcap or 0.0,
+        q.stride(0),
+        q.stride(1),
+        keys.stride(0),
+        keys.stride(1),
+        keys.stride(2),
+        out.stride(0),
+        out.stride(1),
+        GROUP=group,
+        GROUP_PAD=max(16, triton.next_power_of_2(group)),
+        DIM=dim,
         BLOCK=64 if dim <= 128 else 32,  # a head dim of 256 (Gemma) halves the block: registers
-        WINDOWED=window is not None, SOFTCAPPED=softcap is not None,
+        WINDOWED=window is not None,
+        SOFTCAPPED=softcap is not None,
         # fp32 models get fp32 products (Triton's default for fp32 is tf32, which rounds inputs).
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        num_warps=4, num_stages=2)
+        num_warps=4,
+        num_stages=2,
+    )
     return out
 
 
 if triton is not None:
+
     @triton.jit
-    def _decode_kernel(Q, K, V, Out, Slots, Lengths, scale, window, softcap,
-                       stride_qb, stride_qh, stride_ks, stride_kt, stride_kh, stride_ob, stride_oh,
-                       GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, DIM: tl.constexpr, BLOCK: tl.constexpr,
-                       WINDOWED: tl.constexpr, SOFTCAPPED: tl.constexpr, PRECISION: tl.constexpr):
+    def _decode_kernel(
+        Q,
+        K,
+        V,
+        Out,
+        Slots,
+        Lengths,
+        scale,
+        window,
+        softcap,
+        stride_qb,
+        stride_qh,
+        stride_ks,
+        stride_kt,
+        stride_kh,
+        stride_ob,
+        stride_oh,
+        GROUP: tl.constexpr,
+        GROUP_PAD: tl.constexpr,
+        DIM: tl.constexpr,
+        BLOCK: tl.constexpr,
+        WINDOWED: tl.constexpr,
+        SOFTCAPPED: tl.constexpr,
+        PRECISION: tl.constexpr,
+    ):
         row = tl.program_id(0)
         kv_head = tl.program_id(1)
         slot = tl.load(Slots + row).to(tl.int64)

@@ -38,8 +38,9 @@ class CacheShape:
         return 2 * self.layers * self.kv_heads * self.head_dim * self.dtype.itemsize
 
 
-def count_slots(shape: CacheShape, slot_len: int, sequences: int, free_bytes: int, cap_gb: float | None,
-                batch_tokens: int | None) -> int:
+def count_slots(
+    shape: CacheShape, slot_len: int, sequences: int, free_bytes: int, cap_gb: float | None, batch_tokens: int | None
+) -> int:
     """Slots to allocate: enough for every sequence if they fit, at least one."""
     budget = free_bytes if cap_gb is None else min(free_bytes, int(cap_gb * 2**30))
     slots = min(sequences, budget // (shape.bytes_per_position * slot_len))

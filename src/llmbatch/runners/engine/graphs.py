@@ -29,8 +29,14 @@ def bucket_sizes(max_rows: int) -> list[int]:
 
 
 class DecodeGraphs:
-    def __init__(self, step: Callable[[torch.Tensor], torch.Tensor], max_rows: int, dummy_slot: int,
-                 device: torch.device, use_graphs: bool):
+    def __init__(
+        self,
+        step: Callable[[torch.Tensor], torch.Tensor],
+        max_rows: int,
+        dummy_slot: int,
+        device: torch.device,
+        use_graphs: bool,
+    ):
         self.step, self.device = step, device
         self.use_graphs = use_graphs
         self.sizes = bucket_sizes(max_rows)

@@ -87,8 +87,12 @@ def capturable(model) -> bool:
 def cache_shape(model) -> CacheShape:
     config = model.config
     attention = model.model.layers[0].self_attn
-    return CacheShape(layers=config.num_hidden_layers, kv_heads=config.num_key_value_heads,
-                      head_dim=attention.head_dim, dtype=model.dtype)
+    return CacheShape(
+        layers=config.num_hidden_layers,
+        kv_heads=config.num_key_value_heads,
+        head_dim=attention.head_dim,
+        dtype=model.dtype,
+    )
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -128,10 +132,12 @@ class Rotary:
         takes_type = "layer_type" in inspect.signature(rotary.forward).parameters
         probe = torch.zeros(1, dtype=dtype, device=device)
         for layer_type, rope_type in _rope_types(rotary).items():
+
             def table(count: int, layer_type=layer_type):
                 ids = torch.arange(count, device=device)[None]
                 cos, sin = rotary(probe, ids, layer_type) if takes_type else rotary(probe, ids)
                 return cos[0], sin[0]
+
             if rope_type == "longrope":
                 parameters = config.rope_parameters
                 parameters = parameters[layer_type] if layer_type is not None else parameters
@@ -144,7 +150,7 @@ class Rotary:
                     continue
                 long = table(positions)
                 self.long[layer_type] = long
-                self.tables[layer_type] = tuple(torch.cat((s, l[len(s):])) for s, l in zip(short, long))
+                self.tables[layer_type] = tuple(torch.cat((s, whole[len(s) :])) for s, whole in zip(short, long))
             else:
                 self.tables[layer_type] = table(positions)
 
@@ -182,15 +188,23 @@ class EngineModel:
         self.sandwich = hasattr(self.body.layers[0], "pre_feedforward_layernorm")
         self.rotary = Rotary(self.body.rotary_emb, config, max_positions, model.dtype, model.device)
         per_type = len(self.rotary.tables) > 1
-        self.layers = [Layer(layer, layer.self_attn, _window(layer.self_attn, config),
-                             layer.self_attn.layer_type if per_type else None) for layer in self.body.layers]
+        self.layers = [
+            Layer(
+                layer,
+                layer.self_attn,
+                _window(layer.self_attn, config),
+                layer.self_attn.layer_type if per_type else None,
+            )
+            for layer in self.body.layers
+        ]
 
     def _qkv(self, attention, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """Rotated queries and keys, and values: [..., heads, dim] each."""
         shape = x.shape[:-1]
         if hasattr(attention, "qkv_proj"):  # Phi-3: one product, split as its attention splits it
             q, k, v = attention.qkv_proj(x).split(
-                [self.q_heads * self.head_dim, self.kv_heads * self.head_dim, self.kv_heads * self.head_dim], dim=-1)
+                [self.q_heads * self.head_dim, self.kv_heads * self.head_dim, self.kv_heads * self.head_dim], dim=-1
+            )
         else:
             q, k, v = attention.q_proj(x), attention.k_proj(x), attention.v_proj(x)
         q = q.view(*shape, self.q_heads, self.head_dim)
@@ -216,8 +230,7 @@ class EngineModel:
             logits = torch.tanh(logits / self.final_softcap) * self.final_softcap
         return logits.float()
 
-    def prefill(self, tokens: torch.Tensor, lengths: torch.Tensor, slots: torch.Tensor,
-                cache: KVCache) -> torch.Tensor:
+    def prefill(self, tokens: torch.Tensor, lengths: torch.Tensor, slots: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """Prompts right-padded to [rows, width] into their slots; fp32 logits [rows, vocab] at each
         prompt's last token."""
         rows, width = tokens.shape
@@ -228,18 +241,21 @@ class EngineModel:
         hidden = self.body.embed_tokens(tokens)
         rotary = {key: self.rotary(key, positions, lengths) for key in self.rotary.tables}
         for index, entry in enumerate(self.layers):
+
             def attend(x, index=index, entry=entry):
                 q, k, v = self._qkv(entry.attention, x, *rotary[entry.rope])
                 cache.keys[index][slot_of, position_of] = k[row_of, position_of]
                 cache.values[index][slot_of, position_of] = v[row_of, position_of]
                 out = prefill_attention(q, k, v, self.scale, entry.window, self.softcap)
                 return entry.attention.o_proj(out.reshape(rows, width, -1))
+
             hidden = self._block(entry, hidden, attend)
         last = hidden[torch.arange(rows, device=tokens.device), lengths - 1]
         return self._logits(last)
 
-    def decode(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
-               cache: KVCache) -> torch.Tensor:
+    def decode(
+        self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, cache: KVCache
+    ) -> torch.Tensor:
         """One new token a row, at `positions` of `slots`; fp32 logits [rows, vocab]. Only tensor ops
         with no host sync (for a mixture of experts, see `capturable`): this is what the CUDA graphs
         capture."""
@@ -248,12 +264,15 @@ class EngineModel:
         lengths = positions + 1
         rotary = {key: self.rotary(key, positions, lengths) for key in self.rotary.tables}
         for index, entry in enumerate(self.layers):
+
             def attend(x, index=index, entry=entry):
                 q, k, v = self._qkv(entry.attention, x[:, 0], *rotary[entry.rope])
                 cache.keys[index][slots, positions] = k
                 cache.values[index][slots, positions] = v
-                out = decode_attention(q, cache.keys[index], cache.values[index], slots, lengths, self.scale,
-                                       entry.window, self.softcap)
+                out = decode_attention(
+                    q, cache.keys[index], cache.values[index], slots, lengths, self.scale, entry.window, self.softcap
+                )
                 return entry.attention.o_proj(out.reshape(rows, 1, -1))
+
             hidden = self._block(entry, hidden, attend)
         return self._logits(hidden[:, 0])

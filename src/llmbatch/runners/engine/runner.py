@@ -78,8 +78,14 @@ class Engine:
         sequences = min(len(prompt_lengths), MAX_ROWS)
         shape = cache_shape(model)
         reserve = peak_activation_bytes(model, sequences, self.prefill_tokens)
-        slots = count_slots(shape, slot_len, sequences, free_cache_bytes(self.device, params.kv_cache_gb, reserve),
-                            params.kv_cache_gb, params.batch_tokens)
+        slots = count_slots(
+            shape,
+            slot_len,
+            sequences,
+            free_cache_bytes(self.device, params.kv_cache_gb, reserve),
+            params.kv_cache_gb,
+            params.batch_tokens,
+        )
         self.cache = KVCache(shape, slots, slot_len, self.device)
         self.model = EngineModel(model, slot_len)
         self.sampler = Sampler(params, sorted(eos_ids), self.device)
@@ -106,8 +112,9 @@ class Engine:
         return f"{self.path}; {s.slots} slots of {s.slot_len} positions ({s.cache_gb:.2f} GiB KV cache)"
 
     @torch.inference_mode()
-    def run(self, prompts: list[list[int]], ids: list[str],
-            stop: Callable[[], bool]) -> Iterator[list[tuple[int, list[int]]]]:
+    def run(
+        self, prompts: list[list[int]], ids: list[str], stop: Callable[[], bool]
+    ) -> Iterator[list[tuple[int, list[int]]]]:
         """Groups of (index into prompts, generated tokens), as sequences end (the last token is an
         end-of-sequence token, or there are max_new_tokens). Once stop() is true no prompt
         is admitted and the loop ends after the step in flight; unfinished sequences are dropped."""
@@ -136,7 +143,8 @@ class Engine:
         for sequence in sequences:
             last = sequence.tokens[-1]
             if len(sequence.tokens) == self.params.max_new_tokens or (
-                    last in self.eos_ids and not self.params.ignore_eos):
+                last in self.eos_ids and not self.params.ignore_eos
+            ):
                 scheduler.finish(sequence)
                 done.append((sequence.index, sequence.tokens))
         return done
@@ -159,7 +167,7 @@ class Engine:
         width = max(s.prompt_len for s in chunk)
         tokens = torch.zeros(len(chunk), width, dtype=torch.int64)
         for row, sequence in enumerate(chunk):
-            tokens[row, :sequence.prompt_len] = torch.tensor(prompts[sequence.index])
+            tokens[row, : sequence.prompt_len] = torch.tensor(prompts[sequence.index])
         host = torch.tensor([[s.prompt_len for s in chunk], [s.slot for s in chunk], [keys[s.index] for s in chunk]])
         lengths, slots, row_keys = host.to(self.device)
         logits = self.model.prefill(tokens.to(self.device), lengths, slots, self.cache)
@@ -170,8 +178,15 @@ class Engine:
 
     def _decode(self, rows: list[Sequence], keys: list[int]) -> None:
         started = time.monotonic()
-        inputs = torch.tensor([[s.tokens[-1] for s in rows], [s.position for s in rows], [s.slot for s in rows],
-                               [keys[s.index] for s in rows], [len(s.tokens) for s in rows]])
+        inputs = torch.tensor(
+            [
+                [s.tokens[-1] for s in rows],
+                [s.position for s in rows],
+                [s.slot for s in rows],
+                [keys[s.index] for s in rows],
+                [len(s.tokens) for s in rows],
+            ]
+        )
         for sequence, token in zip(rows, self.graphs(inputs)):
             sequence.tokens.append(token)
         self.stats.decode_s += time.monotonic() - started
