@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from llmbatch.cli import main
 from llmbatch.models import resolve_models
 from llmbatch.spec import SpecError, load_resolved, load_spec
 
@@ -94,3 +95,14 @@ def test_a_run_folders_spec_reads_its_references_as_folders(tmp_path, good):
     with pytest.raises(SpecError) as e:
         load_resolved(spec_file)
     assert str(e.value) == f"{spec_file}: model.path: no model folder at {run / 'llmbatch/gone'}"
+
+
+def test_the_embedded_model_folder_is_absolute_in_the_resolved_spec(tmp_path, good, capsys, monkeypatch):
+    """Parsing leaves references as written, so the folder the CLI puts in for the embedded model must be
+    one already: a relative cache would otherwise be read against the run folder by the ranks."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("LLMBATCH_CACHE", "cache")
+    spec_file = write_spec(tmp_path / "specs", good)
+    assert main(["infer", str(spec_file), "--executor", "local", "--dry-run"]) == 0
+    resolved = yaml.safe_load(capsys.readouterr().out.split("# resolved spec (infer)\n")[1].split("\n#")[0])
+    assert resolved["model"]["path"] == str(tmp_path / "cache" / "<embedded-model-built-on-first-run>")

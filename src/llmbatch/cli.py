@@ -129,7 +129,7 @@ def resolve_model(spec: JobSpec, build: bool) -> JobSpec:
     cache = embedded.default_cache_dir()
     # A placeholder a bind can hold (apptainer refuses ',' in a bind): the dry run shows the command.
     path = embedded.ensure_embedded_model(cache) if build else cache / "<embedded-model-built-on-first-run>"
-    return apply_override(spec, "model.path", str(path), Path.cwd())
+    return apply_override(spec, "model.path", str(path.resolve()), Path.cwd())
 
 
 def require_slurm_commands(executor: str) -> None:
