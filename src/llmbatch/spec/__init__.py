@@ -6,7 +6,6 @@ templates), `slurm_formats` (Slurm's time and memory formats, the sbatch options
 """
 
 from llmbatch.spec.loading import (
-    MODEL_KEYS,
     apply_override,
     blame,
     dump_spec,
@@ -20,7 +19,6 @@ from llmbatch.spec.loading import (
 from llmbatch.spec.schema import (
     EMBEDDED_MODEL,
     ENV_NAME,
-    KINDS,
     ContainerSpec,
     DataSpec,
     GenerationSpec,
@@ -38,8 +36,6 @@ from llmbatch.spec.templates import template_fields
 __all__ = [
     "EMBEDDED_MODEL",
     "ENV_NAME",
-    "KINDS",
-    "MODEL_KEYS",
     "ContainerSpec",
     "DataSpec",
     "GenerationSpec",
