@@ -45,6 +45,7 @@ sys.path.insert(0, str(BENCH))
 import workloads
 
 from llmbatch.jobstep import NodePlace, make_plan, node_command
+from llmbatch.models import resolve_models
 from llmbatch.rundir import RunDir, atomic_write, read_json
 from llmbatch.spec import dump_spec, load_resolved, load_spec
 
@@ -590,7 +591,7 @@ class Bench:
         spec_file = self.work / "specs" / f"{name}.yaml"
         spec_file.parent.mkdir(exist_ok=True)
         spec_file.write_text(yaml.safe_dump(raw | {"output": {"root": str(self.work / "runs")}}, sort_keys=False))
-        spec = load_spec(spec_file, kind)
+        spec = resolve_models(load_spec(spec_file, kind), spec_file)
         run = RunDir.create(spec.output.root, spec.name)
         atomic_write(run.spec_file, dump_spec(spec))
         return run

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import yaml
 
-import llmbatch.spec
+import llmbatch
 from llmbatch.cli import main as cli_main
 from llmbatch.container import ContainerCommand
 from llmbatch.jobstep import NodePlace, make_plan, node_command
@@ -106,7 +106,7 @@ class DockerEnv:
 
 def llmbatch_source() -> str:
     """The folder that holds the llmbatch package (src/ in a checkout)."""
-    return str(Path(llmbatch.spec.__file__).resolve().parent.parent)
+    return str(Path(llmbatch.__file__).resolve().parent.parent)
 
 
 def host_python_binds() -> tuple[str, ...]:

@@ -534,7 +534,7 @@ def test_control_characters_in_values_never_split_the_error_line(tmp_path, good,
 
 
 def test_printable_escapes_what_would_split_or_reorder_a_line():
-    from llmbatch.spec import printable
+    from llmbatch.text import printable
 
     assert printable("a\nb\tc\x1b[31m\u2028\u202e\ud800 é ok") == "a\\nb\\tc\\x1b[31m\\u2028\\u202e\\ud800 é ok"
 

@@ -24,7 +24,7 @@ from llmbatch.data import DataError, load_examples
 from llmbatch.fingerprint import changed_input, spec_fingerprint
 from llmbatch.gather import gather_run
 from llmbatch.jobstep import example_place, make_plan, node_command
-from llmbatch.models import check_model
+from llmbatch.models import check_model, resolve_models
 from llmbatch.rundir import DamagedRun, RunBusy, RunDir, atomic_write, process_start_ticks
 from llmbatch.runners.checkpoint import CheckpointMismatch, check_resumable
 from llmbatch.shards import list_shards
@@ -37,9 +37,9 @@ from llmbatch.spec import (
     dump_spec,
     load_resolved,
     load_spec,
-    printable,
 )
 from llmbatch.summary import summarize
+from llmbatch.text import printable
 
 DEFAULT_JOBS = Path(__file__).resolve().parent / "jobs"
 """The default specs, shipped with the package (a checkout's jobs/ links here)."""
@@ -103,7 +103,7 @@ def load_job_spec(kind: str, args: argparse.Namespace) -> tuple[JobSpec, int]:
                 overrides.append(f"{key}={value}")
                 origins[overrides[-1]] = f"--array {args.array}"
     spec_path = args.spec or default_spec_path(kind)
-    spec = load_spec(spec_path, kind, overrides, origins=origins)
+    spec = resolve_models(load_spec(spec_path, kind, overrides, origins=origins), spec_path, overrides, origins)
     examples = load_examples(spec.data)
     if spec.data.val_path:
         load_examples(spec.data, spec.data.val_path)
@@ -129,7 +129,7 @@ def resolve_model(spec: JobSpec, build: bool) -> JobSpec:
     cache = embedded.default_cache_dir()
     # A placeholder a bind can hold (apptainer refuses ',' in a bind): the dry run shows the command.
     path = embedded.ensure_embedded_model(cache) if build else cache / "<embedded-model-built-on-first-run>"
-    return apply_override(spec, "model.path", str(path), Path.cwd())
+    return apply_override(spec, "model.path", str(path.resolve()), Path.cwd())
 
 
 def require_slurm_commands(executor: str) -> None:

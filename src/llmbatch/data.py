@@ -20,7 +20,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from llmbatch.spec import SURROGATE, DataSpec, hidden_character, invisible, not_utf8, template_fields
+from llmbatch.spec import DataSpec, template_fields
+from llmbatch.text import SURROGATE, hidden_character, invisible, not_utf8
 
 ROLES = ("system", "user", "assistant")
 """Roles a message of data.messages_field may have."""

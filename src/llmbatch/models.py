@@ -1,10 +1,10 @@
 """Model references and cheap checks of a model's files, before anything is queued.
 
-- `resolve_reference`: `model.path` and `model.adapter` name a local folder, or a Hugging Face hub id
-  (`Qwen/Qwen2.5-1.5B-Instruct`) already in the local cache (`HF_HOME`, `HF_HUB_CACHE`). A hub id
-  becomes its snapshot folder in the resolved spec, so jobs never ask the hub (they also run with
-  `HF_HUB_OFFLINE=1`, see `jobstep.launch_env`). Nothing is downloaded: a missing id is an error that
-  says how to fetch it.
+- `resolve_models`: `model.path` and `model.adapter` name a local folder, or a Hugging Face hub id
+  (`Qwen/Qwen2.5-1.5B-Instruct`) already in the local cache (`HF_HOME`, `HF_HUB_CACHE`). Parsing keeps
+  them as written; this step, after it, makes a hub id its snapshot folder in the resolved spec, so jobs
+  never ask the hub (they also run with `HF_HUB_OFFLINE=1`, see `jobstep.launch_env`). Nothing is
+  downloaded: a missing id is an error that says how to fetch it.
 - `check_model`: reads only small JSON files and safetensors headers (never weights): the configs
   parse, the engine runs the model's family when the spec asks for it (`generation.engine: fast`), a
   chat template exists when the spec asks for one, an adapter fits the base model's layers, and
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Sequence
 from pathlib import Path
 
 from llmbatch import embedded
@@ -23,7 +24,15 @@ from llmbatch.data import DataError, Example, location
 # The engine's own list of families: a leaf module that imports nothing (no torch), so the check can
 # run before anything is queued.
 from llmbatch.runners.engine.families import FAMILIES
-from llmbatch.spec import EMBEDDED_MODEL, JobSpec, SpecError
+from llmbatch.spec import (
+    EMBEDDED_MODEL,
+    JobSpec,
+    SpecError,
+    blame,
+    local_path,
+    with_model_folders,
+    written_in,
+)
 
 # The first of these in a model's (text) config is its context length.
 CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx")
@@ -61,6 +70,27 @@ KEEPING_PRE_TOKENIZERS = ("ByteLevel", "Metaspace", "Digits", "Punctuation", "Sp
 
 
 # --- references ----------------------------------------------------------------------------------
+
+
+def resolve_models(
+    spec: JobSpec,
+    spec_file: str | Path | None,
+    overrides: Sequence[str] = (),
+    origins: dict[str, str] | None = None,
+    cwd: Path | None = None,
+) -> JobSpec:
+    """`spec` as `load_spec` parsed it from `spec_file` and `overrides`, its model references made
+    folders and checked: a path against the folder it was written for, a hub id its snapshot in the
+    local cache. A SpecError names the spec file, or the option that set the value (`blame`)."""
+
+    def folder(key: str, value: str) -> Path:
+        return resolve_reference(key, value, local_path(value, written_in(key, spec_file, overrides, cwd)))
+
+    try:
+        return with_model_folders(spec, folder)
+    except SpecError as e:
+        e.source = blame(e, overrides, origins) or (str(spec_file) if spec_file is not None else None)
+        raise
 
 
 def resolve_reference(key: str, value: str, local: Path) -> Path:
