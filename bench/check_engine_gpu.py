@@ -24,8 +24,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "src"))
 
 from llmbatch.embedded import ensure_embedded_model
-from llmbatch.runners.engine.attention import _decode_torch, decode_attention
-from llmbatch.runners.engine.runner import Engine
+from llmbatch.engine.attention import _decode_torch, decode_attention
+from llmbatch.engine.runner import Engine
 from llmbatch.runners.generation import (
     Decoder,
     encode_texts,

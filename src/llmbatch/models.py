@@ -22,7 +22,7 @@ from llmbatch.data import DataError, Example, location
 
 # The engine's own list of families: a leaf module that imports nothing (no torch), so the check can
 # run before anything is queued.
-from llmbatch.runners.engine.families import FAMILIES
+from llmbatch.engine.families import FAMILIES
 from llmbatch.spec import EMBEDDED_MODEL, JobSpec, SpecError
 
 # The first of these in a model's (text) config is its context length.

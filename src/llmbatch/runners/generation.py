@@ -6,7 +6,7 @@ An input's output must not depend on the batch it lands in (and so not on the ra
   so a prompt sees the same positions whatever its padding;
 - greedy decoding takes the argmax of each row's own logits;
 - sampling is greedy decoding over logits plus noise that depends only on (seed, input id, step):
-  see `SeededSampling`; the engine (runners/engine/) draws the same noise.
+  see `SeededSampling`; the engine (engine/) draws the same noise.
 
 What remains are float rounding differences between batch shapes, which can flip an argmax between
 two near-tied tokens: the embedded model's logits are peaky enough that it does not happen; a real
@@ -21,8 +21,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LogitsProcessor, LogitsProcessorList
 
 from llmbatch.data import Example, chat
-from llmbatch.runners.engine.params import EngineParams
-from llmbatch.runners.engine.sampler import gumbel_noise, input_key, warpers
+from llmbatch.engine.params import EngineParams
+from llmbatch.engine.sampler import gumbel_noise, input_key, warpers
 from llmbatch.spec import DataSpec, GenerationSpec, ModelSpec
 
 ENCODE_CHUNK = 4096

@@ -15,7 +15,7 @@ import hashlib
 import torch
 from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
-from llmbatch.runners.engine.params import EngineParams
+from llmbatch.engine.params import EngineParams
 
 _MASK32 = 0xFFFFFFFF
 
