@@ -24,7 +24,8 @@ from llmbatch.engine import attention
 from llmbatch.engine.params import EngineParams
 from llmbatch.engine.runner import Engine
 from llmbatch.engine.scheduler import Scheduler
-from llmbatch.runners.generation import eos_token_ids, load_model
+from llmbatch.runners.generation import eos_token_ids
+from llmbatch.runners.model_loading import load_model
 from llmbatch.spec import ModelSpec
 
 

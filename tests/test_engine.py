@@ -19,7 +19,10 @@ from llmbatch.engine.graphs import bucket_sizes
 from llmbatch.engine.runner import Engine
 from llmbatch.engine.sampler import _mul32, gumbel_noise, input_key
 from llmbatch.engine.scheduler import Scheduler
-from llmbatch.runners.generation import Decoder, encode_texts, engine_params, eos_token_ids, load_model, make_completion
+from llmbatch.prompts import encode_texts
+from llmbatch.runners.generation import Decoder, eos_token_ids, make_completion
+from llmbatch.runners.model_loading import load_model
+from llmbatch.runners.sampling import engine_params
 from llmbatch.spec import DataSpec, GenerationSpec, ModelSpec
 
 # --- bookkeeping ---------------------------------------------------------------------------------

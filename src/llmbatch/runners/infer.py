@@ -34,20 +34,13 @@ from llmbatch.engine.runner import Engine
 from llmbatch.gather import merge_shards, merge_when_complete
 from llmbatch.metrics import Metric
 from llmbatch.models import prompt_token_limit
+from llmbatch.prompts import encode_prompts, fit_to_context
 from llmbatch.rundir import RunDir
 from llmbatch.runners.faults import run_rank, start_heartbeat
-from llmbatch.runners.generation import (
-    Completion,
-    Decoder,
-    batch_token_budget,
-    encode_prompts,
-    engine_params,
-    eos_token_ids,
-    fit_to_context,
-    load_model,
-    make_completion,
-)
+from llmbatch.runners.generation import Completion, Decoder, batch_token_budget, eos_token_ids, make_completion
+from llmbatch.runners.model_loading import load_model
 from llmbatch.runners.preemption import PREEMPTED_EXIT, PreemptionFlag
+from llmbatch.runners.sampling import engine_params
 from llmbatch.runners.split import assign_to_ranks, plan_batches
 from llmbatch.shards import ShardWriter, done_ids, shard_for, write_stats
 from llmbatch.spec import DataSpec, GenerationSpec, JobSpec, load_resolved, slurm_time_seconds
