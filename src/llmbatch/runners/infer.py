@@ -32,11 +32,12 @@ from llmbatch.data import Example, load_examples
 from llmbatch.engine.model import unsupported_reason
 from llmbatch.engine.runner import Engine
 from llmbatch.gather import merge_shards, merge_when_complete
+from llmbatch.heartbeat import start_heartbeat
 from llmbatch.metrics import Metric
 from llmbatch.models import prompt_token_limit
 from llmbatch.prompts import encode_prompts, fit_to_context
 from llmbatch.rundir import RunDir
-from llmbatch.runners.faults import run_rank, start_heartbeat
+from llmbatch.runners.faults import run_rank
 from llmbatch.runners.generation import Completion, Decoder, batch_token_budget, eos_token_ids, make_completion
 from llmbatch.runners.model_loading import load_model
 from llmbatch.runners.preemption import PREEMPTED_EXIT, PreemptionFlag
