@@ -32,8 +32,8 @@ from transformers import GenerationConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
-from llmbatch.runners.engine.params import EngineParams
-from llmbatch.runners.engine.runner import Engine
+from llmbatch.engine.params import EngineParams
+from llmbatch.engine.runner import Engine
 
 KEEP_GROUPED_EXPERTS = False  # --generate-experts grouped_mm
 

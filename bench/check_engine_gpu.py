@@ -24,16 +24,12 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "src"))
 
 from llmbatch.embedded import ensure_embedded_model
-from llmbatch.runners.engine.attention import _decode_torch, decode_attention
-from llmbatch.runners.engine.runner import Engine
-from llmbatch.runners.generation import (
-    Decoder,
-    encode_texts,
-    engine_params,
-    eos_token_ids,
-    load_model,
-    make_completion,
-)
+from llmbatch.engine.attention import _decode_torch, decode_attention
+from llmbatch.engine.runner import Engine
+from llmbatch.prompts import encode_texts
+from llmbatch.runners.generation import Decoder, eos_token_ids, make_completion
+from llmbatch.runners.model_loading import load_model
+from llmbatch.runners.sampling import engine_params
 from llmbatch.spec import DataSpec, GenerationSpec, ModelSpec
 
 

@@ -20,11 +20,12 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
-from llmbatch.runners.engine import attention
-from llmbatch.runners.engine.params import EngineParams
-from llmbatch.runners.engine.runner import Engine
-from llmbatch.runners.engine.scheduler import Scheduler
-from llmbatch.runners.generation import eos_token_ids, load_model
+from llmbatch.engine import attention
+from llmbatch.engine.params import EngineParams
+from llmbatch.engine.runner import Engine
+from llmbatch.engine.scheduler import Scheduler
+from llmbatch.runners.generation import eos_token_ids
+from llmbatch.runners.model_loading import load_model
 from llmbatch.spec import ModelSpec
 
 
@@ -78,7 +79,7 @@ def main() -> None:
             ("sdpa, heads expanded", expanded_attention),
         ):
             attention_impl = attention.prefill_attention
-            import llmbatch.runners.engine.model as engine_model
+            import llmbatch.engine.model as engine_model
 
             engine_model.prefill_attention = fn
             seconds = timed(run)

@@ -1,4 +1,4 @@
-"""The inference engine (runners/engine/): its bookkeeping, its sampler and attention against plain
+"""The inference engine (engine/): its bookkeeping, its sampler and attention against plain
 references, and its outputs against `generate` on the embedded model, on CPU (the same code as on a
 GPU, with eager attention and no CUDA graphs). Multi-process runs through the runner are in
 test_infer.py, which runs the engine by default (generation.engine: auto).
@@ -13,13 +13,16 @@ import random
 import pytest
 import torch
 
-from llmbatch.runners.engine.attention import decode_attention
-from llmbatch.runners.engine.cache import CacheShape, count_slots
-from llmbatch.runners.engine.graphs import bucket_sizes
-from llmbatch.runners.engine.runner import Engine
-from llmbatch.runners.engine.sampler import _mul32, gumbel_noise, input_key
-from llmbatch.runners.engine.scheduler import Scheduler
-from llmbatch.runners.generation import Decoder, encode_texts, engine_params, eos_token_ids, load_model, make_completion
+from llmbatch.engine.attention import decode_attention
+from llmbatch.engine.cache import CacheShape, count_slots
+from llmbatch.engine.graphs import bucket_sizes
+from llmbatch.engine.runner import Engine
+from llmbatch.engine.sampler import _mul32, gumbel_noise, input_key
+from llmbatch.engine.scheduler import Scheduler
+from llmbatch.prompts import encode_texts
+from llmbatch.runners.generation import Decoder, eos_token_ids, make_completion
+from llmbatch.runners.model_loading import load_model
+from llmbatch.runners.sampling import engine_params
 from llmbatch.spec import DataSpec, GenerationSpec, ModelSpec
 
 # --- bookkeeping ---------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""The engine on every model family it runs (runners/engine/families.py), on CPU: tiny random models
+"""The engine on every model family it runs (engine/families.py), on CPU: tiny random models
 built from each family's transformers config class, with several layers, grouped-query heads and a
 sliding window shorter than the sequences where the family has one; the output head scaled up so
 that greedy choices never hinge on float rounding.
@@ -19,11 +19,11 @@ import torch
 import transformers
 from transformers import GenerationConfig
 
-from llmbatch.runners.engine.attention import decode_attention, prefill_attention
-from llmbatch.runners.engine.cache import KVCache
-from llmbatch.runners.engine.model import EngineModel, cache_shape, capturable, describe
-from llmbatch.runners.engine.params import EngineParams
-from llmbatch.runners.engine.runner import Engine
+from llmbatch.engine.attention import decode_attention, prefill_attention
+from llmbatch.engine.cache import KVCache
+from llmbatch.engine.model import EngineModel, cache_shape, capturable, describe
+from llmbatch.engine.params import EngineParams
+from llmbatch.engine.runner import Engine
 from llmbatch.runners.infer import choose_engine
 
 from helpers import new_run, runner_command

@@ -312,8 +312,8 @@ def test_a_checkpoint_whose_manifest_is_not_json_is_set_aside_by_resume(uninterr
 
 @pytest.mark.slow
 def test_a_checkpoint_of_another_spec_is_refused_before_anything_is_queued(make_run, tmp_path, capsys):
+    from llmbatch.checkpoints import check_resumable
     from llmbatch.cli import main
-    from llmbatch.runners.checkpoint import check_resumable
     from llmbatch.spec import load_resolved
 
     data = tmp_path / "train.jsonl"

@@ -17,8 +17,8 @@ from transformers import AutoTokenizer
 
 from llmbatch.data import Example, load_examples
 from llmbatch.gather import gather_run, merge_shards
+from llmbatch.prompts import prompt_texts
 from llmbatch.rundir import current_umask
-from llmbatch.runners.generation import prompt_texts
 from llmbatch.spec import DataSpec
 from llmbatch.summary import summarize
 

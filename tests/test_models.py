@@ -14,10 +14,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from llmbatch import embedded
+from llmbatch import embedded, models
 from llmbatch.models import tokens_over_bytes
-from llmbatch.runners import generation
-from llmbatch.runners.generation import fit_to_context
+from llmbatch.prompts import fit_to_context
 
 from helpers import run_cli, run_folder, submit_cli, write_data
 from test_infer import infer
@@ -271,9 +270,9 @@ def test_a_prompt_longer_than_the_context_is_refused_by_default(tmp_path, good, 
 def test_only_prompts_that_could_be_too_long_are_encoded(tmp_path, good, capsys, model_dir, monkeypatch):
     """Encoding a million prompts takes minutes: the check encodes only those long enough in bytes."""
     encoded = []
-    encode_texts = generation.encode_texts
+    encode_texts = models.encode_texts
     monkeypatch.setattr(
-        generation,
+        models,
         "encode_texts",
         lambda tokenizer, texts, data: encoded.extend(texts) or encode_texts(tokenizer, texts, data),
     )
@@ -312,9 +311,9 @@ def test_a_text_has_no_more_tokens_than_bytes_unless_the_normalizer_decomposes(m
 def test_a_prompt_too_long_in_bytes_is_refused_without_encoding_it(tmp_path, good, capsys, model_dir, monkeypatch):
     """A 10 MB prompt took 27 s and 2.2 GB to encode just to be refused."""
     encoded = []
-    encode_texts = generation.encode_texts
+    encode_texts = models.encode_texts
     monkeypatch.setattr(
-        generation,
+        models,
         "encode_texts",
         lambda tokenizer, texts, data: encoded.extend(texts) or encode_texts(tokenizer, texts, data),
     )

@@ -532,14 +532,8 @@ MANIFEST_DAMAGE = {
 def test_a_checkpoint_with_a_damaged_manifest_is_damaged_and_resume_falls_back(case, make_run):
     """A manifest that is not one is a damaged checkpoint, as a torn file is: the ranks set it aside
     and load the previous one (runners/checkpoint.py: resume), and `resume` checks that one's spec."""
-    from llmbatch.runners.checkpoint import (
-        MANIFEST_FILE,
-        CheckpointMismatch,
-        check_resumable,
-        damage,
-        spec_fingerprint,
-        write_manifest,
-    )
+    from llmbatch.checkpoints import MANIFEST_FILE, CheckpointMismatch, check_resumable, damage, write_manifest
+    from llmbatch.fingerprint import spec_fingerprint
     from llmbatch.spec import load_resolved
 
     run = make_run("finetune")

@@ -20,13 +20,13 @@ from pathlib import Path
 from typing import NoReturn
 
 from llmbatch import embedded, lifecycle, slurm
+from llmbatch.checkpoints import CheckpointMismatch, check_resumable
 from llmbatch.data import DataError, load_examples
 from llmbatch.fingerprint import changed_input, spec_fingerprint
 from llmbatch.gather import gather_run
 from llmbatch.jobstep import example_place, make_plan, node_command
 from llmbatch.models import check_model, resolve_models
 from llmbatch.rundir import DamagedRun, RunBusy, RunDir, atomic_write, process_start_ticks
-from llmbatch.runners.checkpoint import CheckpointMismatch, check_resumable
 from llmbatch.shards import list_shards
 from llmbatch.spec import (
     EMBEDDED_MODEL,

@@ -2,7 +2,7 @@
 fine-tuning cuts it into steps, by key path.
 
 Recorded twice: in state.json at submission (`resume` refuses when the inputs changed since, or it would
-mix results of old and new inputs), and in each checkpoint's manifest (`runners/checkpoint.py`: a
+mix results of old and new inputs), and in each checkpoint's manifest (`checkpoints.py`: a
 checkpoint loads only into the run it was saved for).
 """
 

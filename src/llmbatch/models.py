@@ -23,7 +23,8 @@ from llmbatch.data import DataError, Example, location
 
 # The engine's own list of families: a leaf module that imports nothing (no torch), so the check can
 # run before anything is queued.
-from llmbatch.runners.engine.families import FAMILIES
+from llmbatch.engine.families import FAMILIES
+from llmbatch.prompts import encode_texts, prompt_texts
 from llmbatch.spec import (
     EMBEDDED_MODEL,
     JobSpec,
@@ -239,8 +240,6 @@ def check_prompt_lengths(spec: JobSpec, examples: list[Example], folder: Path, l
     tokenizer), and name the first that is."""
     from transformers import AutoTokenizer  # seconds to import: only here
     from transformers.utils import logging
-
-    from llmbatch.runners.generation import encode_texts, prompt_texts
 
     verbosity = logging.get_verbosity()
     logging.set_verbosity_error()  # its "longer than the maximum" warning would come before our one line

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import submitit
 
+from llmbatch.heartbeat import ERROR_PREFIX, silent_for
 from llmbatch.jobstep import LaunchPlan, NodePlace, node_command, rendezvous_ports
 from llmbatch.rundir import DamagedRun, RunDir, atomic_write, open_append, process_start_ticks
-from llmbatch.runners.faults import ERROR_PREFIX, silent_for
 
 
 def place_from_environment(plan: LaunchPlan) -> NodePlace:

@@ -1,6 +1,5 @@
 """How a rank ends on a failure the user must act on: one line on stderr, which lands in its node's log
-and which the command line shows (`lifecycle.rank_error`), instead of a traceback. And the heartbeat by
-which its node job tells a silent rank from a busy one.
+and which the command line shows (`lifecycle.rank_error`), instead of a traceback.
 
     llmbatch: error: <what>          a mistake in the spec or the run folder found on the node (exit 2),
     llmbatch: error: <path>: damaged, ...   a file of the run folder it cannot read (exit 1),
@@ -20,19 +19,16 @@ import logging
 import os
 import shutil
 import sys
-import threading
-import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import NoReturn
 
+from llmbatch.heartbeat import ERROR_PREFIX
 from llmbatch.rundir import DamagedRun, RunDir
 
 FULL_BELOW_BYTES = 64 << 10
 """A file system with less free space than this counts as full."""
-
-ERROR_PREFIX = "llmbatch: error: "
 
 
 def out_of_space(error: BaseException, folder: Path) -> bool:
@@ -102,37 +98,3 @@ def _exit_code(main: Callable[[], int], run_dir: str, spec_errors: tuple[type[Ex
             flush=True,
         )
         return 1
-
-
-def heartbeat_interval(collective_timeout_s: float) -> float:
-    """Several beats per timeout, so one late beat (a slow shared file system) is no alarm."""
-    return min(30.0, max(0.5, collective_timeout_s / 5))
-
-
-def start_heartbeat(record: Path, collective_timeout_s: float) -> None:
-    """Touch the rank's record (`RunDir.rank_record`) every little while, from a thread of its own.
-
-    The thread runs between everything the rank does (torch releases Python's lock in its kernels and
-    collectives), so the beat stops only when the whole process does: SIGSTOP, a frozen file system,
-    a machine that went away. A rank waiting in a collective still beats; the collective's own
-    timeout covers that case.
-    """
-    interval = heartbeat_interval(collective_timeout_s)
-
-    def beat() -> None:
-        while True:
-            try:
-                os.utime(record, follow_symlinks=False)  # a link planted in its place: its own time
-            except OSError:
-                pass  # a missed beat; the next one may land
-            time.sleep(interval)
-
-    threading.Thread(target=beat, name="llmbatch-heartbeat", daemon=True).start()
-
-
-def silent_for(record: Path) -> float | None:
-    """Seconds since the rank's last heartbeat, or None before it first recorded itself."""
-    try:
-        return time.time() - record.stat().st_mtime
-    except FileNotFoundError:
-        return None

@@ -60,13 +60,17 @@ from torch.utils.data import DataLoader
 from transformers import AutoModelForCausalLM, AutoTokenizer, get_scheduler
 
 from llmbatch import scoring
+from llmbatch.checkpoints import CheckpointMismatch
 from llmbatch.data import load_examples
 from llmbatch.fingerprint import spec_fingerprint
+from llmbatch.heartbeat import start_heartbeat
 from llmbatch.metrics import Metric, read_train_metrics
+from llmbatch.prompts import encode_prompts
 from llmbatch.rundir import RunDir, append_jsonl, atomic_write, atomic_write_json, save_folder
-from llmbatch.runners.checkpoint import CheckpointMismatch, checkpoint_trainable_weights_only, resume, save_checkpoint
-from llmbatch.runners.faults import run_rank, start_heartbeat
-from llmbatch.runners.generation import DTYPES, Decoder, encode_prompts
+from llmbatch.runners.checkpoint import checkpoint_trainable_weights_only, resume, save_checkpoint
+from llmbatch.runners.faults import run_rank
+from llmbatch.runners.generation import Decoder
+from llmbatch.runners.model_loading import DTYPES
 from llmbatch.runners.packing import IGNORE, EpochShuffle, collate, pack, to_sequence
 from llmbatch.runners.preemption import PREEMPTED_EXIT, PreemptionFlag
 from llmbatch.spec import JobSpec, TrainSpec, load_resolved

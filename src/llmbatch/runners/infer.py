@@ -1,7 +1,7 @@
 """Batch inference on every rank: `accelerate launch -m llmbatch.runners.infer --run-dir RUN --attempt A`.
 
 The recipe: load the spec, data and model; skip inputs an earlier attempt finished; split the rest
-over the ranks by tokens; complete them with the engine (continuous batching, runners/engine/) or,
+over the ranks by tokens; complete them with the engine (continuous batching, engine/) or,
 where it cannot run the model, with `generate` in length-sorted batches within a token budget;
 append finished inputs to this rank's shard in small groups; when every rank is done, the main
 process merges the shards. An array task (`--task T`, resources.array) first takes its own share of
@@ -29,25 +29,19 @@ from tqdm import tqdm
 
 from llmbatch import scoring
 from llmbatch.data import Example, load_examples
+from llmbatch.engine.model import unsupported_reason
+from llmbatch.engine.runner import Engine
 from llmbatch.gather import merge_shards, merge_when_complete
+from llmbatch.heartbeat import start_heartbeat
 from llmbatch.metrics import Metric
 from llmbatch.models import prompt_token_limit
+from llmbatch.prompts import encode_prompts, fit_to_context
 from llmbatch.rundir import RunDir
-from llmbatch.runners.engine.model import unsupported_reason
-from llmbatch.runners.engine.runner import Engine
-from llmbatch.runners.faults import run_rank, start_heartbeat
-from llmbatch.runners.generation import (
-    Completion,
-    Decoder,
-    batch_token_budget,
-    encode_prompts,
-    engine_params,
-    eos_token_ids,
-    fit_to_context,
-    load_model,
-    make_completion,
-)
+from llmbatch.runners.faults import run_rank
+from llmbatch.runners.generation import Completion, Decoder, batch_token_budget, eos_token_ids, make_completion
+from llmbatch.runners.model_loading import load_model
 from llmbatch.runners.preemption import PREEMPTED_EXIT, PreemptionFlag
+from llmbatch.runners.sampling import engine_params
 from llmbatch.runners.split import assign_to_ranks, plan_batches
 from llmbatch.shards import ShardWriter, done_ids, shard_for, write_stats
 from llmbatch.spec import DataSpec, GenerationSpec, JobSpec, load_resolved, slurm_time_seconds

@@ -244,7 +244,7 @@ class GenerationSpec:
     """Token budget of one batch (prompt + new tokens, padded); for the engine, of all its cache
     slots together. Default: sized from free GPU memory."""
     engine: Literal["auto", "fast", "hf"] = "auto"
-    """`fast`: the engine (runners/engine/); `hf`: transformers' generate; `auto`: the engine wherever
+    """`fast`: the engine (engine/); `hf`: transformers' generate; `auto`: the engine wherever
     the model and device allow it, else generate."""
     kv_cache_gb: float | None = ranged(None, positive(2**20))
     """Most memory the engine's KV cache may take (GiB). Default: what is free after the model and

@@ -1,5 +1,5 @@
 """What the engine is asked to do, in its own terms: the runner translates the job's spec into this
-(runners/generation.py, `engine_params`), so the engine knows nothing of the app's spec."""
+(runners/sampling.py, `engine_params`), so the engine knows nothing of the app's spec."""
 
 from __future__ import annotations
 

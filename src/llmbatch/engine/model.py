@@ -30,9 +30,9 @@ from dataclasses import dataclass
 
 import torch
 
-from llmbatch.runners.engine.attention import decode_attention, prefill_attention
-from llmbatch.runners.engine.cache import CacheShape, KVCache
-from llmbatch.runners.engine.families import FAMILIES, MIXTURE_OF_EXPERTS
+from llmbatch.engine.attention import decode_attention, prefill_attention
+from llmbatch.engine.cache import CacheShape, KVCache
+from llmbatch.engine.families import FAMILIES, MIXTURE_OF_EXPERTS
 
 UNSUPPORTED_ROPE = ("dynamic",)
 

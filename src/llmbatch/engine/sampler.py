@@ -5,7 +5,7 @@ The noise is counter-based: a 32-bit integer hash of (hash of seed and id, step,
 with int64 tensor ops that give the same bits on CPU and GPU, turned into uniform and then Gumbel
 noise. argmax(log-probabilities + Gumbel noise) is a sample of softmax(log-probabilities) (the
 Gumbel-max trick). No generator objects, so it runs inside a CUDA graph, for all rows at once.
-Both engines use it: the HF path through `SeededSampling` (runners/generation.py), the engine here.
+Both engines use it: the HF path through `SeededSampling` (runners/sampling.py), the engine here.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import hashlib
 import torch
 from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
-from llmbatch.runners.engine.params import EngineParams
+from llmbatch.engine.params import EngineParams
 
 _MASK32 = 0xFFFFFFFF
 

@@ -17,12 +17,12 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from llmbatch.runners.engine.cache import KVCache, count_slots, free_cache_bytes
-from llmbatch.runners.engine.graphs import DecodeGraphs
-from llmbatch.runners.engine.model import EngineModel, cache_shape, capturable, describe
-from llmbatch.runners.engine.params import EngineParams
-from llmbatch.runners.engine.sampler import Sampler, input_key
-from llmbatch.runners.engine.scheduler import Scheduler, Sequence
+from llmbatch.engine.cache import KVCache, count_slots, free_cache_bytes
+from llmbatch.engine.graphs import DecodeGraphs
+from llmbatch.engine.model import EngineModel, cache_shape, capturable, describe
+from llmbatch.engine.params import EngineParams
+from llmbatch.engine.sampler import Sampler, input_key
+from llmbatch.engine.scheduler import Scheduler, Sequence
 
 MAX_ROWS = 1024
 """Most sequences decoded at once. Past this a step's time grows with its rows (the KV cache it

@@ -1,0 +1,57 @@
+"""What the model reads: each example's prompt rendered (as written, or through the tokenizer's chat
+template) and encoded into token ids. The one rendering: the runners and the check before queueing
+(`models.check_prompt_lengths`) both use it. Torch-free: the tokenizer is passed in.
+"""
+
+from __future__ import annotations
+
+from llmbatch.data import Example, chat
+from llmbatch.spec import DataSpec
+
+ENCODE_CHUNK = 4096
+"""Prompts encoded in one call of the tokenizer."""
+
+
+def prompt_texts(tokenizer, examples: list[Example], data: DataSpec) -> list[str]:
+    """What the model reads for each example: its prompt as written, or its chat (`llmbatch.data.chat`)
+    rendered through the tokenizer's chat template with the generation prompt."""
+    if not data.through_chat_template:
+        return [example.prompt for example in examples]
+    if not examples:
+        return []
+    # One call for the lot: the template is compiled and set up once (a third of the time per chat).
+    return tokenizer.apply_chat_template(
+        [chat(example, data) for example in examples], tokenize=False, add_generation_prompt=True
+    )
+
+
+def encode_texts(tokenizer, texts: list[str], data: DataSpec) -> list[list[int]]:
+    """Token ids of `prompt_texts`."""
+    if not texts:
+        return []  # a resumed run with nothing left; the tokenizer fails on an empty batch
+    # Some templates write the BOS token themselves; encoding must not add a second one.
+    has_bos = data.through_chat_template and bool(tokenizer.bos_token) and texts[0].startswith(tokenizer.bos_token)
+    # In chunks: the tokenizer's encodings (tokens, offsets, masks) of a whole data file at once would
+    # take many times the memory of the ids kept.
+    return [
+        ids
+        for start in range(0, len(texts), ENCODE_CHUNK)
+        for ids in tokenizer(
+            texts[start : start + ENCODE_CHUNK], add_special_tokens=not has_bos, return_attention_mask=False
+        )["input_ids"]
+    ]
+
+
+def encode_prompts(tokenizer, examples: list[Example], data: DataSpec) -> list[list[int]]:
+    """Token ids of each example's prompt text."""
+    return encode_texts(tokenizer, prompt_texts(tokenizer, examples, data), data)
+
+
+def fit_to_context(prompt: list[int], max_tokens: int, bos_token_id: int | None) -> list[int]:
+    """The prompt cut to its last `max_tokens` tokens, keeping a leading BOS (`generation.long_prompts:
+    truncate`). The end is what matters most: the question and the answer cue (a chat template's
+    assistant turn) are there."""
+    if len(prompt) <= max_tokens:
+        return prompt
+    keep = 1 if bos_token_id is not None and prompt[0] == bos_token_id else 0
+    return prompt[:keep] + prompt[len(prompt) - max_tokens + keep :]
