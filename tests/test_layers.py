@@ -45,3 +45,36 @@ def test_the_engine_imports_nothing_of_llmbatch_outside_itself():
         if not name.startswith("llmbatch.engine")
     ]
     assert leaks == []
+
+
+def module_file(name: str) -> Path | None:
+    """The file that importing `name` runs: a module's .py, or a package's __init__.py."""
+    parts = name.split(".")[1:]
+    candidates = [PACKAGE.joinpath(*parts[:-1], parts[-1] + ".py")] if parts else []
+    for path in (*candidates, PACKAGE.joinpath(*parts, "__init__.py")):
+        if path.is_file():
+            return path
+    return None
+
+
+def test_no_import_circle():
+    graph = {
+        path: {target for name in imported_modules(path) if (target := module_file(name)) and target != path}
+        for path in PACKAGE.rglob("*.py")
+    }
+    circles, state = [], {}  # state: 1 on the walk's path, 2 done
+
+    def walk(path: Path, trail: list[Path]) -> None:
+        state[path] = 1
+        for target in sorted(graph[path]):
+            if state.get(target) == 1:
+                loop = trail[trail.index(target) :] + [target]
+                circles.append(" -> ".join(str(p.relative_to(PACKAGE)) for p in loop))
+            elif target not in state:
+                walk(target, trail + [target])
+        state[path] = 2
+
+    for path in sorted(graph):
+        if path not in state:
+            walk(path, [path])
+    assert circles == []
