@@ -11,7 +11,7 @@ from llmbatch.cli import main
 from llmbatch.data import load_examples
 from llmbatch.spec import DataSpec
 
-from helpers import run_cli
+from helpers import run_cli, write_text
 
 
 def bad_data(tmp_path, good, capsys, name: str, content: bytes | str, **data) -> str:
@@ -110,11 +110,6 @@ def test_a_prompt_larger_than_a_record_may_be_is_refused(tmp_path, good, capsys)
         tmp_path, good, capsys, "in.jsonl", row + "\n", prompt_field=None, prompt_template="{question}{question}"
     )
     assert f"in.jsonl:1: the prompt is {10 << 20} bytes, more than the 8 MiB a record may hold" in err
-
-
-def write_text(path, text: str):
-    path.write_text(text)
-    return path
 
 
 # --- values --------------------------------------------------------------------------------------

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import itertools
 import os
-import shlex
 import shutil
 import socket
 import subprocess
@@ -17,19 +16,7 @@ from llmbatch.cli import main
 from llmbatch.jobstep import RENDEZVOUS_PORTS, rendezvous_ports
 from llmbatch.node import rendezvous_port
 
-from helpers import JOBS, PYTHON, REPO
-
-
-def dry_run(capsys, *args: str) -> tuple[str, list[str]]:
-    assert main([*args, "--dry-run"]) == 0
-    out = capsys.readouterr().out
-    lines = out.splitlines()
-    command = lines[next(i for i, line in enumerate(lines) if line.startswith("# per-node command")) + 1]
-    return out, shlex.split(command)
-
-
-def flag(argv: list[str], name: str) -> str:
-    return argv[argv.index(name) + 1]
+from helpers import JOBS, PYTHON, REPO, dry_run, flag
 
 
 @pytest.mark.parametrize("nodes,gpus", [(1, 1), (1, 4), (2, 4)])

@@ -20,7 +20,7 @@ pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 RUNS = 5
 EXIT_BOUND_S = 60
 """From metrics.json on disk to the job's end: a clean exit takes seconds; a hang held the job 300 s."""
-FINETUNE = [
+FINETUNE_3_STEPS = [
     arg
     for setting in (
         "data.max_samples=40",
@@ -50,7 +50,7 @@ def test_two_node_finetuning_ends_after_its_outputs_every_time(slurm_cluster, ca
                 "1",
                 "--output",
                 str(tmp_path / str(i)),
-                *FINETUNE,
+                *FINETUNE_3_STEPS,
             )
         )
         job_id = run.read_state()["job_ids"][-1]

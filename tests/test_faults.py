@@ -15,14 +15,12 @@ from pathlib import Path
 import psutil
 import pytest
 
-from llmbatch.rundir import RunDir, read_jsonl
+from llmbatch.rundir import RunDir
 from llmbatch.shards import read_records
 
-from helpers import PYTHON, REPO, run_folder, submit_cli, wait_for
+from helpers import PYTHON, REPO, SMALL, run_folder, submit_cli, trajectory, wait_for
 
 pytestmark = pytest.mark.slow
-
-SMALL = ["data.max_samples=40", "generation.max_new_tokens=8"]
 
 
 def stopped_local_run(make_run, overrides=SMALL):
@@ -164,11 +162,6 @@ FINETUNE_SMALL = [
     )
     for arg in ("--set", setting)
 ]
-
-
-def trajectory(run: RunDir) -> list[tuple]:
-    keys = ("step", "loss", "lr", "grad_norm", "tokens", "epoch", "val_loss")
-    return [tuple(row.get(k) for k in keys) for row in read_jsonl(run.train_metrics_file)]
 
 
 def test_a_checkpoint_save_on_a_full_disk_fails_in_one_line_and_resume_continues_exactly(small_fs, tmp_path, cache_dir):

@@ -13,7 +13,6 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from transformers import AutoTokenizer
 
 from llmbatch.data import Example, load_examples
 from llmbatch.gather import gather_run, merge_shards
@@ -22,26 +21,9 @@ from llmbatch.runners.generation import prompt_texts
 from llmbatch.spec import DataSpec
 from llmbatch.summary import summarize
 
-from helpers import run_cli, run_folder, submit_cli, write_data
+from helpers import CHATS, examples_of, run_cli, run_folder, submit_cli, write_data, write_parquet
 from test_data import bad_data
-from test_infer import examples_of, write_shard
-
-CHATS = [
-    [{"role": "user", "content": "Is 7 even or odd?"}],
-    [{"role": "system", "content": "Answer in one word."}, {"role": "user", "content": "Is 12 even or odd?"}],
-    [
-        {"role": "user", "content": "Is 3 even or odd?"},
-        {"role": "assistant", "content": "odd"},
-        {"role": "user", "content": "And 4?"},
-    ],
-    [{"role": "user", "content": "Is 100 even or odd?"}],
-]
-
-
-def write_parquet(path: Path, rows: list[dict]) -> Path:
-    pq.write_table(pa.Table.from_pylist(rows), path)
-    return path
-
+from test_infer import write_shard
 
 # --- spec ----------------------------------------------------------------------------------------
 
@@ -149,11 +131,6 @@ def test_a_malformed_chat_in_parquet_names_its_row(tmp_path, good, capsys):
 
 
 # --- rendering -----------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def tokenizer(model_dir):
-    return AutoTokenizer.from_pretrained(model_dir)
 
 
 def prompt_text(tokenizer, example: Example, data: DataSpec) -> str:

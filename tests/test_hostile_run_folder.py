@@ -13,7 +13,7 @@ import pytest
 from llmbatch.cli import main
 from llmbatch.rundir import UnsafeRunFile, append_jsonl, atomic_write_json, open_append, save_folder
 
-from helpers import REPO
+from helpers import REPO, local_run
 
 SECRET = b"the victim's own file\n"
 
@@ -30,12 +30,6 @@ def plant(link, target):
     link.parent.mkdir(parents=True, exist_ok=True)
     link.unlink(missing_ok=True)
     link.symlink_to(target)
-
-
-def local_run(make_run, **state):
-    run = make_run("infer")
-    run.update_state(kind="infer", executor="local", job_ids=["1"], **state)
-    return run
 
 
 def shard_writer(run):

@@ -19,18 +19,16 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from llmbatch.data import Example, load_examples
 from llmbatch.gather import IncompleteRun, gather_run, merge_shards
 from llmbatch.runners.generation import Decoder, SeededSampling, encode_prompts, fit_to_context, load_model
 from llmbatch.runners.infer import encode_share, prompt_lengths, token_balanced_share
 from llmbatch.runners.preemption import PREEMPTED_EXIT
 from llmbatch.runners.split import assign_to_ranks, plan_batches
 from llmbatch.shards import ShardWriter, done_ids, list_shards, read_progress, read_records, shard_for
-from llmbatch.spec import DataSpec, GenerationSpec, ModelSpec, load_resolved
+from llmbatch.spec import DataSpec, GenerationSpec, ModelSpec
 
-from helpers import runner_command, submit_cli
+from helpers import SMALL, as_examples, examples_of, infer, runner_command, submit_cli
 
-SMALL = ["data.max_samples=40", "generation.max_new_tokens=8"]
 # Hot enough that samples differ from greedy outputs even where the model is sure.
 SAMPLING = ["generation.do_sample=true", "generation.temperature=3.0", "generation.top_p=0.95", "generation.seed=7"]
 
@@ -170,10 +168,6 @@ def test_a_completion_does_not_depend_on_its_batch(model_dir, one_torch_thread):
     assert all(c.finish_reason == "length" and c.tokens == 6 for c in greedy)
 
 
-def as_examples(prompts: list[str]) -> list[Example]:
-    return [Example(f"q{i}", prompt, None, i + 1) for i, prompt in enumerate(prompts)]
-
-
 def test_a_chat_prompt_has_one_bos_whether_or_not_the_template_writes_it(model_dir):
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     chat = DataSpec(chat_template=True)
@@ -254,10 +248,6 @@ def test_an_attempt_never_reuses_a_shard(make_run):
 # --- gather -------------------------------------------------------------------------------------
 
 
-def examples_of(run) -> list:
-    return load_examples(load_resolved(run.spec_file).data)
-
-
 def test_gather_refuses_an_incomplete_run_and_names_what_is_missing(make_run, capsys):
     run = make_run("infer", overrides=SMALL)
     examples = examples_of(run)
@@ -290,14 +280,6 @@ def test_gather_writes_results_in_input_order_exactly_once(make_run):
 
 
 # --- real runs ----------------------------------------------------------------------------------
-
-
-def infer(run, processes: int, attempt: int = 0) -> bytes:
-    """Run to the end; results.jsonl's bytes."""
-    cmd = runner_command(run, processes, attempt)
-    proc = subprocess.run(cmd.argv, env=os.environ | cmd.env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    return run.results_file.read_bytes()
 
 
 @pytest.mark.slow

@@ -16,7 +16,7 @@ import pytest
 from llmbatch.lifecycle import FINAL_STATES
 from llmbatch.rundir import read_jsonl
 
-from helpers import JOBS, run_folder, submit_cli, wait_for
+from helpers import JOBS, job_id, run_folder, status, submit_cli, wait_for
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
@@ -44,21 +44,12 @@ FINETUNE = [
 ]
 
 
-def status(run) -> dict:
-    [s] = json.loads(submit_cli("status", str(run.path), "--json").stdout)
-    return s
-
-
 def inputs_done(run) -> int:
     return status(run)["progress"].get("done", 0)
 
 
 def steps_done(run) -> int:
     return max((row.get("step", 0) for row in read_jsonl(run.train_metrics_file)), default=0)
-
-
-def job_id(proc) -> str:
-    return next(line.split(": ")[1] for line in proc.stdout.splitlines() if line.startswith("slurm job: "))
 
 
 def final_state(run) -> str:

@@ -19,8 +19,7 @@ from llmbatch.models import tokens_over_bytes
 from llmbatch.runners import generation
 from llmbatch.runners.generation import fit_to_context
 
-from helpers import run_cli, run_folder, submit_cli, write_data
-from test_infer import infer
+from helpers import infer, run_cli, run_folder, submit_cli, write_data
 
 REPO_ID = "llmbatch/tiny-llama"
 

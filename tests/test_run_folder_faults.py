@@ -15,7 +15,7 @@ import pytest
 from llmbatch.cli import main
 from llmbatch.lifecycle import process_start_ticks
 
-from helpers import REPO, run_folder, submit_cli
+from helpers import REPO, finetune_run, local_run, run_folder, submit_cli
 
 
 @pytest.fixture
@@ -25,12 +25,6 @@ def sleeper():
     yield proc
     proc.kill()
     proc.wait()
-
-
-def local_run(make_run, **state):
-    run = make_run("infer")
-    run.update_state(kind="infer", executor="local", **state)
-    return run
 
 
 def test_cancel_never_signals_a_process_that_reused_the_jobs_pid(make_run, sleeper, capsys):
@@ -270,31 +264,6 @@ def finished_infer_run(make_run, tmp_path):
     with ShardWriter(shard) as writer:
         writer.append(records)
     write_stats(shard, asdict(stats))
-    return run
-
-
-def finetune_run(make_run):
-    """A fine-tuning run some steps in: train_metrics.jsonl rows as the recipe logs them."""
-    from llmbatch.rundir import append_jsonl
-
-    run = make_run("finetune")
-    run.update_state(kind="finetune", executor="local", job_ids=["1"], attempt=0, requeues=0)
-    for step in (1, 2):
-        append_jsonl(
-            run.train_metrics_file,
-            {
-                "step": step,
-                "total_steps": 10,
-                "epoch": 0,
-                "loss": 2.5 / step,
-                "lr": 0.002,
-                "grad_norm": 1.25,
-                "tokens": 512 * step,
-                "elapsed_s": 0.5 * step,
-                "attempt": 0,
-            },
-        )
-    append_jsonl(run.train_metrics_file, {"step": 2, "val_loss": 1.5, "val_ppl": 4.48, "val_accuracy": 0.5})
     return run
 
 

@@ -17,17 +17,7 @@ from llmbatch.cli import main
 from llmbatch.rundir import RunDir, atomic_write
 from llmbatch.spec import JobSpec, dump_spec, load_resolved, load_spec, parse_override, slurm_time_seconds
 
-from helpers import REPO, run_cli, submit_cli, write_data
-
-
-def set_key(spec: dict, key: str, value) -> dict:
-    *sections, leaf = key.split(".")
-    target = spec
-    for s in sections:
-        target = target.setdefault(s, {})
-    target[leaf] = value
-    return spec
-
+from helpers import REPO, run_cli, set_key, submit_cli, write_data, write_text
 
 BAD_SPECS = [
     ("generation.max_new_token", 5, "generation.max_new_token: unknown key (did you mean 'max_new_tokens'?)"),
@@ -395,12 +385,6 @@ def test_documented_values_that_yaml_1_1_reads_as_booleans_or_numbers_are_taken_
     saved = dump_spec(spec)
     assert yaml.safe_load(saved)["train"]["liger"] == "off" and yaml.safe_load(saved)["resources"]["time"] == "10:00:00"
     assert load_resolved(write_text(tmp_path / "run" / "spec.yaml", saved)) == spec
-
-
-def write_text(path: Path, text: str) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
-    return path
 
 
 def test_a_wrong_value_is_quoted_as_written(tmp_path, good, capsys):
