@@ -1,5 +1,7 @@
 """Model references and model checks before queueing: hub ids from the local cache, damaged configs,
-missing chat templates, adapters of another base, prompts longer than the context."""
+missing chat templates, adapters of another base, the model types the fast engine runs, prompts longer
+than the context and their truncation.
+"""
 
 from __future__ import annotations
 
@@ -17,9 +19,8 @@ import yaml
 from llmbatch import embedded
 from llmbatch.models import tokens_over_bytes
 from llmbatch.runners import generation
-from llmbatch.runners.generation import fit_to_context
 
-from helpers import infer, run_cli, run_folder, submit_cli, write_data
+from helpers import infer, run_cli, run_folder, set_key, submit_cli, write_data
 
 REPO_ID = "llmbatch/tiny-llama"
 
@@ -361,12 +362,6 @@ def test_a_text_has_no_fewer_tokens_than_bytes_over_the_longest_token(model_dir)
     assert bytes_per_token(tokenizer) is None
 
 
-def test_fit_to_context_keeps_the_bos_and_the_end():
-    assert fit_to_context([1, 10, 11, 12, 13], 3, bos_token_id=1) == [1, 12, 13]
-    assert fit_to_context([10, 11, 12, 13], 3, bos_token_id=1) == [11, 12, 13]
-    assert fit_to_context([1, 10, 11], 3, bos_token_id=1) == [1, 10, 11]
-
-
 @pytest.mark.slow
 def test_truncated_prompts_are_cut_and_counted(make_run, tmp_path):
     run = make_run(
@@ -382,3 +377,20 @@ def test_truncated_prompts_are_cut_and_counted(make_run, tmp_path):
     assert [r["truncated"] for r in results] == [False, False, True, False, True, False]
     assert all(r["prompt_tokens"] == 1024 - 8 for r in results if r["truncated"])
     assert json.loads(run.metrics_file.read_text())["truncated_prompts"] == 2
+
+
+def test_the_fast_engine_on_a_model_it_cannot_run_is_a_spec_error(tmp_path, good, capsys):
+    model = tmp_path / "gpt2-model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    for name in ("tokenizer.json", "model.safetensors"):  # there, though never read by a dry run
+        (model / name).write_text("")
+    set_key(good, "model.path", str(model))
+    code, err = run_cli(tmp_path, set_key(good, "generation.engine", "fast"), capsys=capsys)
+    assert code == 2 and err.count("\n") == 1
+    assert (
+        "generation.engine: fast: the engine runs llama, mistral, qwen2, qwen3, gemma2, gemma3_text, phi3, mixtral, "
+        f"qwen3_moe models, and {model} is 'gpt2'" in err
+    )
+    code, _ = run_cli(tmp_path, set_key(good, "generation.engine", "auto"), capsys=capsys)
+    assert code == 0  # auto falls back to generate
