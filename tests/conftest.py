@@ -32,6 +32,14 @@ def model_dir(cache_dir) -> Path:
     return ensure_embedded_model(cache_dir)
 
 
+@pytest.fixture(scope="session")
+def tokenizer(model_dir):
+    """The embedded model's tokenizer (it has a chat template)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_dir)
+
+
 @pytest.fixture
 def make_run(tmp_path, model_dir):
     """make_run("infer", overrides=[...]) -> RunDir holding a resolved spec (helpers.new_run)."""

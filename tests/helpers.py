@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shlex
 import socket
 import subprocess
 import sys
@@ -15,18 +16,24 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import yaml
 
 import llmbatch
 from llmbatch.cli import main as cli_main
 from llmbatch.container import ContainerCommand
+from llmbatch.data import Example, load_examples
 from llmbatch.jobstep import NodePlace, make_plan, node_command
-from llmbatch.rundir import RunDir, atomic_write
+from llmbatch.rundir import RunDir, append_jsonl, atomic_write, read_jsonl
 from llmbatch.spec import apply_override, dump_spec, load_resolved, load_spec
 
 REPO = Path(__file__).resolve().parent.parent
 JOBS = REPO / "jobs"
 PYTHON = sys.executable
+
+SMALL = ["data.max_samples=40", "generation.max_new_tokens=8"]
+"""Overrides that make a default infer run small: a few seconds on CPU."""
 
 
 def new_run(root: Path, model_dir: Path, kind: str, overrides: list[str] = ()) -> RunDir:
@@ -83,6 +90,70 @@ def run_folder(proc: subprocess.CompletedProcess) -> RunDir:
     return RunDir(Path(line.split(": ", 1)[1]))
 
 
+def status(run) -> dict:
+    """`submit.py status --json` of `run`."""
+    [s] = json.loads(submit_cli("status", str(run.path), "--json").stdout)
+    return s
+
+
+def job_id(proc) -> str:
+    """The Slurm job id a submit.py run printed."""
+    return next(line.split(": ")[1] for line in proc.stdout.splitlines() if line.startswith("slurm job: "))
+
+
+def local_run(make_run, **state):
+    """An infer run folder whose state says a local job (job id 1 unless `state` says otherwise) ran it."""
+    run = make_run("infer")
+    run.update_state(kind="infer", executor="local", **({"job_ids": ["1"]} | state))
+    return run
+
+
+def finetune_run(make_run):
+    """A fine-tuning run some steps in: train_metrics.jsonl rows as the recipe logs them."""
+    run = make_run("finetune")
+    run.update_state(kind="finetune", executor="local", job_ids=["1"], attempt=0, requeues=0)
+    for step in (1, 2):
+        append_jsonl(
+            run.train_metrics_file,
+            {
+                "step": step,
+                "total_steps": 10,
+                "epoch": 0,
+                "loss": 2.5 / step,
+                "lr": 0.002,
+                "grad_norm": 1.25,
+                "tokens": 512 * step,
+                "elapsed_s": 0.5 * step,
+                "attempt": 0,
+            },
+        )
+    append_jsonl(run.train_metrics_file, {"step": 2, "val_loss": 1.5, "val_ppl": 4.48, "val_accuracy": 0.5})
+    return run
+
+
+def infer(run, processes: int, attempt: int = 0) -> bytes:
+    """Run the infer runner of `run` to the end on `processes` CPU ranks; results.jsonl's bytes."""
+    cmd = runner_command(run, processes, attempt)
+    proc = subprocess.run(cmd.argv, env=os.environ | cmd.env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return run.results_file.read_bytes()
+
+
+def trajectory(run: RunDir) -> list[tuple]:
+    """Every logged number that depends on the training, by step (times and attempts left out)."""
+    keys = ("step", "loss", "lr", "grad_norm", "tokens", "epoch", "val_loss")
+    return [tuple(row.get(k) for k in keys) for row in read_jsonl(run.train_metrics_file)]
+
+
+def examples_of(run) -> list:
+    """The inputs of `run`, read from its spec's data file."""
+    return load_examples(load_resolved(run.spec_file).data)
+
+
+def as_examples(prompts: list[str]) -> list[Example]:
+    return [Example(f"q{i}", prompt, None, i + 1) for i, prompt in enumerate(prompts)]
+
+
 # --- containers ----------------------------------------------------------------------------------
 
 
@@ -116,6 +187,43 @@ def host_python_binds() -> tuple[str, ...]:
     return tuple(dict.fromkeys([sys.prefix, str(interpreter_prefix), llmbatch_source()]))
 
 
+# --- specs, data files and dry runs -----------------------------------------------------------------
+
+
+def set_key(spec: dict, key: str, value) -> dict:
+    """`spec` (a dict) with the dotted `key` set to `value`."""
+    *sections, leaf = key.split(".")
+    target = spec
+    for s in sections:
+        target = target.setdefault(s, {})
+    target[leaf] = value
+    return spec
+
+
+def write_text(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def write_parquet(path: Path, rows: list[dict]) -> Path:
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    return path
+
+
+CHATS = [
+    [{"role": "user", "content": "Is 7 even or odd?"}],
+    [{"role": "system", "content": "Answer in one word."}, {"role": "user", "content": "Is 12 even or odd?"}],
+    [
+        {"role": "user", "content": "Is 3 even or odd?"},
+        {"role": "assistant", "content": "odd"},
+        {"role": "user", "content": "And 4?"},
+    ],
+    [{"role": "user", "content": "Is 100 even or odd?"}],
+]
+"""Chats for data.messages_field: with and without a system message, and one with an earlier turn."""
+
+
 def write_data(path: Path, rows: list) -> Path:
     path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
     return path
@@ -130,3 +238,16 @@ def run_cli(tmp_path, spec: dict | None, *extra: str, kind: str = "infer", capsy
     code = cli_main(args + ["--executor", "local", "--dry-run", *extra])
     err = capsys.readouterr().err
     return code, err
+
+
+def dry_run(capsys, *args: str) -> tuple[str, list[str]]:
+    """`ARGS --dry-run` through the CLI in this process: what it printed, and the per-node command's argv."""
+    assert cli_main([*args, "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    command = lines[next(i for i, line in enumerate(lines) if line.startswith("# per-node command")) + 1]
+    return out, shlex.split(command)
+
+
+def flag(argv: list[str], name: str) -> str:
+    return argv[argv.index(name) + 1]

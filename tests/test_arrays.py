@@ -17,7 +17,7 @@ from llmbatch.cli import main
 from llmbatch.lifecycle import FINAL_STATES, array_state, expand_array_ids
 from llmbatch.shards import complete_lines, shard_for
 
-from helpers import JOBS, run_folder, submit_cli, wait_for
+from helpers import JOBS, job_id, run_folder, status, submit_cli, wait_for
 
 ARRAY = ["--executor", "slurm", "--array", "4", "--gpus", "1", "--set", "resources.cpus_per_gpu=1"]
 # 8 CPUs a task: Slurm fits two tasks on a node (16 CPUs), so four tasks spread over both nodes (each
@@ -139,17 +139,8 @@ def test_sacct_array_ids_and_the_state_of_an_array():
 # --- on the local Slurm cluster -------------------------------------------------------------
 
 
-def status(run) -> dict:
-    [s] = json.loads(submit_cli("status", str(run.path), "--json").stdout)
-    return s
-
-
 def task(run, index: int) -> dict:
     return status(run)["tasks"][index]
-
-
-def job_id(proc) -> str:
-    return next(line.split(": ")[1] for line in proc.stdout.splitlines() if line.startswith("slurm job: "))
 
 
 def final_state(run) -> str:

@@ -1,4 +1,6 @@
-"""container.wrap_command: exact argv for each runtime, and real runs under a private Docker engine.
+"""Containers (llmbatch.container): the container keys checked before queueing, the exact argv for
+each runtime, binds and env, dry runs in Apptainer, and real runs under a private Docker engine (a
+whole inference job step included).
 
 Apptainer cannot be installed on this machine; its argv is checked exactly.
 Podman's argv is checked exactly too (the real runs use Docker).
@@ -15,9 +17,13 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
+from llmbatch.cli import main
 from llmbatch.container import Bind, ContainerCommand, check_run_folder_binds, merge_binds, parse_bind, wrap_command
 from llmbatch.spec import ContainerSpec, SpecError
+
+from helpers import JOBS, dry_run, flag, run_cli, run_folder, set_key, submit_cli
 
 ARGV = ["python3", "-m", "accelerate.commands.launch", "-m", "llmbatch.runners.infer", "--run-dir", "/runs/r1"]
 BINDS = ["/runs/r1", "/data", "/models/m"]
@@ -417,3 +423,152 @@ def test_docker_signal_reaches_the_process_inside(docker_env, tmp_path, sig):
             subprocess.run(["docker", "rm", "-f", cmd.name], capture_output=True)
     assert marker.read_text() == str(int(sig))
     assert child_marker.read_text() == str(int(sig))
+
+
+@pytest.mark.parametrize(
+    "bind,message",
+    [
+        ("/data:/in:/x:ro", "container: container bind '/data:/in:/x:ro': expected HOST[:DEST[:ro]]"),
+        ("/data:in", "container: container bind '/data:in': paths must be absolute"),
+    ],
+)
+# --- checks before queueing, dry runs -------------------------------------------------------------
+
+
+def test_container_binds_are_checked_before_anything_is_queued(tmp_path, good, capsys, bind, message):
+    set_key(good, "container", {"runtime": "docker", "image": "llmbatch:latest", "binds": [bind]})
+    code, err = run_cli(tmp_path, good, capsys=capsys)
+    assert code == 2 and err == f"llmbatch: error: {message}\n"
+
+
+def test_docker_client_variables_in_container_env_are_refused_before_queueing(tmp_path, good, capsys):
+    set_key(good, "container", {"runtime": "docker", "image": "llmbatch:latest", "env": {"DOCKER_HOST": "tcp://x"}})
+    code, err = run_cli(tmp_path, good, capsys=capsys)
+    assert code == 2 and err.startswith("llmbatch: error: container: docker reads these from its own environment")
+
+
+def test_container_env_reaches_the_job_without_a_container():
+    from llmbatch.jobstep import LaunchPlan, example_place, node_command
+    from llmbatch.spec import ContainerSpec
+
+    plan = LaunchPlan(
+        run_dir="/runs/r",
+        runner="llmbatch.runners.infer",
+        nodes=1,
+        gpus_per_node=1,
+        mixed_precision="no",
+        container=ContainerSpec(env={"HF_DATASETS_CACHE": "/scratch/hf"}),
+        binds=(),
+    )
+    assert node_command(plan, example_place(1)).env["HF_DATASETS_CACHE"] == "/scratch/hf"
+
+
+def test_cluster_example_runs_in_apptainer(capsys, tmp_path, model_dir):
+    image = tmp_path / "llmbatch.sif"
+    image.write_bytes(b"not a real image: apptainer cannot run here, only its argv is checked")
+    data = JOBS / "data" / "parity" / "test.jsonl"
+    out, argv = dry_run(
+        capsys,
+        "infer",
+        str(JOBS / "cluster-infer.yaml"),
+        "--executor",
+        "slurm",
+        "--set",
+        f"model.path={model_dir}",
+        "--set",
+        f"data.path={data}",
+        "--set",
+        "data.prompt_field=question",
+        "--set",
+        f"container.image={image}",
+        "--output",
+        str(tmp_path / "runs"),
+    )
+    assert "#SBATCH --nodes=2" in out and "#SBATCH --gpus-per-node=4" in out and "#SBATCH --partition=gpu" in out
+    assert argv[:3] == ["apptainer", "exec", "--nv"]
+    assert str(image) in argv and flag(argv, "--num_processes") == "8"
+    assert "HF_TOKEN" not in " ".join(argv)  # forwarded by name through the environment only
+
+
+def test_apptainer_with_the_default_model_dry_runs_without_the_image(capsys, tmp_path):
+    """The dry run shows the command (the embedded model's placeholder path bound); a real run checks the image."""
+    image = tmp_path / "not-built-yet.sif"
+    args = [
+        "infer",
+        "--executor",
+        "local",
+        "--set",
+        "container.runtime=apptainer",
+        "--set",
+        f"container.image={image}",
+        "--output",
+        str(tmp_path / "runs"),
+    ]
+    _, argv = dry_run(capsys, *args)
+    assert argv[:2] == ["apptainer", "exec"] and str(image) in argv
+    assert main(args) == 2
+    assert capsys.readouterr().err == f"llmbatch: error: container.image: no such Apptainer image: {image}\n"
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_bind_over_the_output_root_is_refused(capsys, tmp_path):
+    assert (
+        main(
+            [
+                "infer",
+                "--executor",
+                "local",
+                "--dry-run",
+                "--set",
+                "container.runtime=docker",
+                "--set",
+                "container.image=img",
+                "--set",
+                f"container.binds=['/tmp:{tmp_path}']",
+                "--output",
+                str(tmp_path),
+            ]
+        )
+        == 2
+    )
+    err = capsys.readouterr().err
+    assert (
+        err.startswith(
+            f"llmbatch: error: container.binds[0]: '/tmp:{tmp_path}': its destination {tmp_path} covers the run folder"
+        )
+        and err.count("\n") == 1
+    )
+
+
+# --- a whole job step under Docker ----------------------------------------------------------------
+
+
+@pytest.mark.container
+@pytest.mark.slow
+def test_infer_step_runs_inside_docker(docker_env, cache_dir, tmp_path):
+    container = {
+        "runtime": "docker",
+        "image": docker_env.image,
+        "python": docker_env.python,
+        "binds": [f"{b}:{b}:ro" for b in docker_env.binds],
+        "env": {"PYTHONPATH": docker_env.pythonpath},
+    }
+    args = ["--gpus", "2", "--set", "data.max_samples=12", "--set", "generation.max_new_tokens=4"]
+    proc = submit_cli(
+        "infer",
+        "--executor",
+        "local",
+        "--output",
+        str(tmp_path / "docker"),
+        *args,
+        "--set",
+        f"container={yaml.safe_dump(container, default_flow_style=True).strip()}",
+    )
+    run = run_folder(proc)
+    (command,) = [json.loads(line) for line in run.commands_file.read_text().splitlines()]
+    assert command["argv"][:3] == ["docker", "run", "--rm"] and docker_env.image in command["argv"]
+    assert "--multi_gpu" in command["argv"]
+    # The same inputs without a container give the same results: the step really ran, inside.
+    plain = run_folder(submit_cli("infer", "--executor", "local", "--output", str(tmp_path / "plain"), *args))
+    assert run.results_file.read_bytes() == plain.results_file.read_bytes()
+    assert len(run.results_file.read_text().splitlines()) == 12

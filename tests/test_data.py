@@ -1,9 +1,16 @@
-"""Hostile data and spec files: one line naming file:line, exit code 2, nothing queued; and streaming."""
+"""Data files (llmbatch.data): JSONL, CSV and Parquet inputs, chats (data.messages_field,
+data.system_prompt), prompt templates, encodings and values, and streaming (data.max_samples).
+
+A bad file is one line naming `file:line` (`file row N` for Parquet), exit code 2, nothing queued.
+How prompts are rendered and encoded: test_prompts.py.
+"""
 
 from __future__ import annotations
 
 import json
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import yaml
 
@@ -11,7 +18,7 @@ from llmbatch.cli import main
 from llmbatch.data import load_examples
 from llmbatch.spec import DataSpec
 
-from helpers import run_cli
+from helpers import CHATS, run_cli, write_data, write_parquet, write_text
 
 
 def bad_data(tmp_path, good, capsys, name: str, content: bytes | str, **data) -> str:
@@ -110,11 +117,6 @@ def test_a_prompt_larger_than_a_record_may_be_is_refused(tmp_path, good, capsys)
         tmp_path, good, capsys, "in.jsonl", row + "\n", prompt_field=None, prompt_template="{question}{question}"
     )
     assert f"in.jsonl:1: the prompt is {10 << 20} bytes, more than the 8 MiB a record may hold" in err
-
-
-def write_text(path, text: str):
-    path.write_text(text)
-    return path
 
 
 # --- values --------------------------------------------------------------------------------------
@@ -298,3 +300,218 @@ def test_max_samples_stops_reading_the_file(tmp_path, good, capsys, suffix):
     good["data"].pop("max_samples")
     code, err = run_cli(tmp_path, good, capsys=capsys)
     assert code == 2 and f"big{suffix}:{len(rows)}: " in err  # without max_samples the broken line is found
+
+
+# --- JSONL and CSV records ------------------------------------------------------------------------
+
+
+BAD_DATA = [
+    ([], "the file is empty"),
+    ([{"id": 1, "question": "a"}, "{not json", {"id": 3, "question": "c"}], "in.jsonl:2: not valid JSON"),
+    (
+        [{"id": 1, "question": "a"}, {"id": 2, "question": "b"}, {"id": 1, "question": "c"}],
+        "in.jsonl:3: duplicate id '1' (first at line 1)",
+    ),
+    (
+        [{"id": 1, "question": "a"}, {"id": 2, "text": "b"}],
+        "in.jsonl:2: data.prompt_template names field 'question', which this record lacks",
+    ),
+    ([{"question": "a"}], "in.jsonl:1: no id field 'id'"),
+    ([[1, 2]], "in.jsonl:1: a line must be a JSON object"),
+]
+
+
+@pytest.mark.parametrize("rows,message", BAD_DATA, ids=[m.split(":")[-1].strip()[:30] for _, m in BAD_DATA])
+def test_bad_data_names_file_and_line(tmp_path, good, capsys, rows, message):
+    write_data(tmp_path / "in.jsonl", rows)
+    good["data"].pop("reference_field")
+    code, err = run_cli(tmp_path, good, capsys=capsys)
+    assert code == 2
+    assert message in err and str(tmp_path / "in.jsonl") in err
+    assert err.count("\n") == 1
+
+
+def test_bad_csv_row(tmp_path, good, capsys):
+    (tmp_path / "in.csv").write_text("id,question\n1,a\n2,b,extra\n")
+    good["data"] = {"path": str(tmp_path / "in.csv"), "prompt_field": "question"}
+    code, err = run_cli(tmp_path, good, capsys=capsys)
+    assert code == 2 and "in.csv:3: wrong number of columns" in err
+
+
+def test_missing_reference_field_in_data(tmp_path, good, capsys):
+    write_data(tmp_path / "in.jsonl", [{"id": 1, "question": "a", "answer": "x"}, {"id": 2, "question": "b"}])
+    code, err = run_cli(tmp_path, good, capsys=capsys)
+    assert code == 2 and "in.jsonl:2: no reference field 'answer'" in err
+
+
+# --- spec ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "data,message",
+    [
+        ({"messages_field": "messages"}, "data: set only one of data.prompt_template, data.messages_field"),
+        (
+            {"prompt_template": None, "system_prompt": "Be brief."},
+            "data: set one of data.prompt_field, data.prompt_template or data.messages_field",
+        ),
+        (
+            {"system_prompt": "Be brief."},
+            "data.system_prompt: a system message needs the chat template: set data.chat_template: true",
+        ),
+    ],
+    ids=["two prompt keys", "none", "system prompt without a template"],
+)
+def test_one_way_to_the_prompt(tmp_path, good, capsys, data, message):
+    good["data"] |= data
+    code, err = run_cli(tmp_path, good, capsys=capsys)
+    assert code == 2 and message in err and err.count("\n") == 1, err
+
+
+def test_messages_need_jsonl_or_parquet(tmp_path, good, capsys):
+    path = tmp_path / "in.csv"
+    path.write_text("id,messages\n1,hi\n")
+    good["data"] = {"path": str(path), "messages_field": "messages"}
+    code, err = run_cli(tmp_path, good, capsys=capsys)
+    assert code == 2 and "data.path: data.messages_field needs JSONL or Parquet" in err, err
+
+
+# --- malformed chats -----------------------------------------------------------------------------
+
+BAD_CHATS = [
+    ({"id": 2}, "no messages field 'messages' (data.messages_field)"),
+    (
+        {"id": 2, "messages": "hi"},
+        "field 'messages' (data.messages_field) must be a non-empty list of {role, content} messages, got text",
+    ),
+    (
+        {"id": 2, "messages": None},
+        "field 'messages' (data.messages_field) must be a non-empty list of {role, content} messages, got null",
+    ),
+    (
+        {"id": 2, "messages": []},
+        "field 'messages' (data.messages_field) must be a non-empty list of {role, "
+        "content} messages, got an empty list",
+    ),
+    ({"id": 2, "messages": ["hi"]}, "message 1 of 'messages' must be an object with a role and a content, got text"),
+    (
+        {"id": 2, "messages": [{"role": "user", "content": "a"}, {"content": "b"}]},
+        "message 2 of 'messages': role must be one of system, user, assistant, got none",
+    ),
+    (
+        {"id": 2, "messages": [{"role": "robot", "content": "b"}]},
+        "message 1 of 'messages': role must be one of system, user, assistant, got 'robot'",
+    ),
+    ({"id": 2, "messages": [{"role": "user"}]}, "message 1 of 'messages': content must be text, got none"),
+    (
+        {"id": 2, "messages": [{"role": "user", "content": 7}]},
+        "message 1 of 'messages': content must be text, got a value of type int",
+    ),
+    (
+        {"id": 2, "messages": [{"role": "user", "content": ["a"]}]},
+        "message 1 of 'messages': content must be text, got a list",
+    ),
+    (
+        {"id": 2, "messages": [{"role": "user", "content": "a", "name": "x"}]},
+        "message 1 of 'messages' has an unknown key 'name' (a message holds role and content)",
+    ),
+    (
+        {"id": 2, "messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "\ud800b"}]},
+        "the content of message 2 of 'messages' holds a lone surrogate ('\\ud800'), half of a UTF-16 pair and no text",
+    ),
+]
+
+
+@pytest.mark.parametrize("row,message", BAD_CHATS, ids=[m[:50] for _, m in BAD_CHATS])
+def test_a_malformed_chat_names_its_line(tmp_path, good, capsys, row, message):
+    rows = "\n".join(json.dumps(r) for r in ({"id": 1, "messages": CHATS[0]}, row))
+    err = bad_data(tmp_path, good, capsys, "in.jsonl", rows + "\n", prompt_field=None, messages_field="messages")
+    assert f"in.jsonl:2: {message}" in err
+
+
+def test_a_malformed_chat_in_parquet_names_its_row(tmp_path, good, capsys):
+    rows = [{"id": 1, "messages": CHATS[0]}, {"id": 2, "messages": [{"role": "robot", "content": "b"}]}]
+    err = bad_data(
+        tmp_path,
+        good,
+        capsys,
+        "in.parquet",
+        write_parquet(tmp_path / "p", rows).read_bytes(),
+        prompt_field=None,
+        messages_field="messages",
+    )
+    assert "in.parquet row 2: message 1 of 'messages': role must be one of system, user, assistant, got 'robot'" in err
+
+
+# --- Parquet input -------------------------------------------------------------------------------
+
+PARQUET_ERRORS = [
+    (
+        [{"id": 1, "question": "a"}, {"id": None, "question": "b"}],
+        "in.parquet row 2: id field 'id' must be a string or an integer, got null",
+    ),
+    (
+        [{"id": 1, "question": "a"}, {"id": 2, "question": None}],
+        "in.parquet row 2: field 'question' (data.prompt_field) must be text or a number, got null",
+    ),
+    (
+        [{"id": 1, "question": ["a"]}],
+        "in.parquet row 1: field 'question' (data.prompt_field) must be text or a number, got a list",
+    ),
+    (
+        [{"id": 1, "question": b"a"}],
+        "in.parquet row 1: field 'question' (data.prompt_field) must be text or a number, got a value of type bytes",
+    ),
+    (
+        [{"id": {"a": 1}, "question": "a"}],
+        "in.parquet row 1: id field 'id' must be a string or an integer, got an object",
+    ),
+    (
+        [{"id": 1.0, "question": "a"}, {"id": 2.5, "question": "b"}],  # a float column: pandas' ints with a gap
+        "in.parquet row 1: id field 'id' must be a string or an integer, got a value of type float",
+    ),
+    (
+        [{"id": 1, "question": "a"}, {"id": 2, "question": "b"}, {"id": 1, "question": "c"}],
+        "in.parquet row 3: duplicate id '1' (first at row 1)",
+    ),
+    ([{"key": 1, "question": "a"}], "in.parquet row 1: no id field 'id' (set data.id_field)"),
+    ([{"id": 1, "other": "a"}], "in.parquet row 1: no prompt field 'question' (data.prompt_field)"),
+]
+
+
+@pytest.mark.parametrize("rows,message", PARQUET_ERRORS, ids=[m.split(": ", 1)[1][:40] for _, m in PARQUET_ERRORS])
+def test_parquet_errors_name_the_row(tmp_path, good, capsys, rows, message):
+    err = bad_data(tmp_path, good, capsys, "in.parquet", write_parquet(tmp_path / "p", rows).read_bytes())
+    assert message in err
+
+
+def test_a_file_that_is_not_parquet_or_has_no_rows(tmp_path, good, capsys):
+    err = bad_data(tmp_path, good, capsys, "in.parquet", '{"id": 1, "question": "a"}\n')
+    assert "in.parquet: not a readable Parquet file (" in err
+    empty = pa.Table.from_pylist([], schema=pa.schema([("id", pa.int64()), ("question", pa.string())]))
+    pq.write_table(empty, tmp_path / "p")
+    err = bad_data(tmp_path, good, capsys, "in.parquet", (tmp_path / "p").read_bytes())
+    assert "in.parquet: the file has no records" in err
+
+
+def test_parquet_is_read_in_batches_and_only_as_far_as_max_samples(tmp_path, monkeypatch):
+    """Row groups of 1,000 rows; the last row is bad. max_samples stops before it, in the first batch."""
+    monkeypatch.setattr("llmbatch.data.PARQUET_BATCH_ROWS", 500)
+    rows = [{"id": i, "question": f"q{i}", "unused": "x" * 100} for i in range(5000)] + [{"id": None, "question": "q"}]
+    path = tmp_path / "big.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), path, row_group_size=1000)
+    batches = []
+    real_iter_batches = pq.ParquetFile.iter_batches
+
+    def iter_batches(self, **kwargs):
+        for batch in real_iter_batches(self, **kwargs):
+            batches.append(batch)
+            yield batch
+
+    monkeypatch.setattr(pq.ParquetFile, "iter_batches", iter_batches)
+    examples = load_examples(DataSpec(path=str(path), prompt_field="question", max_samples=10))
+    assert [e.id for e in examples] == [str(i) for i in range(10)] and examples[3].line == 4
+    assert len(batches) == 1 and batches[0].num_rows == 500 and batches[0].schema.names == ["id", "question"]
+    with pytest.raises(Exception, match="big.parquet row 5001: id field 'id' must be a string or an integer"):
+        load_examples(DataSpec(path=str(path), prompt_field="question"))
+    assert max(b.num_rows for b in batches) == 500

@@ -24,13 +24,6 @@ MODEL_FILES = (
 
 
 @pytest.fixture(scope="module")
-def tokenizer(model_dir):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(model_dir)
-
-
-@pytest.fixture(scope="module")
 def model(model_dir):
     import torch
     from transformers import AutoModelForCausalLM

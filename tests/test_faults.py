@@ -1,10 +1,20 @@
-"""Faults a cluster really has, end to end on this machine, where Slurm plays no part: two `resume`s of
-one run at once, a full output file system, a rank that stops. What the user sees, and that nothing is
-lost or duplicated. (A damaged checkpoint: test_finetune.py.)"""
+"""Faults a cluster really has, end to end: two `resume`s of one run at once, a full output file
+system, a rank that stops, Ctrl-C, a closed pipe (local processes, no Slurm), and a node lost mid-run
+on the real local Slurm cluster. What the user sees, and that nothing is lost or duplicated.
+
+The lost node (slurm/start-cluster.sh, SlurmdTimeout=10): node n2 stops answering: its slurmd, the
+job's step daemon and processes there are frozen (SIGSTOP), as on a node that hangs or loses its
+network. Slurm marks it DOWN and the job ends NODE_FAIL; being requeueable, it is requeued and waits
+for two nodes. Then n2 reboots: the frozen processes are killed and its slurmd starts again; the
+requeued job runs as the next attempt and finishes the run.
+
+A damaged run folder: test_run_folder.py; a damaged checkpoint: test_finetune.py.
+"""
 
 from __future__ import annotations
 
 import errno
+import json
 import os
 import signal
 import socket
@@ -18,11 +28,7 @@ import pytest
 from llmbatch.rundir import RunDir, read_jsonl
 from llmbatch.shards import read_records
 
-from helpers import PYTHON, REPO, run_folder, submit_cli, wait_for
-
-pytestmark = pytest.mark.slow
-
-SMALL = ["data.max_samples=40", "generation.max_new_tokens=8"]
+from helpers import PYTHON, REPO, SMALL, run_folder, submit_cli, trajectory, wait_for
 
 
 def stopped_local_run(make_run, overrides=SMALL):
@@ -32,6 +38,7 @@ def stopped_local_run(make_run, overrides=SMALL):
     return run
 
 
+@pytest.mark.slow
 def test_two_resumes_at_once_one_wins_the_other_gets_one_line(make_run):
     run = stopped_local_run(make_run)
     first = subprocess.Popen(
@@ -105,6 +112,7 @@ def infer_reference(tmp_path_factory, cache_dir) -> RunDir:
     )
 
 
+@pytest.mark.slow
 def test_inference_on_a_full_disk_fails_in_one_line_and_resume_completes_it(small_fs, infer_reference):
     reference = infer_reference
     proc = subprocess.Popen(
@@ -166,11 +174,7 @@ FINETUNE_SMALL = [
 ]
 
 
-def trajectory(run: RunDir) -> list[tuple]:
-    keys = ("step", "loss", "lr", "grad_norm", "tokens", "epoch", "val_loss")
-    return [tuple(row.get(k) for k in keys) for row in read_jsonl(run.train_metrics_file)]
-
-
+@pytest.mark.slow
 def test_a_checkpoint_save_on_a_full_disk_fails_in_one_line_and_resume_continues_exactly(small_fs, tmp_path, cache_dir):
     reference = run_folder(
         submit_cli("finetune", "--executor", "local", "--output", str(tmp_path / "ref"), *FINETUNE_SMALL)
@@ -238,6 +242,7 @@ def rank_process(run: RunDir, rank: int) -> psutil.Process:
     return wait_for(f"rank {rank}", find, timeout=60)
 
 
+@pytest.mark.slow
 def test_a_stopped_rank_fails_the_job_in_one_line_naming_it_and_resume_finishes(tmp_path, infer_reference):
     root = tmp_path / "runs"
     proc = subprocess.Popen(
@@ -290,6 +295,7 @@ def test_a_stopped_rank_fails_the_job_in_one_line_naming_it_and_resume_finishes(
 # --- Ctrl-C and a closed pipe ----------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_ctrl_c_of_a_local_run_is_one_line_and_resume_shows_only_its_own_attempt(tmp_path, infer_reference):
     """A terminal sends Ctrl-C to the whole process group: the command line, and the local job it
     started. One line, exit 130, the job cancelled; the resume then prints its own attempt's log, not
@@ -323,6 +329,7 @@ def test_ctrl_c_of_a_local_run_is_one_line_and_resume_shows_only_its_own_attempt
     assert run.results_file.read_bytes() == infer_reference.results_file.read_bytes()
 
 
+@pytest.mark.slow
 def test_a_closed_pipe_is_no_job_failure(tmp_path, infer_reference):
     """`python submit.py infer ... | head -c1`: the reader goes away after one byte. The job runs on and
     its result stands; the command line waits for it, says nothing and exits as the job did (0)."""
@@ -351,3 +358,150 @@ def test_a_closed_pipe_is_no_job_failure(tmp_path, infer_reference):
     [run] = [RunDir(p) for p in (tmp_path / "runs").iterdir()]
     assert run.results_file.read_bytes() == infer_reference.results_file.read_bytes()
     assert " COMPLETED  120/120 inputs " in submit_cli("status", str(run.path)).stdout
+
+
+# --- a node lost mid-run, on the local Slurm cluster ----------------------------------------------
+
+
+INFER = [
+    "--set",
+    "data.max_samples=120",
+    "--set",
+    "generation.max_new_tokens=16",
+    "--set",
+    "generation.engine=hf",
+    "--set",
+    "generation.batch_tokens=160",
+]
+FINETUNE = [
+    arg
+    for setting in (
+        "data.max_samples=60",
+        "train.max_steps=16",
+        "train.seq_len=64",
+        "train.micro_batch_size=4",
+        "train.warmup_steps=2",
+        "train.eval_every_steps=100",
+        "train.save_every_steps=4",
+        "train.keep_last=2",
+        "train.eval_accuracy=false",
+    )
+    for arg in ("--set", setting)
+]
+
+
+def sacct_records(job_id: str) -> list[tuple[str, str]]:
+    """(state, nodes) of every run of the job, a requeued job's earlier runs included."""
+    out = subprocess.run(
+        ["sacct", "-j", job_id, "-X", "-D", "-n", "-P", "--format=State,NodeList"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    ).stdout
+    return [tuple(line.split("|")) for line in out.splitlines() if line]
+
+
+def node_processes(node: str, job_id: str) -> list[psutil.Process]:
+    """What runs on `node` of this cluster: its slurmd, and the job's step daemon and processes there."""
+    conf = os.environ["SLURM_CONF"]
+    slurmd = int((Path(conf).parent.parent / "run" / f"slurmd-{node}.pid").read_text().split()[0])
+    found = {slurmd: psutil.Process(slurmd)}
+    for proc in psutil.process_iter():
+        try:
+            env = proc.environ()
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        if env.get("SLURM_CONF") == conf and env.get("SLURMD_NODENAME") == node and env.get("SLURM_JOB_ID") == job_id:
+            found[proc.pid] = proc
+            parent = proc.parent()
+            if parent is not None and parent.name().startswith("slurmstepd"):
+                found[parent.pid] = parent
+    return list(found.values())
+
+
+def lose_node_and_bring_it_back(run: RunDir, node: str, job_id: str) -> None:
+    frozen = node_processes(node, job_id)
+    assert len(frozen) >= 3, frozen  # slurmd, step daemon, node job (and its launcher and rank)
+    for proc in frozen:
+        proc.send_signal(signal.SIGSTOP)
+    wait_for("NODE_FAIL", lambda: any(state == "NODE_FAIL" for state, _ in sacct_records(job_id)), timeout=120)
+    status = submit_cli("status", str(run.path)).stdout
+    assert "NODE_FAIL on n[1-2]" in status, status
+    assert f"{node} is down" in status, status
+    for proc in frozen:  # the node reboots
+        proc.send_signal(signal.SIGKILL)
+    started = subprocess.run(
+        ["bash", str(REPO / "slurm" / "start-cluster.sh")], capture_output=True, text=True, timeout=300
+    )
+    assert started.returncode == 0, started.stderr[-3000:]
+
+
+def finished(run: RunDir, job_id: str, done_file: Path) -> bool:
+    records = sacct_records(job_id)
+    assert not records or records[-1][0] not in ("FAILED", "CANCELLED", "TIMEOUT"), records
+    return done_file.exists() and records[-1][0] == "COMPLETED"
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_inference_survives_a_lost_node(slurm_cluster, cache_dir, tmp_path):
+    reference = run_folder(submit_cli("infer", "--executor", "local", "--output", str(tmp_path / "ref"), *INFER))
+    run = run_folder(
+        submit_cli(
+            "infer", "--executor", "slurm", "--nodes", "2", "--gpus", "1", "--output", str(tmp_path / "runs"), *INFER
+        )
+    )
+    job_id = run.read_state()["job_ids"][-1]
+    wait_for(
+        "results of the rank on n2",
+        lambda: any(read_records(p) for p in run.shards_dir.glob("attempt-000-rank-00001.jsonl")),
+        timeout=300,
+    )
+    lose_node_and_bring_it_back(run, "n2", job_id)
+
+    wait_for("the requeued job", lambda: finished(run, job_id, run.results_file), timeout=400)
+    assert run.results_file.read_bytes() == reference.results_file.read_bytes()
+    assert run.read_state()["attempt"] == 1  # requeued by Slurm, not resumed by hand
+    assert [state for state, _ in sacct_records(job_id)] == ["NODE_FAIL", "COMPLETED"]
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_finetuning_survives_a_lost_node_on_the_exact_trajectory(slurm_cluster, cache_dir, tmp_path):
+    reference = run_folder(
+        submit_cli("finetune", "--executor", "local", "--gpus", "2", "--output", str(tmp_path / "ref"), *FINETUNE)
+    )
+    run = run_folder(
+        submit_cli(
+            "finetune",
+            "--executor",
+            "slurm",
+            "--nodes",
+            "2",
+            "--gpus",
+            "1",
+            "--output",
+            str(tmp_path / "runs"),
+            *FINETUNE,
+        )
+    )
+    job_id = run.read_state()["job_ids"][-1]
+    wait_for(
+        "a step past the first checkpoint",
+        lambda: any(row.get("step", 0) >= 5 for row in read_jsonl(run.train_metrics_file)),
+        timeout=300,
+    )
+    lose_node_and_bring_it_back(run, "n2", job_id)
+
+    wait_for("the requeued job", lambda: finished(run, job_id, run.metrics_file), timeout=400)
+    assert [state for state, _ in sacct_records(job_id)] == ["NODE_FAIL", "COMPLETED"]
+    assert run.read_state()["attempt"] == 1  # requeued by Slurm, not resumed by hand
+    assert "resuming at step " in run.node_log(0).read_text()
+    assert (run.adapter_dir / "adapter_model.safetensors").read_bytes() == (
+        reference.adapter_dir / "adapter_model.safetensors"
+    ).read_bytes()
+    keys = ("step", "loss", "lr", "grad_norm", "tokens", "epoch")
+    assert [tuple(r.get(k) for k in keys) for r in read_jsonl(run.train_metrics_file)] == [
+        tuple(r.get(k) for k in keys) for r in read_jsonl(reference.train_metrics_file)
+    ]
+    assert json.loads(run.metrics_file.read_text())["world_size"] == 2

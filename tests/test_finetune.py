@@ -26,7 +26,7 @@ from llmbatch.rundir import RunDir, read_jsonl
 from llmbatch.runners.packing import IGNORE, Sequence, collate, pack, to_sequence
 from llmbatch.runners.preemption import PREEMPTED_EXIT
 
-from helpers import JOBS, new_run, runner_command
+from helpers import JOBS, new_run, runner_command, trajectory
 
 # Short sequences and micro-batches so an epoch is a few steps: 12 steps cross several epochs, and a
 # stop mid-epoch exercises skipping the consumed batches. Accumulation 2 exercises no_sync.
@@ -62,12 +62,6 @@ def finetune(run: RunDir, processes: int = 1, attempt: int = 0, *extra: str, **k
 
 def rows(run: RunDir) -> list[dict]:
     return [json.loads(line) for line in run.train_metrics_file.read_text().splitlines()]
-
-
-def trajectory(run: RunDir) -> list[tuple]:
-    """Every logged number that depends on the training, by step (times and attempts left out)."""
-    keys = ("step", "loss", "lr", "grad_norm", "tokens", "epoch", "val_loss")
-    return [tuple(row.get(k) for k in keys) for row in rows(run)]
 
 
 def checkpoint_names(run: RunDir) -> list[str]:

@@ -1,7 +1,9 @@
-"""The inference runner: sharding, shards, resume and gather, and real multi-process runs on CPU.
+"""The inference runner: how inputs are split over ranks and batches, seeded sampling, adapters,
+and real multi-process runs on CPU, killed, preempted and resumed.
 
 Launches go through `accelerate launch` as on a node (ACCELERATE_USE_CPU, `--multi_gpu` for more than
-one process), so ranks, the gloo process group and the final merge are the real ones.
+one process), so ranks, the gloo process group and the final merge are the real ones. Shards and
+gather: test_gather.py; prompt rendering and encoding: test_prompts.py.
 """
 
 from __future__ import annotations
@@ -19,8 +21,6 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from llmbatch.data import Example, load_examples
-from llmbatch.gather import IncompleteRun, gather_run, merge_shards
 from llmbatch.prompts import encode_prompts, fit_to_context
 from llmbatch.runners.generation import Decoder
 from llmbatch.runners.infer import encode_share, prompt_lengths, token_balanced_share
@@ -28,12 +28,11 @@ from llmbatch.runners.model_loading import load_model
 from llmbatch.runners.preemption import PREEMPTED_EXIT
 from llmbatch.runners.sampling import SeededSampling
 from llmbatch.runners.split import assign_to_ranks, plan_batches
-from llmbatch.shards import ShardWriter, done_ids, list_shards, read_progress, read_records, shard_for
-from llmbatch.spec import DataSpec, GenerationSpec, ModelSpec, load_resolved
+from llmbatch.shards import list_shards, read_progress, read_records
+from llmbatch.spec import DataSpec, GenerationSpec, ModelSpec
 
-from helpers import runner_command, submit_cli
+from helpers import SMALL, as_examples, examples_of, infer, runner_command, submit_cli
 
-SMALL = ["data.max_samples=40", "generation.max_new_tokens=8"]
 # Hot enough that samples differ from greedy outputs even where the model is sure.
 SAMPLING = ["generation.do_sample=true", "generation.temperature=3.0", "generation.top_p=0.95", "generation.seed=7"]
 
@@ -173,20 +172,6 @@ def test_a_completion_does_not_depend_on_its_batch(model_dir, one_torch_thread):
     assert all(c.finish_reason == "length" and c.tokens == 6 for c in greedy)
 
 
-def as_examples(prompts: list[str]) -> list[Example]:
-    return [Example(f"q{i}", prompt, None, i + 1) for i, prompt in enumerate(prompts)]
-
-
-def test_a_chat_prompt_has_one_bos_whether_or_not_the_template_writes_it(model_dir):
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    chat = DataSpec(chat_template=True)
-    [ids] = encode_prompts(tokenizer, as_examples(["Is 7 even or odd?"]), chat)
-    assert ids[0] == tokenizer.bos_token_id and ids.count(tokenizer.bos_token_id) == 1
-    assert tokenizer.decode(ids[1:]) == "User: Is 7 even or odd?\nAssistant:"
-    tokenizer.chat_template = "{{ bos_token }}" + tokenizer.chat_template
-    assert encode_prompts(tokenizer, as_examples(["Is 7 even or odd?"]), chat) == [ids]
-
-
 def test_an_adapter_is_loaded_and_merged(model_dir, tmp_path, one_torch_thread):
     from peft import LoraConfig, PeftModel, get_peft_model  # slow to import: only here
 
@@ -208,99 +193,7 @@ def test_an_adapter_is_loaded_and_merged(model_dir, tmp_path, one_torch_thread):
     assert torch.allclose(logits, expected, atol=1e-4) and not torch.allclose(logits, untuned, atol=1e-2)
 
 
-# --- shards -------------------------------------------------------------------------------------
-
-
-def write_shard(run, attempt: int, rank: int, ids: list[str], torn: str = "") -> Path:
-    shard = shard_for(run, attempt, rank)
-    with ShardWriter(shard) as writer:
-        writer.append([record(i) for i in ids])
-    with shard.path.open("a") as f:
-        f.write(torn)
-    return shard.path
-
-
-def record(example_id: str) -> dict:
-    return {
-        "id": example_id,
-        "prompt": "p",
-        "output": "o",
-        "prompt_tokens": 3,
-        "output_tokens": 2,
-        "finish_reason": "eos",
-    }
-
-
-def test_a_torn_last_line_is_ignored(make_run):
-    run = make_run("infer", overrides=SMALL)
-    torn = write_shard(run, 0, 0, ["a", "b"], torn='{"id": "c", "prompt": "p", "out')
-    write_shard(run, 0, 1, ["d"], torn='{"id": "e"}')  # parses, but its newline never made it
-    assert [r["id"] for r in read_records(torn)] == ["a", "b"]
-    assert done_ids(run, before_attempt=1) == {"a", "b", "d"}
-    assert done_ids(run, before_attempt=0) == set()  # this attempt's own shards are not read
-
-
-def test_a_broken_line_before_the_end_is_an_error(make_run):
-    run = make_run("infer", overrides=SMALL)
-    path = write_shard(run, 0, 0, ["a"], torn='{"id": "b", "pro\n')
-    with pytest.raises(ValueError, match="line 2 is not valid JSON"):
-        read_records(path)
-
-
-def test_an_attempt_never_reuses_a_shard(make_run):
-    run = make_run("infer", overrides=SMALL)
-    write_shard(run, 0, 0, ["a"])
-    with pytest.raises(FileExistsError):
-        ShardWriter(shard_for(run, 0, 0))
-
-
-# --- gather -------------------------------------------------------------------------------------
-
-
-def examples_of(run) -> list:
-    return load_examples(load_resolved(run.spec_file).data)
-
-
-def test_gather_refuses_an_incomplete_run_and_names_what_is_missing(make_run, capsys):
-    run = make_run("infer", overrides=SMALL)
-    examples = examples_of(run)
-    write_shard(run, 0, 0, [e.id for e in examples[:-3]])
-    with pytest.raises(IncompleteRun) as error:
-        merge_shards(run, examples, "jsonl")
-    assert error.value.missing == [e.id for e in examples[-3:]]
-    assert gather_run(run) == 1
-    printed = capsys.readouterr().err
-    assert all(e.id in printed for e in examples[-3:])
-    assert not run.results_file.exists() and not run.metrics_file.exists()
-
-
-def test_a_long_list_of_missing_ids_is_cut_short():
-    message = str(IncompleteRun([f"id-{i}" for i in range(100)], 120))
-    assert message.startswith("100 of 120 inputs have no result: id-0, id-1")
-    assert message.endswith("and 80 more") and "id-20" not in message
-
-
-def test_gather_writes_results_in_input_order_exactly_once(make_run):
-    run = make_run("infer", overrides=SMALL)
-    ids = [e.id for e in examples_of(run)]
-    write_shard(run, 0, 0, ids[1::2], torn='{"id": "' + ids[0])
-    write_shard(run, 1, 2, ids[0::2])
-    assert gather_run(run) == 0
-    assert [json.loads(line)["id"] for line in run.results_file.read_text().splitlines()] == ids
-    progress = read_progress(run)
-    assert (progress["done"], progress["total"], progress["attempt"]) == (40, 40, 1)
-    assert progress["ranks"] == {2: 20}
-
-
 # --- real runs ----------------------------------------------------------------------------------
-
-
-def infer(run, processes: int, attempt: int = 0) -> bytes:
-    """Run to the end; results.jsonl's bytes."""
-    cmd = runner_command(run, processes, attempt)
-    proc = subprocess.run(cmd.argv, env=os.environ | cmd.env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    return run.results_file.read_bytes()
 
 
 @pytest.mark.slow

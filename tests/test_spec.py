@@ -1,9 +1,11 @@
-"""Bad specs and bad data: one line naming the key path or file:line, exit code 2, nothing queued."""
+"""The job spec (llmbatch.spec): YAML loading, overrides (--set and the flags), the schema's keys,
+types and ranges, and the one-line errors naming the key path, file:line or option (exit code 2,
+nothing queued). Data files: test_data.py; model checks: test_models.py; container keys: test_container.py.
+"""
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import subprocess
 import sys
@@ -14,20 +16,9 @@ import pytest
 import yaml
 
 from llmbatch.cli import main
-from llmbatch.rundir import RunDir, atomic_write
 from llmbatch.spec import JobSpec, dump_spec, load_resolved, load_spec, parse_override, slurm_time_seconds
 
-from helpers import REPO, run_cli, submit_cli, write_data
-
-
-def set_key(spec: dict, key: str, value) -> dict:
-    *sections, leaf = key.split(".")
-    target = spec
-    for s in sections:
-        target = target.setdefault(s, {})
-    target[leaf] = value
-    return spec
-
+from helpers import REPO, run_cli, set_key, write_data, write_text
 
 BAD_SPECS = [
     ("generation.max_new_token", 5, "generation.max_new_token: unknown key (did you mean 'max_new_tokens'?)"),
@@ -133,23 +124,6 @@ def test_bad_spec_is_one_line_exit_2(tmp_path, good, capsys, key, value, message
     assert not (tmp_path / "runs").exists()
 
 
-def test_the_fast_engine_on_a_model_it_cannot_run_is_a_spec_error(tmp_path, good, capsys):
-    model = tmp_path / "gpt2-model"
-    model.mkdir()
-    (model / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
-    for name in ("tokenizer.json", "model.safetensors"):  # there, though never read by a dry run
-        (model / name).write_text("")
-    set_key(good, "model.path", str(model))
-    code, err = run_cli(tmp_path, set_key(good, "generation.engine", "fast"), capsys=capsys)
-    assert code == 2 and err.count("\n") == 1
-    assert (
-        "generation.engine: fast: the engine runs llama, mistral, qwen2, qwen3, gemma2, gemma3_text, phi3, mixtral, "
-        f"qwen3_moe models, and {model} is 'gpt2'" in err
-    )
-    code, _ = run_cli(tmp_path, set_key(good, "generation.engine", "auto"), capsys=capsys)
-    assert code == 0  # auto falls back to generate
-
-
 def test_a_bad_value_from_the_command_line_is_blamed_on_its_option(tmp_path, good, capsys):
     code, err = run_cli(tmp_path, good, "--gpus", "10000", capsys=capsys)
     assert (
@@ -163,41 +137,6 @@ def test_a_bad_value_from_the_command_line_is_blamed_on_its_option(tmp_path, goo
     assert code == 2 and err == (
         "llmbatch: error: --set generation.top_k: expected key.path=value, got 'generation.top_k'\n"
     )
-
-
-@pytest.mark.parametrize(
-    "bind,message",
-    [
-        ("/data:/in:/x:ro", "container: container bind '/data:/in:/x:ro': expected HOST[:DEST[:ro]]"),
-        ("/data:in", "container: container bind '/data:in': paths must be absolute"),
-    ],
-)
-def test_container_binds_are_checked_before_anything_is_queued(tmp_path, good, capsys, bind, message):
-    set_key(good, "container", {"runtime": "docker", "image": "llmbatch:latest", "binds": [bind]})
-    code, err = run_cli(tmp_path, good, capsys=capsys)
-    assert code == 2 and err == f"llmbatch: error: {message}\n"
-
-
-def test_docker_client_variables_in_container_env_are_refused_before_queueing(tmp_path, good, capsys):
-    set_key(good, "container", {"runtime": "docker", "image": "llmbatch:latest", "env": {"DOCKER_HOST": "tcp://x"}})
-    code, err = run_cli(tmp_path, good, capsys=capsys)
-    assert code == 2 and err.startswith("llmbatch: error: container: docker reads these from its own environment")
-
-
-def test_container_env_reaches_the_job_without_a_container():
-    from llmbatch.jobstep import LaunchPlan, example_place, node_command
-    from llmbatch.spec import ContainerSpec
-
-    plan = LaunchPlan(
-        run_dir="/runs/r",
-        runner="llmbatch.runners.infer",
-        nodes=1,
-        gpus_per_node=1,
-        mixed_precision="no",
-        container=ContainerSpec(env={"HF_DATASETS_CACHE": "/scratch/hf"}),
-        binds=(),
-    )
-    assert node_command(plan, example_place(1)).env["HF_DATASETS_CACHE"] == "/scratch/hf"
 
 
 def test_an_output_root_that_cannot_be_created_is_one_line(tmp_path, good, capsys):
@@ -217,45 +156,6 @@ def test_invalid_yaml_names_the_line(tmp_path, capsys):
     path.write_text("name: x\ndata:\n  path: [unclosed\n")
     assert main(["infer", str(path), "--dry-run"]) == 2
     assert "invalid YAML at line" in capsys.readouterr().err
-
-
-BAD_DATA = [
-    ([], "the file is empty"),
-    ([{"id": 1, "question": "a"}, "{not json", {"id": 3, "question": "c"}], "in.jsonl:2: not valid JSON"),
-    (
-        [{"id": 1, "question": "a"}, {"id": 2, "question": "b"}, {"id": 1, "question": "c"}],
-        "in.jsonl:3: duplicate id '1' (first at line 1)",
-    ),
-    (
-        [{"id": 1, "question": "a"}, {"id": 2, "text": "b"}],
-        "in.jsonl:2: data.prompt_template names field 'question', which this record lacks",
-    ),
-    ([{"question": "a"}], "in.jsonl:1: no id field 'id'"),
-    ([[1, 2]], "in.jsonl:1: a line must be a JSON object"),
-]
-
-
-@pytest.mark.parametrize("rows,message", BAD_DATA, ids=[m.split(":")[-1].strip()[:30] for _, m in BAD_DATA])
-def test_bad_data_names_file_and_line(tmp_path, good, capsys, rows, message):
-    write_data(tmp_path / "in.jsonl", rows)
-    good["data"].pop("reference_field")
-    code, err = run_cli(tmp_path, good, capsys=capsys)
-    assert code == 2
-    assert message in err and str(tmp_path / "in.jsonl") in err
-    assert err.count("\n") == 1
-
-
-def test_bad_csv_row(tmp_path, good, capsys):
-    (tmp_path / "in.csv").write_text("id,question\n1,a\n2,b,extra\n")
-    good["data"] = {"path": str(tmp_path / "in.csv"), "prompt_field": "question"}
-    code, err = run_cli(tmp_path, good, capsys=capsys)
-    assert code == 2 and "in.csv:3: wrong number of columns" in err
-
-
-def test_missing_reference_field_in_data(tmp_path, good, capsys):
-    write_data(tmp_path / "in.jsonl", [{"id": 1, "question": "a", "answer": "x"}, {"id": 2, "question": "b"}])
-    code, err = run_cli(tmp_path, good, capsys=capsys)
-    assert code == 2 and "in.jsonl:2: no reference field 'answer'" in err
 
 
 def test_finetune_without_train_data(tmp_path, good, capsys):
@@ -397,12 +297,6 @@ def test_documented_values_that_yaml_1_1_reads_as_booleans_or_numbers_are_taken_
     assert load_resolved(write_text(tmp_path / "run" / "spec.yaml", saved)) == spec
 
 
-def write_text(path: Path, text: str) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
-    return path
-
-
 def test_a_wrong_value_is_quoted_as_written(tmp_path, good, capsys):
     path = write_spec(tmp_path, good, "train:\n  liger: of\n")
     assert main(["finetune", str(path), "--dry-run"]) == 2
@@ -537,61 +431,3 @@ def test_printable_escapes_what_would_split_or_reorder_a_line():
     from llmbatch.text import printable
 
     assert printable("a\nb\tc\x1b[31m\u2028\u202e\ud800 é ok") == "a\\nb\\tc\\x1b[31m\\u2028\\u202e\\ud800 é ok"
-
-
-# --- lifecycle commands' options ---------------------------------------------------------------
-
-
-@pytest.mark.parametrize("limit", ["0", "-1", "x"])
-def test_list_refuses_a_limit_below_one(tmp_path, limit):
-    proc = submit_cli("list", "--root", str(tmp_path), "--limit", limit, check=False)
-    assert proc.returncode == 2 and proc.stdout == ""
-    assert proc.stderr == (
-        f"llmbatch: error: argument --limit: must be a whole number of at least 1, got "
-        f"'{limit}' (see llmbatch list --help)\n"
-    )
-
-
-def run_without_job(tmp_path, *overrides: str) -> RunDir:
-    """A run folder as submission leaves it (spec and node log), without running anything."""
-    run = RunDir.create(tmp_path / "runs", "r")
-    atomic_write(run.spec_file, dump_spec(load_spec(REPO / "jobs" / "infer.yaml", "infer", list(overrides))))
-    write_text(run.node_log(0), "the node log\n")
-    return run
-
-
-@pytest.mark.parametrize(
-    "overrides,args,message",
-    [
-        (
-            [],
-            ["--rank", "99"],
-            "--rank 99: no such local rank: each node runs local rank 0 only (resources.gpus_per_node: 1)",
-        ),
-        (
-            ["resources.gpus_per_node=2"],
-            ["--rank", "2"],
-            "--rank 2: no such local rank: each node runs local ranks 0-1 (resources.gpus_per_node: 2)",
-        ),
-        (
-            [],
-            ["--rank", "-1"],
-            "--rank -1: no such local rank: each node runs local rank 0 only (resources.gpus_per_node: 1)",
-        ),
-        ([], ["--node", "1"], "--node 1: no such node: this run has node 0 only"),
-        (["resources.nodes=3"], ["--node", "3"], "--node 3: no such node: this run has nodes 0-2"),
-        ([], ["--task", "0"], "--task 0: {run} is one job, not a job array (leave --task out)"),
-        (["resources.array=4"], ["--task", "4"], "--task 4: no such array task: this run has array tasks 0-3"),
-        (["resources.array=4"], ["--task", "0", "--node", "1"], "--node 1: no such node: this run has node 0 only"),
-    ],
-)
-def test_logs_of_a_rank_node_or_task_the_run_does_not_have(tmp_path, capsys, overrides, args, message):
-    run = run_without_job(tmp_path, *overrides)
-    assert main(["logs", str(run.path), *args]) == 2
-    assert capsys.readouterr().err == f"llmbatch: error: {message.format(run=run.path)}\n"
-
-
-def test_logs_of_the_only_rank_is_the_node_log(tmp_path, capsys):
-    run = run_without_job(tmp_path)
-    assert main(["logs", str(run.path), "--rank", "0"]) == 0
-    assert capsys.readouterr().out == "the node log\n"

@@ -1,10 +1,12 @@
-"""--dry-run: the sbatch script and per-node command that would run, and nothing submitted."""
+"""Submission, with nothing submitted: --dry-run's sbatch script and per-node command (accelerate
+flags, rendezvous ports, optional Slurm options), the default specs and output root, and what a
+machine without Slurm gets. Container options: test_container.py; job arrays: test_arrays.py.
+"""
 
 from __future__ import annotations
 
 import itertools
 import os
-import shlex
 import shutil
 import socket
 import subprocess
@@ -13,23 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from llmbatch.cli import main
 from llmbatch.jobstep import RENDEZVOUS_PORTS, rendezvous_ports
 from llmbatch.node import rendezvous_port
 
-from helpers import JOBS, PYTHON, REPO
-
-
-def dry_run(capsys, *args: str) -> tuple[str, list[str]]:
-    assert main([*args, "--dry-run"]) == 0
-    out = capsys.readouterr().out
-    lines = out.splitlines()
-    command = lines[next(i for i, line in enumerate(lines) if line.startswith("# per-node command")) + 1]
-    return out, shlex.split(command)
-
-
-def flag(argv: list[str], name: str) -> str:
-    return argv[argv.index(name) + 1]
+from helpers import JOBS, PYTHON, REPO, dry_run, flag
 
 
 @pytest.mark.parametrize("nodes,gpus", [(1, 1), (1, 4), (2, 4)])
@@ -140,83 +129,6 @@ def test_optional_slurm_options(capsys, tmp_path):
         "#SBATCH --mail-type=END",
     ):
         assert line in out.splitlines()
-
-
-def test_cluster_example_runs_in_apptainer(capsys, tmp_path, model_dir):
-    image = tmp_path / "llmbatch.sif"
-    image.write_bytes(b"not a real image: apptainer cannot run here, only its argv is checked")
-    data = JOBS / "data" / "parity" / "test.jsonl"
-    out, argv = dry_run(
-        capsys,
-        "infer",
-        str(JOBS / "cluster-infer.yaml"),
-        "--executor",
-        "slurm",
-        "--set",
-        f"model.path={model_dir}",
-        "--set",
-        f"data.path={data}",
-        "--set",
-        "data.prompt_field=question",
-        "--set",
-        f"container.image={image}",
-        "--output",
-        str(tmp_path / "runs"),
-    )
-    assert "#SBATCH --nodes=2" in out and "#SBATCH --gpus-per-node=4" in out and "#SBATCH --partition=gpu" in out
-    assert argv[:3] == ["apptainer", "exec", "--nv"]
-    assert str(image) in argv and flag(argv, "--num_processes") == "8"
-    assert "HF_TOKEN" not in " ".join(argv)  # forwarded by name through the environment only
-
-
-def test_apptainer_with_the_default_model_dry_runs_without_the_image(capsys, tmp_path):
-    """The dry run shows the command (the embedded model's placeholder path bound); a real run checks the image."""
-    image = tmp_path / "not-built-yet.sif"
-    args = [
-        "infer",
-        "--executor",
-        "local",
-        "--set",
-        "container.runtime=apptainer",
-        "--set",
-        f"container.image={image}",
-        "--output",
-        str(tmp_path / "runs"),
-    ]
-    _, argv = dry_run(capsys, *args)
-    assert argv[:2] == ["apptainer", "exec"] and str(image) in argv
-    assert main(args) == 2
-    assert capsys.readouterr().err == f"llmbatch: error: container.image: no such Apptainer image: {image}\n"
-    assert not (tmp_path / "runs").exists()
-
-
-def test_a_bind_over_the_output_root_is_refused(capsys, tmp_path):
-    assert (
-        main(
-            [
-                "infer",
-                "--executor",
-                "local",
-                "--dry-run",
-                "--set",
-                "container.runtime=docker",
-                "--set",
-                "container.image=img",
-                "--set",
-                f"container.binds=['/tmp:{tmp_path}']",
-                "--output",
-                str(tmp_path),
-            ]
-        )
-        == 2
-    )
-    err = capsys.readouterr().err
-    assert (
-        err.startswith(
-            f"llmbatch: error: container.binds[0]: '/tmp:{tmp_path}': its destination {tmp_path} covers the run folder"
-        )
-        and err.count("\n") == 1
-    )
 
 
 def test_the_node_command_is_built_without_submitit(tmp_path):

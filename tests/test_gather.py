@@ -1,0 +1,197 @@
+"""Shards and gather (llmbatch.shards, llmbatch.gather): torn and broken shard lines, one shard per
+attempt, results in input order exactly once, output.format (JSONL or Parquet), and gather's one-line
+errors on incomplete, damaged or moved runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from llmbatch.cli import main
+from llmbatch.gather import IncompleteRun, gather_run, merge_shards
+from llmbatch.rundir import current_umask
+from llmbatch.shards import ShardWriter, done_ids, read_progress, read_records, shard_for
+from llmbatch.summary import summarize
+
+from helpers import SMALL, examples_of, run_cli
+
+# --- shards -------------------------------------------------------------------------------------
+
+
+def write_shard(run, attempt: int, rank: int, ids: list[str], torn: str = "") -> Path:
+    shard = shard_for(run, attempt, rank)
+    with ShardWriter(shard) as writer:
+        writer.append([record(i) for i in ids])
+    with shard.path.open("a") as f:
+        f.write(torn)
+    return shard.path
+
+
+def record(example_id: str) -> dict:
+    return {
+        "id": example_id,
+        "prompt": "p",
+        "output": "o",
+        "prompt_tokens": 3,
+        "output_tokens": 2,
+        "finish_reason": "eos",
+    }
+
+
+def test_a_torn_last_line_is_ignored(make_run):
+    run = make_run("infer", overrides=SMALL)
+    torn = write_shard(run, 0, 0, ["a", "b"], torn='{"id": "c", "prompt": "p", "out')
+    write_shard(run, 0, 1, ["d"], torn='{"id": "e"}')  # parses, but its newline never made it
+    assert [r["id"] for r in read_records(torn)] == ["a", "b"]
+    assert done_ids(run, before_attempt=1) == {"a", "b", "d"}
+    assert done_ids(run, before_attempt=0) == set()  # this attempt's own shards are not read
+
+
+def test_a_broken_line_before_the_end_is_an_error(make_run):
+    run = make_run("infer", overrides=SMALL)
+    path = write_shard(run, 0, 0, ["a"], torn='{"id": "b", "pro\n')
+    with pytest.raises(ValueError, match="line 2 is not valid JSON"):
+        read_records(path)
+
+
+def test_an_attempt_never_reuses_a_shard(make_run):
+    run = make_run("infer", overrides=SMALL)
+    write_shard(run, 0, 0, ["a"])
+    with pytest.raises(FileExistsError):
+        ShardWriter(shard_for(run, 0, 0))
+
+
+# --- gather -------------------------------------------------------------------------------------
+
+
+def test_gather_refuses_an_incomplete_run_and_names_what_is_missing(make_run, capsys):
+    run = make_run("infer", overrides=SMALL)
+    examples = examples_of(run)
+    write_shard(run, 0, 0, [e.id for e in examples[:-3]])
+    with pytest.raises(IncompleteRun) as error:
+        merge_shards(run, examples, "jsonl")
+    assert error.value.missing == [e.id for e in examples[-3:]]
+    assert gather_run(run) == 1
+    printed = capsys.readouterr().err
+    assert all(e.id in printed for e in examples[-3:])
+    assert not run.results_file.exists() and not run.metrics_file.exists()
+
+
+def test_a_long_list_of_missing_ids_is_cut_short():
+    message = str(IncompleteRun([f"id-{i}" for i in range(100)], 120))
+    assert message.startswith("100 of 120 inputs have no result: id-0, id-1")
+    assert message.endswith("and 80 more") and "id-20" not in message
+
+
+def test_gather_writes_results_in_input_order_exactly_once(make_run):
+    run = make_run("infer", overrides=SMALL)
+    ids = [e.id for e in examples_of(run)]
+    write_shard(run, 0, 0, ids[1::2], torn='{"id": "' + ids[0])
+    write_shard(run, 1, 2, ids[0::2])
+    assert gather_run(run) == 0
+    assert [json.loads(line)["id"] for line in run.results_file.read_text().splitlines()] == ids
+    progress = read_progress(run)
+    assert (progress["done"], progress["total"], progress["attempt"]) == (40, 40, 1)
+    assert progress["ranks"] == {2: 20}
+
+
+# --- output.format --------------------------------------------------------------------------------
+
+
+def test_output_format_is_jsonl_or_parquet(tmp_path, good, capsys):
+    good["output"]["format"] = "csv"
+    code, err = run_cli(tmp_path, good, capsys=capsys)
+    assert code == 2 and "output.format: must be 'jsonl' or 'parquet', got 'csv'" in err, err
+
+
+# --- output.format: parquet ----------------------------------------------------------------------
+
+
+def test_parquet_results_hold_the_jsonl_records(make_run):
+    run = make_run("infer", overrides=["data.max_samples=40", "output.format=parquet"])
+    examples = examples_of(run)
+    ids = [e.id for e in examples]
+    write_shard(run, 0, 0, ids[1::2])
+    write_shard(run, 0, 1, ids[0::2])
+    assert gather_run(run) == 0 and not run.results_file.exists()
+    parquet = run.results_for("parquet")
+    assert oct(parquet.stat().st_mode & 0o777) == oct(0o666 & ~current_umask())
+    assert "results.parquet" in summarize(run)
+    merge_shards(run, examples, "jsonl")
+    assert pq.read_table(parquet).to_pylist() == [
+        json.loads(line) for line in run.results_file.read_text().splitlines()
+    ]
+
+
+def test_parquet_results_appear_only_when_complete(make_run, monkeypatch):
+    """A merge that dies while writing leaves no results.parquet (a complete-looking run) and no temp file."""
+    run = make_run("infer", overrides=["data.max_samples=40", "output.format=parquet"])
+    write_shard(run, 0, 0, [e.id for e in examples_of(run)])
+    real_write_table = pq.write_table
+    seen = []
+
+    def write_then_die(table, where, **kwargs):
+        real_write_table(table.slice(0, 5), where, **kwargs)  # bytes on disk, then the process dies
+        seen.append(run.results_for("parquet").exists())
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pq, "write_table", write_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        gather_run(run)
+    assert seen == [False] and run.merged_results() is None
+    assert not [p for p in os.listdir(run.path) if p.startswith(".results")]
+    monkeypatch.setattr(pq, "write_table", real_write_table)
+    assert gather_run(run) == 0 and pq.read_table(run.results_for("parquet")).num_rows == 40
+
+
+# --- gather's errors ------------------------------------------------------------------------------
+
+
+def gather_error(run, capsys) -> str:
+    assert main(["gather", str(run.path)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1, err
+    return err.strip()
+
+
+def test_gather_of_a_finetune_run_says_what_it_is(make_run, capsys):
+    run = make_run("finetune")
+    assert gather_error(run, capsys) == (
+        f"llmbatch: error: {run.path}: a finetune run, not an inference run: it has no results to gather"
+    )
+
+
+def test_gather_names_a_damaged_shard(make_run, capsys):
+    from llmbatch.shards import shard_for
+
+    run = make_run("infer")
+    shard = shard_for(run, 0, 0)
+    shard.path.parent.mkdir()
+    record = b'{"id": "1", "output": "x", "prompt_tokens": 3, "output_tokens": 1, "finish_reason": "eos"}\n'
+    shard.path.write_bytes(record + b'\x00\x00garbage\n{"id": "2"}\n')
+    assert gather_error(run, capsys) == (
+        f"llmbatch: error: {shard.path}: damaged, line 2 is not valid JSON (Expecting value)"
+    )
+    shard.path.write_bytes(record.replace(b'"prompt_tokens": 3', b'"prompt_tokens": "3"'))
+    assert gather_error(run, capsys) == (
+        f'llmbatch: error: {shard.path}: damaged, line 1: prompt_tokens is "3", not an integer >= 0'
+    )
+
+
+def test_gather_names_a_damaged_run_spec(make_run, capsys):
+    run = make_run("infer")
+    run.spec_file.write_text("model: [unclosed\n")
+    assert gather_error(run, capsys).startswith(f"llmbatch: error: {run.spec_file}: invalid YAML at line ")
+
+
+def test_gather_says_when_the_data_file_moved(make_run, tmp_path, capsys):
+    data = tmp_path / "inputs.jsonl"
+    data.write_text('{"id": "a", "question": "1 0 1"}\n')
+    run = make_run("infer", overrides=[f"data.path={data}"])
+    data.rename(tmp_path / "elsewhere.jsonl")
+    assert gather_error(run, capsys) == f"llmbatch: error: {run.spec_file}: data.path: no such file: {data}"
