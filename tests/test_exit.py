@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from llmbatch.lifecycle import FINAL_STATES, slurm_state
+from llmbatch.slurm import FINAL_STATES, slurm_state
 
 from helpers import run_folder, submit_cli, wait_for
 

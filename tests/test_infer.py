@@ -21,11 +21,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from llmbatch.data import Example, load_examples
 from llmbatch.gather import IncompleteRun, gather_run, merge_shards
+from llmbatch.lifecycle import read_progress
 from llmbatch.runners.generation import Decoder, SeededSampling, encode_prompts, fit_to_context, load_model
 from llmbatch.runners.infer import encode_share, prompt_lengths, token_balanced_share
 from llmbatch.runners.preemption import PREEMPTED_EXIT
 from llmbatch.runners.split import assign_to_ranks, plan_batches
-from llmbatch.shards import ShardWriter, done_ids, list_shards, read_progress, read_records, shard_for
+from llmbatch.shards import ShardWriter, done_ids, list_shards, read_records, shard_for
 from llmbatch.spec import DataSpec, GenerationSpec, ModelSpec, load_resolved
 
 from helpers import runner_command, submit_cli

@@ -13,8 +13,8 @@ import subprocess
 
 import pytest
 
-from llmbatch.lifecycle import FINAL_STATES
 from llmbatch.rundir import read_jsonl
+from llmbatch.slurm import FINAL_STATES
 
 from helpers import JOBS, run_folder, submit_cli, wait_for
 

@@ -219,9 +219,9 @@ def test_resume_refuses_while_a_rank_of_an_earlier_attempt_still_runs(make_run, 
     """After a SIGKILL of the CLI and of the job's process, an orphaned rank may still write shards."""
     import socket
 
-    from llmbatch import cli
+    from llmbatch import submission
 
-    monkeypatch.setattr(cli, "RANK_EXIT_GRACE_S", 1.0)
+    monkeypatch.setattr(submission, "RANK_EXIT_GRACE_S", 1.0)
 
     from llmbatch.rundir import atomic_write_json
 

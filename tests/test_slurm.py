@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from llmbatch.lifecycle import FINAL_STATES, slurm_state
+from llmbatch.slurm import FINAL_STATES, slurm_state
 
 from helpers import REPO, run_folder, submit_cli, wait_for
 

@@ -548,7 +548,7 @@ def test_list_refuses_a_limit_below_one(tmp_path, limit):
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr == (
         f"llmbatch: error: argument --limit: must be a whole number of at least 1, got "
-        f"'{limit}' (see llmbatch list --help)\n"
+        f"'{limit}' (see python submit.py list --help)\n"
     )
 
 
