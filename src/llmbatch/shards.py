@@ -92,23 +92,40 @@ def complete_lines(path: Path) -> list[bytes]:
     return [line for line in complete if line.strip()]
 
 
+class Record:
+    """The keys of a result record that the merge and its metrics read (runners/infer.py writes them,
+    with the example's own fields)."""
+
+    ID = "id"
+    PROMPT_TOKENS = "prompt_tokens"
+    OUTPUT_TOKENS = "output_tokens"
+    FINISH_REASON = "finish_reason"
+    TRUNCATED = "truncated"
+    """The prompt was cut to fit the model's context (`generation.long_prompts: truncate`)."""
+    REFERENCE = "reference"
+    CORRECT = "correct"
+    """Of an example with a reference: whether the output matches it (`llmbatch.scoring`)."""
+
+
 RECORD_FIELDS = {
-    "id": TEXT,
-    "prompt_tokens": COUNT,
-    "output_tokens": COUNT,
-    "finish_reason": TEXT,
-    "truncated": FLAG,
-    "correct": FLAG,
+    Record.ID: TEXT,
+    Record.PROMPT_TOKENS: COUNT,
+    Record.OUTPUT_TOKENS: COUNT,
+    Record.FINISH_REASON: TEXT,
+    Record.TRUNCATED: FLAG,
+    Record.CORRECT: FLAG,
 }
-"""A result record's fields that the merge and its metrics read (runners/infer.py writes them)."""
 
 
 def read_records(path: Path) -> list[dict[str, Any]]:
     """A shard's records, checked; a torn last line is left out, any other bad line is DamagedRun."""
-    records = read_jsonl(path, RECORD_FIELDS, required=("id", "prompt_tokens", "output_tokens", "finish_reason"))
+    required = (Record.ID, Record.PROMPT_TOKENS, Record.OUTPUT_TOKENS, Record.FINISH_REASON)
+    records = read_jsonl(path, RECORD_FIELDS, required=required)
     for record in records:
-        if "reference" in record and "correct" not in record:
-            raise DamagedRun(f"{path}: damaged, the record of id {shown(record['id'])} has a reference but no correct")
+        if Record.REFERENCE in record and Record.CORRECT not in record:
+            raise DamagedRun(
+                f"{path}: damaged, the record of id {shown(record[Record.ID])} has a reference but no correct"
+            )
     return records
 
 
@@ -119,7 +136,7 @@ def done_ids(run: RunDir, before_attempt: int) -> set[str]:
     while this attempt's ranks may already be appending to theirs.
     """
     return {
-        record["id"]
+        record[Record.ID]
         for shard in list_shards(run)
         if shard.attempt < before_attempt
         for record in read_records(shard.path)
