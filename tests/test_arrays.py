@@ -14,8 +14,8 @@ import subprocess
 import pytest
 
 from llmbatch.cli import main
-from llmbatch.lifecycle import FINAL_STATES, array_state, expand_array_ids
 from llmbatch.shards import complete_lines, shard_for
+from llmbatch.slurm import FINAL_STATES, array_state, expand_array_ids
 
 from helpers import JOBS, job_id, run_folder, status, submit_cli, wait_for
 

@@ -14,8 +14,9 @@ import pytest
 
 from llmbatch.cli import main
 from llmbatch.gather import IncompleteRun, gather_run, merge_shards
+from llmbatch.lifecycle import read_progress
 from llmbatch.rundir import current_umask
-from llmbatch.shards import ShardWriter, done_ids, read_progress, read_records, shard_for
+from llmbatch.shards import ShardWriter, done_ids, read_records, shard_for
 from llmbatch.summary import summarize
 
 from helpers import SMALL, examples_of, run_cli

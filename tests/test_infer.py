@@ -21,6 +21,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from llmbatch.lifecycle import read_progress
 from llmbatch.prompts import encode_prompts, fit_to_context
 from llmbatch.runners.generation import Decoder
 from llmbatch.runners.infer import encode_share, prompt_lengths, token_balanced_share
@@ -28,7 +29,7 @@ from llmbatch.runners.model_loading import load_model
 from llmbatch.runners.preemption import PREEMPTED_EXIT
 from llmbatch.runners.sampling import SeededSampling
 from llmbatch.runners.split import assign_to_ranks, plan_batches
-from llmbatch.shards import list_shards, read_progress, read_records
+from llmbatch.shards import list_shards, read_records
 from llmbatch.spec import DataSpec, GenerationSpec, ModelSpec
 
 from helpers import SMALL, as_examples, examples_of, infer, runner_command, submit_cli

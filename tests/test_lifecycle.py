@@ -33,7 +33,7 @@ def test_list_refuses_a_limit_below_one(tmp_path, limit):
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr == (
         f"llmbatch: error: argument --limit: must be a whole number of at least 1, got "
-        f"'{limit}' (see llmbatch list --help)\n"
+        f"'{limit}' (see python submit.py list --help)\n"
     )
 
 
@@ -217,9 +217,9 @@ def test_resume_refuses_while_a_rank_of_an_earlier_attempt_still_runs(make_run, 
     """After a SIGKILL of the CLI and of the job's process, an orphaned rank may still write shards."""
     import socket
 
-    from llmbatch import cli
+    from llmbatch import submission
 
-    monkeypatch.setattr(cli, "RANK_EXIT_GRACE_S", 1.0)
+    monkeypatch.setattr(submission, "RANK_EXIT_GRACE_S", 1.0)
 
     from llmbatch.rundir import atomic_write_json
 

@@ -24,8 +24,8 @@ import time
 
 import pytest
 
-from llmbatch.lifecycle import FINAL_STATES, slurm_state
 from llmbatch.rundir import read_jsonl
+from llmbatch.slurm import FINAL_STATES, slurm_state
 
 from helpers import JOBS, REPO, job_id, run_folder, status, submit_cli, wait_for
 

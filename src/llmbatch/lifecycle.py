@@ -6,28 +6,18 @@ import json
 import os
 import re
 import signal
-import subprocess
 import sys
 import time
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from llmbatch.metrics import Metric, read_metrics, read_train_metrics
-from llmbatch.rundir import RunDir, process_start_ticks
-from llmbatch.shards import finished_tasks, read_progress, task_progress
+from llmbatch.rundir import RunDir, State, Task, process_start_ticks
+from llmbatch.shards import complete_lines, list_shards, read_stats, run_examples, task_of
+from llmbatch.slurm import FINAL_STATES, array_of, array_state, scancel, slurm_history, slurm_state, slurm_states
 
-# Slurm states after which a job will not run again by itself.
-FINAL_STATES = {
-    "COMPLETED",
-    "FAILED",
-    "CANCELLED",
-    "TIMEOUT",
-    "OUT_OF_MEMORY",
-    "NODE_FAIL",
-    "PREEMPTED",
-    "BOOT_FAIL",
-    "DEADLINE",
-}
 # ... and with the local executor's and the run folder's own: nothing of the run is running.
 ENDED_STATES = FINAL_STATES | {"STOPPED", "NOT SUBMITTED"}
 
@@ -81,80 +71,6 @@ def format_duration(seconds: float) -> str:
     )
 
 
-def slurm_state(job_id: str) -> str:
-    """The job's state from sacct (accounting), falling back to squeue while sacct lags."""
-    out = _query(["sacct", "-j", job_id, "-X", "-n", "-P", "--format=State"])
-    if out:
-        return out.splitlines()[-1].split()[0]  # "CANCELLED by 0" -> CANCELLED
-    out = _query(["squeue", "-h", "-j", job_id, "-o", "%T"])
-    return out.splitlines()[0] if out else "UNKNOWN"
-
-
-def slurm_states(job_ids: list[str]) -> dict[str, str]:
-    """The states of many jobs and array tasks (`123`, `123_4`) in one sacct call (squeue for those
-    sacct does not show yet); UNKNOWN for a job neither knows."""
-    arrays = sorted({job_id.split("_")[0] for job_id in job_ids})
-    states: dict[str, str] = {}
-    for line in _query(["sacct", "-j", ",".join(arrays), "-X", "-n", "-P", "--format=JobID,State"]).splitlines():
-        job, state = line.split("|", 1)
-        for one in expand_array_ids(job):
-            states[one] = state.split()[0]  # "CANCELLED by 0" -> CANCELLED
-    if missing := [job_id for job_id in job_ids if job_id not in states]:
-        arrays = sorted({job_id.split("_")[0] for job_id in missing})
-        for line in _query(["squeue", "-h", "-r", "-j", ",".join(arrays), "-o", "%i|%T"]).splitlines():
-            job, state = line.split("|", 1)
-            states.setdefault(job, state)
-    return {job_id: states.get(job_id, "UNKNOWN") for job_id in job_ids}
-
-
-def expand_array_ids(job: str) -> list[str]:
-    """sacct's `123_[2-4,7%2]` (array tasks not started yet) -> 123_2, 123_3, 123_4, 123_7."""
-    m = re.fullmatch(r"(\d+)_\[([\d,-]+)(%\d+)?\]", job)
-    if m is None:
-        return [job]
-    ids = []
-    for part in m.group(2).split(","):
-        low, _, high = part.partition("-")
-        ids += [f"{m.group(1)}_{i}" for i in range(int(low), int(high or low) + 1)]
-    return ids
-
-
-def array_state(states: list[str]) -> str:
-    """One state for a job array: COMPLETED when every task is; while any runs, RUNNING (or another
-    task's active state); once all ended, the first task's that did not complete."""
-    if all(state == "COMPLETED" for state in states):
-        return "COMPLETED"
-    if active := [state for state in states if state not in FINAL_STATES]:
-        return "RUNNING" if "RUNNING" in active else active[0]
-    return next(state for state in states if state != "COMPLETED")
-
-
-def slurm_history(job_id: str) -> dict[str, str]:
-    """What Slurm saw happen to the job, for `status`: every run of it (a requeued job has several),
-    and the nodes it last ran on that are down now (a lost node: NODE_FAIL)."""
-    out = _query(["sacct", "-j", job_id, "-X", "-D", "-n", "-P", "--format=State,NodeList"])
-    records = [line.split("|", 1) for line in out.splitlines() if "|" in line]
-    history = {}
-    if len(records) > 1 or records and records[-1][0].split()[0] in FINAL_STATES - {"COMPLETED"}:
-        history["slurm history"] = ", then ".join(f"{state.split()[0]} on {nodes}" for state, nodes in records)
-    ran_on = [nodes for _, nodes in records if nodes not in ("", "None assigned")]
-    if ran_on:
-        down = _query(["sinfo", "-h", "-N", "-n", ran_on[-1], "-t", "down,drain,fail,no_respond", "-o", "%N|%T|%E"])
-        if down:
-            history["nodes down"] = "; ".join(
-                f"{node} is down ({state}: {reason})"
-                for node, state, reason in (line.split("|", 2) for line in sorted(set(down.splitlines())))
-            )
-    return history
-
-
-def _query(argv: list[str]) -> str:
-    try:
-        return subprocess.run(argv, capture_output=True, text=True, timeout=30).stdout.strip()
-    except (OSError, subprocess.TimeoutExpired):
-        return ""
-
-
 def local_job_alive(state: dict, job_id: str) -> bool:
     """Whether the local job `job_id` of this run still runs: its pid alive, with the start time
     recorded at submission."""
@@ -163,7 +79,7 @@ def local_job_alive(state: dict, job_id: str) -> bool:
     except ValueError:
         return False
     started = process_start_ticks(pid)
-    return started is not None and started == state.get("local_start_ticks")
+    return started is not None and started == state.get(State.LOCAL_START_TICKS)
 
 
 def local_state(run: RunDir, job_id: str) -> str:
@@ -171,10 +87,53 @@ def local_state(run: RunDir, job_id: str) -> str:
     lives, STOPPED after. Never from submitit's result pickle: anyone who can write the run folder can
     plant one, and unpickling it would run their code as whoever looks at the run."""
     state = run.read_state()
-    ended = state.get("ended")
+    ended = state.get(State.ENDED)
     if isinstance(ended, dict) and ended.get("job_id") == job_id and ended.get("state") in ("COMPLETED", "FAILED"):
         return ended["state"]
     return "RUNNING" if local_job_alive(state, job_id) else "STOPPED"
+
+
+def read_progress(run: RunDir) -> dict[str, Any]:
+    """Done/total over all attempts, and this (the latest) attempt's records per rank, for `status`."""
+    # Counted at submission: a data file of millions of lines is not read again for each status.
+    total = run.read_state().get(State.INPUTS)
+    if total is None:
+        total = len(run_examples(run))
+    shards = list_shards(run)
+    attempt = max((s.attempt for s in shards), default=None)
+    ranks = {s.rank: len(complete_lines(s.path)) for s in shards if s.attempt == attempt}
+    # Never more than the total: a run from before input fingerprints may have been resumed over other data.
+    done = min(sum(len(complete_lines(s.path)) for s in shards), total)
+    return {
+        "done": done,
+        "total": total,
+        "attempt": attempt,
+        "done_this_attempt": sum(ranks.values()),
+        "ranks": ranks,
+        "ranks_finished": sum(read_stats(s) is not None for s in shards if s.attempt == attempt),
+    }
+
+
+def task_progress(run: RunDir, ranks_per_task: int, attempts: dict[int, int]) -> dict[int, dict[str, int]]:
+    """Records per array task over all its attempts (`done`) and in its attempt `attempts[task]`
+    (`done_this_attempt`)."""
+    progress: dict[int, dict[str, int]] = {}
+    for shard in list_shards(run):
+        task, records = task_of(shard.rank, ranks_per_task), len(complete_lines(shard.path))
+        counts = progress.setdefault(task, {"done": 0, "done_this_attempt": 0})
+        counts["done"] += records
+        counts["done_this_attempt"] += records if shard.attempt == attempts.get(task) else 0
+    return progress
+
+
+def finished_tasks(run: RunDir, ranks_per_task: int) -> set[int]:
+    """The array tasks that did their whole share: every rank of one of their attempts finished it."""
+    finished: dict[tuple[int, int], int] = {}
+    for shard in list_shards(run):
+        if read_stats(shard) is not None:
+            key = (shard.attempt, task_of(shard.rank, ranks_per_task))
+            finished[key] = finished.get(key, 0) + 1
+    return {task for (_, task), ranks in finished.items() if ranks == ranks_per_task}
 
 
 def progress(run: RunDir, kind: str, started: float | None, done_since_started: int | None = None) -> dict:
@@ -204,17 +163,17 @@ def progress(run: RunDir, kind: str, started: float | None, done_since_started: 
 
 def run_status(run: RunDir) -> RunStatus:
     state = run.read_state()
-    if "tasks" in state:
+    if State.TASKS in state:
         return array_status(run, state)
-    job_id = (state.get("job_ids") or [None])[-1]
-    executor = state.get("executor", "?")
+    job_id = (state.get(State.JOB_IDS) or [None])[-1]
+    executor = state.get(State.EXECUTOR, "?")
     if job_id is None:
         job_state = "NOT SUBMITTED"
     elif executor == "slurm":
         job_state = slurm_state(job_id)
     else:
         job_state = local_state(run, job_id)
-    kind = state.get("kind", "?")
+    kind = state.get(State.KIND, "?")
     history = slurm_history(job_id) if executor == "slurm" and job_id is not None else {}
     return RunStatus(
         run=str(run.path),
@@ -222,10 +181,10 @@ def run_status(run: RunDir) -> RunStatus:
         executor=executor,
         job_id=job_id,
         state=job_state,
-        requeues=state.get("requeues", 0),
-        attempt=state.get("attempt", 0),
+        requeues=state.get(State.REQUEUES, 0),
+        attempt=state.get(State.ATTEMPT, 0),
         # An ETA only while it runs: a pending or stopped job's rate means nothing.
-        progress=progress(run, kind, state.get("attempt_started") if job_state == "RUNNING" else None) | history,
+        progress=progress(run, kind, state.get(State.ATTEMPT_STARTED) if job_state == "RUNNING" else None) | history,
     )
 
 
@@ -249,33 +208,36 @@ def rank_error(run: RunDir) -> str | None:
 
 def array_status(run: RunDir, state: dict) -> RunStatus:
     """A job array's status: each task's Slurm state and progress, and the array's as a whole."""
-    tasks = {int(task): info for task, info in state["tasks"].items()}
-    job_states = slurm_states([info["job_id"] for info in tasks.values()])
-    counts = task_progress(run, state["ranks_per_task"], {task: info.get("attempt") for task, info in tasks.items()})
+    tasks = {int(task): info for task, info in state[State.TASKS].items()}
+    job_states = slurm_states([info[Task.JOB_ID] for info in tasks.values()])
+    counts = task_progress(
+        run, state[State.RANKS_PER_TASK], {task: info.get(Task.ATTEMPT) for task, info in tasks.items()}
+    )
     done = {
-        task: min(counts.get(task, {}).get("done", 0), info.get("inputs", float("inf"))) for task, info in tasks.items()
+        task: min(counts.get(task, {}).get("done", 0), info.get(Task.INPUTS, float("inf")))
+        for task, info in tasks.items()
     }
     rows = [
         {
             "task": task,
-            "job_id": info["job_id"],
-            "state": job_states[info["job_id"]],
-            "attempt": info.get("attempt", 0),
-            "requeues": info.get("requeues", 0),
+            "job_id": info[Task.JOB_ID],
+            "state": job_states[info[Task.JOB_ID]],
+            "attempt": info.get(Task.ATTEMPT, 0),
+            "requeues": info.get(Task.REQUEUES, 0),
             "done": done[task],
-            **({"inputs": info["inputs"]} if "inputs" in info else {}),
+            **({"inputs": info[Task.INPUTS]} if Task.INPUTS in info else {}),
         }
         for task, info in sorted(tasks.items())
     ]
     overall = array_state([row["state"] for row in rows])
     # The rate: what the tasks' current attempts did since the first of them started.
-    started = min((info["attempt_started"] for info in tasks.values() if "attempt_started" in info), default=None)
+    started = min((info[Task.ATTEMPT_STARTED] for info in tasks.values() if Task.ATTEMPT_STARTED in info), default=None)
     done_since_started = sum(c["done_this_attempt"] for c in counts.values())
     return RunStatus(
         run=str(run.path),
-        kind=state.get("kind", "?"),
-        executor=state.get("executor", "?"),
-        job_id=(state.get("job_ids") or [None])[-1],
+        kind=state.get(State.KIND, "?"),
+        executor=state.get(State.EXECUTOR, "?"),
+        job_id=(state.get(State.JOB_IDS) or [None])[-1],
         state=overall,
         requeues=sum(row["requeues"] for row in rows),
         attempt=max(row["attempt"] for row in rows),
@@ -287,8 +249,12 @@ def array_status(run: RunDir, state: dict) -> RunStatus:
 def unfinished_tasks(run: RunDir) -> list[int]:
     """The array tasks whose share is not done: `resume` submits these again."""
     state = run.read_state()
-    finished = finished_tasks(run, state["ranks_per_task"])
-    return [task for task in sorted(map(int, state["tasks"])) if task not in finished]
+    return tasks_to_resume(map(int, state[State.TASKS]), finished_tasks(run, state[State.RANKS_PER_TASK]))
+
+
+def tasks_to_resume(tasks: Iterable[int], finished: set[int]) -> list[int]:
+    """Of an array's tasks, those to submit again: every one not `finished` (by its shards), in order."""
+    return sorted(task for task in tasks if task not in finished)
 
 
 def find_runs(root: Path) -> list[RunDir]:
@@ -333,14 +299,12 @@ def cancel(run: RunDir) -> str:
     if status.state in ENDED_STATES:
         return f"{status.executor} job {status.job_id} already finished ({status.state}); nothing to cancel"
     if status.tasks:  # the whole array: every array job that still has a task queued or running
-        arrays = sorted({t["job_id"].split("_")[0] for t in status.tasks if t["state"] not in FINAL_STATES})
-        subprocess.run(["scancel", *arrays], check=True, timeout=30)
+        scancel(sorted({array_of(t["job_id"]) for t in status.tasks if t["state"] not in FINAL_STATES}))
     elif status.executor == "slurm":
-        subprocess.run(["scancel", status.job_id], check=True, timeout=30)
+        scancel([status.job_id])
     else:
         # local_state said RUNNING: the pid is still the job's own (start time checked), not a reused one.
         os.kill(int(status.job_id), signal.SIGTERM)
-    run.update_state(cancelled=time.time())
     return f"cancelled {status.executor} job {status.job_id}"
 
 

@@ -19,9 +19,11 @@ from pathlib import Path
 
 import submitit
 
+from llmbatch import COMMAND
 from llmbatch.heartbeat import ERROR_PREFIX, silent_for
 from llmbatch.jobstep import LaunchPlan, NodePlace, node_command, rendezvous_ports
-from llmbatch.rundir import DamagedRun, RunDir, atomic_write, open_append, process_start_ticks
+from llmbatch.rundir import DamagedRun, RunDir, State, atomic_write, open_append, process_start_ticks
+from llmbatch.shards import global_rank
 
 
 def place_from_environment(plan: LaunchPlan) -> NodePlace:
@@ -103,21 +105,21 @@ class NodeJob(submitit.helpers.Checkpointable):
                 with suppress(OSError, ValueError):  # the job's own error is what the user must see
                     # Nothing of this attempt will report a full disk any more; `resume` reserves anew.
                     run.release_space()
-                    run.update_state(ended={"job_id": place.job_id, "state": "FAILED"})
+                    run.update_state(**{State.ENDED: {"job_id": place.job_id, "state": "FAILED"}})
             raise
         if records and outcome == "done":
-            run.update_state(ended={"job_id": place.job_id, "state": "COMPLETED"})
+            run.update_state(**{State.ENDED: {"job_id": place.job_id, "state": "COMPLETED"}})
         return outcome
 
     def _run(self, run: RunDir, place: NodePlace) -> str:
         plan = self.plan
         if place.node_rank == 0:
-            started = dict(
-                attempt=place.attempt,
-                attempt_started=time.time(),
-                job_id=place.job_id,
-                requeues=int(os.environ.get("SLURM_RESTART_COUNT", "0")),
-            )
+            # The same keys in state.json and in an array task's entry (`rundir.State`, `rundir.Task`).
+            started = {
+                State.ATTEMPT: place.attempt,
+                State.ATTEMPT_STARTED: time.time(),
+                State.REQUEUES: int(os.environ.get("SLURM_RESTART_COUNT", "0")),
+            }
             if plan.task is None:
                 run.update_state(**started)
             else:  # an array task: requeued and resumed on its own
@@ -171,7 +173,7 @@ class NodeJob(submitit.helpers.Checkpointable):
 
     def _install_signal_handlers(self, preempt_marker: Path) -> None:
         # Ctrl-C or a plain kill of this process must reach the ranks too. (A local job starts with
-        # SIGINT held: cli.interrupts_held.)
+        # SIGINT held: submission.interrupts_held.)
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._forward)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
@@ -205,8 +207,7 @@ class NodeJob(submitit.helpers.Checkpointable):
         plan = self.plan
         if self._silent_rank is not None or self._preempted:
             return
-        # An array task's ranks follow those of the tasks before it (runners/infer.py).
-        first = ((plan.task or 0) * plan.nodes + place.node_rank) * plan.gpus_per_node
+        first = global_rank(plan.task, plan.num_processes, place.node_rank * plan.gpus_per_node)
         for rank in range(first, first + plan.gpus_per_node):
             record = run.rank_record(place.attempt, rank)
             silent = silent_for(record)
@@ -221,7 +222,7 @@ class NodeJob(submitit.helpers.Checkpointable):
             why = (
                 f"rank {rank} on {host} (pid {owner.get('pid')}) sent no heartbeat for {silent:.0f} s "
                 f"(resources.collective_timeout_s={plan.collective_timeout_s}): stopped or hung; killed it; "
-                f"finish the run with: python submit.py resume {run.path}"
+                f"finish the run with: {COMMAND} resume {run.path}"
             )
             log.write(f"\n{ERROR_PREFIX}{why}\n".encode())  # after a progress bar's unfinished line
             log.flush()

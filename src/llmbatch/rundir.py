@@ -370,22 +370,65 @@ def read_jsonl(path: Path, fields: dict[str, Kind] | None = None, required: tupl
 
 RANK_RECORD_FIELDS = {"host": TEXT, "pid": POSITIVE, "start_ticks": maybe(COUNT)}
 
+
+class State:
+    """The keys of state.json. The command line writes the run's own at its creation and each job's at
+    submission; node 0 of each attempt writes the attempt's (of an array task: under its TASKS entry,
+    `Task`), and writes ENDED for a local job. Old files' other keys (job_id, cancelled) are ignored."""
+
+    KIND = "kind"
+    EXECUTOR = "executor"
+    INPUTS = "inputs"
+    """How many inputs the spec's data has, counted at submission."""
+    INPUTS_FINGERPRINT = "inputs_fingerprint"
+    """What `resume` checks the inputs against (`llmbatch.fingerprint`)."""
+    JOB_IDS = "job_ids"
+    """Every job submitted for the run, the latest last (of an array: the array's id)."""
+    LOCAL_START_TICKS = "local_start_ticks"
+    """Of a local job: its process's start time, which tells it from a later one with its pid."""
+    ATTEMPT = "attempt"
+    ATTEMPT_STARTED = "attempt_started"
+    REQUEUES = "requeues"
+    """Slurm's restart count of the latest attempt."""
+    ENDED = "ended"
+    """Of a local job: {"job_id": ..., "state": "COMPLETED" or "FAILED"}, from its node job."""
+    RANKS_PER_TASK = "ranks_per_task"
+    TASKS = "tasks"
+    """Of a job array: each task's `Task` keys, by task number."""
+
+
+class Task:
+    """The keys of a job array task's entry under state.json's `tasks`."""
+
+    JOB_ID = "job_id"
+    """`123_4`: the array's id and the task's index in its submission."""
+    ATTEMPT = "attempt"
+    ATTEMPT_STARTED = "attempt_started"
+    REQUEUES = "requeues"
+    INPUTS = "inputs"
+    """The size of the task's share of the inputs, written by its main rank."""
+
+
 STATE_FIELDS = {
-    "executor": one_of("local", "slurm"),
-    "kind": one_of("infer", "finetune"),
-    "job_ids": JOB_IDS,
-    "inputs": COUNT,
-    "attempt": COUNT,
-    "attempt_started": NUMBER,
-    "job_id": JOB_ID,
-    "requeues": COUNT,
-    "local_start_ticks": maybe(COUNT),
-    "cancelled": NUMBER,
-    "ranks_per_task": POSITIVE,
-    "tasks": SOME,
+    State.EXECUTOR: one_of("local", "slurm"),
+    State.KIND: one_of("infer", "finetune"),
+    State.JOB_IDS: JOB_IDS,
+    State.INPUTS: COUNT,
+    State.ATTEMPT: COUNT,
+    State.ATTEMPT_STARTED: NUMBER,
+    State.REQUEUES: COUNT,
+    State.LOCAL_START_TICKS: maybe(COUNT),
+    State.RANKS_PER_TASK: POSITIVE,
+    State.TASKS: SOME,
 }
 """What state.json may hold (`RunDir.read_state`); an array's `tasks` each hold TASK_FIELDS."""
-TASK_FIELDS = {"job_id": JOB_ID, "attempt": COUNT, "attempt_started": NUMBER, "requeues": COUNT, "inputs": COUNT}
+TASK_FIELDS = {
+    Task.JOB_ID: JOB_ID,
+    Task.ATTEMPT: COUNT,
+    Task.ATTEMPT_STARTED: NUMBER,
+    Task.REQUEUES: COUNT,
+    Task.INPUTS: COUNT,
+}
 
 
 @dataclass(frozen=True)
@@ -527,12 +570,12 @@ class RunDir:
     def read_state(self) -> dict[str, Any]:
         """state.json, checked (STATE_FIELDS); {} before the first submission."""
         state = check_object(self.state_file, read_json(self.state_file, {}), STATE_FIELDS)
-        if "tasks" in state:  # a job array's: its tasks and how many ranks each runs
-            check_object(self.state_file, state, {}, required=("ranks_per_task",))
-            for task, info in state["tasks"].items():
+        if State.TASKS in state:  # a job array's: its tasks and how many ranks each runs
+            check_object(self.state_file, state, {}, required=(State.RANKS_PER_TASK,))
+            for task, info in state[State.TASKS].items():
                 if not (task.isascii() and task.isdigit()):
                     raise DamagedRun(f"{self.state_file}: damaged, tasks holds {shown(task)}, not a task number")
-                check_object(self.state_file, info, TASK_FIELDS, required=("job_id",), where=f"tasks.{task}: ")
+                check_object(self.state_file, info, TASK_FIELDS, required=(Task.JOB_ID,), where=f"tasks.{task}: ")
         return state
 
     def update_state(self, **changes: Any) -> dict[str, Any]:
@@ -542,10 +585,10 @@ class RunDir:
         """Update what state.json records of array tasks (under `tasks`, by task number)."""
 
         def change(state: dict[str, Any]) -> dict[str, Any]:
-            tasks = dict(state.get("tasks", {}))
+            tasks = dict(state.get(State.TASKS, {}))
             for task, task_changes in changes.items():
                 tasks[str(task)] = tasks.get(str(task), {}) | task_changes
-            return state | {"tasks": tasks}
+            return state | {State.TASKS: tasks}
 
         return self._rewrite_state(change)
 

@@ -1,5 +1,5 @@
 """Inference shards: what each rank has finished, on shared storage, safe against a kill at any moment;
-the run's inputs (`run_examples`) and how far it has come (`read_progress`, for `status`).
+and the run's inputs (`run_examples`), which the shards' ids are of.
 
     shards/attempt-000-rank-00000.jsonl        one JSON record a line, appended and fsynced per group
     shards/attempt-000-rank-00000.stats.json   written (atomically) when that rank finished its share
@@ -52,6 +52,17 @@ class Shard:
         return self.path.with_suffix(".stats.json")
 
 
+def global_rank(task: int | None, ranks_per_task: int, rank_in_task: int) -> int:
+    """A rank's number over the whole run, which names its shard: an array task's ranks follow those of
+    the tasks before it, so that the shards of different tasks never collide."""
+    return (task or 0) * ranks_per_task + rank_in_task
+
+
+def task_of(rank: int, ranks_per_task: int) -> int:
+    """The array task whose rank `rank` (over the whole run, `global_rank`) is."""
+    return rank // ranks_per_task
+
+
 def shard_for(run: RunDir, attempt: int, rank: int) -> Shard:
     return Shard(attempt, rank, run.shards_dir / f"attempt-{attempt:03d}-rank-{rank:05d}.jsonl")
 
@@ -81,23 +92,40 @@ def complete_lines(path: Path) -> list[bytes]:
     return [line for line in complete if line.strip()]
 
 
+class Record:
+    """The keys of a result record that the merge and its metrics read (runners/infer.py writes them,
+    with the example's own fields)."""
+
+    ID = "id"
+    PROMPT_TOKENS = "prompt_tokens"
+    OUTPUT_TOKENS = "output_tokens"
+    FINISH_REASON = "finish_reason"
+    TRUNCATED = "truncated"
+    """The prompt was cut to fit the model's context (`generation.long_prompts: truncate`)."""
+    REFERENCE = "reference"
+    CORRECT = "correct"
+    """Of an example with a reference: whether the output matches it (`llmbatch.scoring`)."""
+
+
 RECORD_FIELDS = {
-    "id": TEXT,
-    "prompt_tokens": COUNT,
-    "output_tokens": COUNT,
-    "finish_reason": TEXT,
-    "truncated": FLAG,
-    "correct": FLAG,
+    Record.ID: TEXT,
+    Record.PROMPT_TOKENS: COUNT,
+    Record.OUTPUT_TOKENS: COUNT,
+    Record.FINISH_REASON: TEXT,
+    Record.TRUNCATED: FLAG,
+    Record.CORRECT: FLAG,
 }
-"""A result record's fields that the merge and its metrics read (runners/infer.py writes them)."""
 
 
 def read_records(path: Path) -> list[dict[str, Any]]:
     """A shard's records, checked; a torn last line is left out, any other bad line is DamagedRun."""
-    records = read_jsonl(path, RECORD_FIELDS, required=("id", "prompt_tokens", "output_tokens", "finish_reason"))
+    required = (Record.ID, Record.PROMPT_TOKENS, Record.OUTPUT_TOKENS, Record.FINISH_REASON)
+    records = read_jsonl(path, RECORD_FIELDS, required=required)
     for record in records:
-        if "reference" in record and "correct" not in record:
-            raise DamagedRun(f"{path}: damaged, the record of id {shown(record['id'])} has a reference but no correct")
+        if Record.REFERENCE in record and Record.CORRECT not in record:
+            raise DamagedRun(
+                f"{path}: damaged, the record of id {shown(record[Record.ID])} has a reference but no correct"
+            )
     return records
 
 
@@ -108,7 +136,7 @@ def done_ids(run: RunDir, before_attempt: int) -> set[str]:
     while this attempt's ranks may already be appending to theirs.
     """
     return {
-        record["id"]
+        record[Record.ID]
         for shard in list_shards(run)
         if shard.attempt < before_attempt
         for record in read_records(shard.path)
@@ -184,46 +212,3 @@ def run_examples(run: RunDir) -> list[Example]:
     if spec.kind != "infer":
         raise DataError(f"{run.path}: a {spec.kind} run, not an inference run: it has no results to gather")
     return load_examples(spec.data)
-
-
-def read_progress(run: RunDir) -> dict[str, Any]:
-    """Done/total over all attempts, and this (the latest) attempt's records per rank, for `status`."""
-    # Counted at submission: a data file of millions of lines is not read again for each status.
-    total = run.read_state().get("inputs")
-    if total is None:
-        total = len(run_examples(run))
-    shards = list_shards(run)
-    attempt = max((s.attempt for s in shards), default=None)
-    ranks = {s.rank: len(complete_lines(s.path)) for s in shards if s.attempt == attempt}
-    # Never more than the total: a run from before input fingerprints may have been resumed over other data.
-    done = min(sum(len(complete_lines(s.path)) for s in shards), total)
-    return {
-        "done": done,
-        "total": total,
-        "attempt": attempt,
-        "done_this_attempt": sum(ranks.values()),
-        "ranks": ranks,
-        "ranks_finished": sum(read_stats(s) is not None for s in shards if s.attempt == attempt),
-    }
-
-
-def task_progress(run: RunDir, ranks_per_task: int, attempts: dict[int, int]) -> dict[int, dict[str, int]]:
-    """Records per array task over all its attempts (`done`) and in its attempt `attempts[task]`
-    (`done_this_attempt`); task t writes the shards of ranks t*G .. t*G+G-1."""
-    progress: dict[int, dict[str, int]] = {}
-    for shard in list_shards(run):
-        task, records = shard.rank // ranks_per_task, len(complete_lines(shard.path))
-        counts = progress.setdefault(task, {"done": 0, "done_this_attempt": 0})
-        counts["done"] += records
-        counts["done_this_attempt"] += records if shard.attempt == attempts.get(task) else 0
-    return progress
-
-
-def finished_tasks(run: RunDir, ranks_per_task: int) -> set[int]:
-    """The array tasks that did their whole share: every rank of one of their attempts finished it."""
-    finished: dict[tuple[int, int], int] = {}
-    for shard in list_shards(run):
-        if read_stats(shard) is not None:
-            key = (shard.attempt, shard.rank // ranks_per_task)
-            finished[key] = finished.get(key, 0) + 1
-    return {task for (_, task), ranks in finished.items() if ranks == ranks_per_task}

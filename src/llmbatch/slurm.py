@@ -1,11 +1,19 @@
-"""Turn a spec's resources into a submitit executor: Slurm on a cluster, a local process elsewhere."""
+"""Everything that talks to Slurm: the submitit executor a spec's resources make (Slurm on a cluster, a
+local process elsewhere), and every call of the Slurm client commands (sacct, squeue, sinfo, scancel),
+whose answers are read by the pure `parse_*` functions beside them.
+
+submitit's private API is touched here only (`SUBMITIT_PRIVATE`), against the version pinned in
+pyproject.toml (`SUBMITIT_VERSION`; tests/test_slurm_answers.py checks both).
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import shlex
 import shutil
+import subprocess
 import sys
 from collections.abc import Sequence
 
@@ -16,6 +24,26 @@ from llmbatch.jobstep import LaunchPlan
 from llmbatch.node import NodeJob
 from llmbatch.rundir import RunDir
 from llmbatch.spec import JobSpec, slurm_time_seconds
+
+SUBMITIT_VERSION = "1.5.4"
+"""The submitit release the private names below were read in; pinned in pyproject.toml."""
+SUBMIT_MODULE = "submitit.core._submit"
+"""What submitit's batch script runs (with the job folder) to unpickle and run the job."""
+SUBMITIT_PRIVATE = ("submitit.slurm.slurm._make_sbatch_string", SUBMIT_MODULE)
+"""Every private name of submitit that llmbatch relies on."""
+
+# Slurm states after which a job will not run again by itself.
+FINAL_STATES = {
+    "COMPLETED",
+    "FAILED",
+    "CANCELLED",
+    "TIMEOUT",
+    "OUT_OF_MEMORY",
+    "NODE_FAIL",
+    "PREEMPTED",
+    "BOOT_FAIL",
+    "DEADLINE",
+}
 
 
 def pick_executor(choice: str) -> str:
@@ -77,7 +105,7 @@ def sbatch_script(spec: JobSpec, run: RunDir) -> str:
     this renders submitit's own template with the executor's parameters and command line.
     """
     folder = run.submitit_dir
-    command = " ".join([shlex.quote(sys.executable), "-u -m submitit.core._submit", shlex.quote(str(folder))])
+    command = " ".join([shlex.quote(sys.executable), f"-u -m {SUBMIT_MODULE}", shlex.quote(str(folder))])
     return _make_sbatch_string(command=command, folder=folder, map_count=spec.resources.array, **slurm_parameters(spec))
 
 
@@ -92,3 +120,131 @@ def submit_array(ex: submitit.Executor, plan: LaunchPlan, tasks: Sequence[int]) 
     with ex.batch():
         jobs = [ex.submit(NodeJob(dataclasses.replace(plan, task=task))) for task in tasks]
     return jobs
+
+
+# --- the Slurm client commands and their answers --------------------------------------------------
+
+
+def array_of(job_id: str) -> str:
+    """The job array's id of an array task (`123_4` -> `123`); a plain job's own."""
+    return job_id.split("_")[0]
+
+
+def slurm_state(job_id: str) -> str:
+    """The job's state from sacct (accounting), falling back to squeue while sacct lags."""
+    if state := parse_sacct_state(_query(["sacct", "-j", job_id, "-X", "-n", "-P", "--format=State"])):
+        return state
+    return parse_squeue_state(_query(["squeue", "-h", "-j", job_id, "-o", "%T"]))
+
+
+def parse_sacct_state(out: str) -> str | None:
+    """The state of sacct's last line of `--format=State` (the latest run of a requeued job); None
+    if sacct knows no such job (yet)."""
+    lines = out.strip().splitlines()
+    return lines[-1].split()[0] if lines else None  # "CANCELLED by 0" -> CANCELLED
+
+
+def parse_squeue_state(out: str) -> str:
+    """squeue's `-o %T` answer: the state, UNKNOWN if squeue does not know the job."""
+    lines = out.strip().splitlines()
+    return lines[0] if lines else "UNKNOWN"
+
+
+def slurm_states(job_ids: list[str]) -> dict[str, str]:
+    """The states of many jobs and array tasks (`123`, `123_4`) in one sacct call (squeue for those
+    sacct does not show yet); UNKNOWN for a job neither knows."""
+    arrays = sorted({array_of(job_id) for job_id in job_ids})
+    states = parse_sacct_states(_query(["sacct", "-j", ",".join(arrays), "-X", "-n", "-P", "--format=JobID,State"]))
+    if missing := [job_id for job_id in job_ids if job_id not in states]:
+        arrays = sorted({array_of(job_id) for job_id in missing})
+        for job, state in parse_squeue_states(
+            _query(["squeue", "-h", "-r", "-j", ",".join(arrays), "-o", "%i|%T"])
+        ).items():
+            states.setdefault(job, state)
+    return {job_id: states.get(job_id, "UNKNOWN") for job_id in job_ids}
+
+
+def parse_sacct_states(out: str) -> dict[str, str]:
+    """sacct's `--format=JobID,State` lines -> the state of each job and array task; a requeued job's
+    later line wins, tasks not started yet (`123_[2-4]`) are expanded."""
+    states: dict[str, str] = {}
+    for line in out.strip().splitlines():
+        job, state = line.split("|", 1)
+        for one in expand_array_ids(job):
+            states[one] = state.split()[0]  # "CANCELLED by 0" -> CANCELLED
+    return states
+
+
+def parse_squeue_states(out: str) -> dict[str, str]:
+    """squeue's `-r -o %i|%T` lines -> the state of each job and array task."""
+    return dict(line.split("|", 1) for line in out.strip().splitlines())
+
+
+def expand_array_ids(job: str) -> list[str]:
+    """sacct's `123_[2-4,7%2]` (array tasks not started yet) -> 123_2, 123_3, 123_4, 123_7."""
+    m = re.fullmatch(r"(\d+)_\[([\d,-]+)(%\d+)?\]", job)
+    if m is None:
+        return [job]
+    ids = []
+    for part in m.group(2).split(","):
+        low, _, high = part.partition("-")
+        ids += [f"{m.group(1)}_{i}" for i in range(int(low), int(high or low) + 1)]
+    return ids
+
+
+def array_state(states: list[str]) -> str:
+    """One state for a job array: COMPLETED when every task is; while any runs, RUNNING (or another
+    task's active state); once all ended, the first task's that did not complete."""
+    if all(state == "COMPLETED" for state in states):
+        return "COMPLETED"
+    if active := [state for state in states if state not in FINAL_STATES]:
+        return "RUNNING" if "RUNNING" in active else active[0]
+    return next(state for state in states if state != "COMPLETED")
+
+
+def slurm_history(job_id: str) -> dict[str, str]:
+    """What Slurm saw happen to the job, for `status`: every run of it (a requeued job has several),
+    and the nodes it last ran on that are down now (a lost node: NODE_FAIL)."""
+    runs = parse_sacct_history(_query(["sacct", "-j", job_id, "-X", "-D", "-n", "-P", "--format=State,NodeList"]))
+    history = {"slurm history": line} if (line := history_line(runs)) else {}
+    if ran_on := [nodes for _, nodes in runs if nodes not in ("", "None assigned")]:
+        sinfo = ["sinfo", "-h", "-N", "-n", ran_on[-1], "-t", "down,drain,fail,no_respond", "-o", "%N|%T|%E"]
+        if down := parse_sinfo_down(_query(sinfo)):
+            history["nodes down"] = down
+    return history
+
+
+def parse_sacct_history(out: str) -> list[tuple[str, str]]:
+    """sacct's `-D --format=State,NodeList` lines -> (state, nodes) of every run of the job."""
+    return [
+        (state.split()[0], nodes) for state, nodes in (line.split("|", 1) for line in out.splitlines() if "|" in line)
+    ]
+
+
+def history_line(runs: list[tuple[str, str]]) -> str | None:
+    """The job's runs in one line, worth showing when it ran more than once or ended badly."""
+    if len(runs) > 1 or runs and runs[-1][0] in FINAL_STATES - {"COMPLETED"}:
+        return ", then ".join(f"{state} on {nodes}" for state, nodes in runs)
+    return None
+
+
+def parse_sinfo_down(out: str) -> str | None:
+    """sinfo's `-N -o %N|%T|%E` lines for down nodes -> one line naming each, its state and reason."""
+    lines = sorted(set(out.strip().splitlines()))
+    if not lines:
+        return None
+    return "; ".join(
+        f"{node} is down ({state}: {reason})" for node, state, reason in (line.split("|", 2) for line in lines)
+    )
+
+
+def scancel(job_ids: list[str]) -> None:
+    """Cancel Slurm jobs (a whole array by its id)."""
+    subprocess.run(["scancel", *job_ids], check=True, timeout=30)
+
+
+def _query(argv: list[str]) -> str:
+    try:
+        return subprocess.run(argv, capture_output=True, text=True, timeout=30).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        return ""

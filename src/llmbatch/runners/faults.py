@@ -24,6 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import NoReturn
 
+from llmbatch import COMMAND
 from llmbatch.heartbeat import ERROR_PREFIX
 from llmbatch.rundir import DamagedRun, RunDir
 
@@ -80,7 +81,7 @@ def _exit_code(main: Callable[[], int], run_dir: str, spec_errors: tuple[type[Ex
         return 2
     except KeyboardInterrupt:  # Ctrl-C of a local run, forwarded by the node job
         print(
-            f"{ERROR_PREFIX}interrupted (SIGINT); finish the run with: python submit.py resume {run_dir}",
+            f"{ERROR_PREFIX}interrupted (SIGINT); finish the run with: {COMMAND} resume {run_dir}",
             file=sys.stderr,
             flush=True,
         )
@@ -92,8 +93,7 @@ def _exit_code(main: Callable[[], int], run_dir: str, spec_errors: tuple[type[Ex
         run.release_space()
         where = getattr(e, "filename", None) or run.path
         print(
-            f"{ERROR_PREFIX}{where}: no space left on device; free space there, then: python submit.py resume "
-            f"{run.path}",
+            f"{ERROR_PREFIX}{where}: no space left on device; free space there, then: {COMMAND} resume {run.path}",
             file=sys.stderr,
             flush=True,
         )

@@ -43,7 +43,7 @@ from llmbatch.runners.model_loading import load_model
 from llmbatch.runners.preemption import PREEMPTED_EXIT, PreemptionFlag
 from llmbatch.runners.sampling import engine_params
 from llmbatch.runners.split import assign_to_ranks, plan_batches
-from llmbatch.shards import ShardWriter, done_ids, shard_for, write_stats
+from llmbatch.shards import ShardWriter, done_ids, global_rank, shard_for, write_stats
 from llmbatch.spec import DataSpec, GenerationSpec, JobSpec, load_resolved, slurm_time_seconds
 
 
@@ -100,11 +100,10 @@ def main(argv: list[str] | None = None) -> int:
     accelerator = Accelerator(kwargs_handlers=[InitProcessGroupKwargs(timeout=collective_timeout)])
     finish_line = FinishLine(spec)
     preemption = PreemptionFlag(run.preempt_marker(args.attempt, args.task))
-    # An array task's ranks follow those of the tasks before it: shard names never collide.
     task, tasks = args.task or 0, spec.resources.array or 1
     stats = RankStats(
         args.attempt,
-        task * accelerator.num_processes + accelerator.process_index,
+        global_rank(task, accelerator.num_processes, accelerator.process_index),
         tasks * accelerator.num_processes,
         task=task,
     )
