@@ -170,6 +170,7 @@ def start_rank(spec: JobSpec, run: RunDir, attempt: int) -> tuple[Accelerator, P
 
 
 def load_data(spec: JobSpec, accelerator: Accelerator) -> Data:
+    """The tokenizer, the train and validation examples as rows (make_rows), the train loader."""
     cfg = spec.train
     tokenizer = AutoTokenizer.from_pretrained(spec.model.path)
     if tokenizer.pad_token is None:
@@ -226,20 +227,20 @@ def prepare_training(
         + (" with the fused head and loss" if head_loss else "")
     )
     return Training(
-        spec,
-        run,
-        attempt,
-        accelerator,
-        data,
-        model,
-        trainable,
-        optimizer,
-        scheduler,
-        head_loss,
-        total_steps,
-        fingerprint,
-        state,
-        log,
+        spec=spec,
+        run=run,
+        attempt=attempt,
+        accelerator=accelerator,
+        data=data,
+        model=model,
+        trainable=trainable,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        head_loss=head_loss,
+        total_steps=total_steps,
+        fingerprint=fingerprint,
+        state=state,
+        log=log,
     )
 
 
