@@ -22,7 +22,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, Qwen2Config
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
-from llmbatch.runners.finetune import fused_head_loss, token_loss_sum, use_liger_kernels
+from llmbatch.runners.lora import fused_head_loss, token_loss_sum, use_liger_kernels
 from llmbatch.runners.packing import IGNORE
 from llmbatch.spec import TrainSpec
 

@@ -143,7 +143,8 @@ def test_packed_and_padded_batches_give_the_same_loss_and_gradients(make_run):
     from transformers import AutoTokenizer
 
     from llmbatch.data import load_examples
-    from llmbatch.runners.finetune import load_lora_model, make_rows, token_loss_sum
+    from llmbatch.runners.finetune import make_rows
+    from llmbatch.runners.lora import load_lora_model, token_loss_sum
     from llmbatch.spec import load_resolved
 
     torch.manual_seed(0)
@@ -183,7 +184,7 @@ def test_packed_and_padded_batches_give_the_same_loss_and_gradients(make_run):
 def test_the_loss_leaves_prompt_positions_out_of_the_head_and_equals_the_full_loss(model_dir):
     from transformers import AutoModelForCausalLM
 
-    from llmbatch.runners.finetune import token_loss_sum
+    from llmbatch.runners.lora import token_loss_sum
 
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     generator = torch.Generator().manual_seed(0)
@@ -579,7 +580,7 @@ def test_liger_stays_off_on_cpu_and_the_fused_path_equals_the_plain_loss(model_d
     here, so that check is not a CPU test)."""
     from transformers import AutoModelForCausalLM
 
-    from llmbatch.runners.finetune import HeadLoss, token_loss_sum, use_liger_kernels
+    from llmbatch.runners.lora import HeadLoss, token_loss_sum, use_liger_kernels
     from llmbatch.spec import TrainSpec
 
     model = AutoModelForCausalLM.from_pretrained(model_dir)

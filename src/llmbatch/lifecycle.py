@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from llmbatch.metrics import Metric, read_metrics, read_train_metrics
+from llmbatch.metrics import Metric, TrainRow, read_metrics, read_train_metrics, steps
 from llmbatch.rundir import RunDir, State, Task, process_start_ticks
 from llmbatch.shards import complete_lines, list_shards, read_stats, run_examples, task_of
 from llmbatch.slurm import FINAL_STATES, array_of, array_state, scancel, slurm_history, slurm_state, slurm_states
@@ -145,14 +145,13 @@ def progress(run: RunDir, kind: str, started: float | None, done_since_started: 
         done, total = p["done"], p["total"]
         rate_base = p.get("done_this_attempt", done) if done_since_started is None else done_since_started
     else:
-        rows = read_train_metrics(run.train_metrics_file)
-        steps = [r for r in rows if "loss" in r]
+        step_rows = steps(read_train_metrics(run.train_metrics_file))
         metrics = read_metrics(run.metrics_file)
-        last = steps[-1] if steps else {}
+        last = step_rows[-1] if step_rows else {}
         p = {
-            "step": last.get("step", 0),
-            "total_steps": last.get("total_steps", metrics.get(Metric.STEPS)),
-            "last_loss": last.get("loss"),
+            "step": last.get(TrainRow.STEP, 0),
+            "total_steps": last.get(TrainRow.TOTAL_STEPS, metrics.get(Metric.STEPS)),
+            "last_loss": last.get(TrainRow.LOSS),
             "checkpoints": sorted(c.name for c in run.checkpoints_dir.glob("step-*")),
         }
         done, total, rate_base = p["step"], p["total_steps"], p["step"]

@@ -89,21 +89,53 @@ METRICS_FIELDS = {
     Metric.VAL_ACCURACY_LAST: NUMBER,
     Metric.TRAIN_TOKENS_PER_S: maybe(NUMBER),
 }
+
+
+class TrainRow:
+    """The keys of a train_metrics.jsonl row. The recipe writes two kinds: a step's row (STEP to ATTEMPT,
+    after every optimizer step) and an evaluation's (STEP and the VAL_ keys); `steps` and `evaluations`
+    tell them apart. The trackers (train.report_to) get the same names."""
+
+    STEP = "step"
+    """Both kinds: optimizer steps done (0 for the evaluation before the first step)."""
+
+    # A step's row.
+    TOTAL_STEPS = "total_steps"
+    EPOCH = "epoch"
+    LOSS = "loss"
+    """Mean cross-entropy per target token of the step, over every micro-batch and rank."""
+    LR = "lr"
+    """The learning rate the step used."""
+    GRAD_NORM = "grad_norm"
+    """Before clipping."""
+    TOKENS = "tokens"
+    """Tokens trained on so far, all ranks and attempts, padding excluded."""
+    ELAPSED_S = "elapsed_s"
+    """Time spent in training steps so far, all attempts."""
+    ATTEMPT = "attempt"
+
+    # An evaluation's row.
+    VAL_LOSS = "val_loss"
+    VAL_PPL = "val_ppl"
+    VAL_ACCURACY = "val_accuracy"
+    """Only with train.eval_accuracy."""
+
+
 TRAIN_ROW_FIELDS = {
-    "step": COUNT,
-    "total_steps": COUNT,
-    "epoch": COUNT,
-    "loss": MEASURE,
-    "lr": MEASURE,
-    "grad_norm": MEASURE,
-    "tokens": COUNT,
-    "elapsed_s": NUMBER,
-    "attempt": COUNT,
-    "val_loss": MEASURE,
-    "val_ppl": MEASURE,
-    "val_accuracy": NUMBER,
+    TrainRow.STEP: COUNT,
+    TrainRow.TOTAL_STEPS: COUNT,
+    TrainRow.EPOCH: COUNT,
+    TrainRow.LOSS: MEASURE,
+    TrainRow.LR: MEASURE,
+    TrainRow.GRAD_NORM: MEASURE,
+    TrainRow.TOKENS: COUNT,
+    TrainRow.ELAPSED_S: NUMBER,
+    TrainRow.ATTEMPT: COUNT,
+    TrainRow.VAL_LOSS: MEASURE,
+    TrainRow.VAL_PPL: MEASURE,
+    TrainRow.VAL_ACCURACY: NUMBER,
 }
-"""A train_metrics.jsonl row: a step's (loss, lr, ...) or an evaluation's (val_loss, ...)."""
+"""What read_train_metrics checks."""
 
 
 def read_metrics(path: Path) -> dict[str, Any]:
@@ -113,4 +145,14 @@ def read_metrics(path: Path) -> dict[str, Any]:
 
 def read_train_metrics(path: Path) -> list[dict[str, Any]]:
     """train_metrics.jsonl's rows, checked; a torn last line is left out."""
-    return read_jsonl(path, TRAIN_ROW_FIELDS, required=("step",))
+    return read_jsonl(path, TRAIN_ROW_FIELDS, required=(TrainRow.STEP,))
+
+
+def steps(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The step rows of train_metrics.jsonl's `rows`."""
+    return [row for row in rows if TrainRow.LOSS in row]
+
+
+def evaluations(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The evaluation rows of train_metrics.jsonl's `rows`."""
+    return [row for row in rows if TrainRow.VAL_LOSS in row]

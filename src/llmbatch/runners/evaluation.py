@@ -1,0 +1,58 @@
+"""Evaluation during fine-tuning: the validation loss, and the accuracy of greedy answers to the
+validation prompts (train.eval_accuracy), each over the whole validation set, spread over the ranks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from llmbatch import scoring
+from llmbatch.prompts import encode_prompts
+from llmbatch.runners.generation import Decoder
+from llmbatch.runners.lora import HeadLoss, token_loss_sum
+from llmbatch.runners.packing import IGNORE
+from llmbatch.spec import JobSpec
+
+
+@torch.no_grad()
+def evaluate_loss(accelerator, model, rows, collate_fn, batch_size: int, head_loss: HeadLoss | None) -> float:
+    """Mean loss per target token over the whole validation set.
+
+    Each rank takes every N-th row, unprepared: a prepared loader would repeat rows to even out the
+    ranks, counting them twice. The unwrapped model runs no DDP collectives, so uneven shares are fine.
+    """
+    model = accelerator.unwrap_model(model)
+    model.eval()
+    shard = rows[accelerator.process_index :: accelerator.num_processes]
+    totals = torch.zeros(2, device=accelerator.device)
+    for start in range(0, len(shard), batch_size):
+        batch = {k: v.to(accelerator.device) for k, v in collate_fn(shard[start : start + batch_size]).items()}
+        totals += torch.stack([token_loss_sum(model, batch, head_loss), (batch["targets"] != IGNORE).sum().float()])
+    model.train()
+    loss_sum, targets = accelerator.reduce(totals, "sum").tolist()
+    return loss_sum / max(targets, 1)
+
+
+def evaluate_accuracy(accelerator, model, tokenizer, spec: JobSpec, examples) -> float:
+    """Share of validation answers that the inference runner's greedy decoding gets right.
+
+    Each rank answers every N-th example. Generation runs on the base model with the LoRA layers in
+    it: the peft wrapper would hide the decoder's generation settings from generate().
+    """
+    base = accelerator.unwrap_model(model).get_base_model()
+    saved_config = base.generation_config  # the decoder replaces it; merged/ must keep the model's own
+    base.eval()
+    decoder = Decoder(base, tokenizer, dataclasses.replace(spec.generation, do_sample=False))
+    shard = examples[accelerator.process_index :: accelerator.num_processes]
+    prompts = encode_prompts(tokenizer, shard, spec.data)
+    correct = 0
+    for start in range(0, len(shard), spec.train.micro_batch_size):
+        chunk = shard[start : start + spec.train.micro_batch_size]
+        completions = decoder.complete(prompts[start : start + len(chunk)], [ex.id for ex in chunk])
+        correct += sum(scoring.is_correct(c.text, ex.reference) for c, ex in zip(completions, chunk))
+    base.generation_config = saved_config
+    base.train()
+    totals = accelerator.reduce(torch.tensor([correct, len(shard)], device=accelerator.device), "sum")
+    return totals[0].item() / max(totals[1].item(), 1)
