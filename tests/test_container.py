@@ -36,10 +36,10 @@ def uid_1000(monkeypatch):
     monkeypatch.setattr(os, "getgid", lambda: 100)
 
 
-def wrap(runtime: str, gpus: bool = False, **spec) -> ContainerCommand:
+def wrap(runtime: str, use_cuda: bool = False, **spec) -> ContainerCommand:
     image = "/images/llmbatch.sif" if runtime == "apptainer" else "llmbatch:latest"
     container = ContainerSpec(runtime=runtime, image=image, **spec)
-    return wrap_command(ARGV, container, binds=BINDS, env=ENV, gpus=gpus, workdir="/runs/r1", name="llmbatch-t")
+    return wrap_command(ARGV, container, binds=BINDS, env=ENV, use_cuda=use_cuda, workdir="/runs/r1", name="llmbatch-t")
 
 
 # --- argv, exactly ---------------------------------------------------------------------------------
@@ -49,19 +49,19 @@ def test_none_leaves_argv_alone_and_adds_the_specs_env():
     # container.env applies with no container too (it was once dropped silently); pass_env's variables
     # are in the job's environment already.
     cmd = wrap_command(
-        ARGV, ContainerSpec(env={"X": "1"}, pass_env=["HOME"]), binds=BINDS, env=ENV, gpus=True, workdir="/runs/r1"
+        ARGV, ContainerSpec(env={"X": "1"}, pass_env=["HOME"]), binds=BINDS, env=ENV, use_cuda=True, workdir="/runs/r1"
     )
     assert cmd.argv == ARGV and cmd.argv is not ARGV
     assert cmd.env == {**ENV, "X": "1"}
 
 
-@pytest.mark.parametrize("gpus", [False, True])
-def test_apptainer_argv(gpus):
-    cmd = wrap("apptainer", gpus=gpus, env={"NCCL_DEBUG": "INFO"}, extra_args=["--writable-tmpfs"])
+@pytest.mark.parametrize("use_cuda", [False, True])
+def test_apptainer_argv(use_cuda):
+    cmd = wrap("apptainer", use_cuda=use_cuda, env={"NCCL_DEBUG": "INFO"}, extra_args=["--writable-tmpfs"])
     assert cmd.argv == [
         "apptainer",
         "exec",
-        *(["--nv"] if gpus else []),
+        *(["--nv"] if use_cuda else []),
         "--cleanenv",
         "--bind",
         "/data:/data,/models/m:/models/m,/runs/r1:/runs/r1",
@@ -78,9 +78,9 @@ def test_apptainer_argv(gpus):
     }
 
 
-@pytest.mark.parametrize("gpus", [False, True])
-def test_docker_argv(gpus, uid_1000):
-    cmd = wrap("docker", gpus=gpus, shm_size="8g", env={"NCCL_DEBUG": "INFO"}, extra_args=["--pull", "never"])
+@pytest.mark.parametrize("use_cuda", [False, True])
+def test_docker_argv(use_cuda, uid_1000):
+    cmd = wrap("docker", use_cuda=use_cuda, shm_size="8g", env={"NCCL_DEBUG": "INFO"}, extra_args=["--pull", "never"])
     assert cmd.argv == [
         "docker",
         "run",
@@ -88,7 +88,7 @@ def test_docker_argv(gpus, uid_1000):
         "--init",
         "--name",
         "llmbatch-t",
-        *(["--gpus", "all"] if gpus else []),
+        *(["--gpus", "all"] if use_cuda else []),
         "--network",
         "host",
         "--shm-size",
@@ -120,9 +120,9 @@ def test_docker_argv(gpus, uid_1000):
     assert cmd.name == "llmbatch-t"
 
 
-@pytest.mark.parametrize("gpus", [False, True])
-def test_podman_argv_rootless(gpus, uid_1000):
-    cmd = wrap("podman", gpus=gpus)
+@pytest.mark.parametrize("use_cuda", [False, True])
+def test_podman_argv_rootless(use_cuda, uid_1000):
+    cmd = wrap("podman", use_cuda=use_cuda)
     assert cmd.argv == [
         "podman",
         "run",
@@ -130,7 +130,7 @@ def test_podman_argv_rootless(gpus, uid_1000):
         "--init",
         "--name",
         "llmbatch-t",
-        *(["--device", "nvidia.com/gpu=all"] if gpus else []),
+        *(["--device", "nvidia.com/gpu=all"] if use_cuda else []),
         "--network",
         "host",
         "--shm-size",
@@ -169,7 +169,7 @@ def test_podman_as_root_uses_user(monkeypatch):
 
 def test_default_name_is_unique():
     container = ContainerSpec(runtime="docker", image="img")
-    names = {wrap_command(ARGV, container, binds=[], env={}, gpus=False, workdir="/").name for _ in range(5)}
+    names = {wrap_command(ARGV, container, binds=[], env={}, use_cuda=False, workdir="/").name for _ in range(5)}
     assert len(names) == 5 and all(n.startswith("llmbatch-") for n in names)
 
 
@@ -265,7 +265,7 @@ def test_binds_errors():
         merge_binds(["/d"], ["/e:/d"])
     with pytest.raises(ValueError, match="','"):
         wrap_command(
-            ARGV, ContainerSpec(runtime="apptainer", image="x.sif"), binds=["/a,b"], env={}, gpus=False, workdir="/"
+            ARGV, ContainerSpec(runtime="apptainer", image="x.sif"), binds=["/a,b"], env={}, use_cuda=False, workdir="/"
         )
 
 
@@ -295,7 +295,7 @@ def in_docker(docker_env, tmp_path: Path, script: str, launcher_env=None, python
         container,
         binds=[*docker_env.binds, str(tmp_path)],
         env={"PYTHONUNBUFFERED": "1", "PYTHONPATH": docker_env.pythonpath, **(launcher_env or {})},
-        gpus=False,
+        use_cuda=False,
         workdir=str(tmp_path / "work"),
     )
 

@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from llmbatch.cli import main
-from llmbatch.gather import IncompleteRun, gather_run, merge_shards
+from llmbatch.gather import IncompleteRun, gather_run, gather_shards
 from llmbatch.lifecycle import read_progress
 from llmbatch.rundir import current_umask
 from llmbatch.shards import ShardWriter, done_ids, read_records, shard_for
@@ -75,7 +75,7 @@ def test_gather_refuses_an_incomplete_run_and_names_what_is_missing(make_run, ca
     examples = examples_of(run)
     write_shard(run, 0, 0, [e.id for e in examples[:-3]])
     with pytest.raises(IncompleteRun) as error:
-        merge_shards(run, examples, "jsonl")
+        gather_shards(run, examples, "jsonl")
     assert error.value.missing == [e.id for e in examples[-3:]]
     assert gather_run(run) == 1
     printed = capsys.readouterr().err
@@ -123,7 +123,7 @@ def test_parquet_results_hold_the_jsonl_records(make_run):
     parquet = run.results_for("parquet")
     assert oct(parquet.stat().st_mode & 0o777) == oct(0o666 & ~current_umask())
     assert "results.parquet" in summarize(run)
-    merge_shards(run, examples, "jsonl")
+    gather_shards(run, examples, "jsonl")
     assert pq.read_table(parquet).to_pylist() == [
         json.loads(line) for line in run.results_file.read_text().splitlines()
     ]
@@ -144,7 +144,7 @@ def test_parquet_results_appear_only_when_complete(make_run, monkeypatch):
     monkeypatch.setattr(pq, "write_table", write_then_die)
     with pytest.raises(KeyboardInterrupt):
         gather_run(run)
-    assert seen == [False] and run.merged_results() is None
+    assert seen == [False] and run.gathered_results() is None
     assert not [p for p in os.listdir(run.path) if p.startswith(".results")]
     monkeypatch.setattr(pq, "write_table", real_write_table)
     assert gather_run(run) == 0 and pq.read_table(run.results_for("parquet")).num_rows == 40

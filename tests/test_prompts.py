@@ -69,7 +69,7 @@ def infer_results(tmp_path: Path, name: str, data: dict, output_format: str = "j
     spec_path = tmp_path / f"{name}.yaml"
     spec_path.write_text(json.dumps(spec))
     run = run_folder(submit_cli("infer", str(spec_path), "--executor", "local"))
-    assert run.merged_results() == run.results_for(output_format)
+    assert run.gathered_results() == run.results_for(output_format)
     if output_format == "parquet":
         return pq.read_table(run.results_for("parquet")).to_pylist()
     return [json.loads(line) for line in run.results_file.read_text().splitlines()]

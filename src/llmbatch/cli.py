@@ -295,14 +295,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for kind, text in (
-        ("infer", "run batch inference: every input once, merged into results.jsonl"),
+        ("infer", "run batch inference: every input once, gathered into results.jsonl"),
         ("finetune", "LoRA fine-tuning with checkpoints; the adapter lands in <run>/adapter"),
     ):
         add_run_options(sub.add_parser(kind, help=text, description=text), kind)
     p = sub.add_parser(
         "gather",
-        help="merge an inference run's shards into results.jsonl by hand",
-        description="Merge the shards of an inference run into results.jsonl (results.parquet with "
+        help="gather an inference run's shards into results.jsonl by hand",
+        description="Gather the shards of an inference run into results.jsonl (results.parquet with "
         "output.format: parquet) and metrics.json. "
         "Exits 1 and names the missing ids if the run is incomplete.",
     )

@@ -118,14 +118,14 @@ def wrap_command(
     *,
     binds: Sequence[str],
     env: Mapping[str, str],
-    gpus: bool,
+    use_cuda: bool,
     workdir: str,
     name: str | None = None,
 ) -> ContainerCommand:
     """The argv (and the environment to add for it) that runs `argv` inside `container`.
 
     binds: absolute host folders the job needs (run folder, data, model, cache), bound at the same path.
-    env: variables the process needs inside. gpus: expose the node's NVIDIA GPUs.
+    env: variables the process needs inside. use_cuda: expose the node's NVIDIA GPUs.
     workdir: the working directory inside. name: Docker/Podman container name (default: a random one).
     """
     if container.runtime == "none":
@@ -137,20 +137,20 @@ def wrap_command(
     variables = container_env(env, container)
     mounts = merge_binds(binds, container.binds)
     if container.runtime == "apptainer":
-        return _apptainer(argv, container, mounts, variables, gpus, workdir)
+        return _apptainer(argv, container, mounts, variables, use_cuda, workdir)
     if container.runtime in ("docker", "podman"):
         name = name or f"llmbatch-{secrets.token_hex(6)}"
-        return _docker(argv, container, mounts, variables, gpus, workdir, name)
+        return _docker(argv, container, mounts, variables, use_cuda, workdir, name)
     raise ValueError(f"unknown container runtime {container.runtime!r}")
 
 
-def _apptainer(argv, container, mounts, variables, gpus, workdir) -> ContainerCommand:
+def _apptainer(argv, container, mounts, variables, use_cuda, workdir) -> ContainerCommand:
     # Apptainer runs as the calling user, in the job's cgroup, so Slurm's limits and signals apply as is.
     bad = [m.host for m in mounts if "," in m.host or "," in m.dest]
     if bad:
         raise ValueError(f"apptainer cannot bind paths with ',' in them: {bad}")
     cmd = ["apptainer", "exec"]
-    if gpus:
+    if use_cuda:
         cmd.append("--nv")  # the host's NVIDIA driver libraries and devices
     # --cleanenv: like Docker, the process sees only the variables named here (Apptainer would pass the
     # whole host environment otherwise, host PATH and PYTHONPATH included). APPTAINERENV_* still get in.
@@ -161,7 +161,7 @@ def _apptainer(argv, container, mounts, variables, gpus, workdir) -> ContainerCo
     return ContainerCommand(cmd, {f"APPTAINERENV_{k}": v for k, v in variables.items()})
 
 
-def _docker(argv, container, mounts, variables, gpus, workdir, name) -> ContainerCommand:
+def _docker(argv, container, mounts, variables, use_cuda, workdir, name) -> ContainerCommand:
     podman = container.runtime == "podman"
     client = [
         k
@@ -178,7 +178,7 @@ def _docker(argv, container, mounts, variables, gpus, workdir, name) -> Containe
     # (tini; catatonit for Podman) that forwards them to our process and reaps zombies; without it our
     # process would be PID 1, which ignores SIGTERM unless it installs a handler. The exit status comes back.
     cmd = [container.runtime, "run", "--rm", "--init", "--name", name]
-    if gpus:
+    if use_cuda:
         # Every GPU of the node (Docker: the NVIDIA container toolkit; Podman: its CDI spec, from
         # `nvidia-ctk cdi generate`); the job's CUDA_VISIBLE_DEVICES, passed in `env`, picks its own.
         cmd += ["--device", "nvidia.com/gpu=all"] if podman else ["--gpus", "all"]

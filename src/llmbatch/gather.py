@@ -1,7 +1,7 @@
-"""Merge an inference run's shards into results.jsonl (or results.parquet, output.format) and
+"""Gather an inference run's shards into results.jsonl (or results.parquet, output.format) and
 metrics.json: every input exactly once.
 
-The runner's main process calls `merge_shards` once every rank is done; `python submit.py gather RUN`
+The runner's main process calls `gather_shards` once every rank is done; `python submit.py gather RUN`
 runs it again by hand (`gather_run`). The results are written last, atomically, and only when every
 input has a result, so their existence means the run is complete. Both formats hold the same columns,
 the keys of a shard record. Scoring: see `llmbatch.scoring`.
@@ -48,7 +48,7 @@ class IncompleteRun(Exception):
         super().__init__(f"{len(missing)} of {total} inputs have no result: {named}{more}")
 
 
-def merge_shards(run: RunDir, examples: list[Example], output_format: str) -> dict[str, Any]:
+def gather_shards(run: RunDir, examples: list[Example], output_format: str) -> dict[str, Any]:
     """Write metrics.json, then the results (the inputs' records in input order, as output.format
     says); return the metrics.
 
@@ -86,18 +86,18 @@ def write_results(path: Path, results: list[dict], output_format: str) -> None:
         pq.write_table(table, f)
 
 
-def merge_when_complete(run: RunDir, examples: list[Example], output_format: str) -> dict[str, Any] | None:
-    """For the tasks of a job array: merge if every input has a record and no task merged yet; return
-    the metrics, or None if another task merged or some inputs are still to come.
+def gather_when_complete(run: RunDir, examples: list[Example], output_format: str) -> dict[str, Any] | None:
+    """For the tasks of a job array: gather if every input has a record and no task gathered yet; return
+    the metrics, or None if another task gathered or some inputs are still to come.
 
     Each task calls this once its shards are on disk, so the last task to finish finds them complete.
-    Two tasks finishing together take turns (the lock waits): exactly one of them merges.
+    Two tasks finishing together take turns (the lock waits): exactly one of them gathers.
     """
     with run.locked("gather"):
-        if run.merged_results() is not None:
+        if run.gathered_results() is not None:
             return None
         try:
-            return merge_shards(run, examples, output_format)
+            return gather_shards(run, examples, output_format)
         except IncompleteRun:
             return None
 
@@ -163,11 +163,11 @@ def timing_metrics(run: RunDir) -> dict[str, Any]:
 
 
 def gather_run(run: RunDir) -> int:
-    """`submit.py gather RUN`: merge by hand; prints one line, returns the exit code."""
+    """`submit.py gather RUN`: gather by hand; prints one line, returns the exit code."""
     examples = run_examples(run)
     output_format = load_resolved(run.spec_file).output.format
     try:
-        metrics = merge_shards(run, examples, output_format)
+        metrics = gather_shards(run, examples, output_format)
     except IncompleteRun as e:
         print(f"{run.path}: not gathered: {e}", file=sys.stderr)
         return 1

@@ -197,6 +197,6 @@ def node_command(plan: LaunchPlan, place: NodePlace) -> ContainerCommand:
         plan.container,
         binds=plan.binds,
         env=launch_env(place),
-        gpus=place.use_cuda,
+        use_cuda=place.use_cuda,
         workdir=plan.run_dir,
     )

@@ -10,7 +10,7 @@
     logs/node-N/       per-rank stdout/stderr (torchrun's --tee), for multi-process nodes
     logs/task-NNNNN/   an array task's node-0.log and node-0/
     shards/            inference: one JSONL shard per rank and attempt
-    results.jsonl      inference: merged results, written once complete (or results.parquet)
+    results.jsonl      inference: gathered results, written once complete (or results.parquet)
     metrics.json       both kinds: the run's numbers
     checkpoints/       fine-tuning: accelerate states, step-NNNNNN/
     adapter/           fine-tuning: the final peft adapter
@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 RESULT_FORMATS = ("jsonl", "parquet")
-"""output.format: how an inference run's merged results are written."""
+"""output.format: how an inference run's gathered results are written."""
 
 
 def fsync_path(path: Path) -> None:
@@ -484,11 +484,11 @@ class RunDir:
         self.space_reserve.unlink(missing_ok=True)
 
     def results_for(self, output_format: str) -> Path:
-        """Where the merge writes the results in an output.format: results.jsonl, results.parquet."""
+        """Where gather writes the results in an output.format: results.jsonl, results.parquet."""
         return self.path / f"results.{output_format}"
 
-    def merged_results(self) -> Path | None:
-        """The merged results, whichever format they were written in; None before the run is complete."""
+    def gathered_results(self) -> Path | None:
+        """The gathered results, whichever format they were written in; None before the run is complete."""
         return next((p for p in map(self.results_for, RESULT_FORMATS) if p.exists()), None)
 
     def node_log(self, node: int, task: int | None = None) -> Path:

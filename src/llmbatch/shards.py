@@ -93,7 +93,7 @@ def complete_lines(path: Path) -> list[bytes]:
 
 
 class Record:
-    """The keys of a result record that the merge and its metrics read (runners/infer.py writes them,
+    """The keys of a result record that gather and its metrics read (runners/infer.py writes them,
     with the example's own fields)."""
 
     ID = "id"
@@ -184,7 +184,7 @@ STATS_FIELDS = {
     "wall_s": NUMBER,
     "engine": maybe(OBJECT),
 }
-"""A rank's stats (runners/infer.py: RankStats); the merge needs those it requires."""
+"""A rank's stats (runners/infer.py: RankStats); gather needs those it requires."""
 ENGINE_STATS_FIELDS = {"prefill_s": NUMBER, "decode_s": NUMBER, "decode_steps": COUNT, "occupancy": NUMBER}
 
 

@@ -255,7 +255,7 @@ def _resume(run: RunDir, executor_choice: str | None, *, wait: bool) -> int:
         status = lifecycle.run_status(run)
         if status.state in ACTIVE_STATES:
             raise UsageError(f"{run.path}: job {status.job_id} is {status.state}; cancel it first")
-        if run.merged_results() is not None or (status.kind == "finetune" and run.adapter_dir.exists()):
+        if run.gathered_results() is not None or (status.kind == "finetune" and run.adapter_dir.exists()):
             print(f"{run.path}: already complete, nothing to resume")
             return 0
         spec = load_resolved(run.spec_file)

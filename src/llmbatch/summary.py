@@ -36,7 +36,7 @@ def summarize(run: RunDir) -> str:
     lines = [f"run folder: {run.path}"]
     width = max(len(label) for _, label in LINES)
     lines += [f"  {label:<{width}}  {_fmt(metrics[key])}" for key, label in LINES if key in metrics]
-    for path in (run.merged_results(), run.adapter_dir, run.adapter_best_dir, run.loss_curve_file):
+    for path in (run.gathered_results(), run.adapter_dir, run.adapter_best_dir, run.loss_curve_file):
         if path is not None and path.exists():
             lines.append(f"  {path.name:<{width}}  {path}")
     if not metrics:

@@ -4,8 +4,8 @@ The recipe: load the spec, data and model; skip inputs an earlier attempt finish
 over the ranks by tokens; complete them with the engine (continuous batching, engine/) or,
 where it cannot run the model, with `generate` in length-sorted batches within a token budget;
 append finished inputs to this rank's shard in small groups; when every rank is done, the main
-process merges the shards. An array task (`--task T`, resources.array) first takes its own share of
-the inputs, split over the tasks by tokens, and its main process merges only if it is the last task
+process gathers the shards. An array task (`--task T`, resources.array) first takes its own share of
+the inputs, split over the tasks by tokens, and its main process gathers only if it is the last task
 to finish.
 
 At a preemption signal (SIGUSR2, forwarded by the node job) or SIGTERM a rank admits no more inputs,
@@ -31,7 +31,7 @@ from llmbatch import scoring
 from llmbatch.data import Example, load_examples
 from llmbatch.engine.model import unsupported_reason
 from llmbatch.engine.runner import Engine
-from llmbatch.gather import merge_shards, merge_when_complete
+from llmbatch.gather import gather_shards, gather_when_complete
 from llmbatch.heartbeat import start_heartbeat
 from llmbatch.metrics import Metric
 from llmbatch.models import prompt_token_limit
@@ -56,7 +56,7 @@ class Prompt:
 
 @dataclass
 class RankStats:
-    """What one rank did in one attempt: the sidecar beside its shard, read by the merge."""
+    """What one rank did in one attempt: the sidecar beside its shard, read by gather."""
 
     attempt: int
     rank: int
@@ -166,10 +166,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def gather(run: RunDir, examples: list[Example], task: int | None, output_format: str) -> None:
-    """A job merges its shards; of an array's tasks, the last to finish does (see `merge_when_complete`)."""
+    """A job gathers its shards; of an array's tasks, the last to finish does (see `gather_when_complete`)."""
     if task is None:
-        metrics = merge_shards(run, examples, output_format)
-    elif (metrics := merge_when_complete(run, examples, output_format)) is None:
+        metrics = gather_shards(run, examples, output_format)
+    elif (metrics := gather_when_complete(run, examples, output_format)) is None:
         print(f"task {task} done; the last task to finish gathers the results", flush=True)
         return
     print(f"gathered {metrics[Metric.EXAMPLES]} results into {run.results_for(output_format)}", flush=True)
@@ -298,7 +298,7 @@ def progress_bar(accelerator: Accelerator, my_inputs: int) -> tqdm:
 
 
 class FinishLine:
-    """Where ranks wait for each other before the merge (and share their token counts at start-up), for
+    """Where ranks wait for each other before gather (and share their token counts at start-up), for
     as long as the job may run.
 
     Ranks finish at different times (outputs stop at different lengths), possibly far apart, so the

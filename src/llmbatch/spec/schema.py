@@ -473,7 +473,7 @@ class OutputSpec:
     root: str = "runs"
     """Run folders are created here; on a cluster, shared storage every node sees."""
     format: Literal["jsonl", "parquet"] = "jsonl"
-    """Inference: the merged results as results.jsonl or results.parquet (the same columns)."""
+    """Inference: the gathered results as results.jsonl or results.parquet (the same columns)."""
 
 
 @dataclass
