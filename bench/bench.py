@@ -316,7 +316,7 @@ class Bench:
         row["run_dir"] = str(run.path)
         if metrics:
             expected = n * new
-            generated = metrics.get("generated_tokens", expected)
+            generated = metrics.get("output_tokens", expected)
             results = sum(1 for _ in run.results_file.open()) if run.results_file.exists() else None
             row["tokens_per_s"] = metrics.get("tokens_per_s")
             row["e2e_tokens_per_s"] = generated / phase["wall_s"]

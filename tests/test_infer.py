@@ -214,7 +214,7 @@ def test_greedy_results_do_not_depend_on_rank_count_batches_or_engine(make_run):
     metrics = json.loads(run.metrics_file.read_text())
     assert metrics["world_size"] == 3 and len(metrics["ranks"]) == 3
     assert metrics["examples"] == 40 and metrics["scored"] == 40 and 0 <= metrics["accuracy"] <= 1
-    assert metrics["generated_tokens"] == sum(r["output_tokens"] for r in results)
+    assert metrics["output_tokens"] == sum(r["output_tokens"] for r in results)
     assert 0 < metrics["load_balance"] <= 1 and metrics["tokens_per_s"] > 0
     assert all(r["engine"]["slots"] > 0 for r in metrics["ranks"]) and 0 < metrics["occupancy"] <= 1
     assert metrics["decode_steps"] > 0 and metrics["prefill_s"] > 0 and metrics["decode_s"] > 0

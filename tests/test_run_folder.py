@@ -302,6 +302,31 @@ def stats_file(run):
     return list_shards(run)[0].stats_path
 
 
+def rename_key(path, old, new):
+    """A JSON object file as a run written before a key's rename has it: `new` back under its `old` name."""
+    obj = json.loads(path.read_text())
+    path.write_text(json.dumps({old if key == new else key: value for key, value in obj.items()}))
+
+
+# --- run folders written before a key was renamed still read (issue 21: one word per concept) ------
+
+
+def test_a_rank_that_finished_before_output_tokens_was_named_so_still_gathers(make_run, tmp_path, capsys):
+    run = finished_infer_run(make_run, tmp_path)
+    rename_key(stats_file(run), "generated_tokens", "output_tokens")
+    assert main(["gather", str(run.path)]) == 0, capsys.readouterr().err
+    assert json.loads(run.metrics_file.read_text())["tokens_per_s"] == 4 / 1.5  # 2 results of 2 tokens in 1.5 s
+
+
+def test_metrics_written_before_output_tokens_was_named_so_still_summarize(make_run, tmp_path):
+    from llmbatch.summary import summarize
+
+    run = finished_infer_run(make_run, tmp_path)
+    atomic_write_json(run.metrics_file, {"generated_tokens": 4, "tokens_per_s": 2.5})
+    lines = summarize(run).splitlines()
+    assert any(line.split() == ["output", "tokens", "4"] for line in lines), lines
+
+
 def state_of_array(run, **changes):
     """The state of a job array of two tasks (as submission and the tasks write it), with `changes`."""
     state = json.loads(run.state_file.read_text()) | {

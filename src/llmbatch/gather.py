@@ -7,7 +7,7 @@ input has a result, so their existence means the run is complete. Both formats h
 the keys of a shard record. Scoring: see `llmbatch.scoring`.
 
 metrics.json (keys: `llmbatch.metrics`) holds:
-    examples, prompt_tokens, generated_tokens, finish_reasons   over all results
+    examples, prompt_tokens, output_tokens, finish_reasons   over all results
     truncated_prompts        results whose prompt generation.long_prompts: truncate cut
     accuracy, correct, scored, scoring                          when the inputs have references
     wall_s, generate_s       per attempt the slowest rank's time (all of it / generating), summed
@@ -106,7 +106,7 @@ def result_metrics(results: list[dict]) -> dict[str, Any]:
     metrics = {
         Metric.EXAMPLES: len(results),
         Metric.PROMPT_TOKENS: sum(r["prompt_tokens"] for r in results),
-        Metric.GENERATED_TOKENS: sum(r["output_tokens"] for r in results),
+        Metric.OUTPUT_TOKENS: sum(r["output_tokens"] for r in results),
         Metric.FINISH_REASONS: dict(Counter(r["finish_reason"] for r in results)),
         # generation.long_prompts: truncate; shards written before this key count none
         Metric.TRUNCATED_PROMPTS: sum(r.get("truncated", False) for r in results),
@@ -154,7 +154,7 @@ def timing_metrics(run: RunDir) -> dict[str, Any]:
     return engine_metrics | {
         Metric.WALL_S: sum(max(s["wall_s"] for s in ranks) for ranks in by_attempt.values()),
         Metric.GENERATE_S: generate_s,
-        Metric.TOKENS_PER_S: sum(s["generated_tokens"] for s in all_stats) / generate_s if generate_s else None,
+        Metric.TOKENS_PER_S: sum(s["output_tokens"] for s in all_stats) / generate_s if generate_s else None,
         Metric.EXAMPLES_PER_S: sum(s["examples"] for s in all_stats) / generate_s if generate_s else None,
         Metric.WORLD_SIZE: last[0]["world_size"],
         Metric.RANKS: last,

@@ -11,7 +11,17 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from llmbatch.rundir import COUNT, FLAG, MEASURE, NUMBER, check_object, maybe, read_json, read_jsonl
+from llmbatch.rundir import (
+    COUNT,
+    FLAG,
+    MEASURE,
+    NUMBER,
+    check_object,
+    maybe,
+    read_json,
+    read_jsonl,
+    renamed_keys,
+)
 
 
 class Metric:
@@ -27,7 +37,7 @@ class Metric:
 
     # Inference: over all results.
     PROMPT_TOKENS = "prompt_tokens"
-    GENERATED_TOKENS = "generated_tokens"
+    OUTPUT_TOKENS = "output_tokens"
     FINISH_REASONS = "finish_reasons"
     TRUNCATED_PROMPTS = "truncated_prompts"
     """Results whose prompt `generation.long_prompts: truncate` cut to fit the model's context."""
@@ -74,7 +84,7 @@ METRICS_FIELDS = {
     Metric.STEPS: COUNT,
     Metric.WORLD_SIZE: COUNT,
     Metric.PROMPT_TOKENS: COUNT,
-    Metric.GENERATED_TOKENS: COUNT,
+    Metric.OUTPUT_TOKENS: COUNT,
     Metric.ACCURACY: NUMBER,
     Metric.TOKENS_PER_S: maybe(NUMBER),
     Metric.WALL_S: NUMBER,
@@ -138,9 +148,13 @@ TRAIN_ROW_FIELDS = {
 """What read_train_metrics checks."""
 
 
+OLD_METRIC_KEYS = {"generated_tokens": Metric.OUTPUT_TOKENS}
+"""Keys of metrics.json before their rename, read as the new ones: runs written before still summarize."""
+
+
 def read_metrics(path: Path) -> dict[str, Any]:
     """metrics.json, checked; {} before the run wrote it."""
-    return check_object(path, read_json(path, {}), METRICS_FIELDS)
+    return check_object(path, renamed_keys(read_json(path, {}), OLD_METRIC_KEYS), METRICS_FIELDS)
 
 
 def read_train_metrics(path: Path) -> list[dict[str, Any]]:

@@ -336,10 +336,23 @@ def read_json(path: Path, default: Any = None) -> Any:
         raise DamagedRun(f"{path}: cannot be read ({e.strerror})") from None
 
 
-def read_json_object(path: Path, fields: dict[str, Kind], required: tuple[str, ...] = ()) -> dict[str, Any] | None:
-    """A JSON object file checked by `check_object`, or None if there is no file."""
+def read_json_object(
+    path: Path, fields: dict[str, Kind], required: tuple[str, ...] = (), old_keys: dict[str, str] | None = None
+) -> dict[str, Any] | None:
+    """A JSON object file checked by `check_object`, or None if there is no file. `old_keys` (old: new)
+    are read as their new names (`renamed_keys`)."""
     obj = read_json(path)
-    return None if obj is None and not Path(path).exists() else check_object(path, obj, fields, required)
+    if obj is None and not Path(path).exists():
+        return None
+    return check_object(path, renamed_keys(obj, old_keys or {}), fields, required)
+
+
+def renamed_keys(obj: Any, old_keys: dict[str, str]) -> Any:
+    """`obj` with the keys it has of `old_keys` (old: new) under their new names, where the new one is
+    absent: files written before a key was renamed read as new ones. Anything but an object as it is."""
+    if not isinstance(obj, dict):
+        return obj
+    return {(old_keys[key] if key in old_keys and old_keys[key] not in obj else key): v for key, v in obj.items()}
 
 
 def read_jsonl(path: Path, fields: dict[str, Kind] | None = None, required: tuple[str, ...] = ()) -> list[dict]:

@@ -178,13 +178,15 @@ STATS_FIELDS = {
     "examples": COUNT,
     "writes": COUNT,
     "prompt_tokens": COUNT,
-    "generated_tokens": COUNT,
+    "output_tokens": COUNT,
     "load_s": NUMBER,
     "generate_s": NUMBER,
     "wall_s": NUMBER,
     "engine": maybe(OBJECT),
 }
 """A rank's stats (runners/infer.py: RankStats); gather needs those it requires."""
+OLD_STATS_KEYS = {"generated_tokens": "output_tokens"}
+"""Keys of the stats before their rename, read as the new ones: ranks that finished before still gather."""
 ENGINE_STATS_FIELDS = {"prefill_s": NUMBER, "decode_s": NUMBER, "decode_steps": COUNT, "occupancy": NUMBER}
 
 
@@ -193,7 +195,8 @@ def read_stats(shard: Shard) -> dict[str, Any] | None:
     stats = read_json_object(
         shard.stats_path,
         STATS_FIELDS,
-        required=("rank", "world_size", "examples", "generated_tokens", "generate_s", "wall_s"),
+        required=("rank", "world_size", "examples", "output_tokens", "generate_s", "wall_s"),
+        old_keys=OLD_STATS_KEYS,
     )
     if stats and stats.get("engine"):
         check_object(

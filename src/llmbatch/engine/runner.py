@@ -115,7 +115,7 @@ class Engine:
     def run(
         self, prompts: list[list[int]], ids: list[str], stop: Callable[[], bool]
     ) -> Iterator[list[tuple[int, list[int]]]]:
-        """Groups of (index into prompts, generated tokens), as sequences end (the last token is an
+        """Groups of (index into prompts, output tokens), as sequences end (the last token is an
         end-of-sequence token, or there are max_new_tokens). Once stop() is true no prompt
         is admitted and the loop ends after the step in flight; unfinished sequences are dropped."""
         keys = [input_key(self.params.seed, example_id) for example_id in ids]

@@ -35,7 +35,7 @@ for what the estimate leaves out: logits, sampling buffers, allocator fragmentat
 class Completion:
     text: str
     tokens: int
-    """Generated tokens, the end-of-sequence token included."""
+    """Output tokens, the end-of-sequence token included."""
     finish_reason: str
     """"eos": the model ended it; "length": it ran to max_new_tokens."""
 
@@ -72,7 +72,7 @@ def eos_token_ids(model, tokenizer) -> set[int]:
 
 
 def make_completion(tokenizer, eos_ids: set[int], tokens: list[int]) -> Completion:
-    """The text and finish reason of generated tokens; anything after the first EOS is padding."""
+    """The text and finish reason of output tokens; anything after the first EOS is padding."""
     end = next((i for i, token in enumerate(tokens) if token in eos_ids), None)
     if end is None:
         return Completion(tokenizer.decode(tokens, skip_special_tokens=True), len(tokens), "length")

@@ -68,7 +68,7 @@ class RankStats:
     writes: int = 0
     """Groups of records appended to the shard (a batch each with generate)."""
     prompt_tokens: int = 0
-    generated_tokens: int = 0
+    output_tokens: int = 0
     load_s: float = 0.0
     """Start-up to the first batch: spec, data, model, tokenization, the engine's cache and warm-up."""
     generate_s: float = 0.0
@@ -80,7 +80,7 @@ class RankStats:
         self.examples += len(records)
         self.writes += 1
         self.prompt_tokens += sum(r["prompt_tokens"] for r in records)
-        self.generated_tokens += sum(r["output_tokens"] for r in records)
+        self.output_tokens += sum(r["output_tokens"] for r in records)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
