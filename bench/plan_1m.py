@@ -112,22 +112,21 @@ def split_only(spec_path: str, ranks: int) -> None:
     from transformers import AutoTokenizer
 
     from llmbatch import embedded
-    from llmbatch.data import load_examples
+    from llmbatch.data import load_inputs
     from llmbatch.runners.infer import encode_share, prompt_lengths, token_balanced_share
     from llmbatch.spec import load_spec
 
     spec = load_spec(spec_path, "infer", [])
     tokenizer = AutoTokenizer.from_pretrained(embedded.ensure_embedded_model(embedded.default_cache_dir()))
-    examples = load_examples(spec.data)
+    inputs = load_inputs(spec.data)
     started = time.monotonic()
     others = [
-        prompt_lengths(tokenizer, examples[rank::ranks], spec.data, None, 0, 1, lambda c: [c])
-        for rank in range(1, ranks)
+        prompt_lengths(tokenizer, inputs[rank::ranks], spec.data, None, 0, 1, lambda c: [c]) for rank in range(1, ranks)
     ]
     print(time.monotonic() - started)
-    lengths = prompt_lengths(tokenizer, examples, spec.data, None, 0, ranks, lambda counts: [counts, *others])
+    lengths = prompt_lengths(tokenizer, inputs, spec.data, None, 0, ranks, lambda counts: [counts, *others])
     share = token_balanced_share(lengths, 0, ranks, spec.generation.max_new_tokens)
-    assert len(encode_share(tokenizer, [examples[i] for i in share], spec.data, None)) == len(share)
+    assert len(encode_share(tokenizer, [inputs[i] for i in share], spec.data, None)) == len(share)
 
 
 def main() -> None:

@@ -23,7 +23,7 @@ import yaml
 import llmbatch
 from llmbatch.cli import main as cli_main
 from llmbatch.container import ContainerCommand
-from llmbatch.data import Example, load_examples
+from llmbatch.data import Input, load_inputs
 from llmbatch.jobstep import NodePlace, make_plan, node_command
 from llmbatch.rundir import RunDir, append_jsonl, atomic_write, read_jsonl
 from llmbatch.spec import apply_override, dump_spec, load_resolved, load_spec
@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parent.parent
 JOBS = REPO / "jobs"
 PYTHON = sys.executable
 
-SMALL = ["data.max_samples=40", "generation.max_new_tokens=8"]
+SMALL = ["data.max_inputs=40", "generation.max_new_tokens=8"]
 """Overrides that make a default infer run small: a few seconds on CPU."""
 
 
@@ -145,13 +145,13 @@ def trajectory(run: RunDir) -> list[tuple]:
     return [tuple(row.get(k) for k in keys) for row in read_jsonl(run.train_metrics_file)]
 
 
-def examples_of(run) -> list:
+def inputs_of(run) -> list:
     """The inputs of `run`, read from its spec's data file."""
-    return load_examples(load_resolved(run.spec_file).data)
+    return load_inputs(load_resolved(run.spec_file).data)
 
 
-def as_examples(prompts: list[str]) -> list[Example]:
-    return [Example(f"q{i}", prompt, None, i + 1) for i, prompt in enumerate(prompts)]
+def as_inputs(prompts: list[str]) -> list[Input]:
+    return [Input(f"q{i}", prompt, None, i + 1) for i, prompt in enumerate(prompts)]
 
 
 # --- containers ----------------------------------------------------------------------------------

@@ -23,13 +23,13 @@ ARRAY = ["--executor", "slurm", "--array", "4", "--gpus", "1", "--set", "resourc
 # 8 CPUs a task: Slurm fits two tasks on a node (16 CPUs), so four tasks spread over both nodes (each
 # rank then runs 8 threads, too many for long runs on a small test machine).
 SPREAD = [*ARRAY, "--set", "resources.cpus_per_gpu=8"]
-SMALL = ["--set", "data.max_samples=48", "--set", "generation.max_new_tokens=8"]
+SMALL = ["--set", "data.max_inputs=48", "--set", "generation.max_new_tokens=8"]
 # 1,000 inputs, a few per step: each task's 250 take long enough for a signal to land mid-run.
 INFER = [
     "--set",
     f"data.path={JOBS / 'data/parity/train.jsonl'}",
     "--set",
-    "data.max_samples=1000",
+    "data.max_inputs=1000",
     "--set",
     "generation.batch_tokens=32",
 ]
@@ -97,11 +97,11 @@ def test_without_an_array_there_is_no_array_line(capsys, tmp_path):
             "sbatch_extra: use resources.array",
         ),
         (
-            ["infer", "--executor", "slurm", "--array", "50", "--set", "data.max_samples=2"],
+            ["infer", "--executor", "slurm", "--array", "50", "--set", "data.max_inputs=2"],
             "--array 50: resources.array: 50 array tasks for 2 inputs: each task needs at least one (use at most 2)",
         ),
         (
-            ["infer", "--executor", "slurm", "--array", "3", "--set", "data.max_samples=1"],
+            ["infer", "--executor", "slurm", "--array", "3", "--set", "data.max_inputs=1"],
             "--array 3: resources.array: 3 array tasks for 1 input: each task needs at least one (drop the array)",
         ),
     ],
@@ -117,7 +117,7 @@ def test_an_array_from_the_spec_file_over_fewer_inputs_names_the_file(capsys, tm
     spec = tmp_path / "spec.yaml"
     spec.write_text(
         f"data:\n  path: {JOBS / 'data/parity/test.jsonl'}\n  prompt_field: question\n"
-        f"  max_samples: 3\nresources:\n  array: 4\n"
+        f"  max_inputs: 3\nresources:\n  array: 4\n"
     )
     assert main(["infer", str(spec), "--executor", "slurm", "--dry-run"]) == 2
     assert capsys.readouterr().err == (
@@ -174,7 +174,7 @@ def test_an_array_of_four_one_gpu_tasks_matches_one_local_process(slurm_cluster,
         assert c["argv"][-2:] == ["--task", str(c["task"])]
     metrics = json.loads(run.metrics_file.read_text())
     assert metrics["world_size"] == 4 and [r["rank"] for r in metrics["ranks"]] == [0, 1, 2, 3]
-    assert metrics["examples"] == 48
+    assert metrics["inputs"] == 48
     # Each task did its own quarter (token-balanced: 12 inputs each here); exactly one merged.
     logs = [task_log(run, i) for i in range(4)]
     assert all(f"task {i} of 4, rank {i} of 4, attempt 0: 12 of 12 inputs left" in log for i, log in enumerate(logs))

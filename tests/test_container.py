@@ -553,7 +553,7 @@ def test_infer_step_runs_inside_docker(docker_env, cache_dir, tmp_path):
         "binds": [f"{b}:{b}:ro" for b in docker_env.binds],
         "env": {"PYTHONPATH": docker_env.pythonpath},
     }
-    args = ["--gpus", "2", "--set", "data.max_samples=12", "--set", "generation.max_new_tokens=4"]
+    args = ["--gpus", "2", "--set", "data.max_inputs=12", "--set", "generation.max_new_tokens=4"]
     proc = submit_cli(
         "infer",
         "--executor",

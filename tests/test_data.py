@@ -1,5 +1,5 @@
 """Data files (llmbatch.data): JSONL, CSV and Parquet inputs, chats (data.messages_field,
-data.system_prompt), prompt templates, encodings and values, and streaming (data.max_samples).
+data.system_prompt), prompt templates, encodings and values, and streaming (data.max_inputs).
 
 A bad file is one line naming `file:line` (`file row N` for Parquet), exit code 2, nothing queued.
 How prompts are rendered and encoded: test_prompts.py.
@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from llmbatch.cli import main
-from llmbatch.data import load_examples
+from llmbatch.data import load_inputs
 from llmbatch.spec import DataSpec
 
 from helpers import CHATS, run_cli, write_data, write_parquet, write_text
@@ -61,8 +61,8 @@ def test_a_csv_with_a_bom_keeps_its_first_column(tmp_path):
     (tmp_path / "in.csv").write_bytes("id,question\n1,a\n".encode("utf-8-sig"))
     (tmp_path / "in.jsonl").write_bytes('{"id": 1, "question": "a"}\n'.encode("utf-8-sig"))
     for name in ("in.csv", "in.jsonl"):
-        [example] = load_examples(DataSpec(path=str(tmp_path / name), prompt_field="question"))
-        assert (example.id, example.prompt, example.line) == ("1", "a", 1 if name == "in.jsonl" else 2)
+        [input] = load_inputs(DataSpec(path=str(tmp_path / name), prompt_field="question"))
+        assert (input.id, input.prompt, input.line) == ("1", "a", 1 if name == "in.jsonl" else 2)
 
 
 # --- CSV structure -------------------------------------------------------------------------------
@@ -70,10 +70,10 @@ def test_a_csv_with_a_bom_keeps_its_first_column(tmp_path):
 
 def test_a_multi_line_csv_record_is_named_by_its_first_line(tmp_path, good, capsys):
     rows = 'id,question\n1,"two\nlines"\n\n2,"three\nmore\nlines"\n1,again\n'
-    examples = load_examples(
+    inputs = load_inputs(
         DataSpec(path=str(write_text(tmp_path / "ok.csv", rows.rsplit("1,again", 1)[0])), prompt_field="question")
     )
-    assert [(e.id, e.line) for e in examples] == [("1", 2), ("2", 5)]
+    assert [(e.id, e.line) for e in inputs] == [("1", 2), ("2", 5)]
     err = bad_data(tmp_path, good, capsys, "in.csv", rows)
     assert "in.csv:8: duplicate id '1' (first at line 2)" in err
 
@@ -94,7 +94,7 @@ def test_a_quote_left_open_names_the_line_where_it_opened(tmp_path, good, capsys
     assert "in.csv:3: a quoted field opened in this record runs to the end of the file (a quote left open?)" in err
     err = bad_data(tmp_path, good, capsys, "in.csv", 'id,question\n1,"a"\n2,"b')  # no newline at the end
     assert "in.csv:3: a quoted field opened in this record runs to the end of the file" in err
-    ok = load_examples(
+    ok = load_inputs(
         DataSpec(path=str(write_text(tmp_path / "ok.csv", 'id,question\n1,"a\nb"\n2,"c"')), prompt_field="question")
     )
     assert [(e.id, e.prompt) for e in ok] == [("1", "a\nb"), ("2", "c")]
@@ -233,10 +233,10 @@ def test_a_template_that_a_record_cannot_fill_names_the_line(tmp_path, good, cap
         tmp_path, good, capsys, "in.jsonl", '{"id": 1, "n": null}\n', prompt_field=None, prompt_template="{n}"
     )
     assert "in.jsonl:1: field 'n' of data.prompt_template must be text or a number, got null" in err
-    [example] = load_examples(
+    [input] = load_inputs(
         DataSpec(path=str(write_text(tmp_path / "ok.jsonl", rows.splitlines()[0])), prompt_template="{n:03d} {c[0]}")
     )
-    assert example.prompt == "005 x"
+    assert input.prompt == "005 x"
 
 
 @pytest.mark.parametrize(
@@ -283,7 +283,7 @@ def test_a_data_path_that_is_a_folder_or_a_fifo_is_one_line(tmp_path, good, caps
 @pytest.mark.slow
 @pytest.mark.parametrize("suffix", [".jsonl", ".csv"])
 def test_max_samples_stops_reading_the_file(tmp_path, good, capsys, suffix):
-    """A 50 MB file with a broken last line: with max_samples=10, validation never gets that far."""
+    """A 50 MB file with a broken last line: with max_inputs=10, validation never gets that far."""
     path = tmp_path / f"big{suffix}"
     padding = "x" * 250  # short enough for any model's context: the embedded model may check prompt lengths
     if suffix == ".csv":
@@ -292,14 +292,14 @@ def test_max_samples_stops_reading_the_file(tmp_path, good, capsys, suffix):
         rows = [f'{{"id": {i}, "question": "{padding}"}}' for i in range(200_000)] + ["{broken"]
     path.write_text("\n".join(rows) + "\n")
     assert path.stat().st_size > 50_000_000
-    good["data"] = {"path": str(path), "prompt_field": "question", "max_samples": 10}
+    good["data"] = {"path": str(path), "prompt_field": "question", "max_inputs": 10}
     code, err = run_cli(tmp_path, good, capsys=capsys)
     assert code == 0, err
-    examples = load_examples(DataSpec(path=str(path), prompt_field="question", max_samples=10))
-    assert [e.id for e in examples] == [str(i) for i in range(10)]
-    good["data"].pop("max_samples")
+    inputs = load_inputs(DataSpec(path=str(path), prompt_field="question", max_inputs=10))
+    assert [e.id for e in inputs] == [str(i) for i in range(10)]
+    good["data"].pop("max_inputs")
     code, err = run_cli(tmp_path, good, capsys=capsys)
-    assert code == 2 and f"big{suffix}:{len(rows)}: " in err  # without max_samples the broken line is found
+    assert code == 2 and f"big{suffix}:{len(rows)}: " in err  # without max_inputs the broken line is found
 
 
 # --- JSONL and CSV records ------------------------------------------------------------------------
@@ -495,7 +495,7 @@ def test_a_file_that_is_not_parquet_or_has_no_rows(tmp_path, good, capsys):
 
 
 def test_parquet_is_read_in_batches_and_only_as_far_as_max_samples(tmp_path, monkeypatch):
-    """Row groups of 1,000 rows; the last row is bad. max_samples stops before it, in the first batch."""
+    """Row groups of 1,000 rows; the last row is bad. max_inputs stops before it, in the first batch."""
     monkeypatch.setattr("llmbatch.data.PARQUET_BATCH_ROWS", 500)
     rows = [{"id": i, "question": f"q{i}", "unused": "x" * 100} for i in range(5000)] + [{"id": None, "question": "q"}]
     path = tmp_path / "big.parquet"
@@ -509,9 +509,9 @@ def test_parquet_is_read_in_batches_and_only_as_far_as_max_samples(tmp_path, mon
             yield batch
 
     monkeypatch.setattr(pq.ParquetFile, "iter_batches", iter_batches)
-    examples = load_examples(DataSpec(path=str(path), prompt_field="question", max_samples=10))
-    assert [e.id for e in examples] == [str(i) for i in range(10)] and examples[3].line == 4
+    inputs = load_inputs(DataSpec(path=str(path), prompt_field="question", max_inputs=10))
+    assert [e.id for e in inputs] == [str(i) for i in range(10)] and inputs[3].line == 4
     assert len(batches) == 1 and batches[0].num_rows == 500 and batches[0].schema.names == ["id", "question"]
     with pytest.raises(Exception, match="big.parquet row 5001: id field 'id' must be a string or an integer"):
-        load_examples(DataSpec(path=str(path), prompt_field="question"))
+        load_inputs(DataSpec(path=str(path), prompt_field="question"))
     assert max(b.num_rows for b in batches) == 500

@@ -337,7 +337,7 @@ def test_the_runner_gives_generates_greedy_results_with_the_engine_on_2_ranks(tm
     model.save_pretrained(folder)
     for file in tokenizer_files:
         shutil.copy(file, folder)
-    common = ["data.max_samples=24", "generation.max_new_tokens=8"]
+    common = ["data.max_inputs=24", "generation.max_new_tokens=8"]
     _, generate = infer(new_run(tmp_path / "runs", folder, "infer", [*common, "generation.engine=hf"]), 1)
     # 60 positions: a few slots per rank for its 12 prompts, refilled as sequences end.
     log, fast = infer(

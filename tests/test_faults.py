@@ -94,7 +94,7 @@ def fill(folder: Path) -> Path:
 
 INFER_MANY_BATCHES = [
     "--set",
-    "data.max_samples=120",
+    "data.max_inputs=120",
     "--set",
     "generation.max_new_tokens=16",
     "--set",
@@ -158,7 +158,7 @@ def test_inference_on_a_full_disk_fails_in_one_line_and_resume_completes_it(smal
 FINETUNE_SMALL = [
     arg
     for setting in (
-        "data.max_samples=60",
+        "data.max_inputs=60",
         "train.max_steps=12",
         "train.seq_len=64",
         "train.micro_batch_size=4",
@@ -365,7 +365,7 @@ def test_a_closed_pipe_is_no_job_failure(tmp_path, infer_reference):
 
 INFER = [
     "--set",
-    "data.max_samples=120",
+    "data.max_inputs=120",
     "--set",
     "generation.max_new_tokens=16",
     "--set",
@@ -376,7 +376,7 @@ INFER = [
 FINETUNE = [
     arg
     for setting in (
-        "data.max_samples=60",
+        "data.max_inputs=60",
         "train.max_steps=16",
         "train.seq_len=64",
         "train.micro_batch_size=4",

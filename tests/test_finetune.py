@@ -31,7 +31,7 @@ from helpers import JOBS, new_run, runner_command, trajectory
 # Short sequences and micro-batches so an epoch is a few steps: 12 steps cross several epochs, and a
 # stop mid-epoch exercises skipping the consumed batches. Accumulation 2 exercises no_sync.
 SMALL = [
-    "data.max_samples=60",
+    "data.max_inputs=60",
     "train.max_steps=12",
     "train.seq_len=64",
     "train.micro_batch_size=4",
@@ -105,26 +105,26 @@ def test_packed_rows_hold_whole_sequences_and_positions_restart():
 def test_a_seq_len_shorter_than_the_prompts_is_an_error_not_a_zero_loss(make_run, capsys):
     from transformers import AutoTokenizer
 
-    from llmbatch.data import load_examples
+    from llmbatch.data import load_inputs
     from llmbatch.runners.finetune import TooShortForData, make_rows
     from llmbatch.spec import load_resolved
 
-    spec = load_resolved(make_run("finetune", overrides=["data.max_samples=20"]).spec_file)
+    spec = load_resolved(make_run("finetune", overrides=["data.max_inputs=20"]).spec_file)
     tokenizer = AutoTokenizer.from_pretrained(spec.model.path)
-    examples = load_examples(spec.data)
-    prompt_lengths = sorted(len(ids) for ids in tokenizer([e.prompt for e in examples])["input_ids"])
+    inputs = load_inputs(spec.data)
+    prompt_lengths = sorted(len(ids) for ids in tokenizer([e.prompt for e in inputs])["input_ids"])
 
     def rows(seq_len: int):
         return make_rows(
             dataclasses.replace(spec, train=dataclasses.replace(spec.train, seq_len=seq_len)),
             tokenizer,
-            examples,
+            inputs,
             "data.path",
         )
 
     with pytest.raises(
         TooShortForData,
-        match=r"^train.seq_len: \d+ tokens leave no target token of any example in "
+        match=r"^train.seq_len: \d+ tokens leave no target token of any input in "
         r"data.path",
     ):
         rows(prompt_lengths[0] - 1)
@@ -132,27 +132,27 @@ def test_a_seq_len_shorter_than_the_prompts_is_an_error_not_a_zero_loss(make_run
     seq_len = prompt_lengths[-1] - 1
     kept = sum(len(row) for row in rows(seq_len))
     lost = sum(length > seq_len for length in prompt_lengths)
-    assert 0 < lost < len(examples) and kept == len(examples) - lost
+    assert 0 < lost < len(inputs) and kept == len(inputs) - lost
     assert f"; {lost} of them keep no target token and are left out" in capsys.readouterr().out
 
 
 def test_packed_and_padded_batches_give_the_same_loss_and_gradients(make_run):
-    """The same examples, packed 3-4 to a row or one per padded row: the loss per target token and its
+    """The same inputs, packed 3-4 to a row or one per padded row: the loss per target token and its
     gradient agree to float32 rounding (sums in another order), because attention stays inside each
     sequence and positions restart (see packing.py). Tolerance: 1e-5 relative."""
     from transformers import AutoTokenizer
 
-    from llmbatch.data import load_examples
+    from llmbatch.data import load_inputs
     from llmbatch.runners.finetune import make_rows
     from llmbatch.runners.lora import load_lora_model, token_loss_sum
     from llmbatch.spec import load_resolved
 
     torch.manual_seed(0)
     spec = load_resolved(
-        make_run("finetune", overrides=["data.max_samples=24", "train.seq_len=64", "lora.dropout=0.0"]).spec_file
+        make_run("finetune", overrides=["data.max_inputs=24", "train.seq_len=64", "lora.dropout=0.0"]).spec_file
     )
     tokenizer = AutoTokenizer.from_pretrained(spec.model.path)
-    examples = load_examples(spec.data)
+    inputs = load_inputs(spec.data)
     model, liger = load_lora_model(spec, torch.device("cpu"))
     assert not liger  # Liger-Kernel's kernels are Triton: CUDA only
     with torch.no_grad():  # LoRA's B starts at zero: give the adapter a gradient-carrying effect
@@ -164,7 +164,7 @@ def test_packed_and_padded_batches_give_the_same_loss_and_gradients(make_run):
         rows = make_rows(
             dataclasses.replace(spec, train=dataclasses.replace(spec.train, packing=packing)),
             tokenizer,
-            examples,
+            inputs,
             "data.path",
         )
         batch = collate(rows, tokenizer.pad_token_id)
@@ -420,7 +420,7 @@ def test_the_infer_runner_uses_the_adapter_and_scores_higher(uninterrupted, make
     """The adapter as model.adapter of an infer spec, on the test split, against the base model."""
     accuracy = {}
     for adapter in ("null", str(uninterrupted.adapter_dir)):
-        run = make_run("infer", overrides=["data.max_samples=40", f"model.adapter={adapter}"])
+        run = make_run("infer", overrides=["data.max_inputs=40", f"model.adapter={adapter}"])
         launch(run)
         accuracy[adapter] = json.loads(run.metrics_file.read_text())["accuracy"]
     assert accuracy[str(uninterrupted.adapter_dir)] > accuracy["null"], accuracy

@@ -19,7 +19,7 @@ from llmbatch.rundir import current_umask
 from llmbatch.shards import ShardWriter, done_ids, read_records, shard_for
 from llmbatch.summary import summarize
 
-from helpers import SMALL, examples_of, run_cli
+from helpers import SMALL, inputs_of, run_cli
 
 # --- shards -------------------------------------------------------------------------------------
 
@@ -33,9 +33,9 @@ def write_shard(run, attempt: int, rank: int, ids: list[str], torn: str = "") ->
     return shard.path
 
 
-def record(example_id: str) -> dict:
+def record(input_id: str) -> dict:
     return {
-        "id": example_id,
+        "id": input_id,
         "prompt": "p",
         "output": "o",
         "prompt_tokens": 3,
@@ -72,14 +72,14 @@ def test_an_attempt_never_reuses_a_shard(make_run):
 
 def test_gather_refuses_an_incomplete_run_and_names_what_is_missing(make_run, capsys):
     run = make_run("infer", overrides=SMALL)
-    examples = examples_of(run)
-    write_shard(run, 0, 0, [e.id for e in examples[:-3]])
+    inputs = inputs_of(run)
+    write_shard(run, 0, 0, [e.id for e in inputs[:-3]])
     with pytest.raises(IncompleteRun) as error:
-        gather_shards(run, examples, "jsonl")
-    assert error.value.missing == [e.id for e in examples[-3:]]
+        gather_shards(run, inputs, "jsonl")
+    assert error.value.missing == [e.id for e in inputs[-3:]]
     assert gather_run(run) == 1
     printed = capsys.readouterr().err
-    assert all(e.id in printed for e in examples[-3:])
+    assert all(e.id in printed for e in inputs[-3:])
     assert not run.results_file.exists() and not run.metrics_file.exists()
 
 
@@ -91,7 +91,7 @@ def test_a_long_list_of_missing_ids_is_cut_short():
 
 def test_gather_writes_results_in_input_order_exactly_once(make_run):
     run = make_run("infer", overrides=SMALL)
-    ids = [e.id for e in examples_of(run)]
+    ids = [e.id for e in inputs_of(run)]
     write_shard(run, 0, 0, ids[1::2], torn='{"id": "' + ids[0])
     write_shard(run, 1, 2, ids[0::2])
     assert gather_run(run) == 0
@@ -114,16 +114,16 @@ def test_output_format_is_jsonl_or_parquet(tmp_path, good, capsys):
 
 
 def test_parquet_results_hold_the_jsonl_records(make_run):
-    run = make_run("infer", overrides=["data.max_samples=40", "output.format=parquet"])
-    examples = examples_of(run)
-    ids = [e.id for e in examples]
+    run = make_run("infer", overrides=["data.max_inputs=40", "output.format=parquet"])
+    inputs = inputs_of(run)
+    ids = [e.id for e in inputs]
     write_shard(run, 0, 0, ids[1::2])
     write_shard(run, 0, 1, ids[0::2])
     assert gather_run(run) == 0 and not run.results_file.exists()
     parquet = run.results_for("parquet")
     assert oct(parquet.stat().st_mode & 0o777) == oct(0o666 & ~current_umask())
     assert "results.parquet" in summarize(run)
-    gather_shards(run, examples, "jsonl")
+    gather_shards(run, inputs, "jsonl")
     assert pq.read_table(parquet).to_pylist() == [
         json.loads(line) for line in run.results_file.read_text().splitlines()
     ]
@@ -131,8 +131,8 @@ def test_parquet_results_hold_the_jsonl_records(make_run):
 
 def test_parquet_results_appear_only_when_complete(make_run, monkeypatch):
     """A merge that dies while writing leaves no results.parquet (a complete-looking run) and no temp file."""
-    run = make_run("infer", overrides=["data.max_samples=40", "output.format=parquet"])
-    write_shard(run, 0, 0, [e.id for e in examples_of(run)])
+    run = make_run("infer", overrides=["data.max_inputs=40", "output.format=parquet"])
+    write_shard(run, 0, 0, [e.id for e in inputs_of(run)])
     real_write_table = pq.write_table
     seen = []
 

@@ -32,7 +32,7 @@ from llmbatch.runners.split import assign_to_ranks, plan_batches
 from llmbatch.shards import list_shards, read_records
 from llmbatch.spec import DataSpec, GenerationSpec, ModelSpec
 
-from helpers import SMALL, as_examples, examples_of, infer, runner_command, submit_cli
+from helpers import SMALL, as_inputs, infer, inputs_of, runner_command, submit_cli
 
 # Hot enough that samples differ from greedy outputs even where the model is sure.
 SAMPLING = ["generation.do_sample=true", "generation.temperature=3.0", "generation.top_p=0.95", "generation.seed=7"]
@@ -76,31 +76,31 @@ class CountingTokenizer:
 @pytest.mark.parametrize("limit", [None, 12])
 def test_each_rank_encodes_only_its_share_and_the_split_is_that_of_encoding_every_prompt(model_dir, limit):
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    examples = as_examples([f"Question {i}: " + "is it even or odd " * (i * 7 % 5) + "?" for i in range(53)])
+    inputs = as_inputs([f"Question {i}: " + "is it even or odd " * (i * 7 % 5) + "?" for i in range(53)])
     data, max_new, tasks, ranks, done = DataSpec(), 8, 3, 2, {"q4", "q9", "q30"}
     # The split as it was: every rank encoded every prompt, then split all of them.
-    whole = encode_prompts(tokenizer, examples, data)
+    whole = encode_prompts(tokenizer, inputs, data)
     encoded = [ids if limit is None else fit_to_context(ids, limit, tokenizer.bos_token_id) for ids in whole]
     costs = [len(ids) + max_new for ids in encoded]
     expected = {}
     for task, share in enumerate(assign_to_ranks(costs, tasks)):
-        todo = [i for i in share if examples[i].id not in done]
+        todo = [i for i in share if inputs[i].id not in done]
         for rank, picked in enumerate(assign_to_ranks([costs[i] for i in todo], ranks)):
             expected[task * ranks + rank] = [
-                (examples[i].id, encoded[i], encoded[i] != whole[i]) for i in (todo[j] for j in picked)
+                (inputs[i].id, encoded[i], encoded[i] != whole[i]) for i in (todo[j] for j in picked)
             ]
 
     # Each rank counts every ranks-th prompt; all_gather would bring the others' counts.
     counting = [CountingTokenizer(tokenizer) for _ in range(ranks)]
     counts = [
-        prompt_lengths(counting[rank], examples[rank::ranks], data, limit, 0, 1, lambda c: [c]) for rank in range(ranks)
+        prompt_lengths(counting[rank], inputs[rank::ranks], data, limit, 0, 1, lambda c: [c]) for rank in range(ranks)
     ]
     for task in range(tasks):
         for rank in range(ranks):
             tokenizer_here = CountingTokenizer(tokenizer)
             lengths = prompt_lengths(
                 tokenizer_here,
-                examples,
+                inputs,
                 data,
                 limit,
                 rank,
@@ -108,14 +108,14 @@ def test_each_rank_encodes_only_its_share_and_the_split_is_that_of_encoding_ever
                 lambda mine, rank=rank: [mine if r == rank else counts[r] for r in range(ranks)],
             )
             share = token_balanced_share(lengths, task, tasks, max_new)
-            todo = [i for i in share if examples[i].id not in done]
+            todo = [i for i in share if inputs[i].id not in done]
             picked = token_balanced_share([lengths[i] for i in todo], rank, ranks, max_new)
-            mine = encode_share(tokenizer_here, [examples[todo[i]] for i in picked], data, limit)
-            assert [(p.example.id, p.token_ids, p.truncated) for p in mine] == expected[task * ranks + rank]
+            mine = encode_share(tokenizer_here, [inputs[todo[i]] for i in picked], data, limit)
+            assert [(p.input.id, p.token_ids, p.truncated) for p in mine] == expected[task * ranks + rank]
             # Its stride of the counts and its own inputs: not every prompt.
-            assert tokenizer_here.encoded == len(examples[rank::ranks]) + len(mine) < len(examples)
+            assert tokenizer_here.encoded == len(inputs[rank::ranks]) + len(mine) < len(inputs)
     assert sorted(id for share in expected.values() for id, _, _ in share) == sorted(
-        e.id for e in examples if e.id not in done
+        e.id for e in inputs if e.id not in done
     )
     assert any(cut for share in expected.values() for _, _, cut in share) == (limit is not None)
 
@@ -156,7 +156,7 @@ def one_torch_thread():
 def test_a_completion_does_not_depend_on_its_batch(model_dir, one_torch_thread):
     model, tokenizer = load_model(ModelSpec(path=str(model_dir)), torch.device("cpu"))
     questions = [f"Is {n} even or odd?\nAnswer:" for n in (7, 1234, 99, 500001, 42, 86420)]
-    prompts, ids = encode_prompts(tokenizer, as_examples(questions), DataSpec()), [f"q{i}" for i in range(6)]
+    prompts, ids = encode_prompts(tokenizer, as_inputs(questions), DataSpec()), [f"q{i}" for i in range(6)]
 
     def outputs(generation: GenerationSpec) -> list:
         decoder = Decoder(model, tokenizer, generation)
@@ -213,7 +213,7 @@ def test_greedy_results_do_not_depend_on_rank_count_batches_or_engine(make_run):
     assert all(0 < r["output_tokens"] <= 8 and "correct" in r for r in results)
     metrics = json.loads(run.metrics_file.read_text())
     assert metrics["world_size"] == 3 and len(metrics["ranks"]) == 3
-    assert metrics["examples"] == 40 and metrics["scored"] == 40 and 0 <= metrics["accuracy"] <= 1
+    assert metrics["inputs"] == 40 and metrics["scored"] == 40 and 0 <= metrics["accuracy"] <= 1
     assert metrics["output_tokens"] == sum(r["output_tokens"] for r in results)
     assert 0 < metrics["load_balance"] <= 1 and metrics["tokens_per_s"] > 0
     assert all(r["engine"]["slots"] > 0 for r in metrics["ranks"]) and 0 < metrics["occupancy"] <= 1
@@ -242,7 +242,7 @@ def wait_for_first_record(run, proc: subprocess.Popen, log: Path) -> None:
 
 @pytest.mark.slow
 def test_a_killed_run_resumed_with_another_rank_count_gives_the_same_results(make_run, tmp_path):
-    data = ["data.max_samples=100", "generation.max_new_tokens=8"]
+    data = ["data.max_inputs=100", "generation.max_new_tokens=8"]
     expected = infer(make_run("infer", overrides=data), 1)
 
     # Two rows a batch: many small batches, so the kill lands mid-run.
@@ -271,7 +271,7 @@ def test_a_killed_run_resumed_with_another_rank_count_gives_the_same_results(mak
     gather = submit_cli("gather", str(run.path), check=False)
     assert gather.returncode != 0 and not run.results_file.exists()
     written = {r["id"] for s in list_shards(run) for r in read_records(s.path)}
-    first_missing = next(e.id for e in examples_of(run) if e.id not in written)
+    first_missing = next(e.id for e in inputs_of(run) if e.id not in written)
     assert f"{100 - done} of 100 inputs have no result" in gather.stderr and first_missing in gather.stderr
 
     assert infer(run, 3, attempt=1) == expected

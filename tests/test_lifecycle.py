@@ -296,7 +296,7 @@ def test_ctrl_c_during_submission_leaves_a_run_to_resume_or_nothing(make_run, tm
     for after_s in (1.0, 2.5, 4.0, 6.0):
         root = tmp_path / f"after-{after_s}"
         proc = interrupted(
-            ["infer", "--executor", "local", "--output", str(root), "--set", "data.max_samples=4"], after_s
+            ["infer", "--executor", "local", "--output", str(root), "--set", "data.max_inputs=4"], after_s
         )
         assert "Traceback" not in proc.stderr and len(proc.stderr.splitlines()) <= 1, proc.stderr
         runs = list(root.glob("*")) if root.exists() else []
@@ -316,7 +316,7 @@ def test_ctrl_c_during_submission_leaves_a_run_to_resume_or_nothing(make_run, tm
 @pytest.mark.slow
 def test_logs_of_a_one_process_local_run(cache_dir, tmp_path):
     run = run_folder(
-        submit_cli("infer", "--executor", "local", "--output", str(tmp_path), "--set", "data.max_samples=8")
+        submit_cli("infer", "--executor", "local", "--output", str(tmp_path), "--set", "data.max_inputs=8")
     )
     node_log = submit_cli("logs", str(run.path)).stdout
     assert "rank 0 of 1, attempt 0: 8 of 8 inputs left" in node_log

@@ -11,22 +11,22 @@ import pyarrow.parquet as pq
 import pytest
 from transformers import AutoTokenizer
 
-from llmbatch.data import Example
+from llmbatch.data import Input
 from llmbatch.prompts import encode_prompts, fit_to_context, prompt_texts
 from llmbatch.spec import DataSpec
 
-from helpers import CHATS, as_examples, run_cli, run_folder, submit_cli, write_data, write_parquet
+from helpers import CHATS, as_inputs, run_cli, run_folder, submit_cli, write_data, write_parquet
 
 # --- rendering -----------------------------------------------------------------------------------
 
 
-def prompt_text(tokenizer, example: Example, data: DataSpec) -> str:
-    [text] = prompt_texts(tokenizer, [example], data)
+def prompt_text(tokenizer, input: Input, data: DataSpec) -> str:
+    [text] = prompt_texts(tokenizer, [input], data)
     return text
 
 
 def test_system_prompt_opens_every_chat_without_one(tokenizer):
-    plain = Example("a", "Is 7 even or odd?", None, 1)
+    plain = Input("a", "Is 7 even or odd?", None, 1)
     assert (
         prompt_text(tokenizer, plain, DataSpec(chat_template=True, system_prompt="Be brief."))
         == "System: Be brief.\nUser: Is 7 even or odd?\nAssistant:"
@@ -34,14 +34,14 @@ def test_system_prompt_opens_every_chat_without_one(tokenizer):
     assert prompt_text(tokenizer, plain, DataSpec(prompt_field="q")) == plain.prompt
     chats = DataSpec(messages_field="m", system_prompt="Be brief.")
     assert (
-        prompt_text(tokenizer, Example("b", None, None, 2, CHATS[0]), chats)
+        prompt_text(tokenizer, Input("b", None, None, 2, CHATS[0]), chats)
         == "System: Be brief.\nUser: Is 7 even or odd?\nAssistant:"
     )
     assert (
-        prompt_text(tokenizer, Example("c", None, None, 3, CHATS[1]), chats)
+        prompt_text(tokenizer, Input("c", None, None, 3, CHATS[1]), chats)
         == "System: Answer in one word.\nUser: Is 12 even or odd?\nAssistant:"
     )  # its own system message wins
-    multi_turn = prompt_text(tokenizer, Example("d", None, None, 4, CHATS[2]), DataSpec(messages_field="m"))
+    multi_turn = prompt_text(tokenizer, Input("d", None, None, 4, CHATS[2]), DataSpec(messages_field="m"))
     assert multi_turn == f"User: Is 3 even or odd?\nAssistant: odd{tokenizer.eos_token}\nUser: And 4?\nAssistant:"
 
 
@@ -117,11 +117,11 @@ def test_chats_run_like_the_same_prompts_rendered_by_hand(tmp_path, model_dir, t
 def test_a_chat_prompt_has_one_bos_whether_or_not_the_template_writes_it(model_dir):
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     chat = DataSpec(chat_template=True)
-    [ids] = encode_prompts(tokenizer, as_examples(["Is 7 even or odd?"]), chat)
+    [ids] = encode_prompts(tokenizer, as_inputs(["Is 7 even or odd?"]), chat)
     assert ids[0] == tokenizer.bos_token_id and ids.count(tokenizer.bos_token_id) == 1
     assert tokenizer.decode(ids[1:]) == "User: Is 7 even or odd?\nAssistant:"
     tokenizer.chat_template = "{{ bos_token }}" + tokenizer.chat_template
-    assert encode_prompts(tokenizer, as_examples(["Is 7 even or odd?"]), chat) == [ids]
+    assert encode_prompts(tokenizer, as_inputs(["Is 7 even or odd?"]), chat) == [ids]
 
 
 def test_fit_to_context_keeps_the_bos_and_the_end():

@@ -271,7 +271,7 @@ def finished_infer_run(make_run, tmp_path):
     """An inference run of two inputs whose one rank finished: a shard, its stats, the state."""
     from dataclasses import asdict
 
-    from llmbatch.data import load_examples
+    from llmbatch.data import load_inputs
     from llmbatch.runners.generation import Completion
     from llmbatch.runners.infer import Prompt, RankStats, result_record
     from llmbatch.shards import ShardWriter, shard_for, write_stats
@@ -286,7 +286,7 @@ def finished_infer_run(make_run, tmp_path):
     stats = RankStats(attempt=0, rank=0, world_size=1, generate_s=1.5, wall_s=2.0)
     records = [
         result_record(Prompt(e, [1, 2, 3]), Completion(" even", 2, "eos"))
-        for e in load_examples(load_resolved(run.spec_file).data)
+        for e in load_inputs(load_resolved(run.spec_file).data)
     ]
     stats.add_records(records)
     shard = shard_for(run, 0, 0)
@@ -325,6 +325,42 @@ def test_metrics_written_before_output_tokens_was_named_so_still_summarize(make_
     atomic_write_json(run.metrics_file, {"generated_tokens": 4, "tokens_per_s": 2.5})
     lines = summarize(run).splitlines()
     assert any(line.split() == ["output", "tokens", "4"] for line in lines), lines
+
+
+def test_a_rank_that_finished_before_inputs_were_named_so_still_gathers(make_run, tmp_path, capsys):
+    run = finished_infer_run(make_run, tmp_path)
+    rename_key(stats_file(run), "examples", "inputs")
+    assert main(["gather", str(run.path)]) == 0, capsys.readouterr().err
+    assert json.loads(run.metrics_file.read_text())["inputs_per_s"] == 2 / 1.5
+
+
+def test_metrics_written_before_inputs_were_named_so_still_summarize(make_run, tmp_path):
+    from llmbatch.summary import summarize
+
+    run = finished_infer_run(make_run, tmp_path)
+    atomic_write_json(run.metrics_file, {"examples": 2, "examples_per_s": 1.5})
+    lines = summarize(run).splitlines()
+    assert any(line.split() == ["inputs", "2"] for line in lines), lines
+
+
+def test_a_run_folder_written_when_max_inputs_was_max_samples_still_resumes(make_run):
+    """Its spec.yaml, state.json's inputs fingerprint and checkpoint manifests say data.max_samples."""
+    from llmbatch.checkpoints import check_resumable, write_manifest
+    from llmbatch.fingerprint import changed_input, spec_fingerprint
+    from llmbatch.spec import load_resolved
+
+    run = make_run("finetune", overrides=["data.max_inputs=8"])
+    fingerprint = spec_fingerprint(load_resolved(run.spec_file))
+    old = {("data.max_samples" if key == "data.max_inputs" else key): value for key, value in fingerprint.items()}
+    run.spec_file.write_text(run.spec_file.read_text().replace("  max_inputs: 8\n", "  max_samples: 8\n"))
+    spec = load_resolved(run.spec_file)
+    assert spec.data.max_inputs == 8
+    assert changed_input(old, spec) is None
+    folder = run.checkpoints_dir / "step-000004"
+    folder.mkdir(parents=True)
+    (folder / "optimizer.bin").write_bytes(b"x" * 12)
+    write_manifest(folder, old)
+    check_resumable(run.checkpoints_dir, spec)  # raises CheckpointMismatch if the old key reads as another
 
 
 def state_of_array(run, **changes):
@@ -449,7 +485,7 @@ def test_an_undamaged_inference_run_gathers(make_run, tmp_path, capsys):
     assert main(["status", str(run.path)]) == 0
     assert " STOPPED  2/2 inputs " in capsys.readouterr().out
     assert main(["gather", str(run.path)]) == 0
-    assert json.loads(run.metrics_file.read_text())["examples"] == 2
+    assert json.loads(run.metrics_file.read_text())["inputs"] == 2
 
 
 def garbage_line(run):

@@ -32,7 +32,7 @@ from helpers import JOBS, REPO, job_id, run_folder, status, submit_cli, wait_for
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
 
-SMALL = ["--set", "data.max_samples=48", "--set", "generation.max_new_tokens=8"]
+SMALL = ["--set", "data.max_inputs=48", "--set", "generation.max_new_tokens=8"]
 
 
 def test_infer_on_two_nodes_matches_one_local_process(slurm_cluster, cache_dir, tmp_path):
@@ -81,7 +81,7 @@ def test_finetune_on_two_nodes_saves_an_adapter(slurm_cluster, cache_dir, tmp_pa
         "--set",
         "train.eval_every_steps=3",
         "--set",
-        "data.max_samples=200",
+        "data.max_inputs=200",
     )
     run = run_folder(proc)
     assert (run.adapter_dir / "adapter_config.json").is_file()
@@ -122,7 +122,7 @@ INFER = [
     "--set",
     f"data.path={JOBS / 'data/parity/train.jsonl'}",
     "--set",
-    "data.max_samples=1000",
+    "data.max_inputs=1000",
     "--set",
     "generation.batch_tokens=32",
 ]
@@ -137,7 +137,7 @@ FINETUNE = [
     "--set",
     "train.eval_accuracy=false",
     "--set",
-    "data.max_samples=400",
+    "data.max_inputs=400",
 ]
 
 
@@ -218,7 +218,7 @@ def test_finetune_signalled_mid_epoch_resumes_from_the_signal_checkpoint(slurm_c
 
     log = submit_cli("logs", str(run.path)).stdout
     stopped_at = int(log.split("preempted at step ")[1].split(";")[0])
-    assert 5 <= stopped_at < 40  # mid-epoch: an epoch of 400 examples is longer than 40 steps here
+    assert 5 <= stopped_at < 40  # mid-epoch: an epoch of 400 inputs is longer than 40 steps here
     assert f"resuming at step {stopped_at}" in log
     assert status(run)["requeues"] == 1
     # Bit for bit: the same adapter and the same loss at every step as the uninterrupted run.
@@ -294,7 +294,7 @@ EXIT_BOUND_S = 60
 FINETUNE_3_STEPS = [
     arg
     for setting in (
-        "data.max_samples=40",
+        "data.max_inputs=40",
         "train.max_steps=3",
         "train.seq_len=64",
         "train.micro_batch_size=4",

@@ -223,6 +223,24 @@ def test_defaults_and_overrides_are_typed(tmp_path, good):
     assert parse_override("output.root=out") == ("output.root", "out")
 
 
+def test_max_samples_is_read_as_max_inputs_in_a_file_and_on_the_command_line(tmp_path, good):
+    """data.max_inputs was data.max_samples: users' specs and old run folders' spec.yaml still load."""
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(set_key(good, "data.max_samples", 2)))
+    spec = load_spec(path, "infer", [], cwd=tmp_path)
+    assert spec.data.max_inputs == 2 and "max_samples:" not in dump_spec(spec)
+    assert load_spec(path, "infer", ["data.max_samples=1"], cwd=tmp_path).data.max_inputs == 1
+    assert parse_override("data.max_samples=3") == ("data.max_inputs", 3)
+
+
+def test_a_spec_giving_max_inputs_and_its_old_name_is_one_line(tmp_path, good, capsys):
+    good["data"] |= {"max_samples": 2, "max_inputs": 3}
+    code, err = run_cli(tmp_path, good, capsys=capsys)
+    assert code == 2 and err.count("\n") == 1, err
+    assert err.endswith("data.max_samples: the old name of data.max_inputs, which is given too: keep one\n"), err
+    assert not (tmp_path / "runs").exists()
+
+
 def test_exponent_floats_that_yaml_1_1_reads_as_strings_are_numbers(tmp_path, good):
     path = tmp_path / "spec.yaml"
     path.write_text(yaml.safe_dump(good) + "generation:\n  temperature: 7e-1\n")

@@ -62,7 +62,7 @@ def test_the_recipe_writes_the_rows_that_status_reads(make_run):
     run = make_run(
         "finetune",
         [
-            "data.max_samples=16",
+            "data.max_inputs=16",
             "train.max_steps=3",
             "train.seq_len=64",
             "train.micro_batch_size=4",

@@ -24,7 +24,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from llmbatch.fingerprint import file_sha256, spec_fingerprint
+from llmbatch.fingerprint import as_named_now, file_sha256, spec_fingerprint
 from llmbatch.rundir import COUNT, OBJECT, TEXT, DamagedRun, atomic_write_json, check_object, read_json, shown
 from llmbatch.spec import JobSpec
 
@@ -95,7 +95,7 @@ def damage(folder: Path) -> str | None:
 
 def check_fingerprint(folder: Path, fingerprint: dict[str, Any]) -> None:
     """CheckpointMismatch naming the first key whose value differs from when `folder` was saved."""
-    saved = read_manifest(folder).get("spec", {})
+    saved = as_named_now(read_manifest(folder).get("spec", {}))
     for key in sorted(saved.keys() | fingerprint.keys()):
         if saved.get(key) != fingerprint.get(key):
             raise CheckpointMismatch(

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from llmbatch import COMMAND, embedded, lifecycle, slurm
-from llmbatch.data import DataError, load_examples
+from llmbatch.data import DataError, load_inputs
 from llmbatch.gather import gather_run
 from llmbatch.jobstep import example_place, make_plan, node_command
 from llmbatch.models import check_model, resolve_models
@@ -63,22 +63,22 @@ def load_job_spec(kind: str, args: argparse.Namespace) -> tuple[JobSpec, int]:
                 origins[overrides[-1]] = f"--array {args.array}"
     spec_path = args.spec or default_spec_path(kind)
     spec = resolve_models(load_spec(spec_path, kind, overrides, origins=origins), spec_path, overrides, origins)
-    examples = load_examples(spec.data)
+    inputs = load_inputs(spec.data)
     if spec.data.val_path:
-        load_examples(spec.data, spec.data.val_path)
-    if spec.resources.array is not None and spec.resources.array > len(examples):
+        load_inputs(spec.data, spec.data.val_path)
+    if spec.resources.array is not None and spec.resources.array > len(inputs):
         # A task without inputs would hold a node for nothing; Slurm would queue it all the same.
-        inputs = f"{len(examples)} input{'s' if len(examples) > 1 else ''}"
-        fix = f"use at most {len(examples)}" if len(examples) >= 2 else "drop the array"
+        counted = f"{len(inputs)} input{'s' if len(inputs) > 1 else ''}"
+        fix = f"use at most {len(inputs)}" if len(inputs) >= 2 else "drop the array"
         error = SpecError(
             "resources.array",
-            f"{spec.resources.array} array tasks for {inputs}: each task needs at least one ({fix})",
+            f"{spec.resources.array} array tasks for {counted}: each task needs at least one ({fix})",
             related=("data",),
         )
         error.source = blame(error, overrides, origins) or str(spec_path)
         raise error
-    check_model(spec, examples)
-    return spec, len(examples)
+    check_model(spec, inputs)
+    return spec, len(inputs)
 
 
 def resolve_model(spec: JobSpec, build: bool) -> JobSpec:

@@ -1,7 +1,7 @@
 """Datasets: JSONL, CSV or Parquet records turned into prompts or chats, every mistake named by
 `file:line` (`file row N` for Parquet).
 
-Files are streamed: with data.max_samples, reading stops after that many records. JSONL and CSV are
+Files are streamed: with data.max_inputs, reading stops after that many inputs. JSONL and CSV are
 read as UTF-8 (a leading BOM is dropped); Parquet in record batches of its needed columns (pyarrow).
 Ids must be non-empty single-line text (a string or an integer) without control or invisible format
 characters, since they appear in logs, shard files and error lines. A record is at most MAX_RECORD_BYTES:
@@ -43,7 +43,7 @@ class DataError(Exception):
 
 
 @dataclass(frozen=True)
-class Example:
+class Input:
     id: str
     prompt: str | None
     """The prompt text; None for a chat (messages)."""
@@ -176,23 +176,23 @@ def _read_records(path: Path, columns: set[str]) -> Iterator[tuple[int, dict]]:
     return _csv_records(path) if path.suffix == ".csv" else _jsonl_records(path)
 
 
-def _example_id(where: str, record: dict, field: str) -> str:
+def _input_id(where: str, record: dict, field: str) -> str:
     if field not in record:
         raise DataError(f"{where}: no id field '{field}' (set data.id_field)")
     value = record[field]
     # Not a float: NaN, inf, 1e16 or 0.1 + 0.2 have no one text form to match results by; nor a boolean.
     if not isinstance(value, (str, int)) or isinstance(value, bool):
         raise DataError(f"{where}: id field '{field}' must be a string or an integer, got {_kind(value)}")
-    example_id = str(value)
-    _no_surrogate(where, f"id field '{field}'", example_id)
-    if not example_id.strip():
+    input_id = str(value)
+    _no_surrogate(where, f"id field '{field}'", input_id)
+    if not input_id.strip():
         raise DataError(f"{where}: id field '{field}' is empty")
-    if (bad := hidden_character(example_id)) is not None:
+    if (bad := hidden_character(input_id)) is not None:
         raise DataError(
-            f"{where}: id {example_id!r} holds {invisible(bad) or 'a control character or line break'}; "
+            f"{where}: id {input_id!r} holds {invisible(bad) or 'a control character or line break'}; "
             f"ids appear in logs and error lines, so they must be printable single-line text"
         )
-    return example_id
+    return input_id
 
 
 def _text(where: str, record: dict, field: str, key: str) -> str:
@@ -309,18 +309,18 @@ def used_fields(data: DataSpec) -> set[str]:
     return fields - {None}
 
 
-def load_examples(data: DataSpec, path: str | None = None) -> list[Example]:
-    """The examples of `path` (default: data.path), in file order, at most data.max_samples."""
+def load_inputs(data: DataSpec, path: str | None = None) -> list[Input]:
+    """The inputs of `path` (default: data.path), in file order, at most data.max_inputs."""
     path = Path(path or data.path)
     fields = template_fields(data.prompt_template) if data.prompt_template is not None else []
-    examples, seen = [], {}
+    inputs, seen = [], {}
     unit, prefix = "row" if _is_parquet(path) else "line", _location_prefix(path)
     for number, record in _read_records(path, used_fields(data)):
         where = f"{prefix}{number}"  # location(path, number), for a million records
-        example_id = _example_id(where, record, data.id_field)
-        if example_id in seen:
-            raise DataError(f"{where}: duplicate id {example_id!r} (first at {unit} {seen[example_id]})")
-        seen[example_id] = number
+        input_id = _input_id(where, record, data.id_field)
+        if input_id in seen:
+            raise DataError(f"{where}: duplicate id {input_id!r} (first at {unit} {seen[input_id]})")
+        seen[input_id] = number
         prompt = messages = None
         if data.messages_field is not None:
             messages = _messages(where, record, data.messages_field)
@@ -333,23 +333,23 @@ def load_examples(data: DataSpec, path: str | None = None) -> list[Example]:
         reference = None
         if data.reference_field is not None:
             reference = _text(where, record, data.reference_field, "data.reference_field")
-        examples.append(Example(example_id, prompt, reference, number, messages))
-        if data.max_samples is not None and len(examples) == data.max_samples:
+        inputs.append(Input(input_id, prompt, reference, number, messages))
+        if data.max_inputs is not None and len(inputs) == data.max_inputs:
             break  # the rest of the file is not read
-    if not examples:
+    if not inputs:
         raise DataError(f"{path}: the file has no records")
-    return examples
+    return inputs
 
 
-def chat(example: Example, data: DataSpec) -> list[dict[str, str]] | None:
-    """The messages an example is to the chat template, or None for a prompt used as written.
+def chat(input: Input, data: DataSpec) -> list[dict[str, str]] | None:
+    """The messages an input is to the chat template, or None for a prompt used as written.
 
     data.system_prompt opens every chat with a system message, unless its messages begin with one
     of their own (theirs is the more specific).
     """
     if not data.through_chat_template:
         return None
-    messages = example.messages or [{"role": "user", "content": example.prompt}]
+    messages = input.messages or [{"role": "user", "content": input.prompt}]
     if data.system_prompt is not None and messages[0]["role"] != "system":
         messages = [{"role": "system", "content": data.system_prompt}, *messages]
     return messages

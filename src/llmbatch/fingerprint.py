@@ -14,7 +14,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from llmbatch.spec import JobSpec
+from llmbatch.rundir import renamed_keys
+from llmbatch.spec import OLD_KEYS, JobSpec
 
 FINGERPRINT_TRAIN_KEYS = ("seed", "seq_len", "packing", "loss_on", "micro_batch_size", "grad_accum_steps")
 """train.* values that decide which rows a step holds: a checkpoint's data position means nothing under others."""
@@ -45,11 +46,17 @@ def spec_fingerprint(spec: JobSpec) -> dict[str, Any]:
     return json.loads(json.dumps(fingerprint))  # as JSON gives it back (lists, not tuples)
 
 
+def as_named_now(saved: dict[str, Any]) -> dict[str, Any]:
+    """A recorded fingerprint with today's key names: one recorded before a spec key was renamed
+    (`llmbatch.spec.OLD_KEYS`) still matches the same spec."""
+    return renamed_keys(saved, OLD_KEYS)
+
+
 def changed_input(saved: dict[str, Any], spec: JobSpec) -> str | None:
     """Why `spec`'s inputs are not those of `saved` (a fingerprint recorded at submission), in words
     naming the first that changed; None when none did. A changed data file is named by its path (a data file
     that is gone was refused by the spec's own check)."""
-    now = spec_fingerprint(spec)
+    saved, now = as_named_now(saved), spec_fingerprint(spec)
     for key in ("path", "val_path"):
         if saved.get(DATA_CONTENTS.format(key)) != now.get(DATA_CONTENTS.format(key)):
             return (

@@ -7,13 +7,13 @@ input has a result, so their existence means the run is complete. Both formats h
 the keys of a shard record. Scoring: see `llmbatch.scoring`.
 
 metrics.json (keys: `llmbatch.metrics`) holds:
-    examples, prompt_tokens, output_tokens, finish_reasons   over all results
+    inputs, prompt_tokens, output_tokens, finish_reasons   over all results
     truncated_prompts        results whose prompt generation.long_prompts: truncate cut
     accuracy, correct, scored, scoring                          when the inputs have references
     wall_s, generate_s       per attempt the slowest rank's time (all of it / generating), summed
                              over the attempts whose ranks finished (and over an array's tasks);
                              time lost to a kill is not known
-    tokens_per_s, examples_per_s   what those ranks generated, per second of generate_s
+    tokens_per_s, inputs_per_s   what those ranks generated, per second of generate_s
     world_size, ranks, load_balance   the last attempt (of each array task): per-rank stats, min/max rank
                              generating time (1.0: perfectly balanced)
     prefill_s, decode_s, decode_steps, occupancy   where the engine ran: summed over the finished
@@ -28,10 +28,10 @@ from pathlib import Path
 from typing import Any
 
 from llmbatch import scoring
-from llmbatch.data import Example
+from llmbatch.data import Input
 from llmbatch.metrics import Metric
 from llmbatch.rundir import RunDir, atomic_file, atomic_write, atomic_write_json
-from llmbatch.shards import list_shards, read_records, read_stats, record_line, run_examples
+from llmbatch.shards import list_shards, read_records, read_stats, record_line, run_inputs
 from llmbatch.spec import load_resolved
 
 LISTED_IDS = 20
@@ -48,7 +48,7 @@ class IncompleteRun(Exception):
         super().__init__(f"{len(missing)} of {total} inputs have no result: {named}{more}")
 
 
-def gather_shards(run: RunDir, examples: list[Example], output_format: str) -> dict[str, Any]:
+def gather_shards(run: RunDir, inputs: list[Input], output_format: str) -> dict[str, Any]:
     """Write metrics.json, then the results (the inputs' records in input order, as output.format
     says); return the metrics.
 
@@ -58,10 +58,10 @@ def gather_shards(run: RunDir, examples: list[Example], output_format: str) -> d
     for shard in list_shards(run):
         for record in read_records(shard.path):
             records.setdefault(record["id"], record)  # resumed attempts skip done ids: one record each
-    missing = [e.id for e in examples if e.id not in records]
+    missing = [e.id for e in inputs if e.id not in records]
     if missing:
-        raise IncompleteRun(missing, len(examples))
-    results = [records[e.id] for e in examples]
+        raise IncompleteRun(missing, len(inputs))
+    results = [records[e.id] for e in inputs]
     metrics = result_metrics(results) | timing_metrics(run)
     atomic_write_json(run.metrics_file, metrics)
     try:
@@ -86,7 +86,7 @@ def write_results(path: Path, results: list[dict], output_format: str) -> None:
         pq.write_table(table, f)
 
 
-def gather_when_complete(run: RunDir, examples: list[Example], output_format: str) -> dict[str, Any] | None:
+def gather_when_complete(run: RunDir, inputs: list[Input], output_format: str) -> dict[str, Any] | None:
     """For the tasks of a job array: gather if every input has a record and no task gathered yet; return
     the metrics, or None if another task gathered or some inputs are still to come.
 
@@ -97,14 +97,14 @@ def gather_when_complete(run: RunDir, examples: list[Example], output_format: st
         if run.gathered_results() is not None:
             return None
         try:
-            return gather_shards(run, examples, output_format)
+            return gather_shards(run, inputs, output_format)
         except IncompleteRun:
             return None
 
 
 def result_metrics(results: list[dict]) -> dict[str, Any]:
     metrics = {
-        Metric.EXAMPLES: len(results),
+        Metric.INPUTS: len(results),
         Metric.PROMPT_TOKENS: sum(r["prompt_tokens"] for r in results),
         Metric.OUTPUT_TOKENS: sum(r["output_tokens"] for r in results),
         Metric.FINISH_REASONS: dict(Counter(r["finish_reason"] for r in results)),
@@ -155,7 +155,7 @@ def timing_metrics(run: RunDir) -> dict[str, Any]:
         Metric.WALL_S: sum(max(s["wall_s"] for s in ranks) for ranks in by_attempt.values()),
         Metric.GENERATE_S: generate_s,
         Metric.TOKENS_PER_S: sum(s["output_tokens"] for s in all_stats) / generate_s if generate_s else None,
-        Metric.EXAMPLES_PER_S: sum(s["examples"] for s in all_stats) / generate_s if generate_s else None,
+        Metric.INPUTS_PER_S: sum(s["inputs"] for s in all_stats) / generate_s if generate_s else None,
         Metric.WORLD_SIZE: last[0]["world_size"],
         Metric.RANKS: last,
         Metric.LOAD_BALANCE: min(times) / max(times) if max(times) else 1.0,
@@ -164,13 +164,13 @@ def timing_metrics(run: RunDir) -> dict[str, Any]:
 
 def gather_run(run: RunDir) -> int:
     """`submit.py gather RUN`: gather by hand; prints one line, returns the exit code."""
-    examples = run_examples(run)
+    inputs = run_inputs(run)
     output_format = load_resolved(run.spec_file).output.format
     try:
-        metrics = gather_shards(run, examples, output_format)
+        metrics = gather_shards(run, inputs, output_format)
     except IncompleteRun as e:
         print(f"{run.path}: not gathered: {e}", file=sys.stderr)
         return 1
     accuracy = f", accuracy {metrics[Metric.ACCURACY]:.4f}" if Metric.ACCURACY in metrics else ""
-    print(f"{run.results_for(output_format)}: {metrics[Metric.EXAMPLES]} results{accuracy}")
+    print(f"{run.results_for(output_format)}: {metrics[Metric.INPUTS]} results{accuracy}")
     return 0

@@ -15,7 +15,7 @@ from typing import Any
 
 from llmbatch.metrics import Metric, TrainRow, read_metrics, read_train_metrics, steps
 from llmbatch.rundir import RunDir, State, Task, process_start_ticks
-from llmbatch.shards import complete_lines, list_shards, read_stats, run_examples, task_of
+from llmbatch.shards import complete_lines, list_shards, read_stats, run_inputs, task_of
 from llmbatch.slurm import FINAL_STATES, array_of, array_state, scancel, slurm_history, slurm_state, slurm_states
 
 # ... and with the local executor's and the run folder's own: nothing of the run is running.
@@ -98,7 +98,7 @@ def read_progress(run: RunDir) -> dict[str, Any]:
     # Counted at submission: a data file of millions of lines is not read again for each status.
     total = run.read_state().get(State.INPUTS)
     if total is None:
-        total = len(run_examples(run))
+        total = len(run_inputs(run))
     shards = list_shards(run)
     attempt = max((s.attempt for s in shards), default=None)
     ranks = {s.rank: len(complete_lines(s.path)) for s in shards if s.attempt == attempt}

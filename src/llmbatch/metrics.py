@@ -28,8 +28,8 @@ class Metric:
     """The keys of metrics.json. A run writes those of its kind (and the optional ones it has)."""
 
     # Both kinds.
-    EXAMPLES = "examples"
-    """Inference: inputs with a result. Fine-tuning: training examples."""
+    INPUTS = "inputs"
+    """Inference: inputs with a result. Fine-tuning: training inputs."""
     WALL_S = "wall_s"
     """Inference: per attempt the slowest rank's time, summed. Fine-tuning: this attempt's wall time."""
     WORLD_SIZE = "world_size"
@@ -49,7 +49,7 @@ class Metric:
     # Inference, from the stats of ranks that finished.
     GENERATE_S = "generate_s"
     TOKENS_PER_S = "tokens_per_s"
-    EXAMPLES_PER_S = "examples_per_s"
+    INPUTS_PER_S = "inputs_per_s"
     RANKS = "ranks"
     LOAD_BALANCE = "load_balance"
     # Inference, where the engine ran: summed over the finished ranks (occupancy: their mean share
@@ -80,7 +80,7 @@ class Metric:
 
 # What the readers check: the values the summary and `status` compute with or format as numbers.
 METRICS_FIELDS = {
-    Metric.EXAMPLES: COUNT,
+    Metric.INPUTS: COUNT,
     Metric.STEPS: COUNT,
     Metric.WORLD_SIZE: COUNT,
     Metric.PROMPT_TOKENS: COUNT,
@@ -148,7 +148,11 @@ TRAIN_ROW_FIELDS = {
 """What read_train_metrics checks."""
 
 
-OLD_METRIC_KEYS = {"generated_tokens": Metric.OUTPUT_TOKENS}
+OLD_METRIC_KEYS = {
+    "generated_tokens": Metric.OUTPUT_TOKENS,
+    "examples": Metric.INPUTS,
+    "examples_per_s": Metric.INPUTS_PER_S,
+}
 """Keys of metrics.json before their rename, read as the new ones: runs written before still summarize."""
 
 

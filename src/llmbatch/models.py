@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from llmbatch import embedded
-from llmbatch.data import DataError, Example, location
+from llmbatch.data import DataError, Input, location
 
 # The engine's own list of families: a leaf module that imports nothing (no torch), so the check can
 # run before anything is queued.
@@ -133,9 +133,9 @@ def host_folder(model_folder: str) -> Path:
 # --- checks --------------------------------------------------------------------------------------
 
 
-def check_model(spec: JobSpec, examples: list[Example]) -> None:
+def check_model(spec: JobSpec, inputs: list[Input]) -> None:
     """Raise SpecError or DataError (one line) for what would make the job fail or run past the
-    model's context. `examples`: the inputs generation will see (infer: data.path)."""
+    model's context. `inputs`: the inputs generation will see (infer: data.path)."""
     folder = model_folder(spec.model.path)
     if folder is None:
         return  # the embedded model before its first build: this project's own files
@@ -167,7 +167,7 @@ def check_model(spec: JobSpec, examples: list[Example]) -> None:
     if spec.model.adapter is not None:
         check_adapter(Path(spec.model.adapter), folder, config)
     if spec.kind == "infer" and spec.generation.long_prompts == "error" and limit is not None:
-        check_prompt_lengths(spec, examples, folder, limit, context)
+        check_prompt_lengths(spec, inputs, folder, limit, context)
 
 
 def model_folder(path: str) -> Path | None:
@@ -235,7 +235,7 @@ def prompt_token_limit(config: dict, max_new_tokens: int) -> int | None:
     return None if context is None else context - max_new_tokens
 
 
-def check_prompt_lengths(spec: JobSpec, examples: list[Example], folder: Path, limit: int, context: int) -> None:
+def check_prompt_lengths(spec: JobSpec, inputs: list[Input], folder: Path, limit: int, context: int) -> None:
     """Render the prompts as the runner does, encode those that could be too long (batched, fast
     tokenizer), and name the first that is."""
     from transformers import AutoTokenizer  # seconds to import: only here
@@ -254,8 +254,8 @@ def check_prompt_lengths(spec: JobSpec, examples: list[Example], folder: Path, l
             f"of {context} (generation.long_prompts: truncate cuts it)"
         )
         chunk = 4096
-        for start in range(0, len(examples), chunk):
-            batch = examples[start : start + chunk]
+        for start in range(0, len(inputs), chunk):
+            batch = inputs[start : start + chunk]
             texts = prompt_texts(tokenizer, batch, spec.data)
             sizes = [len(text.encode()) for text in texts]
             # Encoding a text of megabytes takes seconds and gigabytes: one this long in bytes cannot fit.

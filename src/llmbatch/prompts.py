@@ -1,27 +1,27 @@
-"""What the model reads: each example's prompt rendered (as written, or through the tokenizer's chat
+"""What the model reads: each input's prompt rendered (as written, or through the tokenizer's chat
 template) and encoded into token ids. The one rendering: the runners and the check before queueing
 (`models.check_prompt_lengths`) both use it. Torch-free: the tokenizer is passed in.
 """
 
 from __future__ import annotations
 
-from llmbatch.data import Example, chat
+from llmbatch.data import Input, chat
 from llmbatch.spec import DataSpec
 
 ENCODE_CHUNK = 4096
 """Prompts encoded in one call of the tokenizer."""
 
 
-def prompt_texts(tokenizer, examples: list[Example], data: DataSpec) -> list[str]:
-    """What the model reads for each example: its prompt as written, or its chat (`llmbatch.data.chat`)
+def prompt_texts(tokenizer, inputs: list[Input], data: DataSpec) -> list[str]:
+    """What the model reads for each input: its prompt as written, or its chat (`llmbatch.data.chat`)
     rendered through the tokenizer's chat template with the generation prompt."""
     if not data.through_chat_template:
-        return [example.prompt for example in examples]
-    if not examples:
+        return [input.prompt for input in inputs]
+    if not inputs:
         return []
     # One call for the lot: the template is compiled and set up once (a third of the time per chat).
     return tokenizer.apply_chat_template(
-        [chat(example, data) for example in examples], tokenize=False, add_generation_prompt=True
+        [chat(input, data) for input in inputs], tokenize=False, add_generation_prompt=True
     )
 
 
@@ -42,9 +42,9 @@ def encode_texts(tokenizer, texts: list[str], data: DataSpec) -> list[list[int]]
     ]
 
 
-def encode_prompts(tokenizer, examples: list[Example], data: DataSpec) -> list[list[int]]:
-    """Token ids of each example's prompt text."""
-    return encode_texts(tokenizer, prompt_texts(tokenizer, examples, data), data)
+def encode_prompts(tokenizer, inputs: list[Input], data: DataSpec) -> list[list[int]]:
+    """Token ids of each input's prompt text."""
+    return encode_texts(tokenizer, prompt_texts(tokenizer, inputs, data), data)
 
 
 def fit_to_context(prompt: list[int], max_tokens: int, bos_token_id: int | None) -> list[int]:

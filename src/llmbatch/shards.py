@@ -1,5 +1,5 @@
 """Inference shards: what each rank has finished, on shared storage, safe against a kill at any moment;
-and the run's inputs (`run_examples`), which the shards' ids are of.
+and the run's inputs (`run_inputs`), which the shards' ids are of.
 
     shards/attempt-000-rank-00000.jsonl        one JSON record a line, appended and fsynced per group
     shards/attempt-000-rank-00000.stats.json   written (atomically) when that rank finished its share
@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from llmbatch.data import DataError, Example, load_examples
+from llmbatch.data import DataError, Input, load_inputs
 from llmbatch.rundir import (
     COUNT,
     FLAG,
@@ -94,7 +94,7 @@ def complete_lines(path: Path) -> list[bytes]:
 
 class Record:
     """The keys of a result record that gather and its metrics read (runners/infer.py writes them,
-    with the example's own fields)."""
+    with the input's own fields)."""
 
     ID = "id"
     PROMPT_TOKENS = "prompt_tokens"
@@ -104,7 +104,7 @@ class Record:
     """The prompt was cut to fit the model's context (`generation.long_prompts: truncate`)."""
     REFERENCE = "reference"
     CORRECT = "correct"
-    """Of an example with a reference: whether the output matches it (`llmbatch.scoring`)."""
+    """Of an input with a reference: whether the output matches it (`llmbatch.scoring`)."""
 
 
 RECORD_FIELDS = {
@@ -175,7 +175,7 @@ STATS_FIELDS = {
     "rank": COUNT,
     "world_size": POSITIVE,
     "task": COUNT,
-    "examples": COUNT,
+    "inputs": COUNT,
     "writes": COUNT,
     "prompt_tokens": COUNT,
     "output_tokens": COUNT,
@@ -185,7 +185,7 @@ STATS_FIELDS = {
     "engine": maybe(OBJECT),
 }
 """A rank's stats (runners/infer.py: RankStats); gather needs those it requires."""
-OLD_STATS_KEYS = {"generated_tokens": "output_tokens"}
+OLD_STATS_KEYS = {"generated_tokens": "output_tokens", "examples": "inputs"}
 """Keys of the stats before their rename, read as the new ones: ranks that finished before still gather."""
 ENGINE_STATS_FIELDS = {"prefill_s": NUMBER, "decode_s": NUMBER, "decode_steps": COUNT, "occupancy": NUMBER}
 
@@ -195,7 +195,7 @@ def read_stats(shard: Shard) -> dict[str, Any] | None:
     stats = read_json_object(
         shard.stats_path,
         STATS_FIELDS,
-        required=("rank", "world_size", "examples", "output_tokens", "generate_s", "wall_s"),
+        required=("rank", "world_size", "inputs", "output_tokens", "generate_s", "wall_s"),
         old_keys=OLD_STATS_KEYS,
     )
     if stats and stats.get("engine"):
@@ -209,9 +209,9 @@ def read_stats(shard: Shard) -> dict[str, Any] | None:
     return stats
 
 
-def run_examples(run: RunDir) -> list[Example]:
+def run_inputs(run: RunDir) -> list[Input]:
     """The inputs of an inference run, from the data file its spec names."""
     spec = load_resolved(run.spec_file)
     if spec.kind != "infer":
         raise DataError(f"{run.path}: a {spec.kind} run, not an inference run: it has no results to gather")
-    return load_examples(spec.data)
+    return load_inputs(spec.data)

@@ -7,7 +7,7 @@ from llmbatch.rundir import RunDir
 
 # metrics.json keys worth a line, in order, with their labels; a run shows the ones it has.
 LINES = (
-    (Metric.EXAMPLES, "examples"),
+    (Metric.INPUTS, "inputs"),
     (Metric.ACCURACY, "accuracy (exact match)"),
     (Metric.PROMPT_TOKENS, "prompt tokens"),
     (Metric.OUTPUT_TOKENS, "output tokens"),

@@ -118,7 +118,7 @@ class Engine:
         """Groups of (index into prompts, output tokens), as sequences end (the last token is an
         end-of-sequence token, or there are max_new_tokens). Once stop() is true no prompt
         is admitted and the loop ends after the step in flight; unfinished sequences are dropped."""
-        keys = [input_key(self.params.seed, example_id) for example_id in ids]
+        keys = [input_key(self.params.seed, input_id) for input_id in ids]
         scheduler = Scheduler([len(p) for p in prompts], self.cache.slots)
         finished: list[tuple[int, list[int]]] = []
         flush_at, last_flush = max(1, self.cache.slots // 8), time.monotonic()

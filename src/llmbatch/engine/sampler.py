@@ -20,9 +20,9 @@ from llmbatch.engine.params import EngineParams
 _MASK32 = 0xFFFFFFFF
 
 
-def input_key(seed: int, example_id: str) -> int:
+def input_key(seed: int, input_id: str) -> int:
     """The 32-bit key of an input's noise: a hash of the run's seed and the input's id."""
-    digest = hashlib.blake2b(f"{seed}\0{example_id}".encode(), digest_size=4).digest()
+    digest = hashlib.blake2b(f"{seed}\0{input_id}".encode(), digest_size=4).digest()
     return int.from_bytes(digest, "little")
 
 

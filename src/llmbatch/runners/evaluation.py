@@ -35,17 +35,17 @@ def evaluate_loss(accelerator, model, rows, collate_fn, batch_size: int, head_lo
     return loss_sum / max(targets, 1)
 
 
-def evaluate_accuracy(accelerator, model, tokenizer, spec: JobSpec, examples) -> float:
+def evaluate_accuracy(accelerator, model, tokenizer, spec: JobSpec, inputs) -> float:
     """Share of validation answers that the inference runner's greedy decoding gets right.
 
-    Each rank answers every N-th example. Generation runs on the base model with the LoRA layers in
+    Each rank answers every N-th input. Generation runs on the base model with the LoRA layers in
     it: the peft wrapper would hide the decoder's generation settings from generate().
     """
     base = accelerator.unwrap_model(model).get_base_model()
     saved_config = base.generation_config  # the decoder replaces it; merged/ must keep the model's own
     base.eval()
     decoder = Decoder(base, tokenizer, dataclasses.replace(spec.generation, do_sample=False))
-    shard = examples[accelerator.process_index :: accelerator.num_processes]
+    shard = inputs[accelerator.process_index :: accelerator.num_processes]
     prompts = encode_prompts(tokenizer, shard, spec.data)
     correct = 0
     for start in range(0, len(shard), spec.train.micro_batch_size):

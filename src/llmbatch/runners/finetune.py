@@ -13,9 +13,9 @@ Loss. A step's loss is the mean cross-entropy over the target tokens of the whol
 tokens, or every token with train.loss_on=all): all micro-batches of the accumulation, all ranks. Each
 micro-batch adds sum(its token losses) / (target tokens of the step on all ranks). So every token weighs
 the same wherever it lands, and packing, which only changes how sequences share rows, leaves the loss
-and gradient of a given set of examples unchanged (up to float summation order). What packing changes is
-how many examples a step holds: rows are full, so a step sees more examples and an epoch has fewer
-steps. (A per-row or per-micro-batch mean would instead weigh the tokens of short examples more.)
+and gradient of a given set of inputs unchanged (up to float summation order). What packing changes is
+how many inputs a step holds: rows are full, so a step sees more inputs and an epoch has fewer
+steps. (A per-row or per-micro-batch mean would instead weigh the tokens of short inputs more.)
 
 Checkpoints (see checkpoint.py) are saved every train.save_every_steps, every train.save_every_minutes,
 and when a SIGUSR2/SIGTERM arrives; the last then exits with PREEMPTED_EXIT, and the node job, which got
@@ -55,7 +55,7 @@ from torch.utils.data import DataLoader
 from transformers import AutoTokenizer, get_scheduler
 
 from llmbatch.checkpoints import CheckpointMismatch
-from llmbatch.data import load_examples
+from llmbatch.data import load_inputs
 from llmbatch.fingerprint import spec_fingerprint
 from llmbatch.heartbeat import start_heartbeat
 from llmbatch.metrics import Metric, TrainRow
@@ -96,9 +96,9 @@ class Data:
     """The tokenized train and validation sets."""
 
     tokenizer: Any
-    train_examples: list
+    train_inputs: list
     train_rows: list
-    val_examples: list
+    val_inputs: list
     val_rows: list
     collate: Callable
     loader: DataLoader
@@ -171,15 +171,15 @@ def start_rank(spec: JobSpec, run: RunDir, attempt: int) -> tuple[Accelerator, P
 
 
 def load_data(spec: JobSpec, accelerator: Accelerator) -> Data:
-    """The tokenizer, the train and validation examples as rows (make_rows), the train loader."""
+    """The tokenizer, the train and validation inputs as rows (make_rows), the train loader."""
     cfg = spec.train
     tokenizer = AutoTokenizer.from_pretrained(spec.model.path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token  # padding is its own ignored sequence: any token will do
-    train_examples = load_examples(spec.data)
-    train_rows = make_rows(spec, tokenizer, train_examples, "data.path")
-    val_examples = load_examples(spec.data, spec.data.val_path) if spec.data.val_path else []
-    val_rows = make_rows(spec, tokenizer, val_examples, "data.val_path")
+    train_inputs = load_inputs(spec.data)
+    train_rows = make_rows(spec, tokenizer, train_inputs, "data.path")
+    val_inputs = load_inputs(spec.data, spec.data.val_path) if spec.data.val_path else []
+    val_rows = make_rows(spec, tokenizer, val_inputs, "data.val_path")
     collate_fn = partial(collate, pad_id=tokenizer.pad_token_id)
     # Its own generator: each new iterator draws a seed from it, and a resumed run starts iterators at
     # other moments than an uninterrupted one, so that draw must not move the global RNG (dropout's).
@@ -192,7 +192,7 @@ def load_data(spec: JobSpec, accelerator: Accelerator) -> Data:
     )
     # accelerate gives each rank every N-th batch; len() is then this rank's share of an epoch.
     loader = accelerator.prepare(loader)
-    return Data(tokenizer, train_examples, train_rows, val_examples, val_rows, collate_fn, loader)
+    return Data(tokenizer, train_inputs, train_rows, val_inputs, val_rows, collate_fn, loader)
 
 
 def prepare_training(
@@ -354,9 +354,7 @@ def evaluate(t: Training) -> None:
     )
     row = {TrainRow.STEP: state.step, TrainRow.VAL_LOSS: val_loss, TrainRow.VAL_PPL: math.exp(min(val_loss, 50.0))}
     if spec.train.eval_accuracy:
-        row[TrainRow.VAL_ACCURACY] = evaluate_accuracy(
-            accelerator, t.model, t.data.tokenizer, spec, t.data.val_examples
-        )
+        row[TrainRow.VAL_ACCURACY] = evaluate_accuracy(accelerator, t.model, t.data.tokenizer, spec, t.data.val_inputs)
     t.log.log(row)
     if accelerator.is_main_process:
         t.log.write_loss_curve()
@@ -385,7 +383,7 @@ def save_outputs(t: Training, started: float) -> None:
             t.log.rows(),
             state,
             accelerator.num_processes,
-            len(t.data.train_examples),
+            len(t.data.train_inputs),
             t.tokens,
             t.train_s,
             time.time() - started,
@@ -406,33 +404,33 @@ def save_outputs(t: Training, started: float) -> None:
 
 
 class TooShortForData(Exception):
-    """train.seq_len leaves no target token of any example: training would learn nothing."""
+    """train.seq_len leaves no target token of any input: training would learn nothing."""
 
 
-def make_rows(spec: JobSpec, tokenizer, examples, source: str) -> list:
-    """Examples -> rows of token sequences: packed up to seq_len, or one per row (padded at batching).
+def make_rows(spec: JobSpec, tokenizer, inputs, source: str) -> list:
+    """Inputs -> rows of token sequences: packed up to seq_len, or one per row (padded at batching).
 
     Prompts are encoded as the inference runner encodes them; the completion is the reference + EOS.
     Sequences longer than seq_len are cut at the end, and the log counts them; one left without any
     target token (a prompt of seq_len tokens or more) is left out, since it would only add a zero loss.
-    Packing takes the examples in a seeded shuffle, so a row mixes examples from all over the file.
+    Packing takes the inputs in a seeded shuffle, so a row mixes inputs from all over the file.
     """
     cfg = spec.train
-    prompts = encode_prompts(tokenizer, examples, spec.data)
+    prompts = encode_prompts(tokenizer, inputs, spec.data)
     completions = [
-        tokenizer(ex.reference, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for ex in examples
+        tokenizer(ex.reference, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for ex in inputs
     ]
     sequences = [to_sequence(p, c, cfg.seq_len, cfg.loss_on) for p, c in zip(prompts, completions)]
     cut = sum(len(p) + len(c) > cfg.seq_len + 1 for p, c in zip(prompts, completions))
     learnable = [seq for seq in sequences if any(t != IGNORE for t in seq.targets)]
     if sequences and not learnable:
         raise TooShortForData(
-            f"train.seq_len: {cfg.seq_len} tokens leave no target token of any example in "
+            f"train.seq_len: {cfg.seq_len} tokens leave no target token of any input in "
             f"{source} (prompts take up to {max(map(len, prompts))} tokens); raise it"
         )
     if cut:
         print(
-            f"finetune: {cut} of {len(examples)} examples of {source} are longer than train.seq_len="
+            f"finetune: {cut} of {len(inputs)} inputs of {source} are longer than train.seq_len="
             f"{cfg.seq_len} tokens and are cut at the end; {len(sequences) - len(learnable)} of them keep no "
             f"target token and are left out",
             flush=True,

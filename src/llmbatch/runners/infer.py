@@ -28,7 +28,7 @@ from accelerate.utils import InitProcessGroupKwargs
 from tqdm import tqdm
 
 from llmbatch import scoring
-from llmbatch.data import Example, load_examples
+from llmbatch.data import Input, load_inputs
 from llmbatch.engine.model import unsupported_reason
 from llmbatch.engine.runner import Engine
 from llmbatch.gather import gather_shards, gather_when_complete
@@ -49,7 +49,7 @@ from llmbatch.spec import DataSpec, GenerationSpec, JobSpec, load_resolved, slur
 
 @dataclass(frozen=True)
 class Prompt:
-    example: Example
+    input: Input
     token_ids: list[int]
     truncated: bool = False
 
@@ -64,7 +64,7 @@ class RankStats:
     world_size: int
     task: int = 0
     """The array task (0 for a job that is not an array)."""
-    examples: int = 0
+    inputs: int = 0
     writes: int = 0
     """Groups of records appended to the shard (a batch each with generate)."""
     prompt_tokens: int = 0
@@ -77,7 +77,7 @@ class RankStats:
     """The engine's `EngineStats.summary()`; None where generate ran."""
 
     def add_records(self, records: list[dict]) -> None:
-        self.examples += len(records)
+        self.inputs += len(records)
         self.writes += 1
         self.prompt_tokens += sum(r["prompt_tokens"] for r in records)
         self.output_tokens += sum(r["output_tokens"] for r in records)
@@ -110,13 +110,13 @@ def main(argv: list[str] | None = None) -> int:
     run.record_rank(args.attempt, stats.rank)
     start_heartbeat(run.rank_record(args.attempt, stats.rank), spec.resources.collective_timeout_s)
 
-    examples = load_examples(spec.data)
+    inputs = load_inputs(spec.data)
     model, tokenizer = load_model(spec.model, accelerator.device)
     limit = prompt_token_limit(model.config.to_dict(), spec.generation.max_new_tokens)
     truncate = limit if spec.generation.long_prompts == "truncate" else None  # "error": refused before queueing
     lengths = prompt_lengths(
         tokenizer,
-        examples,
+        inputs,
         spec.data,
         truncate,
         accelerator.process_index,
@@ -126,11 +126,11 @@ def main(argv: list[str] | None = None) -> int:
     # The task's share is fixed (from every input), so a requeued or resumed task redoes only its own.
     share = token_balanced_share(lengths, task, tasks, spec.generation.max_new_tokens)
     done = done_ids(run, before_attempt=args.attempt)
-    todo = [i for i in share if examples[i].id not in done]
+    todo = [i for i in share if inputs[i].id not in done]
     picked = token_balanced_share(
         [lengths[i] for i in todo], accelerator.process_index, accelerator.num_processes, spec.generation.max_new_tokens
     )
-    mine = encode_share(tokenizer, [examples[todo[i]] for i in picked], spec.data, truncate)
+    mine = encode_share(tokenizer, [inputs[todo[i]] for i in picked], spec.data, truncate)
     completions, how, engine = start_completing(spec.generation, model, tokenizer, mine, stop=lambda: preemption.raised)
     where = f"task {task} of {tasks}, " if args.task is not None else ""
     print(
@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     if engine is not None:
         stats.engine = engine.stats.summary()
     if preemption.raised:
-        print(f"rank {stats.rank}: stopped at a preemption signal after {stats.examples} inputs", flush=True)
+        print(f"rank {stats.rank}: stopped at a preemption signal after {stats.inputs} inputs", flush=True)
         return PREEMPTED_EXIT
     stats.wall_s = time.monotonic() - started
     stats.generate_s = stats.wall_s - stats.load_s
@@ -160,25 +160,25 @@ def main(argv: list[str] | None = None) -> int:
 
     finish_line.wait()
     if accelerator.is_main_process:
-        gather(run, examples, args.task, spec.output.format)
+        gather(run, inputs, args.task, spec.output.format)
     accelerator.end_training()  # nothing to do with training: it releases the process groups
     return 0
 
 
-def gather(run: RunDir, examples: list[Example], task: int | None, output_format: str) -> None:
+def gather(run: RunDir, inputs: list[Input], task: int | None, output_format: str) -> None:
     """A job gathers its shards; of an array's tasks, the last to finish does (see `gather_when_complete`)."""
     if task is None:
-        metrics = gather_shards(run, examples, output_format)
-    elif (metrics := gather_when_complete(run, examples, output_format)) is None:
+        metrics = gather_shards(run, inputs, output_format)
+    elif (metrics := gather_when_complete(run, inputs, output_format)) is None:
         print(f"task {task} done; the last task to finish gathers the results", flush=True)
         return
-    print(f"gathered {metrics[Metric.EXAMPLES]} results into {run.results_for(output_format)}", flush=True)
+    print(f"gathered {metrics[Metric.INPUTS]} results into {run.results_for(output_format)}", flush=True)
     run.release_space()  # the run is complete: nothing more to report a full disk for
 
 
 def prompt_lengths(
     tokenizer,
-    examples: list[Example],
+    inputs: list[Input],
     data: DataSpec,
     limit: int | None,
     rank: int,
@@ -193,9 +193,9 @@ def prompt_lengths(
     """
     counts = [
         len(ids) if limit is None else min(len(ids), limit)
-        for ids in encode_prompts(tokenizer, examples[rank::ranks], data)
+        for ids in encode_prompts(tokenizer, inputs[rank::ranks], data)
     ]
-    lengths = [0] * len(examples)
+    lengths = [0] * len(inputs)
     for part, part_counts in enumerate(gather(counts)):
         lengths[part::ranks] = part_counts
     return lengths
@@ -210,14 +210,14 @@ def token_balanced_share(lengths: list[int], part: int, parts: int, max_new_toke
     return assign_to_ranks([n + max_new_tokens for n in lengths], parts)[part]
 
 
-def encode_share(tokenizer, examples: list[Example], data: DataSpec, limit: int | None) -> list[Prompt]:
+def encode_share(tokenizer, inputs: list[Input], data: DataSpec, limit: int | None) -> list[Prompt]:
     """The rank's own inputs, encoded (and cut to `limit` where prompts are truncated)."""
-    encoded = encode_prompts(tokenizer, examples, data)
+    encoded = encode_prompts(tokenizer, inputs, data)
     if limit is None:
-        return [Prompt(e, ids) for e, ids in zip(examples, encoded)]
+        return [Prompt(e, ids) for e, ids in zip(inputs, encoded)]
     return [
         Prompt(e, fit_to_context(ids, limit, tokenizer.bos_token_id), truncated=len(ids) > limit)
-        for e, ids in zip(examples, encoded)
+        for e, ids in zip(inputs, encoded)
     ]
 
 
@@ -244,7 +244,7 @@ def start_completing(generation: GenerationSpec, model, tokenizer, mine: list[Pr
         eos_ids = eos_token_ids(model, tokenizer)
         engine = Engine(model, engine_params(generation), [len(p.token_ids) for p in mine], eos_ids)
         engine.warm_up()  # counted in the start-up time, as loading the model is
-        groups = engine.run([p.token_ids for p in mine], [p.example.id for p in mine], stop)
+        groups = engine.run([p.token_ids for p in mine], [p.input.id for p in mine], stop)
         completions = ([(i, make_completion(tokenizer, eos_ids, tokens)) for i, tokens in group] for group in groups)
         return completions, f"{how} ({engine.describe()})", engine
     budget = batch_token_budget(generation, model)
@@ -260,15 +260,15 @@ def complete_in_batches(
     for batch in batches:
         if stop():
             return
-        completions = decoder.complete([prompts[i].token_ids for i in batch], [prompts[i].example.id for i in batch])
+        completions = decoder.complete([prompts[i].token_ids for i in batch], [prompts[i].input.id for i in batch])
         yield list(zip(batch, completions))
 
 
 def result_record(prompt: Prompt, completion: Completion) -> dict:
-    example = prompt.example
-    given = {"prompt": example.prompt} if example.messages is None else {"messages": example.messages}
+    input = prompt.input
+    given = {"prompt": input.prompt} if input.messages is None else {"messages": input.messages}
     record = {
-        "id": example.id,
+        "id": input.id,
         **given,
         "output": completion.text,
         "prompt_tokens": len(prompt.token_ids),
@@ -276,8 +276,8 @@ def result_record(prompt: Prompt, completion: Completion) -> dict:
         "finish_reason": completion.finish_reason,
         "truncated": prompt.truncated,
     }
-    if example.reference is not None:
-        record |= {"reference": example.reference, "correct": scoring.is_correct(completion.text, example.reference)}
+    if input.reference is not None:
+        record |= {"reference": input.reference, "correct": scoring.is_correct(completion.text, input.reference)}
     return record
 
 

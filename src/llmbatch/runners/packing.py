@@ -1,6 +1,6 @@
-"""Training data for the fine-tuning recipe: examples -> token sequences -> rows -> batches.
+"""Training data for the fine-tuning recipe: inputs -> token sequences -> rows -> batches.
 
-One example becomes one `Sequence`: the prompt's tokens then the completion's (reference + EOS), with
+One input becomes one `Sequence`: the prompt's tokens then the completion's (reference + EOS), with
 `targets[i]` the token that should follow `input_ids[i]`, or IGNORE where no loss is taken (the prompt,
 when only the completion is learned).
 
@@ -32,7 +32,7 @@ class Sequence:
 
 
 def to_sequence(prompt_ids: list[int], completion_ids: list[int], seq_len: int, loss_on: str) -> Sequence:
-    """One example's tokens, prompt then completion: the model reads all but the last and predicts all
+    """One input's tokens, prompt then completion: the model reads all but the last and predicts all
     but the first. Sequences longer than seq_len are cut at the end.
 
     The caller encodes prompt and completion separately, so the prompt's tokens are exactly those

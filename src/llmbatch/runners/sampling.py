@@ -51,7 +51,7 @@ class SeededSampling(LogitsProcessor):
     """
 
     def __init__(self, seed: int, ids: list[str], prompt_width: int):
-        self.keys = torch.tensor([input_key(seed, example_id) for example_id in ids])
+        self.keys = torch.tensor([input_key(seed, input_id) for input_id in ids])
         self.prompt_width = prompt_width
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:

@@ -114,7 +114,7 @@ def training_metrics(
     rows: list[dict],
     state: TrainState,
     world_size: int,
-    train_examples: int,
+    train_inputs: int,
     attempt_tokens: int,
     attempt_train_s: float,
     wall_s: float,
@@ -125,7 +125,7 @@ def training_metrics(
     metrics = {
         Metric.STEPS: state.step,
         Metric.WORLD_SIZE: world_size,
-        Metric.EXAMPLES: train_examples,
+        Metric.INPUTS: train_inputs,
         Metric.TOKENS: state.tokens,
         Metric.TRAIN_S: round(state.train_s, 2),
         Metric.WALL_S: round(wall_s, 2),

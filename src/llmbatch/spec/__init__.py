@@ -6,6 +6,7 @@ templates), `slurm_formats` (Slurm's time and memory formats, the sbatch options
 """
 
 from llmbatch.spec.loading import (
+    OLD_KEYS,
     apply_override,
     blame,
     dump_spec,
@@ -35,6 +36,7 @@ from llmbatch.spec.templates import template_fields
 
 __all__ = [
     "EMBEDDED_MODEL",
+    "OLD_KEYS",
     "ENV_NAME",
     "ContainerSpec",
     "DataSpec",

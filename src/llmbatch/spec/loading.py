@@ -191,6 +191,11 @@ def _suggest(key: str, options: list[str]) -> str:
     return f" (did you mean '{close[0]}'?)" if close else f" (known keys: {', '.join(options)})"
 
 
+OLD_KEYS = {"data.max_samples": "data.max_inputs"}
+"""Spec keys by an older name (old: new), read as the new one: users' spec files and the spec.yaml of run
+folders written before the rename still load."""
+
+
 def _build(cls: type, raw: Any, prefix: str, base_dir: Path) -> Any:
     if raw is None:
         raw = {}
@@ -201,6 +206,11 @@ def _build(cls: type, raw: Any, prefix: str, base_dir: Path) -> Any:
     kwargs = {}
     for key, value in raw.items():
         path = f"{prefix}.{key}" if prefix else str(key)
+        if path in OLD_KEYS:
+            new_path = OLD_KEYS[path]
+            key = new_path.rpartition(".")[2]
+            if key in raw:
+                raise SpecError(path, f"the old name of {new_path}, which is given too: keep one")
         if key not in fields:
             raise SpecError(path, "unknown key" + _suggest(str(key), list(fields)))
         tp = hints[key]
@@ -258,6 +268,7 @@ def parse_override(assignment: str) -> tuple[str, Any]:
     key, sep, text = assignment.partition("=")
     if not sep or not key:
         raise SpecError("", f"expected key.path=value, got {assignment!r}")
+    key = OLD_KEYS.get(key, key)
     tp = _field_type(key)
     if tp is str or (
         typing.get_origin(tp) in (typing.Union, types.UnionType)

@@ -168,7 +168,8 @@ class DataSpec:
     """The reference answer: scored after inference, the completion to learn when fine-tuning."""
     chat_template: bool = False
     """Wrap the prompt in the tokenizer's chat template (one user turn); chats always are."""
-    max_samples: int | None = ranged(None, positive(10**12))
+    max_inputs: int | None = ranged(None, positive(10**12))
+    """Use only the first N inputs (and read the file only that far). Formerly `max_samples`."""
 
     @property
     def through_chat_template(self) -> bool:
@@ -279,7 +280,7 @@ class TrainSpec:
     max_grad_norm: float | None = ranged(1.0, positive(MAX_COUNT))
     seq_len: int = ranged(256, positive(MAX_COUNT))
     packing: bool = True
-    """Pack several examples into each sequence; attention never crosses examples."""
+    """Pack several inputs into each sequence; attention never crosses inputs."""
     loss_on: Literal["completion", "all"] = "completion"
     """`completion`: the loss covers only the reference's tokens (and EOS); `all`: the prompt's too."""
     gradient_checkpointing: bool = False
