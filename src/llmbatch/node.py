@@ -78,13 +78,13 @@ def _cuda_available() -> bool:
 
 
 class NodeJob(submitit.helpers.Checkpointable):
-    """The submitit callable: one task per node, each starting that node's ranks.
+    """The submitit callable: the node job, one per node (Slurm's task), each starting that node's ranks.
 
-    Preemption: Slurm sends USR2 (submitit's signal) to every task of the job, and on task 0 submitit
-    calls `checkpoint`. Every node writes the run's preempt marker for this attempt and forwards the
-    signal to `accelerate launch`; the ranks (which also get Slurm's signal directly) save and exit;
-    task 0 waits for that, then submitit requeues the job, and the next attempt resumes from the run
-    folder (the pickled callable carries no progress).
+    Preemption: Slurm sends USR2 (submitit's signal) to every node job, and on the first (Slurm's task 0)
+    submitit calls `checkpoint`. Every node writes the run's preempt marker for this attempt and forwards
+    the signal to `accelerate launch`; the ranks (which also get Slurm's signal directly) save and exit;
+    the first node job waits for that, then submitit requeues the job, and the next attempt resumes from
+    the run folder (the pickled callable carries no progress).
     """
 
     def __init__(self, plan: LaunchPlan):
@@ -177,7 +177,7 @@ class NodeJob(submitit.helpers.Checkpointable):
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._forward)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
-        # Keep submitit's USR2 handler (checkpoint + requeue on task 0), but forward first, on every node.
+        # Keep submitit's USR2 handler (checkpoint + requeue on the first node job), but forward first, on every node.
         submitit_handler = signal.getsignal(signal.SIGUSR2)
 
         def on_preempt(signum, frame):
@@ -234,7 +234,8 @@ class NodeJob(submitit.helpers.Checkpointable):
             os.killpg(self._proc.pid, signum)
 
     def checkpoint(self, *args, **kwargs) -> submitit.helpers.DelayedSubmission | None:
-        """On task 0, from submitit's USR2 handler: let the ranks save, then requeue (or not)."""
+        """On the first node job (Slurm's task 0), from submitit's USR2 handler: let the ranks save, then
+        requeue (or not)."""
         if self._proc is not None:
             try:
                 self._proc.wait(timeout=max(10, self.plan.signal_delay_s - 15))

@@ -54,7 +54,7 @@ def pick_executor(choice: str) -> str:
 
 
 def slurm_parameters(spec: JobSpec) -> dict:
-    """submitit SlurmExecutor parameters: one task per node, which starts all ranks of that node."""
+    """submitit SlurmExecutor parameters: one node job per node (Slurm's task), which starts all ranks of that node."""
     res = spec.resources
     params = {
         "job_name": spec.name,
@@ -114,9 +114,10 @@ def submit(ex: submitit.Executor, plan: LaunchPlan) -> submitit.Job:
 
 
 def submit_array(ex: submitit.Executor, plan: LaunchPlan, tasks: Sequence[int]) -> list[submitit.Job]:
-    """One Slurm job array (submitit's batch) whose i-th job runs array task tasks[i]: all tasks at
-    first, the unfinished ones on `resume`. The task is in each job's pickle, not read from
-    SLURM_ARRAY_TASK_ID, which counts the jobs of this submission. (One task is a plain job.)"""
+    """One Slurm job array (submitit's batch) whose i-th array task runs the run's array task tasks[i]:
+    all of them at first, the unfinished ones on `resume`. The run's task is in each pickle, not read
+    from SLURM_ARRAY_TASK_ID, which numbers the array tasks of this submission. (A single array task is
+    submitted as a plain job.)"""
     with ex.batch():
         jobs = [ex.submit(NodeJob(dataclasses.replace(plan, task=task))) for task in tasks]
     return jobs

@@ -352,7 +352,7 @@ class ResourcesSpec:
     signal_delay_s: int = ranged(120, positive(65535))  # sbatch --signal's most
     """Slurm signals the job this long before the time limit, so it can checkpoint and requeue."""
     array: int | None = ranged(None, Range(2, MAX_ARRAY_TASKS, low_closed=True))
-    """Inference as a Slurm job array of this many one-node tasks, each on its own share of the inputs
+    """Inference as a Slurm job array of this many one-node array tasks, each on its own share of the inputs
     (null: one job)."""
     array_max_running: int | None = ranged(None, positive(MAX_ARRAY_TASKS))
     """At most this many array tasks run at once (sbatch --array=0-(N-1)%M; null: all of them)."""
