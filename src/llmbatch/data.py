@@ -341,7 +341,7 @@ def load_inputs(data: DataSpec, path: str | None = None) -> list[Input]:
     return inputs
 
 
-def chat(input: Input, data: DataSpec) -> list[dict[str, str]] | None:
+def chat(item: Input, data: DataSpec) -> list[dict[str, str]] | None:
     """The messages an input is to the chat template, or None for a prompt used as written.
 
     data.system_prompt opens every chat with a system message, unless its messages begin with one
@@ -349,7 +349,7 @@ def chat(input: Input, data: DataSpec) -> list[dict[str, str]] | None:
     """
     if not data.through_chat_template:
         return None
-    messages = input.messages or [{"role": "user", "content": input.prompt}]
+    messages = item.messages or [{"role": "user", "content": item.prompt}]
     if data.system_prompt is not None and messages[0]["role"] != "system":
         messages = [{"role": "system", "content": data.system_prompt}, *messages]
     return messages

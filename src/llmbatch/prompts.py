@@ -16,12 +16,12 @@ def prompt_texts(tokenizer, inputs: list[Input], data: DataSpec) -> list[str]:
     """What the model reads for each input: its prompt as written, or its chat (`llmbatch.data.chat`)
     rendered through the tokenizer's chat template with the generation prompt."""
     if not data.through_chat_template:
-        return [input.prompt for input in inputs]
+        return [item.prompt for item in inputs]
     if not inputs:
         return []
     # One call for the lot: the template is compiled and set up once (a third of the time per chat).
     return tokenizer.apply_chat_template(
-        [chat(input, data) for input in inputs], tokenize=False, add_generation_prompt=True
+        [chat(item, data) for item in inputs], tokenize=False, add_generation_prompt=True
     )
 
 

@@ -265,10 +265,10 @@ def complete_in_batches(
 
 
 def result_record(prompt: Prompt, completion: Completion) -> dict:
-    input = prompt.input
-    given = {"prompt": input.prompt} if input.messages is None else {"messages": input.messages}
+    item = prompt.input
+    given = {"prompt": item.prompt} if item.messages is None else {"messages": item.messages}
     record = {
-        "id": input.id,
+        "id": item.id,
         **given,
         "output": completion.text,
         "prompt_tokens": len(prompt.token_ids),
@@ -276,8 +276,8 @@ def result_record(prompt: Prompt, completion: Completion) -> dict:
         "finish_reason": completion.finish_reason,
         "truncated": prompt.truncated,
     }
-    if input.reference is not None:
-        record |= {"reference": input.reference, "correct": scoring.is_correct(completion.text, input.reference)}
+    if item.reference is not None:
+        record |= {"reference": item.reference, "correct": scoring.is_correct(completion.text, item.reference)}
     return record
 
 
