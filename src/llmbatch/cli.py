@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from llmbatch import COMMAND, embedded, lifecycle, slurm
-from llmbatch.data import DataError, load_inputs
+from llmbatch.data import DataError, Rejected, load_inputs, resolve_datasets
 from llmbatch.gather import gather_run
 from llmbatch.jobstep import example_place, make_plan, node_command
 from llmbatch.models import check_model, resolve_models
@@ -42,9 +42,9 @@ def default_spec_path(kind: str) -> Path:
     return local if local.is_file() else DEFAULT_JOBS / f"{kind}.yaml"
 
 
-def load_job_spec(kind: str, args: argparse.Namespace) -> tuple[JobSpec, int]:
-    """The spec with the command line's overrides, validated, its data files checked, and how many
-    inputs it has."""
+def load_job_spec(kind: str, args: argparse.Namespace) -> tuple[JobSpec, int, list[Rejected]]:
+    """The spec with the command line's overrides, validated, its data files checked, how many inputs
+    it has, and the records data.on_bad_record: skip leaves out."""
     overrides, origins = list(args.set or []), {}
     for option, key, value in (
         ("--gpus", "resources.gpus_per_node", args.gpus),
@@ -63,9 +63,15 @@ def load_job_spec(kind: str, args: argparse.Namespace) -> tuple[JobSpec, int]:
                 origins[overrides[-1]] = f"--array {args.array}"
     spec_path = args.spec or default_spec_path(kind)
     spec = resolve_models(load_spec(spec_path, kind, overrides, origins=origins), spec_path, overrides, origins)
-    inputs = load_inputs(spec.data)
+    try:
+        spec = resolve_datasets(spec)
+    except SpecError as e:
+        e.source = blame(e, overrides, origins) or str(spec_path)
+        raise
+    rejected: list[Rejected] = []
+    inputs = load_inputs(spec.data, rejected=rejected)
     if spec.data.val_path:
-        load_inputs(spec.data, spec.data.val_path)
+        load_inputs(spec.data, val=True, rejected=rejected)
     if spec.resources.array is not None and spec.resources.array > len(inputs):
         # A task without inputs would hold a node for nothing; Slurm would queue it all the same.
         counted = f"{len(inputs)} input{'s' if len(inputs) > 1 else ''}"
@@ -78,7 +84,7 @@ def load_job_spec(kind: str, args: argparse.Namespace) -> tuple[JobSpec, int]:
         error.source = blame(error, overrides, origins) or str(spec_path)
         raise error
     check_model(spec, inputs)
-    return spec, len(inputs)
+    return spec, len(inputs), rejected
 
 
 def resolve_model(spec: JobSpec, build: bool) -> JobSpec:
@@ -92,16 +98,22 @@ def resolve_model(spec: JobSpec, build: bool) -> JobSpec:
 
 
 def cmd_run(kind: str, args: argparse.Namespace) -> int:
-    spec, inputs = load_job_spec(kind, args)
+    spec, inputs, rejected = load_job_spec(kind, args)
     executor = slurm.pick_executor(args.executor)
     # Checked before the embedded model is built (its first use takes a while), with its placeholder.
     check_job(resolve_model(spec, build=False), executor, planned_run_path(spec), dry_run=args.dry_run)
     spec = resolve_model(spec, build=not args.dry_run)
+    if rejected:
+        print(
+            f"llmbatch: warning: data.on_bad_record: skip leaves out {len(rejected)} bad record"
+            f"{'s' if len(rejected) > 1 else ''}, the first: {printable(str(rejected[0]))}",
+            file=sys.stderr,
+        )
     if args.dry_run:
         print_dry_run(spec, executor)
         return 0
 
-    return submit_new_run(spec, kind, executor, inputs, wait=args.wait)
+    return submit_new_run(spec, kind, executor, inputs, rejected, wait=args.wait)
 
 
 def planned_run_path(spec: JobSpec) -> Path:

@@ -14,6 +14,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from llmbatch.data import dataset_files
 from llmbatch.rundir import renamed_keys
 from llmbatch.spec import OLD_KEYS, JobSpec
 
@@ -29,6 +30,16 @@ def file_sha256(path: Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
+def data_sha256(path: Path, split: str | None) -> str:
+    """A data file's digest; of a Hugging Face dataset folder, that of the files its split is read from."""
+    if not path.is_dir():
+        return file_sha256(path)
+    digest = hashlib.sha256()
+    for file in dataset_files(path, split):
+        digest.update(f"{file.relative_to(path)}\0{file_sha256(file)}\n".encode())
+    return digest.hexdigest()
+
+
 def spec_fingerprint(spec: JobSpec) -> dict[str, Any]:
     """The run's inputs, by key path. Under other values a checkpoint would load into other shapes, or
     continue from a place in other data; a resumed inference would answer other inputs."""
@@ -39,17 +50,21 @@ def spec_fingerprint(spec: JobSpec) -> dict[str, Any]:
     }
     fingerprint |= {f"lora.{key}": value for key, value in dataclasses.asdict(spec.lora).items()}
     fingerprint |= {f"data.{key}": value for key, value in dataclasses.asdict(spec.data).items()}
-    for key in ("path", "val_path"):
+    for key, split in (("path", spec.data.split), ("val_path", spec.data.val_split)):
         path = getattr(spec.data, key)
-        fingerprint[DATA_CONTENTS.format(key)] = file_sha256(Path(path)) if path else None
+        fingerprint[DATA_CONTENTS.format(key)] = data_sha256(Path(path), split) if path else None
     fingerprint |= {f"train.{key}": getattr(spec.train, key) for key in FINGERPRINT_TRAIN_KEYS}
     return json.loads(json.dumps(fingerprint))  # as JSON gives it back (lists, not tuples)
 
 
+ADDED_KEYS = {"data.on_bad_record": "error"}
+"""Keys added to the fingerprint later, with the value that does what runs recorded before them did."""
+
+
 def as_named_now(saved: dict[str, Any]) -> dict[str, Any]:
     """A recorded fingerprint with today's key names: one recorded before a spec key was renamed
-    (`llmbatch.spec.OLD_KEYS`) still matches the same spec."""
-    return renamed_keys(saved, OLD_KEYS)
+    (`llmbatch.spec.OLD_KEYS`) or added (`ADDED_KEYS`) still matches the same spec."""
+    return ADDED_KEYS | renamed_keys(saved, OLD_KEYS)
 
 
 def changed_input(saved: dict[str, Any], spec: JobSpec) -> str | None:

@@ -8,6 +8,7 @@ the keys of a shard record. Scoring: see `llmbatch.scoring`.
 
 metrics.json (keys: `llmbatch.metrics`) holds:
     inputs, prompt_tokens, output_tokens, finish_reasons   over all results
+    rejected_records         records data.on_bad_record: skip left out (state.json, from submission)
     truncated_prompts        results whose prompt generation.long_prompts: truncate cut
     accuracy, correct, scored, scoring                          when the inputs have references
     wall_s, generate_s       per attempt the slowest rank's time (all of it / generating), summed
@@ -29,7 +30,7 @@ from typing import Any
 
 from llmbatch import scoring
 from llmbatch.data import Input
-from llmbatch.metrics import Metric
+from llmbatch.metrics import Metric, rejected_metric
 from llmbatch.rundir import RunDir, atomic_file, atomic_write, atomic_write_json
 from llmbatch.shards import list_shards, read_records, read_stats, record_line, run_inputs
 from llmbatch.spec import load_resolved
@@ -62,7 +63,7 @@ def gather_shards(run: RunDir, inputs: list[Input], output_format: str) -> dict[
     if missing:
         raise IncompleteRun(missing, len(inputs))
     results = [records[e.id] for e in inputs]
-    metrics = result_metrics(results) | timing_metrics(run)
+    metrics = result_metrics(results) | rejected_metric(run) | timing_metrics(run)
     atomic_write_json(run.metrics_file, metrics)
     try:
         write_results(run.results_for(output_format), results, output_format)

@@ -137,7 +137,8 @@ def finished_tasks(run: RunDir, ranks_per_task: int) -> set[int]:
 
 
 def progress(run: RunDir, kind: str, started: float | None, done_since_started: int | None = None) -> dict:
-    """Done/total and ETA for inference (from the shards), step and loss for fine-tuning.
+    """Done/total and ETA for inference (from the shards), step and loss for fine-tuning; the records
+    data.on_bad_record: skip left out.
 
     The rate is of what was done since `started`: by default the latest attempt's records."""
     if kind == "infer":
@@ -157,6 +158,8 @@ def progress(run: RunDir, kind: str, started: float | None, done_since_started: 
         done, total, rate_base = p["step"], p["total_steps"], p["step"]
     if started and total and 0 < done < total and rate_base:
         p["eta_s"] = (time.time() - started) / rate_base * (total - done)
+    if (rejected := run.read_state().get(State.REJECTED_RECORDS)) is not None:
+        p["rejected_records"] = rejected  # data.on_bad_record: skip; the records are in rejected.jsonl
     return p
 
 

@@ -16,6 +16,8 @@ from llmbatch.rundir import (
     FLAG,
     MEASURE,
     NUMBER,
+    RunDir,
+    State,
     check_object,
     maybe,
     read_json,
@@ -34,6 +36,8 @@ class Metric:
     """Inference: per attempt the slowest rank's time, summed. Fine-tuning: this attempt's wall time."""
     WORLD_SIZE = "world_size"
     """Ranks of the (last) attempt."""
+    REJECTED_RECORDS = "rejected_records"
+    """With data.on_bad_record: skip, the records left out (rejected.jsonl); counted at submission."""
 
     # Inference: over all results.
     PROMPT_TOKENS = "prompt_tokens"
@@ -81,6 +85,7 @@ class Metric:
 # What the readers check: the values the summary and `status` compute with or format as numbers.
 METRICS_FIELDS = {
     Metric.INPUTS: COUNT,
+    Metric.REJECTED_RECORDS: COUNT,
     Metric.STEPS: COUNT,
     Metric.WORLD_SIZE: COUNT,
     Metric.PROMPT_TOKENS: COUNT,
@@ -154,6 +159,13 @@ OLD_METRIC_KEYS = {
     "examples_per_s": Metric.INPUTS_PER_S,
 }
 """Keys of metrics.json before their rename, read as the new ones: runs written before still summarize."""
+
+
+def rejected_metric(run: RunDir) -> dict[str, Any]:
+    """metrics.json's count of the records data.on_bad_record: skip left out, as submission recorded it
+    in state.json (none without skip)."""
+    count = run.read_state().get(State.REJECTED_RECORDS)
+    return {} if count is None else {Metric.REJECTED_RECORDS: count}
 
 
 def read_metrics(path: Path) -> dict[str, Any]:

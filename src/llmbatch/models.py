@@ -262,7 +262,7 @@ def check_prompt_lengths(spec: JobSpec, inputs: list[Input], folder: Path, limit
             for i, size in enumerate(sizes):
                 if per_token is not None and size > limit * per_token:
                     raise DataError(
-                        f"{location(spec.data.path, batch[i].line)}: the prompt is {size} bytes, more "
+                        f"{location(spec.data.path, batch[i].line, spec.data.split)}: the prompt is {size} bytes, more "
                         f"than {limit} tokens hold (a token of this tokenizer stands for at most "
                         f"{per_token} bytes); {too_long}"
                     )
@@ -271,7 +271,8 @@ def check_prompt_lengths(spec: JobSpec, inputs: list[Input], folder: Path, limit
             for i, ids in zip(maybe, encode_texts(tokenizer, [texts[i] for i in maybe], spec.data)):
                 if len(ids) > limit:
                     raise DataError(
-                        f"{location(spec.data.path, batch[i].line)}: the prompt is {len(ids)} tokens; {too_long}"
+                        f"{location(spec.data.path, batch[i].line, spec.data.split)}: the prompt is {len(ids)} "
+                        f"tokens; {too_long}"
                     )
     finally:
         logging.set_verbosity(verbosity)

@@ -12,6 +12,7 @@
     shards/            inference: one JSONL shard per rank and attempt
     results.jsonl      inference: gathered results, written once complete (or results.parquet)
     metrics.json       both kinds: the run's numbers
+    rejected.jsonl     with data.on_bad_record: skip, the records left out: file, line (or row), reason
     checkpoints/       fine-tuning: accelerate states, step-NNNNNN/
     adapter/           fine-tuning: the final peft adapter
     adapter-best/      fine-tuning with validation data: the adapter of the best validation loss
@@ -393,6 +394,8 @@ class State:
     EXECUTOR = "executor"
     INPUTS = "inputs"
     """How many inputs the spec's data has, counted at submission."""
+    REJECTED_RECORDS = "rejected_records"
+    """With data.on_bad_record: skip, how many records were left out (rejected.jsonl), counted at submission."""
     INPUTS_FINGERPRINT = "inputs_fingerprint"
     """What `resume` checks the inputs against (`llmbatch.fingerprint`)."""
     JOB_IDS = "job_ids"
@@ -427,6 +430,7 @@ STATE_FIELDS = {
     State.KIND: one_of("infer", "finetune"),
     State.JOB_IDS: JOB_IDS,
     State.INPUTS: COUNT,
+    State.REJECTED_RECORDS: COUNT,
     State.ATTEMPT: COUNT,
     State.ATTEMPT_STARTED: NUMBER,
     State.REQUEUES: COUNT,
@@ -474,6 +478,7 @@ class RunDir:
     shards_dir = property(lambda self: self.path / "shards")
     results_file = property(lambda self: self.path / "results.jsonl")
     metrics_file = property(lambda self: self.path / "metrics.json")
+    rejected_file = property(lambda self: self.path / "rejected.jsonl")
     train_metrics_file = property(lambda self: self.path / "train_metrics.jsonl")
     checkpoints_dir = property(lambda self: self.path / "checkpoints")
     adapter_dir = property(lambda self: self.path / "adapter")

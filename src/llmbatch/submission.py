@@ -5,6 +5,7 @@ raises Interrupted, naming what became of the run.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -16,6 +17,7 @@ from pathlib import Path
 
 from llmbatch import COMMAND, lifecycle, slurm
 from llmbatch.checkpoints import CheckpointMismatch, check_resumable
+from llmbatch.data import Rejected
 from llmbatch.fingerprint import changed_input, spec_fingerprint
 from llmbatch.gather import gather_run
 from llmbatch.jobstep import example_place, make_plan, node_command
@@ -100,8 +102,11 @@ def check_job(spec: JobSpec, executor: str, run_path: Path, dry_run: bool = Fals
         raise UsageError(f"container.image: no such Apptainer image: {image}")
 
 
-def submit_new_run(spec: JobSpec, kind: str, executor: str, inputs: int, *, wait: bool) -> int:
-    """Create the run folder for a checked spec, submit its job and (see `submit_and_wait`) wait."""
+def submit_new_run(
+    spec: JobSpec, kind: str, executor: str, inputs: int, rejected: list[Rejected], *, wait: bool
+) -> int:
+    """Create the run folder for a checked spec, submit its job and (see `submit_and_wait`) wait.
+    `rejected`: the records data.on_bad_record: skip left out, for rejected.jsonl."""
     with interrupts_held():  # a run folder is whole (spec and state), or not there
         try:
             run = RunDir.create(spec.output.root, spec.name)
@@ -110,12 +115,16 @@ def submit_new_run(spec: JobSpec, kind: str, executor: str, inputs: int, *, wait
                 f"output.root: cannot create a run folder in {spec.output.root}: {e.strerror or e}"
             ) from None
         atomic_write(run.spec_file, dump_spec(spec))
+        skipping = spec.data.on_bad_record == "skip"
+        if skipping:  # written even when empty: the run says none was left out
+            atomic_write(run.rejected_file, "".join(json.dumps(r.as_json()) + "\n" for r in rejected))
         # What `resume` needs if none was submitted, and the inputs a resume must find unchanged.
         run.update_state(
             **{
                 State.KIND: kind,
                 State.EXECUTOR: executor,
                 State.INPUTS: inputs,
+                **({State.REJECTED_RECORDS: len(rejected)} if skipping else {}),
                 State.INPUTS_FINGERPRINT: spec_fingerprint(spec),
             }
         )

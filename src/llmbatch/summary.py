@@ -8,6 +8,7 @@ from llmbatch.rundir import RunDir
 # metrics.json keys worth a line, in order, with their labels; a run shows the ones it has.
 LINES = (
     (Metric.INPUTS, "inputs"),
+    (Metric.REJECTED_RECORDS, "rejected records (rejected.jsonl)"),
     (Metric.ACCURACY, "accuracy (exact match)"),
     (Metric.PROMPT_TOKENS, "prompt tokens"),
     (Metric.OUTPUT_TOKENS, "output tokens"),

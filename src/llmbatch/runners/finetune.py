@@ -58,7 +58,7 @@ from llmbatch.checkpoints import CheckpointMismatch
 from llmbatch.data import load_inputs
 from llmbatch.fingerprint import spec_fingerprint
 from llmbatch.heartbeat import start_heartbeat
-from llmbatch.metrics import Metric, TrainRow
+from llmbatch.metrics import Metric, TrainRow, rejected_metric
 from llmbatch.prompts import encode_prompts
 from llmbatch.rundir import RunDir, atomic_write_json, save_folder
 from llmbatch.runners.checkpoint import (
@@ -178,7 +178,7 @@ def load_data(spec: JobSpec, accelerator: Accelerator) -> Data:
         tokenizer.pad_token = tokenizer.eos_token  # padding is its own ignored sequence: any token will do
     train_inputs = load_inputs(spec.data)
     train_rows = make_rows(spec, tokenizer, train_inputs, "data.path")
-    val_inputs = load_inputs(spec.data, spec.data.val_path) if spec.data.val_path else []
+    val_inputs = load_inputs(spec.data, val=True) if spec.data.val_path else []
     val_rows = make_rows(spec, tokenizer, val_inputs, "data.val_path")
     collate_fn = partial(collate, pad_id=tokenizer.pad_token_id)
     # Its own generator: each new iterator draws a seed from it, and a resumed run starts iterators at
@@ -388,7 +388,8 @@ def save_outputs(t: Training, started: float) -> None:
             t.train_s,
             time.time() - started,
         )
-        atomic_write_json(run.metrics_file, metrics | {Metric.STOPPED_EARLY: state.step < t.total_steps})
+        metrics |= rejected_metric(run) | {Metric.STOPPED_EARLY: state.step < t.total_steps}
+        atomic_write_json(run.metrics_file, metrics)
         t.log.write_loss_curve()
         if t.spec.train.merge:
             merged = unwrapped.merge_and_unload()

@@ -23,11 +23,12 @@ from typing import Any, Literal
 
 import yaml
 
-from llmbatch.spec.schema import EMBEDDED_MODEL, KINDS, JobSpec, Range, SpecError
+from llmbatch.spec.schema import EMBEDDED_MODEL, KINDS, JobSpec, Range, SpecError, is_dataset_id
 from llmbatch.text import not_utf8
 
 # Keys whose string values are paths, and so resolve against the folder they were written for.
-PATH_KEYS = {"data.path", "data.val_path", "output.root", "container.image"}
+DATA_PATH_KEYS = ("data.path", "data.val_path")
+PATH_KEYS = {*DATA_PATH_KEYS, "output.root", "container.image"}
 MODEL_KEYS = ("model.path", "model.adapter")
 """A model folder or a hub id each: kept as written while parsing, resolved after it."""
 
@@ -223,7 +224,7 @@ def _build(cls: type, raw: Any, prefix: str, base_dir: Path) -> Any:
             if (allowed := fields[key].metadata.get("range")) is None:
                 raise
             raise SpecError(path, f"must be {_type_name(tp, allowed)}, got {value!r}") from None
-        if _is_path(path, value):
+        if _is_path(path, value) and not _dataset_id(path, value, base_dir):
             value = str(local_path(value, base_dir))
         kwargs[key] = value
     try:
@@ -242,6 +243,12 @@ def _is_path(key: str, value: Any) -> bool:
         return False
     # A Docker/Podman image is a name (repo/name:tag); only an Apptainer image is a file.
     return key != "container.image" or value.endswith(".sif")
+
+
+def _dataset_id(key: str, value: str, base_dir: Path) -> bool:
+    """A data path written as a Hugging Face dataset id, with nothing at it as a path: kept as written,
+    to be found in the datasets cache after parsing (`llmbatch.data.resolve_datasets`)."""
+    return key in DATA_PATH_KEYS and is_dataset_id(value) and not local_path(value, base_dir).exists()
 
 
 def local_path(value: str, folder: Path) -> Path:

@@ -140,6 +140,24 @@ class ModelSpec:
             )
 
 
+DATA_SUFFIXES = (".jsonl", ".csv", ".parquet")
+DATASET_ID = re.compile(r"(?:[A-Za-z0-9][\w.-]{0,95}/)?[A-Za-z0-9][\w.-]{0,95}")
+"""A Hugging Face dataset id: `name` or `owner/name`."""
+
+
+def is_dataset_id(value: str) -> bool:
+    """Whether a data.path value as written may be a Hugging Face dataset id (no data file's suffix)."""
+    return bool(DATASET_ID.fullmatch(value)) and Path(value).suffix not in DATA_SUFFIXES and ".." not in value
+
+
+def is_dataset_folder(path: str | Path) -> bool:
+    """A folder `datasets` wrote: save_to_disk's (dataset_dict.json for a DatasetDict, dataset_info.json
+    and state.json for a Dataset), or a dataset's folder in the datasets cache (dataset_info.json)."""
+    return Path(path).is_dir() and any(
+        (Path(path) / name).is_file() for name in ("dataset_dict.json", "dataset_info.json")
+    )
+
+
 def _not_a_file(path: str) -> str:
     """Why `path`, which is not a regular file, cannot be a data file (stat only: a FIFO is never opened)."""
     if Path(path).is_dir():
@@ -152,7 +170,8 @@ def _not_a_file(path: str) -> str:
 @dataclass
 class DataSpec:
     path: str | None = None
-    """JSONL, CSV or Parquet: the inputs to infer, or the training set to fine-tune on."""
+    """JSONL, CSV or Parquet, or a Hugging Face dataset (a save_to_disk folder, an id in the local
+    cache): the inputs to infer, or the training set to fine-tune on."""
     val_path: str | None = None
     """Fine-tuning only: the validation set."""
     id_field: str = "id"
@@ -168,8 +187,15 @@ class DataSpec:
     """The reference answer: scored after inference, the completion to learn when fine-tuning."""
     chat_template: bool = False
     """Wrap the prompt in the tokenizer's chat template (one user turn); chats always are."""
+    split: str | None = None
+    """A Hugging Face dataset's split to read (data.path); default: its only one."""
+    val_split: str | None = None
+    """The same for data.val_path."""
     max_inputs: int | None = ranged(None, positive(10**12))
     """Use only the first N inputs (and read the file only that far). Formerly `max_samples`."""
+    on_bad_record: Literal["error", "skip"] = "error"
+    """A bad record (line, row): refuse the spec (`error`), or leave it out and list it in the run
+    folder's rejected.jsonl (`skip`); a file with no good record is refused either way."""
 
     @property
     def through_chat_template(self) -> bool:
@@ -179,21 +205,36 @@ class DataSpec:
     def validate(self, kind: str) -> None:
         if self.path is None:
             what = "train data" if kind == "finetune" else "input data"
-            raise SpecError("data.path", f"missing: a {kind} spec needs {what} (JSONL, CSV or Parquet)")
-        for key, path in (("data.path", self.path), ("data.val_path", self.val_path)):
-            if path is not None:
-                _check(
-                    key,
-                    Path(path).suffix in (".jsonl", ".csv", ".parquet"),
-                    f"must be a .jsonl, .csv or .parquet file: {path}",
-                )
-                _check(key, Path(path).is_file(), _not_a_file(path))
-                _check(
-                    key,
-                    self.messages_field is None or Path(path).suffix != ".csv",
-                    f"data.messages_field needs JSONL or Parquet (a CSV cell holds no list): {path}",
-                    related=("data.messages_field",),
-                )
+            raise SpecError(
+                "data.path", f"missing: a {kind} spec needs {what} (JSONL, CSV, Parquet or a Hugging Face dataset)"
+            )
+        for key, path, split in (
+            ("data.path", self.path, "split"),
+            ("data.val_path", self.val_path, "val_split"),
+        ):
+            # An id stays as written until it is found in the datasets cache (data.resolve_datasets).
+            dataset = path is not None and (is_dataset_folder(path) or not Path(path).is_absolute())
+            _check(
+                f"data.{split}",
+                getattr(self, split) is None or dataset,
+                f"only for a Hugging Face dataset; {key} is {'not set' if path is None else f'a file: {path}'}",
+                related=(key,),
+            )
+            if path is None or dataset:
+                continue
+            _check(
+                key,
+                Path(path).suffix in DATA_SUFFIXES,
+                f"must be a .jsonl, .csv or .parquet file, a Hugging Face dataset folder (save_to_disk) or "
+                f"a dataset id in the local cache: {path}",
+            )
+            _check(key, Path(path).is_file(), _not_a_file(path))
+            _check(
+                key,
+                self.messages_field is None or Path(path).suffix != ".csv",
+                f"data.messages_field needs JSONL or Parquet (a CSV cell holds no list): {path}",
+                related=("data.messages_field",),
+            )
         prompt_keys = [k for k in ("prompt_field", "prompt_template", "messages_field") if getattr(self, k) is not None]
         if len(prompt_keys) != 1:
             chosen = (
