@@ -23,7 +23,7 @@ from llmbatch.prompts import encode_texts
 from llmbatch.runners.generation import Decoder, eos_token_ids, make_completion
 from llmbatch.runners.model_loading import load_model
 from llmbatch.runners.sampling import engine_params
-from llmbatch.spec import DataSpec, GenerationSpec, ModelSpec
+from llmbatch.spec import GenerationSpec, ModelSpec
 
 # --- bookkeeping ---------------------------------------------------------------------------------
 
@@ -129,7 +129,7 @@ def embedded(model_dir):
     torch.set_num_threads(1)  # a tiny model gains nothing from threads on a busy machine
     model, tokenizer = load_model(ModelSpec(path=str(model_dir)), torch.device("cpu"))
     questions = [f"Is {n} even or odd?" + " Think." * (n % 6) + "\nAnswer:" for n in range(24)]
-    yield model, tokenizer, encode_texts(tokenizer, questions, DataSpec()), [f"q{n}" for n in range(24)]
+    yield model, tokenizer, encode_texts(tokenizer, questions, templated=False), [f"q{n}" for n in range(24)]
     torch.set_num_threads(threads)
 
 
@@ -207,3 +207,4 @@ def test_a_stopped_engine_admits_nothing_more_and_returns_what_finished(embedded
     expected = Decoder(model, tokenizer, generation).complete(prompts, ids)
     eos = eos_token_ids(model, tokenizer)
     assert all(make_completion(tokenizer, eos, tokens) == expected[i] for i, tokens in first + rest)
+

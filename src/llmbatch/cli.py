@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from llmbatch import COMMAND, embedded, lifecycle, slurm
-from llmbatch.data import DataError, load_inputs
+from llmbatch.data import DataError, check_settings, load_inputs
 from llmbatch.gather import gather_run
 from llmbatch.jobstep import example_place, make_plan, node_command
 from llmbatch.models import check_model, resolve_models
@@ -64,6 +64,7 @@ def load_job_spec(kind: str, args: argparse.Namespace) -> tuple[JobSpec, int]:
     spec_path = args.spec or default_spec_path(kind)
     spec = resolve_models(load_spec(spec_path, kind, overrides, origins=origins), spec_path, overrides, origins)
     inputs = load_inputs(spec.data)
+    check_settings(inputs, spec.data, spec.generation)
     if spec.data.val_path:
         load_inputs(spec.data, spec.data.val_path)
     if spec.resources.array is not None and spec.resources.array > len(inputs):

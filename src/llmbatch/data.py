@@ -20,7 +20,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from llmbatch.spec import DataSpec, template_fields
+from llmbatch.openai_batch import BatchLineError, RequestSettings, parse_request, refused_setting
+from llmbatch.spec import DataSpec, GenerationSpec, template_fields
 from llmbatch.text import SURROGATE, hidden_character, invisible, not_utf8
 
 ROLES = ("system", "user", "assistant")
@@ -52,6 +53,8 @@ class Input:
     """Where the record starts: its line (JSONL, CSV), or its row (Parquet); see `location`."""
     messages: list[dict[str, str]] | None = None
     """A chat of {role, content} messages (data.messages_field), as given; None for a prompt."""
+    settings: RequestSettings | None = None
+    """An OpenAI batch line's own generation settings (see `check_settings`); None for other data."""
 
 
 def location(path: str | Path, number: int) -> str:
@@ -312,6 +315,8 @@ def used_fields(data: DataSpec) -> set[str]:
 def load_inputs(data: DataSpec, path: str | None = None) -> list[Input]:
     """The inputs of `path` (default: data.path), in file order, at most data.max_inputs."""
     path = Path(path or data.path)
+    if data.is_openai_batch():
+        return load_batch_inputs(path, data.max_inputs)
     fields = template_fields(data.prompt_template) if data.prompt_template is not None else []
     inputs, seen = [], {}
     unit, prefix = "row" if _is_parquet(path) else "line", _location_prefix(path)
@@ -341,13 +346,53 @@ def load_inputs(data: DataSpec, path: str | None = None) -> list[Input]:
     return inputs
 
 
+def load_batch_inputs(path: Path, max_inputs: int | None) -> list[Input]:
+    """The requests of an OpenAI batch file (llmbatch.openai_batch) as inputs: custom_id is the id,
+    the chat or prompt the text, and the body's max_tokens, temperature, top_p and seed its settings."""
+    if not path.stat().st_size:
+        raise DataError(f"{path}: the file is empty")
+    inputs, seen, url = [], {}, None
+    for number, record in _jsonl_records(path):
+        where = f"{path}:{number}"
+        try:
+            request = parse_request(record, url)
+        except BatchLineError as e:
+            raise DataError(f"{where}: {e}") from None
+        url = request.url
+        input_id = _input_id(where, record, "custom_id")
+        if input_id in seen:
+            raise DataError(f"{where}: duplicate custom_id {input_id!r} (first at line {seen[input_id]})")
+        seen[input_id] = number
+        if request.prompt is not None:
+            _check_size(where, "prompt", request.prompt)
+        else:
+            _check_size(where, "chat in body.messages", "".join(m["content"] for m in request.messages))
+        inputs.append(Input(input_id, request.prompt, None, number, request.messages, request.settings))
+        if max_inputs is not None and len(inputs) == max_inputs:
+            break
+    if not inputs:
+        raise DataError(f"{path}: the file has no records")
+    return inputs
+
+
+def check_settings(inputs: list[Input], data: DataSpec, generation: GenerationSpec) -> None:
+    """Refuse, naming its line, an input whose own settings the spec does not allow
+    (generation.allow_overrides, and max_tokens at most generation.max_new_tokens)."""
+    for item in inputs:
+        if item.settings is not None and (
+            why := refused_setting(item.settings, generation.allow_overrides, generation.max_new_tokens)
+        ):
+            raise DataError(f"{location(data.path, item.line)}: {why}")
+
+
 def chat(item: Input, data: DataSpec) -> list[dict[str, str]] | None:
     """The messages an input is to the chat template, or None for a prompt used as written.
 
     data.system_prompt opens every chat with a system message, unless its messages begin with one
-    of their own (theirs is the more specific).
+    of their own (theirs is the more specific). An OpenAI batch file's chat lines are chats, its
+    completion prompts are used as written.
     """
-    if not data.through_chat_template:
+    if item.messages is None and not data.chat_template:
         return None
     messages = item.messages or [{"role": "user", "content": item.prompt}]
     if data.system_prompt is not None and messages[0]["role"] != "system":

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from llmbatch.openai_batch import FORMAT as OPENAI_BATCH
+from llmbatch.openai_batch import is_batch_file
 from llmbatch.spec.slurm_formats import (
     SBATCH_OPTION,
     SLURM_MEM,
@@ -170,16 +172,27 @@ class DataSpec:
     """Wrap the prompt in the tokenizer's chat template (one user turn); chats always are."""
     max_inputs: int | None = ranged(None, positive(10**12))
     """Use only the first N inputs (and read the file only that far). Formerly `max_samples`."""
+    format: Literal["auto", "openai-batch"] = "auto"
+    """`auto`: by the file's suffix, and a .jsonl whose first line has a custom_id and a body is an OpenAI
+    batch file; `openai-batch`: an OpenAI batch file (llmbatch.openai_batch)."""
 
     @property
     def through_chat_template(self) -> bool:
-        """Whether the model reads records through the tokenizer's chat template."""
+        """Whether the model reads records through the tokenizer's chat template (an OpenAI batch file's
+        chat lines always do: `llmbatch.data.chat`)."""
         return self.chat_template or self.messages_field is not None
+
+    def is_openai_batch(self) -> bool:
+        """Whether data.path is an OpenAI batch file: said so, or detected (`openai_batch.is_batch_file`)."""
+        return self.format == OPENAI_BATCH or (self.path is not None and is_batch_file(self.path))
 
     def validate(self, kind: str) -> None:
         if self.path is None:
             what = "train data" if kind == "finetune" else "input data"
             raise SpecError("data.path", f"missing: a {kind} spec needs {what} (JSONL, CSV or Parquet)")
+        if self.is_openai_batch():
+            self._validate_openai_batch(kind)
+            return
         for key, path in (("data.path", self.path), ("data.val_path", self.val_path)):
             if path is not None:
                 _check(
@@ -229,6 +242,34 @@ class DataSpec:
         if self.val_path is not None and kind != "finetune":
             raise SpecError("data.val_path", "only used by finetune specs")
 
+    def _validate_openai_batch(self, kind: str) -> None:
+        """The lines hold the ids, prompts or chats and settings: keys that would say otherwise are refused."""
+        which = "data.format: openai-batch" if self.format == OPENAI_BATCH else f"{self.path} (an OpenAI batch file)"
+        _check("data.format", kind == "infer", f"{which} holds requests to answer, not training data")
+        _check("data.path", Path(self.path).is_file(), _not_a_file(self.path))
+        _check("data.path", Path(self.path).suffix == ".jsonl", f"an OpenAI batch file is JSONL (.jsonl): {self.path}")
+        _check("data.val_path", self.val_path is None, "only used by finetune specs")
+        for key in ("prompt_field", "prompt_template", "messages_field", "reference_field", "system_prompt"):
+            _check(
+                f"data.{key}",
+                getattr(self, key) is None,
+                f"not used with {which}: its lines hold the prompts or chats (drop the key)",
+                related=("data.format",),
+            )
+        _check(
+            "data.id_field",
+            self.id_field == "id",
+            f"not used with {which}: a line's custom_id is its id (drop the key)",
+            related=("data.format",),
+        )
+        _check(
+            "data.chat_template",
+            not self.chat_template,
+            f"not used with {which}: chat lines go through the chat template, completion prompts are used as "
+            f"written (drop the key)",
+            related=("data.format",),
+        )
+
 
 @dataclass
 class GenerationSpec:
@@ -253,6 +294,19 @@ class GenerationSpec:
     long_prompts: Literal["error", "truncate"] = "error"
     """A prompt that with max_new_tokens exceeds the model's context: refused before queueing (`error`),
     or cut to its last tokens, keeping its BOS (`truncate`; counted in metrics.json)."""
+    allow_overrides: list[Literal["max_tokens", "temperature", "top_p", "seed"]] = field(default_factory=list)
+    """What a line of an OpenAI batch file may set for itself (llmbatch.openai_batch); max_tokens at most
+    max_new_tokens. A line setting anything else is refused."""
+
+    def validate(self, data: DataSpec) -> None:
+        for i, name in enumerate(self.allow_overrides):
+            _check(f"generation.allow_overrides[{i}]", name not in self.allow_overrides[:i], f"{name!r} twice")
+        _check(
+            "generation.allow_overrides",
+            not self.allow_overrides or data.is_openai_batch(),
+            "only the lines of an OpenAI batch file carry their own settings (data.format: openai-batch)",
+            related=("data.format", "data.path"),
+        )
 
 
 @dataclass
@@ -473,8 +527,9 @@ class ContainerSpec:
 class OutputSpec:
     root: str = "runs"
     """Run folders are created here; on a cluster, shared storage every node sees."""
-    format: Literal["jsonl", "parquet"] = "jsonl"
-    """Inference: the gathered results as results.jsonl or results.parquet (the same columns)."""
+    format: Literal["jsonl", "parquet", "openai-batch"] = "jsonl"
+    """Inference: the gathered results as results.jsonl or results.parquet (the same columns), or as an
+    OpenAI batch output file, results.openai-batch.jsonl (a response per custom_id)."""
 
 
 @dataclass
@@ -502,6 +557,8 @@ class JobSpec:
         for section in ("data", "generation", "resources") + (("lora", "train") if self.kind == "finetune" else ()):
             check_ranges(getattr(self, section), section)
         self.data.validate(self.kind)
+        if self.kind == "infer":
+            self.generation.validate(self.data)
         self.resources.validate()
         self.container.validate()
         if self.kind == "finetune":
