@@ -91,6 +91,12 @@ def test_a_jsonl_of_requests_is_detected_and_custom_id_is_the_id(tmp_path):
     assert load_inputs(DataSpec(path=str(path), format="openai-batch")) == [first, second]
 
 
+def test_a_plain_file_with_fields_named_like_a_request_is_read_as_plain_when_the_spec_says_how(tmp_path):
+    path = write_data(tmp_path / "plain.jsonl", [{"id": 1, "custom_id": "x", "body": "b", "q": "Is 7 even?"}])
+    [item] = load_inputs(DataSpec(path=str(path), prompt_field="q"))
+    assert (item.id, item.prompt, item.settings) == ("1", "Is 7 even?", None)
+
+
 def test_completion_requests_keep_their_prompt_as_written(tmp_path):
     path = write_data(tmp_path / "batch.jsonl", [completion_line("a"), completion_line("b", prompt="Q: 2?\nA:")])
     inputs = load_inputs(DataSpec(path=str(path)))
@@ -221,8 +227,8 @@ def test_a_line_setting_what_the_spec_does_not_allow_is_refused(tmp_path, capsys
 @pytest.mark.parametrize(
     ("data", "generation", "message"),
     [
-        ({"prompt_field": "q"}, {}, "data.prompt_field: not used with"),
-        ({"messages_field": "m"}, {}, "data.messages_field: not used with"),
+        ({"format": "openai-batch", "prompt_field": "q"}, {}, "data.prompt_field: not used with"),
+        ({"format": "openai-batch", "messages_field": "m"}, {}, "data.messages_field: not used with"),
         ({"id_field": "key"}, {}, "data.id_field: not used with"),
         ({"chat_template": True}, {}, "data.chat_template: not used with"),
         ({}, {"allow_overrides": ["seed", "seed"]}, "generation.allow_overrides[1]: 'seed' twice"),

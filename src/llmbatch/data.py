@@ -6,7 +6,8 @@ read as UTF-8 (a leading BOM is dropped); Parquet in record batches of its neede
 Ids must be non-empty single-line text (a string or an integer) without control or invisible format
 characters, since they appear in logs, shard files and error lines. A record is at most MAX_RECORD_BYTES:
 a line, a CSV field, a prompt or a chat; text holds no lone surrogate (half of a UTF-16 pair, from a JSON
-escape), which no tokenizer, log or shard can write.
+escape), which no tokenizer, log or shard can write. An OpenAI batch file's lines are checked by
+llmbatch.openai_batch and become inputs here (`load_batch_inputs`).
 """
 
 from __future__ import annotations

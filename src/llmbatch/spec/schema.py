@@ -174,7 +174,7 @@ class DataSpec:
     """Use only the first N inputs (and read the file only that far). Formerly `max_samples`."""
     format: Literal["auto", "openai-batch"] = "auto"
     """`auto`: by the file's suffix, and a .jsonl whose first line has a custom_id and a body is an OpenAI
-    batch file; `openai-batch`: an OpenAI batch file (llmbatch.openai_batch)."""
+    batch file unless a prompt key is set; `openai-batch`: an OpenAI batch file (llmbatch.openai_batch)."""
 
     @property
     def through_chat_template(self) -> bool:
@@ -183,8 +183,12 @@ class DataSpec:
         return self.chat_template or self.messages_field is not None
 
     def is_openai_batch(self) -> bool:
-        """Whether data.path is an OpenAI batch file: said so, or detected (`openai_batch.is_batch_file`)."""
-        return self.format == OPENAI_BATCH or (self.path is not None and is_batch_file(self.path))
+        """Whether data.path is an OpenAI batch file: said so, or detected (`openai_batch.is_batch_file`)
+        where the spec does not say how to read prompts (a plain file may have fields named so)."""
+        if self.format == OPENAI_BATCH:
+            return True
+        prompt_keys = (self.prompt_field, self.prompt_template, self.messages_field)
+        return all(key is None for key in prompt_keys) and self.path is not None and is_batch_file(self.path)
 
     def validate(self, kind: str) -> None:
         if self.path is None:
