@@ -23,7 +23,7 @@ from llmbatch.prompts import encode_texts
 from llmbatch.runners.generation import Decoder, eos_token_ids, make_completion
 from llmbatch.runners.model_loading import load_model
 from llmbatch.runners.sampling import engine_params
-from llmbatch.spec import DataSpec, GenerationSpec, ModelSpec
+from llmbatch.spec import GenerationSpec, ModelSpec
 
 # --- bookkeeping ---------------------------------------------------------------------------------
 
@@ -129,7 +129,7 @@ def embedded(model_dir):
     torch.set_num_threads(1)  # a tiny model gains nothing from threads on a busy machine
     model, tokenizer = load_model(ModelSpec(path=str(model_dir)), torch.device("cpu"))
     questions = [f"Is {n} even or odd?" + " Think." * (n % 6) + "\nAnswer:" for n in range(24)]
-    yield model, tokenizer, encode_texts(tokenizer, questions, DataSpec()), [f"q{n}" for n in range(24)]
+    yield model, tokenizer, encode_texts(tokenizer, questions, templated=False), [f"q{n}" for n in range(24)]
     torch.set_num_threads(threads)
 
 
@@ -207,3 +207,28 @@ def test_a_stopped_engine_admits_nothing_more_and_returns_what_finished(embedded
     expected = Decoder(model, tokenizer, generation).complete(prompts, ids)
     eos = eos_token_ids(model, tokenizer)
     assert all(make_completion(tokenizer, eos, tokens) == expected[i] for i, tokens in first + rest)
+
+
+def test_each_prompt_keeps_its_own_seed_and_length_in_the_engine_and_in_generate(embedded):
+    # An OpenAI batch line's seed and max_tokens: as if each prompt ran alone with them as the spec's.
+    model, tokenizer, prompts, ids = embedded
+    prompts, ids = prompts[:8], ids[:8]
+    generation = GenerationSpec(max_new_tokens=8, do_sample=True, temperature=3.0, top_p=0.9, seed=0)
+    seeds, limits = [0, 1, 2, 3, 0, 1, 2, 3], [8, 3, 5, 1, 8, 2, 7, 4]
+    alone = [
+        Decoder(model, tokenizer, dataclasses.replace(generation, seed=seed, max_new_tokens=limit)).complete([p], [i])[
+            0
+        ]
+        for p, i, seed, limit in zip(prompts, ids, seeds, limits)
+    ]
+    engine = make_engine(model, tokenizer, generation, prompts)
+    engine.warm_up()
+    done = {}
+    for group in engine.run(prompts, ids, lambda: False, seeds, limits):
+        done.update(group)
+    eos = eos_token_ids(model, tokenizer)
+    assert [make_completion(tokenizer, eos, done[i]) for i in range(len(prompts))] == alone
+    assert Decoder(model, tokenizer, generation).complete(prompts, ids, seeds, limits) == alone
+    assert all(c.tokens <= limit for c, limit in zip(alone, limits)) and alone[3].tokens == 1
+    other_seed = Decoder(model, tokenizer, dataclasses.replace(generation, seed=1)).complete(prompts[:1], ids[:1])
+    assert other_seed != alone[:1]  # the seed is the line's, not the spec's

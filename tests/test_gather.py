@@ -104,10 +104,10 @@ def test_gather_writes_results_in_input_order_exactly_once(make_run):
 # --- output.format --------------------------------------------------------------------------------
 
 
-def test_output_format_is_jsonl_or_parquet(tmp_path, good, capsys):
+def test_output_format_is_jsonl_parquet_or_openai_batch(tmp_path, good, capsys):
     good["output"]["format"] = "csv"
     code, err = run_cli(tmp_path, good, capsys=capsys)
-    assert code == 2 and "output.format: must be 'jsonl' or 'parquet', got 'csv'" in err, err
+    assert code == 2 and "output.format: must be 'jsonl' or 'parquet' or 'openai-batch', got 'csv'" in err, err
 
 
 # --- output.format: parquet ----------------------------------------------------------------------

@@ -136,11 +136,11 @@ def test_a_prompt_over_the_budget_gets_a_batch_of_its_own():
 def test_sampling_noise_of_an_input_does_not_depend_on_its_batch():
     scores = torch.randn(3, 50)
     input_ids = torch.zeros(3, 7, dtype=torch.long)  # prompt width 5, step 2
-    together = SeededSampling(0, ["a", "b", "c"], prompt_width=5)(input_ids, scores.clone())
-    alone = SeededSampling(0, ["b"], prompt_width=3)(input_ids[1:2, 2:], scores[1:2].clone())
+    together = SeededSampling([0] * 3, ["a", "b", "c"], prompt_width=5)(input_ids, scores.clone())
+    alone = SeededSampling([0], ["b"], prompt_width=3)(input_ids[1:2, 2:], scores[1:2].clone())
     assert torch.equal(together[1], alone[0])
     assert not torch.equal(together[0] - scores[0], together[1] - scores[1])
-    other_step = SeededSampling(0, ["a", "b", "c"], prompt_width=4)(input_ids, scores.clone())
+    other_step = SeededSampling([0] * 3, ["a", "b", "c"], prompt_width=4)(input_ids, scores.clone())
     assert not torch.equal(together, other_step)
 
 

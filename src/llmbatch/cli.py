@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from llmbatch import COMMAND, embedded, lifecycle, slurm
-from llmbatch.data import DataError, Rejected, load_inputs, resolve_datasets
+from llmbatch.data import DataError, Rejected, check_settings, load_inputs, resolve_datasets
 from llmbatch.gather import gather_run
 from llmbatch.jobstep import example_place, make_plan, node_command
 from llmbatch.models import check_model, resolve_models
@@ -70,6 +70,7 @@ def load_job_spec(kind: str, args: argparse.Namespace) -> tuple[JobSpec, int, li
         raise
     rejected: list[Rejected] = []
     inputs = load_inputs(spec.data, rejected=rejected)
+    check_settings(inputs, spec.data, spec.generation)
     if spec.data.val_path:
         load_inputs(spec.data, val=True, rejected=rejected)
     if spec.resources.array is not None and spec.resources.array > len(inputs):

@@ -6,7 +6,8 @@ read as UTF-8 (a leading BOM is dropped); Parquet in record batches of its neede
 Ids must be non-empty single-line text (a string or an integer) without control or invisible format
 characters, since they appear in logs, shard files and error lines. A record is at most MAX_RECORD_BYTES:
 a line, a CSV field, a prompt or a chat; text holds no lone surrogate (half of a UTF-16 pair, from a JSON
-escape), which no tokenizer, log or shard can write.
+escape), which no tokenizer, log or shard can write. An OpenAI batch file's lines are checked by
+llmbatch.openai_batch and become inputs here (`load_batch_inputs`).
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from llmbatch.spec import DataSpec, JobSpec, SpecError, template_fields
+from llmbatch.openai_batch import BatchLineError, RequestSettings, parse_request, refused_setting
+from llmbatch.spec import DataSpec, GenerationSpec, JobSpec, SpecError, template_fields
 from llmbatch.text import SURROGATE, hidden_character, invisible, not_utf8
 
 ROLES = ("system", "user", "assistant")
@@ -85,6 +87,8 @@ class Input:
     """Where the record starts: its line (JSONL, CSV), or its row (Parquet); see `location`."""
     messages: list[dict[str, str]] | None = None
     """A chat of {role, content} messages (data.messages_field), as given; None for a prompt."""
+    settings: RequestSettings | None = None
+    """An OpenAI batch line's own generation settings (see `check_settings`); None for other data."""
 
 
 def location(path: str | Path, number: int, split: str | None = None) -> str:
@@ -498,6 +502,8 @@ def load_inputs(data: DataSpec, val: bool = False, rejected: list[Rejected] | No
     path, split = (Path(data.val_path), data.val_split) if val else (Path(data.path), data.split)
     if path.is_dir():
         split = _split_of(path, split, "data.val_split" if val else "data.split")
+    if data.is_openai_batch():
+        return load_batch_inputs(path, data.max_inputs)
     skip = data.on_bad_record == "skip"
     fields = template_fields(data.prompt_template) if data.prompt_template is not None else []
     inputs, seen, left_out, first_bad = [], {}, [], None
@@ -548,13 +554,53 @@ def _input(
     return Input(input_id, prompt, reference, number, messages)
 
 
+def load_batch_inputs(path: Path, max_inputs: int | None) -> list[Input]:
+    """The requests of an OpenAI batch file (llmbatch.openai_batch) as inputs: custom_id is the id,
+    the chat or prompt the text, and the body's max_tokens, temperature, top_p and seed its settings."""
+    if not path.stat().st_size:
+        raise DataError(f"{path}: the file is empty")
+    inputs, seen, url = [], {}, None
+    for number, record in _jsonl_records(path):
+        where = f"{path}:{number}"
+        try:
+            request = parse_request(record, url)
+        except BatchLineError as e:
+            raise DataError(f"{where}: {e}") from None
+        url = request.url
+        input_id = _input_id(where, record, "custom_id")
+        if input_id in seen:
+            raise DataError(f"{where}: duplicate custom_id {input_id!r} (first at line {seen[input_id]})")
+        seen[input_id] = number
+        if request.prompt is not None:
+            _check_size(where, "prompt", request.prompt)
+        else:
+            _check_size(where, "chat in body.messages", "".join(m["content"] for m in request.messages))
+        inputs.append(Input(input_id, request.prompt, None, number, request.messages, request.settings))
+        if max_inputs is not None and len(inputs) == max_inputs:
+            break
+    if not inputs:
+        raise DataError(f"{path}: the file has no records")
+    return inputs
+
+
+def check_settings(inputs: list[Input], data: DataSpec, generation: GenerationSpec) -> None:
+    """Refuse, naming its line, an input whose own settings the spec does not allow
+    (generation.allow_overrides, and max_tokens at most generation.max_new_tokens)."""
+    for item in inputs:
+        if item.settings is not None and (
+            why := refused_setting(item.settings, generation.allow_overrides, generation.max_new_tokens)
+        ):
+            raise DataError(f"{location(data.path, item.line)}: {why}")
+
+
 def chat(item: Input, data: DataSpec) -> list[dict[str, str]] | None:
     """The messages an input is to the chat template, or None for a prompt used as written.
 
     data.system_prompt opens every chat with a system message, unless its messages begin with one
-    of their own (theirs is the more specific).
+    of their own (theirs is the more specific). An OpenAI batch file's chat lines are chats, its
+    completion prompts are used as written.
     """
-    if not data.through_chat_template:
+    if item.messages is None and not data.chat_template:
         return None
     messages = item.messages or [{"role": "user", "content": item.prompt}]
     if data.system_prompt is not None and messages[0]["role"] != "system":

@@ -16,7 +16,7 @@ from typing import Any
 
 from llmbatch.data import dataset_files
 from llmbatch.rundir import renamed_keys
-from llmbatch.spec import OLD_KEYS, JobSpec
+from llmbatch.spec import OLD_KEYS, DataSpec, JobSpec, LoraSpec
 
 FINGERPRINT_TRAIN_KEYS = ("seed", "seq_len", "packing", "loss_on", "micro_batch_size", "grad_accum_steps")
 """train.* values that decide which rows a step holds: a checkpoint's data position means nothing under others."""
@@ -67,6 +67,17 @@ def as_named_now(saved: dict[str, Any]) -> dict[str, Any]:
     return ADDED_KEYS | renamed_keys(saved, OLD_KEYS)
 
 
+_SECTIONS = {"data": DataSpec, "lora": LoraSpec}
+"""The spec sections whose every key is in the fingerprint."""
+
+
+def _default(key: str) -> Any:
+    """The default of a fingerprint's spec key (`data.format`); MISSING for other keys."""
+    section, _, name = key.partition(".")
+    fields = {f.name: f for f in dataclasses.fields(_SECTIONS[section])} if section in _SECTIONS else {}
+    return fields[name].default if name in fields else dataclasses.MISSING
+
+
 def changed_input(saved: dict[str, Any], spec: JobSpec) -> str | None:
     """Why `spec`'s inputs are not those of `saved` (a fingerprint recorded at submission), in words
     naming the first that changed; None when none did. A changed data file is named by its path (a data file
@@ -80,6 +91,8 @@ def changed_input(saved: dict[str, Any], spec: JobSpec) -> str | None:
                 f"a new run)"
             )
     for key in sorted(saved.keys() | now.keys()):
+        if key not in saved and now[key] == _default(key):
+            continue  # a key added since the run was submitted, at the value that changes nothing
         if saved.get(key) != now.get(key):
             return (
                 f"submitted with {key}={saved.get(key)!r}, but it is now {now.get(key)!r}; a resume runs on "

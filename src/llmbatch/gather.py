@@ -1,10 +1,11 @@
-"""Gather an inference run's shards into results.jsonl (or results.parquet, output.format) and
-metrics.json: every input exactly once.
+"""Gather an inference run's shards into results.jsonl (or results.parquet, or an OpenAI batch output
+file: output.format) and metrics.json: every input exactly once.
 
 The runner's main process calls `gather_shards` once every rank is done; `python submit.py gather RUN`
 runs it again by hand (`gather_run`). The results are written last, atomically, and only when every
-input has a result, so their existence means the run is complete. Both formats hold the same columns,
-the keys of a shard record. Scoring: see `llmbatch.scoring`.
+input has a result, so their existence means the run is complete. jsonl and parquet hold the same
+columns, the keys of a shard record; openai-batch a response per custom_id (`openai_batch.output_line`).
+Scoring: see `llmbatch.scoring`.
 
 metrics.json (keys: `llmbatch.metrics`) holds:
     inputs, prompt_tokens, output_tokens, finish_reasons   over all results
@@ -25,10 +26,9 @@ from __future__ import annotations
 
 import sys
 from collections import Counter
-from pathlib import Path
 from typing import Any
 
-from llmbatch import scoring
+from llmbatch import openai_batch, scoring
 from llmbatch.data import Input
 from llmbatch.metrics import Metric, rejected_metric
 from llmbatch.rundir import RunDir, atomic_file, atomic_write, atomic_write_json
@@ -66,16 +66,23 @@ def gather_shards(run: RunDir, inputs: list[Input], output_format: str) -> dict[
     metrics = result_metrics(results) | rejected_metric(run) | timing_metrics(run)
     atomic_write_json(run.metrics_file, metrics)
     try:
-        write_results(run.results_for(output_format), results, output_format)
+        write_results(run, results, output_format)
     except OSError:  # a full disk, say: no metrics.json of a run that has no results
         run.metrics_file.unlink(missing_ok=True)
         raise
     return metrics
 
 
-def write_results(path: Path, results: list[dict], output_format: str) -> None:
+def write_results(run: RunDir, results: list[dict], output_format: str) -> None:
+    path = run.results_for(output_format)
     if output_format == "jsonl":
         atomic_write(path, "".join(map(record_line, results)))
+        return
+    if output_format == openai_batch.FORMAT:
+        # created: the run's submission (its spec.yaml's time), so that gathering again writes the same bytes
+        model, created = openai_batch.model_name(load_resolved(run.spec_file).model.path), run.spec_file.stat()
+        lines = (openai_batch.output_line(r, run.name, model, int(created.st_mtime)) for r in results)
+        atomic_write(path, "".join(map(record_line, lines)))
         return
     import pyarrow as pa
     import pyarrow.parquet as pq

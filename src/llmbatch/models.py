@@ -24,7 +24,7 @@ from llmbatch.data import DataError, Input, location
 # The engine's own list of families: a leaf module that imports nothing (no torch), so the check can
 # run before anything is queued.
 from llmbatch.engine.families import FAMILIES
-from llmbatch.prompts import encode_texts, prompt_texts
+from llmbatch.prompts import encode_texts, prompt_texts, templated
 from llmbatch.spec import (
     EMBEDDED_MODEL,
     JobSpec,
@@ -151,8 +151,10 @@ def check_model(spec: JobSpec, inputs: list[Input]) -> None:
     for name in ("generation_config.json", "tokenizer_config.json"):
         if (folder / name).is_file():
             read_json_object(folder / name, "model.path")
-    if spec.data.through_chat_template and not has_chat_template(folder):
+    if templated(inputs, spec.data) and not has_chat_template(folder):
         key = "data.messages_field" if spec.data.messages_field else "data.chat_template"
+        if spec.data.is_openai_batch():
+            key = "data.path"  # its chat lines: /v1/chat/completions
         raise SpecError(
             key,
             f"the tokenizer in {folder} has no chat template (none in tokenizer_config.json, no chat_template.jinja)",
@@ -268,7 +270,7 @@ def check_prompt_lengths(spec: JobSpec, inputs: list[Input], folder: Path, limit
                     )
             # Encoding a million prompts takes minutes; a text this short in bytes cannot be too long.
             maybe = [i for i, size in enumerate(sizes) if extra is None or size + extra > limit]
-            for i, ids in zip(maybe, encode_texts(tokenizer, [texts[i] for i in maybe], spec.data)):
+            for i, ids in zip(maybe, encode_texts(tokenizer, [texts[i] for i in maybe], templated(batch, spec.data))):
                 if len(ids) > limit:
                     raise DataError(
                         f"{location(spec.data.path, batch[i].line, spec.data.split)}: the prompt is {len(ids)} "

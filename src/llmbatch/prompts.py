@@ -12,10 +12,16 @@ ENCODE_CHUNK = 4096
 """Prompts encoded in one call of the tokenizer."""
 
 
+def templated(inputs: list[Input], data: DataSpec) -> bool:
+    """Whether these inputs go through the chat template (`llmbatch.data.chat`): a file's inputs all do
+    (data.chat_template, data.messages_field, an OpenAI batch file of chats), or none do."""
+    return data.chat_template or any(item.messages is not None for item in inputs)
+
+
 def prompt_texts(tokenizer, inputs: list[Input], data: DataSpec) -> list[str]:
     """What the model reads for each input: its prompt as written, or its chat (`llmbatch.data.chat`)
     rendered through the tokenizer's chat template with the generation prompt."""
-    if not data.through_chat_template:
+    if not templated(inputs, data):
         return [item.prompt for item in inputs]
     if not inputs:
         return []
@@ -25,12 +31,12 @@ def prompt_texts(tokenizer, inputs: list[Input], data: DataSpec) -> list[str]:
     )
 
 
-def encode_texts(tokenizer, texts: list[str], data: DataSpec) -> list[list[int]]:
-    """Token ids of `prompt_texts`."""
+def encode_texts(tokenizer, texts: list[str], templated: bool) -> list[list[int]]:
+    """Token ids of `prompt_texts`; `templated`: whether they went through the chat template."""
     if not texts:
         return []  # a resumed run with nothing left; the tokenizer fails on an empty batch
     # Some templates write the BOS token themselves; encoding must not add a second one.
-    has_bos = data.through_chat_template and bool(tokenizer.bos_token) and texts[0].startswith(tokenizer.bos_token)
+    has_bos = templated and bool(tokenizer.bos_token) and texts[0].startswith(tokenizer.bos_token)
     # In chunks: the tokenizer's encodings (tokens, offsets, masks) of a whole data file at once would
     # take many times the memory of the ids kept.
     return [
@@ -44,7 +50,7 @@ def encode_texts(tokenizer, texts: list[str], data: DataSpec) -> list[list[int]]
 
 def encode_prompts(tokenizer, inputs: list[Input], data: DataSpec) -> list[list[int]]:
     """Token ids of each input's prompt text."""
-    return encode_texts(tokenizer, prompt_texts(tokenizer, inputs, data), data)
+    return encode_texts(tokenizer, prompt_texts(tokenizer, inputs, data), templated(inputs, data))
 
 
 def fit_to_context(prompt: list[int], max_tokens: int, bos_token_id: int | None) -> list[int]:

@@ -10,7 +10,8 @@
     logs/node-N/       per-rank stdout/stderr (torchrun's --tee), for multi-process nodes
     logs/task-NNNNN/   an array task's node-0.log and node-0/
     shards/            inference: one JSONL shard per rank and attempt
-    results.jsonl      inference: gathered results, written once complete (or results.parquet)
+    results.jsonl      inference: gathered results, written once complete (or results.parquet, or
+                       results.openai-batch.jsonl: output.format)
     metrics.json       both kinds: the run's numbers
     rejected.jsonl     with data.on_bad_record: skip, the records left out: file, line (or row), reason
     checkpoints/       fine-tuning: accelerate states, step-NNNNNN/
@@ -41,8 +42,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
-RESULT_FORMATS = ("jsonl", "parquet")
-"""output.format: how an inference run's gathered results are written."""
+RESULT_FILES = {"jsonl": "results.jsonl", "parquet": "results.parquet", "openai-batch": "results.openai-batch.jsonl"}
+"""output.format: how an inference run's gathered results are written, and the file's name."""
 
 
 def fsync_path(path: Path) -> None:
@@ -502,12 +503,12 @@ class RunDir:
         self.space_reserve.unlink(missing_ok=True)
 
     def results_for(self, output_format: str) -> Path:
-        """Where gather writes the results in an output.format: results.jsonl, results.parquet."""
-        return self.path / f"results.{output_format}"
+        """Where gather writes the results in an output.format (`RESULT_FILES`)."""
+        return self.path / RESULT_FILES[output_format]
 
     def gathered_results(self) -> Path | None:
         """The gathered results, whichever format they were written in; None before the run is complete."""
-        return next((p for p in map(self.results_for, RESULT_FORMATS) if p.exists()), None)
+        return next((p for p in map(self.results_for, RESULT_FILES) if p.exists()), None)
 
     def node_log(self, node: int, task: int | None = None) -> Path:
         return self._task_logs_dir(task) / f"node-{node}.log"

@@ -113,12 +113,24 @@ class Engine:
 
     @torch.inference_mode()
     def run(
-        self, prompts: list[list[int]], ids: list[str], stop: Callable[[], bool]
+        self,
+        prompts: list[list[int]],
+        ids: list[str],
+        stop: Callable[[], bool],
+        seeds: list[int] | None = None,
+        limits: list[int] | None = None,
     ) -> Iterator[list[tuple[int, list[int]]]]:
         """Groups of (index into prompts, output tokens), as sequences end (the last token is an
-        end-of-sequence token, or there are max_new_tokens). Once stop() is true no prompt
-        is admitted and the loop ends after the step in flight; unfinished sequences are dropped."""
-        keys = [input_key(self.params.seed, input_id) for input_id in ids]
+        end-of-sequence token, or there are its limit's tokens). Once stop() is true no prompt
+        is admitted and the loop ends after the step in flight; unfinished sequences are dropped.
+
+        `seeds`, `limits`: each prompt's own sampling seed and most output tokens (at most
+        max_new_tokens); None: the parameters' seed and max_new_tokens for every prompt."""
+        seeds = seeds or [self.params.seed] * len(prompts)
+        limits = limits or [self.params.max_new_tokens] * len(prompts)
+        if max(limits, default=0) > self.params.max_new_tokens:  # its slot has no room for more
+            raise ValueError(f"a limit of {max(limits)} tokens exceeds max_new_tokens {self.params.max_new_tokens}")
+        keys = [input_key(seed, input_id) for seed, input_id in zip(seeds, ids)]
         scheduler = Scheduler([len(p) for p in prompts], self.cache.slots)
         finished: list[tuple[int, list[int]]] = []
         flush_at, last_flush = max(1, self.cache.slots // 8), time.monotonic()
@@ -126,25 +138,25 @@ class Engine:
             admitted = scheduler.admit()
             if admitted:
                 self._prefill(admitted, prompts, keys)
-                finished += self._collect(scheduler, admitted)
+                finished += self._collect(scheduler, admitted, limits)
             rows = scheduler.rows()
             if rows:
                 self._decode(rows, keys)
-                finished += self._collect(scheduler, rows)
+                finished += self._collect(scheduler, rows, limits)
             if finished and (len(finished) >= flush_at or time.monotonic() - last_flush >= FLUSH_EVERY_S):
                 yield finished
                 finished, last_flush = [], time.monotonic()
         if finished:
             yield finished
 
-    def _collect(self, scheduler: Scheduler, sequences: list[Sequence]) -> list[tuple[int, list[int]]]:
-        """Finish the sequences that just generated EOS or their last token."""
+    def _collect(
+        self, scheduler: Scheduler, sequences: list[Sequence], limits: list[int]
+    ) -> list[tuple[int, list[int]]]:
+        """Finish the sequences that just generated EOS or their last token (`limits`, by prompt)."""
         done = []
         for sequence in sequences:
             last = sequence.tokens[-1]
-            if len(sequence.tokens) == self.params.max_new_tokens or (
-                last in self.eos_ids and not self.params.ignore_eos
-            ):
+            if len(sequence.tokens) == limits[sequence.index] or (last in self.eos_ids and not self.params.ignore_eos):
                 scheduler.finish(sequence)
                 done.append((sequence.index, sequence.tokens))
         return done

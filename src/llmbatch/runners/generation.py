@@ -96,7 +96,12 @@ class Decoder:
         )
 
     @torch.inference_mode()
-    def complete(self, prompts: list[list[int]], ids: list[str]) -> list[Completion]:
+    def complete(
+        self, prompts: list[list[int]], ids: list[str], seeds: list[int] | None = None, limits: list[int] | None = None
+    ) -> list[Completion]:
+        """`seeds`, `limits`: each prompt's own sampling seed and most output tokens (at most
+        max_new_tokens); None: the spec's. A row's tokens past its limit are dropped: its first ones
+        are those a run that stopped there would give (noise depends on the step, not the length)."""
         width = max(len(p) for p in prompts)
         input_ids = torch.full((len(prompts), width), self.tokenizer.pad_token_id, dtype=torch.long)
         attention_mask = torch.zeros_like(input_ids)
@@ -106,6 +111,10 @@ class Decoder:
         output = self.model.generate(
             input_ids=input_ids.to(self.model.device),
             attention_mask=attention_mask.to(self.model.device),
-            logits_processor=sampling_processors(self.generation, ids, width),
+            logits_processor=sampling_processors(self.generation, ids, width, seeds),
         )
-        return [make_completion(self.tokenizer, self.eos_ids, tokens) for tokens in output[:, width:].tolist()]
+        limits = limits or [self.generation.max_new_tokens] * len(prompts)
+        return [
+            make_completion(self.tokenizer, self.eos_ids, tokens[:limit])
+            for tokens, limit in zip(output[:, width:].tolist(), limits)
+        ]

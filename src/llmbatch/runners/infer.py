@@ -16,21 +16,24 @@ writes what has finished, and exits with PREEMPTED_EXIT within a decode step (th
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import gc
 import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from datetime import timedelta
 
+import torch
 import torch.distributed as dist
 from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs
 from tqdm import tqdm
 
 from llmbatch import scoring
-from llmbatch.data import Input, load_inputs
+from llmbatch.data import Input, check_settings, load_inputs
 from llmbatch.engine.model import unsupported_reason
-from llmbatch.engine.runner import Engine
+from llmbatch.engine.runner import Engine, EngineStats
 from llmbatch.gather import gather_shards, gather_when_complete
 from llmbatch.heartbeat import start_heartbeat
 from llmbatch.metrics import Metric
@@ -41,7 +44,7 @@ from llmbatch.runners.faults import run_rank
 from llmbatch.runners.generation import Completion, Decoder, batch_token_budget, eos_token_ids, make_completion
 from llmbatch.runners.model_loading import load_model
 from llmbatch.runners.preemption import PREEMPTED_EXIT, PreemptionFlag
-from llmbatch.runners.sampling import engine_params
+from llmbatch.runners.sampling import engine_params, input_generation, sampling_key
 from llmbatch.runners.split import assign_to_ranks, plan_batches
 from llmbatch.shards import ShardWriter, done_ids, global_rank, shard_for, write_stats
 from llmbatch.spec import DataSpec, GenerationSpec, JobSpec, load_resolved, slurm_time_seconds
@@ -111,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     start_heartbeat(run.rank_record(args.attempt, stats.rank), spec.resources.collective_timeout_s)
 
     inputs = load_inputs(spec.data)
+    check_settings(inputs, spec.data, spec.generation)  # a spec.yaml edited since submission
     model, tokenizer = load_model(spec.model, accelerator.device)
     limit = prompt_token_limit(model.config.to_dict(), spec.generation.max_new_tokens)
     truncate = limit if spec.generation.long_prompts == "truncate" else None  # "error": refused before queueing
@@ -131,7 +135,9 @@ def main(argv: list[str] | None = None) -> int:
         [lengths[i] for i in todo], accelerator.process_index, accelerator.num_processes, spec.generation.max_new_tokens
     )
     mine = encode_share(tokenizer, [inputs[todo[i]] for i in picked], spec.data, truncate)
-    completions, how, engine = start_completing(spec.generation, model, tokenizer, mine, stop=lambda: preemption.raised)
+    completions, how, engine_stats = start_completing(
+        spec.generation, model, tokenizer, mine, stop=lambda: preemption.raised
+    )
     where = f"task {task} of {tasks}, " if args.task is not None else ""
     print(
         f"{where}rank {stats.rank} of {stats.world_size}, attempt {args.attempt}: {len(todo)} of {len(share)} "
@@ -149,8 +155,8 @@ def main(argv: list[str] | None = None) -> int:
             writer.append(records)
             stats.add_records(records)
             bar.update(len(records))
-    if engine is not None:
-        stats.engine = engine.stats.summary()
+    if engine_stats is not None:
+        stats.engine = engine_summary(engine_stats)
     if preemption.raised:
         print(f"rank {stats.rank}: stopped at a preemption signal after {stats.inputs} inputs", flush=True)
         return PREEMPTED_EXIT
@@ -234,34 +240,138 @@ def choose_engine(choice: str, model) -> tuple[bool, str]:
     return False, f"generate: the engine does not support {reason}"
 
 
-def start_completing(generation: GenerationSpec, model, tokenizer, mine: list[Prompt], stop: Callable[[], bool]):
-    """(groups of (index into mine, completion) as they finish, how, the engine or None).
+@dataclass(frozen=True)
+class SamplingGroup:
+    """Inputs completed together: the engine and generate take one sampling setting at a time.
 
-    The engine where it can run the model, else generate in batches.
+    Without per-input settings (anything but an OpenAI batch file) there is one group of every input."""
+
+    generation: GenerationSpec
+    """The spec's settings with the group's sampling; max_new_tokens: the most any of its inputs may take."""
+    members: list[int]
+    """Indices into the rank's prompts."""
+    seeds: list[int]
+    limits: list[int]
+    """Each member's own seed and most output tokens."""
+
+
+def sampling_groups(generation: GenerationSpec, mine: list[Prompt]) -> list[SamplingGroup]:
+    """The rank's prompts by sampling setting (`sampling.sampling_key`), in order of first appearance."""
+    own = [input_generation(generation, p.input.settings) for p in mine]
+    by_key: dict[tuple, list[int]] = {}
+    for i, settings in enumerate(own):
+        by_key.setdefault(sampling_key(settings), []).append(i)
+    groups = [
+        SamplingGroup(
+            dataclasses.replace(own[members[0]], max_new_tokens=max(own[i].max_new_tokens for i in members)),
+            members,
+            [own[i].seed for i in members],
+            [own[i].max_new_tokens for i in members],
+        )
+        for members in by_key.values()
+    ]
+    return groups or [SamplingGroup(generation, [], [], [])]
+
+
+def start_completing(generation: GenerationSpec, model, tokenizer, mine: list[Prompt], stop: Callable[[], bool]):
+    """(groups of (index into mine, completion) as they finish, how, the engines' stats or None).
+
+    The engine where it can run the model, else generate in batches; a sampling group at a time.
     """
     use_engine, how = choose_engine(generation.engine, model)
+    groups = sampling_groups(generation, mine)
+    several = f"; {len(groups)} sampling groups (the batch file's own settings)" if len(groups) > 1 else ""
     if use_engine:
         eos_ids = eos_token_ids(model, tokenizer)
-        engine = Engine(model, engine_params(generation), [len(p.token_ids) for p in mine], eos_ids)
-        engine.warm_up()  # counted in the start-up time, as loading the model is
-        groups = engine.run([p.token_ids for p in mine], [p.input.id for p in mine], stop)
-        completions = ([(i, make_completion(tokenizer, eos_ids, tokens)) for i, tokens in group] for group in groups)
-        return completions, f"{how} ({engine.describe()})", engine
+        stats: list[EngineStats] = []
+
+        def engine_for(group: SamplingGroup) -> Engine:
+            engine = Engine(
+                model, engine_params(group.generation), [len(mine[i].token_ids) for i in group.members], eos_ids
+            )
+            engine.warm_up()  # counted in the start-up time (of the first group), as loading the model is
+            stats.append(engine.stats)
+            return engine
+
+        first = [engine_for(groups[0])]
+        completions = complete_with_engines(tokenizer, eos_ids, mine, groups, first, engine_for, stop)
+        return completions, f"{how} ({first[0].describe()}){several}", stats
     budget = batch_token_budget(generation, model)
-    batches = plan_batches([len(p.token_ids) for p in mine], generation.max_new_tokens, budget)
-    completions = complete_in_batches(Decoder(model, tokenizer, generation), mine, batches, stop)
-    return completions, f"{how}, {len(batches)} batches of <= {budget} tokens", None
+    planned = [
+        (group, plan_batches([len(mine[i].token_ids) for i in group.members], group.generation.max_new_tokens, budget))
+        for group in groups
+    ]
+    batches = sum(len(b) for _, b in planned)
+    completions = complete_in_batches(model, tokenizer, mine, planned, stop)
+    return completions, f"{how}, {batches} batches of <= {budget} tokens{several}", None
+
+
+def complete_with_engines(
+    tokenizer,
+    eos_ids: set[int],
+    mine: list[Prompt],
+    groups: list[SamplingGroup],
+    first: list[Engine],
+    engine_for: Callable[[SamplingGroup], Engine],
+    stop: Callable[[], bool],
+) -> Iterator[list[tuple[int, Completion]]]:
+    """The engine's way: (index into mine, completion) as sequences finish, a group at a time; each
+    group's engine is made once the one before it is gone (its KV cache freed). `first`: the first
+    group's engine, already warm, in a list this generator empties."""
+    for n, group in enumerate(groups):
+        if n and stop():
+            return
+        engine = first.pop() if n == 0 else engine_for(group)
+        prompts = [mine[i].token_ids for i in group.members]
+        ids = [mine[i].input.id for i in group.members]
+        for finished in engine.run(prompts, ids, stop, group.seeds, group.limits):
+            yield [(group.members[j], make_completion(tokenizer, eos_ids, tokens)) for j, tokens in finished]
+        del engine
+        release_memory()
+
+
+def release_memory() -> None:
+    """Free a finished engine's cache and graphs before the next is sized from free memory (its
+    graphs and bound methods hold it in reference cycles)."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def engine_summary(stats: list[EngineStats]) -> dict:
+    """The engines' stats of a rank as one `EngineStats.summary()`: times, tokens and steps add up;
+    occupancy is over all their decode steps; slots and cache are the largest engine's."""
+    if len(stats) == 1:
+        return stats[0].summary()
+    summaries = [s.summary() for s in stats]
+    total = {key: sum(s[key] for s in summaries) for key in summaries[0]}
+    slot_steps = sum(s.decode_steps * s.slots for s in stats)
+    return total | {
+        "slots": max(s.slots for s in stats),
+        "slot_len": max(s.slot_len for s in stats),
+        "cache_gb": max(s.cache_gb for s in stats),
+        "occupancy": sum(s.rows_decoded for s in stats) / slot_steps if slot_steps else 0.0,
+    }
 
 
 def complete_in_batches(
-    decoder: Decoder, prompts: list[Prompt], batches: list[list[int]], stop: Callable[[], bool]
+    model, tokenizer, mine: list[Prompt], planned: list[tuple[SamplingGroup, list[list[int]]]], stop: Callable[[], bool]
 ) -> Iterator[list[tuple[int, Completion]]]:
-    """generate's way: (index into prompts, completion) a batch at a time, until stop() says so."""
-    for batch in batches:
-        if stop():
-            return
-        completions = decoder.complete([prompts[i].token_ids for i in batch], [prompts[i].input.id for i in batch])
-        yield list(zip(batch, completions))
+    """generate's way: (index into mine, completion) a batch at a time, a group at a time, until stop()
+    says so. `planned`: each group's batches, as indices into its members."""
+    for group, batches in planned:
+        decoder = Decoder(model, tokenizer, group.generation)  # sets the model's generation config: one at a time
+        for batch in batches:
+            if stop():
+                return
+            rows = [group.members[j] for j in batch]
+            completions = decoder.complete(
+                [mine[i].token_ids for i in rows],
+                [mine[i].input.id for i in rows],
+                [group.seeds[j] for j in batch],
+                [group.limits[j] for j in batch],
+            )
+            yield list(zip(rows, completions))
 
 
 def result_record(prompt: Prompt, completion: Completion) -> dict:

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from llmbatch.openai_batch import FORMAT as OPENAI_BATCH
+from llmbatch.openai_batch import is_batch_file
 from llmbatch.spec.slurm_formats import (
     SBATCH_OPTION,
     SLURM_MEM,
@@ -196,11 +198,23 @@ class DataSpec:
     on_bad_record: Literal["error", "skip"] = "error"
     """A bad record (line, row): refuse the spec (`error`), or leave it out and list it in the run
     folder's rejected.jsonl (`skip`); a file with no good record is refused either way."""
+    format: Literal["auto", "openai-batch"] = "auto"
+    """`auto`: by the file's suffix, and a .jsonl whose first line has a custom_id and a body is an OpenAI
+    batch file unless a prompt key is set; `openai-batch`: an OpenAI batch file (llmbatch.openai_batch)."""
 
     @property
     def through_chat_template(self) -> bool:
-        """Whether the model reads records through the tokenizer's chat template."""
+        """Whether the model reads records through the tokenizer's chat template (an OpenAI batch file's
+        chat lines always do: `llmbatch.data.chat`)."""
         return self.chat_template or self.messages_field is not None
+
+    def is_openai_batch(self) -> bool:
+        """Whether data.path is an OpenAI batch file: said so, or detected (`openai_batch.is_batch_file`)
+        where the spec does not say how to read prompts (a plain file may have fields named so)."""
+        if self.format == OPENAI_BATCH:
+            return True
+        prompt_keys = (self.prompt_field, self.prompt_template, self.messages_field)
+        return all(key is None for key in prompt_keys) and self.path is not None and is_batch_file(self.path)
 
     def validate(self, kind: str) -> None:
         if self.path is None:
@@ -235,6 +249,9 @@ class DataSpec:
                 f"data.messages_field needs JSONL or Parquet (a CSV cell holds no list): {path}",
                 related=("data.messages_field",),
             )
+        if self.is_openai_batch():
+            self._validate_openai_batch(kind)
+            return
         prompt_keys = [k for k in ("prompt_field", "prompt_template", "messages_field") if getattr(self, k) is not None]
         if len(prompt_keys) != 1:
             chosen = (
@@ -270,6 +287,40 @@ class DataSpec:
         if self.val_path is not None and kind != "finetune":
             raise SpecError("data.val_path", "only used by finetune specs")
 
+    def _validate_openai_batch(self, kind: str) -> None:
+        """The lines hold the ids, prompts or chats and settings: keys that would say otherwise are refused."""
+        which = "data.format: openai-batch" if self.format == OPENAI_BATCH else f"{self.path} (an OpenAI batch file)"
+        _check("data.format", kind == "infer", f"{which} holds requests to answer, not training data")
+        _check("data.path", Path(self.path).is_file(), _not_a_file(self.path))
+        _check("data.path", Path(self.path).suffix == ".jsonl", f"an OpenAI batch file is JSONL (.jsonl): {self.path}")
+        _check("data.val_path", self.val_path is None, "only used by finetune specs")
+        _check(
+            "data.on_bad_record",
+            self.on_bad_record == "error",
+            f"not used with {which}: a line llmbatch cannot answer is refused, never skipped",
+            related=("data.format",),
+        )
+        for key in ("prompt_field", "prompt_template", "messages_field", "reference_field", "system_prompt"):
+            _check(
+                f"data.{key}",
+                getattr(self, key) is None,
+                f"not used with {which}: its lines hold the prompts or chats (drop the key)",
+                related=("data.format",),
+            )
+        _check(
+            "data.id_field",
+            self.id_field == "id",
+            f"not used with {which}: a line's custom_id is its id (drop the key)",
+            related=("data.format",),
+        )
+        _check(
+            "data.chat_template",
+            not self.chat_template,
+            f"not used with {which}: chat lines go through the chat template, completion prompts are used as "
+            f"written (drop the key)",
+            related=("data.format",),
+        )
+
 
 @dataclass
 class GenerationSpec:
@@ -294,6 +345,19 @@ class GenerationSpec:
     long_prompts: Literal["error", "truncate"] = "error"
     """A prompt that with max_new_tokens exceeds the model's context: refused before queueing (`error`),
     or cut to its last tokens, keeping its BOS (`truncate`; counted in metrics.json)."""
+    allow_overrides: list[Literal["max_tokens", "temperature", "top_p", "seed"]] = field(default_factory=list)
+    """What a line of an OpenAI batch file may set for itself (llmbatch.openai_batch); max_tokens at most
+    max_new_tokens. A line setting anything else is refused."""
+
+    def validate(self, data: DataSpec) -> None:
+        for i, name in enumerate(self.allow_overrides):
+            _check(f"generation.allow_overrides[{i}]", name not in self.allow_overrides[:i], f"{name!r} twice")
+        _check(
+            "generation.allow_overrides",
+            not self.allow_overrides or data.is_openai_batch(),
+            "only the lines of an OpenAI batch file carry their own settings (data.format: openai-batch)",
+            related=("data.format", "data.path"),
+        )
 
 
 @dataclass
@@ -514,8 +578,9 @@ class ContainerSpec:
 class OutputSpec:
     root: str = "runs"
     """Run folders are created here; on a cluster, shared storage every node sees."""
-    format: Literal["jsonl", "parquet"] = "jsonl"
-    """Inference: the gathered results as results.jsonl or results.parquet (the same columns)."""
+    format: Literal["jsonl", "parquet", "openai-batch"] = "jsonl"
+    """Inference: the gathered results as results.jsonl or results.parquet (the same columns), or as an
+    OpenAI batch output file, results.openai-batch.jsonl (a response per custom_id)."""
 
 
 @dataclass
@@ -543,6 +608,8 @@ class JobSpec:
         for section in ("data", "generation", "resources") + (("lora", "train") if self.kind == "finetune" else ()):
             check_ranges(getattr(self, section), section)
         self.data.validate(self.kind)
+        if self.kind == "infer":
+            self.generation.validate(self.data)
         self.resources.validate()
         self.container.validate()
         if self.kind == "finetune":
