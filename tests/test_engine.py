@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import os
 import random
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -129,6 +132,37 @@ def test_decode_attention_reads_each_rows_blocks_up_to_its_length():
         v = values[slots[row], : lengths[row]].repeat_interleave(3, dim=1)
         weights = (torch.einsum("hd,lhd->hl", q[row], k) * 0.3).softmax(dim=-1)
         assert torch.allclose(got[row], torch.einsum("hl,lhd->hd", weights, v), atol=1e-5)
+
+
+TRITON_CHECK = """
+import torch
+from llmbatch.engine.attention import _decode_torch, _decode_triton
+from llmbatch.engine.blocks import BLOCK_SIZE, blocks_for
+g = torch.Generator().manual_seed(0)
+for rows, q_heads, kv_heads, dim, length, window, softcap in (
+    (5, 12, 2, 64, 150, None, None),
+    (4, 8, 8, 32, 70, 20, None),
+    (3, 16, 8, 32, 90, None, 30.0),
+    (6, 4, 2, 16, 40, 7, 5.0),
+):
+    slots, per_slot = rows + 2, blocks_for(length)
+    keys = torch.randn(slots * per_slot + 1, BLOCK_SIZE, kv_heads, dim, generator=g)
+    values = torch.randn_like(keys)
+    tables = torch.randperm(slots * per_slot, generator=g).view(slots, per_slot).int()  # blocks out of order
+    q = torch.randn(rows, q_heads, dim, generator=g)
+    lengths = torch.randint(1, length + 1, (rows,), generator=g)
+    lengths[0] = length
+    args = (tables, torch.randperm(slots, generator=g)[:rows], lengths, dim**-0.5, window, softcap)
+    got, ref = _decode_triton(q, keys, values, *args), _decode_torch(q, keys, values, *args)
+    assert torch.allclose(got, ref, atol=1e-5), (rows, q_heads, kv_heads, dim, window, softcap)
+"""
+
+
+def test_the_triton_decode_kernel_reads_the_block_tables_as_the_torch_path_does():
+    pytest.importorskip("triton")  # CPU installs may have none; the GPU check (bench/) runs it compiled
+    env = os.environ | {"TRITON_INTERPRET": "1"}  # Triton's interpreter, on CPU tensors
+    proc = subprocess.run([sys.executable, "-c", TRITON_CHECK], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
 
 
 # --- the engine against generate, on the embedded model ----------------------------------------
