@@ -17,7 +17,7 @@ from llmbatch import COMMAND, embedded, lifecycle, slurm
 from llmbatch.data import DataError, load_inputs
 from llmbatch.gather import gather_run
 from llmbatch.jobstep import example_place, make_plan, node_command
-from llmbatch.models import check_model, resolve_models
+from llmbatch.models import check_model, resolve_models, template_warning
 from llmbatch.rundir import DamagedRun, RunBusy, RunDir
 from llmbatch.spec import (
     EMBEDDED_MODEL,
@@ -96,6 +96,8 @@ def cmd_run(kind: str, args: argparse.Namespace) -> int:
     executor = slurm.pick_executor(args.executor)
     # Checked before the embedded model is built (its first use takes a while), with its placeholder.
     check_job(resolve_model(spec, build=False), executor, planned_run_path(spec), dry_run=args.dry_run)
+    if (warning := template_warning(spec)) is not None:
+        print(f"llmbatch: {warning}", file=sys.stderr)  # not an error: the run goes ahead
     spec = resolve_model(spec, build=not args.dry_run)
     if args.dry_run:
         print_dry_run(spec, executor)

@@ -35,7 +35,7 @@ from llmbatch.gather import gather_shards, gather_when_complete
 from llmbatch.heartbeat import start_heartbeat
 from llmbatch.metrics import Metric
 from llmbatch.models import prompt_token_limit
-from llmbatch.prompts import encode_prompts, fit_to_context
+from llmbatch.prompts import encode_prompts, fit_to_context, plain_prompt_warning
 from llmbatch.rundir import RunDir
 from llmbatch.runners.faults import run_rank
 from llmbatch.runners.generation import Completion, Decoder, batch_token_budget, eos_token_ids, make_completion
@@ -112,6 +112,8 @@ def main(argv: list[str] | None = None) -> int:
 
     inputs = load_inputs(spec.data)
     model, tokenizer = load_model(spec.model, accelerator.device)
+    if accelerator.is_main_process and (warning := plain_prompt_warning(spec.data, bool(tokenizer.chat_template))):
+        print(warning, flush=True)
     limit = prompt_token_limit(model.config.to_dict(), spec.generation.max_new_tokens)
     truncate = limit if spec.generation.long_prompts == "truncate" else None  # "error": refused before queueing
     lengths = prompt_lengths(

@@ -166,15 +166,17 @@ class DataSpec:
     """A system message opening each chat (one that has none) or templated prompt."""
     reference_field: str | None = None
     """The reference answer: scored after inference, the completion to learn when fine-tuning."""
-    chat_template: bool = False
-    """Wrap the prompt in the tokenizer's chat template (one user turn); chats always are."""
+    chat_template: bool | None = None
+    """Wrap the prompt in the tokenizer's chat template (one user turn); chats always are. Unset (null),
+    plain prompts to a model that has a template get a warning (`llmbatch.prompts.plain_prompt_warning`);
+    false says they are plain on purpose."""
     max_inputs: int | None = ranged(None, positive(10**12))
     """Use only the first N inputs (and read the file only that far). Formerly `max_samples`."""
 
     @property
     def through_chat_template(self) -> bool:
         """Whether the model reads records through the tokenizer's chat template."""
-        return self.chat_template or self.messages_field is not None
+        return bool(self.chat_template) or self.messages_field is not None
 
     def validate(self, kind: str) -> None:
         if self.path is None:
@@ -205,7 +207,7 @@ class DataSpec:
         if self.system_prompt is not None and self.messages_field is None:
             _check(
                 "data.system_prompt",
-                self.chat_template,
+                bool(self.chat_template),
                 "a system message needs the chat template: set data.chat_template: true",
                 related=("data.chat_template", "data.messages_field"),
             )
