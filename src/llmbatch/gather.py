@@ -9,7 +9,8 @@ the keys of a shard record. Scoring: see `llmbatch.scoring`.
 metrics.json (keys: `llmbatch.metrics`) holds:
     inputs, prompt_tokens, output_tokens, finish_reasons   over all results
     truncated_prompts        results whose prompt generation.long_prompts: truncate cut
-    accuracy, correct, scored, scoring                          when the inputs have references
+    empty_outputs            results whose output is empty or only whitespace
+    accuracy, correct, scored, scoring   when the inputs have references (scoring: output.scoring)
     wall_s, generate_s       per attempt the slowest rank's time (all of it / generating), summed
                              over the attempts whose ranks finished (and over an array's tasks);
                              time lost to a kill is not known
@@ -27,12 +28,11 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from llmbatch import scoring
 from llmbatch.data import Input
 from llmbatch.metrics import Metric
 from llmbatch.rundir import RunDir, atomic_file, atomic_write, atomic_write_json
 from llmbatch.shards import list_shards, read_records, read_stats, record_line, run_inputs
-from llmbatch.spec import load_resolved
+from llmbatch.spec import OutputSpec, load_resolved
 
 LISTED_IDS = 20
 """Missing ids named in an error; the rest are counted."""
@@ -48,7 +48,7 @@ class IncompleteRun(Exception):
         super().__init__(f"{len(missing)} of {total} inputs have no result: {named}{more}")
 
 
-def gather_shards(run: RunDir, inputs: list[Input], output_format: str) -> dict[str, Any]:
+def gather_shards(run: RunDir, inputs: list[Input], output: OutputSpec) -> dict[str, Any]:
     """Write metrics.json, then the results (the inputs' records in input order, as output.format
     says); return the metrics.
 
@@ -62,10 +62,10 @@ def gather_shards(run: RunDir, inputs: list[Input], output_format: str) -> dict[
     if missing:
         raise IncompleteRun(missing, len(inputs))
     results = [records[e.id] for e in inputs]
-    metrics = result_metrics(results) | timing_metrics(run)
+    metrics = result_metrics(results, output.scoring) | timing_metrics(run)
     atomic_write_json(run.metrics_file, metrics)
     try:
-        write_results(run.results_for(output_format), results, output_format)
+        write_results(run.results_for(output.format), results, output.format)
     except OSError:  # a full disk, say: no metrics.json of a run that has no results
         run.metrics_file.unlink(missing_ok=True)
         raise
@@ -86,7 +86,7 @@ def write_results(path: Path, results: list[dict], output_format: str) -> None:
         pq.write_table(table, f)
 
 
-def gather_when_complete(run: RunDir, inputs: list[Input], output_format: str) -> dict[str, Any] | None:
+def gather_when_complete(run: RunDir, inputs: list[Input], output: OutputSpec) -> dict[str, Any] | None:
     """For the tasks of a job array: gather if every input has a record and no task gathered yet; return
     the metrics, or None if another task gathered or some inputs are still to come.
 
@@ -97,12 +97,12 @@ def gather_when_complete(run: RunDir, inputs: list[Input], output_format: str) -
         if run.gathered_results() is not None:
             return None
         try:
-            return gather_shards(run, inputs, output_format)
+            return gather_shards(run, inputs, output)
         except IncompleteRun:
             return None
 
 
-def result_metrics(results: list[dict]) -> dict[str, Any]:
+def result_metrics(results: list[dict], scoring_mode: str) -> dict[str, Any]:
     metrics = {
         Metric.INPUTS: len(results),
         Metric.PROMPT_TOKENS: sum(r["prompt_tokens"] for r in results),
@@ -110,6 +110,7 @@ def result_metrics(results: list[dict]) -> dict[str, Any]:
         Metric.FINISH_REASONS: dict(Counter(r["finish_reason"] for r in results)),
         # generation.long_prompts: truncate; shards written before this key count none
         Metric.TRUNCATED_PROMPTS: sum(r.get("truncated", False) for r in results),
+        Metric.EMPTY_OUTPUTS: sum(not r["output"].strip() for r in results),
     }
     scored = [r for r in results if "reference" in r]
     if scored:
@@ -118,7 +119,7 @@ def result_metrics(results: list[dict]) -> dict[str, Any]:
             Metric.ACCURACY: correct / len(scored),
             Metric.CORRECT: correct,
             Metric.SCORED: len(scored),
-            Metric.SCORING: scoring.RULE,
+            Metric.SCORING: scoring_mode,
         }
     return metrics
 
@@ -165,12 +166,12 @@ def timing_metrics(run: RunDir) -> dict[str, Any]:
 def gather_run(run: RunDir) -> int:
     """`submit.py gather RUN`: gather by hand; prints one line, returns the exit code."""
     inputs = run_inputs(run)
-    output_format = load_resolved(run.spec_file).output.format
+    output = load_resolved(run.spec_file).output
     try:
-        metrics = gather_shards(run, inputs, output_format)
+        metrics = gather_shards(run, inputs, output)
     except IncompleteRun as e:
         print(f"{run.path}: not gathered: {e}", file=sys.stderr)
         return 1
     accuracy = f", accuracy {metrics[Metric.ACCURACY]:.4f}" if Metric.ACCURACY in metrics else ""
-    print(f"{run.results_for(output_format)}: {metrics[Metric.INPUTS]} results{accuracy}")
+    print(f"{run.results_for(output.format)}: {metrics[Metric.INPUTS]} results{accuracy}")
     return 0

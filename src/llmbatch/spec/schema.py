@@ -473,6 +473,13 @@ class ContainerSpec:
 
 @dataclass
 class OutputSpec:
+    scoring: Literal["exact", "normalized", "contains"] = "exact"
+    """How an output is scored against its data.reference_field (`llmbatch.scoring`): equal once stripped
+    (`exact`), equal once case, punctuation and spacing are normalized (`normalized`), or the normalized
+    reference's words among the normalized output's (`contains`). Fine-tuning's validation accuracy too."""
+    include_rendered_prompt: bool = False
+    """Inference: each result also holds `rendered_prompt`, the text the model read (through the chat
+    template, if any)."""
     root: str = "runs"
     """Run folders are created here; on a cluster, shared storage every node sees."""
     format: Literal["jsonl", "parquet"] = "jsonl"
