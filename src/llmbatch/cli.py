@@ -96,14 +96,18 @@ def cmd_run(kind: str, args: argparse.Namespace) -> int:
     executor = slurm.pick_executor(args.executor)
     # Checked before the embedded model is built (its first use takes a while), with its placeholder.
     check_job(resolve_model(spec, build=False), executor, planned_run_path(spec), dry_run=args.dry_run)
-    if (warning := template_warning(spec)) is not None:
-        print(f"llmbatch: {warning}", file=sys.stderr)  # not an error: the run goes ahead
+    warning = template_warning(spec)
     spec = resolve_model(spec, build=not args.dry_run)
     if args.dry_run:
         print_dry_run(spec, executor)
-        return 0
-
-    return submit_new_run(spec, kind, executor, inputs, wait=args.wait)
+        code = 0
+    else:
+        code = submit_new_run(spec, kind, executor, inputs, wait=args.wait)
+    # Once submitted (after a local run's summary), so that an error before stays the one line; the
+    # run's log says it too.
+    if warning is not None:
+        print(f"llmbatch: {warning}", file=sys.stderr)
+    return code
 
 
 def planned_run_path(spec: JobSpec) -> Path:
