@@ -1,6 +1,6 @@
 """Shards and gather (llmbatch.shards, llmbatch.gather): torn and broken shard lines, one shard per
-attempt, results in input order exactly once, output.format (JSONL or Parquet), and gather's one-line
-errors on incomplete, damaged or moved runs.
+attempt, results in input order exactly once, what metrics.json and the summary count, output.format
+(JSONL or Parquet), and gather's one-line errors on incomplete, damaged or moved runs.
 """
 
 from __future__ import annotations
@@ -15,11 +15,13 @@ import pytest
 from llmbatch.cli import main
 from llmbatch.gather import IncompleteRun, gather_run, gather_shards
 from llmbatch.lifecycle import read_progress
-from llmbatch.rundir import current_umask
+from llmbatch.rundir import RunDir, current_umask
+from llmbatch.scoring import is_correct
 from llmbatch.shards import ShardWriter, done_ids, read_records, shard_for
+from llmbatch.spec import OutputSpec
 from llmbatch.summary import summarize
 
-from helpers import SMALL, inputs_of, run_cli
+from helpers import SMALL, inputs_of, run_cli, run_folder, submit_cli
 
 # --- shards -------------------------------------------------------------------------------------
 
@@ -75,7 +77,7 @@ def test_gather_refuses_an_incomplete_run_and_names_what_is_missing(make_run, ca
     inputs = inputs_of(run)
     write_shard(run, 0, 0, [e.id for e in inputs[:-3]])
     with pytest.raises(IncompleteRun) as error:
-        gather_shards(run, inputs, "jsonl")
+        gather_shards(run, inputs, OutputSpec())
     assert error.value.missing == [e.id for e in inputs[-3:]]
     assert gather_run(run) == 1
     printed = capsys.readouterr().err
@@ -101,6 +103,67 @@ def test_gather_writes_results_in_input_order_exactly_once(make_run):
     assert progress["ranks"] == {2: 20}
 
 
+def test_the_summary_counts_finish_reasons_empty_outputs_and_truncated_prompts(make_run):
+    """37 of 40 answers came back empty, and nothing said so."""
+    run = make_run("infer", overrides=[*SMALL, "output.scoring=contains"])
+    records = [
+        record(input_id)
+        | {
+            "output": ["", " \n", "odd", "It is even."][n % 4],
+            "finish_reason": "length" if n % 3 == 0 else "eos",
+            "truncated": n < 5,
+            "reference": "even",
+            "correct": n % 4 == 3,
+        }
+        for n, input_id in enumerate(e.id for e in inputs_of(run))
+    ]
+    with ShardWriter(shard_for(run, 0, 0)) as writer:
+        writer.append(records)
+    assert gather_run(run) == 0
+    metrics = json.loads(run.metrics_file.read_text())
+    assert metrics["finish_reasons"] == {"length": 14, "eos": 26}
+    assert (metrics["empty_outputs"], metrics["truncated_prompts"]) == (20, 5)
+    assert (metrics["correct"], metrics["scored"], metrics["scoring"]) == (10, 40, "contains")
+    lines = [line.split() for line in summarize(run).splitlines()]
+    assert ["accuracy", "0.25", "(10", "of", "40,", "scoring:", "contains)"] in lines
+    assert ["finish", "reasons", "eos", "26,", "length", "14"] in lines
+    assert ["empty", "outputs", "20"] in lines and ["truncated", "prompts", "5"] in lines
+
+
+@pytest.mark.slow
+def test_a_run_says_how_its_outputs_ended(tmp_path):
+    """A real run whose max_new_tokens cuts outputs short: the summary it prints counts what results.jsonl
+    holds; plain prompts to the embedded model (it has a chat template) are warned of, at submission
+    and in the run log."""
+    proc = submit_cli(
+        "infer",
+        "--executor",
+        "local",
+        "--output",
+        str(tmp_path / "runs"),
+        *("--set", "data.max_inputs=40", "--set", "generation.max_new_tokens=2", "--set", "data.chat_template=null"),
+        *("--set", "output.scoring=normalized", "--set", "output.include_rendered_prompt=true"),
+    )
+    warning = "warning: data.chat_template: the model has a chat template, but the prompts reach it as plain text"
+    assert proc.stderr.startswith(f"llmbatch: {warning}") and proc.stderr.count("\n") == 1, proc.stderr
+    run: RunDir = run_folder(proc)
+    assert warning in submit_cli("logs", str(run.path)).stdout
+    results = [json.loads(line) for line in run.results_file.read_text().splitlines()]
+    reasons = {reason: sum(r["finish_reason"] == reason for r in results) for reason in ("eos", "length")}
+    empty = sum(r["output"].strip() == "" for r in results)
+    correct = sum(r["correct"] for r in results)
+    assert reasons["length"] > 0 and all(r["rendered_prompt"] == r["prompt"] for r in results)
+    assert all(r["correct"] == is_correct(r["output"], r["reference"], "normalized") for r in results)
+    lines = [line.split() for line in proc.stdout.splitlines()]
+    [finish] = [line[2:] for line in lines if line[:2] == ["finish", "reasons"]]  # eos 30, length 10
+    assert {reason: int(n.rstrip(",")) for reason, n in zip(finish[::2], finish[1::2])} == {
+        reason: n for reason, n in reasons.items() if n
+    }
+    assert ["empty", "outputs", str(empty)] in lines and ["truncated", "prompts", "0"] in lines, proc.stdout
+    assert any(line[:4] == ["accuracy", f"{correct / 40:.4g}", f"({correct}", "of"] for line in lines), proc.stdout
+    assert ["40,", "scoring:", "normalized)"] in [line[-3:] for line in lines]
+
+
 # --- output.format --------------------------------------------------------------------------------
 
 
@@ -123,7 +186,7 @@ def test_parquet_results_hold_the_jsonl_records(make_run):
     parquet = run.results_for("parquet")
     assert oct(parquet.stat().st_mode & 0o777) == oct(0o666 & ~current_umask())
     assert "results.parquet" in summarize(run)
-    gather_shards(run, inputs, "jsonl")
+    gather_shards(run, inputs, OutputSpec())
     assert pq.read_table(parquet).to_pylist() == [
         json.loads(line) for line in run.results_file.read_text().splitlines()
     ]

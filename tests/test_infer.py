@@ -23,8 +23,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from llmbatch.lifecycle import read_progress
 from llmbatch.prompts import encode_prompts, fit_to_context
-from llmbatch.runners.generation import Decoder
-from llmbatch.runners.infer import encode_share, prompt_lengths, token_balanced_share
+from llmbatch.runners.generation import Completion, Decoder
+from llmbatch.runners.infer import encode_share, prompt_lengths, result_record, token_balanced_share
 from llmbatch.runners.model_loading import load_model
 from llmbatch.runners.preemption import PREEMPTED_EXIT
 from llmbatch.runners.sampling import SeededSampling
@@ -118,6 +118,23 @@ def test_each_rank_encodes_only_its_share_and_the_split_is_that_of_encoding_ever
         e.id for e in inputs if e.id not in done
     )
     assert any(cut for share in expected.values() for _, _, cut in share) == (limit is not None)
+
+
+def test_with_include_rendered_prompt_a_result_holds_the_text_the_model_read(tokenizer):
+    inputs, chat = as_inputs(["Is 7 even or odd?", "Is 12 even or odd?"]), DataSpec(chat_template=True)
+    rendered = [f"User: {item.prompt}\nAssistant:" for item in inputs]
+    assert [p.text for p in encode_share(tokenizer, inputs, chat, None, keep_texts=True)] == rendered
+    assert [p.text for p in encode_share(tokenizer, inputs, DataSpec(), None, keep_texts=True)] == [
+        item.prompt for item in inputs
+    ]
+    cut = encode_share(tokenizer, inputs, chat, 5, keep_texts=True)
+    done = Completion(" odd", 2, "eos")
+    records = [result_record(prompt, done, "exact") for prompt in cut]
+    # As rendered: a truncated prompt's record says so, and holds the whole text.
+    assert [(r["rendered_prompt"], r["truncated"], r["prompt_tokens"]) for r in records] == [
+        (text, True, 5) for text in rendered
+    ]
+    assert "rendered_prompt" not in result_record(encode_share(tokenizer, inputs, chat, None)[0], done, "exact")
 
 
 def test_batches_stay_within_the_token_budget():

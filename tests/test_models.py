@@ -135,6 +135,20 @@ def test_chat_template_needs_a_tokenizer_that_has_one(tmp_path, good, capsys, mo
     assert code == 2 and f"data.chat_template: the tokenizer in {model_copy} has no chat template" in err
 
 
+def test_plain_prompts_to_a_model_with_a_chat_template_get_a_warning(tmp_path, good, capsys, model_copy):
+    """An instruct model answered 37 of 40 plain prompts with nothing, and nothing said why."""
+    warning = "llmbatch: warning: data.chat_template: the model has a chat template, but the prompts reach it as plain"
+    for model in ("embedded:tiny-llama", str(model_copy)):
+        good["model"] = {"path": model}
+        code, err = run_cli(tmp_path, good, capsys=capsys)
+        assert code == 0 and err.startswith(warning) and err.count("\n") == 1, err
+    for chosen in (True, False):  # said either way: no warning
+        assert run_cli(tmp_path, set_key(good, "data.chat_template", chosen), capsys=capsys) == (0, "")
+    del good["data"]["chat_template"]
+    (model_copy / "chat_template.jinja").unlink()
+    assert run_cli(tmp_path, good, capsys=capsys) == (0, "")
+
+
 def test_a_model_folder_without_a_tokenizer_or_weights_is_refused_before_queueing(tmp_path, good, capsys, model_copy):
     """Such a folder was queued, then every rank failed with a traceback."""
     good["model"] = {"path": str(model_copy)}
@@ -278,7 +292,7 @@ def test_only_prompts_that_could_be_too_long_are_encoded(tmp_path, good, capsys,
     monkeypatch.setattr(
         models,
         "encode_texts",
-        lambda tokenizer, texts, data: encoded.extend(texts) or encode_texts(tokenizer, texts, data),
+        lambda tokenizer, texts, templated: encoded.extend(texts) or encode_texts(tokenizer, texts, templated),
     )
     good["model"] = {"path": str(model_dir)}
     good["data"]["path"] = str(long_prompts(tmp_path))
@@ -319,7 +333,7 @@ def test_a_prompt_too_long_in_bytes_is_refused_without_encoding_it(tmp_path, goo
     monkeypatch.setattr(
         models,
         "encode_texts",
-        lambda tokenizer, texts, data: encoded.extend(texts) or encode_texts(tokenizer, texts, data),
+        lambda tokenizer, texts, templated: encoded.extend(texts) or encode_texts(tokenizer, texts, templated),
     )
     good["model"] = {"path": str(model_dir)}
     good["data"]["path"] = str(

@@ -14,10 +14,11 @@ from llmbatch.data import load_inputs
 from llmbatch.fingerprint import changed_input, spec_fingerprint
 from llmbatch.gather import IncompleteRun, gather_shards
 from llmbatch.openai_batch import RequestSettings
+from llmbatch.prompts import plain_prompt_warning
 from llmbatch.rundir import RunDir, atomic_write
 from llmbatch.runners.sampling import input_generation
 from llmbatch.shards import ShardWriter, shard_for
-from llmbatch.spec import DataSpec, GenerationSpec, apply_override, dump_spec, load_spec
+from llmbatch.spec import DataSpec, GenerationSpec, OutputSpec, apply_override, dump_spec, load_spec
 
 from helpers import JOBS, run_cli, run_folder, submit_cli, write_data
 
@@ -231,6 +232,7 @@ def test_a_line_setting_what_the_spec_does_not_allow_is_refused(tmp_path, capsys
         ({"format": "openai-batch", "messages_field": "m"}, {}, "data.messages_field: not used with"),
         ({"id_field": "key"}, {}, "data.id_field: not used with"),
         ({"chat_template": True}, {}, "data.chat_template: not used with"),
+        ({"on_bad_record": "skip"}, {}, "data.on_bad_record: not used with"),
         ({}, {"allow_overrides": ["seed", "seed"]}, "generation.allow_overrides[1]: 'seed' twice"),
         ({}, {"allow_overrides": ["stop"]}, "generation.allow_overrides[0]: must be 'max_tokens' or 'temperature'"),
     ],
@@ -250,6 +252,14 @@ def test_allow_overrides_without_a_batch_file_and_a_batch_file_to_finetune_on_ar
     csv.write_text("id,q\n1,x\n")
     spec["data"]["path"] = str(csv)
     assert "data.path: an OpenAI batch file is JSONL (.jsonl)" in refused(tmp_path, capsys, spec)
+
+
+def test_a_batch_file_to_a_model_with_a_chat_template_gets_no_plain_prompt_warning(tmp_path):
+    # Its chat lines go through the template and its completion lines are plain on purpose.
+    batch = DataSpec(path=str(write_data(tmp_path / "batch.jsonl", [completion_line("a")])))
+    assert plain_prompt_warning(batch, has_template=True) is None
+    plain = DataSpec(path=str(write_data(tmp_path / "plain.jsonl", [{"id": "a", "q": "x"}])), prompt_field="q")
+    assert "data.chat_template" in plain_prompt_warning(plain, has_template=True)
 
 
 def test_a_lines_settings_apply_only_where_allowed_and_temperature_0_is_greedy():
@@ -304,11 +314,11 @@ def test_the_output_file_has_one_response_per_custom_id_with_stable_ids(tmp_path
     with ShardWriter(shard_for(run, 0, 0)) as writer:
         writer.append([record(inputs[2], "even", "length"), record(inputs[0], "odd")])
     with pytest.raises(IncompleteRun, match="x-2"):
-        gather_shards(run, inputs, "openai-batch")
+        gather_shards(run, inputs, OutputSpec(format="openai-batch"))
     assert run.gathered_results() is None
     with ShardWriter(shard_for(run, 1, 0)) as writer:  # a resumed attempt: x-1 again, then x-2
         writer.append([record(inputs[0], "other"), record(inputs[1], "even")])
-    gather_shards(run, inputs, "openai-batch")
+    gather_shards(run, inputs, OutputSpec(format="openai-batch"))
     path = run.results_for("openai-batch")
     assert run.gathered_results() == path and path.name == "results.openai-batch.jsonl"
     lines = [json.loads(line) for line in path.read_text().splitlines()]
@@ -327,7 +337,7 @@ def test_the_output_file_has_one_response_per_custom_id_with_stable_ids(tmp_path
     assert lines[2]["response"]["body"]["choices"][0]["finish_reason"] == "length"
     assert len({line["id"] for line in lines}) == 3 and all(line["id"].startswith("batch_req_") for line in lines)
     before = path.read_bytes()
-    gather_shards(run, inputs, "openai-batch")
+    gather_shards(run, inputs, OutputSpec(format="openai-batch"))
     assert path.read_bytes() == before  # ids derive from the run and the custom_id
 
 
@@ -336,7 +346,7 @@ def test_completion_lines_come_back_as_text_completions(tmp_path, model_dir):
     inputs = load_inputs(load_spec(run.spec_file, "infer").data)
     with ShardWriter(shard_for(run, 0, 0)) as writer:
         writer.append([record(inputs[0], " odd")])
-    gather_shards(run, inputs, "openai-batch")
+    gather_shards(run, inputs, OutputSpec(format="openai-batch"))
     [line] = [json.loads(line) for line in run.results_for("openai-batch").read_text().splitlines()]
     body = line["response"]["body"]
     assert body["object"] == "text_completion" and body["id"].startswith("cmpl-")

@@ -285,7 +285,7 @@ def finished_infer_run(make_run, tmp_path):
     run.update_state(kind="infer", executor="local", job_ids=["1"], inputs=2, attempt=0, requeues=0)
     stats = RankStats(attempt=0, rank=0, world_size=1, generate_s=1.5, wall_s=2.0)
     records = [
-        result_record(Prompt(e, [1, 2, 3]), Completion(" even", 2, "eos"))
+        result_record(Prompt(e, [1, 2, 3]), Completion(" even", 2, "eos"), "exact")
         for e in load_inputs(load_resolved(run.spec_file).data)
     ]
     stats.add_records(records)

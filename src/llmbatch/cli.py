@@ -17,7 +17,7 @@ from llmbatch import COMMAND, embedded, lifecycle, slurm
 from llmbatch.data import DataError, Rejected, check_settings, load_inputs, resolve_datasets
 from llmbatch.gather import gather_run
 from llmbatch.jobstep import example_place, make_plan, node_command
-from llmbatch.models import check_model, resolve_models
+from llmbatch.models import check_model, resolve_models, template_warning
 from llmbatch.rundir import DamagedRun, RunBusy, RunDir
 from llmbatch.spec import (
     EMBEDDED_MODEL,
@@ -103,6 +103,7 @@ def cmd_run(kind: str, args: argparse.Namespace) -> int:
     executor = slurm.pick_executor(args.executor)
     # Checked before the embedded model is built (its first use takes a while), with its placeholder.
     check_job(resolve_model(spec, build=False), executor, planned_run_path(spec), dry_run=args.dry_run)
+    warning = template_warning(spec)
     spec = resolve_model(spec, build=not args.dry_run)
     if rejected:
         print(
@@ -112,9 +113,14 @@ def cmd_run(kind: str, args: argparse.Namespace) -> int:
         )
     if args.dry_run:
         print_dry_run(spec, executor)
-        return 0
-
-    return submit_new_run(spec, kind, executor, inputs, rejected, wait=args.wait)
+        code = 0
+    else:
+        code = submit_new_run(spec, kind, executor, inputs, rejected, wait=args.wait)
+    # Once submitted (after a local run's summary), so that an error before stays the one line; the
+    # run's log says it too.
+    if warning is not None:
+        print(f"llmbatch: {warning}", file=sys.stderr)
+    return code
 
 
 def planned_run_path(spec: JobSpec) -> Path:

@@ -11,7 +11,8 @@ metrics.json (keys: `llmbatch.metrics`) holds:
     inputs, prompt_tokens, output_tokens, finish_reasons   over all results
     rejected_records         records data.on_bad_record: skip left out (state.json, from submission)
     truncated_prompts        results whose prompt generation.long_prompts: truncate cut
-    accuracy, correct, scored, scoring                          when the inputs have references
+    empty_outputs            results whose output is empty or only whitespace
+    accuracy, correct, scored, scoring   when the inputs have references (scoring: output.scoring)
     wall_s, generate_s       per attempt the slowest rank's time (all of it / generating), summed
                              over the attempts whose ranks finished (and over an array's tasks);
                              time lost to a kill is not known
@@ -28,12 +29,12 @@ import sys
 from collections import Counter
 from typing import Any
 
-from llmbatch import openai_batch, scoring
+from llmbatch import openai_batch
 from llmbatch.data import Input
 from llmbatch.metrics import Metric, rejected_metric
 from llmbatch.rundir import RunDir, atomic_file, atomic_write, atomic_write_json
 from llmbatch.shards import list_shards, read_records, read_stats, record_line, run_inputs
-from llmbatch.spec import load_resolved
+from llmbatch.spec import OutputSpec, load_resolved
 
 LISTED_IDS = 20
 """Missing ids named in an error; the rest are counted."""
@@ -49,7 +50,7 @@ class IncompleteRun(Exception):
         super().__init__(f"{len(missing)} of {total} inputs have no result: {named}{more}")
 
 
-def gather_shards(run: RunDir, inputs: list[Input], output_format: str) -> dict[str, Any]:
+def gather_shards(run: RunDir, inputs: list[Input], output: OutputSpec) -> dict[str, Any]:
     """Write metrics.json, then the results (the inputs' records in input order, as output.format
     says); return the metrics.
 
@@ -63,10 +64,10 @@ def gather_shards(run: RunDir, inputs: list[Input], output_format: str) -> dict[
     if missing:
         raise IncompleteRun(missing, len(inputs))
     results = [records[e.id] for e in inputs]
-    metrics = result_metrics(results) | rejected_metric(run) | timing_metrics(run)
+    metrics = result_metrics(results, output.scoring) | rejected_metric(run) | timing_metrics(run)
     atomic_write_json(run.metrics_file, metrics)
     try:
-        write_results(run, results, output_format)
+        write_results(run, results, output.format)
     except OSError:  # a full disk, say: no metrics.json of a run that has no results
         run.metrics_file.unlink(missing_ok=True)
         raise
@@ -94,7 +95,7 @@ def write_results(run: RunDir, results: list[dict], output_format: str) -> None:
         pq.write_table(table, f)
 
 
-def gather_when_complete(run: RunDir, inputs: list[Input], output_format: str) -> dict[str, Any] | None:
+def gather_when_complete(run: RunDir, inputs: list[Input], output: OutputSpec) -> dict[str, Any] | None:
     """For the tasks of a job array: gather if every input has a record and no task gathered yet; return
     the metrics, or None if another task gathered or some inputs are still to come.
 
@@ -105,12 +106,12 @@ def gather_when_complete(run: RunDir, inputs: list[Input], output_format: str) -
         if run.gathered_results() is not None:
             return None
         try:
-            return gather_shards(run, inputs, output_format)
+            return gather_shards(run, inputs, output)
         except IncompleteRun:
             return None
 
 
-def result_metrics(results: list[dict]) -> dict[str, Any]:
+def result_metrics(results: list[dict], scoring_mode: str) -> dict[str, Any]:
     metrics = {
         Metric.INPUTS: len(results),
         Metric.PROMPT_TOKENS: sum(r["prompt_tokens"] for r in results),
@@ -118,6 +119,7 @@ def result_metrics(results: list[dict]) -> dict[str, Any]:
         Metric.FINISH_REASONS: dict(Counter(r["finish_reason"] for r in results)),
         # generation.long_prompts: truncate; shards written before this key count none
         Metric.TRUNCATED_PROMPTS: sum(r.get("truncated", False) for r in results),
+        Metric.EMPTY_OUTPUTS: sum(not r["output"].strip() for r in results),
     }
     scored = [r for r in results if "reference" in r]
     if scored:
@@ -126,7 +128,7 @@ def result_metrics(results: list[dict]) -> dict[str, Any]:
             Metric.ACCURACY: correct / len(scored),
             Metric.CORRECT: correct,
             Metric.SCORED: len(scored),
-            Metric.SCORING: scoring.RULE,
+            Metric.SCORING: scoring_mode,
         }
     return metrics
 
@@ -173,12 +175,12 @@ def timing_metrics(run: RunDir) -> dict[str, Any]:
 def gather_run(run: RunDir) -> int:
     """`submit.py gather RUN`: gather by hand; prints one line, returns the exit code."""
     inputs = run_inputs(run)
-    output_format = load_resolved(run.spec_file).output.format
+    output = load_resolved(run.spec_file).output
     try:
-        metrics = gather_shards(run, inputs, output_format)
+        metrics = gather_shards(run, inputs, output)
     except IncompleteRun as e:
         print(f"{run.path}: not gathered: {e}", file=sys.stderr)
         return 1
     accuracy = f", accuracy {metrics[Metric.ACCURACY]:.4f}" if Metric.ACCURACY in metrics else ""
-    print(f"{run.results_for(output_format)}: {metrics[Metric.INPUTS]} results{accuracy}")
+    print(f"{run.results_for(output.format)}: {metrics[Metric.INPUTS]} results{accuracy}")
     return 0

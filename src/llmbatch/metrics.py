@@ -16,6 +16,8 @@ from llmbatch.rundir import (
     FLAG,
     MEASURE,
     NUMBER,
+    TEXT,
+    Kind,
     RunDir,
     State,
     check_object,
@@ -45,11 +47,14 @@ class Metric:
     FINISH_REASONS = "finish_reasons"
     TRUNCATED_PROMPTS = "truncated_prompts"
     """Results whose prompt `generation.long_prompts: truncate` cut to fit the model's context."""
+    EMPTY_OUTPUTS = "empty_outputs"
+    """Results whose output is empty or only whitespace (absent from runs gathered before it was counted)."""
     # Inference, when the inputs have references: see `llmbatch.scoring`.
     ACCURACY = "accuracy"
     CORRECT = "correct"
     SCORED = "scored"
     SCORING = "scoring"
+    """The rule: output.scoring's mode (runs gathered before the modes: the exact rule in words)."""
     # Inference, from the stats of ranks that finished.
     GENERATE_S = "generate_s"
     TOKENS_PER_S = "tokens_per_s"
@@ -82,6 +87,8 @@ class Metric:
     VAL_ACCURACY_LAST = "val_accuracy_last"
 
 
+COUNTS = Kind("a JSON object of integers >= 0", lambda v: isinstance(v, dict) and all(map(COUNT.test, v.values())))
+
 # What the readers check: the values the summary and `status` compute with or format as numbers.
 METRICS_FIELDS = {
     Metric.INPUTS: COUNT,
@@ -90,6 +97,13 @@ METRICS_FIELDS = {
     Metric.WORLD_SIZE: COUNT,
     Metric.PROMPT_TOKENS: COUNT,
     Metric.OUTPUT_TOKENS: COUNT,
+    # What the results tell about the outputs (the summary shows them).
+    Metric.TRUNCATED_PROMPTS: COUNT,
+    Metric.EMPTY_OUTPUTS: COUNT,
+    Metric.FINISH_REASONS: COUNTS,
+    Metric.CORRECT: COUNT,
+    Metric.SCORED: COUNT,
+    Metric.SCORING: TEXT,
     Metric.ACCURACY: NUMBER,
     Metric.TOKENS_PER_S: maybe(NUMBER),
     Metric.WALL_S: NUMBER,

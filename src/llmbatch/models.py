@@ -9,6 +9,7 @@
   parse, the engine runs the model's family when the spec asks for it (`generation.engine: fast`), a
   chat template exists when the spec asks for one, an adapter fits the base model's layers, and
   prompts plus `generation.max_new_tokens` fit the model's context.
+- `template_warning`: the one warning, not an error: a chat template the spec's plain prompts skip.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from llmbatch.data import DataError, Input, location
 # The engine's own list of families: a leaf module that imports nothing (no torch), so the check can
 # run before anything is queued.
 from llmbatch.engine.families import FAMILIES
-from llmbatch.prompts import encode_texts, prompt_texts, templated
+from llmbatch.prompts import encode_texts, plain_prompt_warning, prompt_texts, templated
 from llmbatch.spec import (
     EMBEDDED_MODEL,
     JobSpec,
@@ -170,6 +171,13 @@ def check_model(spec: JobSpec, inputs: list[Input]) -> None:
         check_adapter(Path(spec.model.adapter), folder, config)
     if spec.kind == "infer" and spec.generation.long_prompts == "error" and limit is not None:
         check_prompt_lengths(spec, inputs, folder, limit, context)
+
+
+def template_warning(spec: JobSpec) -> str | None:
+    """`prompts.plain_prompt_warning` for the spec's model, from its files (the embedded model, built
+    or not, has a template)."""
+    folder = model_folder(spec.model.path)
+    return plain_prompt_warning(spec.data, folder is None or has_chat_template(folder))
 
 
 def model_folder(path: str) -> Path | None:

@@ -31,6 +31,20 @@ def prompt_texts(tokenizer, inputs: list[Input], data: DataSpec) -> list[str]:
     )
 
 
+def plain_prompt_warning(data: DataSpec, has_template: bool) -> str | None:
+    """A warning when plain prompts go to a model with a chat template and the spec did not say so
+    (data.chat_template unset): an instruct model often answers a bare prompt with nothing at all."""
+    if data.chat_template is not None or data.messages_field is not None or not has_template:
+        return None
+    if data.is_openai_batch():  # its lines say chat or completion themselves
+        return None
+    return (
+        "warning: data.chat_template: the model has a chat template, but the prompts reach it as plain "
+        "text; an instruct model may answer them poorly or with nothing. Set data.chat_template: true to "
+        "send each prompt as a user turn, or false to keep them plain and silence this"
+    )
+
+
 def encode_texts(tokenizer, texts: list[str], templated: bool) -> list[list[int]]:
     """Token ids of `prompt_texts`; `templated`: whether they went through the chat template."""
     if not texts:

@@ -97,6 +97,7 @@ class Record:
     with the input's own fields)."""
 
     ID = "id"
+    OUTPUT = "output"
     PROMPT_TOKENS = "prompt_tokens"
     OUTPUT_TOKENS = "output_tokens"
     FINISH_REASON = "finish_reason"
@@ -109,6 +110,7 @@ class Record:
 
 RECORD_FIELDS = {
     Record.ID: TEXT,
+    Record.OUTPUT: TEXT,
     Record.PROMPT_TOKENS: COUNT,
     Record.OUTPUT_TOKENS: COUNT,
     Record.FINISH_REASON: TEXT,
@@ -119,7 +121,7 @@ RECORD_FIELDS = {
 
 def read_records(path: Path) -> list[dict[str, Any]]:
     """A shard's records, checked; a torn last line is left out, any other bad line is DamagedRun."""
-    required = (Record.ID, Record.PROMPT_TOKENS, Record.OUTPUT_TOKENS, Record.FINISH_REASON)
+    required = (Record.ID, Record.OUTPUT, Record.PROMPT_TOKENS, Record.OUTPUT_TOKENS, Record.FINISH_REASON)
     records = read_jsonl(path, RECORD_FIELDS, required=required)
     for record in records:
         if Record.REFERENCE in record and Record.CORRECT not in record:

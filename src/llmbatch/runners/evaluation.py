@@ -36,7 +36,8 @@ def evaluate_loss(accelerator, model, rows, collate_fn, batch_size: int, head_lo
 
 
 def evaluate_accuracy(accelerator, model, tokenizer, spec: JobSpec, inputs) -> float:
-    """Share of validation answers that the inference runner's greedy decoding gets right.
+    """Share of validation answers that the inference runner's greedy decoding gets right (by
+    output.scoring's rule, as inference scores them).
 
     Each rank answers every N-th input. Generation runs on the base model with the LoRA layers in
     it: the peft wrapper would hide the decoder's generation settings from generate().
@@ -51,7 +52,9 @@ def evaluate_accuracy(accelerator, model, tokenizer, spec: JobSpec, inputs) -> f
     for start in range(0, len(shard), spec.train.micro_batch_size):
         chunk = shard[start : start + spec.train.micro_batch_size]
         completions = decoder.complete(prompts[start : start + len(chunk)], [ex.id for ex in chunk])
-        correct += sum(scoring.is_correct(c.text, ex.reference) for c, ex in zip(completions, chunk))
+        correct += sum(
+            scoring.is_correct(c.text, ex.reference, spec.output.scoring) for c, ex in zip(completions, chunk)
+        )
     base.generation_config = saved_config
     base.train()
     totals = accelerator.reduce(torch.tensor([correct, len(shard)], device=accelerator.device), "sum")

@@ -59,7 +59,7 @@ from llmbatch.data import load_inputs
 from llmbatch.fingerprint import spec_fingerprint
 from llmbatch.heartbeat import start_heartbeat
 from llmbatch.metrics import Metric, TrainRow, rejected_metric
-from llmbatch.prompts import encode_prompts
+from llmbatch.prompts import encode_prompts, plain_prompt_warning
 from llmbatch.rundir import RunDir, atomic_write_json, save_folder
 from llmbatch.runners.checkpoint import (
     TrainState,
@@ -176,6 +176,8 @@ def load_data(spec: JobSpec, accelerator: Accelerator) -> Data:
     tokenizer = AutoTokenizer.from_pretrained(spec.model.path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token  # padding is its own ignored sequence: any token will do
+    if (warning := plain_prompt_warning(spec.data, bool(tokenizer.chat_template))) is not None:
+        accelerator.print(warning)
     train_inputs = load_inputs(spec.data)
     train_rows = make_rows(spec, tokenizer, train_inputs, "data.path")
     val_inputs = load_inputs(spec.data, val=True) if spec.data.val_path else []

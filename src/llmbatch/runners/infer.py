@@ -38,7 +38,7 @@ from llmbatch.gather import gather_shards, gather_when_complete
 from llmbatch.heartbeat import start_heartbeat
 from llmbatch.metrics import Metric
 from llmbatch.models import prompt_token_limit
-from llmbatch.prompts import encode_prompts, fit_to_context
+from llmbatch.prompts import encode_prompts, encode_texts, fit_to_context, plain_prompt_warning, prompt_texts, templated
 from llmbatch.rundir import RunDir
 from llmbatch.runners.faults import run_rank
 from llmbatch.runners.generation import Completion, Decoder, batch_token_budget, eos_token_ids, make_completion
@@ -47,7 +47,7 @@ from llmbatch.runners.preemption import PREEMPTED_EXIT, PreemptionFlag
 from llmbatch.runners.sampling import engine_params, input_generation, sampling_key
 from llmbatch.runners.split import assign_to_ranks, plan_batches
 from llmbatch.shards import ShardWriter, done_ids, global_rank, shard_for, write_stats
-from llmbatch.spec import DataSpec, GenerationSpec, JobSpec, load_resolved, slurm_time_seconds
+from llmbatch.spec import DataSpec, GenerationSpec, JobSpec, OutputSpec, load_resolved, slurm_time_seconds
 
 
 @dataclass(frozen=True)
@@ -55,6 +55,8 @@ class Prompt:
     input: Input
     token_ids: list[int]
     truncated: bool = False
+    text: str | None = None
+    """The text the model read (through the chat template, if any): only with output.include_rendered_prompt."""
 
 
 @dataclass
@@ -116,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     inputs = load_inputs(spec.data)
     check_settings(inputs, spec.data, spec.generation)  # a spec.yaml edited since submission
     model, tokenizer = load_model(spec.model, accelerator.device)
+    if accelerator.is_main_process and (warning := plain_prompt_warning(spec.data, bool(tokenizer.chat_template))):
+        print(warning, flush=True)
     limit = prompt_token_limit(model.config.to_dict(), spec.generation.max_new_tokens)
     truncate = limit if spec.generation.long_prompts == "truncate" else None  # "error": refused before queueing
     lengths = prompt_lengths(
@@ -134,7 +138,9 @@ def main(argv: list[str] | None = None) -> int:
     picked = token_balanced_share(
         [lengths[i] for i in todo], accelerator.process_index, accelerator.num_processes, spec.generation.max_new_tokens
     )
-    mine = encode_share(tokenizer, [inputs[todo[i]] for i in picked], spec.data, truncate)
+    mine = encode_share(
+        tokenizer, [inputs[todo[i]] for i in picked], spec.data, truncate, spec.output.include_rendered_prompt
+    )
     completions, how, engine_stats = start_completing(
         spec.generation, model, tokenizer, mine, stop=lambda: preemption.raised
     )
@@ -151,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     stats.load_s = time.monotonic() - started
     with ShardWriter(shard) as writer, progress_bar(accelerator, len(mine)) as bar:
         for group in completions:
-            records = [result_record(mine[i], c) for i, c in group]
+            records = [result_record(mine[i], c, spec.output.scoring) for i, c in group]
             writer.append(records)
             stats.add_records(records)
             bar.update(len(records))
@@ -166,19 +172,19 @@ def main(argv: list[str] | None = None) -> int:
 
     finish_line.wait()
     if accelerator.is_main_process:
-        gather(run, inputs, args.task, spec.output.format)
+        gather(run, inputs, args.task, spec.output)
     accelerator.end_training()  # nothing to do with training: it releases the process groups
     return 0
 
 
-def gather(run: RunDir, inputs: list[Input], task: int | None, output_format: str) -> None:
+def gather(run: RunDir, inputs: list[Input], task: int | None, output: OutputSpec) -> None:
     """A job gathers its shards; of an array's tasks, the last to finish does (see `gather_when_complete`)."""
     if task is None:
-        metrics = gather_shards(run, inputs, output_format)
-    elif (metrics := gather_when_complete(run, inputs, output_format)) is None:
+        metrics = gather_shards(run, inputs, output)
+    elif (metrics := gather_when_complete(run, inputs, output)) is None:
         print(f"task {task} done; the last task to finish gathers the results", flush=True)
         return
-    print(f"gathered {metrics[Metric.INPUTS]} results into {run.results_for(output_format)}", flush=True)
+    print(f"gathered {metrics[Metric.INPUTS]} results into {run.results_for(output.format)}", flush=True)
     run.release_space()  # the run is complete: nothing more to report a full disk for
 
 
@@ -216,14 +222,18 @@ def token_balanced_share(lengths: list[int], part: int, parts: int, max_new_toke
     return assign_to_ranks([n + max_new_tokens for n in lengths], parts)[part]
 
 
-def encode_share(tokenizer, inputs: list[Input], data: DataSpec, limit: int | None) -> list[Prompt]:
-    """The rank's own inputs, encoded (and cut to `limit` where prompts are truncated)."""
-    encoded = encode_prompts(tokenizer, inputs, data)
-    if limit is None:
-        return [Prompt(e, ids) for e, ids in zip(inputs, encoded)]
+def encode_share(
+    tokenizer, inputs: list[Input], data: DataSpec, limit: int | None, keep_texts: bool = False
+) -> list[Prompt]:
+    """The rank's own inputs, encoded (and cut to `limit` where prompts are truncated); with
+    `keep_texts` (output.include_rendered_prompt), with the text each was encoded from."""
+    texts = prompt_texts(tokenizer, inputs, data)
+    kept = texts if keep_texts else [None] * len(texts)
     return [
-        Prompt(e, fit_to_context(ids, limit, tokenizer.bos_token_id), truncated=len(ids) > limit)
-        for e, ids in zip(inputs, encoded)
+        Prompt(item, ids, False, text)
+        if limit is None or len(ids) <= limit
+        else Prompt(item, fit_to_context(ids, limit, tokenizer.bos_token_id), True, text)
+        for item, ids, text in zip(inputs, encode_texts(tokenizer, texts, templated(inputs, data)), kept)
     ]
 
 
@@ -374,12 +384,14 @@ def complete_in_batches(
             yield list(zip(rows, completions))
 
 
-def result_record(prompt: Prompt, completion: Completion) -> dict:
+def result_record(prompt: Prompt, completion: Completion, scoring_mode: str) -> dict:
     item = prompt.input
     given = {"prompt": item.prompt} if item.messages is None else {"messages": item.messages}
+    rendered = {} if prompt.text is None else {"rendered_prompt": prompt.text}
     record = {
         "id": item.id,
         **given,
+        **rendered,
         "output": completion.text,
         "prompt_tokens": len(prompt.token_ids),
         "output_tokens": completion.tokens,
@@ -387,7 +399,8 @@ def result_record(prompt: Prompt, completion: Completion) -> dict:
         "truncated": prompt.truncated,
     }
     if item.reference is not None:
-        record |= {"reference": item.reference, "correct": scoring.is_correct(completion.text, item.reference)}
+        correct = scoring.is_correct(completion.text, item.reference, scoring_mode)
+        record |= {"reference": item.reference, "correct": correct}
     return record
 
 

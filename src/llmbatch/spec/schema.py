@@ -187,8 +187,10 @@ class DataSpec:
     """A system message opening each chat (one that has none) or templated prompt."""
     reference_field: str | None = None
     """The reference answer: scored after inference, the completion to learn when fine-tuning."""
-    chat_template: bool = False
-    """Wrap the prompt in the tokenizer's chat template (one user turn); chats always are."""
+    chat_template: bool | None = None
+    """Wrap the prompt in the tokenizer's chat template (one user turn); chats always are. Unset (null),
+    plain prompts to a model that has a template get a warning (`llmbatch.prompts.plain_prompt_warning`);
+    false says they are plain on purpose."""
     split: str | None = None
     """A Hugging Face dataset's split to read (data.path); default: its only one."""
     val_split: str | None = None
@@ -206,7 +208,7 @@ class DataSpec:
     def through_chat_template(self) -> bool:
         """Whether the model reads records through the tokenizer's chat template (an OpenAI batch file's
         chat lines always do: `llmbatch.data.chat`)."""
-        return self.chat_template or self.messages_field is not None
+        return bool(self.chat_template) or self.messages_field is not None
 
     def is_openai_batch(self) -> bool:
         """Whether data.path is an OpenAI batch file: said so, or detected (`openai_batch.is_batch_file`)
@@ -263,7 +265,7 @@ class DataSpec:
         if self.system_prompt is not None and self.messages_field is None:
             _check(
                 "data.system_prompt",
-                self.chat_template,
+                bool(self.chat_template),
                 "a system message needs the chat template: set data.chat_template: true",
                 related=("data.chat_template", "data.messages_field"),
             )
@@ -579,6 +581,13 @@ class ContainerSpec:
 
 @dataclass
 class OutputSpec:
+    scoring: Literal["exact", "normalized", "contains"] = "exact"
+    """How an output is scored against its data.reference_field (`llmbatch.scoring`): equal once stripped
+    (`exact`), equal once case, punctuation and spacing are normalized (`normalized`), or the normalized
+    reference's words among the normalized output's (`contains`). Fine-tuning's validation accuracy too."""
+    include_rendered_prompt: bool = False
+    """Inference: each result also holds `rendered_prompt`, the text the model read (through the chat
+    template, if any)."""
     root: str = "runs"
     """Run folders are created here; on a cluster, shared storage every node sees."""
     format: Literal["jsonl", "parquet", "openai-batch"] = "jsonl"
