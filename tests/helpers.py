@@ -63,15 +63,29 @@ def runner_command(run: RunDir, processes: int, attempt: int = 0) -> ContainerCo
     return node_command(plan, place)
 
 
-def submit_cli(*args: str, timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess:
+def submit_cli(
+    *args: str, timeout: float = 600, check: bool = True, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
     """`python submit.py ARGS` as a user runs it, in a real process."""
-    proc = subprocess.run([PYTHON, str(REPO / "submit.py"), *args], capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(
+        [PYTHON, str(REPO / "submit.py"), *args], capture_output=True, text=True, timeout=timeout, env=env
+    )
     if check and proc.returncode != 0:
         raise AssertionError(
             f"submit.py {' '.join(args)} exited {proc.returncode}\n"
             f"--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-4000:]}"
         )
     return proc
+
+
+def with_fake_commands(folder: Path, **scripts: str) -> dict[str, str]:
+    """This environment, with PATH finding first these commands (name=shell script body) in `folder`:
+    a Slurm client that fails as a real one does, say."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, body in scripts.items():
+        (folder / name).write_text(f"#!/bin/sh\n{body}\n")
+        (folder / name).chmod(0o755)
+    return dict(os.environ, PATH=os.pathsep.join([str(folder), os.environ.get("PATH", "")]))
 
 
 def wait_for(what: str, predicate, timeout: float = 240, poll_s: float = 0.5):

@@ -364,6 +364,58 @@ def wait_for_rank(proc: subprocess.Popen, rank: int) -> psutil.Process:
     raise AssertionError(f"rank {rank} did not start")
 
 
+# --- the end of a rank -----------------------------------------------------------------------------
+
+
+# Loaded by each rank (sitecustomize): says at the rank's os._exit whether its process group still exists.
+EXIT_PROBE = """\
+import os, sys
+
+_exit = os._exit
+
+
+def _exit_saying_whether_the_group_lives(code):
+    dist = sys.modules.get("torch.distributed")
+    print(f"process group at exit: {'alive' if dist is not None and dist.is_initialized() else 'gone'}", flush=True)
+    _exit(code)
+
+
+os._exit = _exit_saying_whether_the_group_lives
+"""
+
+
+@pytest.mark.slow
+def test_two_ranks_exit_promptly_with_their_process_group_never_destroyed(make_run, tmp_path):
+    """A gloo process group destroyed at a rank's end (by end_training, then for good when main()
+    returned and freed the DDP model) joined gloo's worker thread while holding Python's lock; a
+    worker still freeing the last collective's tensors waited for that lock, and the rank hung
+    forever, about 1 run in 20. The group must live until os._exit, and the ranks end at once."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(EXIT_PROBE)
+    run = make_run("finetune", overrides=[*SMALL, "train.max_steps=2", "train.eval_every_steps=100"])
+    cmd = runner_command(run, 2)
+    env = os.environ | cmd.env | {"PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])}
+    log = tmp_path / "ranks.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(cmd.argv, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            while not run.metrics_file.exists():
+                assert proc.poll() is None, log.read_text()[-3000:]
+                time.sleep(0.2)
+            code = proc.wait(timeout=60)  # a clean end takes seconds
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)  # the launcher and its ranks
+            proc.wait()
+            raise AssertionError(
+                f"the ranks did not exit within 60 s of metrics.json\n{log.read_text()[-3000:]}"
+            ) from None
+    assert code == 0, log.read_text()[-3000:]
+    ends = re.findall(r"process group at exit: (\w+)", log.read_text())
+    assert ends == ["alive", "alive"], log.read_text()[-3000:]
+    assert (run.adapter_dir / "adapter_model.safetensors").is_file()
+
+
 # --- outputs --------------------------------------------------------------------------------------
 
 RUN_UMASK = 0o027

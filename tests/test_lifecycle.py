@@ -22,7 +22,7 @@ from llmbatch.lifecycle import process_start_ticks
 from llmbatch.rundir import RunDir, atomic_write
 from llmbatch.spec import dump_spec, load_spec
 
-from helpers import REPO, finetune_run, local_run, run_folder, status, submit_cli, write_text
+from helpers import REPO, finetune_run, local_run, run_folder, status, submit_cli, with_fake_commands, write_text
 
 # --- lifecycle commands' options ---------------------------------------------------------------
 
@@ -80,6 +80,67 @@ def test_logs_of_the_only_rank_is_the_node_log(tmp_path, capsys):
     run = run_without_job(tmp_path)
     assert main(["logs", str(run.path), "--rank", "0"]) == 0
     assert capsys.readouterr().out == "the node log\n"
+
+
+# --- Slurm's commands failing ----------------------------------------------------------------------
+
+
+NO_CONTROLLER = "slurm_load_jobs error: Unable to contact slurm controller (connect failure)"
+"""squeue where the Slurm controller is down."""
+
+
+def slurm_run(make_run, tmp_path, monkeypatch, **commands: str) -> RunDir:
+    """A run whose Slurm job 42 was submitted, where PATH finds these fake Slurm commands first."""
+    run = make_run("infer")
+    run.update_state(kind="infer", executor="slurm", job_ids=["42"])
+    monkeypatch.setenv("PATH", with_fake_commands(tmp_path / "bin", **commands)["PATH"])
+    return run
+
+
+@pytest.mark.parametrize("command", ["status", "cancel", "resume"])
+def test_an_unreachable_slurm_controller_is_one_line(make_run, tmp_path, monkeypatch, capsys, command):
+    run = slurm_run(
+        make_run,
+        tmp_path,
+        monkeypatch,
+        sacct="echo 'sacct: error: Problem talking to the database: Connection refused' >&2; exit 1",
+        squeue=f"echo '{NO_CONTROLLER}' >&2; exit 1",
+        sbatch="exit 0",
+        srun="exit 0",
+    )
+    assert main([command, str(run.path)]) == 2
+    tail = "; nothing was submitted" if command == "resume" else ""
+    assert capsys.readouterr().err == f"llmbatch: error: squeue failed: {NO_CONTROLLER}{tail}\n"
+    assert main(["list", "--root", str(run.path.parent)]) == 0
+    assert capsys.readouterr().out == f"{run.name}  state unknown: squeue failed: {NO_CONTROLLER}\n"
+
+
+def test_a_failing_scancel_is_one_line(make_run, tmp_path, monkeypatch, capsys):
+    run = slurm_run(
+        make_run,
+        tmp_path,
+        monkeypatch,
+        sacct="exit 0",  # accounting lags: squeue answers
+        squeue="echo RUNNING",
+        scancel="echo 'scancel: error: Kill job error on job id 42: Access/permission denied' >&2; exit 1",
+    )
+    assert main(["cancel", str(run.path)]) == 2
+    assert capsys.readouterr().err == (
+        "llmbatch: error: scancel failed: Kill job error on job id 42: Access/permission denied\n"
+    )
+
+
+def test_a_job_squeue_forgot_is_unknown_not_an_error(make_run, tmp_path, monkeypatch, capsys):
+    # Without accounting, squeue forgets a job some minutes after it ended.
+    run = slurm_run(
+        make_run,
+        tmp_path,
+        monkeypatch,
+        sacct="echo 'sacct: error: Slurm accounting storage is disabled' >&2; exit 1",
+        squeue="echo 'slurm_load_jobs error: Invalid job id specified' >&2; exit 1",
+    )
+    assert main(["status", str(run.path)]) == 0
+    assert f"{run.name}  infer  slurm:42  UNKNOWN  " in capsys.readouterr().out
 
 
 # --- cancel, status and resume of local runs ------------------------------------------------------

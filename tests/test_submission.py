@@ -15,10 +15,11 @@ from pathlib import Path
 
 import pytest
 
+from llmbatch.cli import main
 from llmbatch.jobstep import RENDEZVOUS_PORTS, rendezvous_ports
 from llmbatch.node import rendezvous_port
 
-from helpers import JOBS, PYTHON, REPO, dry_run, flag
+from helpers import JOBS, PYTHON, REPO, dry_run, flag, submit_cli, with_fake_commands
 
 
 @pytest.mark.parametrize("nodes,gpus", [(1, 1), (1, 4), (2, 4)])
@@ -241,6 +242,57 @@ def test_slurm_executor_without_slurm_is_one_line_and_exit_2(tmp_path, command):
         "client on this machine); run where Slurm is, or use --executor local"
     ]
     assert not (tmp_path / "runs").exists()
+
+
+# sbatch where Slurm's packages are installed but no cluster is set up (no slurm.conf, no DNS record).
+SBATCH_WITHOUT_A_CLUSTER = """\
+sbatch: error: resolve_ctls_from_dns_srv: res_nsearch error: Unknown host
+sbatch: error: fetch_config: DNS SRV lookup failed
+sbatch: error: _establish_config_source: failed to fetch config
+sbatch: fatal: Could not establish a configuration source"""
+
+
+def failing(stderr: str, code: int = 1) -> str:
+    """A fake command's script: `stderr` on stderr, then exit `code`."""
+    return f"cat >&2 <<'EOF'\n{stderr}\nEOF\nexit {code}"
+
+
+def test_a_failing_sbatch_is_one_line_and_leaves_no_run_folder(tmp_path, cache_dir):
+    # A plain `submit.py infer` picks Slurm because sbatch is on PATH.
+    env = with_fake_commands(tmp_path / "bin", sbatch=failing(SBATCH_WITHOUT_A_CLUSTER), srun="exit 0")
+    runs = tmp_path / "runs"
+    proc = submit_cli("infer", "--output", str(runs), "--set", "data.max_inputs=4", check=False, env=env)
+    assert (proc.returncode, proc.stdout) == (2, "")
+    assert proc.stderr.splitlines() == [
+        "llmbatch: error: sbatch failed: Could not establish a configuration source; nothing was submitted "
+        "(--executor local runs it on this machine)"
+    ]
+    assert list(runs.iterdir()) == []
+    proc = submit_cli("status", "--root", str(runs), check=False, env=env)
+    assert (proc.returncode, proc.stderr) == (2, f"llmbatch: error: no runs under {runs}\n")
+
+
+def test_a_failing_sbatch_leaves_a_resumed_run_as_it_was(make_run, tmp_path, monkeypatch, capsys):
+    run = make_run("infer")
+    run.update_state(kind="infer", executor="slurm", job_ids=["41"])
+    run.submitit_dir.mkdir()
+    (run.submitit_dir / "41_submission.sh").write_text("#!/bin/bash\n")
+    before = {p.name: p.read_bytes() for p in (run.state_file, *run.submitit_dir.iterdir())}
+    env = with_fake_commands(
+        tmp_path / "bin",
+        sacct="echo FAILED",  # job 41 failed
+        sinfo="exit 0",
+        srun="exit 0",
+        sbatch=failing("sbatch: error: Batch job submission failed: Invalid account or account/partition combination"),
+    )
+    monkeypatch.setenv("PATH", env["PATH"])
+    assert main(["resume", str(run.path)]) == 2
+    assert capsys.readouterr().err == (
+        "llmbatch: error: sbatch failed: Batch job submission failed: Invalid account or account/partition "
+        "combination; nothing was submitted\n"
+    )
+    assert {p.name: p.read_bytes() for p in (run.state_file, *run.submitit_dir.iterdir())} == before
+    assert not run.space_reserve.exists()
 
 
 @pytest.mark.parametrize("where", ["checkout", "elsewhere"])

@@ -187,6 +187,8 @@ def cmd_list(args: argparse.Namespace) -> int:
             statuses.append(lifecycle.run_status(run))
         except (DamagedRun, SpecError, DataError) as e:  # a side file; its spec or data (for an input count)
             damaged.append(f"{run.name}  damaged: {e}")
+        except slurm.SlurmError as e:
+            damaged.append(f"{run.name}  state unknown: {e}")
     if args.json:
         print(lifecycle.status_json(statuses))
     else:
@@ -372,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)
-    except (SpecError, DataError, UsageError, DamagedRun, RunBusy) as e:
+    except (SpecError, DataError, UsageError, DamagedRun, RunBusy, slurm.SlurmError) as e:
         print(f"llmbatch: error: {printable(str(e))}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # the reader went away (`status | head`): stop quietly, as Unix tools do

@@ -8,7 +8,9 @@ pyproject.toml (`SUBMITIT_VERSION`; tests/test_slurm_answers.py checks both).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import math
 import re
 import shlex
@@ -18,6 +20,7 @@ import sys
 from collections.abc import Sequence
 
 import submitit
+from submitit.core.utils import FailedJobError, FailedSubmissionError
 from submitit.slurm.slurm import _make_sbatch_string
 
 from llmbatch.jobstep import LaunchPlan
@@ -29,8 +32,14 @@ SUBMITIT_VERSION = "1.5.4"
 """The submitit release the private names below were read in; pinned in pyproject.toml."""
 SUBMIT_MODULE = "submitit.core._submit"
 """What submitit's batch script runs (with the job folder) to unpickle and run the job."""
-SUBMITIT_PRIVATE = ("submitit.slurm.slurm._make_sbatch_string", SUBMIT_MODULE)
-"""Every private name of submitit that llmbatch relies on."""
+SUBMITIT_PRIVATE = (
+    "submitit.slurm.slurm._make_sbatch_string",
+    SUBMIT_MODULE,
+    "submitit.core.utils.FailedJobError",
+    "submitit.core.utils.FailedSubmissionError",
+)
+"""Every private name of submitit that llmbatch relies on (and its habit of printing a failed
+sbatch's stderr, which `submit` holds back)."""
 
 # Slurm states after which a job will not run again by itself.
 FINAL_STATES = {
@@ -44,6 +53,10 @@ FINAL_STATES = {
     "BOOT_FAIL",
     "DEADLINE",
 }
+
+
+class SlurmError(Exception):
+    """A Slurm client command (sbatch, squeue, scancel, ...) failed: one line naming its own error."""
 
 
 def pick_executor(choice: str) -> str:
@@ -110,17 +123,53 @@ def sbatch_script(spec: JobSpec, run: RunDir) -> str:
 
 
 def submit(ex: submitit.Executor, plan: LaunchPlan) -> submitit.Job:
-    return ex.submit(NodeJob(plan))
+    """Submit the run's job; SlurmError if sbatch refused it (nothing was queued)."""
+    with _sbatch_errors():
+        return ex.submit(NodeJob(plan))
 
 
 def submit_array(ex: submitit.Executor, plan: LaunchPlan, tasks: Sequence[int]) -> list[submitit.Job]:
     """One Slurm job array (submitit's batch) whose i-th array task runs the run's array task tasks[i]:
     all of them at first, the unfinished ones on `resume`. The run's task is in each pickle, not read
     from SLURM_ARRAY_TASK_ID, which numbers the array tasks of this submission. (A single array task is
-    submitted as a plain job.)"""
-    with ex.batch():
+    submitted as a plain job.) SlurmError if sbatch refused it."""
+    with _sbatch_errors(), ex.batch():
         jobs = [ex.submit(NodeJob(dataclasses.replace(plan, task=task))) for task in tasks]
     return jobs
+
+
+@contextlib.contextmanager
+def _sbatch_errors():
+    """sbatch's failure as a SlurmError naming its own error line, instead of submitit's traceback.
+
+    submitit also prints a failing sbatch's whole stderr on ours: that is held back, and passed on
+    only when the submission went through (submitit's own warnings)."""
+    held = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(held):
+            yield
+    except FailedJobError as e:  # sbatch exited non-zero; the message is its stderr
+        returncode = e.__cause__.returncode if isinstance(e.__cause__, subprocess.CalledProcessError) else None
+        raise SlurmError(f"sbatch failed: {client_error('sbatch', str(e), returncode)}") from None
+    except FailedSubmissionError as e:  # sbatch said something else than "Submitted batch job N"
+        raise SlurmError(f"sbatch gave no job id: {client_error('sbatch', str(e), None)}") from None
+    except OSError as e:  # sbatch went away from PATH, or cannot be run
+        raise SlurmError(f"sbatch: cannot run it: {e.strerror or e}") from None
+    sys.stderr.write(held.getvalue())
+
+
+def client_error(command: str, stderr: str, returncode: int | None) -> str:
+    """The line of a Slurm client's stderr that says what went wrong, without its `sbatch: error: `.
+
+    Slurm's clients log their way to a failure (`error:` lines, then one `fatal:`): the fatal line is
+    the conclusion; without one, the last error line; else the last line; else the exit status."""
+    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+    if not lines:
+        return f"exit status {returncode}" if returncode is not None else "no error message"
+    pick = next((line for line in lines if " fatal: " in f" {line}"), None) or next(
+        (line for line in reversed(lines) if " error: " in f" {line}"), lines[-1]
+    )
+    return re.sub(rf"^(?:{re.escape(command)}: )?(?:(?:error|fatal): )?", "", pick) or pick
 
 
 # --- the Slurm client commands and their answers --------------------------------------------------
@@ -132,9 +181,11 @@ def array_of(job_id: str) -> str:
 
 
 def slurm_state(job_id: str) -> str:
-    """The job's state from sacct (accounting), falling back to squeue while sacct lags."""
-    if state := parse_sacct_state(_query(["sacct", "-j", job_id, "-X", "-n", "-P", "--format=State"])):
-        return state
+    """The job's state from sacct (accounting), falling back to squeue while sacct lags (or where it
+    fails: a cluster without accounting); SlurmError when squeue fails too."""
+    with contextlib.suppress(SlurmError):
+        if state := parse_sacct_state(_query(["sacct", "-j", job_id, "-X", "-n", "-P", "--format=State"])):
+            return state
     return parse_squeue_state(_query(["squeue", "-h", "-j", job_id, "-o", "%T"]))
 
 
@@ -153,9 +204,12 @@ def parse_squeue_state(out: str) -> str:
 
 def slurm_states(job_ids: list[str]) -> dict[str, str]:
     """The states of many jobs and array tasks (`123`, `123_4`) in one sacct call (squeue for those
-    sacct does not show yet); UNKNOWN for a job neither knows."""
+    sacct does not show yet); UNKNOWN for a job neither knows; SlurmError when both fail."""
     arrays = sorted({array_of(job_id) for job_id in job_ids})
-    states = parse_sacct_states(_query(["sacct", "-j", ",".join(arrays), "-X", "-n", "-P", "--format=JobID,State"]))
+    try:
+        states = parse_sacct_states(_query(["sacct", "-j", ",".join(arrays), "-X", "-n", "-P", "--format=JobID,State"]))
+    except SlurmError:
+        states = {}
     if missing := [job_id for job_id in job_ids if job_id not in states]:
         arrays = sorted({array_of(job_id) for job_id in missing})
         for job, state in parse_squeue_states(
@@ -205,13 +259,17 @@ def array_state(states: list[str]) -> str:
 
 def slurm_history(job_id: str) -> dict[str, str]:
     """What Slurm saw happen to the job, for `status`: every run of it (a requeued job has several),
-    and the nodes it last ran on that are down now (a lost node: NODE_FAIL)."""
-    runs = parse_sacct_history(_query(["sacct", "-j", job_id, "-X", "-D", "-n", "-P", "--format=State,NodeList"]))
-    history = {"slurm history": line} if (line := history_line(runs)) else {}
-    if ran_on := [nodes for _, nodes in runs if nodes not in ("", "None assigned")]:
-        sinfo = ["sinfo", "-h", "-N", "-n", ran_on[-1], "-t", "down,drain,fail,no_respond", "-o", "%N|%T|%E"]
-        if down := parse_sinfo_down(_query(sinfo)):
-            history["nodes down"] = down
+    and the nodes it last ran on that are down now (a lost node: NODE_FAIL). Extra detail: nothing
+    where sacct or sinfo fail."""
+    try:
+        runs = parse_sacct_history(_query(["sacct", "-j", job_id, "-X", "-D", "-n", "-P", "--format=State,NodeList"]))
+        history = {"slurm history": line} if (line := history_line(runs)) else {}
+        if ran_on := [nodes for _, nodes in runs if nodes not in ("", "None assigned")]:
+            sinfo = ["sinfo", "-h", "-N", "-n", ran_on[-1], "-t", "down,drain,fail,no_respond", "-o", "%N|%T|%E"]
+            if down := parse_sinfo_down(_query(sinfo)):
+                history["nodes down"] = down
+    except SlurmError:
+        return {}
     return history
 
 
@@ -240,12 +298,25 @@ def parse_sinfo_down(out: str) -> str | None:
 
 
 def scancel(job_ids: list[str]) -> None:
-    """Cancel Slurm jobs (a whole array by its id)."""
-    subprocess.run(["scancel", *job_ids], check=True, timeout=30)
+    """Cancel Slurm jobs (a whole array by its id); SlurmError if scancel fails."""
+    _query(["scancel", *job_ids])
+
+
+QUERY_TIMEOUT_S = 30
 
 
 def _query(argv: list[str]) -> str:
+    """A Slurm client's answer (stdout); SlurmError naming its own error where it fails.
+
+    squeue's "Invalid job id" is an answer: a job that ended long ago, which squeue no longer knows."""
     try:
-        return subprocess.run(argv, capture_output=True, text=True, timeout=30).stdout.strip()
-    except (OSError, subprocess.TimeoutExpired):
-        return ""
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=QUERY_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        raise SlurmError(f"{argv[0]}: no answer in {QUERY_TIMEOUT_S} s; is the Slurm controller up?") from None
+    except OSError as e:
+        raise SlurmError(f"{argv[0]}: cannot run it: {e.strerror or e}") from None
+    if done.returncode != 0:
+        if argv[0] == "squeue" and "Invalid job id" in done.stderr:
+            return ""
+        raise SlurmError(f"{argv[0]} failed: {client_error(argv[0], done.stderr, done.returncode)}")
+    return done.stdout.strip()

@@ -134,6 +134,9 @@ def submit_new_run(
         raise Interrupted(
             f"interrupted; nothing was submitted; submit the run with: {COMMAND} resume {run.path}"
         ) from None
+    except slurm.SlurmError as e:  # sbatch refused the job: a run folder that never ran is no run
+        shutil.rmtree(run.path, ignore_errors=True)
+        raise UsageError(f"{e}; nothing was submitted (--executor local runs it on this machine)") from None
 
 
 def local_identity(executor: str, job) -> dict:
@@ -162,16 +165,24 @@ def submit_and_wait(
     ex, plan = slurm.make_executor(executor, spec, run), make_plan(spec, run.path, attempt_base)
     log_start = run.node_log(0).stat().st_size if run.node_log(0).exists() else 0  # earlier attempts' end
     with interrupts_held():  # a job is submitted and recorded, or none is
-        if spec.resources.array is None:
-            jobs = [slurm.submit(ex, plan)]
-            job_id = jobs[0].job_id
-        else:
-            tasks = list(range(spec.resources.array)) if tasks is None else tasks
-            # Before any task records itself.
-            run.update_state(**{State.RANKS_PER_TASK: spec.resources.gpus_per_node})
-            jobs = slurm.submit_array(ex, plan, tasks)
-            job_id = slurm.array_of(jobs[0].job_id)  # the array's; its tasks are <id>_<index>
-            run.update_tasks({task: {Task.JOB_ID: job.job_id} for task, job in zip(tasks, jobs)})
+        submitit_files = _files(run.submitit_dir)
+        try:
+            if spec.resources.array is None:
+                jobs = [slurm.submit(ex, plan)]
+                job_id = jobs[0].job_id
+            else:
+                tasks = list(range(spec.resources.array)) if tasks is None else tasks
+                # Before any task records itself.
+                run.update_state(**{State.RANKS_PER_TASK: spec.resources.gpus_per_node})
+                jobs = slurm.submit_array(ex, plan, tasks)
+                job_id = slurm.array_of(jobs[0].job_id)  # the array's; its tasks are <id>_<index>
+                run.update_tasks({task: {Task.JOB_ID: job.job_id} for task, job in zip(tasks, jobs)})
+        except slurm.SlurmError:
+            # Nothing was queued: the run folder stays as it was, less submitit's pickle and script.
+            for path in _files(run.submitit_dir) - submitit_files:
+                path.unlink(missing_ok=True)
+            run.release_space()
+            raise
         run.update_state(
             **{
                 State.EXECUTOR: executor,
@@ -190,6 +201,10 @@ def submit_and_wait(
             raise Interrupted(f"interrupted; {executor} job {job_id} is queued: {COMMAND} status {run.path}") from None
         return 0
     return wait_and_summarize(jobs, run, "\n".join(lines), show_log_from=log_start if executor == "local" else None)
+
+
+def _files(folder: Path) -> set[Path]:
+    return set(folder.iterdir()) if folder.is_dir() else set()
 
 
 def wait_and_summarize(jobs: list, run: RunDir, header: str, show_log_from: int | None) -> int:
@@ -255,6 +270,8 @@ def resume_run(run: RunDir, executor_choice: str | None, *, wait: bool) -> int:
     runners pick up shards and checkpoints there."""
     try:
         return _resume(run, executor_choice, wait=wait)
+    except slurm.SlurmError as e:  # asking for the job's state, or sbatch
+        raise UsageError(f"{e}; nothing was submitted") from None
     except KeyboardInterrupt:  # before a job was submitted (submit_and_wait says what happened after)
         raise Interrupted(f"interrupted; nothing was submitted; resume with: {COMMAND} resume {run.path}") from None
 

@@ -48,10 +48,18 @@ def run_rank(main: Callable[[], int], run_dir: str, spec_errors: tuple[type[Exce
     """Run a rank's main() and end the process with its exit code, without Python's teardown.
 
     When main() returns, the rank's outputs are on disk and every rank has passed its last collective.
-    Python's teardown would then only destroy objects, and one of them can hang: DDP's reducer, freed
-    with the model, joins a gloo thread that waits for Python's lock (in ~ProcessGroupGloo), and the
-    launcher's exit barrier then holds the job 300 s. So the rank flushes its output and leaves with
-    os._exit; the node job, a process above it, is what reports the job's end (submitit's result).
+    Python's teardown would then only destroy objects, and one of them can hang; so the rank flushes
+    its output and leaves with os._exit; the node job, a process above it, is what reports the job's
+    end (submitit's result).
+
+    The process groups must outlive main() too: main() never destroys them (no destroy_process_group,
+    no accelerator.end_training), so torch's registry holds them until os._exit. Destroying a gloo
+    group (~ProcessGroupGloo) joins its worker threads while holding Python's lock, and a worker may
+    still be freeing the last collective's work (a barrier holds the allreduce before it, whose tensors
+    Python owns), for which it waits for that lock: both wait forever. It hung about 1 run in 20 (1 in
+    4 on a busy machine): the last reference went when main() returned and freed the DDP model (its
+    reducer), after end_training had dropped the registry's; then the launcher's exit barrier held the
+    job.
     """
     try:
         code = _exit_code(main, run_dir, spec_errors)

@@ -280,7 +280,7 @@ def train(t: Training, preemption: PreemptionFlag, stop_at_step: int | None) -> 
             # An evaluation due at this step is skipped: the warning period is for saving.
             path = save_checkpoint(accelerator, t.run.checkpoints_dir, state, cfg.keep_last, t.fingerprint)
             accelerator.print(f"finetune: preempted at step {state.step}; saved {path}; exiting {PREEMPTED_EXIT}")
-            accelerator.end_training()
+            t.log.finish()
             return False
         if t.data.val_rows and (state.step % cfg.eval_every_steps == 0 or state.step == t.total_steps):
             evaluate(t)
@@ -376,7 +376,8 @@ def evaluate(t: Training) -> None:
 
 
 def save_outputs(t: Training, started: float) -> None:
-    """adapter/, metrics.json, the loss curve and merged/ (rank 0), then the end of training on every rank."""
+    """adapter/, metrics.json, the loss curve and merged/ (rank 0), then the end of training on every
+    rank (the process group left to the rank's exit: faults.run_rank)."""
     accelerator, state, run = t.accelerator, t.state, t.run
     if accelerator.is_main_process:
         unwrapped = accelerator.unwrap_model(t.model)
@@ -400,7 +401,7 @@ def save_outputs(t: Training, started: float) -> None:
         accelerator.print(f"finetune: done at step {state.step}; adapter in {run.adapter_dir}")
         run.release_space()  # the run is complete: nothing more to report a full disk for
     accelerator.wait_for_everyone()
-    accelerator.end_training()
+    t.log.finish()
 
 
 # --- data ------------------------------------------------------------------------------------------

@@ -53,6 +53,12 @@ class TrainLog:
             append_jsonl(self.path, row)
         self.accelerator.log({k: v for k, v in row.items() if k not in UNTRACKED}, step=row[TrainRow.STEP])
 
+    def finish(self) -> None:
+        """The trackers' end: accelerate's end_training without its destroy_process_group, which must
+        not run before the rank exits (see faults.run_rank)."""
+        for tracker in self.accelerator.trackers:
+            tracker.finish()
+
     def rows(self) -> list[dict[str, Any]]:
         return read_train_metrics(self.path)
 
