@@ -16,7 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import safetensors.torch
+from accelerate.checkpointing import load_accelerator_state, save_accelerator_state
 from accelerate.utils import broadcast_object_list
+from accelerate.utils.fsdp_utils import load_fsdp_model, load_fsdp_optimizer, save_fsdp_model, save_fsdp_optimizer
 
 from llmbatch.checkpoints import (
     CheckpointMismatch,
@@ -49,6 +51,42 @@ class TrainState:
     """The evaluation adapter-best/ is from."""
     evals_since_best: int = 0
     """Evaluations in a row without a better validation loss (for early stopping)."""
+
+
+@dataclass
+class Sharded:
+    """The prepared objects of an FSDP run: accelerate's save_state would save the whole model (frozen
+    base included) under FSDP, so its checkpoints go through accelerate's FSDP functions instead."""
+
+    model: Any
+    optimizer: Any
+    scheduler: Any
+
+
+def save_sharded_state(accelerator, sharded: Sharded, folder: Path) -> None:
+    """Under FSDP, every rank: the LoRA weights (pytorch_model_fsdp.bin) and their AdamW state
+    (optimizer.bin) gathered whole and written by rank 0, keyed by parameter name, so they load under
+    any rank count; the scheduler (rank 0) and each rank's RNG states, as save_state writes them."""
+    plugin = accelerator.state.fsdp_plugin
+    save_fsdp_model(plugin, accelerator, sharded.model, str(folder), adapter_only=True)
+    save_fsdp_optimizer(plugin, accelerator, sharded.optimizer, sharded.model, str(folder))
+    save_accelerator_state(str(folder), [], [], [sharded.scheduler], [], accelerator.process_index, accelerator.step)
+
+
+def load_sharded_state(accelerator, sharded: Sharded, folder: Path) -> None:
+    plugin = accelerator.state.fsdp_plugin
+    load_fsdp_model(plugin, accelerator, sharded.model, str(folder), adapter_only=True)
+    load_fsdp_optimizer(plugin, accelerator, sharded.optimizer, sharded.model, str(folder), adapter_only=True)
+    load_accelerator_state(str(folder), [], [], [sharded.scheduler], [], accelerator.process_index)
+
+
+def full_trainable_state(accelerator, model) -> dict | None:
+    """Under FSDP, the trainable weights gathered whole on rank 0 (None elsewhere); every rank calls it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+    state = get_model_state_dict(model, options=options)  # cpu_offload: rank 0 holds it, the others nothing
+    return state if accelerator.is_main_process else None
 
 
 def trainable_state_dict(model) -> dict:
@@ -86,7 +124,12 @@ def checkpoint_trainable_weights_only(accelerator) -> None:
 
 
 def save_checkpoint(
-    accelerator, checkpoints_dir: Path, state: TrainState, keep_last: int, fingerprint: dict[str, Any]
+    accelerator,
+    checkpoints_dir: Path,
+    state: TrainState,
+    keep_last: int,
+    fingerprint: dict[str, Any],
+    sharded: Sharded | None = None,
 ) -> Path:
     """Every rank calls this at the same step; returns the complete checkpoint folder."""
     final = Path(checkpoints_dir) / f"step-{state.step:06d}"
@@ -95,7 +138,10 @@ def save_checkpoint(
         remove_tree(tmp)  # left by an attempt that died while saving this step
         make_folder(tmp)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))  # rank 0 writes the weights, optimizer, scheduler; each rank its RNGs
+    if sharded is None:
+        accelerator.save_state(str(tmp))  # rank 0 writes the weights, optimizer, scheduler; each rank its RNGs
+    else:
+        save_sharded_state(accelerator, sharded, tmp)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         atomic_write_json(tmp / STATE_FILE, dataclasses.asdict(state) | {"saved_at": time.time()})
@@ -112,7 +158,9 @@ def save_checkpoint(
     return final
 
 
-def resume(accelerator, checkpoints_dir: Path, fingerprint: dict[str, Any]) -> TrainState:
+def resume(
+    accelerator, checkpoints_dir: Path, fingerprint: dict[str, Any], sharded: Sharded | None = None
+) -> TrainState:
     """Load the newest intact checkpoint into the prepared objects; a fresh TrainState if none.
 
     Rank 0 checks the checkpoints against their manifests, newest first, moves a damaged one aside
@@ -146,7 +194,10 @@ def resume(accelerator, checkpoints_dir: Path, fingerprint: dict[str, Any]) -> T
         raise CheckpointMismatch(mismatch)
     if chosen is None:
         return TrainState()
-    accelerator.load_state(chosen)
+    if sharded is None:
+        accelerator.load_state(chosen)
+    else:
+        load_sharded_state(accelerator, sharded, Path(chosen))
     saved = read_json(Path(chosen) / STATE_FILE)
     # A checkpoint from before a field existed lacks it: the default then.
     return TrainState(**{f.name: saved[f.name] for f in dataclasses.fields(TrainState) if f.name in saved})
