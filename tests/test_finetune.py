@@ -698,16 +698,21 @@ def test_the_fsdp_adapter_loads_in_an_inference_spec(ddp_and_fsdp, make_run):
 def test_an_fsdp_run_stopped_and_resumed_matches_an_uninterrupted_one(ddp_and_fsdp, make_run):
     """Preempted at step 4 and resumed: the losses of the uninterrupted FSDP run, the same adapter.
 
-    Checkpoints hold the LoRA weights and AdamW state gathered whole (accelerate's FSDP functions), so
-    the resumed ranks shard them again as they load."""
+    Checkpoints hold the LoRA weights and AdamW state gathered whole, so the resumed ranks shard them
+    again as they load."""
     reference = ddp_and_fsdp["fsdp"]
     overrides = [*SMALL, *FSDP_TEST, "train.sharding=fsdp"]
     run = make_run("finetune", overrides=overrides)
     stopped = finetune(run, 2, 0, "--stop-at-step", "4", expect_success=False)
     assert f"exiting {PREEMPTED_EXIT}" in stopped.stdout, stopped.stdout[-3000:] + stopped.stderr[-3000:]
-    saved = sorted(p.name for p in (run.checkpoints_dir / "step-000004").iterdir())
-    assert "pytorch_model_fsdp.bin" in saved and "optimizer.bin" in saved  # the LoRA state, not the base model
-    assert (run.checkpoints_dir / "step-000004" / "pytorch_model_fsdp.bin").stat().st_size < 1 << 20
+    from safetensors.torch import load_file
+
+    # The LoRA weights and their AdamW state, whole; no weight of a decoder block of the base model.
+    weights = load_file(run.checkpoints_dir / "step-000004" / "model.safetensors")
+    optimizer = torch.load(run.checkpoints_dir / "step-000004" / "optimizer.bin", weights_only=True)
+    lora = {name for name in weights if ".lora_" in name}
+    assert len(lora) == 56 and set(optimizer["state"]) == lora
+    assert lora == set(weights)
     resumed = finetune(run, 2, 1)
     assert "resuming at step 4" in resumed.stdout
     assert trajectory(run) == trajectory(reference)

@@ -16,9 +16,11 @@ from pathlib import Path
 from typing import Any
 
 import safetensors.torch
+import torch
 from accelerate.checkpointing import load_accelerator_state, save_accelerator_state
 from accelerate.utils import broadcast_object_list
-from accelerate.utils.fsdp_utils import load_fsdp_model, load_fsdp_optimizer, save_fsdp_model, save_fsdp_optimizer
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict, set_optimizer_state_dict
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from llmbatch.checkpoints import (
     CheckpointMismatch,
@@ -56,7 +58,7 @@ class TrainState:
 @dataclass
 class Sharded:
     """The prepared objects of an FSDP run: accelerate's save_state would save the whole model (frozen
-    base included) under FSDP, so its checkpoints go through accelerate's FSDP functions instead."""
+    base included) under FSDP, so its checkpoints are written by save_sharded_state instead."""
 
     model: Any
     optimizer: Any
@@ -64,28 +66,52 @@ class Sharded:
 
 
 def save_sharded_state(accelerator, sharded: Sharded, folder: Path) -> None:
-    """Under FSDP, every rank: the LoRA weights (pytorch_model_fsdp.bin) and their AdamW state
-    (optimizer.bin) gathered whole and written by rank 0, keyed by parameter name, so they load under
-    any rank count; the scheduler (rank 0) and each rank's RNG states, as save_state writes them."""
-    plugin = accelerator.state.fsdp_plugin
-    save_fsdp_model(plugin, accelerator, sharded.model, str(folder), adapter_only=True)
-    save_fsdp_optimizer(plugin, accelerator, sharded.optimizer, sharded.model, str(folder))
+    """Under FSDP, every rank: the LoRA weights (model.safetensors, as under DDP) and their AdamW state
+    (optimizer.bin, keyed by parameter name) gathered whole and written by rank 0, so they load under any
+    rank count; the scheduler (rank 0) and each rank's RNG states, as save_state writes them. Not
+    accelerate's FSDP functions: they save a tied output head too, and their load lost step on gloo."""
+    weights = full_trainable_state(accelerator, sharded.model)
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    optimizer = get_optimizer_state_dict(sharded.model, unwrapped(sharded.optimizer), options=options)
+    if accelerator.is_main_process:
+        safetensors.torch.save_file(weights, folder / "model.safetensors")
+        torch.save(optimizer, folder / "optimizer.bin")
     save_accelerator_state(str(folder), [], [], [sharded.scheduler], [], accelerator.process_index, accelerator.step)
 
 
 def load_sharded_state(accelerator, sharded: Sharded, folder: Path) -> None:
-    plugin = accelerator.state.fsdp_plugin
-    load_fsdp_model(plugin, accelerator, sharded.model, str(folder), adapter_only=True)
-    load_fsdp_optimizer(plugin, accelerator, sharded.optimizer, sharded.model, str(folder), adapter_only=True)
+    """Every rank reads the whole state and keeps its shard of it."""
+    weights = safetensors.torch.load_file(folder / "model.safetensors")
+    with torch.no_grad():
+        for name, param in sharded.model.named_parameters():
+            if param.requires_grad:
+                whole = weights[name].to(param.device, param.dtype)
+                if isinstance(param, DTensor):  # src_data_rank=None: every rank has it, nothing to send
+                    whole = distribute_tensor(whole, param.device_mesh, param.placements, src_data_rank=None)
+                    param.to_local().copy_(whole.to_local())
+                else:
+                    param.copy_(whole)
+    optimizer = torch.load(folder / "optimizer.bin", weights_only=True)
+    options = StateDictOptions(full_state_dict=True)
+    set_optimizer_state_dict(sharded.model, unwrapped(sharded.optimizer), optimizer, options=options)
     load_accelerator_state(str(folder), [], [], [sharded.scheduler], [], accelerator.process_index)
 
 
-def full_trainable_state(accelerator, model) -> dict | None:
-    """Under FSDP, the trainable weights gathered whole on rank 0 (None elsewhere); every rank calls it."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+def unwrapped(optimizer):
+    """The torch optimizer inside accelerate's wrapper."""
+    return getattr(optimizer, "optimizer", optimizer)
 
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
-    state = get_model_state_dict(model, options=options)  # cpu_offload: rank 0 holds it, the others nothing
+
+def full_trainable_state(accelerator, model) -> dict | None:
+    """Under FSDP, the trainable weights gathered whole on rank 0 (None elsewhere); every rank calls it.
+
+    One parameter at a time, in the same order on every rank: torch's get_model_state_dict would also
+    gather a frozen output head tied to the embeddings (its ignore_frozen_params misses the alias)."""
+    state = {}
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            whole = param.full_tensor() if isinstance(param, DTensor) else param.detach()
+            state[name] = whole.cpu()
     return state if accelerator.is_main_process else None
 
 
