@@ -7,6 +7,7 @@ process), with small overrides so that the whole file takes a few minutes on two
 from __future__ import annotations
 
 import dataclasses
+import importlib.machinery
 import json
 import os
 import re
@@ -15,6 +16,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +28,7 @@ from llmbatch.rundir import RunDir, read_jsonl
 from llmbatch.runners.packing import IGNORE, Sequence, collate, pack, to_sequence
 from llmbatch.runners.preemption import PREEMPTED_EXIT
 
-from helpers import JOBS, new_run, runner_command, trajectory
+from helpers import JOBS, infer, new_run, runner_command, trajectory
 
 # Short sequences and micro-batches so an epoch is a few steps: 12 steps cross several epochs, and a
 # stop mid-epoch exercises skipping the consumed batches. Accumulation 2 exercises no_sync.
@@ -653,3 +655,119 @@ def test_liger_stays_off_on_cpu_and_the_fused_path_equals_the_plain_loss(model_d
     assert head_loss.hidden is None  # nothing held between calls
     model.generate(input_ids[:, :4], max_new_tokens=2, do_sample=False)
     assert head_loss.hidden is None  # and nothing from generation
+
+
+# --- FSDP and QLoRA -------------------------------------------------------------------------------
+
+
+def test_nf4_is_refused_for_inference_without_bitsandbytes_and_without_a_gpu(monkeypatch, tmp_path, capsys):
+    """Every refusal of model.quantization: one line, exit 2, nothing queued."""
+    from llmbatch.cli import main
+
+    def refusal(kind: str, *sets: str) -> str:
+        args = [kind, "--output", str(tmp_path / "runs"), "--executor", "local"]
+        assert main(args + [a for s in sets for a in ("--set", s)]) == 2
+        assert not (tmp_path / "runs").exists()
+        [line] = capsys.readouterr().err.splitlines()
+        return line
+
+    assert refusal("infer", "model.quantization=nf4") == (
+        "llmbatch: error: --set model.quantization=nf4: model.quantization: nf4 is for fine-tuning (QLoRA); "
+        "inference loads the weights in model.dtype (a QLoRA run's adapter loads on the unquantized base): drop it"
+    )
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # not installed (it is not, here; to be sure)
+    assert refusal("finetune", "model.quantization=nf4") == (
+        "llmbatch: error: --set model.quantization=nf4: model.quantization: nf4 needs the bitsandbytes package, "
+        "which is not installed here (pip install llmbatch[quantization])"
+    )
+    # Installed (a stand-in: only its presence is checked before queueing), but this machine has no GPU.
+    installed = types.ModuleType("bitsandbytes")
+    installed.__spec__ = importlib.machinery.ModuleSpec("bitsandbytes", None)
+    monkeypatch.setitem(sys.modules, "bitsandbytes", installed)
+    assert refusal("finetune", "model.quantization=nf4", "train.sharding=fsdp") == (
+        "llmbatch: error: model.quantization: nf4 needs a CUDA GPU (bitsandbytes' 4-bit kernels), and this "
+        "machine, where the local executor runs the job, has none (use --executor slurm, or model.quantization: none)"
+    )
+    assert refusal("finetune", "train.sharding=zero3").endswith("train.sharding: must be 'ddp' or 'fsdp', got 'zero3'")
+
+
+FSDP_TEST = ["train.max_steps=8", "train.eval_accuracy=true", "generation.max_new_tokens=4", "train.merge=true"]
+"""8 steps, evaluations at 5 and 8 with greedy answers (short ones: the parity task answers in a word)."""
+
+
+@pytest.fixture(scope="module")
+def ddp_and_fsdp(tmp_path_factory, model_dir):
+    """The same 8 steps on 2 processes, under DDP and under FSDP (real `accelerate launch`, gloo)."""
+    overrides = [*SMALL, *FSDP_TEST]
+    runs = {}
+    for sharding in ("ddp", "fsdp"):
+        run = new_run(
+            tmp_path_factory.mktemp(sharding), model_dir, "finetune", [*overrides, f"train.sharding={sharding}"]
+        )
+        finetune(run, 2)
+        runs[sharding] = run
+    return runs
+
+
+@pytest.mark.slow
+def test_fsdp_and_ddp_give_the_same_losses_and_adapters(ddp_and_fsdp):
+    ddp, fsdp = (rows(ddp_and_fsdp[k]) for k in ("ddp", "fsdp"))
+    losses = {k: [r["loss"] for r in rows(ddp_and_fsdp[k]) if "loss" in r] for k in ("ddp", "fsdp")}
+    assert len(losses["fsdp"]) == 8
+    for a, b in zip(losses["ddp"], losses["fsdp"]):
+        assert abs(a - b) <= 0.02 * abs(a), losses
+    val = {k: [r["val_loss"] for r in rows(ddp_and_fsdp[k]) if "val_loss" in r] for k in ("ddp", "fsdp")}
+    assert len(val["fsdp"]) == len(val["ddp"]) >= 2
+    for a, b in zip(val["ddp"], val["fsdp"]):
+        assert abs(a - b) <= 0.02 * abs(a), val
+    assert [r.get("val_accuracy") for r in ddp if "val_loss" in r] == [
+        r.get("val_accuracy") for r in fsdp if "val_loss" in r
+    ]
+    # The adapter holds the whole LoRA weights (gathered from both ranks), in peft's format.
+    from safetensors.torch import load_file
+
+    tensors = {k: load_file(ddp_and_fsdp[k].adapter_dir / "adapter_model.safetensors") for k in ("ddp", "fsdp")}
+    assert tensors["ddp"].keys() == tensors["fsdp"].keys()
+    for name, weight in tensors["ddp"].items():
+        assert weight.shape == tensors["fsdp"][name].shape
+        torch.testing.assert_close(tensors["fsdp"][name], weight, rtol=0.02, atol=2e-4)
+    assert (ddp_and_fsdp["fsdp"].adapter_best_dir / "adapter_model.safetensors").is_file()
+    assert (ddp_and_fsdp["fsdp"].merged_dir / "config.json").is_file()
+
+
+@pytest.mark.slow
+def test_the_fsdp_adapter_loads_in_an_inference_spec(ddp_and_fsdp, make_run):
+    """The FSDP run's adapter through the infer runner, as a user's inference spec names it: the same
+    results as the DDP run's adapter."""
+    results = {}
+    for sharding, run in ddp_and_fsdp.items():
+        infer_run = make_run("infer", overrides=["data.max_inputs=12", f"model.adapter={run.adapter_dir}"])
+        results[sharding] = [json.loads(line)["output"] for line in infer(infer_run, 1).splitlines()]
+    assert results["fsdp"] == results["ddp"]
+
+
+@pytest.mark.slow
+def test_an_fsdp_run_stopped_and_resumed_matches_an_uninterrupted_one(ddp_and_fsdp, make_run):
+    """Preempted at step 4 and resumed: the losses of the uninterrupted FSDP run, the same adapter.
+
+    Checkpoints hold the LoRA weights and AdamW state gathered whole, so the resumed ranks shard them
+    again as they load."""
+    reference = ddp_and_fsdp["fsdp"]
+    overrides = [*SMALL, *FSDP_TEST, "train.sharding=fsdp"]
+    run = make_run("finetune", overrides=overrides)
+    stopped = finetune(run, 2, 0, "--stop-at-step", "4", expect_success=False)
+    assert f"exiting {PREEMPTED_EXIT}" in stopped.stdout, stopped.stdout[-3000:] + stopped.stderr[-3000:]
+    from safetensors.torch import load_file
+
+    # The LoRA weights and their AdamW state, whole; no weight of a decoder block of the base model.
+    weights = load_file(run.checkpoints_dir / "step-000004" / "model.safetensors")
+    optimizer = torch.load(run.checkpoints_dir / "step-000004" / "optimizer.bin", weights_only=True)
+    lora = {name for name in weights if ".lora_" in name}
+    assert len(lora) == 56 and set(optimizer["state"]) == lora
+    assert lora == set(weights)
+    resumed = finetune(run, 2, 1)
+    assert "resuming at step 4" in resumed.stdout
+    assert trajectory(run) == trajectory(reference)
+    assert (run.adapter_dir / "adapter_model.safetensors").read_bytes() == (
+        reference.adapter_dir / "adapter_model.safetensors"
+    ).read_bytes()

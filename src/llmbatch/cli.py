@@ -19,6 +19,7 @@ from llmbatch.gather import gather_run
 from llmbatch.jobstep import example_place, make_plan, node_command
 from llmbatch.models import check_model, resolve_models, template_warning
 from llmbatch.rundir import DamagedRun, RunBusy, RunDir
+from llmbatch.sizing import check_memory
 from llmbatch.spec import (
     EMBEDDED_MODEL,
     JobSpec,
@@ -84,6 +85,11 @@ def load_job_spec(kind: str, args: argparse.Namespace) -> tuple[JobSpec, int, li
         )
         error.source = blame(error, overrides, origins) or str(spec_path)
         raise error
+    try:  # from config.json alone, before the model's other files are checked
+        check_memory(spec)
+    except SpecError as error:
+        error.source = blame(error, overrides, origins) or str(spec_path)
+        raise
     check_model(spec, inputs)
     return spec, len(inputs), rejected
 

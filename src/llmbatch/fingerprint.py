@@ -54,6 +54,12 @@ def spec_fingerprint(spec: JobSpec) -> dict[str, Any]:
         path = getattr(spec.data, key)
         fingerprint[DATA_CONTENTS.format(key)] = data_sha256(Path(path), split) if path else None
     fingerprint |= {f"train.{key}": getattr(spec.train, key) for key in FINGERPRINT_TRAIN_KEYS}
+    # A checkpoint's files differ between DDP and FSDP, and nf4 trains another trajectory. Recorded only
+    # when not the default, so that runs recorded before these keys existed still match.
+    if spec.train.sharding != "ddp":
+        fingerprint["train.sharding"] = spec.train.sharding
+    if spec.model.quantization != "none":
+        fingerprint["model.quantization"] = spec.model.quantization
     return json.loads(json.dumps(fingerprint))  # as JSON gives it back (lists, not tuples)
 
 

@@ -90,6 +90,13 @@ def check_job(spec: JobSpec, executor: str, run_path: Path, dry_run: bool = Fals
             f"resources.array: a job array ({spec.resources.array} tasks) needs Slurm; the local "
             f"executor runs one job (drop the array, or use --executor slurm on a cluster)"
         )
+    if spec.model.quantization != "none" and executor == "local" and not local_cuda():
+        # A Slurm job always asks for GPUs (resources.gpus_per_node is at least 1): its nodes have CUDA.
+        raise UsageError(
+            f"model.quantization: {spec.model.quantization} needs a CUDA GPU (bitsandbytes' 4-bit kernels), "
+            f"and this machine, where the local executor runs the job, has none (use --executor slurm, or "
+            f"model.quantization: none)"
+        )
     try:  # the node command, once here: its container mistakes (binds, variables) must not wait for a node
         node_command(make_plan(spec, run_path), example_place(spec.resources.nodes))
     except ValueError as e:
@@ -100,6 +107,13 @@ def check_job(spec: JobSpec, executor: str, run_path: Path, dry_run: bool = Fals
     image = spec.container.image
     if spec.container.runtime == "apptainer" and image is not None and not Path(image).is_file():
         raise UsageError(f"container.image: no such Apptainer image: {image}")
+
+
+def local_cuda() -> bool:
+    """Whether a job of the local executor would see a CUDA GPU, as its ranks ask (node.py)."""
+    import torch  # only here: the command line starts without torch
+
+    return torch.cuda.is_available()
 
 
 def submit_new_run(

@@ -16,7 +16,11 @@ from pathlib import Path
 from typing import Any
 
 import safetensors.torch
+import torch
+from accelerate.checkpointing import load_accelerator_state, save_accelerator_state
 from accelerate.utils import broadcast_object_list
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict, set_optimizer_state_dict
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from llmbatch.checkpoints import (
     CheckpointMismatch,
@@ -49,6 +53,66 @@ class TrainState:
     """The evaluation adapter-best/ is from."""
     evals_since_best: int = 0
     """Evaluations in a row without a better validation loss (for early stopping)."""
+
+
+@dataclass
+class Sharded:
+    """The prepared objects of an FSDP run: accelerate's save_state would save the whole model (frozen
+    base included) under FSDP, so its checkpoints are written by save_sharded_state instead."""
+
+    model: Any
+    optimizer: Any
+    scheduler: Any
+
+
+def save_sharded_state(accelerator, sharded: Sharded, folder: Path) -> None:
+    """Under FSDP, every rank: the LoRA weights (model.safetensors, as under DDP) and their AdamW state
+    (optimizer.bin, keyed by parameter name) gathered whole and written by rank 0, so they load under any
+    rank count; the scheduler (rank 0) and each rank's RNG states, as save_state writes them. Not
+    accelerate's FSDP functions: they save a tied output head too, and their load lost step on gloo."""
+    weights = full_trainable_state(accelerator, sharded.model)
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    optimizer = get_optimizer_state_dict(sharded.model, unwrapped(sharded.optimizer), options=options)
+    if accelerator.is_main_process:
+        safetensors.torch.save_file(weights, folder / "model.safetensors")
+        torch.save(optimizer, folder / "optimizer.bin")
+    save_accelerator_state(str(folder), [], [], [sharded.scheduler], [], accelerator.process_index, accelerator.step)
+
+
+def load_sharded_state(accelerator, sharded: Sharded, folder: Path) -> None:
+    """Every rank reads the whole state and keeps its shard of it."""
+    weights = safetensors.torch.load_file(folder / "model.safetensors")
+    with torch.no_grad():
+        for name, param in sharded.model.named_parameters():
+            if param.requires_grad:
+                whole = weights[name].to(param.device, param.dtype)
+                if isinstance(param, DTensor):  # src_data_rank=None: every rank has it, nothing to send
+                    whole = distribute_tensor(whole, param.device_mesh, param.placements, src_data_rank=None)
+                    param.to_local().copy_(whole.to_local())
+                else:
+                    param.copy_(whole)
+    optimizer = torch.load(folder / "optimizer.bin", weights_only=True)
+    options = StateDictOptions(full_state_dict=True)
+    set_optimizer_state_dict(sharded.model, unwrapped(sharded.optimizer), optimizer, options=options)
+    load_accelerator_state(str(folder), [], [], [sharded.scheduler], [], accelerator.process_index)
+
+
+def unwrapped(optimizer):
+    """The torch optimizer inside accelerate's wrapper."""
+    return getattr(optimizer, "optimizer", optimizer)
+
+
+def full_trainable_state(accelerator, model) -> dict | None:
+    """Under FSDP, the trainable weights gathered whole on rank 0 (None elsewhere); every rank calls it.
+
+    One parameter at a time, in the same order on every rank: torch's get_model_state_dict would also
+    gather a frozen output head tied to the embeddings (its ignore_frozen_params misses the alias)."""
+    state = {}
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            whole = param.full_tensor() if isinstance(param, DTensor) else param.detach()
+            state[name] = whole.cpu()
+    return state if accelerator.is_main_process else None
 
 
 def trainable_state_dict(model) -> dict:
@@ -86,7 +150,12 @@ def checkpoint_trainable_weights_only(accelerator) -> None:
 
 
 def save_checkpoint(
-    accelerator, checkpoints_dir: Path, state: TrainState, keep_last: int, fingerprint: dict[str, Any]
+    accelerator,
+    checkpoints_dir: Path,
+    state: TrainState,
+    keep_last: int,
+    fingerprint: dict[str, Any],
+    sharded: Sharded | None = None,
 ) -> Path:
     """Every rank calls this at the same step; returns the complete checkpoint folder."""
     final = Path(checkpoints_dir) / f"step-{state.step:06d}"
@@ -95,7 +164,10 @@ def save_checkpoint(
         remove_tree(tmp)  # left by an attempt that died while saving this step
         make_folder(tmp)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))  # rank 0 writes the weights, optimizer, scheduler; each rank its RNGs
+    if sharded is None:
+        accelerator.save_state(str(tmp))  # rank 0 writes the weights, optimizer, scheduler; each rank its RNGs
+    else:
+        save_sharded_state(accelerator, sharded, tmp)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         atomic_write_json(tmp / STATE_FILE, dataclasses.asdict(state) | {"saved_at": time.time()})
@@ -112,7 +184,9 @@ def save_checkpoint(
     return final
 
 
-def resume(accelerator, checkpoints_dir: Path, fingerprint: dict[str, Any]) -> TrainState:
+def resume(
+    accelerator, checkpoints_dir: Path, fingerprint: dict[str, Any], sharded: Sharded | None = None
+) -> TrainState:
     """Load the newest intact checkpoint into the prepared objects; a fresh TrainState if none.
 
     Rank 0 checks the checkpoints against their manifests, newest first, moves a damaged one aside
@@ -146,7 +220,10 @@ def resume(accelerator, checkpoints_dir: Path, fingerprint: dict[str, Any]) -> T
         raise CheckpointMismatch(mismatch)
     if chosen is None:
         return TrainState()
-    accelerator.load_state(chosen)
+    if sharded is None:
+        accelerator.load_state(chosen)
+    else:
+        load_sharded_state(accelerator, sharded, Path(chosen))
     saved = read_json(Path(chosen) / STATE_FILE)
     # A checkpoint from before a field existed lacks it: the default then.
     return TrainState(**{f.name: saved[f.name] for f in dataclasses.fields(TrainState) if f.name in saved})

@@ -5,8 +5,10 @@ validation prompts (train.eval_accuracy), each over the whole validation set, sp
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import torch
+from accelerate.utils import DistributedType
 
 from llmbatch import scoring
 from llmbatch.prompts import encode_prompts
@@ -21,15 +23,18 @@ def evaluate_loss(accelerator, model, rows, collate_fn, batch_size: int, head_lo
     """Mean loss per target token over the whole validation set.
 
     Each rank takes every N-th row, unprepared: a prepared loader would repeat rows to even out the
-    ranks, counting them twice. The unwrapped model runs no DDP collectives, so uneven shares are fine.
+    ranks, counting them twice. The unwrapped model runs no DDP collectives, but under FSDP each forward
+    gathers weights from every rank, so all ranks run as many batches (lockstep_chunks).
     """
     model = accelerator.unwrap_model(model)
     model.eval()
     shard = rows[accelerator.process_index :: accelerator.num_processes]
     totals = torch.zeros(2, device=accelerator.device)
-    for start in range(0, len(shard), batch_size):
-        batch = {k: v.to(accelerator.device) for k, v in collate_fn(shard[start : start + batch_size]).items()}
-        totals += torch.stack([token_loss_sum(model, batch, head_loss), (batch["targets"] != IGNORE).sum().float()])
+    for chunk in lockstep_chunks(accelerator, rows, shard, batch_size):
+        batch = {k: v.to(accelerator.device) for k, v in collate_fn(chunk or rows[:1]).items()}
+        loss = token_loss_sum(model, batch, head_loss)
+        if chunk:
+            totals += torch.stack([loss, (batch["targets"] != IGNORE).sum().float()])
     model.train()
     loss_sum, targets = accelerator.reduce(totals, "sum").tolist()
     return loss_sum / max(targets, 1)
@@ -45,13 +50,14 @@ def evaluate_accuracy(accelerator, model, tokenizer, spec: JobSpec, inputs) -> f
     base = accelerator.unwrap_model(model).get_base_model()
     saved_config = base.generation_config  # the decoder replaces it; merged/ must keep the model's own
     base.eval()
-    decoder = Decoder(base, tokenizer, dataclasses.replace(spec.generation, do_sample=False))
+    # synced: under FSDP every rank must run as many forwards (see Decoder).
+    sharded = accelerator.distributed_type == DistributedType.FSDP
+    decoder = Decoder(base, tokenizer, dataclasses.replace(spec.generation, do_sample=False), synced=sharded)
     shard = inputs[accelerator.process_index :: accelerator.num_processes]
-    prompts = encode_prompts(tokenizer, shard, spec.data)
     correct = 0
-    for start in range(0, len(shard), spec.train.micro_batch_size):
-        chunk = shard[start : start + spec.train.micro_batch_size]
-        completions = decoder.complete(prompts[start : start + len(chunk)], [ex.id for ex in chunk])
+    for chunk in lockstep_chunks(accelerator, inputs, shard, spec.train.micro_batch_size):
+        prompts = encode_prompts(tokenizer, chunk or inputs[:1], spec.data)
+        completions = decoder.complete(prompts, [ex.id for ex in chunk or inputs[:1]])
         correct += sum(
             scoring.is_correct(c.text, ex.reference, spec.output.scoring) for c, ex in zip(completions, chunk)
         )
@@ -59,3 +65,13 @@ def evaluate_accuracy(accelerator, model, tokenizer, spec: JobSpec, inputs) -> f
     base.train()
     totals = accelerator.reduce(torch.tensor([correct, len(shard)], device=accelerator.device), "sum")
     return totals[0].item() / max(totals[1].item(), 1)
+
+
+def lockstep_chunks(accelerator, items: list, shard: list, batch_size: int):
+    """`shard` (this rank's every N-th of `items`) in batches. Under FSDP, padded with empty ones to the
+    largest rank's count: a rank with an empty batch runs a forward on the first item and counts nothing."""
+    count = math.ceil(len(shard) / batch_size)
+    if accelerator.distributed_type == DistributedType.FSDP:
+        count = math.ceil(math.ceil(len(items) / accelerator.num_processes) / batch_size)
+    for start in range(0, count * batch_size, batch_size):
+        yield shard[start : start + batch_size]

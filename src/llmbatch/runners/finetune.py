@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import math
 import sys
 import time
@@ -49,8 +50,9 @@ from functools import partial
 from typing import Any
 
 import torch
-from accelerate import Accelerator, DistributedDataParallelKwargs
-from accelerate.utils import InitProcessGroupKwargs, set_seed
+from accelerate import Accelerator, DistributedDataParallelKwargs, FullyShardedDataParallelPlugin
+from accelerate.utils import DistributedType, InitProcessGroupKwargs, set_seed
+from torch.distributed.fsdp import MixedPrecisionPolicy
 from torch.utils.data import DataLoader
 from transformers import AutoTokenizer, get_scheduler
 
@@ -62,14 +64,17 @@ from llmbatch.metrics import Metric, TrainRow, rejected_metric
 from llmbatch.prompts import encode_prompts, plain_prompt_warning
 from llmbatch.rundir import RunDir, atomic_write_json, save_folder
 from llmbatch.runners.checkpoint import (
+    Sharded,
     TrainState,
     checkpoint_trainable_weights_only,
+    full_trainable_state,
     resume,
     save_checkpoint,
 )
 from llmbatch.runners.evaluation import evaluate_accuracy, evaluate_loss
 from llmbatch.runners.faults import run_rank
 from llmbatch.runners.lora import HeadLoss, fused_head_loss, load_lora_model, token_loss_sum
+from llmbatch.runners.model_loading import load_model
 from llmbatch.runners.packing import IGNORE, EpochShuffle, collate, pack, to_sequence
 from llmbatch.runners.preemption import PREEMPTED_EXIT, PreemptionFlag
 from llmbatch.runners.train_log import TrainLog, training_metrics
@@ -120,6 +125,8 @@ class Training:
     scheduler: Any
     head_loss: HeadLoss | None
     """Liger-Kernel's fused output head and loss, where it applies (lora.fused_head_loss)."""
+    sharded: Sharded | None
+    """Under train.sharding: fsdp, what checkpoints save and load through accelerate's FSDP functions."""
     total_steps: int
     fingerprint: dict[str, Any]
     """What this run's checkpoints are valid for."""
@@ -152,7 +159,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def start_rank(spec: JobSpec, run: RunDir, attempt: int) -> tuple[Accelerator, PreemptionFlag]:
     """This rank's accelerator, its preemption flag, its record and heartbeat; the seed set."""
+    plugin = fsdp_plugin(spec)
     accelerator = Accelerator(
+        fsdp_plugin=plugin,
         # LoRA trains every weight it adds, so no parameter goes unused: skip DDP's search for them.
         kwargs_handlers=[
             DistributedDataParallelKwargs(find_unused_parameters=False),
@@ -163,11 +172,43 @@ def start_rank(spec: JobSpec, run: RunDir, attempt: int) -> tuple[Accelerator, P
         log_with=None if spec.train.report_to == "none" else spec.train.report_to,
         project_dir=run.path,  # the trackers' log folder
     )
+    if plugin is not None:
+        shard_on_cpu(accelerator, plugin)
     preemption = PreemptionFlag(run.preempt_marker(attempt))
     run.record_rank(attempt, accelerator.process_index)
     start_heartbeat(run.rank_record(attempt, accelerator.process_index), spec.resources.collective_timeout_s)
     set_seed(spec.train.seed)  # the same LoRA init on every rank and in every run
     return accelerator, preemption
+
+
+def fsdp_plugin(spec: JobSpec) -> FullyShardedDataParallelPlugin | None:
+    """FSDP2 for train.sharding: fsdp: a unit per decoder block (the model's _no_split_modules), resharded
+    after its forward; state dicts gathered whole (checkpoint.py saves only the LoRA weights and their
+    optimizer state, so a checkpoint loads under any rank count). On a GPU the matmuls run in bf16 and
+    the LoRA gradients are reduced in fp32, as under DDP with autocast; on CPU all in fp32."""
+    if spec.train.sharding != "fsdp":
+        return None
+    return FullyShardedDataParallelPlugin(
+        fsdp_version=2,
+        auto_wrap_policy="transformer_based_wrap",
+        reshard_after_forward=True,
+        state_dict_type="FULL_STATE_DICT",
+        cpu_ram_efficient_loading=False,
+        mixed_precision_policy=(
+            MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+            if torch.cuda.is_available()
+            else None
+        ),
+    )
+
+
+def shard_on_cpu(accelerator: Accelerator, plugin: FullyShardedDataParallelPlugin) -> None:
+    """FSDP on CPU ranks (gloo), as the tests run it: accelerate (1.16) keeps CPU processes at MULTI_CPU
+    and ignores the FSDP plugin there, though FSDP2 itself runs on gloo. On a GPU this changes nothing."""
+    state = accelerator.state
+    if state.distributed_type == DistributedType.MULTI_CPU:
+        state.distributed_type = DistributedType.FSDP
+        state.fsdp_plugin = plugin
 
 
 def load_data(spec: JobSpec, accelerator: Accelerator) -> Data:
@@ -216,16 +257,23 @@ def prepare_training(
         SCHEDULES[cfg.lr_schedule], optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=total_steps
     )
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    head_loss = fused_head_loss(accelerator.unwrap_model(model)) if liger else None  # after prepare: on its device
+    sharded = Sharded(model, optimizer, scheduler) if cfg.sharding == "fsdp" else None
+    if sharded is not None:
+        trainable = [p for p in model.parameters() if p.requires_grad]  # FSDP2 made them new (sharded) parameters
+    # Not under FSDP: the fused kernel reads the head's weight outside its forward, where FSDP has it sharded.
+    head_loss = fused_head_loss(accelerator.unwrap_model(model)) if liger and sharded is None else None
 
-    checkpoint_trainable_weights_only(accelerator)
+    if sharded is None:
+        checkpoint_trainable_weights_only(accelerator)
     fingerprint = spec_fingerprint(spec)
-    state = resume(accelerator, run.checkpoints_dir, fingerprint)
+    state = resume(accelerator, run.checkpoints_dir, fingerprint, sharded)
     log = TrainLog.open(accelerator, spec, run, state.step, attempt)
     accelerator.print(
         f"finetune: attempt {attempt}, {accelerator.num_processes} process(es), "
         f"{len(data.train_rows)} train rows from {spec.data.path}, {total_steps} steps, "
         + (f"resuming at step {state.step}" if state.step else "starting")
+        + (", FSDP2 sharding the base weights" if sharded else "")
+        + (f", {spec.model.quantization} base weights" if spec.model.quantization != "none" else "")
         + (", Liger-Kernel's kernels" if liger else "")
         + (" with the fused head and loss" if head_loss else "")
     )
@@ -240,6 +288,7 @@ def prepare_training(
         optimizer=optimizer,
         scheduler=scheduler,
         head_loss=head_loss,
+        sharded=sharded,
         total_steps=total_steps,
         fingerprint=fingerprint,
         state=state,
@@ -278,7 +327,7 @@ def train(t: Training, preemption: PreemptionFlag, stop_at_step: int | None) -> 
         ).tolist()
         if preempted:
             # An evaluation due at this step is skipped: the warning period is for saving.
-            path = save_checkpoint(accelerator, t.run.checkpoints_dir, state, cfg.keep_last, t.fingerprint)
+            path = save_checkpoint(accelerator, t.run.checkpoints_dir, state, cfg.keep_last, t.fingerprint, t.sharded)
             accelerator.print(f"finetune: preempted at step {state.step}; saved {path}; exiting {PREEMPTED_EXIT}")
             t.log.finish()
             return False
@@ -291,7 +340,7 @@ def train(t: Training, preemption: PreemptionFlag, stop_at_step: int | None) -> 
                 )
                 break
         if (save_due or state.step % cfg.save_every_steps == 0) and state.step < t.total_steps:
-            save_checkpoint(accelerator, t.run.checkpoints_dir, state, cfg.keep_last, t.fingerprint)
+            save_checkpoint(accelerator, t.run.checkpoints_dir, state, cfg.keep_last, t.fingerprint, t.sharded)
             last_save = time.monotonic()
     return True
 
@@ -366,8 +415,7 @@ def evaluate(t: Training) -> None:
     # Every rank has the same (reduced) loss, so every rank takes the same branch.
     if state.best_val_loss is None or val_loss < state.best_val_loss:
         state.best_val_loss, state.best_step, state.evals_since_best = val_loss, state.step, 0
-        if accelerator.is_main_process:
-            save_folder(t.run.adapter_best_dir, accelerator.unwrap_model(t.model).save_pretrained)
+        save_adapter(t, t.run.adapter_best_dir)
     else:
         state.evals_since_best += 1
 
@@ -379,9 +427,8 @@ def save_outputs(t: Training, started: float) -> None:
     """adapter/, metrics.json, the loss curve and merged/ (rank 0), then the end of training on every
     rank (the process group left to the rank's exit: faults.run_rank)."""
     accelerator, state, run = t.accelerator, t.state, t.run
+    save_adapter(t, run.adapter_dir)
     if accelerator.is_main_process:
-        unwrapped = accelerator.unwrap_model(t.model)
-        save_folder(run.adapter_dir, unwrapped.save_pretrained)
         metrics = training_metrics(
             t.log.rows(),
             state,
@@ -395,13 +442,34 @@ def save_outputs(t: Training, started: float) -> None:
         atomic_write_json(run.metrics_file, metrics)
         t.log.write_loss_curve()
         if t.spec.train.merge:
-            merged = unwrapped.merge_and_unload()
-            tokenizer = t.data.tokenizer
-            save_folder(run.merged_dir, lambda out: (merged.save_pretrained(out), tokenizer.save_pretrained(out)))
+            save_merged(t)
         accelerator.print(f"finetune: done at step {state.step}; adapter in {run.adapter_dir}")
         run.release_space()  # the run is complete: nothing more to report a full disk for
     accelerator.wait_for_everyone()
     t.log.finish()
+
+
+def save_adapter(t: Training, folder) -> None:
+    """The LoRA weights in peft's format, written by rank 0. Every rank calls this: under FSDP each holds a
+    shard of them, gathered here."""
+    accelerator = t.accelerator
+    weights = full_trainable_state(accelerator, t.model) if t.sharded else None
+    if accelerator.is_main_process:
+        save_pretrained = accelerator.unwrap_model(t.model).save_pretrained
+        save_folder(folder, lambda out: save_pretrained(out, state_dict=weights))
+
+
+def save_merged(t: Training) -> None:
+    """merged/: the base weights with adapter/ merged in, read anew from the model folder in model.dtype
+    (bf16 on a GPU): the ranks' model may be sharded (FSDP) or in 4 bits (nf4), and it keeps the LoRA
+    layers for a later evaluation either way."""
+    dtype = t.spec.model.dtype
+    if dtype == "auto":
+        dtype = "bfloat16" if t.accelerator.device.type == "cuda" else "float32"
+    model_spec = dataclasses.replace(t.spec.model, dtype=dtype, adapter=str(t.run.adapter_dir), quantization="none")
+    merged, _ = load_model(model_spec, torch.device("cpu"))
+    tokenizer = t.data.tokenizer
+    save_folder(t.run.merged_dir, lambda out: (merged.save_pretrained(out), tokenizer.save_pretrained(out)))
 
 
 # --- data ------------------------------------------------------------------------------------------

@@ -82,7 +82,10 @@ def make_completion(tokenizer, eos_ids: set[int], tokens: list[int]) -> Completi
 class Decoder:
     """Completes batches of encoded prompts with `generate`, as the spec's generation section says."""
 
-    def __init__(self, model, tokenizer, generation: GenerationSpec):
+    def __init__(self, model, tokenizer, generation: GenerationSpec, synced: bool = False):
+        """`synced`: every batch runs max_new_tokens steps, EOS or not (its completions still end at the
+        first EOS), so that every rank runs as many forwards: under FSDP each gathers weights from all
+        ranks. (generate's own synced_gpus lost step with a peer that had finished, here.)"""
         self.model, self.tokenizer, self.generation = model, tokenizer, generation
         self.eos_ids = eos_token_ids(model, tokenizer)
         # Replaces the model folder's defaults, which often turn on sampling or a repetition penalty.
@@ -90,7 +93,7 @@ class Decoder:
             max_new_tokens=generation.max_new_tokens,
             min_new_tokens=generation.max_new_tokens if generation.ignore_eos else None,
             do_sample=False,  # sampling is greedy search over noised logits: see sampling.SeededSampling
-            eos_token_id=sorted(self.eos_ids),
+            eos_token_id=None if synced else sorted(self.eos_ids),
             pad_token_id=tokenizer.pad_token_id,
             bos_token_id=tokenizer.bos_token_id,
         )

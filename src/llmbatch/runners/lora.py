@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from peft import LoraConfig, get_peft_model
+from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 from transformers import AutoModelForCausalLM
 
 from llmbatch.runners.model_loading import DTYPES
@@ -15,19 +15,40 @@ from llmbatch.runners.packing import IGNORE
 from llmbatch.spec import JobSpec, TrainSpec
 
 
+class QuantizationNeedsCuda(Exception):
+    """model.quantization: nf4 on a rank without CUDA (a node whose GPUs the driver does not show)."""
+
+
 def load_lora_model(spec: JobSpec, device: torch.device):
-    """The base model, frozen (bf16 on GPU unless model.dtype says otherwise), with LoRA adapters, and
-    whether Liger-Kernel's kernels were patched into it (use_liger_kernels).
+    """The base model, frozen (bf16 on GPU unless model.dtype says otherwise; 4-bit with
+    model.quantization: nf4), with LoRA adapters, and whether Liger-Kernel's kernels were patched into
+    it (use_liger_kernels).
 
     peft keeps the adapter weights in float32 whatever the base dtype, so the optimizer updates
     full-precision weights; accelerate's bf16 autocast covers the matmuls.
     """
     dtype = DTYPES.get(spec.model.dtype) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    model = AutoModelForCausalLM.from_pretrained(spec.model.path, dtype=dtype)
+    quantized = spec.model.quantization == "nf4"
+    if quantized and device.type != "cuda":
+        raise QuantizationNeedsCuda(
+            f"model.quantization: {spec.model.quantization} needs a CUDA GPU (bitsandbytes' 4-bit kernels), "
+            f"and this rank has none"
+        )
+    model = AutoModelForCausalLM.from_pretrained(
+        spec.model.path, dtype=dtype, **(quantized_loading(spec, device) if quantized else {})
+    )
     liger = use_liger_kernels(spec.train, model, device)
-    if spec.train.gradient_checkpointing:
-        # Non-reentrant checkpointing works with frozen inputs and with DDP.
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    checkpointing = {"gradient_checkpointing_kwargs": {"use_reentrant": False}}  # works with frozen inputs, DDP, FSDP
+    if quantized and spec.train.sharding == "ddp":
+        # Norms and embeddings to fp32 and input gradients on, as peft recommends for k-bit training. Not
+        # under FSDP: it would upcast the bf16 storage FSDP shards too (TRL skips it there likewise).
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=spec.train.gradient_checkpointing, **checkpointing
+        )
+    elif spec.train.gradient_checkpointing:
+        model.gradient_checkpointing_enable(**checkpointing)
+        if quantized:
+            model.enable_input_require_grads()  # frozen 4-bit inputs: the checkpointed blocks need a grad
     lora = spec.lora
     config = LoraConfig(
         r=lora.r,
@@ -38,6 +59,26 @@ def load_lora_model(spec: JobSpec, device: torch.device):
         task_type="CAUSAL_LM",
     )
     return get_peft_model(model, config), liger  # get_peft_model freezes every base weight
+
+
+def quantized_loading(spec: JobSpec, device: torch.device) -> dict:
+    """from_pretrained's arguments for 4-bit NF4 base weights (QLoRA): bf16 compute, double quantization.
+
+    Under FSDP the 4-bit weights are stored in bf16 tensors (bnb_4bit_quant_storage): FSDP2 shards and
+    gathers floating-point tensors only, and a frozen uint8 weight would stay whole on every rank
+    (accelerate leaves such weights out of the sharding).
+    """
+    from transformers import BitsAndBytesConfig
+
+    storage = torch.bfloat16 if spec.train.sharding == "fsdp" else torch.uint8
+    config = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_compute_dtype=torch.bfloat16,
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_quant_storage=storage,
+    )
+    return {"quantization_config": config, "device_map": {"": device}}
 
 
 def use_liger_kernels(cfg: TrainSpec, model, device: torch.device) -> bool:

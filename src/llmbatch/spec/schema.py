@@ -123,6 +123,9 @@ class ModelSpec:
     """`auto`: bfloat16 on GPU, float32 on CPU."""
     adapter: str | None = None
     """A peft LoRA adapter folder, e.g. `<finetune run>/adapter`, or a hub id in the local cache."""
+    quantization: Literal["none", "nf4"] = "none"
+    """Fine-tuning: `nf4` loads the frozen base weights in 4 bits through bitsandbytes (QLoRA; CUDA only,
+    the `quantization` extra); `none`: model.dtype."""
 
     def check_folders(self) -> None:
         """The folders are there: run on the references resolved (`llmbatch.models.resolve_models`, or
@@ -410,6 +413,9 @@ class TrainSpec:
     """Stop after this many evaluations in a row without a better validation loss; null: never."""
     report_to: Literal["none", "tensorboard", "mlflow", "wandb"] = "none"
     """Also log the metrics of train_metrics.jsonl to a tracker (accelerate's), offline, in the run folder."""
+    sharding: Literal["ddp", "fsdp"] = "ddp"
+    """`ddp`: every rank holds the whole model; `fsdp`: FSDP2 (accelerate's) shards the frozen base weights,
+    the LoRA weights and their optimizer state over the ranks, gathering a block's weights as it runs."""
     liger: Literal["auto", "off"] = "auto"
     """`auto`: Liger-Kernel's Triton kernels on CUDA when `liger_kernel` is installed and knows the
     architecture: the output head and the loss in its fused linear cross-entropy (the logits never exist
@@ -430,6 +436,16 @@ class TrainSpec:
             f"{self.report_to} needs the {package} package, which is not installed here "
             f"(pip install {package}, or llmbatch[{package}])",
         )
+
+
+def check_quantization(model: ModelSpec, container: ContainerSpec) -> None:
+    """nf4 needs bitsandbytes where the ranks run: checked here unless a container's image holds it."""
+    _check(
+        "model.quantization",
+        model.quantization == "none" or container.runtime != "none" or _importable("bitsandbytes"),
+        f"{model.quantization} needs the bitsandbytes package, which is not installed here "
+        f"(pip install llmbatch[quantization])",
+    )
 
 
 TRACKER_PACKAGES = {"tensorboard": "tensorboard", "mlflow": "mlflow", "wandb": "wandb"}
@@ -466,6 +482,9 @@ class ResourcesSpec:
     (null: one job)."""
     array_max_running: int | None = ranged(None, positive(MAX_ARRAY_TASKS))
     """At most this many array tasks run at once (sbatch --array=0-(N-1)%M; null: all of them)."""
+    gpu_memory_gb: float | None = ranged(None, positive(2**20))
+    """Memory of each GPU (GiB): a spec whose estimated memory per rank exceeds it is refused before
+    queueing (llmbatch.sizing), naming a layout that fits; null: not checked."""
     collective_timeout_s: int = ranged(600, positive(30 * 86400))
     """A collective that a peer never joins fails after this long, and a rank whose heartbeat stops
     (stopped, or frozen outside Python's reach) fails the job after it, instead of holding the
@@ -624,6 +643,12 @@ class JobSpec:
             self.generation.validate(self.data)
         self.resources.validate()
         self.container.validate()
+        _check(
+            "model.quantization",
+            self.kind == "finetune" or self.model.quantization == "none",
+            f"{self.model.quantization} is for fine-tuning (QLoRA); inference loads the weights in model.dtype "
+            f"(a QLoRA run's adapter loads on the unquantized base): drop it",
+        )
         if self.kind == "finetune":
             _check(
                 "resources.array",
@@ -631,6 +656,7 @@ class JobSpec:
                 "job arrays are for inference (data-parallel); fine-tuning runs as one job",
             )
             self.train.validate(self.data, self.container)
+            check_quantization(self.model, self.container)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
