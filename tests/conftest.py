@@ -1,5 +1,5 @@
-"""Shared fixtures: the embedded model in a per-session cache, run folders, the Slurm cluster and the
-Docker engine. Plain helpers are in helpers.py."""
+"""Shared fixtures: the embedded model in a per-session cache, run folders, the Slurm cluster, the
+Docker engine and Podman. Plain helpers are in helpers.py."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 
 from llmbatch.embedded import ensure_embedded_model
 
-from helpers import REPO, DockerEnv, host_python_binds, llmbatch_source, new_run, write_data
+from helpers import REPO, ContainerEnv, host_python_binds, llmbatch_source, new_run, write_data
 
 TESTING = REPO / "containers" / "testing"
 TEST_IMAGE = "llmbatch-test:latest"
@@ -66,7 +66,7 @@ def slurm_cluster():
 
 
 @pytest.fixture(scope="session")
-def docker_env() -> DockerEnv:
+def docker_env() -> ContainerEnv:
     """A real Docker engine and test image (containers/testing/).
 
     Starts a private dockerd through containers/testing/dockerd.sh, builds the local image
@@ -84,19 +84,52 @@ def docker_env() -> DockerEnv:
     try:
         built = subprocess.run(["bash", str(TESTING / "build-test-image.sh")], capture_output=True, text=True)
         assert built.returncode == 0, f"build-test-image.sh failed:\n{built.stderr}"
-        yield DockerEnv(
-            docker_host=docker_host,
-            image=TEST_IMAGE,
-            python=sys.executable,
-            binds=host_python_binds(),
-            pythonpath=llmbatch_source(),
-        )
+        yield container_env("docker")
     finally:
         if previous is None:
             os.environ.pop("DOCKER_HOST", None)
         else:
             os.environ["DOCKER_HOST"] = previous
         subprocess.run(["bash", str(TESTING / "dockerd.sh"), "stop"], check=True)
+
+
+@pytest.fixture(scope="session")
+def podman_env(tmp_path_factory) -> ContainerEnv:
+    """Rootful Podman (Debian's 4.3) and the same test image as Docker's, imported into a private store.
+
+    containers/testing/podman.sh writes a containers.conf and a storage.conf that keep everything
+    Podman writes (images, run root, temporary files, network configuration, events) in a folder of
+    this session, points CONTAINERS_CONF and CONTAINERS_STORAGE_CONF at them for this process and what
+    it starts, and removes the folder at the end. Nothing is skipped: if Podman cannot run, every test
+    using it fails.
+    """
+    folder = tmp_path_factory.mktemp("podman")
+    script = str(TESTING / "podman.sh")
+    previous = {name: os.environ.get(name) for name in ("CONTAINERS_CONF", "CONTAINERS_STORAGE_CONF")}
+    try:
+        started = subprocess.run(["bash", script, "setup", str(folder)], capture_output=True, text=True)
+        assert started.returncode == 0, f"podman.sh setup failed:\n{started.stderr}"
+        exports = dict(line.removeprefix("export ").split("=", 1) for line in started.stdout.strip().splitlines())
+        assert set(exports) == set(previous), started.stdout
+        os.environ.update(exports)
+        yield container_env("podman")
+    finally:
+        for name, value in previous.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        subprocess.run(["bash", script, "teardown", str(folder)], check=True)
+
+
+def container_env(runtime: str) -> ContainerEnv:
+    return ContainerEnv(
+        runtime=runtime,
+        image=TEST_IMAGE,
+        python=sys.executable,
+        binds=host_python_binds(),
+        pythonpath=llmbatch_source(),
+    )
 
 
 @pytest.fixture

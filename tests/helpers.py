@@ -172,15 +172,16 @@ def as_inputs(prompts: list[str]) -> list[Input]:
 
 
 @dataclass(frozen=True)
-class DockerEnv:
-    """A private dockerd and the local test image (conftest's `docker_env` fixture).
+class ContainerEnv:
+    """A container runtime and the local test image (conftest's `docker_env` and `podman_env` fixtures).
 
     The image has no llmbatch and no venv: run `python` (this venv's interpreter) with `binds` bound
     (the venv, the interpreter it points to, and llmbatch's source folder) and `pythonpath` as
     PYTHONPATH, the way HPC users bind a conda env into a base image.
     """
 
-    docker_host: str
+    runtime: str
+    """container.runtime: docker or podman."""
     image: str
     python: str
     """This venv's python, which runs inside the container through the bound folders below."""

@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
 # Install what the test suite needs and run it. The tests themselves start (and stop) a real local
-# Slurm cluster (slurm/start-cluster.sh) and a private Docker engine with a locally built image
-# (containers/testing/). Every Debian package they need is installed here, before pytest starts, so
+# Slurm cluster (slurm/start-cluster.sh), a private Docker engine with a locally built image, and
+# rootful Podman with that image in a private store (containers/testing/). Every Debian package they need is installed here, before pytest starts, so
 # that no test depends on what an earlier run left on the machine: this needs root on Debian.
 # Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# Slurm, munge, MariaDB (slurm/install.sh's list), then the container tests' engine and image builder.
+# Slurm, munge, MariaDB (slurm/install.sh's list), then the container tests' engines and image builder:
+# Podman runs with runc (crun fails here), and catatonit is its --init.
 bash slurm/install.sh
-bash slurm/install.sh docker.io debootstrap
+bash slurm/install.sh docker.io debootstrap podman runc catatonit
 
 [ -x .venv/bin/python ] || python3 -m venv .venv
 # torch pinned: an open range would pull a multi-GB CUDA build onto CPU-only machines.

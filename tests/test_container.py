@@ -1,9 +1,10 @@
 """Containers (llmbatch.container): the container keys checked before queueing, the exact argv for
-each runtime, binds and env, dry runs in Apptainer, and real runs under a private Docker engine (a
-whole inference job step included).
+each runtime, binds and env, dry runs in Apptainer, real runs under a private Docker engine, and a
+whole inference job step under Docker and under rootful Podman (Debian's 4.3, a private store).
 
-Apptainer cannot be installed on this machine; its argv is checked exactly.
-Podman's argv is checked exactly too (the real runs use Docker).
+Apptainer has no Debian package, nothing on PyPI ships it, and building it needs Go modules these
+machines cannot reach: its argv is checked exactly, and the same entrypoint runs for real under
+Docker and Podman. Rootless Podman (`--userns keep-id`) is checked as argv only: the tests run as root.
 """
 
 from __future__ import annotations
@@ -57,6 +58,8 @@ def test_none_leaves_argv_alone_and_adds_the_specs_env():
 
 @pytest.mark.parametrize("use_cuda", [False, True])
 def test_apptainer_argv(use_cuda):
+    """Apptainer is not packaged for these machines (no Debian package, nothing on PyPI, and its build
+    needs Go modules they cannot reach), so its argv is checked exactly and never run here."""
     cmd = wrap("apptainer", use_cuda=use_cuda, env={"NCCL_DEBUG": "INFO"}, extra_args=["--writable-tmpfs"])
     assert cmd.argv == [
         "apptainer",
@@ -120,8 +123,15 @@ def test_docker_argv(use_cuda, uid_1000):
     assert cmd.name == "llmbatch-t"
 
 
+@pytest.fixture
+def umask_027():
+    old = os.umask(0o027)
+    yield
+    os.umask(old)
+
+
 @pytest.mark.parametrize("use_cuda", [False, True])
-def test_podman_argv_rootless(use_cuda, uid_1000):
+def test_podman_argv_rootless(use_cuda, uid_1000, umask_027):
     cmd = wrap("podman", use_cuda=use_cuda)
     assert cmd.argv == [
         "podman",
@@ -139,6 +149,8 @@ def test_podman_argv_rootless(use_cuda, uid_1000):
         "keep-id",
         "--security-opt",
         "label=disable",
+        "--umask",
+        "0027",
         "-v",
         "/data:/data",
         "-v",
@@ -540,35 +552,62 @@ def test_a_bind_over_the_output_root_is_refused(capsys, tmp_path):
     )
 
 
-# --- a whole job step under Docker ----------------------------------------------------------------
+# --- a whole job step in a container -------------------------------------------------------------
+
+STEP_UMASK = 0o027
 
 
 @pytest.mark.container
 @pytest.mark.slow
-def test_infer_step_runs_inside_docker(docker_env, cache_dir, tmp_path):
+@pytest.mark.parametrize("runtime", ["docker", "podman"])
+def test_infer_step_runs_inside_a_container(runtime, request, cache_dir, tmp_path):
+    """`submit.py infer` with the step in a container (Podman: rootful, as root runs it here): the
+    results equal a plain run's, and every file of the run folder, most written inside the container,
+    belongs to the caller. Under Podman they also have the modes the caller's umask gives (--umask);
+    Docker has no such flag, so inside it the image's umask (0022) applies."""
+    env = request.getfixturevalue(f"{runtime}_env")
     container = {
-        "runtime": "docker",
-        "image": docker_env.image,
-        "python": docker_env.python,
-        "binds": [f"{b}:{b}:ro" for b in docker_env.binds],
-        "env": {"PYTHONPATH": docker_env.pythonpath},
+        "runtime": runtime,
+        "image": env.image,
+        "python": env.python,
+        "binds": [f"{b}:{b}:ro" for b in env.binds],
+        "env": {"PYTHONPATH": env.pythonpath},
     }
     args = ["--gpus", "2", "--set", "data.max_inputs=12", "--set", "generation.max_new_tokens=4"]
-    proc = submit_cli(
-        "infer",
-        "--executor",
-        "local",
-        "--output",
-        str(tmp_path / "docker"),
-        *args,
-        "--set",
-        f"container={yaml.safe_dump(container, default_flow_style=True).strip()}",
-    )
+    old_umask = os.umask(STEP_UMASK)  # submit.py and the container's client inherit it
+    try:
+        proc = submit_cli(
+            "infer",
+            "--executor",
+            "local",
+            "--output",
+            str(tmp_path / runtime),
+            *args,
+            "--set",
+            f"container={yaml.safe_dump(container, default_flow_style=True).strip()}",
+        )
+    finally:
+        os.umask(old_umask)
     run = run_folder(proc)
     (command,) = [json.loads(line) for line in run.commands_file.read_text().splitlines()]
-    assert command["argv"][:3] == ["docker", "run", "--rm"] and docker_env.image in command["argv"]
+    assert command["argv"][:3] == [runtime, "run", "--rm"] and env.image in command["argv"]
     assert "--multi_gpu" in command["argv"]
     # The same inputs without a container give the same results: the step really ran, inside.
     plain = run_folder(submit_cli("infer", "--executor", "local", "--output", str(tmp_path / "plain"), *args))
     assert run.results_file.read_bytes() == plain.results_file.read_bytes()
     assert len(run.results_file.read_text().splitlines()) == 12
+    entries = [run.path, *run.path.rglob("*")]
+    assert {run.results_file, run.metrics_file} <= set(entries)
+    owners = {(p.lstat().st_uid, p.lstat().st_gid) for p in entries}
+    assert owners == {(os.getuid(), os.getgid())}
+    # Left out: the folder torch's elastic launcher makes for its logs in logs/node-N/ with mkdtemp, 0700
+    # whatever the umask, with or without a container.
+    elastic = {p for p in run.logs_dir.glob("node-*/*") if p.is_dir()}
+    wrong = {
+        str(p.relative_to(run.path)): oct(p.stat().st_mode & 0o777)
+        for p in entries
+        if not p.is_symlink()
+        and p not in elastic
+        and p.stat().st_mode & 0o777 != (0o777 if p.is_dir() else 0o666) & ~STEP_UMASK
+    }
+    assert not wrong or runtime == "docker", wrong

@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
 # Build the local test image llmbatch-test:latest without a registry: a minimal Debian bookworm
-# root file system from debootstrap, imported into the Docker engine that $DOCKER_HOST names
-# (default: the private one of dockerd.sh, which must be running).
+# root file system from debootstrap, imported into a container engine's image storage:
+#
+#   bash containers/testing/build-test-image.sh          # the Docker engine that $DOCKER_HOST names
+#                                                        # (default: the private one of dockerd.sh)
+#   bash containers/testing/build-test-image.sh podman   # Podman's storage, as $CONTAINERS_STORAGE_CONF
+#                                                        # says (podman.sh setup calls this)
 #
 # The image holds no llmbatch and no venv: the tests bind the host's venv and the interpreter it
 # points to read-only at the same paths, the way HPC users bind a conda env into a base image.
@@ -9,26 +13,34 @@
 # libffi, libsqlite3, libbz2, liblzma, libuuid, libexpat, ...); torch needs libstdc++ (from apt).
 #
 # Idempotent: nothing to do when the image exists. The root file system is cached as a tarball
-# under ${LLMBATCH_DOCKER_DIR:-/tmp/llmbatch-docker}/cache, so a rebuild is only `docker import`.
-# The Debian mirror is the one this machine's apt uses (override: LLMBATCH_DEBIAN_MIRROR).
+# under ${LLMBATCH_DOCKER_DIR:-/tmp/llmbatch-docker}/cache, so a rebuild is only an import, and Docker
+# and Podman get the same image. The Debian mirror is the one this machine's apt uses (override:
+# LLMBATCH_DEBIAN_MIRROR).
 set -euo pipefail
 INSTALL=$(cd "$(dirname "$0")/../../slurm" && pwd)/install.sh
 
+ENGINE=${1:-docker}
 IMAGE=${LLMBATCH_TEST_IMAGE:-llmbatch-test:latest}
 SUITE=bookworm
 INCLUDE=python3,ca-certificates
 DIR=${LLMBATCH_DOCKER_DIR:-/tmp/llmbatch-docker}
 case $DIR in /*) ;; *) DIR=$PWD/$DIR ;; esac
-export DOCKER_HOST=${DOCKER_HOST:-unix://$DIR/docker.sock}
 TARBALL=$DIR/cache/$SUITE-minbase-${INCLUDE//,/-}.tar
 
 log() { echo "build-test-image.sh: $*" >&2; }
 
-if ! docker version >/dev/null 2>&1; then
-    log "no Docker engine answers at $DOCKER_HOST (start one: containers/testing/dockerd.sh start)"
-    exit 1
-fi
-if docker image inspect "$IMAGE" >/dev/null 2>&1; then
+case $ENGINE in
+    docker)
+        export DOCKER_HOST=${DOCKER_HOST:-unix://$DIR/docker.sock}
+        if ! docker version >/dev/null 2>&1; then
+            log "no Docker engine answers at $DOCKER_HOST (start one: containers/testing/dockerd.sh start)"
+            exit 1
+        fi
+        ;;
+    podman) ;;
+    *) echo "usage: $0 [docker|podman]" >&2; exit 2 ;;
+esac
+if "$ENGINE" image inspect "$IMAGE" >/dev/null 2>&1; then
     exit 0
 fi
 
@@ -54,5 +66,12 @@ if [ ! -s "$TARBALL" ]; then
     mv "$TARBALL.tmp" "$TARBALL"
 fi
 
-log "docker import $TARBALL as $IMAGE"
-docker import "$TARBALL" "$IMAGE" >/dev/null
+log "$ENGINE import $TARBALL as $IMAGE"
+if [ "$ENGINE" = podman ]; then
+    # Rootful `podman import` keeps a cache of blob digests in /var/lib/containers/cache, whatever the
+    # storage configuration says: if that folder was not there before, it goes again.
+    cache=/var/lib/containers
+    [ -e "$cache" ] && cache=
+fi
+"$ENGINE" import "$TARBALL" "$IMAGE" >/dev/null
+[ -z "${cache:-}" ] || rm -rf "$cache"

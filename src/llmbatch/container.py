@@ -14,6 +14,7 @@ import secrets
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from llmbatch.rundir import current_umask
 from llmbatch.spec import ENV_NAME, ContainerSpec, SpecError
 
 # Docker and Podman read `-e NAME` values from their own environment, so those variables also reach the
@@ -194,6 +195,9 @@ def _docker(argv, container, mounts, variables, use_cuda, workdir, name) -> Cont
         cmd += ["--user", f"{os.getuid()}:{os.getgid()}"]  # files on shared storage belong to the caller
     if podman:
         cmd += ["--security-opt", "label=disable"]  # SELinux hosts would refuse the bound folders
+        # The caller's umask inside (Podman's own default is 0022), so that what the ranks write on shared
+        # storage is as readable by the group as what llmbatch writes outside. Docker has no such flag.
+        cmd += ["--umask", f"{current_umask():04o}"]
     for m in mounts:
         cmd += ["-v", f"{m.host}:{m.dest}" + (":ro" if m.ro else "")]
     if not podman:
