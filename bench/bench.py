@@ -3,16 +3,11 @@
     python3 bench/bench.py --out bench-out                # 1 GPU and all GPUs of the machine
     python3 bench/bench.py --gpus 1,2 --out bench-out
     python3 bench/bench.py --smoke                        # the whole pipeline on CPU, tiny model
-    python3 bench/bench.py --only prefix,long --gpus 1 [--quick]   # shared prefix, long context
 
 Every measurement runs in its own process (clean GPU memory and state), one after the other:
   ceilings    copy bandwidth and bf16 matmul rate of each GPU           bench/ceilings.py
   inference   llmbatch.runners.infer through `accelerate launch`        on 1 and N GPUs
               generate one prompt at a time / batches of 64 / of 256    bench/hf_generate.py, 1 GPU, subsets
-  prefix      4,096 prompts: one 1,024-token prefix, a 32-96-token question, 64 new tokens; the engine
-              with prefix caching off and on, generate in batches of 128 on a subset   1 GPU
-  long        512 prompts of 4k-16k tokens, 256 new tokens; the engine (caching off and on), generate
-              in batches of 8 on a subset                                              1 GPU
   finetune    llmbatch.runners.finetune vs HF Trainer + PEFT LoRA       bench/hf_trainer.py, 1 and N GPUs
               on fixed 1,024-token sequences and on variable-length examples (packing on for llmbatch);
               peers: the padded Trainer, and the strongest one, Trainer + Liger-Kernel (fixed) and
@@ -63,11 +58,6 @@ LEARNING_RATE, LR_WARMUP_STEPS = 2e-4, 2
 
 # Rough rates on an H200 for the Qwen2.5-1.5B shape, to plan the time of each phase.
 REF_RATES = {"loop": 27, "b64": 850, "b256": 3100, "llmbatch_infer": 10000, "train": 30000}
-PAGED_RATES = {"prefix": (10000, 1500), "long": (2000, 200)}  # (engine, generate), to plan the time
-
-# The paged-cache workloads (workloads.py): row label, generate's batch size, its prompts (full, --quick).
-PAGED = {"prefix": ("shared prefix", 128, (256, 128)), "long": ("long context", 8, (16, 8))}
-NO_CACHING = "llmbatch infer, prefix caching off"
 STARTUP_S = 15  # python + torch + model load, per process; accelerate launch adds a few seconds
 
 # Dense bf16 peak of the data sheet, TFLOP/s per GPU (SXM parts), for model FLOPs utilisation (MFU).
@@ -86,8 +76,6 @@ TARGETS = {
     "ft_fixed": 1.3,
     "ft_var": 1.3,
     "scaling_efficiency": 0.95,
-    "prefix_vs_no_caching": 3.0,
-    "long_vs_generate": 5.0,
 }  # 1 -> 2 GPUs at least 1.9x; for N GPUs, 0.95 * N
 
 
@@ -253,26 +241,20 @@ class Bench:
         if (
             manifest
             and manifest["shape_name"] == self.args.shape
-            and manifest["sizes"] == workloads.workload_sizes(self.args.smoke, self.args.quick)
+            and manifest["sizes"] == workloads.workload_sizes(self.args.smoke)
             and not self.args.rebuild
         ):
             print(f"== assets: reusing {assets}")
         else:
             shutil.rmtree(assets, ignore_errors=True)
             argv = [sys.executable, str(BENCH / "workloads.py"), "--shape", self.args.shape, "--out", str(assets)]
-            argv += ["--smoke"] if self.args.smoke else ["--quick"] if self.args.quick else []
-            phase = self.run("assets", argv, 1, 30)
+            phase = self.run("assets", argv + (["--smoke"] if self.args.smoke else []), 1, 30)
             if phase["status"] != "ok":
                 raise SystemExit("building the model and data failed; see above")
         self.manifest = read_json(assets / "manifest.json")
         self.model, self.data = assets / "model", assets / "data"
         self.sizes, self.shape = self.manifest["sizes"], self.manifest["shape"]
-        self.prompt_lens = self.lengths(self.data / "infer.jsonl")
-
-    @staticmethod
-    def lengths(data: Path) -> list[int]:
-        """Prompt lengths in tokens: a word is a token (workloads.py)."""
-        return [len(json.loads(line)["prompt"].split()) for line in data.open()]
+        self.prompt_lens = [len(json.loads(line)["prompt"].split()) for line in (self.data / "infer.jsonl").open()]
 
     def measure_ceilings(self) -> None:
         path = self.work / "ceilings.json"
@@ -283,13 +265,9 @@ class Bench:
 
     # --- inference -----------------------------------------------------------------------------------
 
-    def hf_generate(self, batch_size: int, prompts: int, part: str | None = None) -> None:
-        """`part`: a paged-cache workload (PAGED), else the inference workload."""
-        name = ("generate-loop" if batch_size == 1 else f"generate-b{batch_size}") + (f"-{part}" if part else "")
-        data = self.data / (f"infer_{part}.jsonl" if part else "infer.jsonl")
-        lens = self.lengths(data) if part else self.prompt_lens
-        new = self.sizes[f"{part}_new_tokens"] if part else self.sizes["new_tokens"]
-        prompts = min(prompts, len(lens))
+    def hf_generate(self, batch_size: int, prompts: int) -> None:
+        name = "generate-loop" if batch_size == 1 else f"generate-b{batch_size}"
+        prompts = min(prompts, len(self.prompt_lens))
         result = self.work / f"{name}.json"
         argv = [
             sys.executable,
@@ -297,23 +275,21 @@ class Bench:
             "--model",
             str(self.model),
             "--data",
-            str(data),
+            str(self.data / "infer.jsonl"),
             "--batch-size",
             str(batch_size),
             "--prompts",
             str(prompts),
             "--max-new-tokens",
-            str(new),
+            str(self.sizes["new_tokens"]),
             "--out",
             str(result),
         ]
         rate = REF_RATES["loop" if batch_size == 1 else f"b{batch_size}" if batch_size in (64, 256) else "b256"]
-        rate = PAGED_RATES[part][1] if part else rate
-        phase = self.run(name, argv, 1, STARTUP_S + prompts * new / rate)
+        phase = self.run(name, argv, 1, STARTUP_S + prompts * self.sizes["new_tokens"] / rate)
         raw = read_json(result) if phase["status"] == "ok" else None
         method = "generate, one prompt at a time" if batch_size == 1 else f"generate, batches of {batch_size}"
-        workload = PAGED[part][0] if part else "inference"
-        row = self.row(workload, method, 1, phase, raw, f"{prompts} of {len(lens)} prompts")
+        row = self.row("inference", method, 1, phase, raw, f"{prompts} of {len(self.prompt_lens)} prompts")
         if raw:
             row["tokens_per_s"] = raw["tokens_per_s"]
             row["ceiling_pct"] = self.decode_pct(
@@ -321,35 +297,22 @@ class Bench:
             )
         self.rows.append(row)
 
-    def llmbatch_infer(self, gpus: int, part: str | None = None, prefix_caching: bool = True) -> None:
-        """`part`: a paged-cache workload (PAGED), else the inference workload."""
-        name = f"llmbatch-infer-x{gpus}" + (f"-{part}-caching-{'on' if prefix_caching else 'off'}" if part else "")
-        data = self.data / (f"infer_{part}.jsonl" if part else "infer.jsonl")
-        lens = self.lengths(data) if part else self.prompt_lens
-        n, new = len(lens), self.sizes[f"{part}_new_tokens"] if part else self.sizes["new_tokens"]
-        generation = {"max_new_tokens": new, "do_sample": False, "ignore_eos": True}
+    def llmbatch_infer(self, gpus: int) -> None:
+        name = f"llmbatch-infer-x{gpus}"
+        n, new = len(self.prompt_lens), self.sizes["new_tokens"]
         spec = {
             "name": name,
             "model": {"path": str(self.model)},
-            "data": {"path": str(data), "id_field": "id", "prompt_field": "prompt"},
-            "generation": generation | ({} if prefix_caching else {"prefix_caching": False}),
+            "data": {"path": str(self.data / "infer.jsonl"), "id_field": "id", "prompt_field": "prompt"},
+            "generation": {"max_new_tokens": new, "do_sample": False, "ignore_eos": True},
             "resources": {"nodes": 1, "gpus_per_node": gpus},
         }
         run = self.make_run("infer", name, spec)
-        rate = PAGED_RATES[part][0] if part else REF_RATES["llmbatch_infer"]
-        estimate = 2 * STARTUP_S + n * new / rate / gpus
+        estimate = 2 * STARTUP_S + n * new / REF_RATES["llmbatch_infer"] / gpus
         cmd = self.node_command(run, gpus)
         phase = self.run(name, cmd.argv, gpus, estimate, cmd.env)
         metrics = read_json(run.metrics_file) if phase["status"] == "ok" else None
-        workload, method = (
-            (PAGED[part][0], "llmbatch infer" if prefix_caching else NO_CACHING)
-            if part
-            else (
-                "inference",
-                "llmbatch infer",
-            )
-        )
-        row = self.row(workload, method, gpus, phase, metrics, f"all {n} prompts")
+        row = self.row("inference", "llmbatch infer", gpus, phase, metrics, f"all {n} prompts")
         row["run_dir"] = str(run.path)
         if metrics:
             expected = n * new
@@ -360,21 +323,10 @@ class Bench:
             if metrics.get("decode_steps") is not None:  # the engine ran: where its time went
                 row["sample"] += (
                     f"; prefill {metrics['prefill_s']:.1f} s, decode {metrics['decode_s']:.1f} s "
-                    f"({metrics['decode_steps']} steps), cache {metrics['occupancy']:.0%} held"
+                    f"({metrics['decode_steps']} steps), slots {metrics['occupancy']:.0%} busy"
                 )
-                engines = [r["engine"] for r in metrics.get("ranks", []) if r.get("engine")]
-                if engines and "cached_tokens" in engines[0]:  # the paged cache's own figures, summed over ranks
-                    row["sample"] += (
-                        f", {sum(e['prefill_tokens'] for e in engines):,} prompt tokens prefilled, "
-                        f"{sum(e['cached_tokens'] for e in engines):,} from the prefix cache, "
-                        f"{max(e['most_rows'] for e in engines)} rows at most, "
-                        f"{max(e['cache_gb'] for e in engines):.1f} GiB KV cache"
-                    )
             if generated != expected or results != n:
                 row["status"] = f"check: {generated} tokens generated of {expected}, {results} results of {n}"
-            if part:  # no bandwidth ceiling for these rows: prefill, not decode, dominates them
-                self.rows.append(row)
-                return
             steps = self.decode_steps(metrics, Path(phase["log"]), new)
             row["ceiling_is_lower_bound"] = steps is None
             if row["tokens_per_s"]:
@@ -707,30 +659,7 @@ def judge(rows: list[dict]) -> None:
         if not r["method"].startswith("llmbatch"):
             continue
         checks = []
-        if r["workload"] in [label for label, _, _ in PAGED.values()]:
-            same = [g for g in rows if g["workload"] == r["workload"] and g["per_gpu"]]
-            best = max(
-                (g for g in same if g["method"].startswith("generate")), key=lambda g: g["per_gpu"], default=None
-            )
-            off = next((g for g in same if g["method"] == NO_CACHING), None)
-            ratio = r["per_gpu"] / best["per_gpu"] if best and r["per_gpu"] else None
-            label = f"best generate (b{best['raw']['batch_size']})" if best else "best generate"
-            parts = [f"{fmt(ratio, '.1f', 'x')} {label}"]
-            if r["workload"] == "long context" and r["method"] != NO_CACHING:
-                checks.append(
-                    (
-                        f">= {TARGETS['long_vs_generate']:g}x best generate",
-                        None if ratio is None else ratio >= TARGETS["long_vs_generate"],
-                    )
-                )
-            if r["method"] != NO_CACHING:
-                gain = r["per_gpu"] / off["per_gpu"] if off and r["per_gpu"] else None
-                parts.append(f"{fmt(gain, '.1f', 'x')} prefix caching off")
-                if r["workload"] == "shared prefix":
-                    need = TARGETS["prefix_vs_no_caching"]
-                    checks.append((f">= {need:g}x prefix caching off", None if gain is None else gain >= need))
-            r["vs_peer"] = ", ".join(parts)
-        elif r["workload"] == "inference":
+        if r["workload"] == "inference":
             gens = [
                 g
                 for g in rows
@@ -892,9 +821,6 @@ def main() -> int:
         epilog=__doc__.split("\n\n", 1)[1],
     )
     parser.add_argument("--smoke", action="store_true", help="tiny model and data on CPU processes (pipeline check)")
-    parser.add_argument(
-        "--quick", action="store_true", help="512 shared-prefix and 64 long-context prompts (one 10-minute command)"
-    )
     parser.add_argument("--gpus", help="GPU counts to run, e.g. 1,2 (default: 1 and all GPUs of the machine)")
     parser.add_argument(
         "--shape", help="model shape (default qwen2.5-1.5b; tiny with --smoke)", choices=sorted(workloads.SHAPES)
@@ -905,8 +831,7 @@ def main() -> int:
     parser.add_argument(
         "--only",
         default="infer,generate,e2e,ft-fixed,ft-var",
-        help="comma list of parts to run: infer, generate, e2e (`submit.py infer`), ft-fixed, ft-var (default), "
-        "prefix (shared prefix), long (long context)",
+        help="comma list of parts to run: infer, generate, e2e (`submit.py infer`), ft-fixed, ft-var (default: all)",
     )
     budget = parser.add_argument_group("budget (the slow peers run on subsets; see README)")
     budget.add_argument("--loop-prompts", type=int, help="prompts for the one-at-a-time loop (default 8)")
@@ -995,12 +920,6 @@ def main() -> int:
     if "infer" in only:
         for g in many:
             bench.llmbatch_infer(g)
-    for part in PAGED:
-        if part in only:  # one GPU: the engine without prefix caching, with it, and generate on a subset
-            _, batch, (full, quick) = PAGED[part]
-            bench.llmbatch_infer(1, part, prefix_caching=False)
-            bench.llmbatch_infer(1, part)
-            bench.hf_generate(batch, quick if args.quick else full, part)
     for part, workload in (("ft-fixed", "finetune fixed-length"), ("ft-var", "finetune variable-length")):
         if part in only:
             setup = bench.finetune_setup(variable=part == "ft-var")

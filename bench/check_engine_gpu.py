@@ -3,15 +3,12 @@ greedy outputs against `generate`'s on the embedded model. Exits 1 on any mismat
 
     PYTHONPATH=src python3 bench/check_engine_gpu.py
 
-1. Attention: random bf16 queries and paged caches of several shapes (grouped heads, rows of
-   different lengths, blocks and slots out of order); the kernel's output against the torch path's
-   on fp32 copies.
-2. The embedded model: the engine's outputs against `generate` one prompt at a time, on plain
-   prompts and on prompts behind a shared few-shot prefix; with a cache for all, with few blocks (so
-   they are taken again many times and several graph buckets run), with small prefill chunks (long
-   prompts in pieces), and with prefix caching off; in float32 (must be equal) and in bfloat16
-   (reported, with generate's own batched-vs-single agreement: in bf16 a near-tie between two tokens
-   can go either way with any change of kernel or batch).
+1. Attention: random bf16 queries and caches of several shapes (grouped heads, rows of different
+   lengths, slots out of order); the kernel's output against the torch path's on fp32 copies.
+2. The embedded model: the engine's outputs (every slot in use, and few slots so they are refilled
+   many times and several graph buckets run) against `generate` one prompt at a time, in float32
+   (must be equal) and in bfloat16 (reported, with generate's own batched-vs-single agreement: in
+   bf16 a near-tie between two tokens can go either way with any change of kernel or batch).
 """
 
 from __future__ import annotations
@@ -28,7 +25,6 @@ sys.path.insert(0, str(REPO / "src"))
 
 from llmbatch.embedded import ensure_embedded_model
 from llmbatch.engine.attention import _decode_torch, decode_attention
-from llmbatch.engine.blocks import BLOCK_SIZE, blocks_for
 from llmbatch.engine.runner import Engine
 from llmbatch.prompts import encode_texts
 from llmbatch.runners.generation import Decoder, eos_token_ids, make_completion
@@ -49,18 +45,15 @@ def check_attention(device: torch.device) -> bool:
         (32, 16, 8, 256, 900, None, 50.0),
         (48, 32, 8, 128, 700, 129, 30.0),
     ):
-        slots, per_slot = rows + 3, blocks_for(slot_len)
-        shape = (slots * per_slot + 1, BLOCK_SIZE, kv_heads, dim)  # the last block: the dummy
-        keys = torch.randn(shape, device=device, generator=g, dtype=torch.bfloat16)
+        slots = rows + 3
+        keys = torch.randn(slots, slot_len, kv_heads, dim, device=device, generator=g, dtype=torch.bfloat16)
         values = torch.randn_like(keys)
-        tables = torch.randperm(slots * per_slot, device=device, generator=g).view(slots, per_slot).int()
         q = torch.randn(rows, q_heads, dim, device=device, generator=g, dtype=torch.bfloat16)
         lengths = torch.randint(1, slot_len + 1, (rows,), device=device, generator=g)
         lengths[0] = slot_len
         row_slots = torch.randperm(slots, device=device, generator=g)[:rows]
-        args = (tables, row_slots, lengths, dim**-0.5, window, softcap)
-        got = decode_attention(q, keys, values, *args).float()
-        ref = _decode_torch(q.float(), keys.float(), values.float(), *args)
+        got = decode_attention(q, keys, values, row_slots, lengths, dim**-0.5, window, softcap).float()
+        ref = _decode_torch(q.float(), keys.float(), values.float(), row_slots, lengths, dim**-0.5, window, softcap)
         error = ((got - ref).norm() / ref.norm()).item()
         good = error < 1e-2 and bool(torch.isfinite(got).all())
         ok &= good
@@ -78,50 +71,36 @@ def check_outputs(device: torch.device, dtype: str) -> bool:
     model, tokenizer = load_model(ModelSpec(path=str(model_dir), dtype=dtype), device)
     records = [json.loads(line) for line in (REPO / "jobs/data/parity/test.jsonl").open()]
     texts = [f"{r['question']}\nAnswer:" + " and more" * (i % 5) for i, r in enumerate(records[:96])]
-    few_shot = "".join(f"{r['question']}\nAnswer: {r.get('answer', '')}\n\n" for r in records[96:106])
-    ids = [r["id"] for r in records[:96]]
+    prompts, ids = encode_texts(tokenizer, texts, DataSpec()), [r["id"] for r in records[:96]]
     ok = True
-    for label, prompt_texts in (("plain", texts), ("shared prefix", [few_shot + t for t in texts])):
-        prompts = encode_texts(tokenizer, prompt_texts, DataSpec())
-        for generation in (GenerationSpec(max_new_tokens=24), GenerationSpec(max_new_tokens=24, ignore_eos=True)):
-            decoder = Decoder(model, tokenizer, generation)
-            expected = [decoder.complete([p], [i])[0] for p, i in zip(prompts, ids)]
-            batched = decoder.complete(prompts, ids)
+    for generation in (GenerationSpec(max_new_tokens=24), GenerationSpec(max_new_tokens=24, ignore_eos=True)):
+        decoder = Decoder(model, tokenizer, generation)
+        expected = [decoder.complete([p], [i])[0] for p, i in zip(prompts, ids)]
+        batched = decoder.complete(prompts, ids)
+        print(
+            f"{dtype}, ignore_eos={generation.ignore_eos}: generate in one batch equals generate one at a "
+            f"time on {sum(a == b for a, b in zip(batched, expected))}/{len(prompts)} inputs",
+            flush=True,
+        )
+        for batch_tokens in (None, 5 * (max(map(len, prompts)) + 23)):
+            spec = GenerationSpec(**{**generation.__dict__, "batch_tokens": batch_tokens})
+            eos = eos_token_ids(model, tokenizer)
+            engine = Engine(model, engine_params(spec), [len(p) for p in prompts], eos)
+            got = {}
+            for group in engine.run(prompts, ids, stop=lambda: False):
+                got.update((i, make_completion(tokenizer, eos, tokens)) for i, tokens in group)
+            same = sum(got[i] == expected[i] for i in range(len(prompts)))
+            good = same == len(prompts)
+            ok &= good
             print(
-                f"{dtype}, {label} (prompts of {min(map(len, prompts))}-{max(map(len, prompts))} tokens), "
-                f"ignore_eos={generation.ignore_eos}: generate in one batch equals generate one at a "
-                f"time on {sum(a == b for a, b in zip(batched, expected))}/{len(prompts)} inputs",
+                f"{dtype}, ignore_eos={generation.ignore_eos}, {engine.describe()}, "
+                f"{engine.stats.decode_steps} steps, graphs {sorted(engine.graphs.graphs)}: "
+                f"{same}/{len(prompts)} outputs equal generate's {'ok' if good else 'DIFFER'}",
                 flush=True,
             )
-            few = 5 * (max(map(len, prompts)) + 23)
-            for variant, changes, chunk in (
-                ("cache for all", {}, None),
-                ("few blocks", {"batch_tokens": few}, None),
-                ("prefill chunks of 64", {}, 64),
-                ("no prefix caching", {"prefix_caching": False}, None),
-            ):
-                spec = GenerationSpec(**{**generation.__dict__, **changes})
-                eos = eos_token_ids(model, tokenizer)
-                engine = Engine(model, engine_params(spec), [len(p) for p in prompts], eos)
-                if chunk:
-                    engine.prefill_tokens = chunk
-                got = {}
-                for group in engine.run(prompts, ids, stop=lambda: False):
-                    got.update((i, make_completion(tokenizer, eos, tokens)) for i, tokens in group)
-                same = sum(got[i] == expected[i] for i in range(len(prompts)))
-                good = same == len(prompts)
-                ok &= good
-                s = engine.stats
-                print(
-                    f"{dtype}, {label}, ignore_eos={generation.ignore_eos}, {variant}: {engine.describe()}, "
-                    f"{s.prefill_chunks} chunks, {s.prefill_tokens} tokens prefilled, {s.cached_tokens} cached, "
-                    f"{s.decode_steps} steps, {s.most_rows} rows at most, graphs {sorted(engine.graphs.graphs)}: "
-                    f"{same}/{len(prompts)} outputs equal generate's {'ok' if good else 'DIFFER'}",
-                    flush=True,
-                )
-                if not good:
-                    first = next(i for i in range(len(prompts)) if got[i] != expected[i])
-                    print(f"  first difference, input {ids[first]}: engine {got[first]} generate {expected[first]}")
+            if not good:
+                first = next(i for i in range(len(prompts)) if got[i] != expected[i])
+                print(f"  first difference, input {ids[first]}: engine {got[first]} generate {expected[first]}")
     return ok
 
 

@@ -1,6 +1,6 @@
 """What the benchmark runs on, and the cost model behind its "% of ceiling" column.
 
-    python bench/workloads.py --shape qwen2.5-1.5b --out DIR [--smoke | --quick]
+    python bench/workloads.py --shape qwen2.5-1.5b --out DIR [--smoke]
 
 writes DIR/model (random weights in a real architecture's shape, bf16 safetensors, with a tokenizer)
 and DIR/data (the inference prompts and the two fine-tuning sets as JSONL), then a manifest.json.
@@ -68,20 +68,10 @@ PAD, EOS = "<|pad|>", "<|endoftext|>"  # ids 0 and 1
 # --- workload sizes ---------------------------------------------------------------------------------
 
 
-def workload_sizes(smoke: bool, quick: bool = False) -> dict:
-    """Lengths and counts of the data sets (the issue's numbers; tiny ones for --smoke; for --quick,
-    the shared-prefix and long-context sets cut to a run of one 10-minute command)."""
+def workload_sizes(smoke: bool) -> dict:
+    """Lengths and counts of the data sets (the issue's numbers; tiny ones for --smoke)."""
     if smoke:
         return dict(
-            prefix_prompts=16,
-            prefix_len=40,
-            question_min=4,
-            question_max=12,
-            prefix_new_tokens=8,
-            long_prompts=6,
-            long_min=100,
-            long_max=300,
-            long_new_tokens=8,
             prompts=16,
             prompt_min=8,
             prompt_max=48,
@@ -94,17 +84,6 @@ def workload_sizes(smoke: bool, quick: bool = False) -> dict:
             var_max=128,
         )
     return dict(
-        # Shared prefix: a 1,024-token few-shot or system prefix, then a short question.
-        prefix_prompts=512 if quick else 4096,
-        prefix_len=1024,
-        question_min=32,
-        question_max=96,
-        prefix_new_tokens=64,
-        # Long context (RAG, summarization).
-        long_prompts=64 if quick else 512,
-        long_min=4096,
-        long_max=16384,
-        long_new_tokens=256,
         prompts=1024,
         prompt_min=64,
         prompt_max=512,
@@ -193,8 +172,7 @@ def write_jsonl(path: Path, records: list[dict]) -> None:
 
 
 def build_data(out: Path, sizes: dict, vocab_size: int, seed: int = 0) -> dict:
-    """infer.jsonl, infer_prefix.jsonl (one shared prefix, then a question), infer_long.jsonl
-    {id, prompt}; ft_fixed.jsonl and ft_var.jsonl {id, prompt, completion}.
+    """infer.jsonl {id, prompt}; ft_fixed.jsonl and ft_var.jsonl {id, prompt, completion}.
 
     A fine-tuning example of S tokens is a prompt of P words and a completion of S - P words: the
     runner feeds prompt + completion + EOS minus the last token, i.e. exactly S tokens; the Trainer
@@ -221,24 +199,7 @@ def build_data(out: Path, sizes: dict, vocab_size: int, seed: int = 0) -> dict:
                 for i, (p, c) in enumerate(parts)
             ],
         )
-    prefix = words(rng, sizes["prefix_len"], vocab)
-    questions = rng.integers(sizes["question_min"], sizes["question_max"] + 1, size=sizes["prefix_prompts"])
-    write_jsonl(
-        out / "infer_prefix.jsonl",
-        [{"id": f"s{i:05d}", "prompt": prefix + words(rng, int(n), vocab)} for i, n in enumerate(questions)],
-    )
-    long_lens = rng.integers(sizes["long_min"], sizes["long_max"] + 1, size=sizes["long_prompts"])
-    write_jsonl(
-        out / "infer_long.jsonl",
-        [{"id": f"l{i:05d}", "prompt": words(rng, int(n), vocab)} for i, n in enumerate(long_lens)],
-    )
-    return {
-        "infer_prompt_lens": prompt_lens,
-        "prefix_prompt_lens": [sizes["prefix_len"] + int(n) for n in questions],
-        "long_prompt_lens": [int(n) for n in long_lens],
-        "fixed_lens": [p + c for p, c in fixed],
-        "var_lens": var_lens,
-    }
+    return {"infer_prompt_lens": prompt_lens, "fixed_lens": [p + c for p, c in fixed], "var_lens": var_lens}
 
 
 def check_lengths(tokenizer, data: Path, lens: dict) -> None:
@@ -247,10 +208,8 @@ def check_lengths(tokenizer, data: Path, lens: dict) -> None:
     def lengths(texts, **kw):
         return [len(ids) for ids in tokenizer(texts, **kw)["input_ids"]]
 
-    for name in ("infer", "prefix", "long"):
-        file = data / ("infer.jsonl" if name == "infer" else f"infer_{name}.jsonl")
-        prompts = [json.loads(line)["prompt"] for line in file.open()][:64]  # a sample: long sets are big
-        assert lengths(prompts) == lens[f"{name}_prompt_lens"][:64], f"{file.name}: token counts differ from the plan"
+    prompts = [json.loads(line)["prompt"] for line in (data / "infer.jsonl").open()]
+    assert lengths(prompts) == lens["infer_prompt_lens"], "infer prompts: token counts differ from the plan"
     for name, key in (("ft_fixed", "fixed_lens"), ("ft_var", "var_lens")):
         recs = [json.loads(line) for line in (data / f"{name}.jsonl").open()]
         got = [
@@ -283,12 +242,11 @@ def main() -> None:
     parser.add_argument("--shape", default="qwen2.5-1.5b", choices=sorted(SHAPES))
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--smoke", action="store_true", help="tiny data sets (CPU check of the pipeline)")
-    parser.add_argument("--quick", action="store_true", help="fewer shared-prefix and long-context prompts")
     args = parser.parse_args()
 
     import torch
 
-    shape, sizes = SHAPES[args.shape], workload_sizes(args.smoke, args.quick)
+    shape, sizes = SHAPES[args.shape], workload_sizes(args.smoke)
     (args.out / "model").mkdir(parents=True, exist_ok=True)
     (args.out / "data").mkdir(parents=True, exist_ok=True)
     build_tokenizer(shape["vocab_size"]).save_pretrained(args.out / "model")
@@ -304,8 +262,6 @@ def main() -> None:
         "params": params,
         "sizes": sizes,
         "infer_prompts": length_stats(lens["infer_prompt_lens"]),
-        "prefix_prompts": length_stats(lens["prefix_prompt_lens"]),
-        "long_prompts": length_stats(lens["long_prompt_lens"]),
         "ft_fixed": length_stats(lens["fixed_lens"]),
         "ft_var": length_stats(lens["var_lens"]),
         "model": str(args.out / "model"),

@@ -8,17 +8,13 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import os
 import random
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from llmbatch.engine.attention import decode_attention
-from llmbatch.engine.blocks import BLOCK_SIZE, BlockPool, blocks_for, prefix_keys
-from llmbatch.engine.cache import CacheShape, count_blocks
+from llmbatch.engine.cache import CacheShape, count_slots
 from llmbatch.engine.graphs import bucket_sizes
 from llmbatch.engine.runner import Engine
 from llmbatch.engine.sampler import _mul32, gumbel_noise, input_key
@@ -29,24 +25,16 @@ from llmbatch.runners.model_loading import load_model
 from llmbatch.runners.sampling import engine_params
 from llmbatch.spec import GenerationSpec, ModelSpec
 
-from engine_helpers import paged
-
 # --- bookkeeping ---------------------------------------------------------------------------------
-
-
-def scheduler_for(lengths: list[int], slots: int, blocks: int = 10**6, max_new_tokens: int = 1) -> Scheduler:
-    prompts = [[100 + i] * n for i, n in enumerate(lengths)]  # no two share a block
-    return Scheduler(prompts, slots, BlockPool(blocks, caching=False), max_new_tokens)
 
 
 def test_the_scheduler_refills_slots_and_runs_every_prompt_once():
     lengths = [5, 40, 12, 33, 7, 40, 20, 3, 18, 25]
-    scheduler = scheduler_for(lengths, slots=3)
+    scheduler = Scheduler(lengths, slots=3)
     started, rng = [], random.Random(0)
     while not scheduler.done:
         admitted = scheduler.admit()
         started += [s.index for s in admitted]
-        scheduler.prefilled(scheduler.chunk(10**6))
         rows = scheduler.rows()
         assert 0 < len(rows) <= 3 and len({s.slot for s in rows}) == len(rows)
         assert all(0 <= s.slot < 3 for s in rows)
@@ -58,9 +46,8 @@ def test_the_scheduler_refills_slots_and_runs_every_prompt_once():
 
 
 def test_the_scheduler_waits_for_enough_free_slots_while_others_run():
-    scheduler = scheduler_for([10] * 40, slots=16)  # admits in groups of 16 // 8 = 2
+    scheduler = Scheduler([10] * 40, slots=16)  # admits in groups of 16 // 8 = 2
     assert len(scheduler.admit()) == 16
-    scheduler.prefilled(scheduler.chunk(10**6))
     first, second, *_ = scheduler.rows()
     scheduler.finish(first)
     assert scheduler.admit() == []  # one free slot: not worth a prefill while 15 run
@@ -77,14 +64,14 @@ def test_bucket_sizes_cover_every_row_count_with_little_padding():
         assert rows < 16 or bucket - rows <= rows // 2
 
 
-def test_blocks_fit_the_memory_cap_and_the_token_budget():
+def test_slots_fit_the_memory_cap_and_the_token_budget():
     shape = CacheShape(layers=4, kv_heads=2, head_dim=64, dtype=torch.float32)  # 4 KiB a position
-    assert shape.bytes_per_position == 4096 and BLOCK_SIZE == 16  # 64 KiB a block
-    assert count_blocks(shape, 1000, 7, free_bytes=2**30, cap_gb=None, batch_tokens=None) == 1000
-    assert count_blocks(shape, 1000, 7, free_bytes=2**30, cap_gb=0.01, batch_tokens=None) == 163
-    assert count_blocks(shape, 1000, 7, free_bytes=100 * 2**16, cap_gb=None, batch_tokens=None) == 100
-    assert count_blocks(shape, 1000, 7, free_bytes=2**30, cap_gb=None, batch_tokens=350) == 21
-    assert count_blocks(shape, 1000, 7, free_bytes=0, cap_gb=None, batch_tokens=None) == 7  # the longest runs
+    assert shape.bytes_per_position == 4096
+    assert count_slots(shape, 100, 1000, free_bytes=2**30, cap_gb=None, batch_tokens=None) == 1000
+    assert count_slots(shape, 100, 1000, free_bytes=2**30, cap_gb=0.01, batch_tokens=None) == 26
+    assert count_slots(shape, 100, 1000, free_bytes=10 * 4096 * 100, cap_gb=None, batch_tokens=None) == 10
+    assert count_slots(shape, 100, 1000, free_bytes=2**30, cap_gb=None, batch_tokens=350) == 3
+    assert count_slots(shape, 100, 1000, free_bytes=0, cap_gb=None, batch_tokens=None) == 1
 
 
 # --- sampler -------------------------------------------------------------------------------------
@@ -120,49 +107,17 @@ def test_gumbel_max_samples_follow_the_softmax():
 # --- attention -----------------------------------------------------------------------------------
 
 
-def test_decode_attention_reads_each_rows_blocks_up_to_its_length():
+def test_decode_attention_reads_each_rows_slot_up_to_its_length():
     g = torch.Generator().manual_seed(0)
-    keys, values = torch.randn(6, 40, 2, 8, generator=g), torch.randn(6, 40, 2, 8, generator=g)
+    keys, values = torch.randn(6, 20, 2, 8, generator=g), torch.randn(6, 20, 2, 8, generator=g)
     q = torch.randn(3, 6, 8, generator=g)  # 3 query heads per KV head
-    slots, lengths = torch.tensor([4, 0, 2]), torch.tensor([40, 1, 17])
-    (key_blocks, tables), (value_blocks, _) = paged(keys), paged(values)
-    got = decode_attention(q, key_blocks, value_blocks, tables, slots, lengths, scale=0.3)
+    slots, lengths = torch.tensor([4, 0, 2]), torch.tensor([20, 1, 7])
+    got = decode_attention(q, keys, values, slots, lengths, scale=0.3)
     for row in range(3):
         k = keys[slots[row], : lengths[row]].repeat_interleave(3, dim=1)  # [len, 6, 8]
         v = values[slots[row], : lengths[row]].repeat_interleave(3, dim=1)
         weights = (torch.einsum("hd,lhd->hl", q[row], k) * 0.3).softmax(dim=-1)
         assert torch.allclose(got[row], torch.einsum("hl,lhd->hd", weights, v), atol=1e-5)
-
-
-TRITON_CHECK = """
-import torch
-from llmbatch.engine.attention import _decode_torch, _decode_triton
-from llmbatch.engine.blocks import BLOCK_SIZE, blocks_for
-g = torch.Generator().manual_seed(0)
-for rows, q_heads, kv_heads, dim, length, window, softcap in (
-    (5, 12, 2, 64, 150, None, None),
-    (4, 8, 8, 32, 70, 20, None),
-    (3, 16, 8, 32, 90, None, 30.0),
-    (6, 4, 2, 16, 40, 7, 5.0),
-):
-    slots, per_slot = rows + 2, blocks_for(length)
-    keys = torch.randn(slots * per_slot + 1, BLOCK_SIZE, kv_heads, dim, generator=g)
-    values = torch.randn_like(keys)
-    tables = torch.randperm(slots * per_slot, generator=g).view(slots, per_slot).int()  # blocks out of order
-    q = torch.randn(rows, q_heads, dim, generator=g)
-    lengths = torch.randint(1, length + 1, (rows,), generator=g)
-    lengths[0] = length
-    args = (tables, torch.randperm(slots, generator=g)[:rows], lengths, dim**-0.5, window, softcap)
-    got, ref = _decode_triton(q, keys, values, *args), _decode_torch(q, keys, values, *args)
-    assert torch.allclose(got, ref, atol=1e-5), (rows, q_heads, kv_heads, dim, window, softcap)
-"""
-
-
-def test_the_triton_decode_kernel_reads_the_block_tables_as_the_torch_path_does():
-    pytest.importorskip("triton")  # CPU installs may have none; the GPU check (bench/) runs it compiled
-    env = os.environ | {"TRITON_INTERPRET": "1"}  # Triton's interpreter, on CPU tensors
-    proc = subprocess.run([sys.executable, "-c", TRITON_CHECK], env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
 
 
 # --- the engine against generate, on the embedded model ----------------------------------------
@@ -198,11 +153,10 @@ def test_first_token_logits_equal_the_models(embedded):
     engine = make_engine(model, tokenizer, GenerationSpec(), prompts[:5])
     width = max(len(p) for p in prompts[:5])
     tokens = torch.tensor([p + [0] * (width - len(p)) for p in prompts[:5]])
-    per_slot = blocks_for(width)
-    engine.cache.assign(list(range(5)), [list(range(s * per_slot, (s + 1) * per_slot)) for s in range(5)])
-    lengths = torch.tensor([len(p) for p in prompts[:5]])
     with torch.inference_mode():
-        logits = engine.model.prefill(tokens, 0 * lengths, lengths, lengths, torch.arange(5), engine.cache)
+        logits = engine.model.prefill(
+            tokens, torch.tensor([len(p) for p in prompts[:5]]), torch.arange(5), engine.cache
+        )
         expected = torch.cat([model(torch.tensor([p])).logits[:, -1] for p in prompts[:5]])
     assert torch.allclose(logits, expected, atol=1e-4)
 
@@ -221,11 +175,11 @@ def test_refilled_slots_give_what_one_prompt_at_a_time_gives(embedded, sampling)
         decoder = Decoder(model, tokenizer, generation)
         expected = [decoder.complete([p], [i])[0] for p, i in zip(prompts, ids)]
         slot_len = max(map(len, prompts)) + generation.max_new_tokens - 1
-        few = dataclasses.replace(generation, batch_tokens=3 * slot_len)  # about 3 sequences of 24 at once
+        few = dataclasses.replace(generation, batch_tokens=3 * slot_len)  # 3 slots for 24 prompts
         got, engine = run_engine(model, tokenizer, few, prompts, ids)
     finally:
         model.generation_config.eos_token_id = original
-    assert engine.stats.blocks * BLOCK_SIZE <= 3 * slot_len and engine.stats.occupancy > 0.5
+    assert engine.stats.slots == 3 and engine.stats.occupancy > 0.5
     assert got == expected
     reasons = collections.Counter(c.finish_reason for c in got)
     assert reasons["eos"] >= 5 and reasons["length"] >= 1, reasons  # refills came at different steps
@@ -246,7 +200,7 @@ def test_a_stopped_engine_admits_nothing_more_and_returns_what_finished(embedded
     engine = make_engine(model, tokenizer, generation, prompts)
     groups = engine.run(prompts, ids, stop=lambda: stopped)
     stopped = False
-    first = next(groups)  # blocks for two of the longest sequences at a time
+    first = next(groups)  # two slots, so two sequences at a time
     stopped = True
     rest = [c for group in groups for c in group]
     assert 1 <= len(first) + len(rest) <= 2 + 2
@@ -278,53 +232,3 @@ def test_each_prompt_keeps_its_own_seed_and_length_in_the_engine_and_in_generate
     assert all(c.tokens <= limit for c, limit in zip(alone, limits)) and alone[3].tokens == 1
     other_seed = Decoder(model, tokenizer, dataclasses.replace(generation, seed=1)).complete(prompts[:1], ids[:1])
     assert other_seed != alone[:1]  # the seed is the line's, not the spec's
-
-
-# --- paged cache and prefix caching: bookkeeping ----------------------------------------------------
-
-
-def test_the_block_pool_shares_ready_prefix_blocks_and_evicts_the_least_recently_used():
-    a, b = prefix_keys(list(range(40))), prefix_keys(list(range(32)) + [99] * 8)  # 2 full blocks each
-    assert a[0] == b[0] and a[1] == b[1]
-    assert len(prefix_keys(list(range(40)), root=True)) == 2 and prefix_keys(list(range(40)), root=True)[0] != a[0]
-    pool = BlockPool(5)
-    first = pool.take([], 3)
-    for block, key in zip(first, a):
-        pool.register(block, key)
-    assert pool.match(b) == ([], True)  # being prefilled: wait for it
-    pool.mark_ready(first[0])
-    assert pool.match(b) == ([first[0]], True)
-    pool.mark_ready(first[1])
-    assert pool.match(b) == (first[:2], False)
-    second = pool.take(first[:2], 1)
-    assert pool.refs[first[0]] == 2 and pool.available == 1
-    pool.release(first)
-    assert pool.available == 2 and pool.match(a) == (first[:2], False)  # still shared by the second
-    pool.release(second)
-    assert pool.available == 5 and pool.held == 0 and pool.match(a) == (first[:2], False)  # kept, unused
-    pool.take([], 4)  # the free list has 3: one cached block goes, the prefix's later one first
-    assert pool.match(a) == ([first[0]], False) and pool.available == 1
-    pool.take([], 1)
-    assert pool.match(a) == ([], False) and pool.available == 0
-    off = BlockPool(5, caching=False)
-    blocks = off.take([], 2)
-    off.register(blocks[0], a[0])
-    off.mark_ready(blocks[0])
-    assert off.match(a) == ([], False)
-
-
-def test_sharers_of_a_prefix_wait_for_its_first_prefill_then_reuse_it():
-    prefix = list(range(2, 50))  # 3 full blocks
-    prompts = [prefix + [60 + i] * (1 + i) for i in range(4)] + [[7] * 20]
-    scheduler = Scheduler(prompts, slots=8, pool=BlockPool(100), max_new_tokens=4)
-    first = scheduler.admit()
-    admitted = {s.index for s in first}
-    assert 3 in admitted and not admitted & {0, 1, 2}  # the longest sharer; the others wait for its prefix
-    scheduler.prefilled(scheduler.chunk(10**6))
-    rest = scheduler.admit()
-    assert admitted | {s.index for s in rest} == {0, 1, 2, 3, 4}
-    for sequence in rest:
-        shared = sequence.index != 4
-        assert sequence.computed == (48 if shared else 0)
-        assert (sequence.blocks[:3] == next(s for s in first if s.index == 3).blocks[:3]) == shared
-    assert all(p.start == (48 if p.sequence.index != 4 else 0) for p in scheduler.chunk(10**6))

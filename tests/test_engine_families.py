@@ -4,8 +4,7 @@ sliding window shorter than the sequences where the family has one; the output h
 that greedy choices never hinge on float rounding.
 
 - logits: the engine's prefill and each decode step against the model's own forward;
-- in one process: the engine's greedy tokens against `generate`'s, with more prompts than the cache
-  holds at once;
+- in one process: the engine's greedy tokens against `generate`'s, with more prompts than slots;
 - real runs (slow): the runner with generation.engine=fast on 2 ranks against engine=hf on 1.
 """
 
@@ -21,14 +20,12 @@ import transformers
 from transformers import GenerationConfig
 
 from llmbatch.engine.attention import decode_attention, prefill_attention
-from llmbatch.engine.blocks import BLOCK_SIZE, blocks_for
 from llmbatch.engine.cache import KVCache
 from llmbatch.engine.model import EngineModel, cache_shape, capturable, describe
 from llmbatch.engine.params import EngineParams
 from llmbatch.engine.runner import Engine
 from llmbatch.runners.infer import choose_engine
 
-from engine_helpers import paged
 from helpers import new_run, runner_command
 
 TINY = dict(
@@ -163,17 +160,14 @@ def test_prefill_and_decode_logits_equal_the_models(name):
     steps = 5
     slot_len = max(map(len, prompts)) + steps
     engine_model = EngineModel(model, slot_len)
-    per_slot = blocks_for(slot_len)
-    cache = KVCache(cache_shape(model), 4 * per_slot, slots=4, table_width=per_slot, device=torch.device("cpu"))
-    order = torch.randperm(4 * per_slot, generator=torch.Generator().manual_seed(0)).view(4, per_slot)
-    cache.assign([0, 1, 2, 3], order.tolist())  # blocks out of order
+    cache = KVCache(cache_shape(model), slots=4, slot_len=slot_len, device=torch.device("cpu"))
     slots = torch.tensor([2, 0, 3])
     lengths = torch.tensor([len(p) for p in prompts])
     width = max(map(len, prompts))
     padded = torch.tensor([p + [0] * (width - len(p)) for p in prompts])
     sequences = [list(p) for p in prompts]
     with torch.inference_mode():
-        logits = engine_model.prefill(padded, 0 * lengths, lengths, lengths, slots, cache)
+        logits = engine_model.prefill(padded, lengths, slots, cache)
         torch.testing.assert_close(logits, full_forward_logits(model, sequences), rtol=1e-4, atol=1e-4)
         for _ in range(steps):
             tokens = logits.argmax(dim=-1)
@@ -239,19 +233,10 @@ def test_windowed_and_soft_capped_attention_equal_a_plain_reference():
     for window, softcap in [(3, None), (None, 2.0), (4, 2.0), (20, None)]:
         expected = reference(q, k, v, window, softcap)
         torch.testing.assert_close(prefill_attention(q, k, v, 0.3, window, softcap), expected, rtol=1e-5, atol=1e-5)
-        # decode: the last position of each row, its keys read through the block tables
+        # decode: the last position of each row, its keys read from slots
         lengths = torch.tensor([9, 6])
-        (k_blocks, tables), (v_blocks, _) = paged(k), paged(v)
         got = decode_attention(
-            q[torch.arange(2), lengths - 1],
-            k_blocks,
-            v_blocks,
-            tables,
-            torch.tensor([0, 1]),
-            lengths,
-            0.3,
-            window,
-            softcap,
+            q[torch.arange(2), lengths - 1], k, v, torch.tensor([0, 1]), lengths, 0.3, window, softcap
         )
         want = torch.stack(
             [
@@ -281,14 +266,13 @@ def test_engine_greedy_tokens_equal_generates_with_refilled_slots(name):
     prompts = [[(7 * i + 3 * j) % 120 + 2 for j in range(3 + (5 * i) % 9)] for i in range(10)]
     new_tokens = 7
     slot_len = max(map(len, prompts)) + new_tokens - 1
-    # About 3 sequences at once: blocks go back and are taken again.
-    params = EngineParams(max_new_tokens=new_tokens, ignore_eos=True, batch_tokens=3 * slot_len)
+    params = EngineParams(max_new_tokens=new_tokens, ignore_eos=True, batch_tokens=3 * slot_len)  # 3 slots
     engine = Engine(model, params, [len(p) for p in prompts], eos_ids={1})
     engine.warm_up()
     got = {}
     for group in engine.run(prompts, [str(i) for i in range(len(prompts))], stop=lambda: False):
         got.update(group)
-    assert engine.stats.blocks * BLOCK_SIZE <= 3 * slot_len
+    assert engine.stats.slots == 3
     assert [got[i] for i in range(len(prompts))] == generate_one_at_a_time(model, prompts, new_tokens)
 
 
@@ -364,90 +348,3 @@ def test_the_runner_gives_generates_greedy_results_with_the_engine_on_2_ranks(tm
     family = FAMILIES[name][1].removesuffix("ForCausalLM")
     assert "with the engine (" in log and "eager attention on CPU" in log, log[-2000:]
     assert family.lower()[:5] in log.lower().replace(" ", "").replace("-", ""), log[-2000:]
-
-
-# --- paged cache: prefix caching, chunked prefill, long and short prompts together ---------------------
-
-
-def run_tiny(model, prompts, new_tokens, prefill_tokens=None, stop=lambda: False, **params) -> tuple[dict, Engine]:
-    params = EngineParams(max_new_tokens=new_tokens, ignore_eos=True, **params)
-    engine = Engine(model, params, [len(p) for p in prompts], eos_ids={1})
-    if prefill_tokens is not None:
-        engine.prefill_tokens = prefill_tokens
-    got = {}
-    for group in engine.run(prompts, [str(i) for i in range(len(prompts))], stop=stop):
-        got.update(group)
-    return got, engine
-
-
-def assert_every_block_returned(engine: Engine) -> None:
-    pool = engine.pool
-    assert pool.held == 0 and not any(pool.refs) and pool.available == pool.blocks
-    assert len(pool.free) + len(pool.unused) == pool.blocks and len(set(pool.free) | set(pool.unused)) == pool.blocks
-
-
-@pytest.mark.parametrize("name", ["llama", "gemma2", "phi3"])
-def test_a_shared_prefix_is_computed_once_and_outputs_equal_generates(name):
-    torch.set_num_threads(1)
-    model = tiny_model(name)  # phi3: LongRoPE's original context (8) is shorter than every prompt
-    prefix = [(5 * j) % 120 + 2 for j in range(3 * BLOCK_SIZE + 5)]  # 53 tokens: 3 full blocks to share
-    prompts = [prefix + [(11 * i + j) % 120 + 2 for j in range(2 + i % 5)] for i in range(8)]
-    prompts += [[(3 * j) % 120 + 2 for j in range(20)]]  # shares nothing
-    new_tokens = 5
-    with_cache, cached = run_tiny(model, prompts, new_tokens)
-    without, uncached = run_tiny(model, prompts, new_tokens, prefix_caching=False)
-    expected = generate_one_at_a_time(model, prompts, new_tokens)
-    assert [with_cache[i] for i in range(len(prompts))] == [without[i] for i in range(len(prompts))] == expected
-    total = sum(map(len, prompts))
-    shared = 3 * BLOCK_SIZE * 7  # the prefix's full blocks, for all sharers but the first
-    assert uncached.stats.prefill_tokens == total and uncached.stats.cached_tokens == 0
-    assert cached.stats.cached_tokens == shared and cached.stats.prefill_tokens == total - shared
-    assert_every_block_returned(cached)
-    assert_every_block_returned(uncached)
-    assert cached.pool.unused  # the prefix stays cached for later prompts, until its blocks are needed
-
-
-@pytest.mark.parametrize("name", ["llama", "mistral", "gemma2", "phi3", "qwen3_moe"])
-def test_chunked_prefill_equals_whole_prefill(name):
-    torch.set_num_threads(1)
-    model = tiny_model(name)
-    prompts = [[(7 * i + 3 * j) % 120 + 2 for j in range(20 + 13 * i)] for i in range(5)]  # 20 .. 72 tokens
-    new_tokens = 4
-    whole, one = run_tiny(model, prompts, new_tokens)
-    chunked, many = run_tiny(model, prompts, new_tokens, prefill_tokens=24)  # pieces of 24 tokens at most
-    assert one.stats.prefill_chunks == 1 and many.stats.prefill_chunks >= sum(-(-len(p) // 24) for p in prompts)
-    assert whole == chunked
-    assert [chunked[i] for i in range(len(prompts))] == generate_one_at_a_time(model, prompts, new_tokens)
-    assert_every_block_returned(many)
-
-
-def test_long_and_short_prompts_share_a_cache_too_small_for_slots_of_the_longest():
-    torch.set_num_threads(1)
-    model = tiny_model("llama")
-    long = [(3 * j) % 120 + 2 for j in range(150)]
-    prompts = [long] + [[(7 * i + j) % 120 + 2 for j in range(5 + i % 7)] for i in range(20)]
-    new_tokens = 6
-    slot_len = 150 + new_tokens - 1
-    # Room for the longest and a few short ones: as slots of the longest length, one sequence at a time.
-    got, engine = run_tiny(model, prompts, new_tokens, batch_tokens=slot_len + 4 * BLOCK_SIZE)
-    assert engine.stats.blocks * BLOCK_SIZE < 2 * slot_len and engine.stats.most_rows >= 4
-    assert [got[i] for i in range(len(prompts))] == generate_one_at_a_time(model, prompts, new_tokens)
-    assert_every_block_returned(engine)
-
-
-def test_a_run_stopped_mid_prefill_resumes_exactly():
-    torch.set_num_threads(1)
-    model = tiny_model("qwen3")
-    prompts = [[(7 * i + 3 * j) % 120 + 2 for j in range(60 + 9 * i)] for i in range(4)]
-    new_tokens = 4
-    params = EngineParams(max_new_tokens=new_tokens, ignore_eos=True, prefix_caching=False)  # longest first
-    engine = Engine(model, params, [len(p) for p in prompts], eos_ids={1})
-    engine.prefill_tokens = 32  # the longest prompt (87 tokens) takes 3 chunks
-    ids = [str(i) for i in range(len(prompts))]
-    first = {}
-    for group in engine.run(prompts, ids, stop=lambda: engine.stats.prefill_chunks >= 2):
-        first.update(group)
-    assert first == {} and engine.stats.prefill_tokens == 64  # stopped inside the longest prompt
-    rest = [i for i in range(len(prompts)) if i not in first]
-    again, _ = run_tiny(model, [prompts[i] for i in rest], new_tokens)
-    assert [again[k] for k in range(len(rest))] == generate_one_at_a_time(model, prompts, new_tokens)

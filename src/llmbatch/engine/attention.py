@@ -1,21 +1,17 @@
-"""Attention over the engine's paged KV cache, reading the key/value heads directly (never repeated).
+"""Attention over the engine's KV cache, reading the key/value heads directly (never repeated).
 
 - Decode (one new token a row): on CUDA, a Triton kernel with one program per (row, KV head); it
-  loads the group of query heads that share that KV head once, walks the row's positions up to its
-  length in tiles, each position read from the block its block-table entry names, with an online
-  softmax, and writes the group's outputs. Rows of any length share one launch and the block table is
-  a static tensor, so the step can be captured in a CUDA graph. Elsewhere, the same maths in torch.
-- Prefill (a chunk of prompt tokens a row, right-padded): where no row has earlier positions in the
-  cache, causal scaled_dot_product_attention over the chunk itself with grouped-query heads
-  (`enable_gqa`): a causal row never looks right, so padding changes no valid position. Where some
-  row continues a prompt (chunked prefill) or starts after a cached prefix, its queries attend to the
-  keys and values of positions 0 .. their own, read from the cache through the block table, with a
-  mask from each query's position.
+  loads the group of query heads that share that KV head once, walks the row's slot up to its
+  length in blocks with an online softmax, and writes the group's outputs. Rows of any length share
+  one launch, so the step can be captured in a CUDA graph. Elsewhere, the same maths in torch.
+- Prefill (whole prompts): causal scaled_dot_product_attention with grouped-query heads
+  (`enable_gqa`), prompts right-padded to the longest of the chunk: a causal row never looks right,
+  so padding changes no valid position.
 
 Per layer, two options of the model's: a sliding window (a position sees itself and the window - 1
 before it, as transformers' sliding-window mask says) and a soft cap on the scores (Gemma 2:
 cap * tanh(scores / cap), before the mask). The decode kernel starts its walk at the window's first
-tile, so a windowed layer reads only its window.
+block, so a windowed layer reads only its window.
 """
 
 from __future__ import annotations
@@ -31,8 +27,6 @@ except ImportError:  # CPU-only installs: the torch path runs
     triton = None
 
 
-from llmbatch.engine.blocks import BLOCK_SIZE, blocks_for
-
 PREFILL_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 """Not cuDNN's: it plans anew for every shape, and prefill chunks come in many shapes."""
 
@@ -44,27 +38,20 @@ def prefill_attention(
     scale: float,
     window: int | None = None,
     softcap: float | None = None,
-    positions: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """q [rows, len, q_heads, dim], k/v [rows, keys, kv_heads, dim] -> [rows, len, q_heads, dim].
-
-    `positions` None: k/v are the chunk's own tokens, query i sees keys 0..i. Else [rows, len], each
-    query's position, and k/v hold positions 0..keys-1 of the row: a query sees keys up to its own."""
+    """q [rows, len, q_heads, dim], k/v [rows, len, kv_heads, dim] -> [rows, len, q_heads, dim]."""
     width = q.shape[1]
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-    if positions is None and window is not None and window >= width:
+    if window is not None and window >= width:
         window = None  # the window covers the whole chunk: plain causal attention
-    if positions is None and window is None and softcap is None:
+    if window is None and softcap is None:
         with sdpa_kernel(PREFILL_BACKENDS):
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
         return out.transpose(1, 2)
-    if positions is None:
-        positions = torch.arange(width, device=q.device)[None]
-    keys = torch.arange(k.shape[2], device=q.device)
-    seen = keys[None, None, :] <= positions[:, :, None]  # [rows or 1, query, key]
+    positions = torch.arange(width, device=q.device)
+    seen = positions[None, :] <= positions[:, None]  # [query, key]: causal
     if window is not None:
-        seen &= keys[None, None, :] > positions[:, :, None] - window
-    seen = seen[:, None]  # over the heads
+        seen &= positions[None, :] > positions[:, None] - window
     group = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
     if softcap is None:
@@ -77,37 +64,28 @@ def prefill_attention(
     return torch.matmul(weights, v).transpose(1, 2)
 
 
-def gather_positions(cache: torch.Tensor, tables: torch.Tensor, slots: torch.Tensor, count: int) -> torch.Tensor:
-    """Positions 0..count-1 of each slot's sequence, [rows, count, kv_heads, dim], from one layer's
-    blocks [blocks, BLOCK_SIZE, kv_heads, dim] through the block table."""
-    table = tables[slots, : blocks_for(count)].long()
-    return cache[table].flatten(1, 2)[:, :count]
-
-
 def decode_attention(
     q: torch.Tensor,
     keys: torch.Tensor,
     values: torch.Tensor,
-    tables: torch.Tensor,
     slots: torch.Tensor,
     lengths: torch.Tensor,
     scale: float,
     window: int | None = None,
     softcap: float | None = None,
 ) -> torch.Tensor:
-    """q [rows, q_heads, dim]; keys/values [blocks, BLOCK_SIZE, kv_heads, dim] of one layer; tables
-    [slots, table width] int32; row r attends to positions max(0, lengths[r] - window) .. lengths[r]-1
-    of the sequence whose block table is tables[slots[r]]. -> [rows, q_heads, dim]."""
+    """q [rows, q_heads, dim]; keys/values [slots, slot_len, kv_heads, dim] of one layer; row r attends
+    to positions max(0, lengths[r] - window) .. lengths[r]-1 of slot slots[r]. -> [rows, q_heads, dim]."""
     if q.is_cuda and triton is not None:
-        return _decode_triton(q, keys, values, tables, slots, lengths, scale, window, softcap)
-    return _decode_torch(q, keys, values, tables, slots, lengths, scale, window, softcap)
+        return _decode_triton(q, keys, values, slots, lengths, scale, window, softcap)
+    return _decode_torch(q, keys, values, slots, lengths, scale, window, softcap)
 
 
-def _decode_torch(q, keys, values, tables, slots, lengths, scale, window, softcap):
+def _decode_torch(q, keys, values, slots, lengths, scale, window, softcap):
     rows, q_heads, dim = q.shape
     kv_heads = keys.shape[2]
     longest = int(lengths.max())  # a host sync, which is fine off the GPU
-    k, v = gather_positions(keys, tables, slots, longest), gather_positions(values, tables, slots, longest)
+    k, v = keys[slots, :longest], values[slots, :longest]  # [rows, len, kv_heads, dim]
     grouped = q.view(rows, kv_heads, q_heads // kv_heads, dim)
     scores = torch.einsum("bhgd,blhd->bhgl", grouped, k).float() * scale
     if softcap is not None:
@@ -121,7 +99,7 @@ def _decode_torch(q, keys, values, tables, slots, lengths, scale, window, softca
     return torch.einsum("bhgl,blhd->bhgd", weights, v).reshape(rows, q_heads, dim)
 
 
-def _decode_triton(q, keys, values, tables, slots, lengths, scale, window, softcap):
+def _decode_triton(q, keys, values, slots, lengths, scale, window, softcap):
     rows, q_heads, dim = q.shape
     kv_heads = keys.shape[2]
     group = q_heads // kv_heads
@@ -131,7 +109,6 @@ def _decode_triton(q, keys, values, tables, slots, lengths, scale, window, softc
         keys,
         values,
         out,
-        tables,
         slots,
         lengths,
         scale,
@@ -139,7 +116,6 @@ def _decode_triton(q, keys, values, tables, slots, lengths, scale, window, softc
         softcap or 0.0,
         q.stride(0),
         q.stride(1),
-        tables.stride(0),
         keys.stride(0),
         keys.stride(1),
         keys.stride(2),
@@ -148,8 +124,7 @@ def _decode_triton(q, keys, values, tables, slots, lengths, scale, window, softc
         GROUP=group,
         GROUP_PAD=max(16, triton.next_power_of_2(group)),
         DIM=dim,
-        PAGE=BLOCK_SIZE,
-        TILE=64 if dim <= 128 else 32,  # a head dim of 256 (Gemma) halves the tile: registers
+        BLOCK=64 if dim <= 128 else 32,  # a head dim of 256 (Gemma) halves the block: registers
         WINDOWED=window is not None,
         SOFTCAPPED=softcap is not None,
         # fp32 models get fp32 products (Triton's default for fp32 is tf32, which rounds inputs).
@@ -168,7 +143,6 @@ if triton is not None:
         K,
         V,
         Out,
-        Tables,
         Slots,
         Lengths,
         scale,
@@ -176,8 +150,7 @@ if triton is not None:
         softcap,
         stride_qb,
         stride_qh,
-        stride_t,
-        stride_kb,
+        stride_ks,
         stride_kt,
         stride_kh,
         stride_ob,
@@ -185,8 +158,7 @@ if triton is not None:
         GROUP: tl.constexpr,
         GROUP_PAD: tl.constexpr,
         DIM: tl.constexpr,
-        PAGE: tl.constexpr,
-        TILE: tl.constexpr,
+        BLOCK: tl.constexpr,
         WINDOWED: tl.constexpr,
         SOFTCAPPED: tl.constexpr,
         PRECISION: tl.constexpr,
@@ -201,7 +173,7 @@ if triton is not None:
         # The group's query heads, padded to 16 rows for the tensor-core dot (padding rows are zeros).
         q_ptrs = Q + row * stride_qb + (kv_head * GROUP + heads)[:, None] * stride_qh + dims[None, :]
         q = tl.load(q_ptrs, mask=in_group[:, None], other=0.0)
-        table = Tables + slot * stride_t
+        base = slot * stride_ks + kv_head * stride_kh
         running_max = tl.full([GROUP_PAD], float("-inf"), tl.float32)
         total = tl.zeros([GROUP_PAD], tl.float32)
         acc = tl.zeros([GROUP_PAD, DIM], tl.float32)
@@ -209,20 +181,13 @@ if triton is not None:
         first = 0
         if WINDOWED:
             first = tl.maximum(length - window, 0)
-        for start in range(first - first % TILE, length, TILE):
-            positions = start + tl.arange(0, TILE)
+        for start in range(first - first % BLOCK, length, BLOCK):
+            positions = start + tl.arange(0, BLOCK)
             valid = (positions < length) & (positions >= first)
-            # Each position's block, from the row's block table (positions outside the row are masked).
-            block = tl.load(table + positions // PAGE, mask=valid, other=0).to(tl.int64)
-            offsets = (
-                block[:, None] * stride_kb
-                + (positions % PAGE)[:, None] * stride_kt
-                + kv_head * stride_kh
-                + dims[None, :]
-            )
+            offsets = base + positions[:, None].to(tl.int64) * stride_kt + dims[None, :]
             k = tl.load(K + offsets, mask=valid[:, None], other=0.0)
             v = tl.load(V + offsets, mask=valid[:, None], other=0.0)
-            scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # [GROUP_PAD, TILE], fp32
+            scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # [GROUP_PAD, BLOCK], fp32
             if SOFTCAPPED:  # cap * tanh(s / cap), tanh(x) = 2 sigmoid(2x) - 1
                 scores = softcap * (2.0 * tl.sigmoid(2.0 * scores / softcap) - 1.0)
             scores = scores * log2e

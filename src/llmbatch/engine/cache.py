@@ -1,19 +1,15 @@
-"""The engine's paged KV cache: one pool of fixed-size blocks per keys and values, and a block table.
+"""The engine's KV cache: one preallocated tensor per keys and values, in fixed-size slots.
 
-    keys[layer, block, position in block, kv_head, head_dim]     (values alike)
-    tables[slot, i] = the block holding positions i*BLOCK_SIZE .. (i+1)*BLOCK_SIZE-1 of the slot's sequence
+    keys[layer, slot, position, kv_head, head_dim]     (values alike)
 
-A running sequence holds a slot (a row of the block table) and the blocks blocks.py gave it; its
-keys and values are written in place at their positions, never copied or concatenated, and blocks of
-a cached prefix are shared. The last block is a dummy, and so is the last slot, whose row is all the
-dummy block: padding rows of a graph bucket write to and read from it, never a live sequence's block.
-The table is one static int32 tensor, [slots + 1, most blocks a sequence can need], written when a
-sequence is admitted, so the decode step reads it with no host sync and no change of shape.
+A sequence owns one slot from its prefill to its last token; its keys and values are written in place
+at their positions, never copied or concatenated. The last slot is a dummy that padding rows of a
+graph bucket write to and read from, so a bucket never touches a live sequence's slot.
 
-How many blocks: enough for every sequence of the rank's share at once if they fit, within the
-memory left after the model and the headroom, capped by `generation.kv_cache_gb` and by
-`generation.batch_tokens` (positions: blocks x BLOCK_SIZE), and at least the blocks of the longest
-sequence. Slots: one per sequence of the share, up to the engine's most rows at once.
+Slots are as long as the longest prompt of the rank's share plus the new tokens, so memory follows
+the longest input (pages would follow each input; not built). How many slots: as many as the share
+has inputs, within the memory left after the model and the headroom, capped by
+`generation.kv_cache_gb` and by `generation.batch_tokens` (slots x slot length).
 """
 
 from __future__ import annotations
@@ -21,8 +17,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-
-from llmbatch.engine.blocks import BLOCK_SIZE
 
 CPU_CACHE_GB = 1.0
 """Cache size on CPU unless generation.kv_cache_gb sets one: CPUs run small models, in tests."""
@@ -44,16 +38,15 @@ class CacheShape:
         return 2 * self.layers * self.kv_heads * self.head_dim * self.dtype.itemsize
 
 
-def count_blocks(
-    shape: CacheShape, needed: int, longest: int, free_bytes: int, cap_gb: float | None, batch_tokens: int | None
+def count_slots(
+    shape: CacheShape, slot_len: int, sequences: int, free_bytes: int, cap_gb: float | None, batch_tokens: int | None
 ) -> int:
-    """Blocks to allocate: `needed` (every sequence at once) if they fit, at least `longest` (the
-    longest sequence's), so that every sequence can run."""
+    """Slots to allocate: enough for every sequence if they fit, at least one."""
     budget = free_bytes if cap_gb is None else min(free_bytes, int(cap_gb * 2**30))
-    blocks = min(needed, budget // (shape.bytes_per_position * BLOCK_SIZE))
+    slots = min(sequences, budget // (shape.bytes_per_position * slot_len))
     if batch_tokens is not None:
-        blocks = min(blocks, batch_tokens // BLOCK_SIZE)
-    return max(longest, blocks)
+        slots = min(slots, batch_tokens // slot_len)
+    return max(1, slots)
 
 
 def free_cache_bytes(device: torch.device, cap_gb: float | None, reserve_bytes: int) -> int:
@@ -65,21 +58,12 @@ def free_cache_bytes(device: torch.device, cap_gb: float | None, reserve_bytes: 
 
 
 class KVCache:
-    def __init__(self, shape: CacheShape, blocks: int, slots: int, table_width: int, device: torch.device):
-        """`table_width`: the most blocks one sequence can need."""
-        self.shape, self.blocks, self.slots = shape, blocks, slots
-        self.dummy_block, self.dummy_slot = blocks, slots
-        size = (shape.layers, blocks + 1, BLOCK_SIZE, shape.kv_heads, shape.head_dim)
+    def __init__(self, shape: CacheShape, slots: int, slot_len: int, device: torch.device):
+        self.shape, self.slots, self.slot_len = shape, slots, slot_len
+        self.dummy_slot = slots
+        size = (shape.layers, slots + 1, slot_len, shape.kv_heads, shape.head_dim)
         self.keys = torch.zeros(size, dtype=shape.dtype, device=device)
         self.values = torch.zeros(size, dtype=shape.dtype, device=device)
-        self.tables = torch.full((slots + 1, table_width), blocks, dtype=torch.int32, device=device)
-
-    def assign(self, slots: list[int], tables: list[list[int]]) -> None:
-        """Write the block tables of newly admitted sequences (one copy), padded with the dummy block."""
-        rows = torch.full((len(slots), self.tables.shape[1]), self.dummy_block, dtype=torch.int32)
-        for row, blocks in enumerate(tables):
-            rows[row, : len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
-        self.tables[torch.tensor(slots, device=self.tables.device)] = rows.to(self.tables.device)
 
     @property
     def nbytes(self) -> int:

@@ -16,13 +16,11 @@ window (`sliding_window` of windowed layers: Gemma's alternating layers, Qwen's 
 Mistral's and Phi-3's one window), the attention soft cap (Gemma 2), the rotary table (Gemma 3's local
 and global bases).
 
-Rotary embeddings: the cos/sin of every position a sequence can reach, made once by the model's own
+Rotary embeddings: the cos/sin of every position a slot can hold, made once by the model's own
 `rotary_emb` (default, linear, Llama 3 and YaRN scaling are functions of the position alone). LongRoPE
 (Phi-3/Phi-4) switches from its short to its long factors once a sequence is longer than the original
 context: a second table, chosen per row by the row's own length, as `generate` chooses it for one
 sequence. Dynamic NTK scaling depends on the batch's longest sequence, so it is not supported.
-So the keys of a prompt's blocks depend on whether the whole prompt is past the original context: the
-prefix cache keeps the two apart (`prefix_root`).
 """
 
 from __future__ import annotations
@@ -32,8 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
-from llmbatch.engine.attention import decode_attention, gather_positions, prefill_attention
-from llmbatch.engine.blocks import BLOCK_SIZE
+from llmbatch.engine.attention import decode_attention, prefill_attention
 from llmbatch.engine.cache import CacheShape, KVCache
 from llmbatch.engine.families import FAMILIES, MIXTURE_OF_EXPERTS
 
@@ -201,11 +198,6 @@ class EngineModel:
             for layer in self.body.layers
         ]
 
-    def prefix_root(self, prompt_len: int) -> bool | None:
-        """What the prefix keys of a prompt of this length start from (blocks.prefix_keys): under
-        LongRoPE, whether its keys were rotated with the long factors."""
-        return prompt_len > self.rotary.original if self.rotary.long else None
-
     def _qkv(self, attention, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """Rotated queries and keys, and values: [..., heads, dim] each."""
         shape = x.shape[:-1]
@@ -238,71 +230,47 @@ class EngineModel:
             logits = torch.tanh(logits / self.final_softcap) * self.final_softcap
         return logits.float()
 
-    def prefill(
-        self,
-        tokens: torch.Tensor,
-        starts: torch.Tensor,
-        counts: torch.Tensor,
-        lengths: torch.Tensor,
-        slots: torch.Tensor,
-        cache: KVCache,
-        span: int | None = None,
-    ) -> torch.Tensor:
-        """A prefill chunk: row r's prompt tokens at positions starts[r] .. starts[r]+counts[r]-1,
-        right-padded to [rows, width], into the blocks of its slot; fp32 logits [rows, vocab] at each
-        row's last token of the chunk. `lengths`: the whole prompts' lengths (LongRoPE's factors, as
-        `generate` picks them for the prompt). `span` None: every row starts at 0, the chunk attends
-        to itself; else the most positions a row reaches (starts + counts), read from the cache."""
+    def prefill(self, tokens: torch.Tensor, lengths: torch.Tensor, slots: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Prompts right-padded to [rows, width] into their slots; fp32 logits [rows, vocab] at each
+        prompt's last token."""
         rows, width = tokens.shape
-        columns = torch.arange(width, device=tokens.device)
-        valid = columns < counts[:, None]
-        positions = torch.where(valid, starts[:, None] + columns, 0)  # padding: position 0, seen by all
-        row_of, column_of = valid.nonzero(as_tuple=True)
-        position_of = positions[row_of, column_of]
-        block_of = cache.tables[slots[row_of], position_of // BLOCK_SIZE].long()
-        offset_of = position_of % BLOCK_SIZE
+        positions = torch.arange(width, device=tokens.device).expand(rows, width)
+        valid = positions < lengths[:, None]
+        row_of, position_of = valid.nonzero(as_tuple=True)
+        slot_of = slots[row_of]
         hidden = self.body.embed_tokens(tokens)
         rotary = {key: self.rotary(key, positions, lengths) for key in self.rotary.tables}
         for index, entry in enumerate(self.layers):
 
             def attend(x, index=index, entry=entry):
                 q, k, v = self._qkv(entry.attention, x, *rotary[entry.rope])
-                keys, values = cache.keys[index], cache.values[index]
-                keys[block_of, offset_of] = k[row_of, column_of]
-                values[block_of, offset_of] = v[row_of, column_of]
-                if span is None:
-                    out = prefill_attention(q, k, v, self.scale, entry.window, self.softcap)
-                else:  # earlier positions too: all of them from the cache, this chunk's just written
-                    k = gather_positions(keys, cache.tables, slots, span)
-                    v = gather_positions(values, cache.tables, slots, span)
-                    out = prefill_attention(q, k, v, self.scale, entry.window, self.softcap, positions)
+                cache.keys[index][slot_of, position_of] = k[row_of, position_of]
+                cache.values[index][slot_of, position_of] = v[row_of, position_of]
+                out = prefill_attention(q, k, v, self.scale, entry.window, self.softcap)
                 return entry.attention.o_proj(out.reshape(rows, width, -1))
 
             hidden = self._block(entry, hidden, attend)
-        last = hidden[torch.arange(rows, device=tokens.device), counts - 1]
+        last = hidden[torch.arange(rows, device=tokens.device), lengths - 1]
         return self._logits(last)
 
     def decode(
         self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, cache: KVCache
     ) -> torch.Tensor:
-        """One new token a row, at `positions` of the sequences in `slots`; fp32 logits [rows, vocab].
-        Only tensor ops with no host sync (for a mixture of experts, see `capturable`): this is what
-        the CUDA graphs capture."""
+        """One new token a row, at `positions` of `slots`; fp32 logits [rows, vocab]. Only tensor ops
+        with no host sync (for a mixture of experts, see `capturable`): this is what the CUDA graphs
+        capture."""
         rows = tokens.shape[0]
         hidden = self.body.embed_tokens(tokens[:, None])  # [rows, 1, hidden]: the modules' layout
         lengths = positions + 1
-        block_of = cache.tables[slots, positions // BLOCK_SIZE].long()
-        offset_of = positions % BLOCK_SIZE
         rotary = {key: self.rotary(key, positions, lengths) for key in self.rotary.tables}
         for index, entry in enumerate(self.layers):
 
             def attend(x, index=index, entry=entry):
                 q, k, v = self._qkv(entry.attention, x[:, 0], *rotary[entry.rope])
-                keys, values = cache.keys[index], cache.values[index]
-                keys[block_of, offset_of] = k
-                values[block_of, offset_of] = v
+                cache.keys[index][slots, positions] = k
+                cache.values[index][slots, positions] = v
                 out = decode_attention(
-                    q, keys, values, cache.tables, slots, lengths, self.scale, entry.window, self.softcap
+                    q, cache.keys[index], cache.values[index], slots, lengths, self.scale, entry.window, self.softcap
                 )
                 return entry.attention.o_proj(out.reshape(rows, 1, -1))
 

@@ -20,6 +20,4 @@ class EngineParams:
     kv_cache_gb: float | None = None
     """Most memory the KV cache may take (GiB); None: what is free (GPU), cache.CPU_CACHE_GB (CPU)."""
     batch_tokens: int | None = None
-    """Most positions in the cache (blocks x block size); None: no cap."""
-    prefix_caching: bool = True
-    """Reuse the cached blocks of a prompt's longest cached prefix (blocks.py)."""
+    """Most positions in the cache (slots x slot length); None: no cap."""

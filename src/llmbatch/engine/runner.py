@@ -1,11 +1,9 @@
-"""The engine's loop: admit prompts into the paged cache, and step: one prefill chunk of the prompts
-still prefilling (a long prompt a piece at a time), then one decode step of every running row; hand back
-each sequence's tokens as it ends, in small groups for the shard.
+"""The engine's loop: admit prompts into free slots (prefill), decode all running rows a token at a
+time, and hand back each sequence's tokens as it ends, in small groups for the shard.
 
 Every sequence's tokens depend only on its own prompt, id and the parameters: greedy tokens are the
 argmax of its own logits, sampled ones add noise keyed by (seed, id, step). Which other sequences
-share its steps, which blocks hold its keys and values, whether its prefix came from the prefix cache
-and how its prompt was cut into chunks change nothing but float rounding.
+share its steps changes nothing but float rounding.
 
 The engine knows nothing of the job's spec: it takes `EngineParams` and the end-of-sequence tokens;
 the runner (runners/infer.py) decides whether it runs and turns its tokens into results.
@@ -19,13 +17,12 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from llmbatch.engine.blocks import BLOCK_SIZE, BlockPool, blocks_for
-from llmbatch.engine.cache import KVCache, count_blocks, free_cache_bytes
+from llmbatch.engine.cache import KVCache, count_slots, free_cache_bytes
 from llmbatch.engine.graphs import DecodeGraphs
 from llmbatch.engine.model import EngineModel, cache_shape, capturable, describe
 from llmbatch.engine.params import EngineParams
 from llmbatch.engine.sampler import Sampler, input_key
-from llmbatch.engine.scheduler import Piece, Scheduler, Sequence
+from llmbatch.engine.scheduler import Scheduler, Sequence
 
 MAX_ROWS = 1024
 """Most sequences decoded at once. Past this a step's time grows with its rows (the KV cache it
@@ -33,7 +30,7 @@ reads) and the graphs' logits take gigabytes; the weights' cost is well shared a
 
 PREFILL_TOKENS = {"cuda": 16384, "cpu": 2048}
 """Padded prompt tokens per prefill chunk: big enough for the matrix units, small enough that its
-activations fit beside the cache and that decode steps come often while long prompts prefill."""
+activations fit beside the cache."""
 
 FLUSH_EVERY_S = 2.0
 """A group of finished sequences goes to the shard when it has an eighth of the slots, or this long
@@ -43,29 +40,19 @@ after the last one."""
 @dataclass
 class EngineStats:
     slots: int = 0
-    """Most sequences at once (rows of the block table)."""
-    blocks: int = 0
-    block_size: int = BLOCK_SIZE
+    slot_len: int = 0
     cache_gb: float = 0.0
     prefill_s: float = 0.0
     decode_s: float = 0.0
     prefill_tokens: int = 0
-    """Prompt tokens computed (padding not counted)."""
-    cached_tokens: int = 0
-    """Prompt tokens whose keys and values came from the prefix cache."""
-    prefill_chunks: int = 0
     decode_steps: int = 0
     rows_decoded: int = 0
     """Sum over decode steps of the rows running in them."""
-    most_rows: int = 0
-    """The most rows of one decode step."""
-    blocks_held: int = 0
-    """Sum over decode steps of the blocks running sequences held."""
 
     @property
     def occupancy(self) -> float:
-        """Mean share of the cache's blocks held in a decode step."""
-        return self.blocks_held / (self.decode_steps * self.blocks) if self.decode_steps else 0.0
+        """Mean share of the slots busy in a decode step."""
+        return self.rows_decoded / (self.decode_steps * self.slots) if self.decode_steps else 0.0
 
     def summary(self) -> dict:
         return asdict(self) | {"occupancy": self.occupancy}
@@ -87,20 +74,20 @@ class Engine:
         self.params, self.eos_ids = params, eos_ids
         self.device = model.device
         self.prefill_tokens = PREFILL_TOKENS[self.device.type]
-        needs = [blocks_for(n + params.max_new_tokens - 1) for n in prompt_lengths] or [1]
-        slots = min(len(prompt_lengths), MAX_ROWS) or 1
+        slot_len = max(prompt_lengths, default=1) + params.max_new_tokens - 1
+        sequences = min(len(prompt_lengths), MAX_ROWS)
         shape = cache_shape(model)
-        reserve = peak_activation_bytes(model, slots, self.prefill_tokens)
-        blocks = count_blocks(
+        reserve = peak_activation_bytes(model, sequences, self.prefill_tokens)
+        slots = count_slots(
             shape,
-            sum(needs),
-            max(needs),
+            slot_len,
+            sequences,
             free_cache_bytes(self.device, params.kv_cache_gb, reserve),
             params.kv_cache_gb,
             params.batch_tokens,
         )
-        self.cache = KVCache(shape, blocks, slots, max(needs), self.device)
-        self.model = EngineModel(model, max(needs) * BLOCK_SIZE)
+        self.cache = KVCache(shape, slots, slot_len, self.device)
+        self.model = EngineModel(model, slot_len)
         self.sampler = Sampler(params, sorted(eos_ids), self.device)
         use_graphs = self.device.type == "cuda" and capturable(model)
         self.graphs = DecodeGraphs(self._decode_step, slots, self.cache.dummy_slot, self.device, use_graphs)
@@ -109,9 +96,7 @@ class Engine:
         else:
             path = "Triton decode kernel, " + ("CUDA graphs" if use_graphs else "eager decode steps (host syncs)")
         self.path = f"{describe(model)}; {path}"
-        self.stats = EngineStats(slots=slots, blocks=blocks, cache_gb=self.cache.nbytes / 2**30)
-        self.pool: BlockPool | None = None
-        """The last run's blocks (for the tests' accounting)."""
+        self.stats = EngineStats(slots=slots, slot_len=slot_len, cache_gb=self.cache.nbytes / 2**30)
 
     @torch.inference_mode()
     def warm_up(self) -> None:
@@ -119,16 +104,12 @@ class Engine:
         decode graph (kernel loading, Triton compilation, cuBLAS set-up), all in the dummy slot."""
         dummy = torch.tensor([self.cache.dummy_slot], device=self.device)
         one = torch.ones(1, dtype=torch.int64, device=self.device)
-        self.model.prefill(one[:, None], one - 1, one, one, dummy, self.cache)
+        self.model.prefill(one[:, None], one, dummy, self.cache)
         self.graphs(self.graphs.padding.expand(-1, self.cache.slots))
 
     def describe(self) -> str:
         s = self.stats
-        caching = "prefix caching" if self.params.prefix_caching else "no prefix caching"
-        return (
-            f"{self.path}; {s.blocks} blocks of {s.block_size} positions ({s.cache_gb:.2f} GiB KV cache), "
-            f"{s.slots} rows at most, {caching}"
-        )
+        return f"{self.path}; {s.slots} slots of {s.slot_len} positions ({s.cache_gb:.2f} GiB KV cache)"
 
     @torch.inference_mode()
     def run(
@@ -147,30 +128,21 @@ class Engine:
         max_new_tokens); None: the parameters' seed and max_new_tokens for every prompt."""
         seeds = seeds or [self.params.seed] * len(prompts)
         limits = limits or [self.params.max_new_tokens] * len(prompts)
-        if max(limits, default=0) > self.params.max_new_tokens:  # its blocks have no room for more
+        if max(limits, default=0) > self.params.max_new_tokens:  # its slot has no room for more
             raise ValueError(f"a limit of {max(limits)} tokens exceeds max_new_tokens {self.params.max_new_tokens}")
         keys = [input_key(seed, input_id) for seed, input_id in zip(seeds, ids)]
-        self.pool = BlockPool(self.cache.blocks, self.params.prefix_caching)
-        roots = [self.model.prefix_root(len(p)) for p in prompts]
-        scheduler = Scheduler(prompts, self.cache.slots, self.pool, self.params.max_new_tokens, roots)
+        scheduler = Scheduler([len(p) for p in prompts], self.cache.slots)
         finished: list[tuple[int, list[int]]] = []
         flush_at, last_flush = max(1, self.cache.slots // 8), time.monotonic()
         while not scheduler.done and not stop():
             admitted = scheduler.admit()
             if admitted:
-                self.cache.assign([s.slot for s in admitted], [s.blocks for s in admitted])
-                self.stats.cached_tokens += sum(s.computed for s in admitted)
-            pieces = scheduler.chunk(self.prefill_tokens)
-            if pieces:
-                self._prefill(pieces, prompts, keys)
-                scheduler.prefilled(pieces)
-                finished += self._collect(scheduler, [p.sequence for p in pieces if p.last], limits)
+                self._prefill(admitted, prompts, keys)
+                finished += self._collect(scheduler, admitted, limits)
             rows = scheduler.rows()
             if rows:
                 self._decode(rows, keys)
                 finished += self._collect(scheduler, rows, limits)
-            if not (admitted or pieces or rows):
-                raise RuntimeError("the engine's scheduler is stuck: no prompt can be admitted")
             if finished and (len(finished) >= flush_at or time.monotonic() - last_flush >= FLUSH_EVERY_S):
                 yield finished
                 finished, last_flush = [], time.monotonic()
@@ -189,33 +161,32 @@ class Engine:
                 done.append((sequence.index, sequence.tokens))
         return done
 
-    def _prefill(self, pieces: list[Piece], prompts: list[list[int]], keys: list[int]) -> None:
-        """One chunk of prompt pieces into their blocks; the first token of each piece that ends its
-        prompt."""
+    def _prefill(self, admitted: list[Sequence], prompts: list[list[int]], keys: list[int]) -> None:
+        """Prompts into their slots and their first tokens, in chunks of similar length (the
+        scheduler admits longest first)."""
         started = time.monotonic()
-        width = max(p.count for p in pieces)
-        tokens = torch.zeros(len(pieces), width, dtype=torch.int64)
-        for row, p in enumerate(pieces):
-            tokens[row, : p.count] = torch.tensor(prompts[p.sequence.index][p.start : p.start + p.count])
-        host = torch.tensor(
-            [
-                [p.start for p in pieces],
-                [p.count for p in pieces],
-                [p.sequence.prompt_len for p in pieces],
-                [p.sequence.slot for p in pieces],
-                [keys[p.sequence.index] for p in pieces],
-            ]
-        )
-        starts, counts, lengths, slots, row_keys = host.to(self.device)
-        span = max(p.start + p.count for p in pieces) if any(p.start for p in pieces) else None
-        logits = self.model.prefill(tokens.to(self.device), starts, counts, lengths, slots, self.cache, span)
-        first = self.sampler(logits, row_keys, torch.zeros_like(row_keys)).tolist()
-        for p, token in zip(pieces, first):
-            if p.last:
-                p.sequence.tokens.append(token)
-        self.stats.prefill_tokens += sum(p.count for p in pieces)
-        self.stats.prefill_chunks += 1
+        chunks: list[list[Sequence]] = []
+        for sequence in admitted:  # longest first: a chunk's first prompt sets its width
+            if chunks and (len(chunks[-1]) + 1) * chunks[-1][0].prompt_len <= self.prefill_tokens:
+                chunks[-1].append(sequence)
+            else:
+                chunks.append([sequence])
+        for chunk in chunks:
+            self._prefill_chunk(chunk, prompts, keys)
         self.stats.prefill_s += time.monotonic() - started
+
+    def _prefill_chunk(self, chunk: list[Sequence], prompts: list[list[int]], keys: list[int]) -> None:
+        width = max(s.prompt_len for s in chunk)
+        tokens = torch.zeros(len(chunk), width, dtype=torch.int64)
+        for row, sequence in enumerate(chunk):
+            tokens[row, : sequence.prompt_len] = torch.tensor(prompts[sequence.index])
+        host = torch.tensor([[s.prompt_len for s in chunk], [s.slot for s in chunk], [keys[s.index] for s in chunk]])
+        lengths, slots, row_keys = host.to(self.device)
+        logits = self.model.prefill(tokens.to(self.device), lengths, slots, self.cache)
+        first = self.sampler(logits, row_keys, torch.zeros_like(row_keys)).tolist()
+        for sequence, token in zip(chunk, first):
+            sequence.tokens.append(token)
+        self.stats.prefill_tokens += len(chunk) * width
 
     def _decode(self, rows: list[Sequence], keys: list[int]) -> None:
         started = time.monotonic()
@@ -233,8 +204,6 @@ class Engine:
         self.stats.decode_s += time.monotonic() - started
         self.stats.decode_steps += 1
         self.stats.rows_decoded += len(rows)
-        self.stats.most_rows = max(self.stats.most_rows, len(rows))
-        self.stats.blocks_held += self.pool.held
 
     def _decode_step(self, inputs: torch.Tensor) -> torch.Tensor:
         tokens, positions, slots, keys, steps = inputs

@@ -31,7 +31,6 @@ def engine_params(generation: GenerationSpec) -> EngineParams:
         seed=g.seed,
         kv_cache_gb=g.kv_cache_gb,
         batch_tokens=g.batch_tokens,
-        prefix_caching=g.prefix_caching,
     )
 
 

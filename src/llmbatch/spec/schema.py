@@ -339,17 +339,14 @@ class GenerationSpec:
     ignore_eos: bool = False
     """Always generate max_new_tokens (benchmarks)."""
     batch_tokens: int | None = ranged(None, positive(MAX_COUNT))
-    """Token budget of one batch (prompt + new tokens, padded); for the engine, the positions its KV
-    cache holds (all blocks together). Default: sized from free GPU memory."""
+    """Token budget of one batch (prompt + new tokens, padded); for the engine, of all its cache
+    slots together. Default: sized from free GPU memory."""
     engine: Literal["auto", "fast", "hf"] = "auto"
     """`fast`: the engine (engine/); `hf`: transformers' generate; `auto`: the engine wherever
     the model and device allow it, else generate."""
     kv_cache_gb: float | None = ranged(None, positive(2**20))
     """Most memory the engine's KV cache may take (GiB). Default: what is free after the model and
     the headroom (GPU), 1 GiB (CPU)."""
-    prefix_caching: bool = True
-    """The engine reuses the cached keys and values of a prompt's longest cached prefix (in blocks of
-    16 tokens) instead of computing them again; off: every prompt is prefilled whole (benchmarks)."""
     long_prompts: Literal["error", "truncate"] = "error"
     """A prompt that with max_new_tokens exceeds the model's context: refused before queueing (`error`),
     or cut to its last tokens, keeping its BOS (`truncate`; counted in metrics.json)."""
