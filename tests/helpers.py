@@ -78,6 +78,11 @@ def submit_cli(
     return proc
 
 
+def submit_local(kind: str, output: Path, *args: str, **kwargs) -> subprocess.CompletedProcess:
+    """`python submit.py KIND --executor local --output OUTPUT ARGS`: a real run on this machine."""
+    return submit_cli(kind, "--executor", "local", "--output", str(output), *args, **kwargs)
+
+
 def with_fake_commands(folder: Path, **scripts: str) -> dict[str, str]:
     """This environment, with PATH finding first these commands (name=shell script body) in `folder`:
     a Slurm client that fails as a real one does, say."""

@@ -17,7 +17,7 @@ from llmbatch.data import BadRecord, DataError, load_inputs
 from llmbatch.fingerprint import changed_input, spec_fingerprint
 from llmbatch.spec import DataSpec, load_resolved
 
-from helpers import SMALL, run_cli, run_folder, status, submit_cli, write_data, write_parquet, write_text
+from helpers import SMALL, run_cli, run_folder, status, submit_local, write_data, write_parquet, write_text
 
 GOOD = [{"id": i, "question": f"q{i}"} for i in range(3)]
 
@@ -164,12 +164,9 @@ def test_a_run_with_skip_answers_the_good_inputs_and_lists_the_rest(tmp_path):
     )
     old = os.umask(0o002)
     try:
-        proc = submit_cli(
+        proc = submit_local(
             "infer",
-            "--executor",
-            "local",
-            "--output",
-            str(tmp_path / "runs"),
+            tmp_path / "runs",
             *[f"--set={o}" for o in SMALL],
             f"--set=data.path={path}",
             "--set=data.on_bad_record=skip",

@@ -24,7 +24,7 @@ from llmbatch.cli import main
 from llmbatch.container import Bind, ContainerCommand, check_run_folder_binds, merge_binds, parse_bind, wrap_command
 from llmbatch.spec import ContainerSpec, SpecError
 
-from helpers import JOBS, dry_run, flag, run_cli, run_folder, set_key, submit_cli
+from helpers import JOBS, dry_run, flag, run_cli, run_folder, set_key, submit_local
 
 ARGV = ["python3", "-m", "accelerate.commands.launch", "-m", "llmbatch.runners.infer", "--run-dir", "/runs/r1"]
 BINDS = ["/runs/r1", "/data", "/models/m"]
@@ -576,12 +576,9 @@ def test_infer_step_runs_inside_a_container(runtime, request, cache_dir, tmp_pat
     args = ["--gpus", "2", "--set", "data.max_inputs=12", "--set", "generation.max_new_tokens=4"]
     old_umask = os.umask(STEP_UMASK)  # submit.py and the container's client inherit it
     try:
-        proc = submit_cli(
+        proc = submit_local(
             "infer",
-            "--executor",
-            "local",
-            "--output",
-            str(tmp_path / runtime),
+            tmp_path / runtime,
             *args,
             "--set",
             f"container={yaml.safe_dump(container, default_flow_style=True).strip()}",
@@ -593,7 +590,7 @@ def test_infer_step_runs_inside_a_container(runtime, request, cache_dir, tmp_pat
     assert command["argv"][:3] == [runtime, "run", "--rm"] and env.image in command["argv"]
     assert "--multi_gpu" in command["argv"]
     # The same inputs without a container give the same results: the step really ran, inside.
-    plain = run_folder(submit_cli("infer", "--executor", "local", "--output", str(tmp_path / "plain"), *args))
+    plain = run_folder(submit_local("infer", tmp_path / "plain", *args))
     assert run.results_file.read_bytes() == plain.results_file.read_bytes()
     assert len(run.results_file.read_text().splitlines()) == 12
     entries = [run.path, *run.path.rglob("*")]

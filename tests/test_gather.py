@@ -21,7 +21,7 @@ from llmbatch.shards import ShardWriter, done_ids, read_records, shard_for
 from llmbatch.spec import OutputSpec
 from llmbatch.summary import summarize
 
-from helpers import SMALL, inputs_of, run_cli, run_folder, submit_cli
+from helpers import SMALL, inputs_of, run_cli, run_folder, submit_cli, submit_local
 
 # --- shards -------------------------------------------------------------------------------------
 
@@ -135,12 +135,9 @@ def test_a_run_says_how_its_outputs_ended(tmp_path):
     """A real run whose max_new_tokens cuts outputs short: the summary it prints counts what results.jsonl
     holds; plain prompts to the embedded model (it has a chat template) are warned of, at submission
     and in the run log."""
-    proc = submit_cli(
+    proc = submit_local(
         "infer",
-        "--executor",
-        "local",
-        "--output",
-        str(tmp_path / "runs"),
+        tmp_path / "runs",
         *("--set", "data.max_inputs=40", "--set", "generation.max_new_tokens=2", "--set", "data.chat_template=null"),
         *("--set", "output.scoring=normalized", "--set", "output.include_rendered_prompt=true"),
     )

@@ -20,7 +20,7 @@ from llmbatch.data import load_inputs
 from llmbatch.fingerprint import changed_input, spec_fingerprint
 from llmbatch.spec import DataSpec
 
-from helpers import SMALL, run_cli, run_folder, submit_cli
+from helpers import SMALL, run_cli, run_folder, submit_local
 
 ROWS = [{"id": i, "question": f"Is {i} even or odd?", "answer": "even" if i % 2 == 0 else "odd"} for i in range(4)]
 
@@ -171,12 +171,9 @@ def dry_run_out(tmp_path, spec: dict, capsys) -> str:
 @pytest.mark.slow
 def test_infer_end_to_end_on_a_save_to_disk_folder(tmp_path):
     folder = save(tmp_path, {"train": ROWS, "test": ROWS[:2]})
-    proc = submit_cli(
+    proc = submit_local(
         "infer",
-        "--executor",
-        "local",
-        "--output",
-        str(tmp_path / "runs"),
+        tmp_path / "runs",
         *[f"--set={o}" for o in SMALL],
         f"--set=data.path={folder}",
         "--set=data.split=train",
